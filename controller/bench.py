@@ -1,0 +1,17 @@
+"""``hybridft bench ...``: each benchmark prints a table (or ``--json``) with its same-run baseline."""
+
+from __future__ import annotations
+
+import click
+
+from controller.cli import LazyGroup
+
+_BENCHES: dict[str, tuple[str, str]] = {
+    "compare": ("colo_compare.bench:bench_compare", "Comparator throughput/latency vs a forward-only relay."),
+    "disk": ("disk_buffer.bench:bench_disk", "NBD disk buffer vs qemu-nbd on the same image."),
+}
+
+
+@click.group(cls=LazyGroup, lazy=_BENCHES)
+def bench() -> None:
+    """Benchmarks; machines are noisy, so each reports ratios to a baseline measured in the same run."""

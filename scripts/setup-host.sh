@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Idempotent host set-up for a fresh Debian (bookworm) machine, run as root by `make setup`.
+# Installs only what is missing: apt packages, the .venv with hybridft in editable mode,
+# and (through later steps) the patched QEMU build and the guest image.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  qemu-system-x86 qemu-utils qemu-block-extra
+  busybox-static python3-libnbd libnbd-bin nbdkit iproute2 tcpdump
+  python3-venv gcc make libc6-dev
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "setup: missing packages ${missing[*]} and not root: install them first" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+
+PYTHON=${PYTHON:-python3}
+stamp=.venv/.hybridft-setup
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [[ ! -x .venv/bin/python ]] || [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
+  echo "setup: creating .venv with $($PYTHON --version)"
+  [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[dev]'
+  echo "$want" >"$stamp"
+fi
+
+# libnbd's Python binding comes from Debian (python3-libnbd), built for the system CPython 3.11;
+# link it into the venv so tests use the real libnbd client.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+for f in /usr/lib/python3/dist-packages/nbd.py /usr/lib/python3/dist-packages/libnbdmod.cpython-*.so; do
+  [[ -e "$f" ]] && ln -sf "$f" "$site/$(basename "$f")"
+done
+.venv/bin/python -c 'import nbd' 2>/dev/null || echo "setup: warning: libnbd Python binding not importable in .venv" >&2
+
+echo "setup: host ready ($(qemu-system-x86_64 --version | head -1))"
