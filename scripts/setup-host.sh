@@ -46,4 +46,9 @@ for f in /usr/lib/python3/dist-packages/nbd.py /usr/lib/python3/dist-packages/li
 done
 .venv/bin/python -c 'import nbd' 2>/dev/null || echo "setup: warning: libnbd Python binding not importable in .venv" >&2
 
+# The patched QEMU 7.2 (issue "Exact COLO checkpoints without usable KVM") and the guest image:
+# both cached outside the repo and rebuilt only when their inputs change.
+if [[ -f mc_driver/qemu_build.py ]]; then .venv/bin/hybridft qemu build; fi
+if [[ -f mc_driver/guest.py ]]; then .venv/bin/hybridft guest build; fi
+
 echo "setup: host ready ($(qemu-system-x86_64 --version | head -1))"
