@@ -1,0 +1,490 @@
+"""Sans-I/O NBD protocol: the fixed-newstyle handshake and the transmission-phase codec.
+
+Why sans-I/O: the server's hot path is "bytes arrive, complete requests come out, replies go back".
+Keeping that in plain classes fed with bytes (like h11) means the asyncio shell only moves bytes, the
+protocol rules are unit-tested without sockets, and one parser call handles every request already
+sitting in the receive buffer (no per-request coroutine, no per-request ``readexactly``).
+
+What is implemented (server side only, see the NBD protocol spec, doc/proto.md):
+
+* handshake: fixed newstyle with ``NBD_FLAG_NO_ZEROES``; options ``EXPORT_NAME``, ``INFO``, ``GO``,
+  ``LIST``, ``ABORT``; every other option (``STRUCTURED_REPLY`` included) is refused politely with
+  ``NBD_REP_ERR_UNSUP`` and the negotiation goes on.  ``INFO``/``GO`` always report
+  ``NBD_INFO_EXPORT`` and ``NBD_INFO_BLOCK_SIZE`` (minimum 512).  A malformed handshake raises
+  :class:`HandshakeError`: the shell closes that one connection.
+* transmission: simple replies only.  :class:`RequestParser` turns a byte stream into
+  :class:`Request` objects; :func:`check_request` applies the spec's error rules (``EINVAL`` for
+  unknown commands/flags, misaligned or out-of-range reads/trims, ``ENOSPC`` for writes past the
+  end); the reply encoders build the bytes.  A request header with a bad magic cannot be resynchronised
+  and raises :class:`TransmissionError` (the shell hard-disconnects, as the spec allows).  A write whose
+  payload is larger than the advertised maximum is consumed and discarded in a streaming way (never
+  buffered) and answered with ``EINVAL``, so one bad request does not kill the connection.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+
+# --- magics -------------------------------------------------------------------------------------
+NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
+OPTION_REPLY_MAGIC = 0x3E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+
+# --- handshake flags ----------------------------------------------------------------------------
+FLAG_FIXED_NEWSTYLE = 1 << 0
+FLAG_NO_ZEROES = 1 << 1
+FLAG_C_FIXED_NEWSTYLE = 1 << 0
+FLAG_C_NO_ZEROES = 1 << 1
+
+
+class Opt(IntEnum):
+    EXPORT_NAME = 1
+    ABORT = 2
+    LIST = 3
+    PEEK_EXPORT = 4
+    STARTTLS = 5
+    INFO = 6
+    GO = 7
+    STRUCTURED_REPLY = 8
+    LIST_META_CONTEXT = 9
+    SET_META_CONTEXT = 10
+    EXTENDED_HEADERS = 11
+
+
+_REP_ERR = 1 << 31
+
+
+class Rep(IntEnum):
+    ACK = 1
+    SERVER = 2
+    INFO = 3
+    ERR_UNSUP = _REP_ERR | 1
+    ERR_POLICY = _REP_ERR | 2
+    ERR_INVALID = _REP_ERR | 3
+    ERR_PLATFORM = _REP_ERR | 4
+    ERR_TLS_REQD = _REP_ERR | 5
+    ERR_UNKNOWN = _REP_ERR | 6
+    ERR_SHUTDOWN = _REP_ERR | 7
+    ERR_BLOCK_SIZE_REQD = _REP_ERR | 8
+    ERR_TOO_BIG = _REP_ERR | 9
+
+
+class Info(IntEnum):
+    EXPORT = 0
+    NAME = 1
+    DESCRIPTION = 2
+    BLOCK_SIZE = 3
+
+
+# --- transmission flags (per export) ------------------------------------------------------------
+TFLAG_HAS_FLAGS = 1 << 0
+TFLAG_READ_ONLY = 1 << 1
+TFLAG_SEND_FLUSH = 1 << 2
+TFLAG_SEND_FUA = 1 << 3
+TFLAG_ROTATIONAL = 1 << 4
+TFLAG_SEND_TRIM = 1 << 5
+TFLAG_SEND_WRITE_ZEROES = 1 << 6
+TFLAG_SEND_DF = 1 << 7
+TFLAG_CAN_MULTI_CONN = 1 << 8
+
+
+class Cmd(IntEnum):
+    READ = 0
+    WRITE = 1
+    DISC = 2
+    FLUSH = 3
+    TRIM = 4
+    CACHE = 5
+    WRITE_ZEROES = 6
+    BLOCK_STATUS = 7
+    RESIZE = 8
+
+
+CMD_FLAG_FUA = 1 << 0
+CMD_FLAG_NO_HOLE = 1 << 1
+CMD_FLAG_DF = 1 << 2
+CMD_FLAG_REQ_ONE = 1 << 3
+CMD_FLAG_FAST_ZERO = 1 << 4
+
+# --- error values (the only ones the protocol allows) --------------------------------------------
+EPERM = 1
+EIO = 5
+ENOMEM = 12
+EINVAL = 22
+ENOSPC = 28
+EOVERFLOW = 75
+ESHUTDOWN = 108
+
+MIN_BLOCK = 512
+PREFERRED_BLOCK = 4096
+MAX_PAYLOAD = 32 << 20
+MAX_OPTION_LENGTH = 64 << 10  # longer options are skipped and refused with ERR_TOO_BIG
+MAX_NAME = 4096
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_OPTION_HEADER = struct.Struct(">QII")
+_OPTION_REPLY = struct.Struct(">QIII")
+_REQUEST = struct.Struct(">IHHQQI")
+_SIMPLE_REPLY = struct.Struct(">IIQ")
+REQUEST_SIZE = _REQUEST.size  # 28
+
+
+class NbdError(Exception):
+    """Base of the NBD codec's errors."""
+
+
+class HandshakeError(NbdError):
+    """The client broke the handshake; close this connection (and only this one)."""
+
+
+class TransmissionError(NbdError):
+    """The request stream cannot be parsed any more (bad magic); hard-disconnect this client."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExportInfo:
+    """What the handshake needs to know about one export."""
+
+    name: str
+    size: int
+    flags: int
+    description: str = ""
+
+
+DEFAULT_TRANSMISSION_FLAGS = (
+    TFLAG_HAS_FLAGS
+    | TFLAG_SEND_FLUSH
+    | TFLAG_SEND_FUA
+    | TFLAG_SEND_TRIM
+    | TFLAG_SEND_WRITE_ZEROES
+    | TFLAG_CAN_MULTI_CONN
+)
+
+
+def server_greeting() -> bytes:
+    """The first bytes the server sends: magics and the handshake flags."""
+    return _U64.pack(NBDMAGIC) + _U64.pack(IHAVEOPT) + _U16.pack(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
+
+
+def option_reply(option: int, reply: int, data: bytes = b"") -> bytes:
+    return _OPTION_REPLY.pack(OPTION_REPLY_MAGIC, option, reply, len(data)) + data
+
+
+class ServerHandshake:
+    """The server's side of the fixed-newstyle negotiation.
+
+    Feed it the client's bytes with :meth:`receive`; it returns the bytes to send back.  When
+    :attr:`export` is set the transmission phase starts and :attr:`leftover` holds any request bytes
+    that arrived in the same read.  :attr:`aborted` means the client sent ``NBD_OPT_ABORT``: send
+    the returned bytes, then close.
+    """
+
+    def __init__(
+        self,
+        exports: Mapping[str, ExportInfo],
+        *,
+        min_block: int = MIN_BLOCK,
+        preferred_block: int = PREFERRED_BLOCK,
+        max_payload: int = MAX_PAYLOAD,
+    ) -> None:
+        self.exports = exports
+        self.block_sizes = (min_block, preferred_block, max_payload)
+        self.export: ExportInfo | None = None
+        self.aborted = False
+        self.no_zeroes = False
+        self.leftover = b""
+        self._buf = bytearray()
+        self._have_flags = False
+        self._skip = 0  # bytes of an over-long option still to discard
+        self._skip_option = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.export is not None or self.aborted
+
+    def receive(self, data: bytes) -> bytes:
+        """Consume client bytes; return the reply bytes.  Raises :class:`HandshakeError`."""
+        if self.finished:
+            raise HandshakeError("data received after the handshake finished")
+        self._buf += data
+        out = bytearray()
+        while not self.finished:
+            if self._skip:
+                take = min(self._skip, len(self._buf))
+                del self._buf[:take]
+                self._skip -= take
+                if self._skip:
+                    break
+                out += option_reply(self._skip_option, Rep.ERR_TOO_BIG, b"option too long")
+                continue
+            if not self._have_flags:
+                if len(self._buf) < 4:
+                    break
+                (client_flags,) = _U32.unpack_from(self._buf)
+                del self._buf[:4]
+                if client_flags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES):
+                    raise HandshakeError(f"unknown client flags 0x{client_flags:x}")
+                self.no_zeroes = bool(client_flags & FLAG_C_NO_ZEROES)
+                self._have_flags = True
+                continue
+            if len(self._buf) < _OPTION_HEADER.size:
+                break
+            magic, option, length = _OPTION_HEADER.unpack_from(self._buf)
+            if magic != IHAVEOPT:
+                raise HandshakeError(f"bad option magic 0x{magic:x}")
+            if length > MAX_OPTION_LENGTH:
+                if option == Opt.EXPORT_NAME:
+                    raise HandshakeError(f"NBD_OPT_EXPORT_NAME of {length} bytes")
+                del self._buf[: _OPTION_HEADER.size]
+                self._skip, self._skip_option = length, option
+                continue
+            if len(self._buf) < _OPTION_HEADER.size + length:
+                break
+            payload = bytes(self._buf[_OPTION_HEADER.size : _OPTION_HEADER.size + length])
+            del self._buf[: _OPTION_HEADER.size + length]
+            out += self._option(option, payload)
+        if self.export is not None:
+            self.leftover = bytes(self._buf)
+            self._buf.clear()
+        return bytes(out)
+
+    def _option(self, option: int, data: bytes) -> bytes:
+        if option == Opt.EXPORT_NAME:
+            export = self.exports.get(_decode_name(data))
+            if export is None:
+                # This option has no error reply: the spec says to close the connection.
+                raise HandshakeError(f"NBD_OPT_EXPORT_NAME for unknown export {data[:64]!r}")
+            self.export = export
+            reply = _U64.pack(export.size) + _U16.pack(export.flags)
+            return reply if self.no_zeroes else reply + bytes(124)
+        if option == Opt.ABORT:
+            self.aborted = True
+            return option_reply(option, Rep.ACK)
+        if option == Opt.LIST:
+            if data:
+                return option_reply(option, Rep.ERR_INVALID, b"NBD_OPT_LIST takes no data")
+            out = bytearray()
+            for name in self.exports:
+                encoded = name.encode()
+                out += option_reply(option, Rep.SERVER, _U32.pack(len(encoded)) + encoded)
+            return bytes(out + option_reply(option, Rep.ACK))
+        if option in (Opt.INFO, Opt.GO):
+            return self._info_or_go(option, data)
+        return option_reply(option, Rep.ERR_UNSUP, f"option {option} not supported".encode())
+
+    def _info_or_go(self, option: int, data: bytes) -> bytes:
+        if len(data) < 6:
+            return option_reply(option, Rep.ERR_INVALID, b"option data too short")
+        (name_length,) = _U32.unpack_from(data)
+        if name_length > len(data) - 6:
+            return option_reply(option, Rep.ERR_INVALID, b"export name length exceeds option length")
+        (count,) = _U16.unpack_from(data, 4 + name_length)
+        if len(data) != 6 + name_length + 2 * count:
+            return option_reply(option, Rep.ERR_INVALID, b"information request count mismatch")
+        try:
+            name = _decode_name(data[4 : 4 + name_length])
+        except HandshakeError as exc:
+            return option_reply(option, Rep.ERR_INVALID, str(exc).encode())
+        export = self.exports.get(name)
+        if export is None:
+            return option_reply(option, Rep.ERR_UNKNOWN, f"no export named {name!r}".encode()[:MAX_NAME])
+        requested = {_U16.unpack_from(data, 6 + name_length + 2 * i)[0] for i in range(count)}
+        out = bytearray()
+        out += option_reply(option, Rep.INFO, _U16.pack(Info.EXPORT) + _U64.pack(export.size)
+                            + _U16.pack(export.flags))
+        if Info.NAME in requested:
+            out += option_reply(option, Rep.INFO, _U16.pack(Info.NAME) + export.name.encode())
+        if Info.DESCRIPTION in requested and export.description:
+            out += option_reply(option, Rep.INFO, _U16.pack(Info.DESCRIPTION) + export.description.encode())
+        block_info = _U16.pack(Info.BLOCK_SIZE) + struct.pack(">III", *self.block_sizes)
+        out += option_reply(option, Rep.INFO, block_info)
+        out += option_reply(option, Rep.ACK)
+        if option == Opt.GO:
+            self.export = export
+        return bytes(out)
+
+
+def _decode_name(raw: bytes) -> str:
+    if len(raw) > MAX_NAME:
+        raise HandshakeError("export name longer than 4096 bytes")
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HandshakeError("export name is not UTF-8") from None
+    if "\0" in name:
+        raise HandshakeError("export name contains NUL")
+    return name
+
+
+@dataclass(slots=True)
+class Request:
+    """One transmission-phase request.
+
+    ``payload`` is the write data (``None`` for other commands, and for an over-long write whose
+    payload was discarded: ``oversized`` is then true and the reply must be ``EINVAL``).
+    """
+
+    flags: int
+    command: int
+    cookie: int
+    offset: int
+    length: int
+    payload: bytes | None = None
+    oversized: bool = False
+
+
+class RequestParser:
+    """Turns the transmission-phase byte stream into :class:`Request` objects.
+
+    Bytes go in with :meth:`feed`; :meth:`next_request` returns the next complete request or
+    ``None``.  Requests left in the buffer stay there until asked for, which is how the shell
+    applies back-pressure: it simply stops asking (and stops reading from the socket).
+    """
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+        self.max_payload = max_payload
+        self._buf = bytearray()
+        self._pos = 0
+        self._discard = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet turned into requests."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._discard:
+            take = min(self._discard, len(data))
+            self._discard -= take
+            data = data[take:]
+            if not data:
+                return
+        if self._pos and self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        self._buf += data
+
+    def next_request(self) -> Request | None:
+        """The next complete request, or ``None``.  Raises :class:`TransmissionError` on a bad magic."""
+        buf = self._buf
+        pos = self._pos
+        avail = len(buf) - pos
+        if avail < REQUEST_SIZE:
+            self._compact()
+            return None
+        magic, flags, command, cookie, offset, length = _REQUEST.unpack_from(buf, pos)
+        if magic != REQUEST_MAGIC:
+            raise TransmissionError(f"bad request magic 0x{magic:08x}")
+        if command != Cmd.WRITE:
+            self._pos = pos + REQUEST_SIZE
+            return Request(flags, command, cookie, offset, length)
+        if length > self.max_payload:
+            # Consume and drop the payload as it streams in; the reply is EINVAL.
+            take = min(length, avail - REQUEST_SIZE)
+            self._pos = pos + REQUEST_SIZE + take
+            self._discard = length - take
+            self._compact()
+            return Request(flags, command, cookie, offset, length, None, oversized=True)
+        end = pos + REQUEST_SIZE + length
+        if end > len(buf):
+            self._compact()
+            return None
+        payload = bytes(buf[pos + REQUEST_SIZE : end])
+        self._pos = end
+        return Request(flags, command, cookie, offset, length, payload)
+
+    def __iter__(self) -> Iterator[Request]:
+        while (request := self.next_request()) is not None:
+            yield request
+
+    def _compact(self) -> None:
+        if self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        elif self._pos > 1 << 20 or (self._pos and self._discard):
+            del self._buf[: self._pos]
+            self._pos = 0
+        if self._discard and self._buf:  # pragma: no cover - guarded by the take above
+            raise AssertionError("discarding with buffered bytes")
+
+
+_ALLOWED_FLAGS = {
+    Cmd.READ: CMD_FLAG_FUA,
+    Cmd.WRITE: CMD_FLAG_FUA,
+    Cmd.FLUSH: CMD_FLAG_FUA,
+    Cmd.TRIM: CMD_FLAG_FUA,
+    Cmd.WRITE_ZEROES: CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+    Cmd.DISC: CMD_FLAG_FUA,
+}
+
+
+def check_request(
+    request: Request, size: int, min_block: int = MIN_BLOCK, max_payload: int = MAX_PAYLOAD
+) -> int:
+    """The NBD error for ``request`` against an export of ``size`` bytes, or 0 if it may run.
+
+    Unknown commands and flags -> ``EINVAL``; an oversized write -> ``EINVAL``; writes (and write
+    zeroes) past the end -> ``ENOSPC``; reads and trims past the end, misaligned offsets/lengths,
+    and reads longer than the maximum payload -> ``EINVAL``.
+    """
+    command = request.command
+    allowed = _ALLOWED_FLAGS.get(command)  # type: ignore[call-overload]
+    if allowed is None or request.flags & ~allowed:
+        return EINVAL
+    if command == Cmd.DISC:
+        return 0
+    if command == Cmd.FLUSH:
+        return EINVAL if (request.offset or request.length) else 0
+    if request.oversized:
+        return EINVAL
+    offset, length = request.offset, request.length
+    if command == Cmd.READ and length > max_payload:
+        return EINVAL
+    if offset > size or length > size - offset:
+        return ENOSPC if command in (Cmd.WRITE, Cmd.WRITE_ZEROES) else EINVAL
+    if (offset | length) & (min_block - 1):
+        return EINVAL
+    return 0
+
+
+def simple_reply(cookie: int, error: int = 0) -> bytes:
+    """A simple reply header (a successful read is followed by the data)."""
+    return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+# --- client-side encoders (used by tests and the benchmark's raw probes) -----------------------
+def encode_request(command: int, cookie: int, offset: int = 0, length: int = 0, flags: int = 0) -> bytes:
+    return _REQUEST.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
+
+
+def encode_option(option: int, data: bytes = b"") -> bytes:
+    return _OPTION_HEADER.pack(IHAVEOPT, option, len(data)) + data
+
+
+def encode_go(name: str, infos: tuple[int, ...] = (Info.BLOCK_SIZE,), option: int = Opt.GO) -> bytes:
+    raw = name.encode()
+    body = _U32.pack(len(raw)) + raw + _U16.pack(len(infos)) + b"".join(_U16.pack(i) for i in infos)
+    return encode_option(option, body)
+
+
+def decode_simple_reply(data: bytes) -> tuple[int, int]:
+    """-> (error, cookie) from a 16-byte simple reply header."""
+    magic, error, cookie = _SIMPLE_REPLY.unpack_from(data)
+    if magic != SIMPLE_REPLY_MAGIC:
+        raise TransmissionError(f"bad reply magic 0x{magic:08x}")
+    return error, cookie
+
+
+def decode_option_reply(data: bytes) -> tuple[int, int, int]:
+    """-> (option, reply type, data length) from a 20-byte option reply header."""
+    magic, option, reply, length = _OPTION_REPLY.unpack_from(data)
+    if magic != OPTION_REPLY_MAGIC:
+        raise HandshakeError(f"bad option reply magic 0x{magic:x}")
+    return option, reply, length
