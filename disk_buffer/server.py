@@ -1,0 +1,404 @@
+"""The asyncio shell around the NBD codec and the disk buffer: ``hybridft disk serve``.
+
+Why this shape: the primary's ``blockdev-mirror`` (write-blocking) waits for every replica write, so
+the server's per-request cost is added to the guest's write latency.  The hot path is therefore one
+``asyncio.Protocol`` per connection: ``data_received`` feeds the sans-I/O :class:`RequestParser`,
+every complete request in the buffer is executed synchronously against the in-memory
+:class:`~disk_buffer.buffer.DiskBuffer` and all replies of that batch leave in one ``writelines``.
+No coroutine, task or future is created per request.
+
+Ordering is what makes epochs exact: the control socket runs on the same event loop, so a ``seal``
+happens between two request batches; every write acknowledged before ``seal`` belongs to the sealed
+epoch, every later one to the next.
+
+Back-pressure: when the buffer is over its speculation or write-out budget (``has_room()`` is false)
+the connection stops taking requests out of its parser and pauses reading from the socket until
+``wait_for_room()`` returns; the same happens while the transport's send buffer is full.  Memory is
+bounded by the budgets plus one socket read per connection.
+
+Errors never take the server down: a broken handshake or an unparsable request stream closes that
+connection only; a request the buffer refuses gets an NBD error reply; anything unexpected is logged
+and answered with ``EIO``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import click
+
+from controller.control import ControlError, Dispatch, serve_control
+from controller.endpoints import Endpoint, parse_endpoint
+from disk_buffer import nbd
+from disk_buffer.nbd import Cmd
+
+log = logging.getLogger("hybridft.disk.server")
+
+
+class BlockBackend(Protocol):
+    """The part of :class:`~disk_buffer.buffer.DiskBuffer` the NBD connections use."""
+
+    size: int
+
+    def read(self, export: Any, offset: int, length: int) -> bytes: ...
+    def write(self, export: Any, offset: int, data: bytes | memoryview) -> None: ...
+    def write_zeroes(self, export: Any, offset: int, length: int) -> None: ...
+    def trim(self, export: Any, offset: int, length: int) -> None: ...
+    def flush(self, export: Any) -> None: ...
+    def has_room(self) -> bool: ...
+    async def wait_for_room(self) -> None: ...
+
+
+def _error_for(exc: BaseException, command: int) -> int:
+    """Map a refusal from the buffer to an NBD error value."""
+    if isinstance(exc, ControlError):
+        if exc.code == "range":
+            return nbd.ENOSPC if command in (Cmd.WRITE, Cmd.WRITE_ZEROES) else nbd.EINVAL
+        if exc.code == "nospace":
+            return nbd.ENOSPC
+        if exc.code in ("wrong-state", "read-only"):
+            return nbd.EPERM
+        return nbd.EIO
+    if isinstance(exc, OSError) and exc.errno in (28, 122, 27):  # ENOSPC, EDQUOT, EFBIG
+        return nbd.ENOSPC
+    return nbd.EIO
+
+
+class NbdConnection(asyncio.Protocol):
+    """One client: handshake first, then the request loop described in the module docstring."""
+
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.handshake: nbd.ServerHandshake | None = nbd.ServerHandshake(server.export_infos)
+        self.parser = nbd.RequestParser(server.max_payload)
+        self.export: Any = None
+        self.size = server.backend.size
+        self._room_wait: asyncio.Task[None] | None = None
+        self._waiting_for_room = False
+        self._write_paused = False
+        self._reading_paused = False
+        self._closing = False
+        self.peer = "?"
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peer = str(transport.get_extra_info("peername") or "unix")
+        self.server.connections.add(self)
+        transport.write(nbd.server_greeting())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        if self._room_wait is not None:
+            self._room_wait.cancel()
+        self._closing = True
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self.handshake is not None:
+            data = self._negotiate(data)
+            if not data:
+                return
+        self.parser.feed(data)
+        self._process()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+        self._process()
+
+    # -- handshake ----------------------------------------------------------------------------
+    def _negotiate(self, data: bytes) -> bytes:
+        """Run the handshake; return request bytes that followed it (if any)."""
+        handshake = self.handshake
+        transport = self.transport
+        assert handshake is not None and transport is not None
+        try:
+            out = handshake.receive(data)
+        except nbd.HandshakeError as exc:
+            log.warning("NBD handshake from %s failed: %s; closing that connection", self.peer, exc)
+            self._closing = True
+            transport.abort()
+            return b""
+        if out:
+            transport.write(out)
+        if handshake.aborted:
+            self._closing = True
+            transport.close()
+            return b""
+        if handshake.export is None:
+            return b""
+        self.export = self.server.exports[handshake.export.name]
+        self.handshake = None
+        log.info("NBD client %s attached to export %r", self.peer, handshake.export.name)
+        return handshake.leftover
+
+    # -- transmission -------------------------------------------------------------------------
+    def _process(self) -> None:
+        """Execute every complete request in the parser (unless paused); reply in one write."""
+        transport = self.transport
+        if transport is None or self._closing or self._waiting_for_room or self._write_paused:
+            return
+        backend = self.server.backend
+        export = self.export
+        size = self.size
+        min_block = self.server.min_block
+        max_payload = self.server.max_payload
+        out: list[bytes] = []
+        parser = self.parser
+        try:
+            while True:
+                request = parser.next_request()
+                if request is None:
+                    break
+                command = request.command
+                error = nbd.check_request(request, size, min_block, max_payload)
+                if error:
+                    out.append(nbd.simple_reply(request.cookie, error))
+                    continue
+                try:
+                    if command == Cmd.WRITE:
+                        assert request.payload is not None
+                        backend.write(export, request.offset, request.payload)
+                        if request.flags & nbd.CMD_FLAG_FUA:
+                            backend.flush(export)
+                        out.append(nbd.simple_reply(request.cookie))
+                        if not backend.has_room():
+                            self._wait_for_room()
+                            break
+                    elif command == Cmd.READ:
+                        data = backend.read(export, request.offset, request.length)
+                        if len(data) != request.length:
+                            raise RuntimeError(f"backend returned {len(data)} of {request.length} bytes")
+                        out.append(nbd.simple_reply(request.cookie))
+                        out.append(data)
+                    elif command == Cmd.FLUSH:
+                        backend.flush(export)
+                        out.append(nbd.simple_reply(request.cookie))
+                    elif command == Cmd.TRIM or command == Cmd.WRITE_ZEROES:
+                        if command == Cmd.TRIM:
+                            backend.trim(export, request.offset, request.length)
+                        else:
+                            backend.write_zeroes(export, request.offset, request.length)
+                        if request.flags & nbd.CMD_FLAG_FUA:
+                            backend.flush(export)
+                        out.append(nbd.simple_reply(request.cookie))
+                        if not backend.has_room():
+                            self._wait_for_room()
+                            break
+                    elif command == Cmd.DISC:
+                        self._closing = True
+                        break
+                    else:  # pragma: no cover - check_request refuses unknown commands
+                        out.append(nbd.simple_reply(request.cookie, nbd.EINVAL))
+                except Exception as exc:
+                    error = _error_for(exc, command)
+                    if not isinstance(exc, ControlError):
+                        log.exception("NBD %s at %d+%d failed", Cmd(command).name, request.offset,
+                                      request.length)
+                    out.append(nbd.simple_reply(request.cookie, error))
+        except nbd.TransmissionError as exc:
+            log.warning("NBD client %s sent an unparsable request (%s); disconnecting", self.peer, exc)
+            self._closing = True
+        if out:
+            transport.writelines(out)
+        if self._closing:
+            transport.close()
+
+    def _wait_for_room(self) -> None:
+        self._waiting_for_room = True
+        self._update_reading()
+        self._room_wait = asyncio.get_running_loop().create_task(self._room_returned())
+
+    async def _room_returned(self) -> None:
+        await self.server.backend.wait_for_room()
+        self._room_wait = None
+        self._waiting_for_room = False
+        self._update_reading()
+        self._process()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        want_paused = self._waiting_for_room or self._write_paused
+        if want_paused and not self._reading_paused:
+            transport.pause_reading()
+            self._reading_paused = True
+        elif not want_paused and self._reading_paused:
+            transport.resume_reading()
+            self._reading_paused = False
+
+
+class NbdServer:
+    """Listens for NBD clients and serves ``exports`` (name -> the backend's export token)."""
+
+    def __init__(
+        self,
+        backend: BlockBackend,
+        exports: Mapping[str, Any],
+        *,
+        min_block: int = nbd.MIN_BLOCK,
+        max_payload: int = nbd.MAX_PAYLOAD,
+    ) -> None:
+        self.backend = backend
+        self.exports = dict(exports)
+        self.min_block = min_block
+        self.max_payload = max_payload
+        self.export_infos = {
+            name: nbd.ExportInfo(name, backend.size, nbd.DEFAULT_TRANSMISSION_FLAGS) for name in self.exports
+        }
+        self.connections: set[NbdConnection] = set()
+
+    async def listen(self, endpoint: Endpoint | str) -> asyncio.Server:
+        ep = parse_endpoint(endpoint) if isinstance(endpoint, str) else endpoint
+        loop = asyncio.get_running_loop()
+        if ep.kind == "unix":
+            assert ep.path is not None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(ep.path)
+            return await loop.create_unix_server(lambda: NbdConnection(self), path=ep.path)
+        return await loop.create_server(lambda: NbdConnection(self), host=ep.host, port=ep.port)
+
+    def close_connections(self) -> None:
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.close()
+
+
+def _int_arg(args: dict[str, Any], name: str) -> int:
+    value = args.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ControlError(f"'{name}' must be an integer, got {value!r}", "bad-request")
+    return value
+
+
+def make_control_dispatch(buffer: Any) -> Dispatch:
+    """The control verbs of the disk server, mapped onto the :class:`DiskBuffer` facade."""
+
+    async def dispatch(verb: str, args: dict[str, Any]) -> dict[str, Any]:
+        if verb == "seal":
+            return {"epoch": buffer.seal()}
+        if verb == "commit":
+            epoch = _int_arg(args, "epoch")
+            await buffer.commit(epoch)
+            return {"epoch": epoch}
+        if verb == "rollback":
+            result = buffer.rollback()
+            return result if isinstance(result, dict) else {"result": result}
+        if verb == "failover":
+            await buffer.failover()
+            return buffer.status()
+        if verb == "status":
+            return buffer.status()
+        raise ControlError(
+            f"unknown verb {verb!r} (expected seal, commit, rollback, failover, status)", "unknown-verb"
+        )
+
+    return dispatch
+
+
+async def run_server(
+    image: str | Path,
+    state_dir: str | Path,
+    nbd_endpoint: str,
+    control_endpoint: str,
+    *,
+    speculation_budget: int = 256 << 20,
+    writeout_budget: int = 256 << 20,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Recover the buffer, serve NBD and control until ``stop`` is set (or SIGTERM/SIGINT)."""
+    from disk_buffer.buffer import DiskBuffer, Export
+
+    nbd_ep = parse_endpoint(nbd_endpoint)
+    control_ep = parse_endpoint(control_endpoint)
+    buffer = DiskBuffer.open(
+        image, state_dir, speculation_budget=speculation_budget, writeout_budget=writeout_budget
+    )
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    servers: list[asyncio.Server] = []
+    nbd_server = NbdServer(buffer, {"replica": Export.REPLICA, "view": Export.VIEW})
+    try:
+        servers.append(await nbd_server.listen(nbd_ep))
+        servers.append(await serve_control(control_ep, make_control_dispatch(buffer)))
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        status = buffer.status()
+        log.info("serving %s (%d bytes) on %s, control on %s; committed epoch %s",
+                 image, buffer.size, nbd_ep, control_ep, status.get("committed"))
+        print(f"ready nbd={nbd_ep} control={control_ep}", flush=True)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        for server in servers:
+            server.close()
+        nbd_server.close_connections()
+        for server in servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 5)
+        await buffer.aclose()
+        for ep in (nbd_ep, control_ep):
+            if ep.kind == "unix" and ep.path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(ep.path)
+
+
+def _endpoint_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        parse_endpoint(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+@click.command("serve")
+@click.option("--image", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The replica image (raw).")
+@click.option("--state-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the journal and state.")
+@click.option("--nbd", "nbd_endpoint", required=True, callback=_endpoint_option,
+              help="NBD listen address: unix:PATH or tcp:HOST:PORT.")
+@click.option("--control", "control_endpoint", required=True, callback=_endpoint_option,
+              help="Control socket: unix:PATH or tcp:HOST:PORT.")
+@click.option("--speculation-budget", type=click.IntRange(min=1), default=256 << 20, show_default=True,
+              help="Bytes of unsealed+sealed primary writes before reading from clients pauses.")
+@click.option("--writeout-budget", type=click.IntRange(min=1), default=256 << 20, show_default=True,
+              help="Bytes committed but not yet applied to IMG before reading pauses.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every connection and recovery step.")
+def serve_command(image: Path, state_dir: Path, nbd_endpoint: str, control_endpoint: str,
+                  speculation_budget: int, writeout_budget: int, verbose: bool) -> None:
+    """Serve the `replica` and `view` NBD exports of IMG (foreground; SIGTERM/SIGINT stop it cleanly)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not image.is_file():
+        raise click.ClickException(f"image {image} does not exist or is not a regular file")
+    try:
+        asyncio.run(run_server(image, state_dir, nbd_endpoint, control_endpoint,
+                               speculation_budget=speculation_budget, writeout_budget=writeout_budget))
+    except ControlError as exc:
+        raise click.ClickException(f"{exc.message} ({exc.code})") from None
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
