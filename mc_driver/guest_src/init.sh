@@ -1,0 +1,131 @@
+#!/bin/sh
+# /init of the hybridft test guest (busybox sh, PID 1).  Built into the initramfs by mc_driver/guest.py.
+#
+# Kernel command line (read from /proc/cmdline; see mc_driver.guest.guest_cmdline):
+#   hft.ip=ADDR/PREFIX   eth0 address (default 10.77.0.2/24)
+#   hft.gw=ADDR          default route (optional)
+#   hft.services=LIST    comma list of services to start (default echod,rrserver,httpd; "none" = none)
+#   hft.run=PROG,ARG,..  extra workload started at boot (commas become spaces); may repeat
+#   hft.ipv6=1           keep IPv6 on (default off: router solicitations and MLD reports are spontaneous,
+#                        timing-dependent guest output that would only add noise to COLO comparison)
+#
+# Console: ttyS0 gets kernel messages and the readiness line "HYBRIDFT-GUEST-READY ip=... services=...".
+# Control: ttyS1 runs a line-oriented command loop, off the guest network so it never perturbs the
+# packets COLO compares.  Every reply ends with a line "HFT-END <rc>".  Commands:
+#   ping [TOKEN]          -> "PONG [TOKEN]"              (the host uses a fresh token to resynchronise)
+#   run PROG [ARGS...]    -> "PID <pid>"  PROG runs in the background, output in /tmp/PROG.<pid>.log
+#   sh COMMAND...         -> COMMAND's output             run in the foreground by sh -c
+#   kill PID [SIGNAL]     -> nothing                     rc is kill's
+#   jobs                  -> "<pid> <state> <cmd>" lines for every "run" job
+# Arguments are split on blanks; there is no quoting.
+
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/pts /tmp /run /www
+mount -t devpts devpts /dev/pts
+mount -t tmpfs -o size=64m tmpfs /tmp
+hostname hft-guest
+
+log() { echo "hft-init: $*"; }
+
+IP=10.77.0.2/24
+GW=
+SERVICES=echod,rrserver,httpd
+IPV6=0
+RUNS=
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+        hft.ip=*) IP=${word#hft.ip=} ;;
+        hft.gw=*) GW=${word#hft.gw=} ;;
+        hft.services=*) SERVICES=${word#hft.services=} ;;
+        hft.ipv6=*) IPV6=${word#hft.ipv6=} ;;
+        hft.run=*) RUNS="$RUNS ${word#hft.run=}" ;;
+    esac
+done
+
+for m in $(cat /etc/hft-modules); do
+    insmod "/lib/modules/$m.ko" || log "insmod $m failed"
+done
+
+if [ "$IPV6" != 1 ] && [ -e /proc/sys/net/ipv6/conf/default/disable_ipv6 ]; then
+    echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6
+    echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6
+fi
+
+i=0
+while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+ip link set lo up
+if [ -e /sys/class/net/eth0 ]; then
+    ip addr add "$IP" dev eth0 || log "bad hft.ip=$IP"
+    ip link set eth0 up
+    [ -n "$GW" ] && { ip route add default via "$GW" || log "bad hft.gw=$GW"; }
+else
+    log "no eth0 (virtio_net missing?)"
+fi
+
+blobgen 8388608 > /www/blob || log "blobgen failed"
+
+for s in $(echo "$SERVICES" | tr , ' '); do
+    case "$s" in
+        echod) echod 7 > /tmp/echod.log 2>&1 & ;;
+        rrserver) rrserver 8000 > /tmp/rrserver.log 2>&1 & ;;
+        httpd) httpd -p 80 -h /www ;;
+        none) ;;
+        *) log "unknown service $s" ;;
+    esac
+done
+
+: > /run/jobs
+start_job() {
+    "$@" > "/tmp/$(basename "$1").$$.tmp" 2>&1 &
+    pid=$!
+    mv "/tmp/$(basename "$1").$$.tmp" "/tmp/$(basename "$1").$pid.log"
+    echo "$pid $*" >> /run/jobs
+}
+for r in $RUNS; do
+    # shellcheck disable=SC2046
+    start_job $(echo "$r" | tr , ' ')
+done
+
+echo "HYBRIDFT-GUEST-READY ip=$IP services=$SERVICES"
+
+control_loop() {
+    tty=$1
+    stty -F "$tty" raw -echo 115200 2>/dev/null
+    exec 0<"$tty" 1>"$tty" 2>&1
+    echo "HFT-CONTROL-READY"
+    while IFS= read -r line; do
+        set -- $line
+        verb=$1
+        [ $# -gt 0 ] && shift
+        rc=0
+        case "$verb" in
+            "") continue ;;
+            ping) echo "PONG $*" ;;
+            run)
+                if [ $# -eq 0 ]; then echo "ERR run needs a program"; rc=2
+                elif ! command -v "$1" > /dev/null; then echo "ERR no such program: $1"; rc=127
+                else start_job "$@"; echo "PID $pid"
+                fi ;;
+            sh) sh -c "$*" < /dev/null 2>&1; rc=$? ;;
+            kill)
+                if [ -n "$2" ]; then kill -"$2" "$1" 2>&1; else kill "$1" 2>&1; fi
+                rc=$? ;;
+            jobs)
+                while read -r jpid jcmd; do
+                    if [ -d "/proc/$jpid" ]; then state=running; else state=exited; fi
+                    echo "$jpid $state $jcmd"
+                done < /run/jobs ;;
+            *) echo "ERR unknown command: $verb"; rc=2 ;;
+        esac
+        echo "HFT-END $rc"
+    done
+}
+
+if [ -e /dev/ttyS1 ]; then
+    control_loop /dev/ttyS1 &
+fi
+# PID 1 must never exit; it also reaps orphans.
+while :; do wait; sleep 1; done
