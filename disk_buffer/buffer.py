@@ -1,0 +1,485 @@
+"""The disk buffer's I/O facade: the epoch store plus the image file, the journal and two threads.
+
+The NBD server and the control socket call this and nothing below it.  What lives where:
+
+* :mod:`disk_buffer.store` decides what every read sees and what every verb does (no I/O).
+* This module does the I/O those decisions need: ``pread`` holes from IMG, journal writes, the
+  write-out of committed epochs to IMG, recovery at :meth:`DiskBuffer.open`.
+* The *journal thread* (a one-worker executor) writes a sealed epoch's records as soon as it is
+  sealed and makes it durable on ``commit``; ordering is the executor's queue.
+* The *write-out thread* applies committed epochs to IMG, ``fdatasync``\\ s IMG, writes the applied
+  mark and only then drops the epochs from memory (a read never sees IMG without those bytes).
+
+Everything public is called from one thread (the server's event loop); the two worker threads
+only touch frozen (sealed/committed) extent maps, and structural changes to the store are made
+under one lock.  Reads take no lock: they snapshot an immutable tuple of layers.
+
+Crash safety (kill -9 at any instant, then :meth:`DiskBuffer.open` again): ``replica`` equals the
+last committed epoch -- an epoch whose ``commit`` returned is in the journal (fdatasynced), one
+killed mid-commit has a COMMIT record or not.  The view's overlay and every uncommitted primary
+write are in memory only and are gone, on purpose: the secondary VM restarts from the last
+checkpoint, and the last checkpoint's disk is exactly the committed epoch.  After ``failover`` the
+state directory records it, and a restart serves IMG as a plain disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import errno
+import fcntl
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from disk_buffer.journal import FaultInjector, Journal, JournalCorrupt, libc
+from disk_buffer.store import DiskBufferError, EpochStore, Export, SealedEpoch, resolve
+
+__all__ = ["DiskBuffer", "DiskBufferError", "Export"]
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_ZERO_CHUNK = bytes(1 << 20)
+
+try:
+    _fallocate = libc.fallocate
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    _fallocate.restype = ctypes.c_int
+except AttributeError:  # pragma: no cover - every glibc has it
+    _fallocate = None
+
+
+def zero_range(fd: int, offset: int, length: int) -> None:
+    """Make ``[offset, offset+length)`` of a file read as zeroes (punch a hole, else write zeroes)."""
+    if (
+        length >= 65536
+        and _fallocate is not None
+        and (_fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0)
+    ):
+        return
+    while length > 0:
+        n = min(length, len(_ZERO_CHUNK))
+        os.pwrite(fd, _ZERO_CHUNK[:n], offset)
+        offset += n
+        length -= n
+
+
+def _io_error(what: str, exc: OSError) -> DiskBufferError:
+    code = "nospace" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "io"
+    return DiskBufferError(f"{what}: {exc.strerror or exc}", code)
+
+
+class DiskBuffer:
+    """Both NBD exports over one raw image and one state directory.  Use :meth:`open`."""
+
+    def __init__(
+        self,
+        image: Path,
+        state_dir: Path,
+        img_fd: int,
+        lock_fd: int,
+        journal: Journal,
+        store: EpochStore,
+        faults: FaultInjector,
+        speculation_budget: int,
+        writeout_budget: int,
+    ) -> None:
+        self.image = image
+        self.state_dir = state_dir
+        self.size = store.size
+        self.speculation_budget = speculation_budget
+        self.writeout_budget = writeout_budget
+        self._fd = img_fd
+        self._lock_fd = lock_fd
+        self._journal = journal
+        self._store = store
+        self._faults = faults
+        self._cond = threading.Condition()
+        self._journal_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hybridft-journal")
+        self._stopping = False
+        self._crashing = False
+        self._closed = False
+        self.writeout_error: str | None = None
+        self._room_waiters: set[asyncio.Future[None]] = set()
+        self._waiter_loop: asyncio.AbstractEventLoop | None = None
+        self._writeout_thread: threading.Thread | None = None
+        if not store.failed_over:
+            self._writeout_thread = threading.Thread(
+                target=self._writeout_loop, name="hybridft-writeout", daemon=True
+            )
+            self._writeout_thread.start()
+
+    # -- opening and recovery ------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        image: str | Path,
+        state_dir: str | Path,
+        *,
+        speculation_budget: int = 256 << 20,
+        writeout_budget: int = 256 << 20,
+    ) -> DiskBuffer:
+        """Open IMG and its state directory, replaying committed epochs the journal still holds."""
+        image = Path(image)
+        state_dir = Path(state_dir)
+        if speculation_budget <= 0 or writeout_budget <= 0:
+            raise DiskBufferError("budgets must be positive", "config")
+        faults = FaultInjector.from_env()
+        try:
+            img_fd = os.open(image, os.O_RDWR)
+        except OSError as exc:
+            raise DiskBufferError(f"cannot open image {image}: {exc.strerror}", "config") from None
+        lock_fd = -1
+        try:
+            if not os.path.isfile(image):
+                raise DiskBufferError(f"image {image} is not a regular file", "config")
+            try:
+                state_dir.mkdir(parents=True, exist_ok=True)
+                lock_fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:
+                raise DiskBufferError(f"cannot use state dir {state_dir}: {exc.strerror}", "config") from None
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DiskBufferError(
+                    f"state dir {state_dir} is in use by another process", "config"
+                ) from None
+            size = os.fstat(img_fd).st_size
+            journal = Journal(state_dir, size, faults)
+            try:
+                store = cls._recover(img_fd, size, journal)
+            except BaseException:
+                journal.close()
+                raise
+        except BaseException:
+            os.close(img_fd)
+            if lock_fd >= 0:
+                os.close(lock_fd)
+            raise
+        return cls(
+            image, state_dir, img_fd, lock_fd, journal, store, faults, speculation_budget, writeout_budget
+        )
+
+    @staticmethod
+    def _recover(img_fd: int, size: int, journal: Journal) -> EpochStore:
+        mark = journal.mark
+        if mark.failed_over:
+            return EpochStore(size, mark.applied, failed_over=True)
+        result, mm = journal.scan()
+        last = mark.applied
+        if mm is not None:
+            try:
+                for epoch in result.committed:
+                    if epoch.epoch <= mark.applied:
+                        continue  # already in IMG (fdatasynced before the mark said so)
+                    for ext in epoch.extents:
+                        if ext.offset + ext.length > size:
+                            raise JournalCorrupt(
+                                f"journal epoch {epoch.epoch} writes {ext.length} bytes at {ext.offset}, "
+                                f"beyond the {size}-byte image"
+                            )
+                        if ext.payload_at is None:
+                            zero_range(img_fd, ext.offset, ext.length)
+                        else:
+                            os.pwrite(img_fd, mm[ext.payload_at : ext.payload_at + ext.length], ext.offset)
+                    last = epoch.epoch
+            finally:
+                mm.close()
+            if last > mark.applied:
+                os.fdatasync(img_fd)
+        journal.restart(last)
+        return EpochStore(size, last)
+
+    # -- data path -----------------------------------------------------------------------------
+
+    def read(self, export: Export, offset: int, length: int) -> bytes:
+        store = self._store
+        if offset < 0 or length < 0 or offset + length > store.size:
+            store.check_range(offset, length)
+        plan = resolve(store.layers(export), offset, length)
+        if isinstance(plan, bytes):
+            return plan
+        holes = plan.holes
+        if len(holes) == 1 and holes[0] == (offset, offset + length):
+            data = os.pread(self._fd, length, offset)
+            return data if len(data) == length else data.ljust(length, b"\0")
+        buf = memoryview(plan.buffer)
+        for start, end in holes:
+            os.preadv(self._fd, [buf[start - offset : end - offset]], start)
+        return bytes(plan.buffer)
+
+    def write(self, export: Export, offset: int, data: bytes | bytearray | memoryview) -> None:
+        store = self._store
+        length = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if offset < 0 or offset + length > store.size:
+            store.check_range(offset, length)
+        target = store.target(export)
+        if target is None:
+            try:
+                os.pwrite(self._fd, data, offset)
+            except OSError as exc:
+                raise _io_error("image write failed", exc) from None
+            return
+        target.put(offset, length, data if type(data) is bytes else bytes(data))
+
+    def write_zeroes(self, export: Export, offset: int, length: int) -> None:
+        store = self._store
+        if offset < 0 or length < 0 or offset + length > store.size:
+            store.check_range(offset, length)
+        target = store.target(export)
+        if target is None:
+            try:
+                zero_range(self._fd, offset, length)
+            except OSError as exc:
+                raise _io_error("image write failed", exc) from None
+            return
+        target.put(offset, length, None)
+
+    def trim(self, export: Export, offset: int, length: int) -> None:
+        """Discard a range; it reads back as zeroes afterwards (stronger than NBD requires)."""
+        self.write_zeroes(export, offset, length)
+
+    def flush(self, export: Export) -> None:
+        """A no-op before failover (epochs, not NBD FLUSH, make data durable); fdatasync of IMG after."""
+        if self._store.failed_over:
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                raise _io_error("fdatasync of the image failed", exc) from None
+
+    # -- back-pressure -------------------------------------------------------------------------
+
+    def has_room(self) -> bool:
+        store = self._store
+        return (
+            store.speculation_bytes() < self.speculation_budget
+            and store.writeout_bytes < self.writeout_budget
+        )
+
+    def needs_checkpoint(self) -> bool:
+        return self._store.speculation_bytes() >= self.speculation_budget
+
+    async def wait_for_room(self) -> None:
+        while not self.has_room():
+            loop = asyncio.get_running_loop()
+            self._waiter_loop = loop
+            fut: asyncio.Future[None] = loop.create_future()
+            self._room_waiters.add(fut)
+            try:
+                if self.has_room():  # the write-out thread may have freed room meanwhile
+                    return
+                await fut
+            finally:
+                self._room_waiters.discard(fut)
+
+    def _notify_room(self) -> None:
+        for fut in list(self._room_waiters):
+            if not fut.done():
+                fut.set_result(None)
+
+    def _notify_room_threadsafe(self) -> None:
+        loop = self._waiter_loop
+        if loop is not None and self._room_waiters:
+            try:
+                loop.call_soon_threadsafe(self._notify_room)
+            except RuntimeError:  # loop closed
+                pass
+
+    # -- epoch verbs ---------------------------------------------------------------------------
+
+    def seal(self) -> int:
+        with self._cond:
+            sealed = self._store.seal()
+        self._journal_pool.submit(self._prewrite_quietly, sealed)
+        return sealed.epoch
+
+    def _prewrite_quietly(self, sealed: SealedEpoch) -> None:
+        try:
+            self._journal.prewrite(sealed.seq, sealed.epoch, sealed.extents.items())
+        except (OSError, DiskBufferError):
+            pass  # commit() writes the records again and reports the error
+
+    def _commit_job(self, sealed: SealedEpoch) -> None:
+        if not self._journal.has_group(sealed.seq):
+            self._journal.prewrite(sealed.seq, sealed.epoch, sealed.extents.items())
+        self._journal.commit(sealed.seq)
+
+    async def commit(self, epoch: int) -> None:
+        """Return once ``epoch`` is durable; it is applied to IMG in the background."""
+        with self._cond:
+            sealed = self._store.begin_commit(epoch)
+        job = asyncio.wrap_future(self._journal_pool.submit(self._commit_job, sealed))
+        try:
+            await asyncio.shield(job)
+        except asyncio.CancelledError:
+            # The journal write goes on regardless; record its outcome when it lands.
+            job.add_done_callback(lambda f: self._settle_commit(epoch, f))
+            raise
+        except DiskBufferError:
+            self._abort_commit(epoch)
+            raise
+        except OSError as exc:
+            self._abort_commit(epoch)
+            raise _io_error(f"journal write of epoch {epoch} failed", exc) from None
+        self._finish_commit(epoch)
+
+    def _settle_commit(self, epoch: int, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            self._abort_commit(epoch)
+        else:
+            self._finish_commit(epoch)
+
+    def _abort_commit(self, epoch: int) -> None:
+        with self._cond:
+            self._store.abort_commit(epoch)
+
+    def _finish_commit(self, epoch: int) -> None:
+        with self._cond:
+            self._store.finish_commit(epoch)
+            self._cond.notify_all()
+        self._notify_room()
+
+    def rollback(self) -> dict[str, Any]:
+        with self._cond:
+            seqs = [s.seq for s in self._store.sealed]
+            result = self._store.rollback()
+        self._journal_pool.submit(self._journal.abandon, seqs)
+        self._notify_room()
+        return result
+
+    async def failover(self) -> None:
+        """Finish the write-out, drop uncommitted primary writes, merge the overlay into IMG, sync."""
+        with self._cond:
+            self._store.begin_failover()
+        await asyncio.to_thread(self._wait_writeout_drained)
+        if self.writeout_error is not None:
+            raise DiskBufferError(f"failover: write-out failed: {self.writeout_error}", "io")
+        try:
+            self._journal.mark_failed_over()
+            # Synchronous on purpose: no view write can slip in between the merge and the switch.
+            for start, end, data in self._store.view.overlay.items():
+                if data is None:
+                    zero_range(self._fd, start, end - start)
+                else:
+                    os.pwrite(self._fd, data, start)
+        except OSError as exc:
+            raise _io_error("failover", exc) from None
+        with self._cond:
+            self._store.finish_failover()
+            self._stopping = True
+            self._cond.notify_all()
+        try:
+            await asyncio.to_thread(os.fdatasync, self._fd)
+        except OSError as exc:
+            raise _io_error("failover: fdatasync of the image", exc) from None
+        self._notify_room()
+
+    def _wait_writeout_drained(self) -> None:
+        with self._cond:
+            while self._store.writeout and self.writeout_error is None:
+                self._cond.wait()
+
+    def status(self) -> dict[str, Any]:
+        with self._cond:
+            result = self._store.status()
+        result.update(self._journal.stats())
+        result["checkpoint_needed"] = self.needs_checkpoint()
+        result["has_room"] = self.has_room()
+        result["speculation_budget"] = self.speculation_budget
+        result["writeout_budget"] = self.writeout_budget
+        result["writeout_error"] = self.writeout_error
+        return result
+
+    # -- write-out -----------------------------------------------------------------------------
+
+    def _writeout_loop(self) -> None:
+        store = self._store
+        while True:
+            with self._cond:
+                while not store.writeout and not self._stopping:
+                    self._cond.wait()
+                if self._crashing or (self._stopping and not store.writeout):
+                    return
+                batch = list(store.writeout)
+            try:
+                if not self._apply(batch):
+                    return
+                os.fdatasync(self._fd)
+                self._faults.hit("image-synced")
+                if self._crashing:
+                    return
+                self._journal.mark_applied(batch[-1].epoch)
+            except OSError as exc:
+                with self._cond:
+                    self.writeout_error = f"{exc.strerror or exc}"
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                store.applied_upto(batch[-1].epoch)
+                self._cond.notify_all()
+            self._notify_room_threadsafe()
+
+    def _apply(self, batch: list[SealedEpoch]) -> bool:
+        fd = self._fd
+        extents: list[tuple[int, int, bytes | None]] = []
+        for sealed in batch:
+            extents.extend(sealed.extents.items())
+        middle = len(extents) // 2
+        for i, (start, end, data) in enumerate(extents):
+            if self._crashing:
+                return False
+            if data is None:
+                zero_range(fd, start, end - start)
+            else:
+                os.pwrite(fd, data, start)
+            if i == middle:
+                self._faults.hit("writeout-mid")
+        return True
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Finish the write-out, stop both threads and close the files."""
+        if self._closed:
+            return
+        await asyncio.to_thread(self._shutdown)
+
+    def close(self) -> None:
+        """Synchronous :meth:`aclose` (for tools and tests without an event loop)."""
+        if not self._closed:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._writeout_thread is not None:
+            self._writeout_thread.join()
+        self._journal_pool.shutdown(wait=True)
+        self._close_files()
+
+    def simulate_crash(self) -> None:
+        """Test support: stop like kill -9 would -- workers stop at their next step, nothing more is
+        written or synced, memory is dropped.  (Real kill -9 tests use subprocesses.)"""
+        if self._closed:
+            return
+        with self._cond:
+            self._crashing = True
+            self._stopping = True
+            self._cond.notify_all()
+        if self._writeout_thread is not None:
+            self._writeout_thread.join()
+        self._journal_pool.shutdown(wait=True, cancel_futures=True)
+        self._close_files()
+
+    def _close_files(self) -> None:
+        self._closed = True
+        self._journal.close()
+        for fd in (self._fd, self._lock_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -1,0 +1,439 @@
+"""The sans-I/O epoch store: what every byte of ``replica`` and ``view`` is, without touching a file.
+
+Why a separate, I/O-free core: the epoch rules (what a read sees, what seal/commit/rollback/failover
+do, which calls are refused) are the part that must be exactly right, and they are easiest to get
+right -- and to test against a plain model -- when they are a state machine over in-memory extent
+maps.  The shell (:mod:`disk_buffer.buffer`) owns the image file, the journal and the threads; it
+asks this store *what* to read or persist and does the I/O itself.
+
+Layers, newest first (each one an :class:`ExtentMap` of byte ranges -> data or zeroes)::
+
+    replica:  current epoch  >  sealed epochs (newest first)  >  committed, not yet applied  >  IMG
+    view:     overlay        >  sealed epochs <= view base    >  committed, not yet applied  >  IMG
+
+* The *current* epoch collects the primary's writes (``replica``).  ``seal`` freezes it as epoch N
+  and starts N+1.
+* ``view`` is a base epoch plus an *overlay* of the secondary VM's own writes.  ``seal`` moves the
+  base to N with an empty overlay and keeps the previous view (base + overlay) for ``rollback``.
+* ``commit N`` (after the shell made N durable) moves N to the write-out queue; the shell applies
+  it to IMG in the background and calls :meth:`EpochStore.applied`.
+* Every live view's base is >= the last committed epoch, so IMG (applied epochs only) is always
+  below every layer stack and a layer can be dropped as soon as its bytes were written to IMG.
+
+Sealed and committed maps are never mutated again, which is what lets the write-out thread read
+them while the event loop keeps writing into the current epoch.  The store itself is not thread
+safe: the shell serialises calls that change the layer structure.
+
+A refused call raises :class:`DiskBufferError` and changes nothing.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from controller.control import ControlError
+
+#: Bookkeeping cost charged per extent, so that budgets also bound floods of tiny writes and trims.
+EXTENT_OVERHEAD = 64
+
+
+class Export(StrEnum):
+    """The two NBD exports of the disk buffer."""
+
+    REPLICA = "replica"
+    VIEW = "view"
+
+
+class DiskBufferError(ControlError):
+    """A refused disk buffer call.  ``code`` is one of ``unknown-epoch``, ``out-of-order``,
+    ``wrong-state``, ``range``, ``nospace``, ``io``, ``config``, ``corrupt``.  State is unchanged."""
+
+
+class ExtentMap:
+    """Non-overlapping byte ranges ``[start, end)`` -> data (``bytes``) or zeroes (``None``).
+
+    Three parallel sorted lists searched with :mod:`bisect`: a write that overlaps nothing is one
+    ``list.insert`` per list, an exact rewrite of an existing extent is one assignment, and a
+    1 MiB write is one extent (a block-keyed dict would need 256 entries).  Measured faster than a
+    dict of 4 KiB blocks for mixed aligned/unaligned I/O; see the report in the closing note.
+    """
+
+    __slots__ = ("_datas", "_ends", "_starts", "data_bytes")
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self._datas: list[bytes | None] = []
+        #: Memory held: data bytes plus :data:`EXTENT_OVERHEAD` per extent.
+        self.data_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __bool__(self) -> bool:
+        return bool(self._starts)
+
+    @staticmethod
+    def _cost(start: int, end: int, data: bytes | None) -> int:
+        return EXTENT_OVERHEAD + (end - start if data is not None else 0)
+
+    def put(self, start: int, length: int, data: bytes | None) -> None:
+        """Make ``[start, start+length)`` read as ``data`` (``None``: zeroes), replacing what was there."""
+        if length <= 0:
+            return
+        end = start + length
+        starts, ends, datas = self._starts, self._ends, self._datas
+        i = bisect_right(starts, start) - 1
+        if i >= 0 and ends[i] > start:
+            first = i
+            if starts[i] == start and ends[i] == end:  # exact rewrite: the common case for a VM disk
+                self.data_bytes += self._cost(start, end, data) - self._cost(start, end, datas[i])
+                datas[i] = data
+                return
+        else:
+            first = i + 1
+        stop = bisect_left(starts, end, first)
+        if first == stop:  # overlaps nothing
+            starts.insert(first, start)
+            ends.insert(first, end)
+            datas.insert(first, data)
+            self.data_bytes += self._cost(start, end, data)
+            return
+        new_starts = []
+        new_ends = []
+        new_datas: list[bytes | None] = []
+        removed = 0
+        for j in range(first, stop):
+            removed += self._cost(starts[j], ends[j], datas[j])
+        s0, d0 = starts[first], datas[first]
+        if s0 < start:
+            new_starts.append(s0)
+            new_ends.append(start)
+            new_datas.append(None if d0 is None else d0[: start - s0])
+        new_starts.append(start)
+        new_ends.append(end)
+        new_datas.append(data)
+        sl, el, dl = starts[stop - 1], ends[stop - 1], datas[stop - 1]
+        if el > end:
+            new_starts.append(end)
+            new_ends.append(el)
+            new_datas.append(None if dl is None else dl[end - sl :])
+        starts[first:stop] = new_starts
+        ends[first:stop] = new_ends
+        datas[first:stop] = new_datas
+        added = sum(self._cost(s, e, d) for s, e, d in zip(new_starts, new_ends, new_datas, strict=True))
+        self.data_bytes += added - removed
+
+    def overlapping(self, start: int, end: int) -> tuple[int, int]:
+        """Index range ``[first, stop)`` of the extents that overlap ``[start, end)``."""
+        starts = self._starts
+        i = bisect_right(starts, start) - 1
+        first = i if i >= 0 and self._ends[i] > start else i + 1
+        return first, bisect_left(starts, end, first)
+
+    def items(self) -> list[tuple[int, int, bytes | None]]:
+        """All extents as ``(start, end, data|None)``, in offset order."""
+        return list(zip(self._starts, self._ends, self._datas, strict=True))
+
+    def payload_bytes(self) -> int:
+        """Bytes of real data (zero extents excluded)."""
+        return sum(
+            e - s for s, e, d in zip(self._starts, self._ends, self._datas, strict=True) if d is not None
+        )
+
+
+@dataclass(slots=True)
+class ReadPlan:
+    """A read the store could not answer alone: ``holes`` (absolute ``(start, end)``) must be filled
+    from IMG into ``buffer`` at ``start - offset``.  Everything else in ``buffer`` is final."""
+
+    offset: int
+    buffer: bytearray
+    holes: list[tuple[int, int]]
+
+
+def resolve(layers: tuple[ExtentMap, ...], offset: int, length: int) -> bytes | ReadPlan:
+    """Read ``[offset, offset+length)`` through ``layers`` (newest first).
+
+    Returns the bytes when the layers cover the whole range, else a :class:`ReadPlan` whose holes
+    fall through to IMG.  Fast paths: no layer overlaps (one hole), or the topmost overlapping
+    layer covers the range with a single extent (no copy when it is exactly that extent).
+    """
+    end = offset + length
+    for depth, layer in enumerate(layers):
+        if not layer._starts:
+            continue
+        first, stop = layer.overlapping(offset, end)
+        if first == stop:
+            continue
+        if stop - first == 1:
+            s, e = layer._starts[first], layer._ends[first]
+            if s <= offset and e >= end:
+                data = layer._datas[first]
+                if data is None:
+                    return bytes(length)
+                if s == offset and e == end:
+                    return data
+                return data[offset - s : end - s]
+        return _resolve_slow(layers[depth:], offset, length)
+    return ReadPlan(offset, bytearray(length), [(offset, end)])
+
+
+def _resolve_slow(layers: tuple[ExtentMap, ...], offset: int, length: int) -> bytes | ReadPlan:
+    out = bytearray(length)  # zero-filled: zero extents need no copy
+    holes = [(offset, offset + length)]
+    for layer in layers:
+        if not layer._starts:
+            continue
+        starts, ends, datas = layer._starts, layer._ends, layer._datas
+        remaining: list[tuple[int, int]] = []
+        for hs, he in holes:
+            first, stop = layer.overlapping(hs, he)
+            cursor = hs
+            for j in range(first, stop):
+                s = max(starts[j], hs)
+                e = min(ends[j], he)
+                if s > cursor:
+                    remaining.append((cursor, s))
+                data = datas[j]
+                if data is not None:
+                    base = starts[j]
+                    out[s - offset : e - offset] = memoryview(data)[s - base : e - base]
+                cursor = e
+            if cursor < he:
+                remaining.append((cursor, he))
+        holes = remaining
+        if not holes:
+            return bytes(out)
+    return ReadPlan(offset, out, holes)
+
+
+@dataclass(slots=True)
+class SealedEpoch:
+    """A closed epoch: its number, a sequence number unique for this process (journal grouping),
+    and its frozen extents."""
+
+    epoch: int
+    seq: int
+    extents: ExtentMap
+
+
+@dataclass(slots=True)
+class View:
+    """The secondary VM's disk: every epoch <= ``base`` plus ``overlay``."""
+
+    base: int
+    overlay: ExtentMap = field(default_factory=ExtentMap)
+
+
+class EpochStore:
+    """The in-memory state machine behind both exports (see the module docstring)."""
+
+    def __init__(self, size: int, committed: int = 0, *, failed_over: bool = False) -> None:
+        if size < 0:
+            raise DiskBufferError(f"negative image size {size}", "config")
+        self.size = size
+        self.committed = committed
+        self.applied = committed
+        self.failed_over = failed_over
+        self.current = ExtentMap()
+        self.current_epoch = committed + 1
+        self.sealed: list[SealedEpoch] = []
+        self.committing: int | None = None
+        self.failing_over = False
+        #: Committed epochs not yet applied to IMG, oldest first.
+        self.writeout: list[SealedEpoch] = []
+        self.writeout_bytes = 0
+        self.view = View(committed)
+        #: epoch -> the view as it was before that epoch was sealed (what rollback brings back).
+        self.rollback_views: dict[int, View] = {}
+        self._seq = 0
+        self._frozen_bytes = 0  # sealed epochs + kept rollback overlays
+        self.replica_layers: tuple[ExtentMap, ...] = ()
+        self.view_layers: tuple[ExtentMap, ...] = ()
+        self._rebuild()
+
+    # -- layer bookkeeping ---------------------------------------------------------------------
+
+    def _rebuild(self) -> None:
+        committed_maps = [s.extents for s in reversed(self.writeout)]
+        sealed_new_first = list(reversed(self.sealed))
+        self.replica_layers = (self.current, *(s.extents for s in sealed_new_first), *committed_maps)
+        self.view_layers = (
+            self.view.overlay,
+            *(s.extents for s in sealed_new_first if s.epoch <= self.view.base),
+            *committed_maps,
+        )
+        self._frozen_bytes = sum(s.extents.data_bytes for s in self.sealed) + sum(
+            v.overlay.data_bytes for v in self.rollback_views.values()
+        )
+
+    def speculation_bytes(self) -> int:
+        """Memory only a checkpoint frees: current + sealed epochs, the overlay, kept rollback views."""
+        return self.current.data_bytes + self.view.overlay.data_bytes + self._frozen_bytes
+
+    # -- I/O decisions -------------------------------------------------------------------------
+
+    def check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise DiskBufferError(
+                f"range offset={offset} length={length} is outside the {self.size}-byte image", "range"
+            )
+
+    def layers(self, export: Export) -> tuple[ExtentMap, ...]:
+        """The layer stack a read of ``export`` goes through (empty after failover: IMG only)."""
+        if self.failed_over:
+            return ()
+        return self.replica_layers if export is Export.REPLICA else self.view_layers
+
+    def target(self, export: Export) -> ExtentMap | None:
+        """Where a write to ``export`` goes; ``None`` means straight to IMG (view after failover)."""
+        if self.failed_over:
+            if export is Export.REPLICA:
+                raise DiskBufferError("replica is read-only after failover", "wrong-state")
+            return None
+        if export is Export.REPLICA:
+            if self.failing_over:
+                raise DiskBufferError("replica is read-only during failover", "wrong-state")
+            return self.current
+        return self.view.overlay
+
+    # -- epoch verbs ---------------------------------------------------------------------------
+
+    def _require_active(self, verb: str) -> None:
+        if self.failed_over or self.failing_over:
+            raise DiskBufferError(f"{verb}: the disk buffer has failed over", "wrong-state")
+
+    def seal(self) -> SealedEpoch:
+        """Close the current epoch N; the view moves to committed + N with an empty overlay."""
+        self._require_active("seal")
+        self._seq += 1
+        sealed = SealedEpoch(self.current_epoch, self._seq, self.current)
+        self.rollback_views[sealed.epoch] = self.view
+        self.sealed.append(sealed)
+        self.view = View(sealed.epoch)
+        self.current = ExtentMap()
+        self.current_epoch += 1
+        self._rebuild()
+        return sealed
+
+    def check_commit(self, epoch: int) -> SealedEpoch:
+        """Validate ``commit epoch`` without changing anything; returns the sealed epoch."""
+        self._require_active("commit")
+        if self.committing is not None:
+            raise DiskBufferError(f"commit of epoch {self.committing} is in progress", "wrong-state")
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            raise DiskBufferError(f"epoch must be an integer, not {epoch!r}", "unknown-epoch")
+        if epoch <= self.committed:
+            raise DiskBufferError(
+                f"epoch {epoch} is already committed (last committed: {self.committed})", "out-of-order"
+            )
+        if epoch == self.current_epoch:
+            raise DiskBufferError(f"epoch {epoch} is still open: seal it before committing", "wrong-state")
+        numbers = [s.epoch for s in self.sealed]
+        if epoch not in numbers:
+            raise DiskBufferError(f"unknown epoch {epoch} (sealed: {numbers or 'none'})", "unknown-epoch")
+        if epoch != numbers[0]:
+            raise DiskBufferError(f"commit {epoch} out of order: commit {numbers[0]} first", "out-of-order")
+        return self.sealed[0]
+
+    def begin_commit(self, epoch: int) -> SealedEpoch:
+        sealed = self.check_commit(epoch)
+        self.committing = epoch
+        return sealed
+
+    def abort_commit(self, epoch: int) -> None:
+        if self.committing == epoch:
+            self.committing = None
+
+    def finish_commit(self, epoch: int) -> None:
+        """Epoch ``epoch`` is durable: move it to the write-out queue and drop its rollback view."""
+        assert self.committing == epoch and self.sealed and self.sealed[0].epoch == epoch
+        sealed = self.sealed.pop(0)
+        self.committing = None
+        self.committed = epoch
+        self.rollback_views.pop(epoch, None)
+        self.writeout.append(sealed)
+        self.writeout_bytes += sealed.extents.data_bytes
+        self._rebuild()
+
+    def rollback(self) -> dict[str, Any]:
+        """Drop every uncommitted primary write and bring back the view from before the oldest seal.
+
+        The current (unsealed) epoch is dropped too: its writes were made on top of the dropped
+        epochs, so keeping them would give ``replica`` a state the primary never had.
+        """
+        self._require_active("rollback")
+        if self.committing is not None:
+            raise DiskBufferError(f"commit of epoch {self.committing} is in progress", "wrong-state")
+        if not self.sealed:
+            raise DiskBufferError("nothing to roll back: no sealed, uncommitted epoch", "wrong-state")
+        dropped = [s.epoch for s in self.sealed]
+        discarded = sum(s.extents.payload_bytes() for s in self.sealed) + self.current.payload_bytes()
+        self.view = self.rollback_views[dropped[0]]
+        self.rollback_views.clear()
+        self.sealed.clear()
+        self.current = ExtentMap()
+        self.current_epoch = self.committed + 1
+        self._rebuild()
+        return {
+            "dropped_epochs": dropped,
+            "discarded_bytes": discarded,
+            "epoch": self.current_epoch,
+            "view_base": self.view.base,
+        }
+
+    def check_failover(self) -> None:
+        self._require_active("failover")
+        if self.committing is not None:
+            raise DiskBufferError(f"commit of epoch {self.committing} is in progress", "wrong-state")
+        if self.sealed:
+            raise DiskBufferError(
+                f"sealed, uncommitted epochs {[s.epoch for s in self.sealed]}: commit or roll back first",
+                "wrong-state",
+            )
+
+    def begin_failover(self) -> None:
+        """Refuse primary writes from now on and drop the current epoch's speculation."""
+        self.check_failover()
+        self.failing_over = True
+        self.current = ExtentMap()
+        self._rebuild()
+
+    def finish_failover(self) -> None:
+        """The overlay is merged into IMG: ``view`` is now a plain disk."""
+        assert not self.writeout
+        self.failing_over = False
+        self.failed_over = True
+        self.view = View(self.committed)
+        self.rollback_views.clear()
+        self._rebuild()
+
+    def applied_upto(self, epoch: int) -> None:
+        """The shell wrote every committed epoch <= ``epoch`` to IMG (and fdatasynced it)."""
+        kept = [s for s in self.writeout if s.epoch > epoch]
+        for s in self.writeout:
+            if s.epoch <= epoch:
+                self.writeout_bytes -= s.extents.data_bytes
+        self.writeout = kept
+        self.applied = max(self.applied, epoch)
+        self._rebuild()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "epoch": self.current_epoch,
+            "committed": self.committed,
+            "applied": self.applied,
+            "sealed": [s.epoch for s in self.sealed],
+            "committing": self.committing,
+            "view_base": self.view.base,
+            "speculation_bytes": self.current.data_bytes + self._frozen_bytes,
+            "overlay_bytes": self.view.overlay.data_bytes,
+            "writeout_bytes": self.writeout_bytes,
+            "backlog": len(self.writeout),
+            "failed_over": self.failed_over,
+        }
