@@ -1,0 +1,895 @@
+"""The comparator's sans-I/O core: primary and secondary frames in, actions out.
+
+Nothing here touches a socket or a clock: callers pass ``now`` and get back
+:class:`Release` / :class:`CheckpointRequest` / :class:`DropSecondary` actions.  That is what lets
+the same code serve live QEMU traffic (``compare serve``), replay captures (``compare replay``)
+and run under hypothesis.
+
+Why it compares streams, not packets
+------------------------------------
+Two VMs running the same code produce the same *application bytes* but not the same packets:
+ISNs, segmentation (TSO, Nagle, timer-driven pushes), IP IDs, TTL, checksums (zero when offloaded),
+TCP options and timestamps, window sizes and the timing of pure ACKs all differ.  So for TCP the
+core keeps, per flow (5-tuple, VM -> client direction) and per side, the byte stream relative to
+that side's own ISN (offset 0 = first byte after the SYN) and compares the two streams.
+
+Rules (each one is tested)
+--------------------------
+TCP
+  * Streams are reassembled: out-of-order segments wait, duplicates and the already-known part of a
+    partly overlapping retransmission are ignored (first copy wins), sequence numbers are unwrapped
+    (32-bit wrap-around) relative to the stream's current end.
+  * SYN is an event at offset -1, FIN an event at its offset (it occupies one sequence number),
+    RST an event at its offset (clamped to the side's end of data, +1 after a FIN).  Data after a
+    FIN/RST is ignored.  A FIN/RST at offset k that the other side does not have there while it has
+    data (or the other event) there is a divergence at k.
+  * A flow whose first frame is not a SYN (it opened before the comparator saw it, e.g. during an
+    MC epoch) is anchored at the first sequence number seen, and both sides share that anchor:
+    after any checkpoint the secondary's TCP state is the primary's (and QEMU's filter-rewriter
+    maps secondary sequence numbers into the primary's space anyway).
+  * Release (COLO): a primary frame covering stream offsets [a, b) (b counts its FIN/RST) is
+    released once both streams are verified identical up to b, and its ACK number does not run
+    ahead of the latest ACK number the secondary sent on the flow (serial arithmetic): the
+    secondary must hold the client data the primary acknowledges.  ACK numbers are compared
+    directly: they count the *client's* bytes, and the client is one peer.  Pure ACKs and window
+    updates follow the same rule.  Frames leave in the primary's per-flow order.
+  * A SYN with a new ISN on a flow that has finished (both sides closed, all released) starts a new
+    connection; on a live flow it is treated like any other segment.
+UDP
+  Per flow (5-tuple) the i-th primary datagram is released when the i-th secondary datagram has the
+  same payload; a different payload is a divergence at index i.
+ICMP / ICMPv6
+  Per (addresses, type, echo identifier) sequence, the message minus its checksum is compared the
+  same way as UDP datagrams.
+ARP and other frames
+  Per (MACs, EtherType, IP protocol, addresses) sequence, compared whole with the IPv4
+  identification and header checksum zeroed (see ``colo_compare.packet``).
+Malformed frames
+  A frame whose headers lie (see ``colo_compare.packet``) never raises: it is counted and compared
+  whole, byte for byte, in one per-side "malformed" sequence.  A malformed primary frame is
+  therefore released only if the secondary sent the very same bytes at the same position;
+  otherwise it waits for a checkpoint like any other held frame.  It is never dropped.
+
+Holding, budgets, checkpoints
+-----------------------------
+* A divergence yields ``CheckpointRequest(reason, proto, flow, offset)`` once per flow and epoch;
+  the flow stops being compared until the checkpoint commits.  Reasons: ``payload``, ``fin``,
+  ``rst``, ``datagram`` (UDP/ICMP), ``other`` (other/malformed frames), ``timeout`` (a held
+  frame older than ``compare_timeout``), ``ack`` (a timeout whose frame is verified but
+  its ACK runs ahead of the secondary's), ``queue-full`` (held primary frames plus buffered
+  secondary bytes exceed ``queue_budget_bytes``).  Primary frames are never dropped: they wait.
+* ``seal()`` closes epoch N: every primary frame held at that moment belongs to N and
+  ``commit(N)`` releases exactly those, in order.  Both VMs are stopped and drained when the
+  daemon seals (ARCHITECTURE.md section 2), so secondary frames fed between ``seal(N)`` and
+  ``commit(N)`` are the secondary's output *after* it loaded checkpoint N: they are set aside
+  and compared after the re-anchor.  While a sealed epoch is uncommitted nothing new is released.
+* COLO commit re-anchors every flow known at the seal: the secondary's stream restarts at the
+  primary's sealed end (same ISN, same ACK, same FIN/RST state, same datagram counts) and the old
+  secondary bytes are dropped.  Flows opened after the seal start fresh.
+* MC mode is a trivial append path (no parsing): all primary frames are held until their epoch
+  commits; secondary frames are discarded uncompared (``DropSecondary``).
+* ``set_mode`` takes effect at the next ``seal`` so every epoch has exactly one mode.
+* ``release_all()`` (the secondary is lost) releases everything held and switches to pass-through
+  (primary frames are released as they come) until the next ``seal()``, which starts a new,
+  protected epoch in the current mode.
+
+Released frames are the very objects that were fed (``bytes`` are kept, other buffers are copied
+once), so a shell can map them back to per-frame metadata such as virtio headers.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from colo_compare.packet import (
+    KIND_ICMP,
+    KIND_MALFORMED,
+    KIND_TCP,
+    KIND_UDP,
+    classify,
+    describe,
+    flow_name,
+    proto_of,
+)
+
+__all__ = [
+    "Action",
+    "CheckpointRequest",
+    "Comparator",
+    "DropSecondary",
+    "FlowReport",
+    "Mode",
+    "Release",
+]
+
+
+class Mode(StrEnum):
+    COLO = "colo"
+    MC = "mc"
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Forward these primary frames (raw Ethernet frames) to the client, in this order."""
+
+    frames: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRequest:
+    """The daemon must run a checkpoint (reason: see the module docstring)."""
+
+    reason: str
+    proto: str
+    flow: str | None
+    offset: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DropSecondary:
+    """Informational: this many secondary frames were consumed and dropped."""
+
+    count: int
+
+
+Action = Release | CheckpointRequest | DropSecondary
+
+
+@dataclass(frozen=True, slots=True)
+class FlowReport:
+    """One flow's state, for replay reports and debugging (not used on the hot path)."""
+
+    key: bytes | tuple
+    proto: str
+    primary_units: int  # TCP: stream bytes (incl. SYN/FIN); others: datagrams/frames
+    secondary_units: int
+    divergence: tuple[str, int] | None  # (reason, offset)
+    primary_closed: bool
+    secondary_closed: bool
+
+    def describe(self) -> dict[str, object]:
+        return describe(self.key)
+
+
+_M = 0xFFFFFFFF
+_H = 0x80000000
+_SYN = 0x02
+_FIN = 0x01
+_RST = 0x04
+_ACKF = 0x10
+_TRIM = 1 << 16
+_EV_DATA = 1
+_EV_FIN = 2
+_EV_RST = 3
+
+# Ethernet + IPv4 (IHL 5) + TCP fixed part, one unpack per frame:
+# ethertype, version/IHL, total length, flags/fragment, protocol, addresses+ports, seq, ack, off/flags
+_FAST4 = struct.Struct(">12xHBxH2xHxB2x12sIIH")
+# Ethernet + IPv6 (no extension headers) + TCP: ethertype, version/tc, payload length, next header,
+# addresses+ports, seq, ack, off/flags
+_FAST6 = struct.Struct(">12xHB3xHBx36sIIH")
+
+
+class _Side:
+    """One side's reassembled byte stream of one TCP flow."""
+
+    __slots__ = ("ack", "base", "buf", "end", "fin", "nxt", "ooo", "rst", "start", "syn")
+
+    def __init__(self) -> None:
+        self.base = -1  # absolute sequence number of stream offset 0; -1 = not anchored yet
+        self.nxt = -1  # absolute seq of `end` while open and anchored (hot path), else -1
+        self.end = 0  # stream offset one past the last contiguous data byte
+        self.start = 0  # stream offset of buf[0]
+        self.buf = bytearray()
+        self.ooo: dict[int, bytes] = {}
+        self.fin = -1  # stream offset of the FIN, -1 = none
+        self.rst = -1  # stream offset (sequence space) of the RST, -1 = none
+        self.syn = False
+        self.ack = -1  # latest ACK number sent, -1 = none
+
+
+class _TcpFlow:
+    __slots__ = ("diverged", "done_at", "held", "key", "p", "released", "requested", "s", "v")
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.p = _Side()
+        self.s = _Side()
+        self.v: int | None = None  # verified up to this sequence-space offset; None = no frame yet
+        self.held: deque[tuple[int, int, bytes, float]] = deque()  # (end, ack|-1, frame, arrival)
+        self.released = 0  # primary frames released so far (epoch accounting)
+        self.diverged: tuple[str, int] | None = None
+        self.requested = False  # a CheckpointRequest went out for this flow this epoch
+        self.done_at: float | None = None
+
+
+class _DgramFlow:
+    __slots__ = ("diverged", "key", "p_count", "p_pending", "released", "requested", "s_count", "s_pending")
+
+    def __init__(self, key: tuple) -> None:
+        self.key = key
+        self.p_pending: deque[tuple[bytes, bytes, float]] = deque()  # (frame, compared, arrival)
+        self.s_pending: deque[bytes] = deque()
+        self.p_count = 0  # primary datagrams seen
+        self.s_count = 0  # secondary datagrams seen
+        self.released = 0  # primary datagrams released (== index of p_pending[0])
+        self.diverged: tuple[str, int] | None = None
+        self.requested = False
+
+
+class _Sealed:
+    __slots__ = ("dgram", "epoch", "frames", "mode", "set_aside", "tcp")
+
+    def __init__(self, epoch: int, mode: Mode) -> None:
+        self.epoch = epoch
+        self.mode = mode
+        self.frames: list[bytes] = []  # MC
+        # COLO: per flow (flow, sealed frame count, primary state to re-anchor at)
+        self.tcp: list[tuple[_TcpFlow, int, int, int, int, int, bool, int]] = []
+        self.dgram: list[tuple[_DgramFlow, int, int]] = []
+        self.set_aside: list[bytes] = []  # secondary frames fed after this seal
+
+
+def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int:
+    lo, hi = 0, min(len(a), len(b))
+    # binary search for the first index where the prefixes differ
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if a[lo : mid + 1] == b[lo : mid + 1]:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+class Comparator:
+    """See the module docstring.  Not thread-safe; one instance per VM pair."""
+
+    def __init__(
+        self, mode: Mode = Mode.COLO, *, compare_timeout: float = 3.0, queue_budget_bytes: int = 64 << 20
+    ) -> None:
+        self._mode = Mode(mode)  # mode of the open epoch
+        self._next_mode = self._mode
+        self.compare_timeout = compare_timeout
+        self.queue_budget_bytes = queue_budget_bytes
+        self._epoch = 1
+        self._passthrough = False
+        self._pending: deque[_Sealed] = deque()
+        self._mc_frames: list[bytes] = []
+        self._tcp: dict[bytes, _TcpFlow] = {}
+        self._dgram: dict[tuple, _DgramFlow] = {}
+        self._held_bytes = 0  # bytes of held primary frames (all modes)
+        self._sec_bytes = 0  # secondary bytes buffered for comparison
+        self._queue_full_requested = False
+        # counters
+        self._p_frames = self._p_bytes = self._s_frames = self._s_bytes = 0
+        self._out_frames = self._out_bytes = 0
+        self._dropped_secondary = 0
+        self._divergences = 0
+        self._malformed_p = self._malformed_s = 0
+        self._requests = 0
+        self._timeouts = 0
+        self._checkpoints = 0
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def mode(self) -> Mode:
+        """The mode of the open epoch (``set_mode`` shows here after the next ``seal``)."""
+        return self._mode
+
+    @property
+    def epoch(self) -> int:
+        """The number of the open (not yet sealed) epoch."""
+        return self._epoch
+
+    def set_mode(self, mode: Mode) -> None:
+        self._next_mode = Mode(mode)
+
+    def feed_primary(self, frames: Sequence[bytes | memoryview], now: float) -> list[Action]:
+        """Feed a batch of primary frames (arrival order); returns the actions they cause."""
+        nframes = len(frames)
+        if not nframes:
+            return []
+        if type(frames) is not list or any(type(f) is not bytes for f in frames):
+            frames = [f if type(f) is bytes else bytes(f) for f in frames]
+        nbytes = sum(map(len, frames))
+        self._p_frames += nframes
+        self._p_bytes += nbytes
+        if self._passthrough:
+            self._out_frames += nframes
+            self._out_bytes += nbytes
+            return [Release(list(frames))]
+        if self._mode is Mode.MC:
+            self._mc_frames.extend(frames)
+            self._held_bytes += nbytes
+            if self._held_bytes + self._sec_bytes > self.queue_budget_bytes:
+                return self._queue_full()
+            return []
+        self._held_bytes += nbytes
+        actions: list[Action] = []
+        touched = self._feed_colo(frames, now, True, actions)
+        if not self._pending:
+            self._settle(touched, actions)
+        if self._held_bytes + self._sec_bytes > self.queue_budget_bytes:
+            actions.extend(self._queue_full())
+        return actions
+
+    def feed_secondary(self, frames: Sequence[bytes | memoryview], now: float) -> list[Action]:
+        """Feed a batch of secondary frames; they are compared (COLO) or dropped (MC)."""
+        nframes = len(frames)
+        if not nframes:
+            return []
+        self._s_frames += nframes
+        self._s_bytes += sum(map(len, frames))
+        if self._passthrough or self._mode is Mode.MC:
+            self._dropped_secondary += nframes
+            return [DropSecondary(nframes)]
+        if self._pending:
+            self._pending[-1].set_aside.extend(f if type(f) is bytes else bytes(f) for f in frames)
+            return []
+        actions: list[Action] = []
+        touched = self._feed_colo(frames, now, False, actions)
+        self._settle(touched, actions)
+        self._dropped_secondary += nframes
+        actions.append(DropSecondary(nframes))
+        if self._held_bytes + self._sec_bytes > self.queue_budget_bytes:
+            actions.extend(self._queue_full())
+        return actions
+
+    def poll(self, now: float) -> list[Action]:
+        """Hold timeouts: a primary frame held longer than ``compare_timeout`` asks for a checkpoint."""
+        if self._passthrough or self._pending or self._mode is Mode.MC:
+            return []
+        limit = now - self.compare_timeout
+        actions: list[Action] = []
+        stale: list[bytes] = []
+        for flow in self._tcp.values():
+            held = flow.held
+            if held:
+                if held[0][3] < limit and not flow.requested:
+                    end = held[0][0]
+                    v = flow.v if flow.v is not None else 0
+                    reason = "ack" if end <= v and flow.diverged is None else "timeout"
+                    self._timeouts += 1
+                    actions.append(self._request(flow, reason, "tcp", max(v, 0)))
+            elif flow.done_at is not None and now - flow.done_at > max(30.0, 10 * self.compare_timeout):
+                stale.append(flow.key)
+        for key in stale:
+            del self._tcp[key]
+        for dflow in self._dgram.values():
+            if dflow.p_pending and dflow.p_pending[0][2] < limit and not dflow.requested:
+                self._timeouts += 1
+                actions.append(self._request(dflow, "timeout", proto_of(dflow.key), dflow.released))
+        return actions
+
+    def seal(self) -> int:
+        """Close the open epoch N and return N; the frames held now belong to it."""
+        n = self._epoch
+        sealed = _Sealed(n, self._mode)
+        if self._passthrough:
+            self._passthrough = False
+        elif self._mode is Mode.MC:
+            sealed.frames = self._mc_frames
+            self._mc_frames = []
+        else:
+            for flow in self._tcp.values():
+                p = flow.p
+                sealed.tcp.append(
+                    (flow, flow.released + len(flow.held), p.base, p.end, p.fin, p.rst, p.syn, p.ack)
+                )
+            for dflow in self._dgram.values():
+                sealed.dgram.append((dflow, dflow.released + len(dflow.p_pending), dflow.p_count))
+        self._pending.append(sealed)
+        self._epoch += 1
+        self._mode = self._next_mode
+        return n
+
+    def commit(self, epoch: int) -> list[Action]:
+        """Release exactly the frames sealed into ``epoch``; in COLO re-anchor every stream."""
+        if not self._pending or self._pending[0].epoch != epoch:
+            expected = self._pending[0].epoch if self._pending else None
+            raise ValueError(f"commit({epoch}): the oldest sealed, uncommitted epoch is {expected}")
+        sealed = self._pending.popleft()
+        self._checkpoints += 1
+        out = self._release_sealed(sealed)
+        actions: list[Action] = []
+        if out:
+            self._count_out(out)
+            actions.append(Release(out))
+        if self._pending:
+            # a later seal is still outstanding: its re-anchor supersedes this one
+            dropped = len(sealed.set_aside)
+            if dropped:
+                self._dropped_secondary += dropped
+                actions.append(DropSecondary(dropped))
+            return actions
+        self._queue_full_requested = False
+        if self._mode is Mode.MC:
+            # the open epoch is MC: COLO flow state is no longer needed (everything is released)
+            self._reset_colo_state()
+            dropped = len(sealed.set_aside)
+            if dropped:
+                self._dropped_secondary += dropped
+                actions.append(DropSecondary(dropped))
+            return actions
+        if sealed.mode is Mode.COLO:
+            self._reanchor(sealed)
+        if sealed.set_aside:
+            touched = self._feed_colo(sealed.set_aside, 0.0, False, actions)
+            del touched
+        self._settle(list(self._tcp.values()) + list(self._dgram.values()), actions)
+        return actions
+
+    def release_all(self) -> list[Action]:
+        """The secondary is lost: release everything held, in order, and stop comparing."""
+        out: list[bytes] = []
+        while self._pending:
+            out.extend(self._release_sealed(self._pending.popleft()))
+        # COLO flows hold frames of every pending COLO epoch and of the open one, in order
+        for flow in self._tcp.values():
+            out.extend(item[2] for item in flow.held)
+            flow.released += len(flow.held)
+        for dflow in self._dgram.values():
+            out.extend(item[0] for item in dflow.p_pending)
+        out.extend(self._mc_frames)
+        self._mc_frames = []
+        self._reset_colo_state()
+        self._held_bytes = 0
+        self._passthrough = True
+        if not out:
+            return []
+        self._count_out(out)
+        return [Release(out)]
+
+    def stats(self) -> dict[str, int | float | str]:
+        held_frames = len(self._mc_frames) + sum(len(s.frames) for s in self._pending)
+        held_frames += sum(len(f.held) for f in self._tcp.values())
+        held_frames += sum(len(f.p_pending) for f in self._dgram.values())
+        return {
+            "mode": str(self._mode),
+            "next_mode": str(self._next_mode),
+            "epoch": self._epoch,
+            "pending_epochs": len(self._pending),
+            "passthrough": int(self._passthrough),
+            "primary_frames": self._p_frames,
+            "primary_bytes": self._p_bytes,
+            "secondary_frames": self._s_frames,
+            "secondary_bytes": self._s_bytes,
+            "released_frames": self._out_frames,
+            "released_bytes": self._out_bytes,
+            "dropped_secondary_frames": self._dropped_secondary,
+            "held_frames": held_frames,
+            "held_bytes": self._held_bytes,
+            "secondary_buffered_bytes": self._sec_bytes,
+            "tcp_flows": len(self._tcp),
+            "datagram_flows": len(self._dgram),
+            "divergences": self._divergences,
+            "timeouts": self._timeouts,
+            "checkpoint_requests": self._requests,
+            "checkpoints": self._checkpoints,
+            "malformed_primary": self._malformed_p,
+            "malformed_secondary": self._malformed_s,
+        }
+
+    def flows(self) -> list[FlowReport]:
+        """Every flow the core knows, with per-side progress and the first divergence if any."""
+        reports: list[FlowReport] = []
+        for flow in self._tcp.values():
+            p, s = flow.p, flow.s
+            reports.append(
+                FlowReport(
+                    flow.key,
+                    "tcp",
+                    _units(p),
+                    _units(s),
+                    flow.diverged,
+                    p.fin >= 0 or p.rst >= 0,
+                    s.fin >= 0 or s.rst >= 0,
+                )
+            )
+        for dflow in self._dgram.values():
+            reports.append(
+                FlowReport(dflow.key, proto_of(dflow.key), dflow.p_count, dflow.s_count, dflow.diverged,
+                           False, False)
+            )
+        return reports
+
+    # ------------------------------------------------------------------ COLO internals
+
+    def _release_sealed(self, sealed: _Sealed) -> list[bytes]:
+        """Take exactly the frames sealed into this epoch out of their queues, in order."""
+        if sealed.mode is Mode.MC:
+            out = sealed.frames
+            self._held_bytes -= sum(map(len, out))
+            return out
+        out = []
+        for flow, count, *_ in sealed.tcp:
+            held = flow.held
+            k = count - flow.released
+            for _ in range(min(k, len(held))):
+                frame = held.popleft()[2]
+                self._held_bytes -= len(frame)
+                out.append(frame)
+            flow.released += k
+        for dflow, count, _pc in sealed.dgram:
+            pend = dflow.p_pending
+            k = count - dflow.released
+            for _ in range(min(k, len(pend))):
+                frame = pend.popleft()[0]
+                self._held_bytes -= len(frame)
+                out.append(frame)
+            dflow.released += k
+        return out
+
+    def _feed_colo(
+        self, frames: Iterable[bytes], now: float, primary: bool, actions: list[Action]
+    ) -> list[object]:
+        """Parse and append frames to their flows; returns the flows touched (in first-touch order)."""
+        touched: dict[object, None] = {}
+        tcp = self._tcp
+        fast4 = _FAST4.unpack_from
+        fast6 = _FAST6.unpack_from
+        sec_bytes = 0
+        for frame in frames:
+            n = len(frame)
+            key = None
+            if n >= 54:
+                et, vihl, tot, frag, proto, key, seq, ack, offflags = fast4(frame)
+                if et == 0x0800 and vihl == 0x45 and proto == 6 and not frag & 0x3FFF:
+                    ip_end = 14 + tot
+                    pstart = 34 + ((offflags >> 10) & 0x3C)
+                    if not (ip_end <= n and 54 <= pstart <= ip_end):
+                        key = None
+                elif n >= 74 and et == 0x86DD:
+                    et, vtc, plen, nh, key, seq, ack, offflags = fast6(frame)
+                    ip_end = 54 + plen
+                    pstart = 54 + ((offflags >> 10) & 0x3C)
+                    if not (vtc >> 4 == 6 and nh == 6 and ip_end <= n and 74 <= pstart <= ip_end):
+                        key = None
+                else:
+                    key = None
+            if key is None:
+                cls = classify(frame)
+                kind = cls[0]
+                if kind != KIND_TCP:
+                    flow = self._feed_dgram(cls, frame, now, primary)
+                    touched[flow] = None
+                    continue
+                _k, key, seq, ack, flags, pstart, ip_end = cls
+                offflags = flags
+            flow = tcp.get(key)
+            if flow is None:
+                flow = tcp[key] = _TcpFlow(key)
+            side = flow.p if primary else flow.s
+            flags = offflags & 0x3F
+            plen = ip_end - pstart
+            if seq == side.nxt and not flags & 7:
+                # hot path: in order, no SYN/FIN/RST
+                if plen:
+                    side.buf += frame[pstart:ip_end]
+                    side.end += plen
+                    side.nxt = (seq + plen) & _M
+                    if not primary:
+                        sec_bytes += plen
+                end = side.end
+            else:
+                end = self._tcp_segment(flow, side, primary, seq, flags, frame, pstart, plen)
+                flow = tcp[key]  # a SYN may have started a new incarnation
+                side = flow.p if primary else flow.s
+            if flags & _ACKF:
+                side.ack = ack
+            if primary:
+                flow.held.append((end, ack if flags & _ACKF else -1, frame, now))
+            touched[flow] = None
+        self._sec_bytes += sec_bytes
+        return list(touched)
+
+    def _tcp_segment(
+        self, flow: _TcpFlow, side: _Side, primary: bool, seq: int, flags: int, frame: bytes, pstart: int,
+        plen: int,
+    ) -> int:
+        """The general TCP path: anchoring, SYN/FIN/RST, out-of-order and overlapping data.
+
+        Returns the sequence-space stream offset one past this frame (its release point).
+        """
+        syn = flags & _SYN
+        if syn and side.base >= 0 and (seq + 1) & _M != side.base and self._flow_finished(flow):
+            # a new connection on a finished 5-tuple
+            flow = self._tcp[flow.key] = _TcpFlow(flow.key)
+            side = flow.p if primary else flow.s
+        if side.base < 0:
+            other = flow.s if primary else flow.p
+            if syn:
+                side.base = (seq + 1) & _M
+                side.syn = True
+            elif other.base >= 0:
+                side.base = other.base
+            else:
+                side.base = seq
+            if flow.v is None:
+                flow.v = -1 if syn else 0
+            side.end = side.start = 0
+            side.nxt = side.base
+        if syn and (seq + 1) & _M == side.base:
+            side.syn = True
+            off = -1
+            data_off = 0
+        else:
+            off = side.end + ((((seq - side.base - side.end) & _M) + _H) & _M) - _H
+            data_off = off
+        closed_at = side.fin if side.fin >= 0 else side.rst
+        if plen and data_off + plen > side.end:
+            lo, hi = data_off, data_off + plen
+            if closed_at >= 0 and hi > closed_at:
+                hi = closed_at
+            if lo < hi:
+                if lo <= side.end:
+                    tail = frame[pstart + side.end - lo : pstart + hi - lo]
+                    side.buf += tail
+                    side.end = hi
+                    if not primary:
+                        self._sec_bytes += len(tail)
+                    if side.ooo:
+                        self._merge_ooo(side, primary)
+                else:
+                    seg = frame[pstart : pstart + hi - lo]
+                    prev = side.ooo.get(lo)
+                    if prev is None or len(prev) < len(seg):
+                        side.ooo[lo] = seg
+                        if not primary:
+                            self._sec_bytes += len(seg) - (len(prev) if prev else 0)
+        end = data_off + plen
+        if flags & _FIN:
+            if side.fin < 0 and side.rst < 0:
+                side.fin = data_off + plen
+            end += 1
+        if flags & _RST:
+            if side.rst < 0:
+                floor = side.fin + 1 if side.fin >= 0 else side.end
+                side.rst = max(off, floor) if side.ooo == {} else off
+            end = max(end, side.rst) + 1
+        if side.fin >= 0 or side.rst >= 0:
+            side.nxt = -1
+        else:
+            side.nxt = (side.base + side.end) & _M
+        return end
+
+    def _merge_ooo(self, side: _Side, primary: bool) -> None:
+        ooo = side.ooo
+        for lo in sorted(ooo):
+            if lo > side.end:
+                break
+            seg = ooo.pop(lo)
+            if not primary:
+                self._sec_bytes -= len(seg)
+            hi = lo + len(seg)
+            if hi > side.end:
+                tail = seg[side.end - lo :]
+                side.buf += tail
+                side.end = hi
+                if not primary:
+                    self._sec_bytes += len(tail)
+
+    @staticmethod
+    def _flow_finished(flow: _TcpFlow) -> bool:
+        p, s = flow.p, flow.s
+        return (
+            not flow.held
+            and (p.fin >= 0 or p.rst >= 0)
+            and (s.fin >= 0 or s.rst >= 0)
+            and flow.v is not None
+            and flow.v > max(p.end, s.end)
+        )
+
+    def _feed_dgram(self, cls: tuple, frame: bytes, now: float, primary: bool) -> _DgramFlow:
+        kind, key, compared = cls[0], cls[1], cls[2]
+        if kind == KIND_MALFORMED:
+            if primary:
+                self._malformed_p += 1
+            else:
+                self._malformed_s += 1
+        dflow = self._dgram.get(key)
+        if dflow is None:
+            dflow = self._dgram[key] = _DgramFlow(key)
+        if primary:
+            dflow.p_pending.append((frame, compared, now))
+            dflow.p_count += 1
+        else:
+            dflow.s_pending.append(compared)
+            dflow.s_count += 1
+            self._sec_bytes += len(compared)
+        return dflow
+
+    def _settle(self, flows: Iterable[object], actions: list[Action]) -> None:
+        """Compare what is comparable in these flows, release what is verified."""
+        out: list[bytes] = []
+        for flow in flows:
+            if type(flow) is _TcpFlow:
+                self._advance_tcp(flow, out, actions)
+            else:
+                self._advance_dgram(flow, out, actions)  # type: ignore[arg-type]
+        if out:
+            self._count_out(out)
+            actions.append(Release(out))
+
+    def _advance_tcp(self, flow: _TcpFlow, out: list[bytes], actions: list[Action]) -> None:
+        v = flow.v
+        if v is None:
+            return
+        p, s = flow.p, flow.s
+        if flow.diverged is None:
+            if v < 0 and p.syn and s.syn:
+                v = 0
+            if v >= 0:
+                pe, se = p.end, s.end
+                common = pe if pe < se else se
+                if common > v:
+                    a = p.buf[v - p.start : common - p.start]
+                    b = s.buf[v - s.start : common - s.start]
+                    if a != b:
+                        k = v + _first_difference(a, b)
+                        flow.v = k
+                        self._diverge(flow, "payload", "tcp", k, actions)
+                        return
+                    v = common
+                # FIN / RST events at v
+                while True:
+                    pk = _event(p, v)
+                    sk = _event(s, v)
+                    if not pk or not sk:
+                        break
+                    if pk == sk:
+                        v += 1
+                        continue
+                    flow.v = v
+                    self._diverge(flow, "rst" if _EV_RST in (pk, sk) else "fin", "tcp", v, actions)
+                    return
+            flow.v = v
+        else:
+            return
+        # release the verified prefix of the held frames, in order, under the ACK rule
+        held = flow.held
+        if held:
+            sack = s.ack
+            n = 0
+            freed = 0
+            while held:
+                item = held[0]
+                if item[0] > v:
+                    break
+                ack = item[1]
+                if ack >= 0 and (sack < 0 or ((sack - ack) & _M) >= _H):
+                    break
+                held.popleft()
+                out.append(item[2])
+                freed += len(item[2])
+                n += 1
+            flow.released += n
+            self._held_bytes -= freed
+        # drop verified bytes
+        for side in (p, s):
+            cut = v - side.start
+            if cut >= _TRIM:
+                if cut >= len(side.buf):
+                    gone = len(side.buf)
+                    side.buf = bytearray()
+                else:
+                    gone = cut
+                    del side.buf[:cut]
+                side.start += gone
+                if side is s:
+                    self._sec_bytes -= gone
+
+    def _advance_dgram(self, dflow: _DgramFlow, out: list[bytes], actions: list[Action]) -> None:
+        if dflow.diverged is not None:
+            return
+        pp, sp = dflow.p_pending, dflow.s_pending
+        while pp and sp:
+            frame, compared, _t = pp[0]
+            other = sp[0]
+            if compared != other:
+                reason = "datagram" if dflow.key[0] in (KIND_UDP, KIND_ICMP) else "other"
+                self._diverge(dflow, reason, proto_of(dflow.key), dflow.released, actions)
+                return
+            pp.popleft()
+            sp.popleft()
+            self._sec_bytes -= len(other)
+            self._held_bytes -= len(frame)
+            out.append(frame)
+            dflow.released += 1
+
+    def _diverge(self, flow: _TcpFlow | _DgramFlow, reason: str, proto: str, offset: int,
+                 actions: list[Action]) -> None:
+        flow.diverged = (reason, offset)
+        self._divergences += 1
+        if not flow.requested:
+            actions.append(self._request(flow, reason, proto, offset))
+
+    def _request(self, flow: _TcpFlow | _DgramFlow, reason: str, proto: str, offset: int | None
+                 ) -> CheckpointRequest:
+        flow.requested = True
+        self._requests += 1
+        return CheckpointRequest(reason, proto, flow_name(flow.key), offset)
+
+    def _queue_full(self) -> list[Action]:
+        if self._queue_full_requested:
+            return []
+        self._queue_full_requested = True
+        self._requests += 1
+        return [CheckpointRequest("queue-full", "other", None, None)]
+
+    def _reanchor(self, sealed: _Sealed) -> None:
+        """After a COLO checkpoint the secondary *is* the primary as of the seal."""
+        sealed_flows = set()
+        for flow, _count, base, end, fin, rst, syn, ack in sealed.tcp:
+            sealed_flows.add(flow)
+            if self._tcp.get(flow.key) is not flow:
+                continue
+            s = _Side()
+            if base >= 0:
+                s.base = base
+                s.end = s.start = end
+                s.fin, s.rst, s.syn, s.ack = fin, rst, syn, ack
+                s.nxt = (base + end) & _M if fin < 0 and rst < 0 else -1
+                v = end
+                if fin >= 0 and fin == end:
+                    v += 1
+                if rst >= 0 and rst == v:
+                    v += 1
+                flow.v = v
+            else:
+                flow.v = None if flow.p.base < 0 else (-1 if flow.p.syn else 0)
+            self._sec_bytes -= len(flow.s.buf) + sum(map(len, flow.s.ooo.values()))
+            flow.s = s
+            flow.diverged = None
+            flow.requested = False
+            # the primary's bytes before the new anchor are no longer needed
+        for flow in self._tcp.values():
+            flow.requested = False
+            if flow not in sealed_flows:
+                # opened after the seal: the secondary opens it itself, fresh
+                self._sec_bytes -= len(flow.s.buf) + sum(map(len, flow.s.ooo.values()))
+                flow.s = _Side()
+                flow.diverged = None
+                if flow.p.base >= 0 and not flow.p.syn:
+                    flow.v = 0
+        for dflow, _count, p_count in sealed.dgram:
+            self._sec_bytes -= sum(map(len, dflow.s_pending))
+            dflow.s_pending.clear()
+            dflow.s_count = p_count
+            dflow.diverged = None
+            dflow.requested = False
+        for dflow in self._dgram.values():
+            dflow.requested = False
+        self._sec_bytes = max(self._sec_bytes, 0)
+
+    def _reset_colo_state(self) -> None:
+        self._tcp.clear()
+        self._dgram.clear()
+        self._sec_bytes = 0
+
+    def _count_out(self, out: list[bytes]) -> None:
+        self._out_frames += len(out)
+        self._out_bytes += sum(map(len, out))
+
+
+def _event(side: _Side, v: int) -> int:
+    """What this side has at sequence-space offset ``v`` once data is verified up to ``v``."""
+    if side.end > v:
+        return _EV_DATA
+    if side.fin == v and side.end == v:
+        return _EV_FIN
+    if side.rst == v and side.end <= v:
+        return _EV_RST
+    return 0
+
+
+def _units(side: _Side) -> int:
+    if side.base < 0:
+        return 0
+    return side.end + (1 if side.syn else 0) + (1 if side.fin >= 0 else 0)
