@@ -1,0 +1,228 @@
+"""Compatibility with a REAL QEMU 7.2: its net filters talk to our frame codec byte-exactly.
+
+No guest is needed.  QEMU runs ``-M none`` with two UDP socket netdevs joined by a hub::
+
+    test UDP socket ──▶ in0 ──hub──▶ out0 ──▶ UDP sink (the test)
+                        │             │  ▲
+     filter-mirror tx ──┘   redirector│  │redirector rx, indev
+     (copy → our socket)    rx,outdev │  │(our socket → out0)
+                            (steal →  ▼  │
+                             our socket)
+
+A frame sent into in0 is copied by the filter-mirror and stolen by the outdev redirector — exactly
+how the primary's guest output reaches the comparator — and frames we write into the indev
+redirector leave through out0 — how released frames reach the client.  Filter order matters: on
+the rx queue QEMU walks filters in reverse, so the indev redirector is declared before the outdev one
+(as in QEMU's docs/COLO-FT.txt), otherwise injected frames would be stolen again.
+
+With ``vnet_hdr_support=on`` a socket netdev has a zero-length virtio header, so QEMU sends the
+8-byte prefix with ``vnet_hdr_len`` 0; a non-empty header needs a virtio-net guest driver (covered
+by the codec's unit tests and the VM-pair tests of later issues).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from colo_compare.transport import FrameDecoder, encode_frames
+
+pytestmark = pytest.mark.qemu
+
+QEMU = "qemu-system-x86_64"
+PROBE = b"\xff" * 12 + b"\x88\xb5" + b"hybridft-probe"
+
+
+def qemu_binary() -> str:
+    path = shutil.which(QEMU)
+    if path is None:
+        pytest.fail(f"{QEMU} is not installed: these tests need a real QEMU (make setup installs it)")
+    return path
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class QemuNet:
+    """A guest-less QEMU whose net filters connect (as reconnecting clients) to the given sockets."""
+
+    def __init__(self, chardevs: dict[str, str], vnet_hdr: bool, workdir: Path) -> None:
+        self.in_port = free_udp_port()
+        self.sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sink.bind(("127.0.0.1", 0))
+        for opt in (33, socket.SO_RCVBUF):  # SO_RCVBUFFORCE (root) else the capped size
+            with contextlib.suppress(OSError):
+                self.sink.setsockopt(socket.SOL_SOCKET, opt, 16 << 20)
+                break
+        self.sink.settimeout(5)
+        support = ",vnet_hdr_support=on" if vnet_hdr else ""
+        cmd = [
+            qemu_binary(), "-M", "none", "-nodefaults", "-display", "none", "-monitor", "none",
+            "-netdev", f"socket,id=in0,udp=127.0.0.1:9,localaddr=127.0.0.1:{self.in_port}",
+            "-netdev", f"socket,id=out0,udp=127.0.0.1:{self.sink.getsockname()[1]},"
+                       f"localaddr=127.0.0.1:{free_udp_port()}",
+            "-netdev", "hubport,id=hp0,hubid=0,netdev=in0",
+            "-netdev", "hubport,id=hp1,hubid=0,netdev=out0",
+        ]  # fmt: skip
+        for role, path in chardevs.items():
+            cmd += ["-chardev", f"socket,id=c_{role},path={path},reconnect=1"]
+        if "mirror" in chardevs:
+            cmd += ["-object", f"filter-mirror,id=f_mirror,netdev=in0,queue=tx,outdev=c_mirror{support}"]
+        if "in" in chardevs:
+            cmd += ["-object", f"filter-redirector,id=f_in,netdev=out0,queue=rx,indev=c_in{support}"]
+        if "out" in chardevs:
+            cmd += ["-object", f"filter-redirector,id=f_out,netdev=out0,queue=rx,outdev=c_out{support}"]
+        self.log = open(workdir / "qemu.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    def send(self, frame: bytes) -> None:
+        """Put one Ethernet frame into netdev in0 (as if the guest had sent it)."""
+        self.sender.sendto(frame, ("127.0.0.1", self.in_port))
+
+    def sink_frames(self, count: int) -> list[bytes]:
+        """The next ``count`` frames that left through netdev out0 (probes skipped)."""
+        got: list[bytes] = []
+        while len(got) < count:
+            frame = self.sink.recv(70000)
+            if frame != PROBE:
+                got.append(frame)
+        return got
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+        self.sink.close()
+        self.sender.close()
+
+
+@contextlib.contextmanager
+def qemu_net(chardevs: dict[str, str], vnet_hdr: bool, workdir: Path) -> Iterator[QemuNet]:
+    net = QemuNet(chardevs, vnet_hdr, workdir)
+    try:
+        yield net
+    finally:
+        net.close()
+        if net.proc.returncode not in (0, -15):
+            print((workdir / "qemu.log").read_text(errors="replace"))
+
+
+def listen_unix(path: Path) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.listen(1)
+    s.settimeout(15)
+    return s
+
+
+def read_frames(conn: socket.socket, decoder: FrameDecoder, count: int, timeout: float = 5.0) -> list[bytes]:
+    """Decode ``count`` non-probe frames (and their headers, left in ``decoder.vnet_headers``)."""
+    conn.settimeout(timeout)
+    frames: list[bytes] = []
+    headers: list[bytes] = []
+    while len(frames) < count:
+        try:
+            data = conn.recv(1 << 20)
+        except TimeoutError:
+            raise AssertionError(f"only {len(frames)} of {count} frames arrived") from None
+        assert data, "QEMU closed the connection"
+        batch = decoder.feed(data)
+        for i, frame in enumerate(batch):
+            if frame != PROBE:
+                frames.append(frame)
+                headers.extend(decoder.vnet_headers[i : i + 1])
+    decoder.vnet_headers = headers
+    return frames
+
+
+def wait_attached(net: QemuNet, conns: list[socket.socket], decoders: list[FrameDecoder]) -> None:
+    """QEMU's reconnecting chardevs attach asynchronously after accept(): probe until frames flow."""
+    deadline = time.monotonic() + 10
+    seen = [False] * len(conns)
+    while not all(seen):
+        assert time.monotonic() < deadline, "QEMU's filters never delivered a probe frame"
+        net.send(PROBE)
+        for i, conn in enumerate(conns):
+            conn.settimeout(0.05)
+            with contextlib.suppress(TimeoutError):
+                data = conn.recv(1 << 20)
+                assert data, "QEMU closed the connection"
+                if any(f == PROBE for f in decoders[i].feed(data)):
+                    seen[i] = True
+
+
+@pytest.mark.parametrize("vnet_hdr", [False, True], ids=["plain", "vnet_hdr_support"])
+def test_qemu_filter_framing_both_directions(tmp_path: Path, vnet_hdr: bool) -> None:
+    paths = {role: tmp_path / f"{role}.sock" for role in ("mirror", "out", "in")}
+    listeners = {role: listen_unix(p) for role, p in paths.items()}
+    with qemu_net({r: str(p) for r, p in paths.items()}, vnet_hdr, tmp_path) as net:
+        conns = {role: s.accept()[0] for role, s in listeners.items()}
+        decoders = {role: FrameDecoder(vnet_hdr=vnet_hdr, read_size=4096) for role in ("mirror", "out")}
+        wait_attached(net, [conns["mirror"], conns["out"]], [decoders["mirror"], decoders["out"]])
+
+        # guest -> filters: every size from a runt to a jumbo frame, byte-exact, in order
+        sizes = [14, 60, 61, 1514, 9014, 100] * 20
+        frames = [bytes([i % 251]) * 6 + os.urandom(n - 6) for i, n in enumerate(sizes)]
+        # (lock-step, since the UDP socket feeding QEMU drops what it cannot queue)
+        got: dict[str, list[bytes]] = {"mirror": [], "out": []}
+        for frame in frames:
+            net.send(frame)
+            for role in got:
+                got[role] += read_frames(conns[role], decoders[role], 1)
+                if vnet_hdr:
+                    # socket netdevs have no virtio header: QEMU still sends the length word, as 0
+                    assert decoders[role].vnet_headers == [b""]
+        for role in got:
+            assert got[role] == frames, f"{role}: frames differ from what QEMU carried"
+        # a small burst: several records per read, split wherever the kernel splits them
+        burst = [os.urandom(60) for _ in range(30)]
+        for frame in burst:
+            net.send(frame)
+        for role in got:
+            assert read_frames(conns[role], decoders[role], len(burst)) == burst
+
+        # our writer -> indev redirector -> out of the netdev, byte-exact and in order
+        back = [os.urandom(n) for n in [60, 1514, 200, 9014] * 25]
+        conns["in"].sendall(encode_frames(back, [b""] * len(back) if vnet_hdr else None))
+        assert net.sink_frames(len(back)) == back
+
+        for conn in conns.values():
+            conn.close()
+    for s in listeners.values():
+        s.close()
+
+
+def test_qemu_reconnects_after_we_drop_the_connection(tmp_path: Path) -> None:
+    path = tmp_path / "out.sock"
+    listener = listen_unix(path)
+    with qemu_net({"out": str(path)}, False, tmp_path) as net:
+        conn = listener.accept()[0]
+        wait_attached(net, [conn], [FrameDecoder()])
+        conn.close()  # as the comparator does after bad framing, or when it restarts
+        conn = listener.accept()[0]  # reconnect=1: QEMU is back within about a second
+        decoder = FrameDecoder()
+        wait_attached(net, [conn], [decoder])
+        frames = [os.urandom(100) for _ in range(10)]
+        for frame in frames:
+            net.send(frame)
+        assert read_frames(conn, decoder, len(frames)) == frames
+        conn.close()
+    listener.close()
