@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #define SEED 0x4859425249444654ULL
@@ -42,6 +43,17 @@ static int write_all(int fd, const unsigned char *p, size_t n) {
     return 0;
 }
 
+/* Say ERR and close gracefully: unread request bytes would otherwise turn our close into a reset. */
+static void reject(int fd) {
+    char sink[256];
+    struct timeval tv = {.tv_sec = 1};
+    write_all(fd, (const unsigned char *)"ERR\n", 4);
+    shutdown(fd, SHUT_WR);
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    while (read(fd, sink, sizeof sink) > 0) {
+    }
+}
+
 static void serve(int fd) {
     static unsigned char out[65536];
     char line[32];
@@ -52,7 +64,7 @@ static void serve(int fd) {
         if (r <= 0) return;
         if (ch != '\n') {
             if (used + 1 >= sizeof line || ch < '0' || ch > '9') {
-                write_all(fd, (const unsigned char *)"ERR\n", 4);
+                reject(fd);
                 return;
             }
             line[used++] = ch;
@@ -62,7 +74,7 @@ static void serve(int fd) {
         unsigned long long n = used ? strtoull(line, NULL, 10) : 0;
         used = 0;
         if (n > MAX_REPLY) {
-            write_all(fd, (const unsigned char *)"ERR\n", 4);
+            reject(fd);
             return;
         }
         uint64_t word = 0;

@@ -1,0 +1,242 @@
+"""The guest's C programs and the host-side helpers that check their output, run on the host.
+
+The programs are static Linux binaries, so they run here unchanged; network ones run inside a fresh
+network namespace (loopback only, no port conflicts). The in-guest behaviour is in test_guest_boot.py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mc_driver.guest import (
+    PROGRAMS,
+    SRC_DIR,
+    DiskWriterReports,
+    GuestError,
+    disk_record,
+    read_disk_records,
+    stream_bytes,
+)
+from mc_driver.netns import NetNamespace
+
+
+@pytest.fixture(scope="module")
+def bins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("bins")
+    procs = {
+        p: subprocess.Popen(
+            ["gcc", "-static", "-O2", "-Wall", "-Werror", "-o", str(out / p), str(SRC_DIR / f"{p}.c")]
+        )
+        for p in PROGRAMS
+    }
+    for name, proc in procs.items():
+        assert proc.wait() == 0, f"{name}.c does not compile cleanly"
+    return {p: out / p for p in PROGRAMS}
+
+
+@pytest.fixture
+def ns() -> Iterator[NetNamespace]:
+    with NetNamespace() as n:
+        yield n
+
+
+def _wait_port(ns: NetNamespace, port: int) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with ns.entered():
+            s = socket.socket()
+        try:
+            s.connect(("127.0.0.1", port))
+            s.close()
+            return
+        except ConnectionRefusedError:
+            s.close()
+            time.sleep(0.02)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def _connect(ns: NetNamespace, port: int) -> socket.socket:
+    with ns.entered():
+        return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def _recv_exactly(s: socket.socket, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        data = s.recv(min(1 << 20, n - got))
+        if not data:
+            break
+        chunks.append(data)
+        got += len(data)
+    return b"".join(chunks)
+
+
+def test_blobgen_matches_the_host_stream(bins: dict[str, Path]) -> None:
+    out = subprocess.run([bins["blobgen"], str(1 << 20)], capture_output=True, check=True).stdout
+    assert out == stream_bytes(1 << 20)
+    odd = subprocess.run([bins["blobgen"], "13", "7"], capture_output=True, check=True).stdout
+    assert odd == stream_bytes(13, seed=7) and odd != stream_bytes(13)
+    assert len(set(stream_bytes(4096))) > 200  # not a constant or short cycle
+
+
+def test_echod_echoes_many_concurrent_connections_exactly(bins: dict[str, Path], ns: NetNamespace) -> None:
+    ns.popen([str(bins["echod"]), "7007"])
+    _wait_port(ns, 7007)
+    conns = [_connect(ns, 7007) for _ in range(24)]
+    payloads = [os.urandom(200_000 + 997 * i) for i in range(len(conns))]
+    results: list[bytes] = [b""] * len(conns)
+
+    def reader(i: int) -> None:
+        results[i] = _recv_exactly(conns[i], len(payloads[i]))
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(len(conns))]
+    for t in threads:
+        t.start()
+    for c, p in zip(conns, payloads, strict=True):
+        for off in range(0, len(p), 50_000):  # interleave the writers
+            c.sendall(p[off : off + 50_000])
+    for t in threads:
+        t.join(timeout=30)
+    assert results == payloads
+    for c in conns:
+        c.close()
+
+
+def test_echod_applies_back_pressure_to_a_client_that_does_not_read(
+    bins: dict[str, Path], ns: NetNamespace
+) -> None:
+    ns.popen([str(bins["echod"]), "7007"])
+    _wait_port(ns, 7007)
+    c = _connect(ns, 7007)
+    payload = os.urandom(8 << 20)
+    sender = threading.Thread(target=c.sendall, args=(payload,))
+    sender.start()
+    time.sleep(0.5)  # the server now has to stop reading: our receive buffer is full
+    assert _recv_exactly(c, len(payload)) == payload
+    sender.join(timeout=10)
+    c.close()
+
+
+def test_rrserver_answers_prefixes_of_the_stream_and_rejects_bad_requests(
+    bins: dict[str, Path], ns: NetNamespace
+) -> None:
+    ns.popen([str(bins["rrserver"]), "8008"])
+    _wait_port(ns, 8008)
+    c = _connect(ns, 8008)
+    for n in (1, 0, 8, 13, 100_000, 1 << 20):
+        c.sendall(f"{n}\n".encode())
+        assert _recv_exactly(c, n) == stream_bytes(n)
+    c.close()
+    bad = _connect(ns, 8008)
+    bad.sendall(b"12x\n")
+    bad.shutdown(socket.SHUT_WR)
+    assert _recv_exactly(bad, 100) == b"ERR\n"  # then closed
+    bad.close()
+    huge = _connect(ns, 8008)
+    huge.sendall(b"99999999999\n")
+    huge.shutdown(socket.SHUT_WR)
+    assert _recv_exactly(huge, 100) == b"ERR\n"
+    huge.close()
+
+
+def _read_reports(s: socket.socket) -> DiskWriterReports:
+    reports = DiskWriterReports()
+    while reports.finished is None:
+        data = s.recv(65536)
+        if not data:
+            break
+        reports.feed(data)
+    return reports
+
+
+def test_diskwriter_reports_only_durable_records_and_they_verify(
+    bins: dict[str, Path], ns: NetNamespace, tmp_path: Path
+) -> None:
+    dev = tmp_path / "disk.img"
+    dev.write_bytes(b"\0" * (1 << 20))
+    ns.popen([str(bins["diskwriter"]), str(dev), "--port", "9009", "--count", "60"])
+    _wait_port(ns, 9009)  # this probe is the first client; it disconnects at once
+    c = _connect(ns, 9009)
+    reports = _read_reports(c)
+    c.close()
+    assert reports.finished == "DONE"
+    assert reports.run is not None
+    assert reports.durable[-1] == 60
+    on_disk = read_disk_records(dev.read_bytes(), reports.run)
+    assert set(reports.durable) <= on_disk == set(range(1, 61))
+    # a torn record and a record of another run do not verify
+    data = bytearray(dev.read_bytes())
+    data[5 * 4096 + 100] ^= 0xFF
+    assert read_disk_records(bytes(data), reports.run) == on_disk - {6}
+    assert read_disk_records(bytes(data), reports.run + 1) == set()
+
+
+def test_diskwriter_stops_when_the_device_is_full(
+    bins: dict[str, Path], ns: NetNamespace, tmp_path: Path
+) -> None:
+    dev = tmp_path / "small.img"
+    dev.write_bytes(b"\0" * (8 * 4096))
+    ns.popen([str(bins["diskwriter"]), str(dev), "--port", "9010"])
+    _wait_port(ns, 9010)
+    c = _connect(ns, 9010)
+    reports = _read_reports(c)
+    c.close()
+    assert reports.finished == "FULL"
+    assert read_disk_records(dev.read_bytes(), reports.run or 0) >= set(reports.durable)
+    assert reports.durable[-1] == 8
+
+
+def test_diskwriter_rejects_bad_arguments(bins: dict[str, Path], tmp_path: Path) -> None:
+    for args in (
+        [],
+        ["--port", "1"],
+        [str(tmp_path / "x"), "--port", "0"],
+        [str(tmp_path / "x"), "--bogus", "1"],
+    ):
+        proc = subprocess.run([bins["diskwriter"], *args], capture_output=True, text=True)
+        assert proc.returncode == 2 and "usage" in proc.stderr
+    proc = subprocess.run([bins["diskwriter"], str(tmp_path / "missing")], capture_output=True, text=True)
+    assert proc.returncode == 1 and "open" in proc.stderr
+
+
+def test_disk_writer_report_parser() -> None:
+    r = DiskWriterReports()
+    assert r.feed(b"RUN ff\n1\n2") == [1]
+    assert r.feed(b"\n3\nDONE\n") == [2, 3]
+    assert (r.run, r.durable, r.finished) == (255, [1, 2, 3], "DONE")
+    with pytest.raises(GuestError, match="reported 5 after 3"):
+        r.feed(b"5\n")
+    with pytest.raises(GuestError, match="unexpected"):
+        DiskWriterReports().feed(b"garbage\n")
+    assert len(disk_record(1, 2)) == 4096
+
+
+def test_memdirty_keeps_its_rate_and_rejects_bad_arguments(bins: dict[str, Path]) -> None:
+    for args in ([], ["1"], ["-1", "8"], ["x", "8"], ["8", "0"]):
+        proc = subprocess.run([bins["memdirty"], *args], capture_output=True, text=True)
+        assert proc.returncode == 2 and "usage" in proc.stderr
+    proc = subprocess.Popen([bins["memdirty"], "64", "32", "1"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("memdirty: started")
+        rates = [float(proc.stdout.readline().rsplit("=", 1)[1]) for _ in range(2)]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert all(50 < r < 80 for r in rates), rates
+
+
+def test_cpuburn_stops_after_its_time(bins: dict[str, Path]) -> None:
+    start = time.monotonic()
+    proc = subprocess.run([bins["cpuburn"], "0.3"], capture_output=True, text=True, timeout=20)
+    assert proc.returncode == 0 and "Mrounds" in proc.stdout
+    assert time.monotonic() - start >= 0.3
+    assert subprocess.run([bins["cpuburn"], "0"], capture_output=True).returncode == 2
