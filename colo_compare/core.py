@@ -653,7 +653,8 @@ class Comparator:
                 floor = side.fin + 1 if side.fin >= 0 else side.end
                 side.rst = max(off, floor) if side.ooo == {} else off
             end = max(end, side.rst) + 1
-        if side.fin >= 0 or side.rst >= 0:
+        # the hot path only handles in-order data on an open stream with nothing out of order
+        if side.fin >= 0 or side.rst >= 0 or side.ooo:
             side.nxt = -1
         else:
             side.nxt = (side.base + side.end) & _M
@@ -723,35 +724,8 @@ class Comparator:
             return
         p, s = flow.p, flow.s
         if flow.diverged is None:
-            if v < 0 and p.syn and s.syn:
-                v = 0
-            if v >= 0:
-                pe, se = p.end, s.end
-                common = pe if pe < se else se
-                if common > v:
-                    a = p.buf[v - p.start : common - p.start]
-                    b = s.buf[v - s.start : common - s.start]
-                    if a != b:
-                        k = v + _first_difference(a, b)
-                        flow.v = k
-                        self._diverge(flow, "payload", "tcp", k, actions)
-                        return
-                    v = common
-                # FIN / RST events at v
-                while True:
-                    pk = _event(p, v)
-                    sk = _event(s, v)
-                    if not pk or not sk:
-                        break
-                    if pk == sk:
-                        v += 1
-                        continue
-                    flow.v = v
-                    self._diverge(flow, "rst" if _EV_RST in (pk, sk) else "fin", "tcp", v, actions)
-                    return
+            v = self._verify_tcp(flow, v, actions)
             flow.v = v
-        else:
-            return
         # release the verified prefix of the held frames, in order, under the ACK rule
         held = flow.held
         if held:
@@ -784,6 +758,34 @@ class Comparator:
                 side.start += gone
                 if side is s:
                     self._sec_bytes -= gone
+
+    def _verify_tcp(self, flow: _TcpFlow, v: int, actions: list[Action]) -> int:
+        """Advance the verified offset as far as both streams agree; flag a divergence."""
+        p, s = flow.p, flow.s
+        if v < 0:
+            if not (p.syn and s.syn):
+                return v
+            v = 0
+        pe, se = p.end, s.end
+        common = pe if pe < se else se
+        if common > v:
+            a = p.buf[v - p.start : common - p.start]
+            b = s.buf[v - s.start : common - s.start]
+            if a != b:
+                k = v + _first_difference(a, b)
+                self._diverge(flow, "payload", "tcp", k, actions)
+                return k
+            v = common
+        # FIN / RST events at v
+        while True:
+            pk = _event(p, v)
+            sk = _event(s, v)
+            if not pk or not sk:
+                return v
+            if pk != sk:
+                self._diverge(flow, "rst" if _EV_RST in (pk, sk) else "fin", "tcp", v, actions)
+                return v
+            v += 1
 
     def _advance_dgram(self, dflow: _DgramFlow, out: list[bytes], actions: list[Action]) -> None:
         if dflow.diverged is not None:
