@@ -1,0 +1,359 @@
+"""``hybridft bench disk``: the NBD disk buffer against qemu-nbd on the same image, in the same run.
+
+Why this shape: the machine is shared and noisy, so every number is reported next to its baseline
+measured seconds earlier.  The client runs in its own process (libnbd, async commands for queue depth
+> 1) so the server under test has a core of its own, as in production where the client is QEMU.
+
+Workloads (each against qemu-nbd serving the image, then ``hybridft disk serve`` on the same image):
+
+* 4 KiB random write at QD1 and QD16 on ``replica``, 1 MiB sequential write (QD4) on ``replica``,
+  4 KiB random read at QD16 on ``view``;
+* epoch commit: 1000 x 4 KiB random writes, then ``seal`` + ``commit`` over the control socket;
+  p50/p99 of the commit call.  Baseline: writing the same 4 MB to a file and ``fdatasync``;
+* write-out: 4 KiB random writes paced at 50 MB/s for a few seconds, with a seal+commit every
+  100 ms; reports the rate achieved, the largest write-out backlog seen and how long the backlog
+  took to drain afterwards.
+
+The worker half (``python -m disk_buffer.bench WORKLOAD ...``) prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from controller.control import call
+
+KIB = 1024
+MIB = 1024 * 1024
+
+
+# --- worker (runs in the client process) ---------------------------------------------------------
+def _connect(socket_path: str, export: str) -> Any:
+    import nbd as libnbd
+
+    h = libnbd.NBD()
+    h.set_export_name(export)
+    h.connect_unix(socket_path)
+    return h
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def _run_io(h: Any, *, write: bool, block: int, qd: int, count: int, region: int, sequential: bool,
+            rate: float | None = None, seed: int = 1) -> dict[str, Any]:
+    """Issue ``count`` requests keeping ``qd`` in flight; optional pacing to ``rate`` bytes/s."""
+    import nbd as libnbd
+
+    rng = random.Random(seed)
+    blocks = region // block
+    offsets = ([(i % blocks) * block for i in range(count)] if sequential
+               else [rng.randrange(blocks) * block for _ in range(count)])
+    buffers = [libnbd.Buffer.from_bytearray(bytearray(os.urandom(block))) for _ in range(qd)]
+    latencies: list[float] = []
+    started: dict[int, float] = {}
+    in_flight = 0
+    issued = 0
+    errors = 0
+
+    def completed(slot: int, error: Any) -> int:
+        nonlocal in_flight, errors
+        in_flight -= 1
+        if error.value:
+            errors += 1
+        latencies.append(time.perf_counter() - started.pop(slot))
+        free_slots.append(slot)
+        return 1
+
+    free_slots = list(range(qd))
+    t0 = time.perf_counter()
+    while issued < count or in_flight:
+        while issued < count and free_slots:
+            if rate is not None and issued * block > (time.perf_counter() - t0) * rate:
+                break
+            slot = free_slots.pop()
+            started[slot] = time.perf_counter()
+            cb = functools.partial(completed, slot)
+            if write:
+                h.aio_pwrite(buffers[slot], offsets[issued], completion=cb)
+            else:
+                h.aio_pread(buffers[slot], offsets[issued], completion=cb)
+            in_flight += 1
+            issued += 1
+        h.poll(1 if rate is not None and not in_flight else -1)
+    elapsed = time.perf_counter() - t0
+    return {
+        "ops": count, "errors": errors, "seconds": elapsed, "iops": count / elapsed,
+        "mb_s": count * block / elapsed / 1e6,
+        "lat_p50_us": _percentile(latencies, 50) * 1e6, "lat_p99_us": _percentile(latencies, 99) * 1e6,
+    }
+
+
+def worker_main(argv: list[str]) -> None:
+    """``python -m disk_buffer.bench SOCKET EXPORT JSON-SPEC``: run one workload, print JSON."""
+    socket_path, export, spec_text = argv
+    spec = json.loads(spec_text)
+    h = _connect(socket_path, export)
+    try:
+        result = _run_io(h, **spec)
+    finally:
+        h.shutdown()
+    print(json.dumps(result))
+
+
+# --- orchestration ---------------------------------------------------------------------------------
+def _wait_for_socket(path: Path, proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise click.ClickException(f"{proc.args[0]} exited with {proc.returncode}")
+        if path.exists():
+            with socket.socket(socket.AF_UNIX) as s:
+                try:
+                    s.connect(str(path))
+                    return
+                except OSError:
+                    pass
+        time.sleep(0.02)
+    raise click.ClickException(f"timed out waiting for {path}")
+
+
+@contextlib.contextmanager
+def _qemu_nbd(image: Path, sock: Path) -> Iterator[None]:
+    exe = shutil.which("qemu-nbd")
+    if exe is None:
+        raise click.ClickException("qemu-nbd is not installed (the baseline); run scripts/setup-host.sh")
+    proc = subprocess.Popen([exe, "-f", "raw", "-x", "replica", "--socket", str(sock), "--persistent",
+                             "--shared", "4", "--cache", "writeback", "--aio", "threads", str(image)],
+                            stderr=subprocess.PIPE)
+    try:
+        _wait_for_socket(sock, proc)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()
+
+
+@contextlib.contextmanager
+def _disk_serve(image: Path, directory: Path) -> Iterator[tuple[Path, str]]:
+    sock = directory / "hybridft-nbd.sock"
+    control = f"unix:{directory / 'hybridft-control.sock'}"
+    state = directory / "state"
+    shutil.rmtree(state, ignore_errors=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from controller.cli import main; main()", "disk", "serve", "--image",
+         str(image), "--state-dir", str(state), "--nbd", f"unix:{sock}", "--control", control],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("ready"):
+            raise click.ClickException(f"hybridft disk serve did not start: {line!r}")
+        yield sock, control
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def _worker(sock: Path, export: str, **spec: Any) -> dict[str, Any]:
+    result = subprocess.run([sys.executable, "-m", "disk_buffer.bench", str(sock), export, json.dumps(spec)],
+                            capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise click.ClickException(f"benchmark client failed: {result.stderr[-2000:]}")
+    return json.loads(result.stdout)
+
+
+def _io_workloads(quick: bool, region: int) -> dict[str, dict[str, Any]]:
+    scale = 0.1 if quick else 1.0
+    return {
+        "randwrite_4k_qd1": dict(write=True, block=4 * KIB, qd=1, count=int(20000 * scale),
+                                 region=region, sequential=False),
+        "randwrite_4k_qd16": dict(write=True, block=4 * KIB, qd=16, count=int(100000 * scale),
+                                  region=region, sequential=False),
+        "seqwrite_1m_qd4": dict(write=True, block=MIB, qd=4, count=int(2000 * scale), region=region,
+                                sequential=True),
+        "randread_4k_qd16": dict(write=False, block=4 * KIB, qd=16, count=int(100000 * scale),
+                                 region=region, sequential=False),
+    }
+
+
+def _commit_latency(sock: Path, control: str, epochs: int) -> dict[str, Any]:
+    """1000 x 4 KiB per epoch written by this process, then seal + commit on the control socket."""
+    h = _connect(str(sock), "replica")
+    rng = random.Random(5)
+    data = os.urandom(4 * KIB)
+    commit_ms: list[float] = []
+    seal_ms: list[float] = []
+    try:
+        for _ in range(epochs):
+            for _ in range(1000):
+                h.pwrite(data, rng.randrange(16384) * 4 * KIB)
+            t0 = time.perf_counter()
+            epoch = call(control, "seal")["epoch"]
+            t1 = time.perf_counter()
+            call(control, "commit", epoch=epoch)
+            t2 = time.perf_counter()
+            seal_ms.append((t1 - t0) * 1e3)
+            commit_ms.append((t2 - t1) * 1e3)
+    finally:
+        h.shutdown()
+    return {"epochs": epochs, "commit_p50_ms": _percentile(commit_ms, 50),
+            "commit_p99_ms": _percentile(commit_ms, 99), "seal_p50_ms": _percentile(seal_ms, 50)}
+
+
+def _fdatasync_baseline(directory: Path, epochs: int) -> dict[str, Any]:
+    """The floor under any durable commit: 4 MB appended to a file plus fdatasync."""
+    path = directory / "fdatasync-baseline.bin"
+    data = os.urandom(4 * MIB)
+    times: list[float] = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(epochs):
+            t0 = time.perf_counter()
+            os.write(fd, data)
+            os.fdatasync(fd)
+            times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return {"epochs": epochs, "commit_p50_ms": _percentile(times, 50),
+            "commit_p99_ms": _percentile(times, 99)}
+
+
+def _writeout(sock: Path, control: str, seconds: float, rate: float, region: int) -> dict[str, Any]:
+    """Paced random 4 KiB writes in a client process; this process seals+commits every 100 ms."""
+    count = int(seconds * rate / (4 * KIB))
+    spec = dict(write=True, block=4 * KIB, qd=16, count=count, region=region, sequential=False, rate=rate)
+    client = subprocess.Popen([sys.executable, "-m", "disk_buffer.bench", str(sock), "replica",
+                               json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    max_backlog = 0
+    commits = 0
+    checkpoint_needed_seen = False
+    while client.poll() is None:
+        time.sleep(0.1)
+        epoch = call(control, "seal")["epoch"]
+        call(control, "commit", epoch=epoch)
+        commits += 1
+        status = call(control, "status")
+        max_backlog = max(max_backlog, int(status.get("writeout_bytes", status.get("backlog", 0)) or 0))
+        checkpoint_needed_seen |= bool(status.get("checkpoint_needed"))
+    out, err = client.communicate()
+    if client.returncode != 0:
+        raise click.ClickException(f"write-out client failed: {err[-2000:]}")
+    result = json.loads(out)
+    epoch = call(control, "seal")["epoch"]
+    call(control, "commit", epoch=epoch)
+    t0 = time.perf_counter()
+    drain_s = None
+    while time.perf_counter() - t0 < 60:
+        status = call(control, "status")
+        if not int(status.get("writeout_bytes", 0) or 0) and not int(status.get("backlog", 0) or 0):
+            drain_s = time.perf_counter() - t0
+            break
+        time.sleep(0.01)
+    return {"target_mb_s": rate / 1e6, "achieved_mb_s": result["mb_s"], "seconds": result["seconds"],
+            "commits": commits, "max_writeout_backlog_bytes": max_backlog, "drain_after_s": drain_s,
+            "checkpoint_needed_seen": checkpoint_needed_seen, "status_keys": sorted(status)}
+
+
+def run_bench(quick: bool) -> dict[str, Any]:
+    region = 64 * MIB if quick else 256 * MIB
+    with tempfile.TemporaryDirectory(prefix="hybridft-bench-disk-", dir=os.environ.get("TMPDIR")) as tmp:
+        directory = Path(tmp)
+        image = directory / "image.raw"
+        with open(image, "wb") as f:
+            f.truncate(region)
+        results: dict[str, Any] = {"quick": quick, "region_bytes": region, "workloads": {}}
+        workloads = _io_workloads(quick, region)
+        baseline: dict[str, Any] = {}
+        with _qemu_nbd(image, directory / "qemu-nbd.sock"):
+            for name, spec in workloads.items():
+                baseline[name] = _worker(directory / "qemu-nbd.sock", "replica", **spec)
+        ours: dict[str, Any] = {}
+        with _disk_serve(image, directory) as (sock, control):
+            for name, spec in workloads.items():
+                export = "view" if name.startswith("randread") else "replica"
+                ours[name] = _worker(sock, export, **spec)
+                if spec["write"]:  # keep the speculation budget from filling between workloads
+                    call(control, "commit", epoch=call(control, "seal")["epoch"])
+            epochs = 10 if quick else 100
+            commit = _commit_latency(sock, control, epochs)
+            writeout = _writeout(sock, control, 1.0 if quick else 5.0, 50e6, region)
+        commit_baseline = _fdatasync_baseline(directory, epochs)
+        for name in workloads:
+            ratio = ours[name]["iops"] / baseline[name]["iops"] if baseline[name]["iops"] else None
+            results["workloads"][name] = {"hybridft": ours[name], "qemu_nbd": baseline[name], "ratio": ratio}
+        results["commit"] = {"hybridft": commit, "fdatasync_4mb": commit_baseline}
+        results["writeout"] = writeout
+        results["goals"] = {
+            "randwrite_4k_qd16_ratio>=3": _ge(results["workloads"]["randwrite_4k_qd16"]["ratio"], 3),
+            "randwrite_4k_qd1_ratio>=1": _ge(results["workloads"]["randwrite_4k_qd1"]["ratio"], 1),
+            "seqwrite_1m_gb_s>=1.5": ours["seqwrite_1m_qd4"]["mb_s"] >= 1500,
+            "commit_p50_ms<=2": commit["commit_p50_ms"] <= 2,
+            "commit_p99_ms<=5": commit["commit_p99_ms"] <= 5,
+            "writeout_keeps_up_50mb_s": writeout["achieved_mb_s"] >= 0.95 * 50
+            and writeout["drain_after_s"] is not None and writeout["drain_after_s"] < 1.0,
+        }
+        return results
+
+
+def _ge(value: float | None, bound: float) -> bool:
+    return value is not None and value >= bound
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = [f"{'workload':<20} {'hybridft':>14} {'qemu-nbd':>14} {'ratio':>7}  p50/p99 us (hybridft)"]
+    for name, row in results["workloads"].items():
+        ours, base = row["hybridft"], row["qemu_nbd"]
+        unit = "MB/s" if name.startswith("seq") else "IOPS"
+        key = "mb_s" if unit == "MB/s" else "iops"
+        lines.append(f"{name:<20} {ours[key]:>9.0f} {unit:<4} {base[key]:>9.0f} {unit:<4}"
+                     f" {row['ratio']:>7.2f}  {ours['lat_p50_us']:>9.0f}/{ours['lat_p99_us']:<9.0f}")
+    commit = results["commit"]
+    lines.append(f"{'epoch commit 1000x4K':<20} p50 {commit['hybridft']['commit_p50_ms']:.2f} ms"
+                 f" p99 {commit['hybridft']['commit_p99_ms']:.2f} ms (seal p50"
+                 f" {commit['hybridft']['seal_p50_ms']:.2f} ms); baseline 4 MB+fdatasync p50"
+                 f" {commit['fdatasync_4mb']['commit_p50_ms']:.2f} ms p99"
+                 f" {commit['fdatasync_4mb']['commit_p99_ms']:.2f} ms")
+    w = results["writeout"]
+    drain = "never" if w["drain_after_s"] is None else f"{w['drain_after_s']:.2f} s"
+    lines.append(f"{'write-out @50 MB/s':<20} achieved {w['achieved_mb_s']:.1f} MB/s, {w['commits']} commits,"
+                 f" max backlog {w['max_writeout_backlog_bytes'] / MIB:.1f} MiB, drained in {drain}")
+    lines.append("goals: " + ", ".join(f"{k} {'OK' if v else 'MISSED'}" for k, v in results["goals"].items()))
+    return "\n".join(lines)
+
+
+@click.command("disk")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--quick", is_flag=True, help="A short run (seconds) for tests; numbers are not meaningful.")
+def bench_disk(as_json: bool, quick: bool) -> None:
+    """NBD disk buffer vs qemu-nbd on the same image (same run): IOPS, MB/s, commit latency, write-out."""
+    results = run_bench(quick)
+    click.echo(json.dumps(results, indent=2, sort_keys=True) if as_json else format_table(results))
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1:])
