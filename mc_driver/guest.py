@@ -233,7 +233,7 @@ def _run(cmd: Sequence[str], *, cwd: Path | None = None, what: str) -> str:
 
 
 def newest_kernel_package(apt_cache_search_output: str) -> str | None:
-    """Pick the highest ABI number among ``apt-cache search`` lines naming cloud kernel packages."""
+    """Pick the highest ABI number among package names (one a line, ``apt-cache`` output) of cloud kernels."""
     best: tuple[int, str] | None = None
     for line in apt_cache_search_output.splitlines():
         name = line.split(" - ", 1)[0].strip()
@@ -244,16 +244,15 @@ def newest_kernel_package(apt_cache_search_output: str) -> str | None:
 
 
 def find_kernel_package() -> tuple[str, str]:
-    """(package, version) of the newest Debian 6.1 cloud kernel; runs ``apt-get update`` once if needed."""
-    pattern = r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64-unsigned$"
+    """(package, candidate version) of the newest Debian 6.1 cloud kernel; ``apt-get update`` once if none."""
     for attempt in range(2):
-        name = newest_kernel_package(_run(["apt-cache", "search", "--names-only", pattern], what="apt-cache"))
+        names = _run(["apt-cache", "pkgnames", "linux-image-6.1.0-"], what="apt-cache pkgnames")
+        name = newest_kernel_package(names)
         if name:
-            show = _run(["apt-cache", "show", "--no-all-versions", name], what="apt-cache show")
-            m = re.search(r"^Version: (\S+)$", show, re.M)
-            if not m:
-                raise GuestBuildError(f"apt-cache show {name}: no Version field")
-            return name, m.group(1)
+            policy = _run(["apt-cache", "policy", name], what="apt-cache policy")
+            m = re.search(r"^\s*Candidate: (\S+)$", policy, re.M)
+            if m and m.group(1) != "(none)":
+                return name, m.group(1)
         if attempt == 0:
             _run(["apt-get", "update", "-q"], what="apt-get update")
     raise GuestBuildError("no linux-image-6.1.0-*-cloud-amd64-unsigned package in the apt sources")

@@ -1,0 +1,134 @@
+"""Building the guest: package choice, module order, command line, cache, CLI; control-reply parsing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from controller.cli import main
+from mc_driver.guest import (
+    BASE_APPEND,
+    MODULES,
+    ControlReply,
+    ControlReplyParser,
+    GuestBuildError,
+    GuestControlError,
+    build_guest,
+    encode_command,
+    guest_cmdline,
+    modinfo_depends,
+    module_load_order,
+    newest_kernel_package,
+)
+
+
+def test_newest_kernel_package_compares_abi_numbers_not_strings() -> None:
+    out = "\n".join(
+        [
+            "linux-image-6.1.0-9-cloud-amd64-unsigned - Linux 6.1 for x86-64 cloud",
+            "linux-image-6.1.0-56-cloud-amd64-unsigned - Linux 6.1 for x86-64 cloud",
+            "linux-image-6.1.0-100-cloud-amd64-dbg - debug symbols",
+            "linux-image-6.1.0-13-cloud-amd64-unsigned - Linux 6.1 for x86-64 cloud",
+        ]
+    )
+    assert newest_kernel_package(out) == "linux-image-6.1.0-56-cloud-amd64-unsigned"
+    assert newest_kernel_package("") is None
+
+
+def test_module_order_puts_dependencies_first() -> None:
+    depends = {
+        "virtio": ["virtio_ring"],
+        "virtio_ring": [],
+        "virtio_net": ["virtio", "virtio_ring", "net_failover"],
+        "net_failover": ["failover"],
+        "failover": [],
+    }
+    order = module_load_order(["virtio_net", "virtio"], depends)
+    assert sorted(order) == sorted(depends)
+    for mod, deps in depends.items():
+        assert all(order.index(d) < order.index(mod) for d in deps)
+    with pytest.raises(GuestBuildError, match="cycle"):
+        module_load_order(["a"], {"a": ["b"], "b": ["a"]})
+    with pytest.raises(GuestBuildError, match=r"missing_mod.*not found"):
+        module_load_order(["a"], {"a": ["missing_mod"]})
+
+
+def test_modinfo_depends_reads_the_modinfo_string() -> None:
+    ko = b"\x7fELF junk\x00license=GPL\x00depends=virtio,net-failover\x00vermagic=6.1\x00"
+    assert modinfo_depends(ko) == ["virtio", "net_failover"]
+    assert modinfo_depends(b"\x00depends=\x00name=x\x00") == []
+
+
+def test_guest_cmdline_builds_and_validates() -> None:
+    line = guest_cmdline(
+        "10.0.0.5/16", gateway="10.0.0.1", services=["echod"], run=[("memdirty", "32", "64")]
+    )
+    assert line.startswith(BASE_APPEND)
+    assert "hft.ip=10.0.0.5/16" in line and "hft.gw=10.0.0.1" in line
+    assert "hft.services=echod" in line and "hft.run=memdirty,32,64" in line
+    assert "hft.services=none" in guest_cmdline(services=[])
+    with pytest.raises(ValueError, match="unknown services"):
+        guest_cmdline(services=["sshd"])
+    with pytest.raises(ValueError, match="blanks"):
+        guest_cmdline("10.0.0.5/16 init=/bin/sh")
+    with pytest.raises(ValueError, match="bad boot workload"):
+        guest_cmdline(run=[("memdirty", "1,2")])
+
+
+def test_control_reply_parser_splits_replies_at_end_markers() -> None:
+    p = ControlReplyParser()
+    assert p.feed(b"garbage from boot\nPONG ab") == []
+    assert p.feed(b"c\nHFT-END 0\nPID 12\nHFT-E") == [ControlReply(("garbage from boot", "PONG abc"), 0)]
+    assert p.feed(b"ND 0\nHFT-END 127\n") == [ControlReply(("PID 12",), 0), ControlReply((), 127)]
+    assert p.feed(b"\xff\xfe\r\nHFT-END x\n")[0].rc == -1
+    assert encode_command("run", "memdirty", "8", "16") == b"run memdirty 8 16\n"
+    with pytest.raises(GuestControlError):
+        encode_command("sh", "echo hi")
+
+
+def test_build_is_cached_and_copied_to_out(tmp_path: Path) -> None:
+    image = build_guest()
+    assert image.kernel.stat().st_size > 5_000_000
+    assert image.initrd.stat().st_size > 1_000_000
+    assert image.append == BASE_APPEND
+    assert set(MODULES) <= set(image.modules)
+    assert image.modules.index("virtio_ring") < image.modules.index("virtio_net")
+    files = subprocess.run(
+        ["busybox", "cpio", "-t"], stdin=image.initrd.open("rb"), capture_output=True, text=True
+    )
+    listed = set(files.stdout.split())
+    for needed in ("init", "bin/busybox", "bin/httpd", "bin/memdirty", "bin/echod", "dev/console"):
+        assert needed in listed
+    assert "lib/modules/virtio_net.ko" in listed
+    start = time.monotonic()
+    again = build_guest(tmp_path / "out")
+    assert time.monotonic() - start < 10  # cached: no rebuild
+    assert again.inputs_hash == image.inputs_hash
+    assert again.kernel == tmp_path / "out" / "vmlinuz"
+    assert again.kernel.read_bytes() == image.kernel.read_bytes()
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["inputs_hash"] == image.inputs_hash
+
+
+def test_build_command_prints_paths_and_json(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["guest", "build", "--json", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert Path(info["kernel"]) == tmp_path / "vmlinuz" and Path(info["initrd"]).is_file()
+    text = CliRunner().invoke(main, ["guest", "build"])
+    assert text.exit_code == 0 and "kernel" in text.output and "initrd" in text.output
+
+
+def test_run_command_without_a_guest_is_a_clear_error(tmp_path: Path) -> None:
+    sock = tmp_path / "nothing.sock"
+    result = CliRunner().invoke(
+        main, ["guest", "run", "memdirty", "8", "16", "--control", f"unix:{sock}", "--timeout", "0.3"]
+    )
+    assert result.exit_code == 1
+    assert "cannot connect to guest control" in result.output
+    bad = CliRunner().invoke(main, ["guest", "run", "x", "--control", "nonsense"])
+    assert bad.exit_code == 1 and "bad address" in bad.output
