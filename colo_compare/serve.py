@@ -1,0 +1,561 @@
+"""``hybridft compare serve``: the live comparator between a QEMU pair and its client.
+
+QEMU's filter chardevs are *clients* with ``reconnect=1``; this process LISTENS on three data
+addresses and a control address::
+
+    --primary-in    the primary's guest output   (filter-redirector queue=rx outdev=...)
+    --secondary-in  the secondary's guest output (filter-redirector queue=rx outdev=...)
+    --out           released frames back into the primary's netdev (filter-redirector indev=...)
+    --control       JSON-lines control (controller/control.py): mode, seal, commit, release-all,
+                    stats, next-request
+
+The shell only moves bytes: each readable socket is drained in batches straight into a
+:class:`~colo_compare.transport.FrameDecoder`, every batch goes to the sans-I/O core
+(:class:`~colo_compare.core.Comparator`) in one call, and the actions that come back are applied
+(released frames encoded in one buffer and written to ``--out`` in order; checkpoint requests
+queued for ``next-request``).
+
+Why these choices
+-----------------
+* **Seal drains synchronously.** The daemon seals after ``stop`` returned on both QEMUs; QEMU
+  writes filter output with a blocking ``write_all`` from its main loop, so by then every frame of
+  the epoch is in our socket buffers.  ``seal`` therefore reads both sockets until ``EAGAIN``
+  *before* calling ``Comparator.seal()`` — no timing guess, no frame of epoch N left for N+1.
+* **Back-pressure without deadlock.** A QEMU whose filter chardev is full busy-waits in its main
+  loop (holding the BQL): it then neither reads our ``--out`` socket nor answers QMP.  Pausing the
+  primary's input because ``--out`` is backed up would deadlock us with the very QEMU that must
+  drain it, and would hang the daemon's ``stop``.  So: a large ``--out`` backlog pauses the
+  *secondary's* input (fewer releases in COLO; another process), the core's queue budget asks for
+  checkpoints (``queue-full``), and only a hard memory ceiling (``--max-buffer``, far above the
+  budget: the daemon is not checkpointing at all) pauses the primary, loudly.
+* **Reconnects.** A new connection on a data address replaces the old one (QEMU reconnects after a
+  restart or after we closed a connection for bad framing).  Bad framing closes only that
+  connection and is logged; the core and the other connections carry on.  Released frames with no
+  ``--out`` connection wait (bounded by the same ceiling) and are written when QEMU reconnects.
+* **next-request** is a long-poll: the daemon keeps one control connection parked on it and learns
+  of a divergence within a loop iteration.  Requests are coalesced (one answer carries the first
+  request and how many followed), and a ``seal`` clears them: checkpoint N resolves every request
+  raised before its seal.  Use a separate control connection for it (each connection answers in
+  order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import click
+
+from colo_compare.core import CheckpointRequest, Comparator, DropSecondary, Mode, Release
+from colo_compare.transport import (
+    FrameDecoder,
+    FrameSocketReader,
+    FrameSocketWriter,
+    encode_frames,
+    listen_socket,
+    tune_socket,
+)
+from controller.control import ControlError, serve_control
+from controller.endpoints import Endpoint, parse_endpoint
+
+log = logging.getLogger("hybridft.compare")
+
+ROLES = ("primary", "secondary", "out")
+
+
+class Core(Protocol):
+    """What the shell needs from a core: the Comparator, or the forward-only relay."""
+
+    @property
+    def mode(self) -> Mode: ...
+    def feed_primary(self, frames: list[bytes], now: float) -> list[Any]: ...
+    def feed_secondary(self, frames: list[bytes], now: float) -> list[Any]: ...
+    def poll(self, now: float) -> list[Any]: ...
+    def seal(self) -> int: ...
+    def commit(self, epoch: int) -> list[Any]: ...
+    def release_all(self) -> list[Any]: ...
+    def set_mode(self, mode: Mode) -> None: ...
+    def stats(self) -> dict[str, int | float | str]: ...
+
+
+@dataclass(slots=True)
+class PendingRequest:
+    request: CheckpointRequest
+    epoch: int  # the open epoch when it was raised
+    at: float  # monotonic time it was raised
+
+
+@dataclass(slots=True)
+class ServiceCounters:
+    connections: Counter[str] = field(default_factory=Counter)
+    framing_errors: Counter[str] = field(default_factory=Counter)
+    primary_frames: int = 0
+    primary_bytes: int = 0
+    secondary_frames: int = 0
+    released_frames: int = 0
+    released_bytes: int = 0
+    requests_raised: int = 0
+    requests_delivered: int = 0
+    primary_pauses: int = 0
+    secondary_pauses: int = 0
+    vnet_headers_missing: int = 0
+
+
+class CompareService:
+    """The asyncio shell: listeners, per-role connections, control verbs, back-pressure."""
+
+    def __init__(
+        self,
+        core: Core,
+        *,
+        primary_in: Endpoint,
+        secondary_in: Endpoint,
+        out: Endpoint,
+        control: Endpoint,
+        vnet_hdr: bool = False,
+        poll_interval: float = 0.05,
+        out_high_water: int = 16 << 20,
+        max_buffer: int = 1 << 30,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.core = core
+        self.endpoints = {"primary": primary_in, "secondary": secondary_in, "out": out}
+        self.control_endpoint = control
+        self.vnet_hdr = vnet_hdr
+        self.poll_interval = poll_interval
+        self.out_high_water = out_high_water
+        self.max_buffer = max_buffer
+        self.clock = clock
+        self.counters = ServiceCounters()
+        self.readers: dict[str, FrameSocketReader | None] = {"primary": None, "secondary": None}
+        self.writer: FrameSocketWriter | None = None
+        self._out_waiting: list[bytes] = []  # encoded batches released while no --out connection
+        self._out_waiting_bytes = 0
+        self._vnet: dict[int, tuple[bytes, bytes]] = {}  # id(frame) -> (frame, virtio header)
+        self._requests: list[PendingRequest] = []
+        self._request_event = asyncio.Event()
+        self._listeners: list[socket.socket] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._control: asyncio.Server | None = None
+        self._secondary_paused_for_out = False
+        self._primary_paused_for_memory = False
+        self._closed = asyncio.Event()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for role in ROLES:
+            lsock = listen_socket(self.endpoints[role])
+            self._listeners.append(lsock)
+            self._tasks.append(loop.create_task(self._accept_loop(role, lsock)))
+        self._control = await serve_control(self.control_endpoint, self.dispatch)
+        self._tasks.append(loop.create_task(self._poll_loop()))
+        log.info(
+            "comparator listening: primary-in %s, secondary-in %s, out %s, control %s (mode %s%s)",
+            *(self.endpoints[r] for r in ROLES), self.control_endpoint, self.core.mode,
+            ", vnet_hdr" if self.vnet_hdr else "",
+        )  # fmt: skip
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._control is not None:
+            self._control.close()
+        for reader in self.readers.values():
+            if reader is not None:
+                reader.close("service stopping")
+        if self.writer is not None:
+            self.writer.flush_blocking(2.0)
+            self.writer.close("service stopping")
+        for lsock in self._listeners:
+            lsock.close()
+        self._closed.set()
+
+    # -- connections ------------------------------------------------------------------------------
+    async def _accept_loop(self, role: str, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _addr = await loop.sock_accept(lsock)
+            except OSError as exc:
+                log.warning("%s: accept failed: %s", role, exc)
+                await asyncio.sleep(0.1)
+                continue
+            tune_socket(conn)
+            self.counters.connections[role] += 1
+            log.info("%s: connected (connection #%d)", role, self.counters.connections[role])
+            if role == "out":
+                self._attach_out(conn)
+            else:
+                self._attach_input(role, conn)
+
+    def _attach_input(self, role: str, conn: socket.socket) -> None:
+        old = self.readers[role]
+        if old is not None and not old.closed:
+            old.drain_now()  # whatever the old connection still holds came first
+            old.close("replaced by a new connection")
+        on_frames = self._on_primary if role == "primary" else self._on_secondary
+        reader = FrameSocketReader(
+            conn, FrameDecoder(self.vnet_hdr), on_frames, lambda why, r=role: self._input_closed(r, why)
+        )
+        self.readers[role] = reader
+        if role == "primary" and self._primary_paused_for_memory:
+            reader.paused = True
+        if role == "secondary" and self._secondary_paused_for_out:
+            reader.paused = True
+        reader.start()
+
+    def _input_closed(self, role: str, why: str) -> None:
+        if why.startswith("bad framing"):
+            self.counters.framing_errors[role] += 1
+            log.error("%s: %s; connection closed (QEMU will reconnect)", role, why)
+        else:
+            log.info("%s: %s", role, why)
+
+    def _attach_out(self, conn: socket.socket) -> None:
+        if self.writer is not None and not self.writer.closed:
+            self.writer.close("replaced by a new connection")
+        loop = asyncio.get_running_loop()
+        fd = conn.fileno()
+
+        def closed(why: str) -> None:
+            loop.remove_reader(fd)
+            log.info("out: %s", why)
+
+        writer = FrameSocketWriter(conn, closed, on_drained=self._out_drained)
+        self.writer = writer
+        # QEMU never writes on this connection: watch it only to notice the peer going away
+        loop.add_reader(fd, self._out_readable, writer)
+        waiting, self._out_waiting, self._out_waiting_bytes = self._out_waiting, [], 0
+        for chunk in waiting:
+            writer.write(chunk)
+        self._check_pressure()
+
+    def _out_readable(self, writer: FrameSocketWriter) -> None:
+        try:
+            data = writer.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            data = b""
+            log.info("out: %s", exc)
+        if not data:
+            writer.close("peer closed")
+        # bytes from QEMU's indev redirector side are not expected; ignore them
+
+    def _out_drained(self) -> None:
+        self._check_pressure()
+
+    # -- data path --------------------------------------------------------------------------------
+    def _on_primary(self, frames: list[bytes], headers: list[bytes]) -> None:
+        c = self.counters
+        c.primary_frames += len(frames)
+        c.primary_bytes += sum(map(len, frames))
+        if self.vnet_hdr:
+            vnet = self._vnet
+            for frame, header in zip(frames, headers, strict=True):
+                vnet[id(frame)] = (frame, header)
+        self._apply(self.core.feed_primary(frames, self.clock()))
+        if self.held_bytes() + self.out_backlog() > self.max_buffer:
+            self._check_pressure()
+
+    def _on_secondary(self, frames: list[bytes], headers: list[bytes]) -> None:
+        self.counters.secondary_frames += len(frames)
+        self._apply(self.core.feed_secondary(frames, self.clock()))
+
+    def _apply(self, actions: list[Any]) -> None:
+        for action in actions:
+            kind = type(action)
+            if kind is Release:
+                self._emit(action.frames)
+            elif kind is CheckpointRequest:
+                self.counters.requests_raised += 1
+                self._requests.append(PendingRequest(action, self._open_epoch(), self.clock()))
+                self._request_event.set()
+            elif kind is DropSecondary:
+                pass
+            else:  # a core newer than this shell: say so rather than lose it
+                log.warning("unknown action from the core: %r", action)
+
+    def _open_epoch(self) -> int:
+        return int(getattr(self.core, "epoch", 0))
+
+    def _emit(self, frames: list[bytes]) -> None:
+        if not frames:
+            return
+        c = self.counters
+        c.released_frames += len(frames)
+        c.released_bytes += sum(map(len, frames))
+        if self.vnet_hdr:
+            headers = []
+            vnet = self._vnet
+            for frame in frames:
+                entry = vnet.pop(id(frame), None)
+                if entry is None or entry[0] is not frame:
+                    # the core copied the frame: send it with an empty header (checksums as they are)
+                    c.vnet_headers_missing += 1
+                    headers.append(b"")
+                else:
+                    headers.append(entry[1])
+            data = encode_frames(frames, headers)
+        else:
+            data = encode_frames(frames)
+        writer = self.writer
+        if writer is not None and not writer.closed:
+            writer.write(data)
+            if writer.backlog > self.out_high_water:
+                self._check_pressure()
+        else:
+            self._out_waiting.append(data)
+            self._out_waiting_bytes += len(data)
+            self._check_pressure()
+
+    def held_bytes(self) -> int:
+        """Primary bytes inside the core (it never drops one: in minus released)."""
+        return self.counters.primary_bytes - self.counters.released_bytes
+
+    def out_backlog(self) -> int:
+        writer = self.writer
+        live = writer.backlog if writer is not None and not writer.closed else 0
+        return live + self._out_waiting_bytes
+
+    def _check_pressure(self) -> None:
+        backlog = self.out_backlog()
+        secondary = self.readers["secondary"]
+        if backlog > self.out_high_water and not self._secondary_paused_for_out:
+            self._secondary_paused_for_out = True
+            self.counters.secondary_pauses += 1
+            if secondary is not None:
+                secondary.pause()
+        elif backlog <= self.out_high_water // 2 and self._secondary_paused_for_out:
+            self._secondary_paused_for_out = False
+            if secondary is not None:
+                secondary.resume()
+        total = self.held_bytes() + backlog
+        primary = self.readers["primary"]
+        if total > self.max_buffer and not self._primary_paused_for_memory:
+            self._primary_paused_for_memory = True
+            self.counters.primary_pauses += 1
+            log.error(
+                "%d bytes held or waiting exceed --max-buffer %d: pausing the primary's input "
+                "(its QEMU will block) until a checkpoint commits or the output drains",
+                total, self.max_buffer,
+            )  # fmt: skip
+            if primary is not None:
+                primary.pause()
+        elif total <= self.max_buffer // 2 and self._primary_paused_for_memory:
+            self._primary_paused_for_memory = False
+            if primary is not None:
+                primary.resume()
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            self._apply(self.core.poll(self.clock()))
+            self._check_pressure()
+
+    # -- control ----------------------------------------------------------------------------------
+    async def dispatch(self, verb: str, args: dict[str, Any]) -> dict[str, Any]:
+        if verb == "mode":
+            return self._verb_mode(args)
+        if verb == "seal":
+            return self._verb_seal()
+        if verb == "commit":
+            return self._verb_commit(args)
+        if verb == "release-all":
+            before = self.counters.released_frames
+            self._apply(self.core.release_all())
+            self._check_pressure()
+            return {"released_frames": self.counters.released_frames - before}
+        if verb == "stats":
+            return self.stats()
+        if verb == "next-request":
+            return await self._verb_next_request(args)
+        raise ControlError(
+            f"unknown verb {verb!r} (mode, seal, commit, release-all, stats, next-request)", "bad-verb"
+        )
+
+    def _verb_mode(self, args: dict[str, Any]) -> dict[str, Any]:
+        raw = args.get("mode")
+        try:
+            mode = Mode(raw)
+        except ValueError:
+            raise ControlError(f"mode must be 'colo' or 'mc', not {raw!r}", "bad-args") from None
+        self.core.set_mode(mode)
+        log.info("mode %s requested (takes effect at the next seal)", mode)
+        return {"mode": str(self.core.mode), "next_mode": str(mode)}
+
+    def _verb_seal(self) -> dict[str, Any]:
+        # both VMs are stopped: everything they sent is in our socket buffers; read it all first
+        for role in ("primary", "secondary"):
+            reader = self.readers[role]
+            if reader is not None and not reader.closed:
+                reader.drain_now()
+        epoch = self.core.seal()
+        dropped = len(self._requests)
+        self._requests.clear()
+        self._request_event.clear()
+        return {"epoch": epoch, "requests_cleared": dropped}
+
+    def _verb_commit(self, args: dict[str, Any]) -> dict[str, Any]:
+        epoch = args.get("epoch")
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            raise ControlError(f"commit needs an integer 'epoch', got {epoch!r}", "bad-args")
+        before = self.counters.released_frames
+        try:
+            actions = self.core.commit(epoch)
+        except ValueError as exc:
+            raise ControlError(str(exc), "bad-epoch") from None
+        self._apply(actions)
+        self._check_pressure()
+        return {"epoch": epoch, "released_frames": self.counters.released_frames - before}
+
+    async def _verb_next_request(self, args: dict[str, Any]) -> dict[str, Any]:
+        timeout = args.get("timeout", 1.0)
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not 0 <= timeout <= 3600:
+            raise ControlError(f"'timeout' must be seconds between 0 and 3600, got {timeout!r}", "bad-args")
+        if not self._requests and timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._request_event.wait(), timeout)
+        if not self._requests:
+            return {"request": None}
+        pending, self._requests = self._requests, []
+        self._request_event.clear()
+        self.counters.requests_delivered += 1
+        first = pending[0]
+        req = first.request
+        return {
+            "request": {"reason": req.reason, "proto": req.proto, "flow": req.flow, "offset": req.offset},
+            "epoch": first.epoch,
+            "age": max(0.0, self.clock() - first.at),
+            "coalesced": len(pending) - 1,
+            "reasons": dict(Counter(p.request.reason for p in pending)),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        c = self.counters
+        connected = {}
+        for role in ("primary", "secondary"):
+            reader = self.readers[role]
+            connected[role] = reader is not None and not reader.closed
+        connected["out"] = self.writer is not None and not self.writer.closed
+        return {
+            "core": self.core.stats(),
+            "transport": {
+                "connected": connected,
+                "connections": dict(c.connections),
+                "framing_errors": dict(c.framing_errors),
+                "primary_frames": c.primary_frames,
+                "secondary_frames": c.secondary_frames,
+                "released_frames": c.released_frames,
+                "released_bytes": c.released_bytes,
+                "held_bytes": self.held_bytes(),
+                "out_backlog_bytes": self.out_backlog(),
+                "primary_paused": self._primary_paused_for_memory,
+                "secondary_paused": self._secondary_paused_for_out,
+                "primary_pauses": c.primary_pauses,
+                "secondary_pauses": c.secondary_pauses,
+                "requests_pending": len(self._requests),
+                "requests_raised": c.requests_raised,
+                "vnet_headers_missing": c.vnet_headers_missing,
+            },
+        }
+
+
+async def run_service(service: CompareService, ready: Callable[[], None] | None = None) -> None:
+    """Start ``service`` and run until SIGINT/SIGTERM."""
+    await service.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready()
+    await stop.wait()
+    log.info("stopping")
+    await service.close()
+
+
+def _endpoint(ctx: click.Context, param: click.Parameter, value: str) -> Endpoint:
+    try:
+        return parse_endpoint(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--primary-in", required=True, callback=_endpoint, help="Listen: the primary's output."),
+        click.option(
+            "--secondary-in", required=True, callback=_endpoint, help="Listen: the secondary's output."
+        ),
+        click.option("--out", required=True, callback=_endpoint, help="Listen: released frames to QEMU."),
+        click.option("--control", required=True, callback=_endpoint, help="Listen: control socket."),
+        click.option("--vnet-hdr", is_flag=True, help="QEMU filters have vnet_hdr_support=on."),
+        click.option("--max-buffer", type=click.IntRange(1), default=1024, show_default=True,
+                     help="MiB held+waiting before the primary's input pauses."),
+        click.option("--log-level", default="info", show_default=True,
+                     type=click.Choice(["debug", "info", "warning", "error"])),
+    ]  # fmt: skip
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@click.command("serve")
+@common_options
+@click.option("--mode", type=click.Choice(["colo", "mc"]), default="colo", show_default=True)
+@click.option("--compare-timeout", type=click.FloatRange(min=0.001), default=3.0, show_default=True,
+              help="Seconds a primary frame may wait before a checkpoint is requested.")  # fmt: skip
+@click.option("--queue-budget", type=click.IntRange(1), default=64, show_default=True,
+              help="MiB of held frames before a queue-full checkpoint is requested.")  # fmt: skip
+def serve_command(
+    primary_in: Endpoint,
+    secondary_in: Endpoint,
+    out: Endpoint,
+    control: Endpoint,
+    vnet_hdr: bool,
+    max_buffer: int,
+    log_level: str,
+    mode: str,
+    compare_timeout: float,
+    queue_budget: int,
+) -> None:
+    """Listen for QEMU's filter chardevs and compare the primary's output with the secondary's.
+
+    \b
+    QEMU side (primary), chardevs are clients with reconnect=1:
+      -chardev socket,id=cmp_out,path=OUT,reconnect=1
+      -chardev socket,id=cmp_pri,path=PRIMARY_IN,reconnect=1
+      -object filter-redirector,id=rin,netdev=hn0,queue=rx,indev=cmp_out
+      -object filter-redirector,id=rout,netdev=hn0,queue=rx,outdev=cmp_pri
+    (declare the indev redirector first: rx filters run in reverse order)
+    """
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    core = Comparator(Mode(mode), compare_timeout=compare_timeout, queue_budget_bytes=queue_budget << 20)
+    service = CompareService(
+        core,
+        primary_in=primary_in,
+        secondary_in=secondary_in,
+        out=out,
+        control=control,
+        vnet_hdr=vnet_hdr,
+        poll_interval=min(0.05, compare_timeout / 4),
+        max_buffer=max_buffer << 20,
+    )
+    asyncio.run(run_service(service, ready=lambda: print("ready", flush=True)))

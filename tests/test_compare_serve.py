@@ -1,0 +1,250 @@
+"""``hybridft compare serve`` as a real process, driven over real sockets like QEMU and the daemon."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from colo_compare.transport import FrameDecoder, encode_frame, encode_frames
+from controller.control import ControlError, decode_reply, encode_request
+from tests.compare_frames import stream_frames, tcp_frame
+
+DATA = bytes(range(256)) * 40  # 10240 application bytes
+
+
+class Served:
+    """A running comparator (or relay) plus client sockets playing QEMU's chardevs."""
+
+    def __init__(self, tmp: Path, *extra: str, relay: bool = False, vnet: bool = False) -> None:
+        self.addr = {r: f"unix:{tmp / (r + '.sock')}" for r in ("primary", "secondary", "out", "control")}
+        cmd = [sys.executable, "-m", "colo_compare.relay"] if relay else [
+            sys.executable, "-c", "from controller.cli import main; main()", "compare", "serve"]  # fmt: skip
+        cmd += ["--primary-in", self.addr["primary"], "--secondary-in", self.addr["secondary"],
+                "--out", self.addr["out"], "--control", self.addr["control"], *extra]  # fmt: skip
+        if vnet:
+            cmd.append("--vnet-hdr")
+        self.log = tmp / "serve.log"
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(self.log, "wb"))  # noqa: SIM115
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line == b"ready\n", f"serve did not start: {line!r}\n{self.log.read_text()}"
+        self.vnet = vnet
+        self.conns = {r: self.connect(r) for r in ("primary", "secondary", "out")}
+        self.decoder = FrameDecoder(vnet)
+
+    def connect(self, role: str) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(self.addr[role][5:])
+        return s
+
+    def send(self, role: str, frames: list[bytes]) -> None:
+        self.conns[role].sendall(encode_frames(frames, [b""] * len(frames) if self.vnet else None))
+
+    def ctl(self, verb: str, **args: object) -> dict:
+        # not controller.control.call(): its own ``timeout`` keyword would swallow next-request's
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(self.addr["control"][5:])
+            sock.sendall(encode_request(verb, args))
+            return decode_reply(sock.makefile("rb").readline())
+
+    def released(self, count: int, timeout: float = 5.0) -> list[bytes]:
+        out = self.conns["out"]
+        out.settimeout(timeout)
+        frames: list[bytes] = []
+        while len(frames) < count:
+            try:
+                data = out.recv(1 << 20)
+            except TimeoutError:
+                raise AssertionError(f"only {len(frames)} of {count} frames released") from None
+            assert data, "serve closed the out connection"
+            frames += self.decoder.feed(data)
+        return frames
+
+    def nothing_released(self, wait: float = 0.2) -> bool:
+        out = self.conns["out"]
+        out.settimeout(wait)
+        try:
+            return out.recv(1 << 16) == b"x"  # any data at all means something was released
+        except TimeoutError:
+            return True
+
+    def wait_stats(self, pred: object, timeout: float = 5.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.ctl("stats")
+            if pred(stats):  # type: ignore[operator]
+                return stats
+            assert time.monotonic() < deadline, f"condition never held: {stats}"
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        for s in self.conns.values():
+            s.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextlib.contextmanager
+def served(tmp: Path, *extra: str, relay: bool = False, vnet: bool = False) -> Iterator[Served]:
+    s = Served(tmp, *extra, relay=relay, vnet=vnet)
+    try:
+        yield s
+    finally:
+        s.close()
+        assert s.proc.returncode == 0, s.log.read_text()
+
+
+def test_mc_mode_holds_until_commit_and_releases_exactly_the_sealed_epoch(tmp_path: Path) -> None:
+    with served(tmp_path, "--mode", "mc") as s:
+        epoch1 = stream_frames(DATA, [1448], isn=5000)
+        s.send("primary", epoch1)
+        s.send("secondary", stream_frames(DATA, [700], isn=9))  # discarded uncompared
+        s.wait_stats(lambda st: st["transport"]["primary_frames"] == len(epoch1))
+        assert s.nothing_released()
+        assert s.ctl("seal") == {"epoch": 1, "requests_cleared": 0}
+        epoch2 = [tcp_frame(1, b"later", sport=81)]
+        s.send("primary", epoch2)  # belongs to epoch 2
+        s.wait_stats(lambda st: st["transport"]["primary_frames"] == len(epoch1) + 1)
+        assert s.ctl("commit", epoch=1)["released_frames"] == len(epoch1)
+        assert s.released(len(epoch1)) == epoch1
+        assert s.nothing_released()
+        with pytest.raises(ControlError, match="commit"):
+            s.ctl("commit", epoch=7)
+        assert s.ctl("seal")["epoch"] == 2
+        s.ctl("commit", epoch=2)
+        assert s.released(1) == epoch2
+
+
+def test_colo_releases_matching_streams_and_reports_a_divergence(tmp_path: Path) -> None:
+    with served(tmp_path, "--mode", "colo") as s:
+        primary = stream_frames(DATA, [1448], isn=1000, fin=False)
+        s.send("primary", primary)
+        s.send("secondary", stream_frames(DATA, [512, 1000], isn=777777, fin=False, ip_id=999, ttl=63))
+        assert s.released(len(primary)) == primary
+        assert s.ctl("next-request", timeout=0) == {"request": None}
+
+        # a different byte at stream offset len(DATA)+10 on a second flow
+        bad = bytearray(DATA)
+        bad[10] ^= 0xFF
+        flow2 = stream_frames(DATA, [1448], isn=50, sport=8080, fin=False)
+        s.send("primary", flow2)
+        s.send("secondary", stream_frames(bytes(bad), [1448], isn=60, sport=8080, fin=False))
+        t0 = time.monotonic()
+        reply = s.ctl("next-request", timeout=5)
+        assert time.monotonic() - t0 < 2
+        req = reply["request"]
+        assert req["reason"] == "payload" and req["proto"] == "tcp" and req["offset"] == 10
+        assert req["flow"] == "10.0.0.2:8080->10.0.0.1:40001"
+        assert reply["epoch"] == 1
+
+        # the checkpoint: seal, commit -> the held frames of the diverged flow go out
+        sealed = s.ctl("seal")
+        assert sealed["epoch"] == 1
+        assert s.ctl("commit", epoch=1)["released_frames"] > 0
+        # everything of the diverged flow went out (what matched before, the rest at the commit)
+        assert s.released(len(flow2)) == flow2
+        stats = s.ctl("stats")
+        assert stats["core"]["divergences"] == 1
+        assert stats["transport"]["framing_errors"] == {}
+
+
+def test_next_request_long_poll_wakes_on_a_timeout_request(tmp_path: Path) -> None:
+    with served(tmp_path, "--compare-timeout", "0.2") as s:
+        s.send("primary", [tcp_frame(1, b"nobody answers")])  # the secondary never sends it
+        t0 = time.monotonic()
+        reply = s.ctl("next-request", timeout=5)
+        waited = time.monotonic() - t0
+        assert reply["request"]["reason"] in ("timeout", "ack")
+        assert 0.1 < waited < 2
+        assert s.ctl("next-request", timeout=0.1) == {"request": None}  # coalesced and consumed
+
+
+def test_bad_framing_closes_only_that_connection_and_reconnect_works(tmp_path: Path) -> None:
+    with served(tmp_path, "--mode", "mc") as s:
+        good = [tcp_frame(1, b"a" * 100), tcp_frame(101, b"b" * 100)]
+        s.conns["primary"].sendall(encode_frames(good) + b"\xff\xff\xff\xff" + b"garbage")
+        stats = s.wait_stats(lambda st: st["transport"]["framing_errors"].get("primary") == 1)
+        assert stats["transport"]["primary_frames"] == 2  # the frames before the garbage count
+        assert not stats["transport"]["connected"]["primary"]
+        assert stats["transport"]["connected"]["secondary"] and stats["transport"]["connected"]["out"]
+        s.conns["primary"].close()
+        s.conns["primary"] = s.connect("primary")  # what QEMU's reconnect=1 does
+        more = [tcp_frame(201, b"c" * 100)]
+        s.send("primary", more)
+        s.wait_stats(lambda st: st["transport"]["primary_frames"] == 3)
+        epoch = s.ctl("seal")["epoch"]
+        s.ctl("commit", epoch=epoch)
+        assert s.released(3) == good + more
+        assert "bad framing" in s.log.read_text()
+
+
+def test_out_reconnect_keeps_released_frames(tmp_path: Path) -> None:
+    with served(tmp_path, "--mode", "mc") as s:
+        s.conns["out"].close()
+        s.wait_stats(lambda st: not st["transport"]["connected"]["out"])
+        frames = [tcp_frame(1 + 100 * i, b"x" * 100) for i in range(50)]
+        s.send("primary", frames)
+        s.wait_stats(lambda st: st["transport"]["primary_frames"] == 50)
+        s.ctl("commit", epoch=s.ctl("seal")["epoch"])
+        assert s.ctl("stats")["transport"]["out_backlog_bytes"] > 0
+        s.conns["out"] = s.connect("out")
+        assert s.released(50) == frames
+
+
+def test_vnet_headers_travel_with_their_frames(tmp_path: Path) -> None:
+    with served(tmp_path, "--mode", "mc", vnet=True) as s:
+        frames = [tcp_frame(1 + 10 * i, b"y" * 10) for i in range(5)]
+        headers = [bytes([1, 0]) + bytes([i]) * 10 for i in range(5)]  # NEEDS_CSUM-like, distinct
+        s.conns["primary"].sendall(encode_frames(frames, headers))
+        s.wait_stats(lambda st: st["transport"]["primary_frames"] == 5)
+        s.ctl("commit", epoch=s.ctl("seal")["epoch"])
+        assert s.released(5) == frames
+        assert s.decoder.vnet_headers == headers
+        assert s.ctl("stats")["transport"]["vnet_headers_missing"] == 0
+
+
+def test_control_errors_change_nothing(tmp_path: Path) -> None:
+    with served(tmp_path) as s:
+        for verb, args, code in [
+            ("mode", {"mode": "turbo"}, "bad-args"),
+            ("commit", {"epoch": "one"}, "bad-args"),
+            ("commit", {"epoch": 1}, "bad-epoch"),
+            ("next-request", {"timeout": -1}, "bad-args"),
+            ("launch", {}, "bad-verb"),
+        ]:
+            with pytest.raises(ControlError) as info:
+                s.ctl(verb, **args)
+            assert info.value.code == code
+        assert s.ctl("mode", mode="mc") == {"mode": "colo", "next_mode": "mc"}
+        assert s.ctl("seal")["epoch"] == 1
+        assert s.ctl("stats")["core"]["mode"] == "mc"
+
+
+def test_relay_forwards_everything_at_once(tmp_path: Path) -> None:
+    with served(tmp_path, relay=True) as s:
+        frames = [os.urandom(60 + i) for i in range(100)]
+        s.send("primary", frames)
+        s.send("secondary", frames[:10])
+        assert s.released(100) == frames
+
+
+def test_unknown_bytes_on_a_single_frame_connection(tmp_path: Path) -> None:
+    """A runt Ethernet frame (malformed for the core) is carried, never lost."""
+    with served(tmp_path, "--mode", "mc") as s:
+        s.conns["primary"].sendall(encode_frame(b"\x01\x02\x03"))
+        s.wait_stats(lambda st: st["transport"]["primary_frames"] == 1)
+        s.ctl("commit", epoch=s.ctl("seal")["epoch"])
+        assert s.released(1) == [b"\x01\x02\x03"]
