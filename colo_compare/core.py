@@ -534,7 +534,8 @@ class Comparator:
         tcp = self._tcp
         fast4 = _FAST4.unpack_from
         fast6 = _FAST6.unpack_from
-        sec_bytes = 0
+        sec_bytes = 0  # in-order payload bytes appended (counted only for the secondary)
+        last = None
         for frame in frames:
             n = len(frame)
             key = None
@@ -557,8 +558,8 @@ class Comparator:
                 cls = classify(frame)
                 kind = cls[0]
                 if kind != KIND_TCP:
-                    flow = self._feed_dgram(cls, frame, now, primary)
-                    touched[flow] = None
+                    dflow = self._feed_dgram(cls, frame, now, primary)
+                    touched[dflow] = None
                     continue
                 _k, key, seq, ack, flags, pstart, ip_end = cls
                 offflags = flags
@@ -573,20 +574,24 @@ class Comparator:
                 if plen:
                     side.buf += frame[pstart:ip_end]
                     side.end += plen
-                    side.nxt = (seq + plen) & _M
-                    if not primary:
-                        sec_bytes += plen
+                    side.nxt = (seq + plen) & 0xFFFFFFFF
+                    sec_bytes += plen
                 end = side.end
             else:
                 end = self._tcp_segment(flow, side, primary, seq, flags, frame, pstart, plen)
                 flow = tcp[key]  # a SYN may have started a new incarnation
                 side = flow.p if primary else flow.s
-            if flags & _ACKF:
+            if flags & 0x10:
                 side.ack = ack
-            if primary:
-                flow.held.append((end, ack if flags & _ACKF else -1, frame, now))
-            touched[flow] = None
-        self._sec_bytes += sec_bytes
+                if primary:
+                    flow.held.append((end, ack, frame, now))
+            elif primary:
+                flow.held.append((end, -1, frame, now))
+            if flow is not last:
+                touched[flow] = None
+                last = flow
+        if not primary:
+            self._sec_bytes += sec_bytes
         return list(touched)
 
     def _tcp_segment(
@@ -730,18 +735,16 @@ class Comparator:
         held = flow.held
         if held:
             sack = s.ack
-            n = 0
-            freed = 0
+            n = freed = 0
+            popleft = held.popleft
+            append = out.append
             while held:
-                item = held[0]
-                if item[0] > v:
+                end, ack, frame, _t = held[0]
+                if end > v or (ack >= 0 and (sack < 0 or ((sack - ack) & 0xFFFFFFFF) >= 0x80000000)):
                     break
-                ack = item[1]
-                if ack >= 0 and (sack < 0 or ((sack - ack) & _M) >= _H):
-                    break
-                held.popleft()
-                out.append(item[2])
-                freed += len(item[2])
+                popleft()
+                append(frame)
+                freed += len(frame)
                 n += 1
             flow.released += n
             self._held_bytes -= freed
@@ -769,9 +772,12 @@ class Comparator:
         pe, se = p.end, s.end
         common = pe if pe < se else se
         if common > v:
-            a = p.buf[v - p.start : common - p.start]
-            b = s.buf[v - s.start : common - s.start]
-            if a != b:
+            # compare in place: no copy of either side's bytes on the common (equal) path
+            with memoryview(s.buf) as sview:
+                same = p.buf.startswith(sview[v - s.start : common - s.start], v - p.start)
+            if not same:
+                a = p.buf[v - p.start : common - p.start]
+                b = s.buf[v - s.start : common - s.start]
                 k = v + _first_difference(a, b)
                 self._diverge(flow, "payload", "tcp", k, actions)
                 return k
