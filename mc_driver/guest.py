@@ -89,7 +89,7 @@ DISKWRITER_PORT = 9000
 BLOB_SIZE = 8 * 1024 * 1024
 STREAM_SEED = 0x4859425249444654  # "HYBRIDFT"; must match blobgen.c and rrserver.c
 
-BASE_APPEND = "console=ttyS0,115200 rdinit=/init panic=-1 quiet loglevel=4 mitigations=off"
+BASE_APPEND = "console=ttyS0,115200 rdinit=/init panic=-1 quiet loglevel=5 mitigations=off"
 
 
 class GuestError(Exception):

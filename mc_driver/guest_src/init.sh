@@ -61,6 +61,11 @@ if [ -e /sys/class/net/eth0 ]; then
     ip addr add "$IP" dev eth0 || log "bad hft.ip=$IP"
     ip link set eth0 up
     [ -n "$GW" ] && { ip route add default via "$GW" || log "bad hft.gw=$GW"; }
+    # ready means reachable: a client's first SYN must not be dropped while the link comes up
+    i=0
+    while [ "$(cat /sys/class/net/eth0/carrier 2>/dev/null)" != 1 ] && [ $i -lt 50 ]; do
+        sleep 0.1; i=$((i + 1))
+    done
 else
     log "no eth0 (virtio_net missing?)"
 fi
