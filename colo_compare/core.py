@@ -145,11 +145,14 @@ class FlowReport:
 
     key: bytes | tuple
     proto: str
-    primary_units: int  # TCP: stream bytes (incl. SYN/FIN); others: datagrams/frames
+    primary_seen: bool
+    secondary_seen: bool
+    primary_units: int  # TCP: contiguous stream bytes; others: datagrams/frames
     secondary_units: int
     divergence: tuple[str, int] | None  # (reason, offset)
-    primary_closed: bool
+    primary_closed: bool  # TCP: FIN or RST seen
     secondary_closed: bool
+    verified: int  # TCP: stream offset verified equal on both sides (-1: SYNs not both seen)
 
     def describe(self) -> dict[str, object]:
         return describe(self.key)
@@ -485,19 +488,44 @@ class Comparator:
                 FlowReport(
                     flow.key,
                     "tcp",
-                    _units(p),
-                    _units(s),
+                    p.base >= 0,
+                    s.base >= 0,
+                    p.end,
+                    s.end,
                     flow.diverged,
                     p.fin >= 0 or p.rst >= 0,
                     s.fin >= 0 or s.rst >= 0,
+                    flow.v if flow.v is not None else -1,
                 )
             )
         for dflow in self._dgram.values():
             reports.append(
-                FlowReport(dflow.key, proto_of(dflow.key), dflow.p_count, dflow.s_count, dflow.diverged,
-                           False, False)
+                FlowReport(dflow.key, proto_of(dflow.key), dflow.p_count > 0, dflow.s_count > 0,
+                           dflow.p_count, dflow.s_count, dflow.diverged, False, False, 0)
             )
         return reports
+
+    def stream_bytes(self, key: bytes | tuple, offset: int, length: int) -> tuple[bytes, bytes]:
+        """What each side still holds at ``offset`` of a flow (TCP: stream bytes; others: the
+        compared form of datagram ``offset``) - for human-readable divergence reports.  Bytes the
+        core already discarded (verified and trimmed) come back empty."""
+        if isinstance(key, bytes):
+            flow = self._tcp.get(key)
+            if flow is None:
+                return b"", b""
+
+            def grab(side: _Side) -> bytes:
+                lo = max(offset - side.start, 0)
+                return bytes(side.buf[lo : max(offset + length - side.start, 0)])
+
+            return grab(flow.p), grab(flow.s)
+        dflow = self._dgram.get(key)
+        if dflow is None:
+            return b"", b""
+        i = offset - dflow.released
+        pp = dflow.p_pending[i][1] if 0 <= i < len(dflow.p_pending) else b""
+        sp = dflow.s_pending[i] if 0 <= i < len(dflow.s_pending) else b""
+        return pp[:length], sp[:length]
 
     # ------------------------------------------------------------------ COLO internals
 
@@ -896,8 +924,3 @@ def _event(side: _Side, v: int) -> int:
         return _EV_RST
     return 0
 
-
-def _units(side: _Side) -> int:
-    if side.base < 0:
-        return 0
-    return side.end + (1 if side.syn else 0) + (1 if side.fin >= 0 else 0)
