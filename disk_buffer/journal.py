@@ -189,9 +189,12 @@ def scan(buf: bytes | memoryview | mmap.mmap, generation: int) -> ScanResult:
     size = len(view)
     pos = 0
     committed: list[ReplayedEpoch] = []
-    group: ReplayedEpoch | None = None
-    group_crcs = 0
-    last_seq = 0
+    # Groups written but not (yet) committed, by seq.  Several can be open: epoch N+1 may be sealed
+    # (its records written) before N's COMMIT record lands after them.
+    open_groups: dict[int, tuple[ReplayedEpoch, int]] = {}
+    extending: int | None = None  # seq of the group whose records directly precede this point
+    max_seq = 0
+    committed_seqs: set[int] = set()
     last_epoch = -1
     reason = "end"
     while True:
@@ -224,34 +227,36 @@ def scan(buf: bytes | memoryview | mmap.mmap, generation: int) -> ScanResult:
             reason = "crc mismatch"
             break
         if rtype == REC_EXTENT:
-            if group is None or group.seq != seq:
-                if seq <= last_seq or (group is not None and seq <= group.seq):
+            if seq != extending:
+                if seq <= max_seq:
                     reason = "group out of order"
                     break
-                group = ReplayedEpoch(epoch, seq, [])  # a previous group without COMMIT is abandoned
-                group_crcs = 0
-            elif epoch != group.epoch:
+                open_groups[seq] = (ReplayedEpoch(epoch, seq, []), 0)
+                max_seq = extending = seq
+            group, crcs = open_groups[seq]
+            if epoch != group.epoch:
                 reason = "epoch changed inside a group"
                 break
             group.extents.append(ReplayedExtent(a, b, None if flags & FLAG_ZERO else pos + HEADER.size))
-            group_crcs = zlib.crc32(view[body_end : body_end + CRC.size], group_crcs)
+            open_groups[seq] = (group, zlib.crc32(view[body_end : body_end + CRC.size], crcs))
         else:
-            if group is None or group.seq != seq:
-                if seq <= last_seq or (group is not None and seq <= group.seq):
-                    reason = "group out of order"
+            extending = None
+            if seq not in open_groups:
+                if a != 0 or seq in committed_seqs:
+                    reason = "commit of an unknown group"
                     break
-                group = ReplayedEpoch(epoch, seq, [])
-                group_crcs = 0
-            if epoch != group.epoch or a != len(group.extents) or b != group_crcs:
+                open_groups[seq] = (ReplayedEpoch(epoch, seq, []), 0)  # an epoch without writes
+            group, crcs = open_groups[seq]
+            if epoch != group.epoch or a != len(group.extents) or b != crcs:
                 reason = "commit does not match its records"
                 break
             if epoch <= last_epoch:
                 reason = "epoch out of order"
                 break
+            del open_groups[seq]
+            committed_seqs.add(seq)
             committed.append(group)
-            last_seq = seq
             last_epoch = epoch
-            group = None
         pos = body_end + CRC.size
     return ScanResult(committed, pos, reason)
 
