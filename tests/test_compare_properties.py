@@ -1,0 +1,234 @@
+"""Hypothesis properties of the comparator core.
+
+* any stream under any two segmentations, reorderings and duplications -> no divergence, every
+  primary frame released, in the primary's order;
+* one byte changed at k -> a divergence exactly at k;
+* fuzzed malformed frames -> no exception, nothing lost;
+* any sequence of feeds, seals, commits, mode switches and release_all -> every primary frame is
+  released exactly once, per-flow order kept.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from colo_compare.core import CheckpointRequest, Comparator, Mode, Release
+from colo_compare.packet import classify
+
+# Raw frame builder (scapy is too slow for thousands of hypothesis examples); checksums are zero,
+# exactly like offloaded output.
+_ETH = bytes.fromhex("525400abcdef525400123456") + b"\x08\x00"
+
+
+def tcp4(seq: int, payload: bytes = b"", flags: int = 0x18, ack: int = 1, ip_id: int = 0, dport: int = 40001
+         ) -> bytes:
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 40 + len(payload), ip_id & 0xFFFF, 0, 64, 6, 0,
+                     bytes([10, 0, 0, 2]), bytes([10, 0, 0, 1]))
+    tcp = struct.pack(">HHIIBBHHH", 80, dport, seq & 0xFFFFFFFF, ack, 0x50, flags, 65535, 0, 0)
+    return _ETH + ip + tcp + payload
+
+
+def side_frames(data: bytes, cuts: list[int], isn: int, order: list[int], dups: list[int], ip_id: int,
+                fin: bool = True) -> list[bytes]:
+    """SYN first, then the segments (cut at ``cuts``) in ``order`` with ``dups`` re-sent, then FIN."""
+    bounds = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    segs = [(a, data[a:b]) for a, b in itertools.pairwise(bounds) if b > a]
+    frames = [tcp4(isn, flags=0x12, ip_id=ip_id)]
+    ordered = [segs[i % len(segs)] for i in order] if segs else []
+    seen = {a for a, _ in ordered}
+    ordered += [s for s in segs if s[0] not in seen]  # every segment at least once
+    ordered += [segs[i % len(segs)] for i in dups] if segs else []
+    for n, (a, chunk) in enumerate(ordered):
+        frames.append(tcp4(isn + 1 + a, chunk, ip_id=ip_id + n + 1))
+    if fin:
+        frames.append(tcp4(isn + 1 + len(data), flags=0x11, ip_id=ip_id + 9999))
+    return frames
+
+
+def feed_interleaved(c: Comparator, p: list[bytes], s: list[bytes], batch: int) -> list:
+    actions: list = []
+    i = j = 0
+    while i < len(p) or j < len(s):
+        actions += c.feed_primary(p[i : i + batch], 0.0)
+        i += batch
+        actions += c.feed_secondary(s[j : j + batch + 1], 0.0)
+        j += batch + 1
+    return actions
+
+
+def released(actions: list) -> list[bytes]:
+    return [f for a in actions if isinstance(a, Release) for f in a.frames]
+
+
+def requests(actions: list) -> list[CheckpointRequest]:
+    return [a for a in actions if isinstance(a, CheckpointRequest)]
+
+
+stream_data = st.binary(min_size=0, max_size=3000)
+cuts = st.lists(st.integers(min_value=0, max_value=3000), max_size=12)
+orders = st.lists(st.integers(min_value=0, max_value=30), max_size=12)
+isns = st.integers(min_value=0, max_value=0xFFFFFFFF) | st.integers(min_value=0xFFFFF000,
+                                                                   max_value=0xFFFFFFFF)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream_data, cuts, cuts, orders, orders, orders, orders, isns, isns, st.integers(1, 8))
+def test_any_two_packetisations_of_a_stream_match(data, cuts_p, cuts_s, order_p, order_s, dups_p, dups_s,
+                                                   isn_p, isn_s, batch) -> None:
+    p = side_frames(data, cuts_p, isn_p, order_p, dups_p, 1)
+    s = side_frames(data, cuts_s, isn_s, order_s, dups_s, 5000)
+    c = Comparator()
+    actions = feed_interleaved(c, p, s, batch)
+    assert requests(actions) == []
+    assert released(actions) == p
+    assert c.stats()["held_frames"] == 0
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(min_size=1, max_size=3000), st.data(), cuts, cuts, orders, orders, isns, isns,
+       st.integers(1, 8), st.booleans())
+def test_one_changed_byte_is_found_exactly(data, draw, cuts_p, cuts_s, order_p, order_s, isn_p, isn_s,
+                                           batch, primary_changed) -> None:
+    k = draw.draw(st.integers(min_value=0, max_value=len(data) - 1))
+    other = bytearray(data)
+    other[k] ^= draw.draw(st.integers(min_value=1, max_value=255))
+    pdata, sdata = (bytes(other), data) if primary_changed else (data, bytes(other))
+    p = side_frames(pdata, cuts_p, isn_p, order_p, [], 1)
+    s = side_frames(sdata, cuts_s, isn_s, order_s, [], 5000)
+    c = Comparator()
+    actions = feed_interleaved(c, p, s, batch)
+    reqs = requests(actions)
+    assert [(r.reason, r.offset) for r in reqs] == [("payload", k)]
+    # nothing covering byte k was released, and everything held is released by the checkpoint
+    out = released(actions)
+    n = c.seal()
+    out += released(c.commit(n))
+    assert sorted(out) == sorted(p) and len(out) == len(p)
+
+
+def _mutations(base: bytes) -> st.SearchStrategy[bytes]:
+    return st.one_of(
+        st.binary(max_size=120),
+        st.integers(0, len(base)).map(lambda n: base[:n]),
+        st.tuples(st.integers(0, len(base) - 1), st.integers(0, 255)).map(
+            lambda t: base[: t[0]] + bytes([t[1]]) + base[t[0] + 1 :]
+        ),
+        st.tuples(st.integers(14, 60), st.binary(min_size=1, max_size=4)).map(
+            lambda t: base[: t[0]] + t[1] + base[t[0] + len(t[1]) :]
+        ),
+    )
+
+
+_BASES = [
+    tcp4(100, b"hello world", ip_id=7),
+    bytes.fromhex("525400abcdef52540012345686dd6000000000140640") + bytes(32)
+    + struct.pack(">HHIIBBHHH", 80, 4000, 1, 1, 0x50, 0x18, 1, 0, 0),
+    bytes.fromhex("525400abcdef5254001234560800450000240001000040110000") + bytes(8)
+    + struct.pack(">HHHH", 53, 99, 16, 0) + b"answer!!",
+    bytes.fromhex("525400abcdef5254001234560800450000200001000040010000") + bytes(8)
+    + b"\x00\x00\x00\x00\x12\x34\x00\x01" + b"ping",
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_BASES).flatmap(_mutations), max_size=20),
+       st.lists(st.sampled_from(_BASES).flatmap(_mutations), max_size=20),
+       st.sampled_from([Mode.COLO, Mode.MC]))
+def test_fuzzed_frames_never_raise_and_nothing_is_lost(p, s, mode) -> None:
+    for frame in p + s:
+        classify(frame)
+    c = Comparator(mode, compare_timeout=0.5)
+    out = released(c.feed_primary(p, 0.0))
+    out += released(c.feed_secondary(s, 0.1))
+    c.poll(5.0)
+    c.stats()
+    c.flows()
+    n = c.seal()
+    out += released(c.commit(n))
+    assert sorted(out) == sorted(p)
+
+
+# a random schedule of operations: every primary frame released exactly once, in per-flow order
+
+_op = st.one_of(
+    st.tuples(st.just("p"), st.integers(0, 2), st.integers(1, 4)),  # primary: flow, segments
+    st.tuples(st.just("s"), st.integers(0, 2), st.integers(1, 4)),  # secondary catches up
+    st.tuples(st.just("u"), st.integers(0, 1), st.integers(1, 3)),  # udp datagrams
+    st.just(("seal",)),
+    st.just(("commit",)),
+    st.tuples(st.just("mode"), st.sampled_from([Mode.COLO, Mode.MC])),
+    st.just(("poll",)),
+    st.just(("release_all",)),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_op, max_size=40), st.sampled_from([Mode.COLO, Mode.MC]))
+def test_every_primary_frame_is_released_exactly_once_in_flow_order(ops, mode) -> None:
+    c = Comparator(mode, compare_timeout=1.0)
+    fed: dict[int, list[bytes]] = {}
+    out: list[bytes] = []
+    p_off = [0, 0, 0]
+    s_off = [0, 0, 0]
+    sent = [False, False, False]
+    pending: list[int] = []
+    t = 0.0
+    ip_id = 0
+    for op in ops:
+        t += 0.3
+        kind = op[0]
+        if kind == "p":
+            flow, nseg = op[1], op[2]
+            frames = []
+            if not sent[flow]:
+                ip_id += 1
+                frames.append(tcp4(1000 * flow, flags=0x12, ip_id=ip_id, dport=40000 + flow))
+                sent[flow] = True
+            for _ in range(nseg):
+                ip_id += 1
+                seq = 1000 * flow + 1 + p_off[flow]
+                frames.append(tcp4(seq, b"x" * 100, ip_id=ip_id, dport=40000 + flow))
+                p_off[flow] += 100
+            fed.setdefault(flow, []).extend(frames)
+            out += released(c.feed_primary(frames, t))
+        elif kind == "s":
+            flow, nseg = op[1], op[2]
+            frames = [tcp4(77 + flow, flags=0x12, dport=40000 + flow)] if s_off[flow] == 0 else []
+            for _ in range(nseg):
+                frames.append(tcp4(77 + flow + 1 + s_off[flow], b"x" * 100, dport=40000 + flow))
+                s_off[flow] += 100
+            out += released(c.feed_secondary(frames, t))
+        elif kind == "u":
+            flow, n = op[1], op[2]
+            frames = []
+            for _ in range(n):
+                ip_id += 1
+                udp = struct.pack(">HHHH", 53, 5000 + flow, 8 + 4, 0) + b"dns!"
+                ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), ip_id, 0, 64, 17, 0,
+                                 bytes([10, 0, 0, 2]), bytes([10, 0, 0, 1]))
+                frames.append(_ETH + ip + udp)
+            fed.setdefault(10 + flow, []).extend(frames)
+            out += released(c.feed_primary(frames, t))
+        elif kind == "seal":
+            pending.append(c.seal())
+        elif kind == "commit":
+            if pending:
+                out += released(c.commit(pending.pop(0)))
+        elif kind == "mode":
+            c.set_mode(op[1])
+        elif kind == "poll":
+            c.poll(t)
+        else:
+            out += released(c.release_all())
+            pending.clear()
+    out += released(c.release_all())
+    all_fed = [f for frames in fed.values() for f in frames]
+    assert sorted(out) == sorted(all_fed) and len(out) == len(all_fed)
+    for frames in fed.values():
+        positions = [out.index(f) for f in frames]
+        assert positions == sorted(positions)
+    assert c.stats()["held_bytes"] == 0
