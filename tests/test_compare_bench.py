@@ -1,0 +1,45 @@
+"""``hybridft bench compare --quick --json``: the shape of the report and zero false miscompares.
+
+This runs the real benchmark briefly (real processes and sockets); it checks structure and
+correctness (no false miscompare, every injected divergence detected, every frame delivered),
+never speed: speed goals live in the benchmark's own report.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_compare_quick_json() -> None:
+    cli = [sys.executable, "-c", "from controller.cli import main; main()"]
+    out = subprocess.run(
+        [*cli, "bench", "compare", "--quick", "--json"],
+        capture_output=True,
+        timeout=300,
+        check=True,
+    )
+    res = json.loads(out.stdout)
+    assert res["quick"] is True
+    assert set(res["scenarios"]) == {"bulk", "rpc", "noise", "divergence", "mc", "latency"}
+    for name in ("bulk", "rpc", "noise", "mc", "latency"):
+        sc = res["scenarios"][name]
+        for who in ("comparator", "relay"):
+            r = sc[who]
+            assert r["frames"] == r["expected_frames"] > 0, (name, who, r)  # nothing lost or stuck
+            assert r["frames_per_s"] > 0
+            assert r["framing_errors"] == 0
+        if name != "latency":
+            assert sc["comparator"]["mbit_per_s"] > 0
+            assert sc["comparator"]["ratio_to_relay"] > 0
+    lat = res["scenarios"]["latency"]["comparator"]
+    assert 0 < lat["latency_p50_us"] <= lat["latency_p99_us"]
+    assert res["scenarios"]["mc"]["comparator"]["checkpoints"] >= 1
+    assert res["false_miscompares"] == 0
+    assert res["frames_compared"] > 10_000
+    det = res["detections"]
+    assert det["detected"] == det["injected"] > 0
+    assert det["delivered"] == det["expected"]
+    assert res["core"]["mc_core"]["frames_per_s"] > 0
+    assert res["core"]["colo_core"]["released"] == res["core"]["colo_core"]["frames"]
