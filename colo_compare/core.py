@@ -84,6 +84,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from itertools import islice
 
 from colo_compare.packet import (
     KIND_ICMP,
@@ -158,6 +159,7 @@ class FlowReport:
         return describe(self.key)
 
 
+_ONLY_BYTES = {bytes}
 _M = 0xFFFFFFFF
 _H = 0x80000000
 _SYN = 0x02
@@ -298,7 +300,7 @@ class Comparator:
         nframes = len(frames)
         if not nframes:
             return []
-        if type(frames) is not list or any(type(f) is not bytes for f in frames):
+        if type(frames) is not list or set(map(type, frames)) != _ONLY_BYTES:
             frames = [f if type(f) is bytes else bytes(f) for f in frames]
         nbytes = sum(map(len, frames))
         self._p_frames += nframes
@@ -600,11 +602,34 @@ class Comparator:
             if seq == side.nxt and not flags & 7:
                 # hot path: in order, no SYN/FIN/RST
                 if plen:
-                    side.buf += frame[pstart:ip_end]
-                    side.end += plen
+                    e = side.end
+                    other = flow.s if primary else flow.p
+                    oe = other.end
+                    if oe > e and flow.v == e and flow.diverged is None:
+                        # this side is catching up and fully verified so far: compare the new bytes
+                        # in place with what the other side already has; store only the excess
+                        k = oe - e
+                        chunk = frame[pstart:ip_end] if k >= plen else frame[pstart:pstart + k]
+                        if other.buf.startswith(chunk, e - other.start):
+                            if side.buf:
+                                sec_bytes -= len(side.buf)
+                                side.buf.clear()
+                            if k >= plen:
+                                side.start = flow.v = e + plen
+                            else:
+                                side.start = flow.v = oe
+                                side.buf += frame[pstart + k : ip_end]
+                                sec_bytes += plen - k
+                        else:
+                            side.buf += frame[pstart:ip_end]  # settle() pinpoints the divergence
+                            sec_bytes += plen
+                    else:
+                        side.buf += frame[pstart:ip_end]
+                        sec_bytes += plen
+                    side.end = end = e + plen
                     side.nxt = (seq + plen) & 0xFFFFFFFF
-                    sec_bytes += plen
-                end = side.end
+                else:
+                    end = side.end
             else:
                 end = self._tcp_segment(flow, side, primary, seq, flags, frame, pstart, plen)
                 flow = tcp[key]  # a SYN may have started a new incarnation
@@ -763,32 +788,35 @@ class Comparator:
         held = flow.held
         if held:
             sack = s.ack
-            n = freed = 0
             popleft = held.popleft
             append = out.append
+            n0 = len(out)
             while held:
-                end, ack, frame, _t = held[0]
-                if end > v or (ack >= 0 and (sack < 0 or ((sack - ack) & 0xFFFFFFFF) >= 0x80000000)):
+                item = held[0]
+                if item[0] > v:
                     break
-                popleft()
-                append(frame)
-                freed += len(frame)
-                n += 1
-            flow.released += n
-            self._held_bytes -= freed
-        # drop verified bytes
+                ack = item[1]
+                if ack >= 0 and (sack < 0 or ((sack - ack) & 0xFFFFFFFF) >= 0x80000000):
+                    break
+                append(popleft()[2])
+            n = len(out) - n0
+            if n:
+                flow.released += n
+                self._held_bytes -= sum(map(len, islice(out, n0, None)))
+        # drop verified bytes: all of a side that is fully verified, big prefixes of the other
         for side in (p, s):
-            cut = v - side.start
-            if cut >= _TRIM:
-                if cut >= len(side.buf):
-                    gone = len(side.buf)
-                    side.buf = bytearray()
-                else:
-                    gone = cut
-                    del side.buf[:cut]
-                side.start += gone
+            if side.end <= v:
+                if side.buf:
+                    if side is s:
+                        self._sec_bytes -= len(side.buf)
+                    side.buf.clear()
+                side.start = side.end
+            elif v - side.start >= _TRIM:
+                cut = v - side.start
+                del side.buf[:cut]
+                side.start = v
                 if side is s:
-                    self._sec_bytes -= gone
+                    self._sec_bytes -= cut
 
     def _verify_tcp(self, flow: _TcpFlow, v: int, actions: list[Action]) -> int:
         """Advance the verified offset as far as both streams agree; flag a divergence."""
