@@ -1,0 +1,158 @@
+"""Which QEMU binary and accelerator a protected VM runs with, and why (``hybridft qemu which``).
+
+Real KVM hosts run Debian's stock QEMU 7.2 with KVM: COLO works there unpatched.  Where ``/dev/kvm`` is
+missing, or is provided by ``kvm_pvm`` (a software nested-virtualisation layer that runs firmware but
+fails to boot a Linux kernel: emulation failures on ``cmpxchg16b``/``xrstor``, MSR errors with ``-cpu
+host``), guests run under TCG, and TCG needs the project's patched QEMU (see ``qemu_build.py``).  The
+choice is always reported with its reason, so nobody mistakes a TCG run for a KVM one.
+
+``HYBRIDFT_ACCEL=kvm|tcg`` overrides the detection (the reason then says so); ``HYBRIDFT_QEMU_BINARY``
+replaces the patched build (experiments with one fix reverted, a development tree).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+
+STOCK_QEMU = "qemu-system-x86_64"
+KVM_DEVICE = Path("/dev/kvm")
+KVM_PVM_MODULE = Path("/sys/module/kvm_pvm")
+
+
+class NoUsableQemu(RuntimeError):
+    """No QEMU/accelerator combination can run the protected VM here; the message says what is missing."""
+
+
+@dataclass(frozen=True, slots=True)
+class QemuChoice:
+    binary: Path
+    accel: str  # "kvm" or "tcg"
+    firmware_args: tuple[str, ...]
+    reason: str
+    cpu: str = "qemu64"
+    patched: bool = False
+    notes: tuple[str, ...] = field(default=())
+
+    def accel_args(self) -> list[str]:
+        """``-accel``/``-cpu`` arguments for this choice."""
+        return ["-accel", self.accel, "-cpu", self.cpu]
+
+
+@dataclass(frozen=True, slots=True)
+class KvmProbe:
+    usable: bool
+    reason: str
+
+
+def probe_kvm() -> KvmProbe:
+    """Is there a KVM that boots Linux guests?  ``kvm_pvm`` counts as no (see the module docstring)."""
+    if not KVM_DEVICE.exists():
+        return KvmProbe(False, f"{KVM_DEVICE} does not exist (no KVM on this host)")
+    try:
+        fd = os.open(KVM_DEVICE, os.O_RDWR)
+    except OSError as exc:
+        return KvmProbe(False, f"{KVM_DEVICE} cannot be opened: {exc.strerror}")
+    os.close(fd)
+    if KVM_PVM_MODULE.exists():
+        return KvmProbe(
+            False,
+            f"{KVM_DEVICE} is provided by kvm_pvm ({KVM_PVM_MODULE} exists), which runs firmware but cannot "
+            "boot a Linux kernel (emulation failures on cmpxchg16b/xrstor)",
+        )
+    return KvmProbe(True, f"{KVM_DEVICE} is a hardware KVM")
+
+
+def _stock_binary() -> Path:
+    found = shutil.which(STOCK_QEMU, path="/usr/bin:/usr/local/bin:" + os.environ.get("PATH", ""))
+    if not found:
+        raise NoUsableQemu(f"{STOCK_QEMU} is not installed (apt-get install qemu-system-x86)")
+    return Path(found)
+
+
+def _patched_choice(reason: str, build: bool) -> QemuChoice:
+    from mc_driver import qemu_build
+
+    override = os.environ.get("HYBRIDFT_QEMU_BINARY")
+    if override:
+        if not os.access(override, os.X_OK):
+            raise NoUsableQemu(f"HYBRIDFT_QEMU_BINARY={override} is not an executable")
+        return QemuChoice(
+            binary=Path(override),
+            accel="tcg",
+            firmware_args=qemu_build.FIRMWARE_ARGS,
+            reason=f"{reason}: using TCG with HYBRIDFT_QEMU_BINARY={override} (taken to be a patched build)",
+            patched=True,
+        )
+    if build:
+        try:
+            binary = qemu_build.patched_qemu()
+        except qemu_build.QemuBuildError as exc:
+            raise NoUsableQemu(f"TCG needs the patched QEMU, and building it failed: {exc}") from exc
+    else:
+        inputs = qemu_build.BuildInputs(
+            qemu_build._source_version(), qemu_build.read_series(), qemu_build.CONFIGURE_ARGS
+        )
+        cached = qemu_build.cached_result(inputs)
+        if cached is None:
+            raise NoUsableQemu(
+                f"{reason}; the patched QEMU for TCG is not built yet: run `hybridft qemu build`"
+            )
+        binary = Path(cached.binary)
+    return QemuChoice(
+        binary=binary,
+        accel="tcg",
+        firmware_args=qemu_build.FIRMWARE_ARGS,
+        reason=f"{reason}: using TCG with the patched QEMU 7.2 (COLO under stock TCG deadlocks/loses writes)",
+        cpu="qemu64",
+        patched=True,
+    )
+
+
+def choose_qemu(build: bool = True, force_accel: str | None = None) -> QemuChoice:
+    """Pick stock QEMU + KVM where KVM boots Linux, else the patched build + TCG; says why.
+
+    ``build=False`` never starts a build (raises NoUsableQemu if one is needed); ``force_accel`` (or
+    ``HYBRIDFT_ACCEL``) overrides detection.
+    """
+    forced = force_accel or os.environ.get("HYBRIDFT_ACCEL") or None
+    if forced not in (None, "kvm", "tcg"):
+        raise NoUsableQemu(f"HYBRIDFT_ACCEL/--accel must be kvm or tcg, not {forced!r}")
+    probe = probe_kvm()
+    if forced == "tcg":
+        return _patched_choice("TCG requested explicitly", build)
+    if forced == "kvm":
+        if not KVM_DEVICE.exists():
+            raise NoUsableQemu(f"KVM requested but {probe.reason}")
+        note = "" if probe.usable else f" (warning: {probe.reason})"
+        return QemuChoice(_stock_binary(), "kvm", (), f"KVM requested explicitly{note}", cpu="host")
+    if probe.usable:
+        return QemuChoice(
+            _stock_binary(), "kvm", (), f"{probe.reason}: using stock QEMU with KVM", cpu="host"
+        )
+    return _patched_choice(probe.reason, build)
+
+
+@click.command("which")
+@click.option("--json", "as_json", is_flag=True, help="Print the choice as JSON.")
+@click.option("--build/--no-build", default=False, help="Build the patched QEMU if it is needed and missing.")
+def which_command(as_json: bool, build: bool) -> None:
+    """Which QEMU binary and accelerator would run the protected VM, and why."""
+    try:
+        choice = choose_qemu(build=build)
+    except NoUsableQemu as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        data = asdict(choice)
+        data["binary"] = str(choice.binary)
+        click.echo(json.dumps(data))
+        return
+    click.echo(f"binary:   {choice.binary}{' (patched)' if choice.patched else ''}")
+    click.echo(f"accel:    {choice.accel} (-cpu {choice.cpu})")
+    click.echo(f"firmware: {' '.join(choice.firmware_args) or '(built in)'}")
+    click.echo(f"reason:   {choice.reason}")
