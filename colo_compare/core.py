@@ -362,14 +362,26 @@ class Comparator:
                     reason = "ack" if end <= v and flow.diverged is None else "timeout"
                     self._timeouts += 1
                     actions.append(self._request(flow, reason, "tcp", max(v, 0)))
-            elif flow.done_at is not None and now - flow.done_at > max(30.0, 10 * self.compare_timeout):
+            elif flow.done_at is None:
+                if self._flow_finished(flow):
+                    flow.done_at = now
+            elif now - flow.done_at > max(30.0, 10 * self.compare_timeout):
+                # closed on both sides and verified long ago: forget it (late retransmissions of
+                # a forgotten flow would anchor a new one and at worst cost a checkpoint)
                 stale.append(flow.key)
         for key in stale:
             del self._tcp[key]
+        idle: list[tuple] = []
         for dflow in self._dgram.values():
-            if dflow.p_pending and dflow.p_pending[0][2] < limit and not dflow.requested:
-                self._timeouts += 1
-                actions.append(self._request(dflow, "timeout", proto_of(dflow.key), dflow.released))
+            pend = dflow.p_pending
+            if pend:
+                if pend[0][2] < limit and not dflow.requested:
+                    self._timeouts += 1
+                    actions.append(self._request(dflow, "timeout", proto_of(dflow.key), dflow.released))
+            elif not dflow.s_pending and dflow.diverged is None:
+                idle.append(dflow.key)  # both sides agree on every datagram: nothing to remember
+        for key in idle:
+            del self._dgram[key]
         return actions
 
     def seal(self) -> int:
@@ -389,6 +401,12 @@ class Comparator:
                 )
             for dflow in self._dgram.values():
                 sealed.dgram.append((dflow, dflow.released + len(dflow.p_pending), dflow.p_count))
+            if self._next_mode is Mode.MC:
+                # MC does not parse: these flows would go stale.  Their held frames stay reachable
+                # through the snapshot until the commit; a later COLO epoch starts from scratch.
+                self._tcp = {}
+                self._dgram = {}
+                self._sec_bytes = 0
         self._pending.append(sealed)
         self._epoch += 1
         self._mode = self._next_mode
@@ -415,8 +433,7 @@ class Comparator:
             return actions
         self._queue_full_requested = False
         if self._mode is Mode.MC:
-            # the open epoch is MC: COLO flow state is no longer needed (everything is released)
-            self._reset_colo_state()
+            # the open epoch is MC (its flow state was dropped at the seal)
             dropped = len(sealed.set_aside)
             if dropped:
                 self._dropped_secondary += dropped
@@ -455,6 +472,10 @@ class Comparator:
         held_frames = len(self._mc_frames) + sum(len(s.frames) for s in self._pending)
         held_frames += sum(len(f.held) for f in self._tcp.values())
         held_frames += sum(len(f.p_pending) for f in self._dgram.values())
+        for sealed in self._pending:
+            # frames of a COLO epoch whose flows were set aside by a switch to MC
+            held_frames += sum(c - f.released for f, c, *_ in sealed.tcp if self._tcp.get(f.key) is not f)
+            held_frames += sum(c - f.released for f, c, _ in sealed.dgram if self._dgram.get(f.key) is not f)
         return {
             "mode": str(self._mode),
             "next_mode": str(self._next_mode),

@@ -467,3 +467,38 @@ def test_feed_accepts_memoryviews_and_releases_copies() -> None:
     buf[:] = bytes(len(buf))  # the caller reuses its buffer
     out = released(c.feed_secondary(stream_frames(DATA[:100], [50], isn=5, fin=False), 0.0))
     assert out == frames
+
+
+def test_colo_to_mc_to_colo_with_overlapping_seals_starts_flows_afresh() -> None:
+    c = Comparator(Mode.COLO)
+    first = stream_frames(DATA[:2000], [1000], isn=10, fin=False)
+    c.feed_primary(first, 0.0)
+    c.set_mode(Mode.MC)
+    n1 = c.seal()  # COLO epoch, its frames still held
+    mc_frames = [tcp_frame(10 + 1 + 2000, DATA[2000:3000])]
+    c.feed_primary(mc_frames, 0.0)  # MC: not parsed
+    c.set_mode(Mode.COLO)
+    n2 = c.seal()  # MC epoch
+    assert c.stats()["held_frames"] == len(first) + len(mc_frames)
+    later = [tcp_frame(10 + 1 + 3000, DATA[3000:4000])]
+    c.feed_primary(later, 0.0)
+    assert released(c.commit(n1)) == first
+    assert released(c.commit(n2)) == mc_frames
+    # the secondary, having loaded checkpoint n2, continues the same connection in the same space
+    out = released(c.feed_secondary([tcp_frame(10 + 1 + 3000, DATA[3000:3500]),
+                                     tcp_frame(10 + 1 + 3500, DATA[3500:4000])], 1.0))
+    assert out == later
+    assert c.stats()["held_frames"] == 0
+
+
+def test_poll_forgets_finished_flows_and_agreed_datagram_flows() -> None:
+    c = Comparator(compare_timeout=1.0)
+    run(stream_frames(DATA[:100], [100], isn=1), stream_frames(DATA[:100], [50], isn=2), c)
+    run([udp_frame(b"q")], [udp_frame(b"q")], c)
+    assert c.stats()["tcp_flows"] == 1 and c.stats()["datagram_flows"] == 1
+    c.poll(1.0)
+    assert c.stats()["datagram_flows"] == 0
+    c.poll(100.0)
+    assert c.stats()["tcp_flows"] == 0
+    _c, out, reqs = run(stream_frames(DATA[:10], [10], isn=9), stream_frames(DATA[:10], [5], isn=8), c)
+    assert reqs == [] and len(out) == 3
