@@ -27,6 +27,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,8 @@ from pathlib import Path
 import pytest
 
 from colo_compare.transport import FrameDecoder, encode_frames
+from controller.control import call
+from tests.compare_frames import stream_frames
 
 pytestmark = pytest.mark.qemu
 
@@ -226,3 +229,70 @@ def test_qemu_reconnects_after_we_drop_the_connection(tmp_path: Path) -> None:
         assert read_frames(conn, decoder, len(frames)) == frames
         conn.close()
     listener.close()
+
+
+def _serve(tmp: Path, mode: str, vnet_hdr: bool) -> tuple[subprocess.Popen[bytes], dict[str, Path]]:
+    paths = {r: tmp / f"serve-{r}.sock" for r in ("primary", "secondary", "out", "control")}
+    cmd = [sys.executable, "-c", "from controller.cli import main; main()", "compare", "serve",
+           "--primary-in", f"unix:{paths['primary']}", "--secondary-in", f"unix:{paths['secondary']}",
+           "--out", f"unix:{paths['out']}", "--control", f"unix:{paths['control']}",
+           "--mode", mode]  # fmt: skip
+    if vnet_hdr:
+        cmd.append("--vnet-hdr")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(tmp / "serve.log", "wb"))  # noqa: SIM115
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n", (tmp / "serve.log").read_text()
+    return proc, paths
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    assert proc.wait(10) == 0
+
+
+@pytest.mark.parametrize("vnet_hdr", [False, True], ids=["plain", "vnet_hdr_support"])
+def test_compare_serve_between_qemu_filters(tmp_path: Path, vnet_hdr: bool) -> None:
+    """QEMU -> compare serve -> QEMU, both modes.
+
+    The filter-mirror's copy plays the secondary's output and the outdev redirector the primary's,
+    so in COLO both sides carry the same TCP stream and the comparator must release it at once; in
+    MC mode nothing leaves before seal + commit, then exactly the sealed frames do, in order.
+    """
+    proc, paths = _serve(tmp_path, "colo", vnet_hdr)
+    chardevs = {"mirror": str(paths["secondary"]), "out": str(paths["primary"]), "in": str(paths["out"])}
+    try:
+        with qemu_net(chardevs, vnet_hdr, tmp_path) as net:
+            ctl = f"unix:{paths['control']}"
+            deadline = time.monotonic() + 15
+            while not all(call(ctl, "stats")["transport"]["connected"].values()):
+                assert time.monotonic() < deadline, "QEMU's chardevs never connected to compare serve"
+                time.sleep(0.05)
+            time.sleep(0.3)  # QEMU attaches accepted chardevs on its next main-loop turn
+
+            colo = stream_frames(bytes(range(256)) * 20, [1448], isn=4242, fin=True)
+            for frame in colo:
+                net.send(frame)
+                time.sleep(0.002)  # the UDP socket feeding QEMU drops bursts
+            assert net.sink_frames(len(colo)) == colo  # compared, matched, released
+            stats = call(ctl, "stats")
+            assert stats["core"]["divergences"] == 0 and stats["core"]["released_frames"] == len(colo)
+
+            # switch to MC at the next checkpoint: epoch 2 is MC
+            call(ctl, "mode", mode="mc")
+            call(ctl, "commit", epoch=call(ctl, "seal")["epoch"])
+            mc = stream_frames(b"mc-epoch" * 500, [1448], isn=99, sport=8080)
+            for frame in mc:
+                net.send(frame)
+                time.sleep(0.002)
+            deadline = time.monotonic() + 5
+            while call(ctl, "stats")["transport"]["primary_frames"] < len(colo) + len(mc):
+                assert time.monotonic() < deadline, "QEMU's frames did not reach the comparator"
+                time.sleep(0.02)
+            net.sink.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                net.sink.recv(70000)  # held: MC releases only at commit
+            epoch = call(ctl, "seal")["epoch"]
+            assert call(ctl, "commit", epoch=epoch)["released_frames"] == len(mc)
+            net.sink.settimeout(5)
+            assert net.sink_frames(len(mc)) == mc
+    finally:
+        _stop(proc)
