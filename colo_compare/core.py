@@ -23,6 +23,11 @@ TCP
     RST an event at its offset (clamped to the side's end of data, +1 after a FIN).  Data after a
     FIN/RST is ignored.  A FIN/RST at offset k that the other side does not have there while it has
     data (or the other event) there is a divergence at k.
+  * QEMU's filter-rewriter on the secondary sends the secondary's SYN/ACK with its own ISN but
+    moves every later ACK-flagged segment into the primary's sequence space.  The first segment
+    after a SYN is always at offset 0, so when the secondary's first post-SYN segment carries the
+    primary's offset-0 sequence number, that side is re-anchored there.  With or without a
+    rewriter the comparison is the same.
   * A flow whose first frame is not a SYN (it opened before the comparator saw it, e.g. during an
     MC epoch) is anchored at the first sequence number seen, and both sides share that anchor:
     after any checkpoint the secondary's TCP state is the primary's (and QEMU's filter-rewriter
@@ -694,6 +699,20 @@ class Comparator:
                 flow.v = -1 if syn else 0
             side.end = side.start = 0
             side.nxt = side.base
+        elif (
+            not primary
+            and not syn
+            and side.syn
+            and side.end == 0
+            and not side.ooo
+            and seq != side.base
+            and seq == flow.p.base
+            and flags & _ACKF
+        ):
+            # QEMU's filter-rewriter: the secondary's SYN/ACK leaves with its own ISN, everything
+            # after it (ACK set) is moved into the primary's sequence space.  The first segment
+            # after a SYN is always at offset 0, so it tells which space this side is in.
+            side.base = side.nxt = seq
         if syn and (seq + 1) & _M == side.base:
             side.syn = True
             off = -1

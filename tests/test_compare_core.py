@@ -502,3 +502,17 @@ def test_poll_forgets_finished_flows_and_agreed_datagram_flows() -> None:
     assert c.stats()["tcp_flows"] == 0
     _c, out, reqs = run(stream_frames(DATA[:10], [10], isn=9), stream_frames(DATA[:10], [5], isn=8), c)
     assert reqs == [] and len(out) == 3
+
+
+def test_secondary_behind_qemu_filter_rewriter() -> None:
+    # filter-rewriter: the secondary's SYN/ACK keeps its own ISN (900), every later ACK-flagged
+    # segment is moved into the primary's sequence space (ISN 10)
+    p = stream_frames(DATA[:3000], [1000], isn=10)
+    s = [tcp_frame(900, flags="SA"), *stream_frames(DATA[:3000], [700], isn=10, syn=False)]
+    _c, out, reqs = run(p, s)
+    assert reqs == [] and out == p
+    bad = bytearray(DATA[:3000])
+    bad[2999] ^= 1
+    s_bad = [tcp_frame(900, flags="SA"), *stream_frames(bytes(bad), [700], isn=10, syn=False)]
+    _c, _out, reqs = run(p, s_bad)
+    assert [r.offset for r in reqs] == [2999]
