@@ -23,9 +23,10 @@ import pytest
 
 from disk_buffer.buffer import DiskBuffer, Export
 from disk_buffer.journal import FAULT_POINTS
+from disk_buffer.store import REGION_SIZE
 from tests.disk_model import DiskModel
 
-SIZE = 256 << 10
+SIZE = REGION_SIZE + (128 << 10)  # crosses a region boundary of the extent maps
 
 Op = tuple
 
@@ -36,10 +37,11 @@ def make_ops(rng: random.Random, count: int) -> list[Op]:
         r = rng.random()
         if r < 0.55:
             export = "replica" if rng.random() < 0.8 else "view"
+            low = 0 if rng.random() < 0.3 else SIZE - (256 << 10)  # mostly near the boundary
             if rng.random() < 0.7:
-                offset, length = rng.randrange(SIZE // 4096) * 4096, 4096 * rng.randint(1, 4)
+                offset, length = rng.randrange(low // 4096, SIZE // 4096) * 4096, 4096 * rng.randint(1, 4)
             else:
-                offset, length = rng.randrange(SIZE - 1), rng.randint(1, 20000)
+                offset, length = rng.randrange(low, SIZE - 1), rng.randint(1, 20000)
             length = min(length, SIZE - offset)
             ops.append(("write", export, offset, rng.randbytes(length)))
         elif r < 0.62:

@@ -16,17 +16,20 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from disk_buffer.buffer import DiskBuffer, DiskBufferError, Export
+from disk_buffer.store import REGION_SIZE
 from tests.disk_model import DiskModel, ModelError
 
-SIZE = 64 << 10
+SIZE = REGION_SIZE + (32 << 10)  # the image ends 32 KiB past a region boundary
+WINDOW = 64 << 10  # I/O lands in the last 64 KiB, across the boundary
+LOW = SIZE - WINDOW
 EXPORTS = st.sampled_from([Export.REPLICA, Export.VIEW])
 
 
 def ranges() -> st.SearchStrategy[tuple[int, int]]:
-    aligned = st.tuples(st.integers(0, SIZE // 512 - 1), st.integers(1, 24)).map(
+    aligned = st.tuples(st.integers(LOW // 512, SIZE // 512 - 1), st.integers(1, 24)).map(
         lambda t: (t[0] * 512, min(t[1] * 512, SIZE - t[0] * 512))
     )
-    unaligned = st.tuples(st.integers(0, SIZE - 1), st.integers(1, 9000)).map(
+    unaligned = st.tuples(st.integers(LOW, SIZE - 1), st.integers(1, 9000)).map(
         lambda t: (t[0], min(t[1], SIZE - t[0]))
     )
     return st.one_of(aligned, unaligned)
@@ -85,7 +88,7 @@ class DiskBufferMachine(RuleBasedStateMachine):
                 lambda: self.model.write_zeroes(export, offset, length),
             )
 
-    @rule(export=EXPORTS, offset=st.integers(-10, SIZE + 10), length=st.integers(0, 5000))
+    @rule(export=EXPORTS, offset=st.integers(LOW - 10, SIZE + 10), length=st.integers(0, 5000))
     def read_anywhere(self, export: Export, offset: int, length: int) -> None:
         real, expected = same_outcome(
             lambda: self.buf.read(export, offset, length), lambda: self.model.read(export, offset, length)
