@@ -86,6 +86,7 @@ def relay_command(
     control: Endpoint,
     vnet_hdr: bool,
     max_buffer: int,
+    out_high_water: int,
     log_level: str,
 ) -> None:
     """Forward the primary's frames to --out unchanged; discard the secondary's."""
@@ -98,6 +99,7 @@ def relay_command(
         control=control,
         vnet_hdr=vnet_hdr,
         max_buffer=max_buffer << 20,
+        out_high_water=out_high_water << 20,
     )
     asyncio.run(run_service(service, ready=lambda: print("ready", flush=True)))
 

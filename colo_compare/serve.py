@@ -509,6 +509,8 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--vnet-hdr", is_flag=True, help="QEMU filters have vnet_hdr_support=on."),
         click.option("--max-buffer", type=click.IntRange(1), default=1024, show_default=True,
                      help="MiB held+waiting before the primary's input pauses."),
+        click.option("--out-high-water", type=click.IntRange(1), default=16, show_default=True,
+                     help="MiB of unsent output before the secondary's input pauses."),
         click.option("--log-level", default="info", show_default=True,
                      type=click.Choice(["debug", "info", "warning", "error"])),
     ]  # fmt: skip
@@ -531,6 +533,7 @@ def serve_command(
     control: Endpoint,
     vnet_hdr: bool,
     max_buffer: int,
+    out_high_water: int,
     log_level: str,
     mode: str,
     compare_timeout: float,
@@ -557,5 +560,6 @@ def serve_command(
         vnet_hdr=vnet_hdr,
         poll_interval=min(0.05, compare_timeout / 4),
         max_buffer=max_buffer << 20,
+        out_high_water=out_high_water << 20,
     )
     asyncio.run(run_service(service, ready=lambda: print("ready", flush=True)))

@@ -294,5 +294,6 @@ def test_compare_serve_between_qemu_filters(tmp_path: Path, vnet_hdr: bool) -> N
             assert call(ctl, "commit", epoch=epoch)["released_frames"] == len(mc)
             net.sink.settimeout(5)
             assert net.sink_frames(len(mc)) == mc
+            assert call(ctl, "stats")["transport"]["vnet_headers_missing"] == 0
     finally:
         _stop(proc)
