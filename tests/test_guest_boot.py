@@ -164,7 +164,7 @@ def _dirty_rate_mb_s(qmp_path: Path) -> float:
         await qmp.connect(str(qmp_path))
         try:
             # page sampling; the dirty-bitmap mode crashes QEMU 7.2 under TCG
-            await qmp.execute("calc-dirty-rate", {"calc-time": 1, "sample-pages": 4096})
+            await qmp.execute("calc-dirty-rate", {"calc-time": 2, "sample-pages": 4096})
             while True:
                 info = await qmp.execute("query-dirty-rate")
                 if info["status"] == "measured":
@@ -181,7 +181,13 @@ def test_memdirty_runs_at_roughly_the_asked_rate(guest: Guest) -> None:
     with GuestControl(f"unix:{guest.control}") as ctl:
         pid = ctl.run("memdirty", "32", "128")
         try:
-            ctl.sh("sleep", "1")  # past the initial touch of the working set
+            # measure only once the working set has been touched (that first pass is not paced)
+            for _ in range(300):
+                if "memdirty: started" in ctl.sh("cat", f"/tmp/memdirty.{pid}.log").text:
+                    break
+                ctl.sh("sleep", "0.1")
+            else:
+                pytest.fail("memdirty did not start")
             busy = _dirty_rate_mb_s(guest.qmp)
             assert (pid, "running") in [(p, s) for p, s, _ in ctl.jobs()]
         finally:
@@ -241,3 +247,7 @@ def test_hybridft_guest_run_starts_a_workload(guest: Guest) -> None:
         assert ctl.sh("sleep", "0.2").rc == 0
         assert dict((p, s) for p, s, _ in ctl.jobs())[pid] == "exited"
         assert ctl.command("bogus").rc == 2
+        # words reach the program literally (no globbing in the control loop)
+        echo = ctl.run("echo", "*", "$HOME")
+        ctl.sh("sleep", "0.2")
+        assert ctl.sh("cat", f"/tmp/echo.{echo}.log").text == "* $HOME"

@@ -17,7 +17,8 @@
 #   sh COMMAND...         -> COMMAND's output             run in the foreground by sh -c
 #   kill PID [SIGNAL]     -> nothing                     rc is kill's
 #   jobs                  -> "<pid> <state> <cmd>" lines for every "run" job
-# Arguments are split on blanks; there is no quoting.
+# Arguments are split on blanks; there is no quoting and no globbing.  One host client at a time (QEMU's
+# socket chardev serves one connection); a host client resynchronises with a fresh ping token.
 
 export PATH=/bin:/sbin
 mount -t proc proc /proc
@@ -83,16 +84,22 @@ for s in $(echo "$SERVICES" | tr , ' '); do
 done
 
 : > /run/jobs
+JOBSEQ=0
 start_job() {
-    "$@" > "/tmp/$(basename "$1").$$.tmp" 2>&1 &
-    pid=$!
-    mv "/tmp/$(basename "$1").$$.tmp" "/tmp/$(basename "$1").$pid.log"
+    JOBSEQ=$((JOBSEQ + 1))
+    tmp="/tmp/.job.$JOBSEQ"
+    # Started from a command substitution that exits at once, the job becomes init's child: its exit
+    # never signals the control loop, whose busybox `read` would drop a half-read line on SIGCHLD.
+    pid=$("$@" < /dev/null > "$tmp" 2>&1 & echo $!)
+    mv "$tmp" "/tmp/$(basename "$1").$pid.log"
     echo "$pid $*" >> /run/jobs
 }
+set -f  # hft.run words are taken literally, no globbing
 for r in $RUNS; do
     # shellcheck disable=SC2046
     start_job $(echo "$r" | tr , ' ')
 done
+set +f
 
 echo "HYBRIDFT-GUEST-READY ip=$IP services=$SERVICES"
 
@@ -101,6 +108,7 @@ control_loop() {
     stty -F "$tty" raw -echo 115200 2>/dev/null
     exec 0<"$tty" 1>"$tty" 2>&1
     echo "HFT-CONTROL-READY"
+    set -f  # words from the host are literal: "run echo *" passes a star, not file names
     while IFS= read -r line; do
         set -- $line
         verb=$1
@@ -120,7 +128,9 @@ control_loop() {
                 rc=$? ;;
             jobs)
                 while read -r jpid jcmd; do
-                    if [ -d "/proc/$jpid" ]; then state=running; else state=exited; fi
+                    # a zombie not yet reaped by init has exited too
+                    set -- $(cat "/proc/$jpid/stat" 2>/dev/null)
+                    if [ -n "$3" ] && [ "$3" != Z ]; then state=running; else state=exited; fi
                     echo "$jpid $state $jcmd"
                 done < /run/jobs ;;
             *) echo "ERR unknown command: $verb"; rc=2 ;;

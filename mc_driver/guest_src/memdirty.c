@@ -4,8 +4,10 @@
  * Dirties guest memory at a steady rate: the working set is allocated and touched once, then every
  * 10 ms tick writes one word into the next pages of the working set (round robin), so that the
  * migration dirty bitmap sees MIB_PER_S MiB of distinct dirty pages per second (as long as the rate
- * is below working set / checkpoint interval).  A tick that falls behind is caught up, not dropped,
- * so the average rate stays exact; ticks are scheduled on CLOCK_MONOTONIC absolute deadlines.
+ * is below working set / checkpoint interval).  Ticks are scheduled on CLOCK_MONOTONIC absolute
+ * deadlines; a delay of up to 100 ms is caught up (the average stays exact), a longer one -- the vCPU
+ * starved by a busy host, or a paused VM -- is written off, so the rate never bursts far above the
+ * asked one after a stall.
  * MIB_PER_S 0 means "as fast as possible".  Every REPORT_SECONDS (default 5, 0 = never) it prints
  * "memdirty: pages=N mib_per_s=R" to stdout.
  */
@@ -20,6 +22,7 @@
 
 #define PAGE 4096UL
 #define TICK_NS 10000000L
+#define MAX_CATCH_UP_S 0.1
 
 static double now_s(void) {
     struct timespec ts;
@@ -91,6 +94,10 @@ int main(int argc, char **argv) {
             deadline.tv_nsec -= 1000000000L;
             deadline.tv_sec += 1;
         }
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        double behind = (double)(now.tv_sec - deadline.tv_sec) + (double)(now.tv_nsec - deadline.tv_nsec) / 1e9;
+        if (behind > MAX_CATCH_UP_S) deadline = now;
         while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &deadline, NULL) == EINTR) {
         }
     }
