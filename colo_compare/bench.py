@@ -142,6 +142,17 @@ def build_workload(kind: str, frames_target: int, flows: int) -> tuple[list[byte
     return p_chunks, s_chunks, nframes
 
 
+_WORKLOADS: dict[tuple[str, int, int], tuple[list[bytes], list[bytes], int]] = {}
+
+
+def cached_workload(kind: str, frames_target: int, flows: int) -> tuple[list[bytes], list[bytes], int]:
+    """Build once in the parent; forked generators share the pages instead of rebuilding."""
+    key = (kind, frames_target, flows)
+    if key not in _WORKLOADS:
+        _WORKLOADS[key] = build_workload(kind, frames_target, flows)
+    return _WORKLOADS[key]
+
+
 # ------------------------------------------------------------------------------------------------
 # processes
 # ------------------------------------------------------------------------------------------------
@@ -164,7 +175,7 @@ def _generator(paths: dict[str, str], spec: dict[str, Any], conn: Any) -> None:
     if spec["kind"] == "divergence":
         p_chunks, s_chunks, nframes = build_divergence(spec["flows"])
     else:
-        p_chunks, s_chunks, nframes = build_workload(spec["kind"], spec["frames"], spec["flows"])
+        p_chunks, s_chunks, nframes = cached_workload(spec["kind"], spec["frames"], spec["flows"])
     psock, ssock = _connect(paths["primary"]), _connect(paths["secondary"])
     pbytes = sum(map(len, p_chunks))
     s_frames = sum(len(FrameDecoder().feed(c)) for c in s_chunks) if spec["kind"] == "divergence" else 0
@@ -492,6 +503,7 @@ def run_bench(quick: bool, epoch_ms: float) -> dict[str, Any]:
     scenarios: dict[str, Any] = {}
     for kind, frames in sizes.items():
         spec = {"kind": kind, "frames": frames, "flows": 8 if kind != "rpc" else 64}
+        cached_workload(kind, frames, spec["flows"])
         relay = run_end_to_end(True, spec)
         comp = run_end_to_end(False, spec)
         comp["ratio_to_relay"] = round(comp["frames_per_s"] / max(relay["frames_per_s"], 1), 3)
@@ -511,6 +523,7 @@ def run_bench(quick: bool, epoch_ms: float) -> dict[str, Any]:
     mc_relay = scenarios["bulk"]["relay"]
     mc["ratio_to_relay"] = round(mc["frames_per_s"] / max(mc_relay["frames_per_s"], 1), 3)
     scenarios["mc"] = {"comparator": mc, "relay": mc_relay}
+    _WORKLOADS.clear()
 
     # hold latency at 50 % of the comparator's bulk throughput (same rate for the relay)
     rate = max(1000, scenarios["bulk"]["comparator"]["frames_per_s"] // 2)
