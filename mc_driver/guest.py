@@ -627,6 +627,7 @@ class GuestControl:
                 time.sleep(0.1)
         self._parser = ControlReplyParser()
         self._pending: list[ControlReply] = []
+        self._lost_sync = False
         self._sync()
 
     def close(self) -> None:
@@ -670,6 +671,7 @@ class GuestControl:
                 break
         self._pending.clear()
         self._drain_extra_pongs(token)
+        self._lost_sync = False
 
     def _drain_extra_pongs(self, token: str) -> None:
         # Repeated pings that were answered late would otherwise be read as replies to later commands.
@@ -681,8 +683,17 @@ class GuestControl:
                 return
 
     def command(self, verb: str, *args: str, timeout: float | None = None) -> ControlReply:
-        self._sock.sendall(encode_command(verb, *args))
-        return self._read_reply(time.monotonic() + (timeout or self.timeout))
+        """Send one command and wait for its reply (``rc`` is the guest's exit status)."""
+        line = encode_command(verb, *args)
+        if self._lost_sync:
+            # the reply to a timed-out command may still arrive: skip it before the next one
+            self._sync()
+        self._sock.sendall(line)
+        try:
+            return self._read_reply(time.monotonic() + (timeout or self.timeout))
+        except GuestControlTimeout:
+            self._lost_sync = True
+            raise
 
     def run(self, program: str, *args: str) -> int:
         """Start ``program args`` in the background in the guest; returns its guest pid."""

@@ -29,7 +29,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 DEFAULT_PREFIX = "hft-"
@@ -247,7 +247,7 @@ class NetNamespace:
         return proc
 
     @contextlib.contextmanager
-    def entered(self) -> Any:
+    def entered(self) -> Iterator[NetNamespace]:
         """Move the calling *thread* into the namespace for the ``with`` block (for in-process clients).
 
         Sockets created inside keep working after the block. Only for short, single-threaded use:

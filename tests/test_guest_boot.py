@@ -29,6 +29,7 @@ from mc_driver.guest import (
     RR_PORT,
     DiskWriterReports,
     GuestControl,
+    GuestControlTimeout,
     blob_bytes,
     build_guest,
     guest_cmdline,
@@ -251,3 +252,7 @@ def test_hybridft_guest_run_starts_a_workload(guest: Guest) -> None:
         echo = ctl.run("echo", "*", "$HOME")
         ctl.sh("sleep", "0.2")
         assert ctl.sh("cat", f"/tmp/echo.{echo}.log").text == "* $HOME"
+        # a command that outlives its timeout: the late reply is skipped, not taken for the next one
+        with pytest.raises(GuestControlTimeout):
+            ctl.sh("sleep", "2", "&&", "echo", "late", timeout=0.5)
+        assert ctl.sh("echo", "after").text == "after"

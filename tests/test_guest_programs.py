@@ -90,8 +90,8 @@ def test_blobgen_matches_the_host_stream(bins: dict[str, Path]) -> None:
 def test_echod_echoes_many_concurrent_connections_exactly(bins: dict[str, Path], ns: NetNamespace) -> None:
     ns.popen([str(bins["echod"]), "7007"])
     _wait_port(ns, 7007)
-    conns = [_connect(ns, 7007) for _ in range(24)]
-    payloads = [os.urandom(200_000 + 997 * i) for i in range(len(conns))]
+    conns = [_connect(ns, 7007) for _ in range(100)]
+    payloads = [os.urandom(50_000 + 997 * i) for i in range(len(conns))]
     results: list[bytes] = [b""] * len(conns)
 
     def reader(i: int) -> None:
