@@ -30,6 +30,7 @@ from mc_driver.guest import (
     DiskWriterReports,
     GuestControl,
     GuestControlTimeout,
+    GuestError,
     blob_bytes,
     build_guest,
     guest_cmdline,
@@ -73,7 +74,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(disk), "32M"], check=True)
     with NetNamespace() as ns:
         ns.add_tap("tap0")
-        cmdline = guest_cmdline(f"{GUEST_IP}/24", run=[("sleep", "600")])
+        cmdline = guest_cmdline(f"{GUEST_IP}/24", gateway="10.77.0.1", run=[("sleep", "600")])
         args = qemu_args(
             image,
             tap="tap0",
@@ -99,6 +100,36 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
 def test_guest_boots_and_reports_ready(guest: Guest) -> None:
     assert guest.ready_line == f"HYBRIDFT-GUEST-READY ip={GUEST_IP}/24 services=echod,rrserver,httpd"
     assert guest.proc.poll() is None
+
+
+def test_network_settings_come_from_the_command_line(guest: Guest) -> None:
+    with GuestControl(f"unix:{guest.control}") as ctl:
+        assert "default via 10.77.0.1 dev eth0" in ctl.sh("ip", "route").text
+        # IPv6 is off unless asked for: no spontaneous router solicitations to confuse COLO comparison
+        assert ctl.sh("cat", "/proc/sys/net/ipv6/conf/eth0/disable_ipv6").text == "1"
+        assert ctl.sh("cat", "/sys/class/net/eth0/address").text == "52:54:00:12:34:56"
+
+
+def test_a_guest_that_cannot_boot_fails_loudly(tmp_path: Path) -> None:
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        pytest.fail("qemu-system-x86_64 is not installed")
+    image = build_guest()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(tmp_path / "disk.img"), "1M"], check=True)
+    with NetNamespace() as ns:
+        ns.add_tap("tap0")
+        # no usable init: the kernel panics, panic=-1 with -no-reboot ends QEMU
+        args = qemu_args(
+            image,
+            tap="tap0",
+            disk=tmp_path / "disk.img",
+            console_log=tmp_path / "console.log",
+            cmdline=guest_cmdline(extra="rdinit=/no-such-init root=/dev/nothing"),
+            disk_format="raw",
+        )
+        proc = ns.popen([qemu, *args])
+        with pytest.raises(GuestError, match=r"guest kernel panicked"):
+            wait_for_ready(tmp_path / "console.log", timeout=90, proc=proc)
 
 
 def test_http_blob_is_the_exact_8_mib(guest: Guest) -> None:
