@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -279,14 +280,39 @@ def _writeout(sock: Path, control: str, seconds: float, rate: float, region: int
             "checkpoint_needed_seen": checkpoint_needed_seen, "status_keys": sorted(status)}
 
 
-def run_bench(quick: bool) -> dict[str, Any]:
+@contextlib.contextmanager
+def _checkpointer(control: str, epoch_ms: int) -> Iterator[list[int]]:
+    """Seal + commit every ``epoch_ms`` while a workload runs, as the daemon does in MC mode.
+
+    Without it the speculation budget fills and the server (correctly) stops reading requests.
+    """
+    count = [0]
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(epoch_ms / 1000):
+            call(control, "commit", epoch=call(control, "seal")["epoch"])
+            count[0] += 1
+
+    thread = threading.Thread(target=loop, name="bench-checkpointer", daemon=True)
+    thread.start()
+    try:
+        yield count
+    finally:
+        stop.set()
+        thread.join()
+        call(control, "commit", epoch=call(control, "seal")["epoch"])
+
+
+def run_bench(quick: bool, epoch_ms: int = 100) -> dict[str, Any]:
     region = 64 * MIB if quick else 256 * MIB
     with tempfile.TemporaryDirectory(prefix="hybridft-bench-disk-", dir=os.environ.get("TMPDIR")) as tmp:
         directory = Path(tmp)
         image = directory / "image.raw"
         with open(image, "wb") as f:
             f.truncate(region)
-        results: dict[str, Any] = {"quick": quick, "region_bytes": region, "workloads": {}}
+        results: dict[str, Any] = {"quick": quick, "region_bytes": region, "epoch_ms": epoch_ms,
+                                   "workloads": {}}
         workloads = _io_workloads(quick, region)
         baseline: dict[str, Any] = {}
         with _qemu_nbd(image, directory / "qemu-nbd.sock"):
@@ -296,9 +322,9 @@ def run_bench(quick: bool) -> dict[str, Any]:
         with _disk_serve(image, directory) as (sock, control):
             for name, spec in workloads.items():
                 export = "view" if name.startswith("randread") else "replica"
-                ours[name] = _worker(sock, export, **spec)
-                if spec["write"]:  # keep the speculation budget from filling between workloads
-                    call(control, "commit", epoch=call(control, "seal")["epoch"])
+                with _checkpointer(control, epoch_ms) as checkpoints:
+                    ours[name] = _worker(sock, export, **spec)
+                ours[name]["checkpoints"] = checkpoints[0]
             epochs = 10 if quick else 100
             commit = _commit_latency(sock, control, epochs)
             writeout = _writeout(sock, control, 1.0 if quick else 5.0, 50e6, region)
@@ -349,9 +375,11 @@ def format_table(results: dict[str, Any]) -> str:
 @click.command("disk")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--quick", is_flag=True, help="A short run (seconds) for tests; numbers are not meaningful.")
-def bench_disk(as_json: bool, quick: bool) -> None:
+@click.option("--epoch-ms", type=click.IntRange(min=10), default=100, show_default=True,
+              help="Seal+commit interval while the I/O workloads run against hybridft.")
+def bench_disk(as_json: bool, quick: bool, epoch_ms: int) -> None:
     """NBD disk buffer vs qemu-nbd on the same image (same run): IOPS, MB/s, commit latency, write-out."""
-    results = run_bench(quick)
+    results = run_bench(quick, epoch_ms)
     click.echo(json.dumps(results, indent=2, sort_keys=True) if as_json else format_table(results))
 
 
