@@ -107,6 +107,7 @@ class ServiceCounters:
     primary_pauses: int = 0
     secondary_pauses: int = 0
     vnet_headers_missing: int = 0
+    vnet_hdr_len: int | None = None  # as last seen from the primary
 
 
 class CompareService:
@@ -269,6 +270,7 @@ class CompareService:
             vnet = self._vnet
             for frame, header in zip(frames, headers, strict=True):
                 vnet[id(frame)] = (frame, header)
+            c.vnet_hdr_len = len(headers[0])
         self._apply(self.core.feed_primary(frames, self.clock()))
         if self.held_bytes() + self.out_backlog() > self.max_buffer:
             self._check_pressure()
@@ -472,6 +474,7 @@ class CompareService:
                 "requests_pending": len(self._requests),
                 "requests_raised": c.requests_raised,
                 "vnet_headers_missing": c.vnet_headers_missing,
+                "vnet_hdr_len": c.vnet_hdr_len,
             },
         }
 

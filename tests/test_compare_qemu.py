@@ -23,6 +23,7 @@ by the codec's unit tests and the VM-pair tests of later issues).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from colo_compare.transport import FrameDecoder, encode_frames
+from colo_compare.transport import FrameDecoder, encode_frame, encode_frames
 from controller.control import call
 from tests.compare_frames import stream_frames
 
@@ -60,7 +61,9 @@ def free_udp_port() -> int:
 class QemuNet:
     """A guest-less QEMU whose net filters connect (as reconnecting clients) to the given sockets."""
 
-    def __init__(self, chardevs: dict[str, str], vnet_hdr: bool, workdir: Path) -> None:
+    def __init__(
+        self, chardevs: dict[str, str], vnet_hdr: bool, workdir: Path, qmp: Path | None = None
+    ) -> None:
         self.in_port = free_udp_port()
         self.sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sink.bind(("127.0.0.1", 0))
@@ -86,6 +89,8 @@ class QemuNet:
             cmd += ["-object", f"filter-redirector,id=f_in,netdev=out0,queue=rx,indev=c_in{support}"]
         if "out" in chardevs:
             cmd += ["-object", f"filter-redirector,id=f_out,netdev=out0,queue=rx,outdev=c_out{support}"]
+        if qmp is not None:
+            cmd += ["-qmp", f"unix:{qmp},server=on,wait=off"]
         self.log = open(workdir / "qemu.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -116,8 +121,10 @@ class QemuNet:
 
 
 @contextlib.contextmanager
-def qemu_net(chardevs: dict[str, str], vnet_hdr: bool, workdir: Path) -> Iterator[QemuNet]:
-    net = QemuNet(chardevs, vnet_hdr, workdir)
+def qemu_net(
+    chardevs: dict[str, str], vnet_hdr: bool, workdir: Path, qmp: Path | None = None
+) -> Iterator[QemuNet]:
+    net = QemuNet(chardevs, vnet_hdr, workdir, qmp)
     try:
         yield net
     finally:
@@ -297,3 +304,59 @@ def test_compare_serve_between_qemu_filters(tmp_path: Path, vnet_hdr: bool) -> N
             assert call(ctl, "stats")["transport"]["vnet_headers_missing"] == 0
     finally:
         _stop(proc)
+
+
+def _qmp(path: Path, *commands: dict[str, object]) -> list[dict[str, object]]:
+    """Minimal QMP client (one connection, commands in order, events skipped)."""
+    replies = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        f = s.makefile("rwb")
+        f.readline()  # greeting
+        for command in [{"execute": "qmp_capabilities"}, *commands]:
+            f.write(json.dumps(command).encode() + b"\n")
+            f.flush()
+            while "event" in (reply := json.loads(f.readline())):
+                pass
+            assert "return" in reply, reply
+            replies.append(reply)
+    return replies[1:]
+
+
+def test_indev_redirector_stops_after_a_disconnect_until_recreated(tmp_path: Path) -> None:
+    """QEMU 7.2 fact the daemon must handle: after its chardev disconnects, an indev
+    filter-redirector never reads again (it drops its handlers on CHR_EVENT_CLOSED), although
+    reconnect=1 re-opens the socket.  So when the comparator restarts, released frames go nowhere
+    until the daemon re-creates that filter over QMP: object-del, then object-add with
+    position=head (rx filters run in reverse order, so it must stay in front of the outdev
+    redirector or its frames would be stolen back into the comparator)."""
+    in_path, out_path, qmp = tmp_path / "in.sock", tmp_path / "out.sock", tmp_path / "qmp.sock"
+    lin, lout = listen_unix(in_path), listen_unix(out_path)
+    with qemu_net({"in": str(in_path), "out": str(out_path)}, False, tmp_path, qmp=qmp) as net:
+        conn, out_conn = lin.accept()[0], lout.accept()[0]
+        conn.sendall(encode_frame(b"A" * 60))
+        assert net.sink_frames(1) == [b"A" * 60]
+
+        conn.close()  # the comparator goes away...
+        conn = lin.accept()[0]  # ...and QEMU reconnects
+        time.sleep(0.3)
+        conn.sendall(encode_frame(b"B" * 60))
+        net.sink.settimeout(1.5)
+        with pytest.raises(TimeoutError):
+            net.sink_frames(1)  # never read: the release path is dead
+
+        _qmp(qmp, {"execute": "object-del", "arguments": {"id": "f_in"}},
+             {"execute": "object-add", "arguments": {"qom-type": "filter-redirector", "id": "f_in2",
+              "netdev": "out0", "queue": "rx", "indev": "c_in", "position": "head"}})  # fmt: skip
+        conn.sendall(encode_frame(b"C" * 60))
+        net.sink.settimeout(5)
+        got = net.sink_frames(1)
+        assert got in ([b"C" * 60], [b"B" * 60])  # "B" may still sit in the new reader's socket
+        out_conn.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            out_conn.recv(100)  # not stolen back by the outdev redirector
+        conn.close()
+        out_conn.close()
+    lin.close()
+    lout.close()
