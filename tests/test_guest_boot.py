@@ -270,6 +270,26 @@ def test_hybridft_guest_run_starts_a_workload(guest: Guest) -> None:
         timeout=60,
     )
     assert bad.returncode == 1 and "no such program" in bad.stderr
+    # the workload's own options pass through (e.g. diskwriter --port)
+    opts = subprocess.run(
+        [
+            str(HYBRIDFT),
+            "guest",
+            "run",
+            "echo",
+            "-n",
+            "--port",
+            "9",
+            "--console",
+            f"unix:{guest.control}",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert opts.returncode == 0, opts.stderr
+    echo_pid = json.loads(opts.stdout)["pid"]
     with GuestControl(f"unix:{guest.control}") as ctl:
         jobs = {p: (state, cmd) for p, state, cmd in ctl.jobs()}
         assert jobs[pid] == ("running", "cpuburn 60")
@@ -279,6 +299,7 @@ def test_hybridft_guest_run_starts_a_workload(guest: Guest) -> None:
         assert ctl.sh("sleep", "0.2").rc == 0
         assert dict((p, s) for p, s, _ in ctl.jobs())[pid] == "exited"
         assert ctl.command("bogus").rc == 2
+        assert ctl.sh("cat", f"/tmp/echo.{echo_pid}.log").text == "--port 9"
         # words reach the program literally (no globbing in the control loop)
         echo = ctl.run("echo", "*", "$HOME")
         ctl.sh("sleep", "0.2")

@@ -14,7 +14,8 @@
 # packets COLO compares.  Every reply ends with a line "HFT-END <rc>".  Commands:
 #   ping [TOKEN]          -> "PONG [TOKEN]"              (the host uses a fresh token to resynchronise)
 #   run PROG [ARGS...]    -> "PID <pid>"  PROG runs in the background, output in /tmp/PROG.<pid>.log
-#   sh COMMAND...         -> COMMAND's output             run in the foreground by sh -c
+#   sh COMMAND...         -> COMMAND's output             run in the foreground by sh -c (trailing
+#                                                        newlines dropped, one added)
 #   kill PID [SIGNAL]     -> nothing                     rc is kill's
 #   jobs                  -> "<pid> <state> <cmd>" lines for every "run" job
 # Arguments are split on blanks; there is no quoting and no globbing.  One host client at a time (QEMU's
@@ -122,7 +123,11 @@ control_loop() {
                 elif ! command -v "$1" > /dev/null; then echo "ERR no such program: $1"; rc=127
                 else start_job "$@"; echo "PID $pid"
                 fi ;;
-            sh) sh -c "$*" < /dev/null 2>&1; rc=$? ;;
+            sh)
+                # captured, so that output without a final newline cannot hide the end marker
+                out=$(sh -c "$*" < /dev/null 2>&1)
+                rc=$?
+                [ -n "$out" ] && printf '%s\n' "$out" ;;
             kill)
                 if [ -n "$2" ]; then kill -"$2" "$1" 2>&1; else kill "$1" 2>&1; fi
                 rc=$? ;;
