@@ -340,79 +340,110 @@ class Request:
     oversized: bool = False
 
 
+_KEEP_BUFFER = 8 << 20  # a connection keeps a receive buffer up to this size between requests
+
+
 class RequestParser:
     """Turns the transmission-phase byte stream into :class:`Request` objects.
 
-    Bytes go in with :meth:`feed`; :meth:`next_request` returns the next complete request or
-    ``None``.  Requests left in the buffer stay there until asked for, which is how the shell
-    applies back-pressure: it simply stops asking (and stops reading from the socket).
+    Two ways in: :meth:`feed` (any bytes), or the zero-copy pair :meth:`get_buffer` /
+    :meth:`buffer_updated` that ``asyncio.BufferedProtocol`` uses to ``recv_into`` the parser's own
+    buffer.  The buffer grows to hold one whole request (up to the maximum payload), so a 1 MiB
+    write is received in place and copied exactly once, into the ``bytes`` the disk buffer keeps.
+
+    :meth:`next_request` returns the next complete request or ``None``.  Requests left in the
+    buffer stay there until asked for, which is how the shell applies back-pressure: it stops
+    asking (and stops reading from the socket).
     """
 
-    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(self, max_payload: int = MAX_PAYLOAD, initial_size: int = 256 << 10) -> None:
         self.max_payload = max_payload
-        self._buf = bytearray()
-        self._pos = 0
-        self._discard = 0
+        self._initial_size = initial_size
+        self._buf = bytearray(initial_size)
+        self._start = 0  # first unparsed byte
+        self._end = 0  # end of received bytes
+        self._need = REQUEST_SIZE  # bytes the request at _start needs in total
+        self._discard = 0  # payload bytes of an oversized write still to drop
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet turned into requests."""
-        return len(self._buf) - self._pos
+        return self._end - self._start
+
+    def get_buffer(self, min_free: int = 64 << 10) -> memoryview:
+        """Writable space after the received bytes (room for the current request at least)."""
+        have = self._end - self._start
+        want = max(self._need, have + min_free)
+        buf = self._buf
+        if self._start and len(buf) - self._start < want:
+            buf[0:have] = buf[self._start : self._end]  # same-size slice assignment: no resize
+            self._start, self._end = 0, have
+        if len(buf) < want:
+            grown = bytearray(max(want, 2 * len(buf)))
+            grown[0:have] = buf[self._start : self._end]
+            self._buf = buf = grown
+            self._start, self._end = 0, have
+        elif have == 0 and len(buf) > _KEEP_BUFFER and self._need <= REQUEST_SIZE:
+            self._buf = buf = bytearray(self._initial_size)  # give memory back after a huge write
+            self._start = self._end = 0
+        return memoryview(buf)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written into the memoryview :meth:`get_buffer` returned."""
+        self._end += nbytes
+        if self._discard:
+            take = min(self._discard, self._end - self._start)
+            self._discard -= take
+            self._start += take
+            if self._start == self._end:
+                self._start = self._end = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if self._discard:
-            take = min(self._discard, len(data))
-            self._discard -= take
-            data = data[take:]
-            if not data:
-                return
-        if self._pos and self._pos == len(self._buf):
-            self._buf.clear()
-            self._pos = 0
-        self._buf += data
+        view = memoryview(data).cast("B")
+        while view:
+            target = self.get_buffer(len(view))
+            n = min(len(target), len(view))
+            target[:n] = view[:n]
+            target.release()
+            self.buffer_updated(n)
+            view = view[n:]
 
     def next_request(self) -> Request | None:
         """The next complete request, or ``None``.  Raises :class:`TransmissionError` on a bad magic."""
-        buf = self._buf
-        pos = self._pos
-        avail = len(buf) - pos
+        start = self._start
+        avail = self._end - start
         if avail < REQUEST_SIZE:
-            self._compact()
+            self._need = REQUEST_SIZE
+            if not avail:
+                self._start = self._end = 0
             return None
-        magic, flags, command, cookie, offset, length = _REQUEST.unpack_from(buf, pos)
+        buf = self._buf
+        magic, flags, command, cookie, offset, length = _REQUEST.unpack_from(buf, start)
         if magic != REQUEST_MAGIC:
             raise TransmissionError(f"bad request magic 0x{magic:08x}")
         if command != Cmd.WRITE:
-            self._pos = pos + REQUEST_SIZE
+            self._start = start + REQUEST_SIZE
             return Request(flags, command, cookie, offset, length)
         if length > self.max_payload:
             # Consume and drop the payload as it streams in; the reply is EINVAL.
             take = min(length, avail - REQUEST_SIZE)
-            self._pos = pos + REQUEST_SIZE + take
+            self._start = start + REQUEST_SIZE + take
             self._discard = length - take
-            self._compact()
+            self._need = REQUEST_SIZE
             return Request(flags, command, cookie, offset, length, None, oversized=True)
-        end = pos + REQUEST_SIZE + length
-        if end > len(buf):
-            self._compact()
+        end = start + REQUEST_SIZE + length
+        if end > self._end:
+            self._need = REQUEST_SIZE + length
             return None
-        payload = bytes(buf[pos + REQUEST_SIZE : end])
-        self._pos = end
+        with memoryview(buf) as view:
+            payload = bytes(view[start + REQUEST_SIZE : end])
+        self._start = end
+        self._need = REQUEST_SIZE
         return Request(flags, command, cookie, offset, length, payload)
 
     def __iter__(self) -> Iterator[Request]:
         while (request := self.next_request()) is not None:
             yield request
-
-    def _compact(self) -> None:
-        if self._pos == len(self._buf):
-            self._buf.clear()
-            self._pos = 0
-        elif self._pos > 1 << 20 or (self._pos and self._discard):
-            del self._buf[: self._pos]
-            self._pos = 0
-        if self._discard and self._buf:  # pragma: no cover - guarded by the take above
-            raise AssertionError("discarding with buffered bytes")
 
 
 _ALLOWED_FLAGS = {
