@@ -25,7 +25,6 @@ state directory records it, and a restart serves IMG as a plain disk.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import ctypes
 import errno
 import fcntl
@@ -97,7 +96,6 @@ class DiskBuffer:
         self._store = store
         self._faults = faults
         self._cond = threading.Condition()
-        self._journal_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hybridft-journal")
         self._stopping = False
         self._crashing = False
         self._closed = False
@@ -106,6 +104,7 @@ class DiskBuffer:
         self._waiter_loop: asyncio.AbstractEventLoop | None = None
         self._writeout_thread: threading.Thread | None = None
         if not store.failed_over:
+            journal.open_group(store.current_seq, store.current_epoch)
             self._writeout_thread = threading.Thread(
                 target=self._writeout_loop, name="hybridft-writeout", daemon=True
             )
@@ -168,28 +167,31 @@ class DiskBuffer:
         mark = journal.mark
         if mark.failed_over:
             return EpochStore(size, mark.applied, failed_over=True)
-        result, mm = journal.scan()
+        epochs, maps = journal.scan()
         last = mark.applied
-        if mm is not None:
-            try:
-                for epoch in result.committed:
-                    if epoch.epoch <= mark.applied:
-                        continue  # already in IMG (fdatasynced before the mark said so)
-                    for ext in epoch.extents:
-                        if ext.offset + ext.length > size:
-                            raise JournalCorrupt(
-                                f"journal epoch {epoch.epoch} writes {ext.length} bytes at {ext.offset}, "
-                                f"beyond the {size}-byte image"
-                            )
-                        if ext.payload_at is None:
-                            zero_range(img_fd, ext.offset, ext.length)
-                        else:
-                            os.pwrite(img_fd, mm[ext.payload_at : ext.payload_at + ext.length], ext.offset)
-                    last = epoch.epoch
-            finally:
-                mm.close()
-            if last > mark.applied:
-                os.fdatasync(img_fd)
+        try:
+            for epoch in epochs:
+                if epoch.epoch <= last:
+                    continue  # already in IMG (fdatasynced before the mark said so)
+                mm = maps[epoch.source]
+                assert mm is not None
+                for ext in epoch.extents:
+                    if ext.offset + ext.length > size:
+                        raise JournalCorrupt(
+                            f"journal epoch {epoch.epoch} writes {ext.length} bytes at {ext.offset}, "
+                            f"beyond the {size}-byte image"
+                        )
+                    if ext.payload_at is None:
+                        zero_range(img_fd, ext.offset, ext.length)
+                    else:
+                        os.pwrite(img_fd, mm[ext.payload_at : ext.payload_at + ext.length], ext.offset)
+                last = epoch.epoch
+        finally:
+            for mm in maps:
+                if mm is not None:
+                    mm.close()
+        if last > mark.applied:
+            os.fdatasync(img_fd)
         journal.restart(last)
         return EpochStore(size, last)
 
@@ -223,7 +225,10 @@ class DiskBuffer:
             except OSError as exc:
                 raise _io_error("image write failed", exc) from None
             return
-        target.put(offset, length, data if type(data) is bytes else bytes(data))
+        payload = data if type(data) is bytes else bytes(data)
+        target.put(offset, length, payload)
+        if target is store.current:
+            self._journal.append(store.current_seq, store.current_epoch, offset, payload, length)
 
     def write_zeroes(self, export: Export, offset: int, length: int) -> None:
         store = self._store
@@ -237,6 +242,8 @@ class DiskBuffer:
                 raise _io_error("image write failed", exc) from None
             return
         target.put(offset, length, None)
+        if target is store.current:
+            self._journal.append(store.current_seq, store.current_epoch, offset, None, length)
 
     def trim(self, export: Export, offset: int, length: int) -> None:
         """Discard a range; it reads back as zeroes afterwards (stronger than NBD requires)."""
@@ -291,32 +298,25 @@ class DiskBuffer:
     # -- epoch verbs ---------------------------------------------------------------------------
 
     def seal(self) -> int:
+        store = self._store
         with self._cond:
-            sealed = self._store.seal()
-        self._journal_pool.submit(self._prewrite_quietly, sealed)
+            sealed = store.seal()
+        self._journal.seal(sealed.seq, store.current_seq, store.current_epoch)
         return sealed.epoch
-
-    def _prewrite_quietly(self, sealed: SealedEpoch) -> None:
-        try:
-            self._journal.prewrite(sealed.seq, sealed.epoch, sealed.extents.items())
-        except (OSError, DiskBufferError):
-            pass  # commit() writes the records again and reports the error
-
-    def _commit_job(self, sealed: SealedEpoch) -> None:
-        if not self._journal.has_group(sealed.seq):
-            self._journal.prewrite(sealed.seq, sealed.epoch, sealed.extents.items())
-        self._journal.commit(sealed.seq)
 
     async def commit(self, epoch: int) -> None:
         """Return once ``epoch`` is durable; it is applied to IMG in the background."""
         with self._cond:
             sealed = self._store.begin_commit(epoch)
-        job = asyncio.wrap_future(self._journal_pool.submit(self._commit_job, sealed))
+        if self._journal.broken is not None:
+            self._abort_commit(epoch)
+            raise DiskBufferError(f"{self._journal.broken}; restart the disk buffer to recover", "io")
+        job = asyncio.wrap_future(self._journal.commit(sealed.seq))
         try:
             await asyncio.shield(job)
         except asyncio.CancelledError:
             # The journal write goes on regardless; record its outcome when it lands.
-            job.add_done_callback(lambda f: self._settle_commit(epoch, f))
+            job.add_done_callback(lambda f: self._settle_commit(epoch, sealed.seq, f))
             raise
         except DiskBufferError:
             self._abort_commit(epoch)
@@ -324,29 +324,32 @@ class DiskBuffer:
         except OSError as exc:
             self._abort_commit(epoch)
             raise _io_error(f"journal write of epoch {epoch} failed", exc) from None
-        self._finish_commit(epoch)
+        self._finish_commit(epoch, sealed.seq)
 
-    def _settle_commit(self, epoch: int, fut: asyncio.Future[None]) -> None:
+    def _settle_commit(self, epoch: int, seq: int, fut: asyncio.Future[None]) -> None:
         if fut.cancelled() or fut.exception() is not None:
             self._abort_commit(epoch)
         else:
-            self._finish_commit(epoch)
+            self._finish_commit(epoch, seq)
 
     def _abort_commit(self, epoch: int) -> None:
         with self._cond:
             self._store.abort_commit(epoch)
 
-    def _finish_commit(self, epoch: int) -> None:
+    def _finish_commit(self, epoch: int, seq: int) -> None:
+        self._journal.committed(seq)
         with self._cond:
             self._store.finish_commit(epoch)
             self._cond.notify_all()
         self._notify_room()
 
     def rollback(self) -> dict[str, Any]:
+        store = self._store
         with self._cond:
-            seqs = [s.seq for s in self._store.sealed]
-            result = self._store.rollback()
-        self._journal_pool.submit(self._journal.abandon, seqs)
+            seqs = [s.seq for s in store.sealed] + [store.current_seq]
+            result = store.rollback()
+        self._journal.abandon(seqs)
+        self._journal.open_group(store.current_seq, store.current_epoch)
         self._notify_room()
         return result
 
@@ -354,6 +357,7 @@ class DiskBuffer:
         """Finish the write-out, drop uncommitted primary writes, merge the overlay into IMG, sync."""
         with self._cond:
             self._store.begin_failover()
+        self._journal.abandon([self._store.current_seq])
         await asyncio.to_thread(self._wait_writeout_drained)
         if self.writeout_error is not None:
             raise DiskBufferError(f"failover: write-out failed: {self.writeout_error}", "io")
@@ -458,7 +462,6 @@ class DiskBuffer:
             self._cond.notify_all()
         if self._writeout_thread is not None:
             self._writeout_thread.join()
-        self._journal_pool.shutdown(wait=True)
         self._close_files()
 
     def simulate_crash(self) -> None:
@@ -472,7 +475,6 @@ class DiskBuffer:
             self._cond.notify_all()
         if self._writeout_thread is not None:
             self._writeout_thread.join()
-        self._journal_pool.shutdown(wait=True, cancel_futures=True)
         self._close_files()
 
     def _close_files(self) -> None:

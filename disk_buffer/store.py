@@ -315,7 +315,9 @@ class EpochStore:
         self.view = View(committed)
         #: epoch -> the view as it was before that epoch was sealed (what rollback brings back).
         self.rollback_views: dict[int, View] = {}
-        self._seq = 0
+        #: Journal group of the current epoch (unique per process; a rolled-back epoch number is
+        #: reused, its group number never is).
+        self.current_seq = 1
         self._frozen_bytes = 0  # sealed epochs + kept rollback overlays
         self.replica_layers: tuple[ExtentMap, ...] = ()
         self.view_layers: tuple[ExtentMap, ...] = ()
@@ -375,8 +377,8 @@ class EpochStore:
     def seal(self) -> SealedEpoch:
         """Close the current epoch N; the view moves to committed + N with an empty overlay."""
         self._require_active("seal")
-        self._seq += 1
-        sealed = SealedEpoch(self.current_epoch, self._seq, self.current)
+        sealed = SealedEpoch(self.current_epoch, self.current_seq, self.current)
+        self.current_seq += 1
         self.rollback_views[sealed.epoch] = self.view
         self.sealed.append(sealed)
         self.view = View(sealed.epoch)
@@ -443,6 +445,7 @@ class EpochStore:
         self.sealed.clear()
         self.current = ExtentMap()
         self.current_epoch = self.committed + 1
+        self.current_seq += 1
         self._rebuild()
         return {
             "dropped_epochs": dropped,

@@ -122,7 +122,7 @@ def test_commit_must_match_its_records() -> None:
 
 def test_mark_slots_fall_back_to_the_older_valid_one(tmp_path: Path) -> None:
     journal = Journal(tmp_path, 4096)
-    assert journal.mark.applied == 0 and journal.mark.generation == 1
+    assert journal.mark.applied == 0 and not journal.mark.failed_over
     journal.mark_applied(5)
     journal.mark_applied(6)
     journal.close()
@@ -164,26 +164,21 @@ def test_replay_is_idempotent(tmp_path: Path) -> None:
     image, original = _image(tmp_path)
     state = tmp_path / "state"
     journal = Journal(state, len(original))
+    journal.restart(0)
     rng = random.Random(9)
     expected = bytearray(original)
+    journal.open_group(1, 1)
     for seq in range(1, 6):
-        extents: Extents = []
-        for _ in range(20):
+        for _ in range(20):  # overlapping writes and zeroes, in order
             offset = rng.randrange(len(original) - 9000)
             length = rng.randint(1, 9000)
             data = None if rng.random() < 0.2 else rng.randbytes(length)
-            extents.append((offset, offset + length, data))
-        emap_like = sorted({s: (s, e, d) for s, e, d in extents}.values())
-        # the journal takes non-overlapping extents in offset order, as ExtentMap.items() gives
-        cleaned: Extents = []
-        last_end = 0
-        for s, e, d in emap_like:
-            if s >= last_end:
-                cleaned.append((s, e, d))
-                expected[s:e] = bytes(e - s) if d is None else d
-                last_end = e
-        journal.prewrite(seq, seq, cleaned)
-        journal.commit(seq)
+            journal.append(seq, seq, offset, data, length)
+            expected[offset : offset + length] = bytes(length) if data is None else data
+        journal.seal(seq, seq + 1, seq + 1)
+        journal.commit(seq).result()
+        journal.committed(seq)
+    journal.append(6, 6, 0, b"uncommitted", 11)  # the open epoch: never replayed
     journal.close()
     assert image.read_bytes() == original  # nothing applied yet
     shutil.copytree(state, tmp_path / "before")
@@ -198,28 +193,40 @@ def test_replay_is_idempotent(tmp_path: Path) -> None:
     assert image.read_bytes() == bytes(expected)
 
 
-def test_space_is_recycled_only_after_the_image_is_synced(tmp_path: Path) -> None:
-    image, _ = _image(tmp_path)
+def test_space_is_reused_only_after_the_image_is_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Journal, "SWITCH_AT", 64 << 10)
+    image, original = _image(tmp_path)
+    expected = bytearray(original)
 
     async def run() -> None:
         buf = DiskBuffer.open(image, tmp_path / "state")
         gen = buf.status()["journal_generation"]
-        buf.write(Export.REPLICA, 0, b"a" * 4096)
-        epoch = buf.seal()
-        await buf.commit(epoch)
-        first = buf.status()
-        assert first["journal_position"] > 4096
-        # Seal the next epoch before the write-out of the first: its records must follow.
-        while buf.status()["applied"] < epoch:
+        assert buf.status()["journal_file"] == 0
+        for i in range(20):
+            buf.write(Export.REPLICA, i * 4096, bytes([i]) * 4096)
+        expected[: 20 * 4096] = b"".join(bytes([i]) * 4096 for i in range(20))
+        first = buf.seal()  # file 0 is past SWITCH_AT, but file 1 is free: epoch 2 goes to file 1
+        assert buf.status()["journal_file"] == 1 and buf.status()["journal_generation"] == gen + 1
+        buf.write(Export.REPLICA, 0, b"x" * 70000)
+        expected[:70000] = b"x" * 70000
+        # File 0 holds epoch 1, which is not even committed: no switch back yet.
+        second = buf.seal()
+        assert buf.status()["journal_file"] == 1
+        await buf.commit(first)
+        await buf.commit(second)
+        while buf.status()["journal_applied_mark"] < second:
             await asyncio.sleep(0.001)
-        assert buf.status()["journal_applied_mark"] == epoch
-        buf.write(Export.REPLICA, 4096, b"b" * 4096)
-        epoch2 = buf.seal()
-        await buf.commit(epoch2)
-        second = buf.status()
-        # everything before was applied and synced: a new generation started at offset 0
-        assert second["journal_generation"] == gen + 1
-        assert second["journal_position"] < first["journal_position"] + 4096
+        buf.write(Export.REPLICA, 4096, b"y")
+        expected[4096:4097] = b"y"
+        third = buf.seal()  # everything in file 0 is applied and synced: reuse it from offset 0
+        assert buf.status()["journal_file"] == 0 and buf.status()["journal_generation"] == gen + 2
+        await buf.commit(third)
+        buf.simulate_crash()
+        buf = DiskBuffer.open(image, tmp_path / "state")
+        assert buf.status()["committed"] == third
+        assert buf.read(Export.REPLICA, 0, len(original)) == bytes(expected)
         await buf.aclose()
 
     asyncio.run(run())
