@@ -107,6 +107,7 @@ class ServiceCounters:
     primary_pauses: int = 0
     secondary_pauses: int = 0
     vnet_headers_missing: int = 0
+    core_errors: int = 0
     vnet_hdr_len: int | None = None  # as last seen from the primary
 
 
@@ -263,6 +264,21 @@ class CompareService:
 
     # -- data path --------------------------------------------------------------------------------
     def _on_primary(self, frames: list[bytes], headers: list[bytes]) -> None:
+        try:
+            self._feed_primary(frames, headers)
+        except Exception:
+            self.counters.core_errors += 1
+            log.exception("the core failed on a batch of %d primary frames", len(frames))
+
+    def _on_secondary(self, frames: list[bytes], headers: list[bytes]) -> None:
+        self.counters.secondary_frames += len(frames)
+        try:
+            self._apply(self.core.feed_secondary(frames, self.clock()))
+        except Exception:
+            self.counters.core_errors += 1
+            log.exception("the core failed on a batch of %d secondary frames", len(frames))
+
+    def _feed_primary(self, frames: list[bytes], headers: list[bytes]) -> None:
         c = self.counters
         c.primary_frames += len(frames)
         c.primary_bytes += sum(map(len, frames))
@@ -274,10 +290,6 @@ class CompareService:
         self._apply(self.core.feed_primary(frames, self.clock()))
         if self.held_bytes() + self.out_backlog() > self.max_buffer:
             self._check_pressure()
-
-    def _on_secondary(self, frames: list[bytes], headers: list[bytes]) -> None:
-        self.counters.secondary_frames += len(frames)
-        self._apply(self.core.feed_secondary(frames, self.clock()))
 
     def _apply(self, actions: list[Any]) -> None:
         for action in actions:
@@ -367,11 +379,24 @@ class CompareService:
     async def _poll_loop(self) -> None:
         while True:
             await asyncio.sleep(self.poll_interval)
-            self._apply(self.core.poll(self.clock()))
+            try:
+                self._apply(self.core.poll(self.clock()))
+            except Exception:
+                self.counters.core_errors += 1
+                log.exception("the core's poll failed")
             self._check_pressure()
 
     # -- control ----------------------------------------------------------------------------------
     async def dispatch(self, verb: str, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self._dispatch(verb, args)
+        except ControlError:
+            raise
+        except Exception as exc:  # a bug in the core must not kill the control connection silently
+            log.exception("control verb %s failed", verb)
+            raise ControlError(f"internal error in {verb}: {exc!r}", "internal") from None
+
+    async def _dispatch(self, verb: str, args: dict[str, Any]) -> dict[str, Any]:
         if verb == "mode":
             return self._verb_mode(args)
         if verb == "seal":
@@ -379,8 +404,11 @@ class CompareService:
         if verb == "commit":
             return self._verb_commit(args)
         if verb == "release-all":
+            # the secondary is lost: everything held goes out, and no pending request matters now
             before = self.counters.released_frames
             self._apply(self.core.release_all())
+            self._requests.clear()
+            self._request_event.clear()
             self._check_pressure()
             return {"released_frames": self.counters.released_frames - before}
         if verb == "stats":
@@ -474,6 +502,7 @@ class CompareService:
                 "requests_pending": len(self._requests),
                 "requests_raised": c.requests_raised,
                 "vnet_headers_missing": c.vnet_headers_missing,
+                "core_errors": c.core_errors,
                 "vnet_hdr_len": c.vnet_hdr_len,
             },
         }

@@ -286,3 +286,19 @@ def test_slow_output_pauses_the_secondary_not_the_primary(tmp_path: Path) -> Non
         assert not stats["transport"]["primary_paused"]
         assert s.released(len(frames)) == frames
         s.wait_stats(lambda st: not st["transport"]["secondary_paused"])
+
+
+def test_release_all_when_the_secondary_is_lost(tmp_path: Path) -> None:
+    with served(tmp_path, "--compare-timeout", "0.1") as s:
+        held = stream_frames(DATA, [1448], isn=3, fin=False)
+        s.send("primary", held)  # the secondary never answers
+        assert s.ctl("next-request", timeout=5)["request"] is not None
+        s.send("primary", [tcp_frame(4 + len(DATA), b"more")])
+        s.wait_stats(lambda st: st["transport"]["primary_frames"] == len(held) + 1)
+        assert s.nothing_released()
+        assert s.ctl("release-all")["released_frames"] == len(held) + 1
+        assert s.released(len(held) + 1)[: len(held)] == held
+        assert s.ctl("next-request", timeout=0) == {"request": None}
+        later = [tcp_frame(8 + len(DATA), b"unprotected now")]
+        s.send("primary", later)  # pass-through until the next seal
+        assert s.released(1) == later
