@@ -735,8 +735,8 @@ def wait_for_ready(
         except FileNotFoundError:
             text = ""
         for line in text.splitlines():
-            if line.startswith(READY_LINE):
-                return line
+            if READY_LINE in line:  # a kernel message may share the line
+                return line[line.index(READY_LINE) :]
         if "Kernel panic" in text:
             raise GuestError(f"guest kernel panicked:\n{text[-3000:]}")
         if proc is not None and proc.poll() is not None:

@@ -18,12 +18,14 @@ from mc_driver.guest import (
     ControlReplyParser,
     GuestBuildError,
     GuestControlError,
+    GuestError,
     build_guest,
     encode_command,
     guest_cmdline,
     modinfo_depends,
     module_load_order,
     newest_kernel_package,
+    wait_for_ready,
 )
 
 
@@ -132,3 +134,17 @@ def test_run_command_without_a_guest_is_a_clear_error(tmp_path: Path) -> None:
     assert "cannot connect to guest control" in result.output
     bad = CliRunner().invoke(main, ["guest", "run", "x", "--control", "nonsense"])
     assert bad.exit_code == 1 and "bad address" in bad.output
+
+
+def test_wait_for_ready_reads_the_console_log(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    log.write_text(
+        "[    0.9] acpi: something\n[    3.1] random: crng init HYBRIDFT-GUEST-READY ip=10.77.0.2/24\n"
+    )
+    assert wait_for_ready(log, timeout=1) == "HYBRIDFT-GUEST-READY ip=10.77.0.2/24"
+    log.write_text("[    1.0] Kernel panic - not syncing: VFS: Unable to mount root fs\n")
+    with pytest.raises(GuestError, match="panicked"):
+        wait_for_ready(log, timeout=5)
+    log.write_text("booting...\n")
+    with pytest.raises(GuestError, match=r"(?s)not ready after .*booting"):
+        wait_for_ready(log, timeout=0.3)
