@@ -171,7 +171,6 @@ _SYN = 0x02
 _FIN = 0x01
 _RST = 0x04
 _ACKF = 0x10
-_TRIM = 1 << 16
 _EV_DATA = 1
 _EV_FIN = 2
 _EV_RST = 3
@@ -187,14 +186,21 @@ _FAST6 = struct.Struct(">12xHB3xHBx36sIIH")
 class _Side:
     """One side's reassembled byte stream of one TCP flow."""
 
-    __slots__ = ("ack", "base", "buf", "end", "fin", "nxt", "ooo", "rst", "start", "syn")
+    __slots__ = ("ack", "base", "chunks", "cur", "end", "fin", "nxt", "off", "ooo", "rst", "start", "syn")
 
     def __init__(self) -> None:
         self.base = -1  # absolute sequence number of stream offset 0; -1 = not anchored yet
         self.nxt = -1  # absolute seq of `end` while open and anchored (hot path), else -1
         self.end = 0  # stream offset one past the last contiguous data byte
-        self.start = 0  # stream offset of buf[0]
-        self.buf = bytearray()
+        # Stored, not yet verified bytes [start, end) = cur[off:] + the chunks, in order.
+        # Appends are O(1) (a payload slice onto the deque); the other side compares against
+        # ``cur`` in place, and chunks are joined into ``cur`` only when it runs out.  So every
+        # byte is copied a bounded number of times however far one side runs ahead (a bytearray
+        # trimmed at the front would copy the whole lag on each growth).
+        self.start = 0
+        self.cur = b""
+        self.off = 0
+        self.chunks: deque[bytes] = deque()
         self.ooo: dict[int, bytes] = {}
         self.fin = -1  # stream offset of the FIN, -1 = none
         self.rst = -1  # stream offset (sequence space) of the RST, -1 = none
@@ -543,8 +549,9 @@ class Comparator:
                 return b"", b""
 
             def grab(side: _Side) -> bytes:
+                stored = side.cur[side.off :] + b"".join(side.chunks)
                 lo = max(offset - side.start, 0)
-                return bytes(side.buf[lo : max(offset + length - side.start, 0)])
+                return stored[lo : max(offset + length - side.start, 0)]
 
             return grab(flow.p), grab(flow.s)
         dflow = self._dgram.get(key)
@@ -632,25 +639,24 @@ class Comparator:
                     other = flow.s if primary else flow.p
                     oe = other.end
                     if oe > e and flow.v == e and flow.diverged is None:
-                        # this side is catching up and fully verified so far: compare the new bytes
-                        # in place with what the other side already has; store only the excess
-                        k = oe - e
-                        chunk = frame[pstart:ip_end] if k >= plen else frame[pstart:pstart + k]
-                        if other.buf.startswith(chunk, e - other.start):
-                            if side.buf:
-                                sec_bytes -= len(side.buf)
-                                side.buf.clear()
-                            if k >= plen:
-                                side.start = flow.v = e + plen
-                            else:
-                                side.start = flow.v = oe
-                                side.buf += frame[pstart + k : ip_end]
+                        # this side catches up and is verified so far: compare its new bytes in
+                        # place with the other side's; store only what runs past them
+                        k = oe - e if oe - e < plen else plen
+                        if other.start + len(other.cur) - other.off < e + k:
+                            _ensure(other, e + k)
+                        if other.cur.startswith(frame[pstart : pstart + k], other.off):
+                            other.off += k
+                            other.start = side.start = flow.v = e + k
+                            if primary:
+                                self._sec_bytes -= k
+                            if k < plen:
+                                side.chunks.append(frame[pstart + k : ip_end])
                                 sec_bytes += plen - k
                         else:
-                            side.buf += frame[pstart:ip_end]  # settle() pinpoints the divergence
+                            side.chunks.append(frame[pstart:ip_end])  # _settle pinpoints it
                             sec_bytes += plen
                     else:
-                        side.buf += frame[pstart:ip_end]
+                        side.chunks.append(frame[pstart:ip_end])
                         sec_bytes += plen
                     side.end = end = e + plen
                     side.nxt = (seq + plen) & 0xFFFFFFFF
@@ -728,7 +734,7 @@ class Comparator:
             if lo < hi:
                 if lo <= side.end:
                     tail = frame[pstart + side.end - lo : pstart + hi - lo]
-                    side.buf += tail
+                    side.chunks.append(tail)
                     side.end = hi
                     if not primary:
                         self._sec_bytes += len(tail)
@@ -769,7 +775,7 @@ class Comparator:
             hi = lo + len(seg)
             if hi > side.end:
                 tail = seg[side.end - lo :]
-                side.buf += tail
+                side.chunks.append(tail)
                 side.end = hi
                 if not primary:
                     self._sec_bytes += len(tail)
@@ -820,7 +826,7 @@ class Comparator:
         v = flow.v
         if v is None:
             return
-        p, s = flow.p, flow.s
+        s = flow.s
         if flow.diverged is None:
             v = self._verify_tcp(flow, v, actions)
             flow.v = v
@@ -843,20 +849,6 @@ class Comparator:
             if n:
                 flow.released += n
                 self._held_bytes -= sum(map(len, islice(out, n0, None)))
-        # drop verified bytes: all of a side that is fully verified, big prefixes of the other
-        for side in (p, s):
-            if side.end <= v:
-                if side.buf:
-                    if side is s:
-                        self._sec_bytes -= len(side.buf)
-                    side.buf.clear()
-                side.start = side.end
-            elif v - side.start >= _TRIM:
-                cut = v - side.start
-                del side.buf[:cut]
-                side.start = v
-                if side is s:
-                    self._sec_bytes -= cut
 
     def _verify_tcp(self, flow: _TcpFlow, v: int, actions: list[Action]) -> int:
         """Advance the verified offset as far as both streams agree; flag a divergence."""
@@ -868,13 +860,8 @@ class Comparator:
         pe, se = p.end, s.end
         common = pe if pe < se else se
         if common > v:
-            # compare in place: no copy of either side's bytes on the common (equal) path
-            with memoryview(s.buf) as sview:
-                same = p.buf.startswith(sview[v - s.start : common - s.start], v - p.start)
-            if not same:
-                a = p.buf[v - p.start : common - p.start]
-                b = s.buf[v - s.start : common - s.start]
-                k = v + _first_difference(a, b)
+            k = self._consume_common(p, s, v, common)
+            if k < common:
                 self._diverge(flow, "payload", "tcp", k, actions)
                 return k
             v = common
@@ -888,6 +875,25 @@ class Comparator:
                 self._diverge(flow, "rst" if _EV_RST in (pk, sk) else "fin", "tcp", v, actions)
                 return v
             v += 1
+
+    def _consume_common(self, p: _Side, s: _Side, v: int, common: int) -> int:
+        """Compare both sides' stored bytes over [v, common) and drop them if they agree.
+
+        Returns ``common``, or the offset of the first differing byte (then nothing is dropped).
+        Both sides' stored bytes start at ``v``.
+        """
+        n = common - v
+        _ensure(p, common)
+        _ensure(s, common)
+        with memoryview(s.cur) as sview:
+            same = p.cur.startswith(sview[s.off : s.off + n], p.off)
+        if same:
+            p.off += n
+            s.off += n
+            p.start = s.start = common
+            self._sec_bytes -= n
+            return common
+        return v + _first_difference(p.cur[p.off : p.off + n], s.cur[s.off : s.off + n])
 
     def _advance_dgram(self, dflow: _DgramFlow, out: list[bytes], actions: list[Action]) -> None:
         if dflow.diverged is not None:
@@ -938,6 +944,7 @@ class Comparator:
             if base >= 0:
                 s.base = base
                 s.end = s.start = end
+                _drop_until(flow.p, end)
                 s.fin, s.rst, s.syn, s.ack = fin, rst, syn, ack
                 s.nxt = (base + end) & _M if fin < 0 and rst < 0 else -1
                 v = end
@@ -948,7 +955,7 @@ class Comparator:
                 flow.v = v
             else:
                 flow.v = None if flow.p.base < 0 else (-1 if flow.p.syn else 0)
-            self._sec_bytes -= len(flow.s.buf) + sum(map(len, flow.s.ooo.values()))
+            self._sec_bytes -= _stored(flow.s)
             flow.s = s
             flow.diverged = None
             flow.requested = False
@@ -957,7 +964,7 @@ class Comparator:
             flow.requested = False
             if flow not in sealed_flows:
                 # opened after the seal: the secondary opens it itself, fresh
-                self._sec_bytes -= len(flow.s.buf) + sum(map(len, flow.s.ooo.values()))
+                self._sec_bytes -= _stored(flow.s)
                 flow.s = _Side()
                 flow.diverged = None
                 if flow.p.base >= 0 and not flow.p.syn:
@@ -992,3 +999,31 @@ def _event(side: _Side, v: int) -> int:
         return _EV_RST
     return 0
 
+
+def _stored(side: _Side) -> int:
+    """Bytes a side holds (contiguous and out of order)."""
+    return side.end - side.start + sum(map(len, side.ooo.values()))
+
+
+def _drop_until(side: _Side, offset: int) -> None:
+    """Forget a side's stored bytes below ``offset`` (after a re-anchor)."""
+    if side.start >= offset:
+        return
+    _ensure(side, min(offset, side.end))
+    side.off += min(offset, side.end) - side.start
+    side.start = offset
+
+def _ensure(side: _Side, upto: int) -> None:
+    """Make ``side.cur`` cover stream offsets [start, upto) by joining *all* pending chunks.
+
+    Joining everything (not just enough) means the next join happens only once ``cur`` is used
+    up, so each stored byte is joined once and the leftover copied with it is short.
+    """
+    if side.start + len(side.cur) - side.off >= upto:
+        return
+    chunks = side.chunks
+    if side.off < len(side.cur):
+        chunks.appendleft(side.cur[side.off :])
+    side.cur = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    side.off = 0
+    chunks.clear()
