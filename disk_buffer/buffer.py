@@ -5,8 +5,9 @@ The NBD server and the control socket call this and nothing below it.  What live
 * :mod:`disk_buffer.store` decides what every read sees and what every verb does (no I/O).
 * This module does the I/O those decisions need: ``pread`` holes from IMG, journal writes, the
   write-out of committed epochs to IMG, recovery at :meth:`DiskBuffer.open`.
-* The *journal thread* (a one-worker executor) writes a sealed epoch's records as soon as it is
-  sealed and makes it durable on ``commit``; ordering is the executor's queue.
+* The *journal thread* (owned by :class:`~disk_buffer.journal.Journal`) encodes and writes replica
+  writes' journal records in 1 MiB batches as they arrive, and on ``commit`` the COMMIT record and
+  the one ``fdatasync``; ordering is its queue.
 * The *write-out thread* applies committed epochs to IMG, ``fdatasync``\\ s IMG, writes the applied
   mark and only then drops the epochs from memory (a read never sees IMG without those bytes).
 

@@ -1,39 +1,42 @@
 """The redo journal and the applied mark: what makes a committed epoch survive kill -9.
 
 Why a redo journal: applying an epoch to IMG is many scattered writes that a crash can tear; the
-journal turns an epoch into one sequential write plus one ``fdatasync``, and IMG is brought up to
-date afterwards (in the background, and again at recovery: replay is idempotent because it writes
-the same bytes at the same offsets in the same order).
+journal turns an epoch into sequential appends plus one ``fdatasync`` at commit, and IMG is brought
+up to date afterwards (in the background, and again at recovery: replay is idempotent because it
+writes the same bytes at the same offsets in the same order).
 
 Files in the state directory:
 
-``journal``
-    Records, back to back from offset 0.  Every record is ``header | payload | crc32`` where the
-    CRC covers header and payload, and the header names the journal *generation*, its own file
-    position, the epoch and a per-process *group* sequence number.  An epoch is a group of EXTENT
-    records followed by one COMMIT record carrying the record count and a CRC over the records'
-    CRCs.  The group is written when the epoch is sealed (``sync_file_range`` starts the disk
-    write early), the COMMIT record and the single ``fdatasync`` when it is committed -- so commit
-    latency is one small write and a sync of data that is mostly on its way already.
-    Replay stops at the first record that is torn, corrupt, from another generation or not where
-    it claims to be; a group without a COMMIT (an epoch killed mid-commit, or rolled back) is
-    ignored, so an epoch is all there or not at all.
+``journal.0``, ``journal.1``
+    Records, back to back from offset 0 of the file's current *use*.  Every record is
+    ``header | payload | crc32``; the CRC covers header and payload, and the header names the
+    generation of the use, the record's own file position, the epoch and a per-process *group*
+    number (one group per epoch attempt: a rolled-back epoch number is reused, a group never is).
+    An epoch is a group of EXTENT records (each replica write or zeroing, in arrival order)
+    followed by one COMMIT record carrying the record count and a CRC over the records' CRCs.
+    Records are queued as writes arrive and written every 1 MiB (writeback started at once); the
+    COMMIT record and the single ``fdatasync`` come with ``commit`` -- so commit latency is one
+    small write and a sync of data that is mostly on disk already.  Epoch N+1's records may come
+    before N's COMMIT record; records of two groups never interleave.
+    Replay stops at the first record that is torn, fails its CRC, belongs to another generation or
+    is not where it claims to be; a group without a COMMIT (killed mid-commit, rolled back, or
+    still open) is ignored, so an epoch is all there or not at all.
 
 ``mark``
     Two 512-byte slots written alternately (each with a sequence number and CRC, ``fdatasync``
-    after each write): the applied epoch ("IMG holds every epoch <= N"), the current journal
-    generation, the failed-over flag and the image size.  A torn slot falls back to the other one,
-    which is older but true.
+    after each write): the applied epoch ("IMG holds every epoch <= N"), the failed-over flag and
+    the image size.  A torn slot falls back to the other one, which is older but true.
 
-Space is recycled by starting a new generation at offset 0, and only once the write-out has
-applied every committed epoch and ``fdatasync``\\ ed IMG: the mark with the new generation is
-durable before the first record of it is written, so stale records of old generations can never
-be replayed.
+Space: at a seal, once the active file is past ``SWITCH_AT`` and the other file holds only epochs
+the *durable* mark calls applied (the write-out fdatasyncs IMG before writing the mark), the next
+epoch starts at offset 0 of the other file with a higher generation; stale records behind it are
+of an older generation and never replayed.  Recovery applies every committed epoch above the mark,
+fdatasyncs IMG, writes the mark and starts over at offset 0.
 
 The view's overlay (the secondary VM's own writes) is deliberately *not* journaled: after a crash
 the secondary VM restarts from a checkpoint, whose disk is exactly the last committed epoch.
 
-The codec functions are pure; :class:`Journal` adds the files and a lock.
+The codec functions are pure; :class:`Journal` adds the files and the journal thread.
 """
 
 from __future__ import annotations
