@@ -390,6 +390,8 @@ def run_end_to_end(
         "timeouts": stats["core"].get("timeouts", 0),
         "checkpoints": stats["core"].get("checkpoints", 0),
         "framing_errors": sum(stats["transport"]["framing_errors"].values()),
+        "service_hold_p50_us": stats["transport"]["hold_us"].get("p50"),
+        "service_hold_p99_us": stats["transport"]["hold_us"].get("p99"),
     }
     sent_ns = timing.get("sent_ns", [])
     lat = sorted(t - sent_ns[i] for i, t in result["arrivals"] if i < len(sent_ns))
@@ -572,7 +574,7 @@ def _fmt(v: Any) -> str:
 def render_table(res: dict[str, Any]) -> str:
     lines = [
         f"{'scenario':<11} {'service':<10} {'frames':>9} {'frames/s':>10} {'Mbit/s':>9} {'x relay':>8} "
-        f"{'p50 us':>8} {'p99 us':>8} {'diverg.':>7} {'ckpts':>6}",
+        f"{'p50 us':>8} {'p99 us':>8} {'hold50':>8} {'hold99':>8} {'diverg.':>7} {'ckpts':>6}",
     ]
     for name, sc in res["scenarios"].items():
         for who in ("comparator", "relay"):
@@ -583,6 +585,7 @@ def render_table(res: dict[str, Any]) -> str:
                 f"{name:<11} {who:<10} {_fmt(r['frames']):>9} {_fmt(r['frames_per_s']):>10} "
                 f"{_fmt(r.get('mbit_per_s')):>9} {_fmt(r.get('ratio_to_relay')):>8} "
                 f"{_fmt(r.get('latency_p50_us')):>8} {_fmt(r.get('latency_p99_us')):>8} "
+                f"{_fmt(r.get('service_hold_p50_us')):>8} {_fmt(r.get('service_hold_p99_us')):>8} "
                 f"{_fmt(r['divergences']):>7} {_fmt(r['checkpoints']):>6}"
             )
     core = res["core"]
@@ -593,7 +596,8 @@ def render_table(res: dict[str, Any]) -> str:
         f"(goal {_fmt(GOALS['mc_core_frames_per_s'])})",
         f"core alone, COLO bulk: {_fmt(core['colo_core']['frames_per_s'])} frames/s",
         f"latency load: {_fmt(res['scenarios']['latency']['rate_frames_per_s'])} frames/s "
-        "(50% of the comparator's bulk rate)",
+        "(50% of the comparator's bulk rate); p50/p99 = generator send -> sink arrival, "
+        "hold50/hold99 = inside the service (arrival -> release, sampled, last 8192)",
         f"false miscompares: {res['false_miscompares']} over {_fmt(res['frames_compared'])} "
         "compared primary frames",
         f"injected divergences: {det['injected']}, detected {det['detected']}, "

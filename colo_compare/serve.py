@@ -47,7 +47,7 @@ import logging
 import signal
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -69,6 +69,7 @@ from controller.endpoints import Endpoint, parse_endpoint
 log = logging.getLogger("hybridft.compare")
 
 ROLES = ("primary", "secondary", "out")
+HOLD_SAMPLE = 16  # one hold-latency sample per this many primary frames of a batch
 
 
 class Core(Protocol):
@@ -142,6 +143,9 @@ class CompareService:
         self._out_waiting: list[bytes] = []  # encoded batches released while no --out connection
         self._out_waiting_bytes = 0
         self._vnet: dict[int, tuple[bytes, bytes]] = {}  # id(frame) -> (frame, virtio header)
+        # hold latency, sampled (every HOLD_SAMPLE-th frame of a batch): id -> (frame, arrival)
+        self._hold_pending: dict[int, tuple[bytes, float]] = {}
+        self._hold_us: deque[float] = deque(maxlen=8192)
         self._requests: list[PendingRequest] = []
         self._request_event = asyncio.Event()
         self._listeners: list[socket.socket] = []
@@ -282,12 +286,18 @@ class CompareService:
         c = self.counters
         c.primary_frames += len(frames)
         c.primary_bytes += sum(map(len, frames))
+        now = self.clock()
+        pending = self._hold_pending
+        if len(pending) > 1 << 16:  # frames the core copied would never be popped: bound it
+            pending.clear()
+        for frame in frames[::HOLD_SAMPLE]:
+            pending[id(frame)] = (frame, now)
         if self.vnet_hdr:
             vnet = self._vnet
             for frame, header in zip(frames, headers, strict=True):
                 vnet[id(frame)] = (frame, header)
             c.vnet_hdr_len = len(headers[0])
-        self._apply(self.core.feed_primary(frames, self.clock()))
+        self._apply(self.core.feed_primary(frames, now))
         if self.held_bytes() + self.out_backlog() > self.max_buffer:
             self._check_pressure()
 
@@ -314,6 +324,13 @@ class CompareService:
         c = self.counters
         c.released_frames += len(frames)
         c.released_bytes += sum(map(len, frames))
+        pending = self._hold_pending
+        if pending:
+            now = self.clock()
+            for frame in frames:
+                entry = pending.pop(id(frame), None)
+                if entry is not None and entry[0] is frame:
+                    self._hold_us.append((now - entry[1]) * 1e6)
         if self.vnet_hdr:
             headers = []
             vnet = self._vnet
@@ -476,6 +493,18 @@ class CompareService:
             "reasons": dict(Counter(p.request.reason for p in pending)),
         }
 
+    def _hold_summary(self) -> dict[str, float | int]:
+        """Hold latency (arrival of a primary frame -> its release) over the latest samples."""
+        ordered = sorted(self._hold_us)
+        if not ordered:
+            return {"samples": 0}
+        return {
+            "samples": len(ordered),
+            "p50": round(_percentile(ordered, 0.5), 1),
+            "p99": round(_percentile(ordered, 0.99), 1),
+            "max": round(ordered[-1], 1),
+        }
+
     def stats(self) -> dict[str, Any]:
         c = self.counters
         connected = {}
@@ -503,9 +532,14 @@ class CompareService:
                 "requests_raised": c.requests_raised,
                 "vnet_headers_missing": c.vnet_headers_missing,
                 "core_errors": c.core_errors,
+                "hold_us": self._hold_summary(),
                 "vnet_hdr_len": c.vnet_hdr_len,
             },
         }
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
 async def run_service(service: CompareService, ready: Callable[[], None] | None = None) -> None:

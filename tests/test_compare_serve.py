@@ -122,6 +122,8 @@ def test_mc_mode_holds_until_commit_and_releases_exactly_the_sealed_epoch(tmp_pa
         assert s.ctl("commit", epoch=1)["released_frames"] == len(epoch1)
         assert s.released(len(epoch1)) == epoch1
         assert s.nothing_released()
+        hold = s.ctl("stats")["transport"]["hold_us"]
+        assert hold["samples"] >= 1 and 0 < hold["p50"] <= hold["p99"] <= hold["max"]
         with pytest.raises(ControlError, match="commit"):
             s.ctl("commit", epoch=7)
         assert s.ctl("seal")["epoch"] == 2
