@@ -175,12 +175,12 @@ _EV_DATA = 1
 _EV_FIN = 2
 _EV_RST = 3
 
-# Ethernet + IPv4 (IHL 5) + TCP fixed part, one unpack per frame:
-# ethertype, version/IHL, total length, flags/fragment, protocol, addresses+ports, seq, ack, off/flags
-_FAST4 = struct.Struct(">12xHBxH2xHxB2x12sIIH")
-# Ethernet + IPv6 (no extension headers) + TCP: ethertype, version/tc, payload length, next header,
+# Ethernet + IPv4 (IHL 5) + TCP fixed part, one unpack per frame: ethertype|version|IHL|TOS,
+# total length, flags|fragment|TTL|protocol, addresses+ports (the flow key), seq, ack, offset|flags
+_FAST4 = struct.Struct(">12xIH2xI2x12sIIH")
+# Ethernet + IPv6 (no extension headers) + TCP: version/tc, payload length, next header,
 # addresses+ports, seq, ack, off/flags
-_FAST6 = struct.Struct(">12xHB3xHBx36sIIH")
+_FAST6 = struct.Struct(">14xB3xHBx36sIIH")
 
 
 class _Side:
@@ -593,91 +593,165 @@ class Comparator:
         self, frames: Iterable[bytes], now: float, primary: bool, actions: list[Action]
     ) -> list[object]:
         """Parse and append frames to their flows; returns the flows touched (in first-touch order)."""
+        if primary:
+            return self._feed_colo_primary(frames, now)
+        return self._feed_colo_secondary(frames, now)
+
+    # The two loops below are the hot path and deliberately duplicated (one per side) rather than
+    # sharing one loop full of ``if primary`` tests: every statement per frame counts here.
+    # The in-order case of plain IPv4/TCP is handled inline; everything else goes through
+    # ``_classify_slow`` and ``_tcp_segment``.
+
+    def _feed_colo_primary(self, frames: Iterable[bytes], now: float) -> list[object]:
         touched: dict[object, None] = {}
         tcp = self._tcp
         fast4 = _FAST4.unpack_from
-        fast6 = _FAST6.unpack_from
-        sec_bytes = 0  # in-order payload bytes appended (counted only for the secondary)
         last = None
+        # while a sealed epoch is uncommitted the secondary's stored bytes are pre-checkpoint:
+        # nothing may be verified against them (the commit re-anchors, then compares)
+        comparing = not self._pending
         for frame in frames:
             n = len(frame)
-            key = None
             if n >= 54:
-                et, vihl, tot, frag, proto, key, seq, ack, offflags = fast4(frame)
-                if et == 0x0800 and vihl == 0x45 and proto == 6 and not frag & 0x3FFF:
-                    ip_end = 14 + tot
-                    pstart = 34 + ((offflags >> 10) & 0x3C)
-                    if not (ip_end <= n and 54 <= pstart <= ip_end):
-                        key = None
-                elif n >= 74 and et == 0x86DD:
-                    et, vtc, plen, nh, key, seq, ack, offflags = fast6(frame)
-                    ip_end = 54 + plen
-                    pstart = 54 + ((offflags >> 10) & 0x3C)
-                    if not (vtc >> 4 == 6 and nh == 6 and ip_end <= n and 74 <= pstart <= ip_end):
-                        key = None
-                else:
-                    key = None
-            if key is None:
-                cls = classify(frame)
-                kind = cls[0]
-                if kind != KIND_TCP:
-                    dflow = self._feed_dgram(cls, frame, now, primary)
-                    touched[dflow] = None
+                w1, tot, w2, key, seq, ack, offflags = fast4(frame)
+                ip_end = 14 + tot
+                pstart = 34 + ((offflags >> 10) & 0x3C)
+                fast = (
+                    w1 & 0xFFFFFF00 == 0x08004500 and w2 & 0x3FFF00FF == 6 and offflags >= 0x5000
+                    and pstart <= ip_end <= n
+                )  # fmt: skip
+            else:
+                fast = False
+            if not fast:
+                parsed = self._classify_slow(frame, now, True)
+                if type(parsed) is not tuple:
+                    touched[parsed] = None
                     continue
-                _k, key, seq, ack, flags, pstart, ip_end = cls
-                offflags = flags
+                key, seq, ack, offflags, pstart, ip_end = parsed
             flow = tcp.get(key)
             if flow is None:
                 flow = tcp[key] = _TcpFlow(key)
-            side = flow.p if primary else flow.s
-            flags = offflags & 0x3F
+            side = flow.p
             plen = ip_end - pstart
-            if seq == side.nxt and not flags & 7:
-                # hot path: in order, no SYN/FIN/RST
+            if seq == side.nxt and not offflags & 7:
+                # in order, no SYN/FIN/RST
                 if plen:
                     e = side.end
-                    other = flow.s if primary else flow.p
+                    other = flow.s
                     oe = other.end
-                    if oe > e and flow.v == e and flow.diverged is None:
-                        # this side catches up and is verified so far: compare its new bytes in
-                        # place with the other side's; store only what runs past them
+                    if oe > e and flow.v == e and flow.diverged is None and comparing:
+                        # catching up and verified so far: compare the new bytes in place with
+                        # the secondary's; store only what runs past them
                         k = oe - e if oe - e < plen else plen
                         if other.start + len(other.cur) - other.off < e + k:
                             _ensure(other, e + k)
                         if other.cur.startswith(frame[pstart : pstart + k], other.off):
                             other.off += k
                             other.start = side.start = flow.v = e + k
-                            if primary:
-                                self._sec_bytes -= k
+                            self._sec_bytes -= k
                             if k < plen:
                                 side.chunks.append(frame[pstart + k : ip_end])
-                                sec_bytes += plen - k
                         else:
                             side.chunks.append(frame[pstart:ip_end])  # _settle pinpoints it
-                            sec_bytes += plen
                     else:
                         side.chunks.append(frame[pstart:ip_end])
-                        sec_bytes += plen
                     side.end = end = e + plen
                     side.nxt = (seq + plen) & 0xFFFFFFFF
                 else:
                     end = side.end
             else:
-                end = self._tcp_segment(flow, side, primary, seq, flags, frame, pstart, plen)
+                end = self._tcp_segment(flow, side, True, seq, offflags & 0x3F, frame, pstart, plen)
                 flow = tcp[key]  # a SYN may have started a new incarnation
-                side = flow.p if primary else flow.s
-            if flags & 0x10:
+                side = flow.p
+            if offflags & 0x10:
                 side.ack = ack
-                if primary:
-                    flow.held.append((end, ack, frame, now))
-            elif primary:
+                flow.held.append((end, ack, frame, now))
+            else:
                 flow.held.append((end, -1, frame, now))
             if flow is not last:
                 touched[flow] = None
                 last = flow
-        if not primary:
-            self._sec_bytes += sec_bytes
         return list(touched)
+
+    def _feed_colo_secondary(self, frames: Iterable[bytes], now: float) -> list[object]:
+        touched: dict[object, None] = {}
+        tcp = self._tcp
+        fast4 = _FAST4.unpack_from
+        last = None
+        stored = 0  # bytes the secondary side stores
+        for frame in frames:
+            n = len(frame)
+            if n >= 54:
+                w1, tot, w2, key, seq, ack, offflags = fast4(frame)
+                ip_end = 14 + tot
+                pstart = 34 + ((offflags >> 10) & 0x3C)
+                fast = (
+                    w1 & 0xFFFFFF00 == 0x08004500 and w2 & 0x3FFF00FF == 6 and offflags >= 0x5000
+                    and pstart <= ip_end <= n
+                )  # fmt: skip
+            else:
+                fast = False
+            if not fast:
+                parsed = self._classify_slow(frame, now, False)
+                if type(parsed) is not tuple:
+                    touched[parsed] = None
+                    continue
+                key, seq, ack, offflags, pstart, ip_end = parsed
+            flow = tcp.get(key)
+            if flow is None:
+                flow = tcp[key] = _TcpFlow(key)
+            side = flow.s
+            plen = ip_end - pstart
+            if seq == side.nxt and not offflags & 7:
+                if plen:
+                    e = side.end
+                    other = flow.p
+                    oe = other.end
+                    if oe > e and flow.v == e and flow.diverged is None:
+                        k = oe - e if oe - e < plen else plen
+                        if other.start + len(other.cur) - other.off < e + k:
+                            _ensure(other, e + k)
+                        if other.cur.startswith(frame[pstart : pstart + k], other.off):
+                            other.off += k
+                            other.start = side.start = flow.v = e + k
+                            if k < plen:
+                                side.chunks.append(frame[pstart + k : ip_end])
+                                stored += plen - k
+                        else:
+                            side.chunks.append(frame[pstart:ip_end])
+                            stored += plen
+                    else:
+                        side.chunks.append(frame[pstart:ip_end])
+                        stored += plen
+                    side.end = e + plen
+                    side.nxt = (seq + plen) & 0xFFFFFFFF
+            else:
+                self._tcp_segment(flow, side, False, seq, offflags & 0x3F, frame, pstart, plen)
+                flow = tcp[key]
+                side = flow.s
+            if offflags & 0x10:
+                side.ack = ack
+            if flow is not last:
+                touched[flow] = None
+                last = flow
+        self._sec_bytes += stored
+        return list(touched)
+
+    def _classify_slow(self, frame: bytes, now: float, primary: bool) -> tuple | _DgramFlow:
+        """Frames off the IPv4/TCP fast path: IPv6/TCP (parsed here), everything else classified
+        and, if not TCP, queued in its datagram flow (returned)."""
+        n = len(frame)
+        if n >= 74 and frame[12] == 0x86 and frame[13] == 0xDD:
+            vtc, plen, nh, key, seq, ack, offflags = _FAST6.unpack_from(frame)
+            ip_end = 54 + plen
+            pstart = 54 + ((offflags >> 10) & 0x3C)
+            if vtc >> 4 == 6 and nh == 6 and offflags >= 0x5000 and pstart <= ip_end <= n:
+                return key, seq, ack, offflags, pstart, ip_end
+        cls = classify(frame)
+        if cls[0] != KIND_TCP:
+            return self._feed_dgram(cls, frame, now, primary)
+        _kind, key, seq, ack, flags, pstart, ip_end = cls
+        return key, seq, ack, flags | 0x5000, pstart, ip_end
 
     def _tcp_segment(
         self, flow: _TcpFlow, side: _Side, primary: bool, seq: int, flags: int, frame: bytes, pstart: int,

@@ -516,3 +516,20 @@ def test_secondary_behind_qemu_filter_rewriter() -> None:
     s_bad = [tcp_frame(900, flags="SA"), *stream_frames(bytes(bad), [700], isn=10, syn=False)]
     _c, _out, reqs = run(p, s_bad)
     assert [r.offset for r in reqs] == [2999]
+
+
+def test_frames_fed_while_a_seal_is_pending_are_compared_only_after_the_reanchor() -> None:
+    c = Comparator()
+    p = stream_frames(DATA[:3000], [1000], isn=10, fin=False)
+    s_ahead = stream_frames(DATA[:5000], [1000], isn=20, fin=False)  # the secondary ran ahead
+    c.feed_primary(p, 0.0)
+    assert released(c.feed_secondary(s_ahead, 0.0)) == p
+    n = c.seal()  # sealed at primary offset 3000
+    p_after = [tcp_frame(11 + 3000, DATA[3000:4000]), tcp_frame(11 + 4000, DATA[4000:5000])]
+    assert c.feed_primary(p_after, 1.0) == []  # must not be verified against the old secondary
+    assert c.commit(n) == []
+    # the secondary resumed from the checkpoint: same bytes again, in the primary's space
+    out = released(c.feed_secondary([tcp_frame(11 + 3000, DATA[3000:5000])], 2.0))
+    assert out == p_after
+    st = c.stats()
+    assert st["held_frames"] == 0 and st["secondary_buffered_bytes"] == 0
