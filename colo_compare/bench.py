@@ -112,33 +112,33 @@ PLAIN_SECONDARY_LOOK = Look(ip_id=777)
 
 
 def build_workload(kind: str, frames_target: int, flows: int) -> tuple[list[bytes], list[bytes], int]:
-    """(primary encoded chunks, secondary encoded chunks, primary frame count), interleaved by flow."""
+    """(primary encoded chunks, secondary encoded chunks, primary frame count).
+
+    Chunk ``k`` of both sides covers the same stream bytes of every flow (64 primary segments per
+    flow), so the generator never runs one side ahead of the other; only the segmentation, ISN
+    and (for ``noise``) the header fields differ.
+    """
     seg = 100 if kind == "rpc" else 1448
+    step = 64
     per_flow = max(1, frames_target // flows)
+    sec_look = NOISY_LOOK if kind == "noise" else PLAIN_SECONDARY_LOOK
+    # the secondary cuts differently: a short first segment (bulk) or coalesced requests (rpc)
+    sec_sizes = [seg, 2 * seg, seg] if kind == "rpc" else [1000, 1448]
+    datas = [payload_bytes(per_flow * seg, f) for f in range(flows)]
     p_chunks: list[bytes] = []
     s_chunks: list[bytes] = []
     nframes = 0
-    sec_look = NOISY_LOOK if kind == "noise" else PLAIN_SECONDARY_LOOK
-    sec_sizes = [seg] if kind == "rpc" else [1000, 1448]
-    p_flows: list[list[bytes]] = []
-    s_flows: list[list[bytes]] = []
-    for f in range(flows):
-        data = payload_bytes(per_flow * seg, f)
-        p_flows.append(stream(10000 + f, data, [seg], 1000 * f + 5, PRIMARY_LOOK))
-        s_flows.append(stream(10000 + f, data, sec_sizes, 7_000_000 + 3 * f, sec_look))
-        if kind == "rpc":
-            # the secondary batches two requests per segment now and then (Nagle/TSO differences)
-            s_flows[-1] = stream(10000 + f, data, [seg, 2 * seg, seg], 7_000_000 + 3 * f, sec_look)
-        nframes += len(p_flows[-1])
-    step = 64
-    longest = max(len(x) for x in p_flows + s_flows)
-    for i in range(0, longest, step):
-        p_batch = [fr for fl in p_flows for fr in fl[i : i + step]]
-        s_batch = [fr for fl in s_flows for fr in fl[i : i + step]]
-        if p_batch:
-            p_chunks.append(encode_frames(p_batch))
-        if s_batch:
-            s_chunks.append(encode_frames(s_batch))
+    width = step * seg
+    for k in range(0, per_flow * seg, width):
+        p_batch: list[bytes] = []
+        s_batch: list[bytes] = []
+        for f, data in enumerate(datas):
+            piece = data[k : k + width]
+            p_batch += stream(10000 + f, piece, [seg], 1000 * f + 5, PRIMARY_LOOK, syn=k == 0, start=k)
+            s_batch += stream(10000 + f, piece, sec_sizes, 7_000_000 + 3 * f, sec_look, syn=k == 0, start=k)
+        nframes += len(p_batch)
+        p_chunks.append(encode_frames(p_batch))
+        s_chunks.append(encode_frames(s_batch))
     return p_chunks, s_chunks, nframes
 
 

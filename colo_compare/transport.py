@@ -35,10 +35,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import socket
 import struct
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from controller.endpoints import Endpoint
@@ -376,20 +378,22 @@ class FrameSocketWriter:
         self.loop = loop or asyncio.get_running_loop()
         self.closed = False
         self.bytes_written = 0
-        self._pending = bytearray()
+        self._chunks: deque[bytes | memoryview] = deque()
+        self._backlog = 0
         self._fd = sock.fileno()
         self._watching = False
 
     @property
     def backlog(self) -> int:
         """Bytes accepted by :meth:`write` but not yet taken by the kernel."""
-        return len(self._pending)
+        return self._backlog
 
     def write(self, data: bytes) -> None:
         if self.closed or not data:
             return
-        if self._pending:
-            self._pending += data
+        if self._chunks:
+            self._chunks.append(data)
+            self._backlog += len(data)
             return
         try:
             n = self.sock.send(data)
@@ -400,7 +404,8 @@ class FrameSocketWriter:
             return
         self.bytes_written += n
         if n < len(data):
-            self._pending += memoryview(data)[n:]
+            self._chunks.append(memoryview(data)[n:])
+            self._backlog += len(data) - n
             self._watch()
 
     def _watch(self) -> None:
@@ -408,17 +413,34 @@ class FrameSocketWriter:
             self._watching = True
             self.loop.add_writer(self._fd, self._on_writable)
 
+    def _send_some(self) -> int:
+        """One scatter-gather send of the first queued chunks; returns bytes taken (no copying
+        of the backlog: a slow reader must not make every send memmove megabytes)."""
+        chunks = self._chunks
+        n = self.sock.sendmsg(list(itertools.islice(chunks, 64)))
+        self.bytes_written += n
+        self._backlog -= n
+        left = n
+        while left:
+            first = chunks[0]
+            if len(first) <= left:
+                left -= len(first)
+                chunks.popleft()
+            else:
+                chunks[0] = memoryview(first)[left:]
+                left = 0
+        return n
+
     def _on_writable(self) -> None:
-        while self._pending and not self.closed:
+        while self._chunks and not self.closed:
             try:
-                n = self.sock.send(self._pending)
+                if not self._send_some():
+                    return
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 self.close(f"write error: {exc}")
                 return
-            self.bytes_written += n
-            del self._pending[:n]
         if self._watching:
             self._watching = False
             self.loop.remove_writer(self._fd)
@@ -427,15 +449,14 @@ class FrameSocketWriter:
 
     def flush_blocking(self, timeout: float = 5.0) -> None:
         """Push the backlog out synchronously (shutdown path); gives up after ``timeout``."""
-        if not self._pending or self.closed:
+        if not self._chunks or self.closed:
             return
         self.sock.settimeout(timeout)
         try:
-            self.sock.sendall(self._pending)
-            self.bytes_written += len(self._pending)
-            self._pending.clear()
+            while self._chunks:
+                self._send_some()
         except OSError as exc:
-            log.warning("flush of %d bytes failed: %s", len(self._pending), exc)
+            log.warning("flush of %d bytes failed: %s", self._backlog, exc)
         finally:
             with contextlib.suppress(OSError):
                 self.sock.setblocking(False)
