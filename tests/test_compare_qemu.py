@@ -360,3 +360,21 @@ def test_indev_redirector_stops_after_a_disconnect_until_recreated(tmp_path: Pat
         out_conn.close()
     lin.close()
     lout.close()
+
+
+def test_no_output_bypasses_a_missing_comparator(tmp_path: Path) -> None:
+    """Safety: with the comparator gone (connection and listener closed), QEMU's outdev
+    redirector drops the guest's output; it never falls through to the netdev unprotected."""
+    path = tmp_path / "out.sock"
+    listener = listen_unix(path)
+    with qemu_net({"out": str(path)}, False, tmp_path) as net:
+        conn = listener.accept()[0]
+        wait_attached(net, [conn], [FrameDecoder()])
+        conn.close()
+        listener.close()
+        path.unlink()
+        net.sink.settimeout(0.2)
+        for i in range(8):
+            net.send(bytes([i]) * 60)
+            with pytest.raises(TimeoutError):
+                net.sink.recv(100)
