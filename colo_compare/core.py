@@ -21,8 +21,9 @@ TCP
     (32-bit wrap-around) relative to the stream's current end.
   * SYN is an event at offset -1, FIN an event at its offset (it occupies one sequence number),
     RST an event at its offset (clamped to the side's end of data, +1 after a FIN).  Data after a
-    FIN/RST is ignored.  A FIN/RST at offset k that the other side does not have there while it has
-    data (or the other event) there is a divergence at k.
+    FIN/RST is never compared: a primary frame carrying some waits for a checkpoint.  A FIN/RST
+    at offset k that the other side does not have there while it has data (or the other event)
+    there is a divergence at k.
   * QEMU's filter-rewriter on the secondary sends the secondary's SYN/ACK with its own ISN but
     moves every later ACK-flagged segment into the primary's sequence space.  The first segment
     after a SYN is always at offset 0, so when the secondary's first post-SYN segment carries the

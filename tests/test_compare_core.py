@@ -533,3 +533,47 @@ def test_frames_fed_while_a_seal_is_pending_are_compared_only_after_the_reanchor
     assert out == p_after
     st = c.stats()
     assert st["held_frames"] == 0 and st["secondary_buffered_bytes"] == 0
+
+
+def test_ipv4_options_ipv6_extension_headers_and_ethernet_padding_are_transparent() -> None:
+    from scapy.layers.inet import IP, TCP, IPOption_NOP
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop
+    from scapy.layers.l2 import Ether
+
+    def v4_opts(seq: int, payload: bytes, flags: str = "PA") -> bytes:
+        return bytes(Ether() / IP(src="10.0.0.2", dst="10.0.0.1", options=[IPOption_NOP()] * 4)
+                     / TCP(sport=80, dport=40001, seq=seq, ack=1000, flags=flags) / payload)
+
+    p = [v4_opts(10, b"", "SA"), v4_opts(11, DATA[:700]), v4_opts(711, DATA[700:1000])]
+    s = [tcp_frame(50, flags="SA"), tcp_frame(51, DATA[:1000])]
+    _c, out, reqs = run(p, s)
+    assert reqs == [] and out == p
+
+    def v6_hbh(seq: int, payload: bytes, flags: str = "PA") -> bytes:
+        return bytes(Ether() / IPv6(src=VM6, dst=CLIENT6) / IPv6ExtHdrHopByHop()
+                     / TCP(sport=80, dport=40001, seq=seq, ack=1000, flags=flags) / payload)
+
+    p6 = [v6_hbh(10, b"", "SA"), v6_hbh(11, DATA[:500])]
+    s6 = stream_frames(DATA[:500], [250], isn=99, fin=False, src=VM6, dst=CLIENT6)
+    _c, out, reqs = run(p6, s6)
+    assert reqs == [] and out == p6
+
+    ack_p = tcp_frame(11, flags="A") + b"\xde\xad\xbe\xef\x00\x00"  # padded to 60 bytes with junk
+    ack_s = tcp_frame(21, flags="A") + bytes(6)
+    _c, out, reqs = run([tcp_frame(10, flags="SA"), ack_p], [tcp_frame(20, flags="SA"), ack_s])
+    assert reqs == [] and out == [tcp_frame(10, flags="SA"), ack_p]
+
+
+def test_data_after_fin_is_ignored_and_vlan_frames_are_other() -> None:
+    late = tcp_frame(10 + 102, b"late")  # invalid TCP: data after the FIN
+    p = [*stream_frames(DATA[:100], [100], isn=10), late]
+    s = stream_frames(DATA[:100], [50], isn=20)
+    c, out, reqs = run(p, s)
+    assert reqs == [] and out == p[:-1]  # never compared, so it waits for a checkpoint
+    assert [r.reason for r in requests(c.poll(100.0))] == ["timeout"]
+    assert released(c.commit(c.seal())) == [late]
+    from scapy.layers.l2 import Dot1Q, Ether
+
+    vlan = bytes(Ether() / Dot1Q(vlan=5) / (b"x" * 50))
+    _c, out, reqs = run([vlan], [vlan])
+    assert out == [vlan] and reqs == []
