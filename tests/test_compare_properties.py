@@ -232,3 +232,59 @@ def test_every_primary_frame_is_released_exactly_once_in_flow_order(ops, mode) -
         positions = [out.index(f) for f in frames]
         assert positions == sorted(positions)
     assert c.stats()["held_bytes"] == 0
+
+
+# a secondary that follows the checkpoint protocol never causes a false divergence
+
+_proto_op = st.one_of(
+    st.tuples(st.just("p"), st.integers(1, 5000)),
+    st.tuples(st.just("s"), st.integers(1, 5000)),
+    st.just(("seal",)),
+    st.just(("commit",)),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_proto_op, max_size=30), isns, isns, st.sampled_from([700, 1000, 1448]))
+def test_checkpoints_reanchor_without_false_divergences(ops, isn_p, isn_s, s_seg) -> None:
+    data = bytes((i * 13 + i // 977) & 0xFF for i in range(60000))
+    c = Comparator()
+    ip_id = 0
+
+    def frames(isn: int, lo: int, hi: int, seg: int) -> list[bytes]:
+        nonlocal ip_id
+        out = []
+        for a in range(lo, hi, seg):
+            ip_id += 1
+            out.append(tcp4(isn + 1 + a, data[a : min(a + seg, hi)], ip_id=ip_id))
+        return out
+
+    fed: list[bytes] = [tcp4(isn_p, flags=0x12)]
+    actions = c.feed_primary(fed[:], 0.0) + c.feed_secondary([tcp4(isn_s, flags=0x12)], 0.0)
+    p_pos = s_pos = 0
+    s_isn = isn_s
+    pending: int | None = None
+    for op in ops:
+        if op[0] == "p":
+            hi = min(p_pos + op[1], len(data))
+            new = frames(isn_p, p_pos, hi, 1000)
+            fed += new
+            actions += c.feed_primary(new, 0.0)
+            p_pos = hi
+        elif op[0] == "s":
+            hi = min(s_pos + op[1], len(data))
+            actions += c.feed_secondary(frames(s_isn, s_pos, hi, s_seg), 0.0)
+            s_pos = max(s_pos, hi)
+        elif op[0] == "seal" and pending is None:
+            pending = c.seal()
+            # the secondary loads the checkpoint: it continues from the primary's sealed position,
+            # in the primary's sequence space
+            s_pos, s_isn = p_pos, isn_p
+        elif op[0] == "commit" and pending is not None:
+            actions += c.commit(pending)
+            pending = None
+    if pending is not None:
+        actions += c.commit(pending)
+    actions += c.feed_secondary(frames(s_isn, s_pos, p_pos, s_seg), 0.0) if s_pos < p_pos else []
+    assert requests(actions) == []
+    assert released(actions) == fed
