@@ -243,7 +243,55 @@ def newest_kernel_package(apt_cache_search_output: str) -> str | None:
     return best[1] if best else None
 
 
+_APT_INPUTS = (
+    "/var/lib/apt/lists",  # apt-get update renames new lists into place: the directory's mtime moves
+    "/etc/apt",
+    "/etc/apt/sources.list",
+    "/etc/apt/sources.list.d",
+    "/etc/apt/preferences.d",
+    "/etc/apt/apt.conf.d",
+)
+
+
+def _apt_state() -> str | None:
+    """A fingerprint of what apt-cache answers from; None when apt has no package lists."""
+    parts = []
+    for path in _APT_INPUTS:
+        try:
+            st = os.stat(path)
+        except OSError:
+            if path == _APT_INPUTS[0]:
+                return None
+            parts.append(f"{path}:-")
+            continue
+        parts.append(f"{path}:{st.st_mtime_ns}:{st.st_size}")
+    return "|".join(parts)
+
+
 def find_kernel_package() -> tuple[str, str]:
+    """(package, version) of the newest cloud kernel, remembered while apt's state is unchanged.
+
+    ``apt-cache`` takes one to three seconds on a busy machine; the answer only changes when apt's
+    package lists do, so a cached build needs no apt call at all.
+    """
+    memo = cache_root() / "kernel-package.json"
+    state = _apt_state()
+    try:
+        saved = json.loads(memo.read_text())
+        if state is not None and saved["apt_state"] == state:
+            return str(saved["package"]), str(saved["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    package, version = _query_kernel_package()
+    if state is not None and _apt_state() == state:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"apt_state": state, "package": package, "version": version}))
+        os.replace(tmp, memo)
+    return package, version
+
+
+def _query_kernel_package() -> tuple[str, str]:
     """(package, candidate version) of the newest Debian 6.1 cloud kernel; ``apt-get update`` once if none."""
     for attempt in range(2):
         names = _run(["apt-cache", "pkgnames", "linux-image-6.1.0-"], what="apt-cache pkgnames")
@@ -751,15 +799,38 @@ def wait_for_ready(
 # Commands
 
 
+def prune_cache(keep: GuestImage) -> list[Path]:
+    """Remove every other cached guest build and kernel package; returns what was removed.
+
+    Not automatic: a launcher may hold paths of an older build it is about to boot.
+    """
+    removed: list[Path] = []
+    root = cache_root()
+    for entry in sorted((root / "guest").iterdir()) if (root / "guest").is_dir() else []:
+        if entry.is_dir() and entry.name != keep.inputs_hash:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    keep_deb = f"{keep.kernel_package}_{keep.kernel_version.replace(':', '%3a')}_"
+    for deb in sorted((root / "debs").glob("*.deb")) if (root / "debs").is_dir() else []:
+        if not deb.name.startswith(keep_deb):
+            deb.unlink()
+            removed.append(deb)
+    return removed
+
+
 @click.command("build")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Also copy the result here.")
+@click.option("--prune", is_flag=True, help="Remove other cached builds and kernel packages.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def build_command(out: Path | None, as_json: bool) -> None:
+def build_command(out: Path | None, prune: bool, as_json: bool) -> None:
     """Build the guest (kernel + initramfs) from Debian packages, or reuse the cached build."""
     try:
         image = build_guest(out, log=not as_json)
     except GuestError as exc:
         raise click.ClickException(str(exc)) from None
+    if prune:
+        for path in prune_cache(image):
+            click.echo(f"removed {path}", err=True)
     if as_json:
         click.echo(json.dumps(image.to_json()))
     else:

@@ -19,12 +19,15 @@ from mc_driver.guest import (
     GuestBuildError,
     GuestControlError,
     GuestError,
+    GuestImage,
     build_guest,
     encode_command,
+    find_kernel_package,
     guest_cmdline,
     modinfo_depends,
     module_load_order,
     newest_kernel_package,
+    prune_cache,
     wait_for_ready,
 )
 
@@ -148,3 +151,45 @@ def test_wait_for_ready_reads_the_console_log(tmp_path: Path) -> None:
     log.write_text("booting...\n")
     with pytest.raises(GuestError, match=r"(?s)not ready after .*booting"):
         wait_for_ready(log, timeout=0.3)
+
+
+def test_prune_removes_only_other_builds_and_packages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    root = tmp_path / "hybridft"
+    for name in ("aaaa", "bbbb"):
+        (root / "guest" / name).mkdir(parents=True)
+    (root / "debs").mkdir()
+    current = root / "debs" / "linux-image-6.1.0-56-cloud-amd64-unsigned_6.1.192-2_amd64.deb"
+    old = root / "debs" / "linux-image-6.1.0-55-cloud-amd64-unsigned_6.1.190-1_amd64.deb"
+    current.write_bytes(b"x")
+    old.write_bytes(b"x")
+    keep = GuestImage(
+        kernel=root / "guest" / "aaaa" / "vmlinuz",
+        initrd=root / "guest" / "aaaa" / "initrd.img",
+        append=BASE_APPEND,
+        directory=root / "guest" / "aaaa",
+        kernel_package="linux-image-6.1.0-56-cloud-amd64-unsigned",
+        kernel_version="6.1.192-2",
+        modules=MODULES,
+        inputs_hash="aaaa",
+    )
+    assert prune_cache(keep) == [root / "guest" / "bbbb", old]
+    assert (root / "guest" / "aaaa").is_dir() and current.exists()
+
+
+def test_kernel_package_answer_is_remembered_only_for_the_same_apt_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    memo = tmp_path / "hybridft" / "kernel-package.json"
+    memo.parent.mkdir(parents=True)
+    memo.write_text(json.dumps({"apt_state": "stale", "package": "bogus", "version": "0"}))
+    package, version = find_kernel_package()  # asks apt: the memo is for another apt state
+    assert newest_kernel_package(package) == package and version != "0"
+    saved = json.loads(memo.read_text())
+    assert (saved["package"], saved["version"]) == (package, version)
+    saved["package"] = "remembered"
+    memo.write_text(json.dumps(saved))
+    assert find_kernel_package() == ("remembered", version)  # same apt state: no apt call

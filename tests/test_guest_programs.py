@@ -147,6 +147,14 @@ def test_rrserver_answers_prefixes_of_the_stream_and_rejects_bad_requests(
     huge.close()
 
 
+def _start_diskwriter(ns: NetNamespace, binary: Path, *args: str) -> None:
+    """Start diskwriter and wait for its banner (printed once it listens); a probe connection would be
+    its first client and take the first records with it."""
+    proc = ns.popen([str(binary), *args], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith("diskwriter: ")
+
+
 def _read_reports(s: socket.socket) -> DiskWriterReports:
     reports = DiskWriterReports()
     while reports.finished is None:
@@ -162,14 +170,13 @@ def test_diskwriter_reports_only_durable_records_and_they_verify(
 ) -> None:
     dev = tmp_path / "disk.img"
     dev.write_bytes(b"\0" * (1 << 20))
-    ns.popen([str(bins["diskwriter"]), str(dev), "--port", "9009", "--count", "60"])
-    _wait_port(ns, 9009)  # this probe is the first client; it disconnects at once
+    _start_diskwriter(ns, bins["diskwriter"], str(dev), "--port", "9009", "--count", "60")
     c = _connect(ns, 9009)
     reports = _read_reports(c)
     c.close()
     assert reports.finished == "DONE"
     assert reports.run is not None
-    assert reports.durable[-1] == 60
+    assert reports.durable == list(range(1, 61))
     on_disk = read_disk_records(dev.read_bytes(), reports.run)
     assert set(reports.durable) <= on_disk == set(range(1, 61))
     # a torn record and a record of another run do not verify
@@ -179,19 +186,53 @@ def test_diskwriter_reports_only_durable_records_and_they_verify(
     assert read_disk_records(bytes(data), reports.run + 1) == set()
 
 
+def test_diskwriter_paces_records_at_the_asked_rate(
+    bins: dict[str, Path], ns: NetNamespace, tmp_path: Path
+) -> None:
+    dev = tmp_path / "disk.img"
+    dev.write_bytes(b"\0" * (64 * 4096))
+    _start_diskwriter(ns, bins["diskwriter"], str(dev), "--port", "9011", "--rate", "100", "--count", "30")
+    c = _connect(ns, 9011)
+    start = time.monotonic()
+    reports = _read_reports(c)
+    elapsed = time.monotonic() - start
+    c.close()
+    assert reports.durable == list(range(1, 31))
+    assert elapsed >= 0.28  # 30 records at 100/s: 29 gaps of 10 ms at least
+
+
+def test_diskwriter_continues_numbering_for_the_next_client(
+    bins: dict[str, Path], ns: NetNamespace, tmp_path: Path
+) -> None:
+    dev = tmp_path / "disk.img"
+    dev.write_bytes(b"\0" * (256 * 4096))
+    _start_diskwriter(ns, bins["diskwriter"], str(dev), "--port", "9012", "--rate", "200", "--count", "80")
+    first = _connect(ns, 9012)
+    early = DiskWriterReports()
+    while len(early.durable) < 5:
+        early.feed(first.recv(64))
+    first.close()  # gone mid-run: the writer notices on its next report and waits for a new client
+    second = _connect(ns, 9012)
+    late = _read_reports(second)
+    second.close()
+    assert late.run == early.run and late.finished == "DONE"
+    assert late.durable[0] > early.durable[-1] and late.durable[-1] == 80
+    on_disk = read_disk_records(dev.read_bytes(), late.run or 0)
+    assert set(early.durable) | set(late.durable) <= on_disk == set(range(1, 81))
+
+
 def test_diskwriter_stops_when_the_device_is_full(
     bins: dict[str, Path], ns: NetNamespace, tmp_path: Path
 ) -> None:
     dev = tmp_path / "small.img"
     dev.write_bytes(b"\0" * (8 * 4096))
-    ns.popen([str(bins["diskwriter"]), str(dev), "--port", "9010"])
-    _wait_port(ns, 9010)
+    _start_diskwriter(ns, bins["diskwriter"], str(dev), "--port", "9010")
     c = _connect(ns, 9010)
     reports = _read_reports(c)
     c.close()
     assert reports.finished == "FULL"
     assert read_disk_records(dev.read_bytes(), reports.run or 0) >= set(reports.durable)
-    assert reports.durable[-1] == 8
+    assert reports.durable == list(range(1, 9))
 
 
 def test_diskwriter_rejects_bad_arguments(bins: dict[str, Path], tmp_path: Path) -> None:
