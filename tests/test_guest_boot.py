@@ -308,3 +308,58 @@ def test_hybridft_guest_run_starts_a_workload(guest: Guest) -> None:
         with pytest.raises(GuestControlTimeout):
             ctl.sh("sleep", "2", "&&", "echo", "late", timeout=0.5)
         assert ctl.sh("echo", "after").text == "after"
+
+
+def test_the_same_device_set_migrates_to_an_incoming_qemu(tmp_path: Path) -> None:
+    """What the COLO secondary relies on: a second QEMU with the same arguments plus -incoming takes
+    over the running guest, which then serves HTTP and its control loop from there."""
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        pytest.fail("qemu-system-x86_64 is not installed")
+    image = build_guest()
+    disk = tmp_path / "disk.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(disk), "8M"], check=True)
+    cmdline = guest_cmdline(f"{GUEST_IP}/24")
+    with NetNamespace() as ns:
+        procs = {}
+        for side in ("src", "dst"):
+            ns.add_tap(f"tap-{side}")
+            args = qemu_args(
+                image,
+                tap=f"tap-{side}",
+                disk=disk,  # shared storage, as in a plain migration
+                console_log=tmp_path / f"{side}.log",
+                control_socket=tmp_path / f"{side}.ctl",
+                cmdline=cmdline,
+            )
+            args += ["-qmp", f"unix:{tmp_path / side}.qmp,server=on,wait=off"]
+            if side == "dst":
+                args += ["-incoming", f"unix:{tmp_path / 'migrate.sock'}"]
+            procs[side] = ns.popen([qemu, *args])
+        wait_for_ready(tmp_path / "src.log", timeout=90, proc=procs["src"])
+
+        async def migrate() -> str:
+            qmp = QMPClient("src")
+            await qmp.connect(str(tmp_path / "src.qmp"))
+            try:
+                await qmp.execute("migrate", {"uri": f"unix:{tmp_path / 'migrate.sock'}"})
+                while True:
+                    status = str((await qmp.execute("query-migrate")).get("status"))
+                    if status in ("completed", "failed", "cancelled"):
+                        return status
+                    await asyncio.sleep(0.1)
+            finally:
+                await qmp.disconnect()
+
+        assert asyncio.run(asyncio.wait_for(migrate(), 60)) == "completed"
+        procs["src"].terminate()
+        procs["src"].wait(timeout=10)
+        with GuestControl(f"unix:{tmp_path / 'dst.ctl'}") as ctl:
+            assert ctl.sh("echo", "on", "the", "destination").text == "on the destination"
+        with ns.entered():
+            conn = http.client.HTTPConnection(GUEST_IP, 80, timeout=60)
+            conn.connect()
+        conn.request("GET", "/blob")
+        body = conn.getresponse().read()
+        conn.close()
+        assert body == blob_bytes()
