@@ -77,6 +77,7 @@ MODULES = (
 KERNEL_PACKAGE_RE = re.compile(r"^linux-image-6\.1\.0-(\d+)-cloud-amd64-unsigned$")
 
 READY_LINE = "HYBRIDFT-GUEST-READY"
+FAILED_LINE = "HYBRIDFT-GUEST-FAILED"
 CONTROL_READY_LINE = "HFT-CONTROL-READY"
 CONTROL_END = "HFT-END"
 
@@ -773,7 +774,8 @@ def wait_for_ready(
 ) -> str:
     """Wait until the guest's console log shows the readiness line; return that line.
 
-    Fails early, with the console's tail, if ``proc`` (the QEMU) exits or the kernel panics.
+    Fails early if the guest reports a failed set-up, the kernel panics or ``proc`` (the QEMU) exits,
+    with the console's tail.
     """
     deadline = time.monotonic() + timeout
     text = ""
@@ -785,6 +787,10 @@ def wait_for_ready(
         for line in text.splitlines():
             if READY_LINE in line:  # a kernel message may share the line
                 return line[line.index(READY_LINE) :]
+            if FAILED_LINE in line:
+                raise GuestError(
+                    f"guest set-up failed: {line[line.index(FAILED_LINE) + len(FAILED_LINE) :].strip()}"
+                )
         if "Kernel panic" in text:
             raise GuestError(f"guest kernel panicked:\n{text[-3000:]}")
         if proc is not None and proc.poll() is not None:

@@ -132,6 +132,27 @@ def test_a_guest_that_cannot_boot_fails_loudly(tmp_path: Path) -> None:
             wait_for_ready(tmp_path / "console.log", timeout=90, proc=proc)
 
 
+def test_a_misconfigured_guest_reports_failure(tmp_path: Path) -> None:
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        pytest.fail("qemu-system-x86_64 is not installed")
+    image = build_guest()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(tmp_path / "disk.img"), "1M"], check=True)
+    with NetNamespace() as ns:
+        ns.add_tap("tap0")
+        # a later hft.ip= wins in init.sh; guest_cmdline itself would refuse nothing here
+        args = qemu_args(
+            image,
+            tap="tap0",
+            disk=tmp_path / "disk.img",
+            console_log=tmp_path / "console.log",
+            cmdline=guest_cmdline(extra="hft.ip=10.77.0.999/24"),
+        )
+        proc = ns.popen([qemu, *args])
+        with pytest.raises(GuestError, match=r"set-up failed: bad hft.ip=10.77.0.999/24"):
+            wait_for_ready(tmp_path / "console.log", timeout=90, proc=proc)
+
+
 def test_http_blob_is_the_exact_8_mib(guest: Guest) -> None:
     with guest.ns.entered():
         conn = http.client.HTTPConnection(GUEST_IP, 80, timeout=60)

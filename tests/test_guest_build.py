@@ -148,6 +148,9 @@ def test_wait_for_ready_reads_the_console_log(tmp_path: Path) -> None:
     log.write_text("[    1.0] Kernel panic - not syncing: VFS: Unable to mount root fs\n")
     with pytest.raises(GuestError, match="panicked"):
         wait_for_ready(log, timeout=5)
+    log.write_text("hft-init: bad hft.gw=x\nHYBRIDFT-GUEST-FAILED bad hft.gw=x\n")
+    with pytest.raises(GuestError, match="set-up failed: bad hft.gw=x"):
+        wait_for_ready(log, timeout=5)
     log.write_text("booting...\n")
     with pytest.raises(GuestError, match=r"(?s)not ready after .*booting"):
         wait_for_ready(log, timeout=0.3)

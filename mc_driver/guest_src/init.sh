@@ -9,7 +9,8 @@
 #   hft.ipv6=1           keep IPv6 on (default off: router solicitations and MLD reports are spontaneous,
 #                        timing-dependent guest output that would only add noise to COLO comparison)
 #
-# Console: ttyS0 gets kernel messages and the readiness line "HYBRIDFT-GUEST-READY ip=... services=...".
+# Console: ttyS0 gets kernel messages and the readiness line "HYBRIDFT-GUEST-READY ip=... services=...",
+# or "HYBRIDFT-GUEST-FAILED <reasons>" when a module, the address, the route or a service failed.
 # Control: ttyS1 runs a line-oriented command loop, off the guest network so it never perturbs the
 # packets COLO compares.  Every reply ends with a line "HFT-END <rc>".  Commands:
 #   ping [TOKEN]          -> "PONG [TOKEN]"              (the host uses a fresh token to resynchronise)
@@ -30,7 +31,10 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs -o size=64m tmpfs /tmp
 hostname hft-guest
 
-log() { echo "hft-init: $*"; }
+# Every problem is collected: the guest then reports HYBRIDFT-GUEST-FAILED instead of READY, so a
+# misconfigured guest fails its test loudly instead of timing out on an unreachable address.
+ERRORS=
+log() { echo "hft-init: $*"; ERRORS="$ERRORS${ERRORS:+; }$*"; }
 
 IP=10.77.0.2/24
 GW=
@@ -102,7 +106,11 @@ for r in $RUNS; do
 done
 set +f
 
-echo "HYBRIDFT-GUEST-READY ip=$IP services=$SERVICES"
+if [ -n "$ERRORS" ]; then
+    echo "HYBRIDFT-GUEST-FAILED $ERRORS"
+else
+    echo "HYBRIDFT-GUEST-READY ip=$IP services=$SERVICES"
+fi
 
 control_loop() {
     tty=$1
