@@ -240,7 +240,14 @@ class CompareService:
 
         def closed(why: str) -> None:
             loop.remove_reader(fd)
-            log.info("out: %s", why)
+            # released frames the kernel never took wait for the next connection (a record cut
+            # in the middle is lost with the connection: TCP retransmits it)
+            unsent, lost = writer.take_unsent()
+            if unsent:
+                self._out_waiting[:0] = unsent
+                self._out_waiting_bytes += sum(map(len, unsent))
+            log.info("out: %s (%d bytes kept for the next connection, %d lost)",
+                     why, sum(map(len, unsent)), lost)  # fmt: skip
 
         writer = FrameSocketWriter(conn, closed, on_drained=self._out_drained)
         self.writer = writer

@@ -447,6 +447,15 @@ class FrameSocketWriter:
         if self.on_drained is not None and not self.closed:
             self.on_drained()
 
+    def take_unsent(self) -> tuple[list[bytes], int]:
+        """Remove and return the queued chunks nothing of which was sent yet (whole records, in
+        order), and the number of bytes dropped from a chunk the kernel took only part of."""
+        whole = [c for c in self._chunks if isinstance(c, bytes)]
+        lost = sum(len(c) for c in self._chunks if not isinstance(c, bytes))
+        self._chunks.clear()
+        self._backlog = 0
+        return whole, lost
+
     def flush_blocking(self, timeout: float = 5.0) -> None:
         """Push the backlog out synchronously (shutdown path); gives up after ``timeout``."""
         if not self._chunks or self.closed:
