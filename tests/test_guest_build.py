@@ -149,7 +149,7 @@ def test_wait_for_ready_reads_the_console_log(tmp_path: Path) -> None:
     with pytest.raises(GuestError, match="panicked"):
         wait_for_ready(log, timeout=5)
     log.write_text("hft-init: bad hft.gw=x\nHYBRIDFT-GUEST-FAILED bad hft.gw=x\n")
-    with pytest.raises(GuestError, match="set-up failed: bad hft.gw=x"):
+    with pytest.raises(GuestError, match=r"set-up failed: bad hft\.gw=x"):
         wait_for_ready(log, timeout=5)
     log.write_text("booting...\n")
     with pytest.raises(GuestError, match=r"(?s)not ready after .*booting"):
