@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from colo_compare.bench import Look, payload_bytes, stream
+from colo_compare.serve import ROLES
 from colo_compare.transport import FrameDecoder, encode_frame, encode_frames
-from controller.control import ControlError, decode_reply, encode_request
+from controller.control import ControlError, call, decode_reply, encode_request
 from tests.compare_frames import stream_frames, tcp_frame
 
 DATA = bytes(range(256)) * 40  # 10240 application bytes
@@ -320,3 +321,38 @@ def test_unsent_output_moves_to_the_next_out_connection(tmp_path: Path) -> None:
         assert k > 0  # what the dead connection's kernel buffer held is gone (TCP retransmits)
         got += s.released(len(frames) - k - len(got))
         assert got == frames[k:]  # the rest: whole records, in order, none skipped
+
+
+def test_tcp_addresses(tmp_path: Path) -> None:
+    ports = []
+    for _ in range(4):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    names = ("primary", "secondary", "out", "control")
+    addr = {r: f"tcp:127.0.0.1:{p}" for r, p in zip(names, ports, strict=True)}
+    cmd = [sys.executable, "-c", "from controller.cli import main; main()", "compare", "serve",
+           "--mode", "mc", "--primary-in", addr["primary"], "--secondary-in", addr["secondary"],
+           "--out", addr["out"], "--control", addr["control"]]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        conns = {r: socket.create_connection(("127.0.0.1", p)) for r, p in zip(ROLES, ports, strict=False)}
+        frames = [tcp_frame(1 + 10 * i, b"t" * 10) for i in range(20)]
+        conns["primary"].sendall(encode_frames(frames))
+        deadline = time.monotonic() + 5
+        while call(addr["control"], "stats")["transport"]["primary_frames"] < len(frames):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        epoch = call(addr["control"], "seal")["epoch"]
+        call(addr["control"], "commit", epoch=epoch)
+        decoder, got = FrameDecoder(), []
+        conns["out"].settimeout(5)
+        while len(got) < len(frames):
+            got += decoder.feed(conns["out"].recv(65536))
+        assert got == frames
+        for c in conns.values():
+            c.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
