@@ -346,8 +346,11 @@ class Comparator:
         if self._passthrough or self._mode is Mode.MC:
             self._dropped_secondary += nframes
             return [DropSecondary(nframes)]
+        if type(frames) is not list or set(map(type, frames)) != _ONLY_BYTES:
+            # stored payload slices must not alias a buffer the caller reuses
+            frames = [f if type(f) is bytes else bytes(f) for f in frames]
         if self._pending:
-            self._pending[-1].set_aside.extend(f if type(f) is bytes else bytes(f) for f in frames)
+            self._pending[-1].set_aside.extend(frames)
             return []
         actions: list[Action] = []
         touched = self._feed_colo(frames, now, False, actions)

@@ -467,6 +467,16 @@ def test_feed_accepts_memoryviews_and_releases_copies() -> None:
     buf[:] = bytes(len(buf))  # the caller reuses its buffer
     out = released(c.feed_secondary(stream_frames(DATA[:100], [50], isn=5, fin=False), 0.0))
     assert out == frames
+    # and the secondary's buffer too: it runs ahead here, so its bytes are stored
+    sbuf = bytearray(b"".join(stream_frames(DATA[:300], [300], isn=5, fin=False)))
+    sframes = stream_frames(DATA[:300], [300], isn=5, fin=False)
+    c2 = Comparator()
+    mv2 = memoryview(sbuf)
+    c2.feed_secondary([mv2[: len(sframes[0])], mv2[len(sframes[0]) :]], 0.0)
+    sbuf[:] = bytes(len(sbuf))
+    pframes = stream_frames(DATA[:300], [100], isn=7, fin=False)
+    acts = c2.feed_primary(pframes, 0.0)
+    assert released(acts) == pframes and requests(acts) == []
 
 
 def test_colo_to_mc_to_colo_with_overlapping_seals_starts_flows_afresh() -> None:
