@@ -2,9 +2,11 @@
 
 Why our own: the replay path should not depend on scapy's per-packet dissection (slow, and it
 forgives damaged files silently).  Classic pcap is a 24-byte header and 16-byte record headers;
-both byte orders and both timestamp resolutions (micro, nano) are read.  pcapng files are read
-through scapy's reader (tools only, never the live path).  Only Ethernet captures (link type 1)
-make sense to the comparator; anything else is a clear error, as is a truncated record.
+both byte orders and both timestamp resolutions (micro, nano) are read.  Frames cut short by
+a capture's snap length are refused: a stream cannot be compared from truncated payloads.
+pcapng files are read through scapy's reader (tools only, never the live path).  Only Ethernet
+captures (link type 1) make sense to the comparator; anything else is a clear error, as is a
+truncated record.
 """
 
 from __future__ import annotations
@@ -49,11 +51,16 @@ def read_frames(path: str | Path) -> list[tuple[float, bytes]]:
     while pos < n:
         if pos + 16 > n:
             raise PcapError(f"{path}: truncated record header at byte {pos} (record {len(frames) + 1})")
-        sec, frac, incl, _orig = rec.unpack_from(data, pos)
+        sec, frac, incl, orig = rec.unpack_from(data, pos)
         pos += 16
         if pos + incl > n:
             raise PcapError(
                 f"{path}: record {len(frames) + 1} claims {incl} bytes but only {n - pos} remain"
+            )
+        if incl < orig:
+            raise PcapError(
+                f"{path}: record {len(frames) + 1} was cut by the capture's snap length ({incl} of "
+                f"{orig} bytes); streams cannot be compared from truncated frames - capture with -s 0"
             )
         frames.append((sec + frac * scale, data[pos : pos + incl]))
         pos += incl

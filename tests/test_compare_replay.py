@@ -148,6 +148,8 @@ def test_pcapng_is_read_too(tmp_path: Path) -> None:
         (bytes.fromhex("d4c3b2a1020004000000000000000000ffff0000" + "01000000") + bytes(10), "truncated"),
         (bytes.fromhex("d4c3b2a1020004000000000000000000ffff0000" + "01000000")
          + bytes.fromhex("00000000000000000010000000100000") + b"short", "claims 4096 bytes"),
+        (bytes.fromhex("d4c3b2a1020004000000000000000000ffff0000" + "01000000")
+         + bytes.fromhex("00000000000000000e000000dc050000") + bytes(14), "snap length"),
     ],
 )
 def test_bad_captures_get_a_clear_error(tmp_path: Path, content: bytes, message: str) -> None:
