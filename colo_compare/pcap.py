@@ -68,16 +68,18 @@ def read_frames(path: str | Path) -> list[tuple[float, bytes]]:
 
 
 def _read_pcapng(path: Path) -> list[tuple[float, bytes]]:
-    from scapy.error import Scapy_Exception
     from scapy.utils import PcapNgReader
 
     frames: list[tuple[float, bytes]] = []
     try:
         with PcapNgReader(str(path)) as reader:
+            linktype = getattr(reader, "linktype", LINKTYPE_ETHERNET)
             for pkt in reader:
                 frames.append((float(pkt.time), bytes(pkt)))
-    except (Scapy_Exception, EOFError, struct.error, ValueError) as exc:
-        raise PcapError(f"{path}: unreadable pcapng: {exc}") from exc
+    except Exception as exc:  # a third-party parser on untrusted bytes: any failure is bad input
+        raise PcapError(f"{path}: unreadable pcapng: {exc or type(exc).__name__}") from exc
+    if frames and linktype != LINKTYPE_ETHERNET:
+        raise PcapError(f"{path}: link type {linktype}, but the comparator needs Ethernet frames (1)")
     return frames
 
 
