@@ -69,6 +69,7 @@ from controller.endpoints import Endpoint, parse_endpoint
 log = logging.getLogger("hybridft.compare")
 
 ROLES = ("primary", "secondary", "out")
+MAX_PENDING_REQUESTS = 4096  # beyond this (no daemon polling) requests are only counted
 HOLD_SAMPLE = 16  # one hold-latency sample per this many primary frames of a batch
 
 
@@ -147,6 +148,7 @@ class CompareService:
         self._hold_pending: dict[int, tuple[bytes, float]] = {}
         self._hold_us: deque[float] = deque(maxlen=8192)
         self._requests: list[PendingRequest] = []
+        self._requests_overflow = 0
         self._request_event = asyncio.Event()
         self._listeners: list[socket.socket] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -315,7 +317,10 @@ class CompareService:
                 self._emit(action.frames)
             elif kind is CheckpointRequest:
                 self.counters.requests_raised += 1
-                self._requests.append(PendingRequest(action, self._open_epoch(), self.clock()))
+                if len(self._requests) < MAX_PENDING_REQUESTS:
+                    self._requests.append(PendingRequest(action, self._open_epoch(), self.clock()))
+                else:  # nobody is polling: keep memory bounded, keep the count
+                    self._requests_overflow += 1
                 self._request_event.set()
             elif kind is DropSecondary:
                 pass
@@ -432,6 +437,7 @@ class CompareService:
             before = self.counters.released_frames
             self._apply(self.core.release_all())
             self._requests.clear()
+            self._requests_overflow = 0
             self._request_event.clear()
             self._check_pressure()
             return {"released_frames": self.counters.released_frames - before}
@@ -460,8 +466,9 @@ class CompareService:
             if reader is not None and not reader.closed:
                 reader.drain_now()
         epoch = self.core.seal()
-        dropped = len(self._requests)
+        dropped = len(self._requests) + self._requests_overflow
         self._requests.clear()
+        self._requests_overflow = 0
         self._request_event.clear()
         return {"epoch": epoch, "requests_cleared": dropped}
 
@@ -488,6 +495,7 @@ class CompareService:
         if not self._requests:
             return {"request": None}
         pending, self._requests = self._requests, []
+        overflow, self._requests_overflow = self._requests_overflow, 0
         self._request_event.clear()
         self.counters.requests_delivered += 1
         first = pending[0]
@@ -496,7 +504,7 @@ class CompareService:
             "request": {"reason": req.reason, "proto": req.proto, "flow": req.flow, "offset": req.offset},
             "epoch": first.epoch,
             "age": max(0.0, self.clock() - first.at),
-            "coalesced": len(pending) - 1,
+            "coalesced": len(pending) - 1 + overflow,
             "reasons": dict(Counter(p.request.reason for p in pending)),
         }
 
