@@ -233,10 +233,10 @@ def _run(cmd: Sequence[str], *, cwd: Path | None = None, what: str) -> str:
     return proc.stdout
 
 
-def newest_kernel_package(apt_cache_search_output: str) -> str | None:
+def newest_kernel_package(apt_output: str) -> str | None:
     """Pick the highest ABI number among package names (one a line, ``apt-cache`` output) of cloud kernels."""
     best: tuple[int, str] | None = None
-    for line in apt_cache_search_output.splitlines():
+    for line in apt_output.splitlines():
         name = line.split(" - ", 1)[0].strip()
         m = KERNEL_PACKAGE_RE.match(name)
         if m and (best is None or int(m.group(1)) > best[0]):
@@ -361,7 +361,13 @@ def _module_bytes(path: Path) -> bytes:
     if path.name.endswith(".ko.xz"):
         return lzma.decompress(data)
     if path.name.endswith(".ko.zst"):
-        return subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True).stdout
+        try:
+            proc = subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=False)
+        except FileNotFoundError:
+            raise GuestBuildError(f"{path.name} is zstd-compressed and zstd is not installed") from None
+        if proc.returncode != 0:
+            raise GuestBuildError(f"zstd -d {path.name}: {proc.stderr.decode(errors='replace').strip()}")
+        return proc.stdout
     return data
 
 

@@ -196,3 +196,16 @@ def test_kernel_package_answer_is_remembered_only_for_the_same_apt_state(
     saved["package"] = "remembered"
     memo.write_text(json.dumps(saved))
     assert find_kernel_package() == ("remembered", version)  # same apt state: no apt call
+
+
+def test_compressed_modules_are_read_through(tmp_path: Path) -> None:
+    import lzma
+
+    from mc_driver.guest import _module_bytes, _module_name
+
+    raw = b"\x7fELF\x00depends=virtio_ring\x00"
+    (tmp_path / "virtio.ko.xz").write_bytes(lzma.compress(raw, format=lzma.FORMAT_XZ))
+    (tmp_path / "net-failover.ko").write_bytes(raw)
+    assert modinfo_depends(_module_bytes(tmp_path / "virtio.ko.xz")) == ["virtio_ring"]
+    assert _module_name(tmp_path / "virtio.ko.xz") == "virtio"
+    assert _module_name(tmp_path / "net-failover.ko") == "net_failover"
