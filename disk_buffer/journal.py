@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
-import ctypes.util
 import mmap
 import os
 import signal
@@ -301,7 +300,7 @@ def decode_mark(slot: bytes) -> Mark | None:
 
 # -- files ---------------------------------------------------------------------------------------
 
-libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+libc = ctypes.CDLL(None, use_errno=True)  # the C library this process already runs on
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -463,11 +462,17 @@ class Journal:
         self._file_epoch = [0, 0]
         self._generation[0] = self._next_generation
         self._next_generation += 1
-        fd = self._fds[0]
-        if os.fstat(fd).st_size < self.PREALLOCATE:
-            # Overwriting allocated blocks syncs faster than growing the file.
+        if os.fstat(self._fds[0]).st_size < self.PREALLOCATE:
+            # Overwriting allocated blocks syncs faster than growing the file.  First in the
+            # journal thread's queue, so it runs before any record is written.
+            self._pool.submit(self._preallocate, self._fds[0])
+
+    def _preallocate(self, fd: int) -> None:
+        try:
             os.pwrite(fd, bytes(self.PREALLOCATE), 0)
             os.fdatasync(fd)
+        except OSError:
+            pass  # only an optimisation; the file grows as records are written
 
     # -- the hot path (event loop thread) ------------------------------------------------------
 
