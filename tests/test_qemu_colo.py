@@ -118,7 +118,7 @@ def test_ram_identical_after_200_checkpoints_at_1s(
 
 def _http_blob_head(n: int = 4096) -> bytes:
     """GET /blob over a fresh connection; returns the first ``n`` body bytes."""
-    with socket.create_connection((GUEST_IP, HTTP_PORT), timeout=0.5) as sock:
+    with socket.create_connection((GUEST_IP, HTTP_PORT), timeout=0.2) as sock:
         sock.settimeout(0.5)
         sock.sendall(f"GET /blob HTTP/1.0\r\nHost: {GUEST_IP}\r\n\r\n".encode())
         data = b""
@@ -135,7 +135,7 @@ def _http_blob_head(n: int = 4096) -> bytes:
 
 def _echo_once() -> bytes:
     payload = os.urandom(64)
-    with socket.create_connection((GUEST_IP, ECHO_PORT), timeout=0.5) as sock:
+    with socket.create_connection((GUEST_IP, ECHO_PORT), timeout=0.2) as sock:
         sock.settimeout(0.5)
         sock.sendall(payload)
         got = b""
@@ -188,8 +188,10 @@ def test_soak_100ms_ram_identity_console_and_failover(
                 # failover: kill -9 the primary, the secondary must serve HTTP and echo within 1 s
                 killed = time.monotonic()
                 failover = await pair.kill_primary_and_failover()
-                http_s = await asyncio.to_thread(_first_success, netns, lambda: _check_blob(), killed, 5.0)
-                echo_s = await asyncio.to_thread(_first_success, netns, _echo_once, killed, 5.0)
+                http_s, echo_s = await asyncio.gather(
+                    asyncio.to_thread(_first_success, netns, _check_blob, killed, 5.0),
+                    asyncio.to_thread(_first_success, netns, _echo_once, killed, 5.0),
+                )
                 after = pair.console_text("secondary")
                 return report, {
                     "failover_steps": failover.steps,

@@ -1,0 +1,77 @@
+"""Accelerator choice (mc_driver/accel.py): expectations come from this host's real state, not constants."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mc_driver import accel
+from mc_driver.accel import NoUsableQemu, choose_qemu, probe_kvm
+
+pytestmark = pytest.mark.qemu
+
+HYBRIDFT = str(Path(".venv/bin/hybridft").resolve())
+
+
+def _host_kvm_boots_linux() -> bool:
+    return Path("/dev/kvm").exists() and not Path("/sys/module/kvm_pvm").exists()
+
+
+def test_probe_matches_the_host() -> None:
+    probe = probe_kvm()
+    assert probe.usable == _host_kvm_boots_linux()
+    if Path("/sys/module/kvm_pvm").exists():
+        assert "kvm_pvm" in probe.reason
+
+
+def test_choice_follows_the_host_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HYBRIDFT_ACCEL", raising=False)
+    monkeypatch.delenv("HYBRIDFT_QEMU_BINARY", raising=False)
+    choice = choose_qemu(build=True)
+    assert choice.binary.is_file() and os.access(choice.binary, os.X_OK)
+    if _host_kvm_boots_linux():
+        assert (choice.accel, choice.patched) == ("kvm", False)
+    else:
+        assert (choice.accel, choice.patched) == ("tcg", True)
+        assert "TCG" in choice.reason and "patched" in choice.reason
+    assert choice.accel_args()[:2] == ["-accel", choice.accel]
+
+
+def test_override_and_bad_values(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("HYBRIDFT_QEMU_BINARY", raising=False)
+    monkeypatch.setenv("HYBRIDFT_ACCEL", "tcg")
+    forced = choose_qemu(build=True)
+    assert forced.accel == "tcg" and forced.patched and "requested explicitly" in forced.reason
+    monkeypatch.setenv("HYBRIDFT_ACCEL", "xen")
+    with pytest.raises(NoUsableQemu, match="kvm or tcg"):
+        choose_qemu(build=False)
+    monkeypatch.setenv("HYBRIDFT_ACCEL", "tcg")
+    monkeypatch.setenv("HYBRIDFT_QEMU_BINARY", str(tmp_path / "missing"))
+    with pytest.raises(NoUsableQemu, match="not an executable"):
+        choose_qemu(build=False)
+
+
+def test_kvm_missing_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(accel, "KVM_DEVICE", tmp_path / "kvm")
+    probe = probe_kvm()
+    assert not probe.usable and "does not exist" in probe.reason
+    monkeypatch.setenv("HYBRIDFT_ACCEL", "kvm")
+    with pytest.raises(NoUsableQemu, match="KVM requested"):
+        choose_qemu(build=False)
+
+
+def test_which_command_json_and_table() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("HYBRIDFT_ACCEL", "HYBRIDFT_QEMU_BINARY")}
+    proc = subprocess.run(
+        [HYBRIDFT, "qemu", "which", "--json"], capture_output=True, text=True, env=env, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["accel"] == ("kvm" if _host_kvm_boots_linux() else "tcg")
+    assert Path(data["binary"]).is_file() and data["reason"]
+    table = subprocess.run([HYBRIDFT, "qemu", "which"], capture_output=True, text=True, env=env, check=False)
+    assert table.returncode == 0 and "reason:" in table.stdout and data["binary"] in table.stdout
