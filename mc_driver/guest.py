@@ -17,9 +17,10 @@ Why this shape:
   streams COLO compares. The same device set is used for the COLO secondary (whose ttyS1 nobody reads).
 
 The guest (``init.sh``) loads the virtio modules, sets ``eth0`` from ``hft.ip=``, writes the 8 MiB blob,
-starts ``echod`` (TCP 7), ``rrserver`` (TCP 8000) and busybox ``httpd`` (TCP 80; it sends a ``Date:``
+starts ``echod`` (TCP 7), ``rrserver`` (TCP 8000), busybox ``httpd`` (TCP 80; it sends a ``Date:``
 header, so two replicas answering the same request in different seconds differ: expected COLO
-divergences), prints ``HYBRIDFT-GUEST-READY`` on ttyS0 and serves the control loop on ttyS1.
+divergences) and ``blobd`` (TCP 8080: the same ``/blob`` with no time-dependent header, keep-alive),
+prints ``HYBRIDFT-GUEST-READY`` on ttyS0 and serves the control loop on ttyS1.
 
 The QEMU command line (see :func:`qemu_args`; one vCPU, 256 MiB, TCG because this host's ``kvm_pvm`` cannot
 boot Linux)::
@@ -61,7 +62,7 @@ import click
 from controller.endpoints import parse_endpoint
 
 SRC_DIR = Path(__file__).with_name("guest_src")
-PROGRAMS = ("memdirty", "cpuburn", "diskwriter", "echod", "rrserver", "blobgen")
+PROGRAMS = ("memdirty", "cpuburn", "diskwriter", "echod", "rrserver", "blobgen", "blobd")
 # The modules the guest needs; each one's dependencies are read from its modinfo and loaded first.
 MODULES = (
     "virtio",
@@ -86,6 +87,7 @@ DEFAULT_MAC = "52:54:00:12:34:56"
 ECHO_PORT = 7
 RR_PORT = 8000
 HTTP_PORT = 80
+BLOBD_PORT = 8080
 DISKWRITER_PORT = 9000
 BLOB_SIZE = 8 * 1024 * 1024
 STREAM_SEED = 0x4859425249444654  # "HYBRIDFT"; must match blobgen.c and rrserver.c
@@ -151,7 +153,7 @@ def guest_cmdline(
 ) -> str:
     """The kernel command line for one guest: the base plus the ``hft.*`` parameters ``init.sh`` reads.
 
-    ``services`` defaults to echod, rrserver and httpd (``[]`` starts none); each ``run`` entry is a
+    ``services`` defaults to echod, rrserver, httpd and blobd (``[]`` starts none); each ``run`` entry is a
     program with arguments started at boot (e.g. ``[("memdirty", "32", "64")]``).
     """
     for value, what in ((ip, "ip"), (gateway or "", "gateway")):
@@ -161,7 +163,7 @@ def guest_cmdline(
     if gateway:
         parts.append(f"hft.gw={gateway}")
     if services is not None:
-        allowed = {"echod", "rrserver", "httpd"}
+        allowed = {"echod", "rrserver", "httpd", "blobd"}
         unknown = [s for s in services if s not in allowed]
         if unknown:
             raise ValueError(f"unknown services {unknown}; known: {sorted(allowed)}")

@@ -24,6 +24,7 @@ from qemu.qmp import QMPClient
 
 from mc_driver.guest import (
     BLOB_SIZE,
+    BLOBD_PORT,
     DISKWRITER_PORT,
     ECHO_PORT,
     RR_PORT,
@@ -98,7 +99,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
 
 
 def test_guest_boots_and_reports_ready(guest: Guest) -> None:
-    assert guest.ready_line == f"HYBRIDFT-GUEST-READY ip={GUEST_IP}/24 services=echod,rrserver,httpd"
+    assert guest.ready_line == f"HYBRIDFT-GUEST-READY ip={GUEST_IP}/24 services=echod,rrserver,httpd,blobd"
     assert guest.proc.poll() is None
 
 
@@ -162,11 +163,22 @@ def test_http_blob_is_the_exact_8_mib(guest: Guest) -> None:
     body = resp.read()
     conn.close()
     assert resp.status == 200
+    blob = blob_bytes()
     assert len(body) == BLOB_SIZE
-    assert body == blob_bytes()
+    assert body == blob
     # busybox httpd stamps every answer with the time: two replicas answering in different seconds
     # differ here, which COLO counts as a divergence.
     assert resp.getheader("Date") is not None
+    # blobd serves the same bytes with no clock in the header, on one persistent connection
+    with guest.ns.entered():
+        conn = http.client.HTTPConnection(GUEST_IP, BLOBD_PORT, timeout=60)
+        conn.connect()
+    for _ in range(2):
+        conn.request("GET", "/blob")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("Date") is None
+        assert resp.read() == blob
+    conn.close()
 
 
 def test_echo_many_concurrent_connections(guest: Guest) -> None:

@@ -155,6 +155,42 @@ def _start_diskwriter(ns: NetNamespace, binary: Path, *args: str) -> None:
     assert proc.stdout.readline().startswith("diskwriter: ")
 
 
+def test_blobd_serves_deterministic_answers_on_a_persistent_connection(
+    bins: dict[str, Path], ns: NetNamespace
+) -> None:
+    import http.client
+
+    ns.popen([str(bins["blobd"]), "8088"])
+    _wait_port(ns, 8088)
+    with ns.entered():
+        conn = http.client.HTTPConnection("127.0.0.1", 8088, timeout=10)
+        conn.connect()
+    first_sock = conn.sock
+    answers = []
+    for path in ("/blob", "/bytes/0", "/bytes/13", "/nope", "/bytes/99999999999"):
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        answers.append((resp.status, resp.read(), dict(resp.getheaders())))
+    assert conn.sock is first_sock  # one keep-alive connection for all requests
+    assert [a[0] for a in answers] == [200, 200, 200, 404, 404]
+    assert answers[0][1] == stream_bytes(8 << 20)
+    assert answers[1][1] == b"" and answers[2][1] == stream_bytes(13)
+    assert not any(h in answers[0][2] for h in ("Date", "Last-Modified", "ETag"))
+    conn.request("POST", "/blob", body=b"")
+    assert conn.getresponse().status == 405
+    conn.close()
+    raw = _connect(ns, 8088)
+    raw.sendall(b"garbage\r\n\r\nmore")
+    raw.shutdown(socket.SHUT_WR)
+    assert _recv_exactly(raw, 1000).startswith(b"HTTP/1.1 400 ")
+    raw.close()
+    closing = _connect(ns, 8088)
+    closing.sendall(b"GET /bytes/5 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    reply = _recv_exactly(closing, 1000)  # ends when the server closes
+    closing.close()
+    assert reply.endswith(b"\r\n\r\n" + stream_bytes(5)) and b"Connection: close" in reply
+
+
 def _read_reports(s: socket.socket) -> DiskWriterReports:
     reports = DiskWriterReports()
     while reports.finished is None:

@@ -4,7 +4,7 @@
 # Kernel command line (read from /proc/cmdline; see mc_driver.guest.guest_cmdline):
 #   hft.ip=ADDR/PREFIX   eth0 address (default 10.77.0.2/24)
 #   hft.gw=ADDR          default route (optional)
-#   hft.services=LIST    comma list of services to start (default echod,rrserver,httpd; "none" = none)
+#   hft.services=LIST    comma list of services to start (default echod,rrserver,httpd,blobd; "none")
 #   hft.run=PROG,ARG,..  extra workload started at boot (commas become spaces); may repeat
 #   hft.ipv6=1           keep IPv6 on (default off: router solicitations and MLD reports are spontaneous,
 #                        timing-dependent guest output that would only add noise to COLO comparison)
@@ -38,7 +38,7 @@ log() { echo "hft-init: $*"; ERRORS="$ERRORS${ERRORS:+; }$*"; }
 
 IP=10.77.0.2/24
 GW=
-SERVICES=echod,rrserver,httpd
+SERVICES=echod,rrserver,httpd,blobd
 IPV6=0
 RUNS=
 for word in $(cat /proc/cmdline); do
@@ -83,6 +83,7 @@ for s in $(echo "$SERVICES" | tr , ' '); do
         echod) echod 7 > /tmp/echod.log 2>&1 & ;;
         rrserver) rrserver 8000 > /tmp/rrserver.log 2>&1 & ;;
         httpd) httpd -p 80 -h /www ;;
+        blobd) blobd 8080 > /tmp/blobd.log 2>&1 & ;;
         none) ;;
         *) log "unknown service $s" ;;
     esac
