@@ -82,11 +82,22 @@ for s in $(echo "$SERVICES" | tr , ' '); do
     case "$s" in
         echod) echod 7 > /tmp/echod.log 2>&1 & ;;
         rrserver) rrserver 8000 > /tmp/rrserver.log 2>&1 & ;;
-        httpd) httpd -p 80 -h /www ;;
+        httpd) httpd -p 80 -h /www || log "httpd failed" ;;
         blobd) blobd 8080 > /tmp/blobd.log 2>&1 & ;;
         none) ;;
         *) log "unknown service $s" ;;
     esac
+done
+# ready means serving: wait (up to 3 s each) until every service listens on its port
+for s in $(echo "$SERVICES" | tr , ' '); do
+    case "$s" in echod) port=7 ;; rrserver) port=8000 ;; httpd) port=80 ;; blobd) port=8080 ;; *) continue ;; esac
+    # a listening socket on any address, IPv4 or IPv6 (busybox httpd takes an IPv6 one)
+    pattern=":$(printf '%04X' "$port") 0*:0000 0A"
+    i=0
+    while ! cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -q "$pattern" && [ $i -lt 30 ]; do
+        sleep 0.1; i=$((i + 1))
+    done
+    cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -q "$pattern" || log "$s is not listening on port $port"
 done
 
 : > /run/jobs
