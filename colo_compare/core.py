@@ -329,7 +329,7 @@ class Comparator:
             return []
         self._held_bytes += nbytes
         actions: list[Action] = []
-        touched = self._feed_colo(frames, now, True, actions)
+        touched = self._feed_colo_primary(frames, now)
         if not self._pending:
             self._settle(touched, actions)
         if self._held_bytes + self._sec_bytes > self.queue_budget_bytes:
@@ -353,7 +353,7 @@ class Comparator:
             self._pending[-1].set_aside.extend(frames)
             return []
         actions: list[Action] = []
-        touched = self._feed_colo(frames, now, False, actions)
+        touched = self._feed_colo_secondary(frames, now)
         self._settle(touched, actions)
         self._dropped_secondary += nframes
         actions.append(DropSecondary(nframes))
@@ -457,8 +457,7 @@ class Comparator:
         if sealed.mode is Mode.COLO:
             self._reanchor(sealed)
         if sealed.set_aside:
-            touched = self._feed_colo(sealed.set_aside, 0.0, False, actions)
-            del touched
+            self._feed_colo_secondary(sealed.set_aside, 0.0)
         self._settle(list(self._tcp.values()) + list(self._dgram.values()), actions)
         return actions
 
@@ -593,20 +592,13 @@ class Comparator:
             dflow.released += k
         return out
 
-    def _feed_colo(
-        self, frames: Iterable[bytes], now: float, primary: bool, actions: list[Action]
-    ) -> list[object]:
-        """Parse and append frames to their flows; returns the flows touched (in first-touch order)."""
-        if primary:
-            return self._feed_colo_primary(frames, now)
-        return self._feed_colo_secondary(frames, now)
-
     # The two loops below are the hot path and deliberately duplicated (one per side) rather than
     # sharing one loop full of ``if primary`` tests: every statement per frame counts here.
     # The in-order case of plain IPv4/TCP is handled inline; everything else goes through
     # ``_classify_slow`` and ``_tcp_segment``.
 
     def _feed_colo_primary(self, frames: Iterable[bytes], now: float) -> list[object]:
+        """Parse primary frames into their flows and held queues; returns the flows touched."""
         touched: dict[object, None] = {}
         tcp = self._tcp
         fast4 = _FAST4.unpack_from
@@ -678,6 +670,7 @@ class Comparator:
         return list(touched)
 
     def _feed_colo_secondary(self, frames: Iterable[bytes], now: float) -> list[object]:
+        """Parse secondary frames into their flows' streams; returns the flows touched."""
         touched: dict[object, None] = {}
         tcp = self._tcp
         fast4 = _FAST4.unpack_from
