@@ -211,3 +211,11 @@ def test_fuzzed_capture_files_give_frames_or_a_clear_error(tmp_path: Path) -> No
         replay_frames(frames, frames)  # never raises either
 
     check()
+
+
+def test_a_missing_syn_on_one_side_is_reported_at_offset_zero(tmp_path: Path) -> None:
+    p = stream_frames(PAGE[:2000], [1000], isn=100)
+    s = stream_frames(PAGE[:2000], [1000], isn=100, syn=False)
+    code, out = run_json(tmp_path, p, s)
+    assert code == 1
+    assert [(d["offset"], d["reason"]) for d in out["divergences"]] == [(0, "syn")]
