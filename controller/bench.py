@@ -9,6 +9,7 @@ from controller.cli import LazyGroup
 _BENCHES: dict[str, tuple[str, str]] = {
     "compare": ("colo_compare.bench:bench_compare", "Comparator throughput/latency vs a forward-only relay."),
     "disk": ("disk_buffer.bench:bench_disk", "NBD disk buffer vs qemu-nbd on the same image."),
+    "pair": ("controller.pair_bench:bench_pair", "Protected pair: checkpoint pause, throughput, failover."),
 }
 
 
