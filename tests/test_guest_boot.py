@@ -111,47 +111,37 @@ def test_network_settings_come_from_the_command_line(guest: Guest) -> None:
         assert ctl.sh("cat", "/sys/class/net/eth0/address").text == "52:54:00:12:34:56"
 
 
-def test_a_guest_that_cannot_boot_fails_loudly(tmp_path: Path) -> None:
+def test_guests_that_cannot_boot_or_are_misconfigured_fail_loudly(tmp_path: Path) -> None:
+    """Two broken guests side by side (one boot's time): no usable init, and an impossible address."""
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         pytest.fail("qemu-system-x86_64 is not installed")
     image = build_guest()
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(tmp_path / "disk.img"), "1M"], check=True)
+    cases = {
+        # the kernel panics; panic=-1 with -no-reboot ends QEMU
+        "panic": ("rdinit=/no-such-init root=/dev/nothing", r"guest kernel panicked"),
+        # a later hft.ip= wins in init.sh, which reports it instead of READY
+        "badip": ("hft.ip=10.77.0.999/24", r"set-up failed: bad hft\.ip=10\.77\.0\.999/24"),
+    }
     with NetNamespace() as ns:
-        ns.add_tap("tap0")
-        # no usable init: the kernel panics, panic=-1 with -no-reboot ends QEMU
-        args = qemu_args(
-            image,
-            tap="tap0",
-            disk=tmp_path / "disk.img",
-            console_log=tmp_path / "console.log",
-            cmdline=guest_cmdline(extra="rdinit=/no-such-init root=/dev/nothing"),
-            disk_format="raw",
-        )
-        proc = ns.popen([qemu, *args])
-        with pytest.raises(GuestError, match=r"guest kernel panicked"):
-            wait_for_ready(tmp_path / "console.log", timeout=90, proc=proc)
-
-
-def test_a_misconfigured_guest_reports_failure(tmp_path: Path) -> None:
-    qemu = shutil.which("qemu-system-x86_64")
-    if qemu is None:
-        pytest.fail("qemu-system-x86_64 is not installed")
-    image = build_guest()
-    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(tmp_path / "disk.img"), "1M"], check=True)
-    with NetNamespace() as ns:
-        ns.add_tap("tap0")
-        # a later hft.ip= wins in init.sh; guest_cmdline itself would refuse nothing here
-        args = qemu_args(
-            image,
-            tap="tap0",
-            disk=tmp_path / "disk.img",
-            console_log=tmp_path / "console.log",
-            cmdline=guest_cmdline(extra="hft.ip=10.77.0.999/24"),
-        )
-        proc = ns.popen([qemu, *args])
-        with pytest.raises(GuestError, match=r"set-up failed: bad hft.ip=10.77.0.999/24"):
-            wait_for_ready(tmp_path / "console.log", timeout=90, proc=proc)
+        procs = {}
+        for name, (extra, _) in cases.items():
+            ns.add_tap(f"tap-{name}")
+            args = qemu_args(
+                image,
+                tap=f"tap-{name}",
+                disk=tmp_path / "disk.img",
+                console_log=tmp_path / f"{name}.log",
+                cmdline=guest_cmdline(extra=extra),
+                mac="52:54:00:12:34:57" if name == "panic" else "52:54:00:12:34:58",
+            )
+            # read-only: the two guests share the image
+            args = [a.replace("format=raw", "format=raw,readonly=on") for a in args]
+            procs[name] = ns.popen([qemu, *args])
+        for name, (_, message) in cases.items():
+            with pytest.raises(GuestError, match=message):
+                wait_for_ready(tmp_path / f"{name}.log", timeout=90, proc=procs[name])
 
 
 def test_http_blob_is_the_exact_8_mib(guest: Guest) -> None:
