@@ -308,7 +308,8 @@ def test_memdirty_keeps_its_rate_and_rejects_bad_arguments(bins: dict[str, Path]
     finally:
         proc.kill()
         proc.wait()
-    assert all(50 < r < 80 for r in rates), rates
+    # never above the asked rate (pacing); below only if this busy host starves it for > 100 ms
+    assert all(32 < r < 70 for r in rates), rates
 
 
 def test_cpuburn_stops_after_its_time(bins: dict[str, Path]) -> None:
