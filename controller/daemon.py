@@ -1,0 +1,758 @@
+"""``hybridft daemon``: the controller of one protected pair -- when checkpoints happen, and what then.
+
+The daemon is the only thing that fires checkpoints (``x-checkpoint-delay`` stays huge; one fires
+per ``migrate-set-parameters``).  Each checkpoint is :func:`controller.epoch.run_checkpoint`; this
+module is the shell around it:
+
+* **when** -- :class:`~controller.epoch.CheckpointScheduler`: MC every ``epoch_ms``; COLO on comparator
+  requests (a long-poll on ``next-request`` over its own connection) and the safety interval; operator
+  requests; all coalesced: triggers that arrive while a checkpoint runs are answered by one next
+  checkpoint.  Mode switches (``mode`` verb) land at the next checkpoint boundary.
+* **heartbeat** -- JSON lines to the agent every 100 ms and at each protocol step; ``{"primary_lost":
+  true}`` the moment the primary's QEMU exits or its QMP connection drops; ``{"failover": true}`` for a
+  planned failover.
+* **loss handling** (ARCHITECTURE.md §5) -- primary lost: say so and stop (the agent fails over).
+  Secondary lost (its QEMU, its QMP, the disk server, a mirror job error, or a failed checkpoint while
+  the primary is fine): release the held output, ``x-colo-lost-heartbeat`` on the primary, cancel the
+  mirror, make sure the primary runs, and carry on unprotected; ``status`` says so.
+* **accounting** -- every STOP event on the primary is counted against the checkpoints the daemon
+  started, so a checkpoint QEMU fired on its own shows up as ``unrequested_stops`` (must stay 0).
+
+Watching events: the checkpoint function consumes RESUME/STOP events while it runs; between
+checkpoints a watcher task takes the events (so they are never stale for the next checkpoint) and
+reacts to COLO_EXIT, SHUTDOWN, BLOCK_JOB_ERROR and the mirror job's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import statistics
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from controller.control import AsyncControlClient, ControlError, serve_control
+from controller.endpoints import open_connection, parse_endpoint
+from controller.epoch import (
+    HUGE_CHECKPOINT_DELAY_MS,
+    CheckpointError,
+    CheckpointScheduler,
+    EpochProtocol,
+    EpochRecord,
+    Mode,
+    PairLinks,
+    run_checkpoint,
+)
+from controller.metrics import DaemonMetrics
+from mc_driver.qmp import QmpError, QmpSession
+
+log = logging.getLogger("hybridft.daemon")
+
+HEARTBEAT_INTERVAL = 0.1
+WATCH_INTERVAL = 0.02
+RECENT = 512  # checkpoint records kept for status/percentiles
+
+
+class DaemonError(Exception):
+    """The daemon cannot start (config, connections, COLO start); the message says what."""
+
+
+@dataclass(slots=True)
+class DaemonConfig:
+    primary_qmp: str
+    secondary_qmp: str
+    control: str
+    compare_control: str | None = None
+    disk_control: str | None = None
+    heartbeat: str | None = None
+    mode: Mode = Mode.MC
+    epoch_ms: int = 50
+    safety_interval_ms: int = 10_000
+    mirror_job: str | None = None
+    primary_pid: int | None = None
+    secondary_pid: int | None = None
+    passive_secondary: bool = False
+    start_colo: bool = True
+    migrate_uri: str | None = None
+    checkpoint_timeout: float = 30.0
+    metrics_port: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_pair_json(cls, path: Path) -> DaemonConfig:
+        """Read ``pair.json`` (written by ``pair up``); a missing or wrong field is a clear error."""
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise DaemonError(f"cannot read {path}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise DaemonError(f"{path} is not JSON: {exc}") from None
+        try:
+            qmp = data["qmp"]
+            pids = data.get("pids") or {}
+            workdir = Path(data.get("workdir") or path.parent)
+            return cls(
+                primary_qmp=_unix_path(qmp["primary"]["daemon"]),
+                secondary_qmp=_unix_path(qmp["secondary"]["daemon"]),
+                control=data["daemon_control"],
+                compare_control=data.get("compare_control"),
+                disk_control=data.get("disk_control"),
+                heartbeat=data.get("heartbeat"),
+                mode=Mode(data.get("mode", "mc")),
+                epoch_ms=int(data.get("epoch_ms", 50)),
+                safety_interval_ms=int(data.get("safety_interval_ms", 10_000)),
+                mirror_job=data.get("mirror_job"),
+                primary_pid=int(pids["primary"]) if pids.get("primary") else None,
+                secondary_pid=int(pids["secondary"]) if pids.get("secondary") else None,
+                passive_secondary=bool(data.get("passive_secondary", False)),
+                migrate_uri=data.get("migrate_uri") or f"unix:{workdir / 'migrate.sock'}",
+                extra=data,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DaemonError(f"{path}: missing or invalid field: {exc!r}") from None
+
+
+def _unix_path(endpoint: str) -> str:
+    ep = parse_endpoint(endpoint)
+    if ep.kind != "unix" or not ep.path:
+        raise ValueError(f"QMP endpoints must be unix:PATH, got {endpoint!r}")
+    return ep.path
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if pid is None:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+class HeartbeatSender:
+    """A JSON-lines connection to the agent: periodic beats plus immediate messages; reconnects."""
+
+    def __init__(self, endpoint: str | None, beat: Any) -> None:
+        self.endpoint = endpoint
+        self.beat = beat  # () -> dict, the periodic message
+        self.writer: asyncio.StreamWriter | None = None
+        self.sent = 0
+        self.connects = 0
+
+    def send(self, message: dict[str, Any]) -> None:
+        writer = self.writer
+        if writer is None or writer.is_closing():
+            return
+        try:
+            writer.write((json.dumps(message, separators=(",", ":")) + "\n").encode())
+            self.sent += 1
+        except (ConnectionError, RuntimeError):
+            self.writer = None
+
+    async def run(self) -> None:
+        if self.endpoint is None:
+            return
+        endpoint = parse_endpoint(self.endpoint)
+        while True:
+            if self.writer is None or self.writer.is_closing():
+                try:
+                    _reader, self.writer = await open_connection(endpoint)
+                    self.connects += 1
+                except OSError:
+                    self.writer = None
+            self.send(self.beat())
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    async def flush(self) -> None:
+        if self.writer is not None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await asyncio.wait_for(self.writer.drain(), 1.0)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class Daemon:
+    """One pair's controller.  ``await Daemon(config).run(stop_event)``; or, in tests, ``attach`` to
+    already-open QMP sessions with :meth:`start_with` and drive it directly."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.protocol = EpochProtocol(config.mode, config.epoch_ms)
+        self.scheduler = CheckpointScheduler(config.safety_interval_ms)
+        self.metrics = DaemonMetrics()
+        self.metrics.set_mode(str(config.mode))
+        self.primary: QmpSession | None = None
+        self.secondary: QmpSession | None = None
+        self.compare: AsyncControlClient | None = None
+        self.disk: AsyncControlClient | None = None
+        self.heartbeat = HeartbeatSender(config.heartbeat, self._beat)
+        self.state = "starting"  # starting | protected | unprotected | primary-lost | failed-over | stopped
+        self.state_reason = ""
+        self.records: deque[EpochRecord] = deque(maxlen=RECENT)
+        self.checkpoints_started = 0
+        self.reasons: Counter[str] = Counter()
+        self.divergences: Counter[str] = Counter()
+        self.events: dict[str, Counter[str]] = {"primary": Counter(), "secondary": Counter()}
+        self.failures: list[dict[str, Any]] = []
+        self.timeline: list[tuple[str, float]] = []
+        self._in_checkpoint = False
+        self._wake = asyncio.Event()
+        self._waiters: list[tuple[int, asyncio.Future[EpochRecord]]] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._server: asyncio.Server | None = None
+        self._lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------------------ start / stop
+    async def connect(self) -> None:
+        cfg = self.config
+        self.primary = await QmpSession.connect(
+            cfg.primary_qmp, name="primary", timeout=30, alive=lambda: _pid_alive(cfg.primary_pid)
+        )
+        self.secondary = await QmpSession.connect(
+            cfg.secondary_qmp, name="secondary", timeout=30, alive=lambda: _pid_alive(cfg.secondary_pid)
+        )
+        if cfg.compare_control:
+            self.compare = AsyncControlClient(cfg.compare_control)
+            await self.compare.connect()
+        if cfg.disk_control:
+            self.disk = AsyncControlClient(cfg.disk_control)
+            await self.disk.connect()
+
+    async def start_colo(self) -> None:
+        """Enter COLO: primary stopped, disk and comparator at a clean epoch, ``migrate`` with x-colo."""
+        primary, secondary = self._sessions()
+        cfg = self.config
+        if (await primary.execute("query-status")).get("running"):
+            await primary.execute("stop")
+        if self.disk is not None:
+            sealed = await self.disk.call("seal")
+            await self.disk.call("commit", epoch=int(sealed["epoch"]))
+            self.protocol.next_number = int(sealed["epoch"]) + 1
+        if self.compare is not None:
+            await self.compare.call("mode", mode=str(self.protocol.mode))
+            sealed = await self.compare.call("seal")
+            await self.compare.call("commit", epoch=int(sealed["epoch"]))
+            self.scheduler.last_sealed_compare_epoch = int(sealed["epoch"])
+        colo = {"capabilities": [{"capability": "x-colo", "state": True}]}
+        await secondary.execute("migrate-set-capabilities", colo)
+        await primary.execute("migrate-set-capabilities", colo)
+        await primary.execute("migrate-set-parameters", {"x-checkpoint-delay": HUGE_CHECKPOINT_DELAY_MS})
+        if not cfg.migrate_uri:
+            raise DaemonError("no migrate_uri: cannot start COLO")
+        await primary.execute("migrate", uri=cfg.migrate_uri)
+        deadline = time.monotonic() + 120
+        while (status := (await primary.execute("query-migrate")).get("status")) != "colo":
+            if status in ("failed", "cancelled", "completed") or time.monotonic() > deadline:
+                raise DaemonError(f"initial COLO migration ended as {status!r}")
+            await asyncio.sleep(0.05)
+        while not (await secondary.execute("query-status")).get("running"):
+            if time.monotonic() > deadline:
+                raise DaemonError("the secondary did not start running after the initial migration")
+            await asyncio.sleep(0.05)
+        if not (await primary.execute("query-status")).get("running"):
+            await primary.execute("cont")
+
+    def attach(self, primary: QmpSession, secondary: QmpSession) -> None:
+        """Use sessions opened elsewhere (tests drive a ColoPair already in COLO)."""
+        self.primary, self.secondary = primary, secondary
+
+    async def start(self, *, connect: bool = True) -> None:
+        """Connect (unless attached), start COLO if configured, then the loops and the control socket."""
+        if connect:
+            await self.connect()
+        elif self.config.compare_control or self.config.disk_control:
+            if self.config.compare_control:
+                self.compare = AsyncControlClient(self.config.compare_control)
+                await self.compare.connect()
+            if self.config.disk_control:
+                self.disk = AsyncControlClient(self.config.disk_control)
+                await self.disk.connect()
+        if self.config.start_colo:
+            await self.start_colo()
+        for session in self._sessions():
+            self._count_events(session, session.events())
+        self.state = "protected"
+        self.metrics.protected.set(1)
+        self.scheduler.ended(time.monotonic())
+        self._server = await serve_control(self.config.control, self.dispatch)
+        self._tasks = [
+            asyncio.create_task(self._epoch_loop(), name="epochs"),
+            asyncio.create_task(self._watch_loop(), name="watch"),
+            asyncio.create_task(self.heartbeat.run(), name="heartbeat"),
+        ]
+        if self.config.compare_control:
+            self._tasks.append(asyncio.create_task(self._request_loop(), name="requests"))
+        if self.config.metrics_port:
+            self.metrics.serve_http(self.config.metrics_port)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self._tasks = []
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        ep = parse_endpoint(self.config.control)
+        if ep.kind == "unix" and ep.path:
+            Path(ep.path).unlink(missing_ok=True)
+        await self.heartbeat.flush()
+        self.heartbeat.close()
+        for client in (self.compare, self.disk):
+            if client is not None:
+                await client.close()
+        if self.state not in ("primary-lost", "failed-over"):
+            self.state = "stopped"
+
+    def _sessions(self) -> tuple[QmpSession, QmpSession]:
+        if self.primary is None or self.secondary is None:
+            raise DaemonError("not connected to both QEMUs")
+        return self.primary, self.secondary
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def _beat(self) -> dict[str, Any]:
+        message = self.protocol.heartbeat()
+        if self.state == "primary-lost":
+            message["primary_lost"] = True
+        return message
+
+    def _count_events(self, session: QmpSession, events: list[Any]) -> None:
+        side = session.name
+        for event in events:
+            self.events[side][event.name] += 1
+            if event.name in ("BLOCK_JOB_ERROR", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
+                if self.config.mirror_job and event.data.get("device") == self.config.mirror_job:
+                    self._lost_later("secondary", f"mirror job {event.name}")
+            elif event.name == "COLO_EXIT" and self.state == "protected" and not self._in_checkpoint:
+                self._lost_later(side, f"COLO_EXIT on the {side}: {dict(event.data)}")
+            elif event.name == "SHUTDOWN" and self.state == "protected":
+                self._lost_later(side, f"{side} QEMU shut down")
+        self.metrics.unrequested_stops.set(self.unrequested_stops)
+
+    @property
+    def unrequested_stops(self) -> int:
+        return max(0, self.events["primary"]["STOP"] - self.checkpoints_started)
+
+    def _lost_later(self, side: str, why: str) -> None:
+        self._tasks.append(asyncio.create_task(self._side_lost(side, why)))
+
+    async def checkpoint(self, reasons: Counter[str] | dict[str, int]) -> EpochRecord:
+        """Run one checkpoint now (serialised with every other); loss handling on failure."""
+        async with self._lock:
+            primary, secondary = self._sessions()
+            if self.state != "protected":
+                raise ControlError(f"the pair is {self.state}: no checkpoint possible", "not-protected")
+            self._in_checkpoint = True
+            try:
+                for session in (primary, secondary):
+                    self._count_events(session, session.events())
+                self.checkpoints_started += 1
+                links = PairLinks(
+                    primary,
+                    secondary,
+                    self.compare,
+                    self.disk,
+                    heartbeat=self.heartbeat.send,
+                    passive_secondary=self.config.passive_secondary,
+                    timeout=self.config.checkpoint_timeout,
+                )
+                try:
+                    record = await run_checkpoint(links, self.protocol, dict(reasons))
+                except CheckpointError as exc:
+                    self._record_failure(exc)
+                    raise
+                self.events["primary"]["STOP"] += record.stop_events[0]
+                self.events["secondary"]["STOP"] += record.stop_events[1]
+                self.events["primary"]["RESUME"] += 1
+                self.events["secondary"]["RESUME"] += 1
+            finally:
+                self._in_checkpoint = False
+            self._checkpoint_done(record, reasons)
+            return record
+
+    def _record_failure(self, exc: CheckpointError) -> None:
+        self.failures.append(
+            {
+                "epoch": exc.record.number,
+                "step": str(exc.step),
+                "cause": repr(exc.cause),
+                "recovery": str(exc.recovery),
+                "at": time.time(),
+            }
+        )
+        self.metrics.failures.labels(recovery=str(exc.recovery)).inc()
+        self.records.append(exc.record)
+        log.error("%s", exc)
+        for number, future in self._waiters:
+            if self.checkpoints_started >= number and not future.done():
+                future.set_exception(ControlError(str(exc), "checkpoint-failed"))
+        self._waiters = [(n, f) for n, f in self._waiters if not f.done()]
+
+    def _checkpoint_done(self, record: EpochRecord, reasons: Counter[str] | dict[str, int]) -> None:
+        self.records.append(record)
+        self.scheduler.ended(time.monotonic(), record.compare_epoch)
+        for reason, count in reasons.items():
+            self.reasons[reason] += count
+            self.metrics.checkpoints.labels(reason=reason).inc(count)
+        if record.primary_pause is not None:
+            self.metrics.pause.observe(record.primary_pause)
+        self.metrics.epoch.set(record.number)
+        self.metrics.set_mode(str(self.protocol.mode))
+        for number, future in list(self._waiters):
+            if self.checkpoints_started >= number and not future.done():
+                future.set_result(record)
+        self._waiters = [(n, f) for n, f in self._waiters if not f.done()]
+
+    async def _epoch_loop(self) -> None:
+        while True:
+            if self.state != "protected":
+                await asyncio.sleep(0.05)
+                continue
+            now = time.monotonic()
+            reasons = self.scheduler.take(self.protocol.mode, self.protocol.epoch_ms, now)
+            if reasons is None:
+                due = self.scheduler.due_at(self.protocol.mode, self.protocol.epoch_ms)
+                wait = 0.05 if due is None else max(0.0, due - now)
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=wait)
+                continue
+            try:
+                await self.checkpoint(reasons)
+            except CheckpointError as exc:
+                await self._after_failure(exc)
+            except ControlError:
+                continue
+
+    async def _after_failure(self, exc: CheckpointError) -> None:
+        """Which side is gone?  Primary: tell the agent.  Otherwise run on, unprotected."""
+        if not self._primary_ok():
+            await self._side_lost("primary", f"checkpoint failed at {exc.step}: {exc.cause!r}")
+        else:
+            await self._side_lost("secondary", f"checkpoint failed at {exc.step}: {exc.cause!r}")
+
+    def _primary_ok(self) -> bool:
+        return _pid_alive(self.config.primary_pid) and self._session_up(self.primary)
+
+    def _secondary_ok(self) -> bool:
+        return _pid_alive(self.config.secondary_pid) and self._session_up(self.secondary)
+
+    @staticmethod
+    def _session_up(session: QmpSession | None) -> bool:
+        if session is None:
+            return False
+        runstate = session._client.runstate  # qemu.qmp's own state: RUNNING while connected
+        return runstate is not None and runstate.name == "RUNNING"
+
+    async def _side_lost(self, side: str, why: str) -> None:
+        if self.state not in ("protected", "starting"):
+            return
+        started = time.monotonic()
+        if side == "primary":
+            self.state, self.state_reason = "primary-lost", why
+            self.metrics.protected.set(0)
+            self.heartbeat.send(
+                {"t": time.time(), "primary_lost": True, "epoch": self.protocol.last_committed}
+            )
+            await self.heartbeat.flush()
+            self.timeline.append(("primary lost: agent told", 0.0))
+            log.error("primary lost (%s): the agent fails over", why)
+            return
+        self.state, self.state_reason = "unprotected", why
+        self.metrics.protected.set(0)
+        log.error("secondary lost (%s): releasing held output, continuing unprotected", why)
+        primary = self.primary
+        steps: list[tuple[str, Any]] = []
+        if self.compare is not None:
+            steps.append(("compare release-all", self.compare.call("release-all")))
+        if primary is not None:
+            steps.append(("x-colo-lost-heartbeat", primary.execute("x-colo-lost-heartbeat")))
+            if self.config.mirror_job:
+                steps.append(
+                    (
+                        "block-job-cancel",
+                        primary.execute("block-job-cancel", device=self.config.mirror_job, force=True),
+                    )
+                )
+        for name, action in steps:
+            try:
+                await asyncio.wait_for(action, 5.0)
+                self.timeline.append((name, round(time.monotonic() - started, 4)))
+            except (QmpError, ControlError, OSError, TimeoutError) as exc:
+                self.timeline.append((f"{name} failed: {exc}", round(time.monotonic() - started, 4)))
+        if primary is not None:
+            with contextlib.suppress(QmpError, TimeoutError):
+                if not (await asyncio.wait_for(primary.execute("query-status"), 5.0)).get("running"):
+                    await primary.execute("cont")
+                    self.timeline.append(("primary cont", round(time.monotonic() - started, 4)))
+
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            if self.state != "protected":
+                continue
+            if not self._primary_ok():
+                await self._side_lost("primary", "the primary QEMU exited or its QMP connection dropped")
+                continue
+            if not self._in_checkpoint:
+                for session in self._sessions():
+                    self._count_events(session, session.events())
+            if not self._secondary_ok() and not self._in_checkpoint:
+                await self._side_lost("secondary", "the secondary QEMU exited or its QMP connection dropped")
+
+    async def _request_loop(self) -> None:
+        assert self.config.compare_control is not None
+        client = AsyncControlClient(self.config.compare_control)
+        try:
+            while True:
+                try:
+                    reply = await client.call("next-request", timeout=1.0)
+                except (ControlError, OSError) as exc:
+                    if self.state == "protected" and self.compare is not None:
+                        log.warning("comparator request poll failed: %s", exc)
+                    await client.close()
+                    await asyncio.sleep(0.2)
+                    continue
+                request = reply.get("request")
+                if not request:
+                    continue
+                for reason, count in (reply.get("reasons") or {request["reason"]: 1}).items():
+                    self.divergences[reason] += int(count)
+                    self.metrics.divergences.labels(reason=reason).inc(int(count))
+                if self.scheduler.request(
+                    f"compare:{request['reason']}",
+                    compare_epoch=reply.get("epoch"),
+                    extra=int(reply.get("coalesced", 0)),
+                ):
+                    self._wake.set()
+        finally:
+            await client.close()
+
+    # ------------------------------------------------------------------------------ control API
+    async def request_checkpoint(self, reason: str = "operator", timeout: float = 30.0) -> EpochRecord:
+        """Ask for a checkpoint and wait for the first one that starts after this request."""
+        future: asyncio.Future[EpochRecord] = asyncio.get_running_loop().create_future()
+        self._waiters.append((self.checkpoints_started + 1, future))
+        self.scheduler.request(reason)
+        self._wake.set()
+        return await asyncio.wait_for(future, timeout)
+
+    def status(self) -> dict[str, Any]:
+        pauses = sorted(r.primary_pause for r in self.records if r.primary_pause is not None)
+        last = self.records[-1].as_dict() if self.records else None
+        return {
+            "state": self.state,
+            "state_reason": self.state_reason,
+            "protected": self.state == "protected",
+            "mode": str(self.protocol.mode),
+            "epoch_ms": self.protocol.epoch_ms,
+            "pending_mode": None if self.protocol.pending_mode is None else str(self.protocol.pending_mode),
+            "passive_secondary": self.config.passive_secondary,
+            "last_committed_epoch": self.protocol.last_committed,
+            "checkpoints": {
+                "daemon_started": self.checkpoints_started,
+                "committed": self.protocol.committed,
+                "rolled_back": self.protocol.rolled_back,
+                "failed": self.protocol.failed,
+                "mode_switches": self.protocol.mode_switches,
+                "by_reason": dict(self.reasons),
+                "coalesced": self.scheduler.coalesced,
+                "stale_requests_dropped": self.scheduler.stale_dropped,
+            },
+            "qemu_events": {side: dict(counter) for side, counter in self.events.items()},
+            "primary_stop_events": self.events["primary"]["STOP"],
+            "unrequested_stops": self.unrequested_stops,
+            "divergences": dict(self.divergences),
+            "pause_ms": {
+                "samples": len(pauses),
+                "p50": round(_percentile(pauses, 0.5) * 1000, 2) if pauses else None,
+                "p99": round(_percentile(pauses, 0.99) * 1000, 2) if pauses else None,
+            },
+            "last_checkpoint": last,
+            "failures": self.failures[-10:],
+            "loss_timeline": self.timeline,
+            "heartbeat": {
+                "endpoint": self.config.heartbeat,
+                "sent": self.heartbeat.sent,
+                "connected": self.heartbeat.writer is not None,
+            },
+        }
+
+    async def planned_failover(self) -> dict[str, Any]:
+        """A checkpoint, then stop the primary, then tell the agent to fail over."""
+        started = time.monotonic()
+        record = await self.request_checkpoint("planned-failover")
+        primary, _ = self._sessions()
+        async with self._lock:
+            await primary.execute("stop")
+            self.state, self.state_reason = "failed-over", "planned failover"
+            self.metrics.protected.set(0)
+            self.heartbeat.send(
+                {"t": time.time(), "epoch": record.number, "state": "committed", "failover": True}
+            )
+            await self.heartbeat.flush()
+        return {
+            "epoch": record.number,
+            "seconds": round(time.monotonic() - started, 4),
+            "agent_told": self.heartbeat.writer is not None,
+        }
+
+    async def dispatch(self, verb: str, args: dict[str, Any]) -> dict[str, Any]:
+        if verb == "status":
+            return self.status()
+        if verb == "mode":
+            try:
+                mode = Mode(args.get("mode"))
+            except ValueError:
+                raise ControlError(
+                    f"mode must be 'mc' or 'colo', not {args.get('mode')!r}", "bad-args"
+                ) from None
+            epoch_ms = args.get("epoch_ms")
+            if epoch_ms is not None and (
+                not isinstance(epoch_ms, int) or isinstance(epoch_ms, bool) or not 1 <= epoch_ms <= 600_000
+            ):
+                raise ControlError(f"epoch_ms must be an integer 1..600000, got {epoch_ms!r}", "bad-args")
+            self.protocol.request_mode(mode, epoch_ms)
+            if self.protocol.switch_pending:
+                self.scheduler.request("mode-switch")
+                self._wake.set()
+            return {
+                "mode": str(self.protocol.mode),
+                "pending_mode": str(mode),
+                "epoch_ms": epoch_ms or self.protocol.epoch_ms,
+                "applies": "at the next checkpoint",
+            }
+        if verb == "checkpoint":
+            timeout = args.get("timeout", 30.0)
+            if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not 0 < timeout <= 600:
+                raise ControlError(f"timeout must be seconds in (0, 600], got {timeout!r}", "bad-args")
+            if self.state != "protected":
+                raise ControlError(f"the pair is {self.state}: no checkpoint possible", "not-protected")
+            try:
+                record = await self.request_checkpoint("operator", float(timeout))
+            except TimeoutError:
+                raise ControlError("no checkpoint completed in time", "timeout") from None
+            return record.as_dict()
+        if verb == "failover":
+            if self.state != "protected":
+                raise ControlError(f"the pair is {self.state}: nothing to fail over to", "not-protected")
+            try:
+                return await self.planned_failover()
+            except TimeoutError:
+                raise ControlError("the final checkpoint did not complete", "timeout") from None
+        if verb == "metrics":
+            return {"text": self.metrics.render()}
+        if verb == "history":
+            return {"checkpoints": [r.as_dict() for r in self.records]}
+        raise ControlError(
+            f"unknown verb {verb!r} (status, mode, checkpoint, failover, metrics, history)", "bad-verb"
+        )
+
+
+async def run_daemon(config: DaemonConfig, ready: Any = None) -> None:
+    daemon = Daemon(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await daemon.start()
+        if ready is not None:
+            ready(daemon)
+        await stop.wait()
+    finally:
+        await daemon.close()
+        for session in (daemon.primary, daemon.secondary):
+            if session is not None:
+                await session.close()
+
+
+@click.command("daemon")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="pair.json written by `hybridft pair up`.",
+)
+@click.option("--mode", type=click.Choice(["mc", "colo"]), default=None, help="Override pair.json's mode.")
+@click.option(
+    "--epoch-ms", type=click.IntRange(1, 600_000), default=None, help="Override pair.json's epoch_ms."
+)
+@click.option(
+    "--passive-secondary/--active-secondary",
+    default=None,
+    help="MC: stop the secondary right after each checkpoint (saves its CPU).",
+)
+@click.option("--no-start", is_flag=True, help="The pair is already in COLO: do not migrate.")
+@click.option(
+    "--metrics-port", type=click.IntRange(1, 65535), default=None, help="Serve /metrics on 127.0.0.1."
+)
+@click.option(
+    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+)
+def daemon_command(
+    config_path: Path,
+    mode: str | None,
+    epoch_ms: int | None,
+    passive_secondary: bool | None,
+    no_start: bool,
+    metrics_port: int | None,
+    log_level: str,
+) -> None:
+    """Run the epoch protocol for the pair in CONFIG (foreground; SIGTERM stops it)."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = DaemonConfig.from_pair_json(config_path)
+    except DaemonError as exc:
+        raise click.ClickException(str(exc)) from None
+    if mode is not None:
+        config.mode = Mode(mode)
+    if epoch_ms is not None:
+        config.epoch_ms = epoch_ms
+    if passive_secondary is not None:
+        config.passive_secondary = passive_secondary
+    config.start_colo = not no_start
+    config.metrics_port = metrics_port
+
+    def ready(daemon: Daemon) -> None:
+        print(
+            json.dumps({"ready": True, "control": config.control, "mode": str(daemon.protocol.mode)}),
+            flush=True,
+        )
+
+    try:
+        asyncio.run(run_daemon(config, ready))
+    except (DaemonError, QmpError, ControlError, OSError) as exc:
+        raise click.ClickException(f"daemon: {exc}") from None
+
+
+def summarize_pauses(records: list[EpochRecord]) -> dict[str, float | int | None]:
+    """p50/p99/mean of the primary pauses of ``records`` in milliseconds (for benches and tests)."""
+    pauses = sorted(r.primary_pause * 1000 for r in records if r.primary_pause is not None)
+    if not pauses:
+        return {"samples": 0, "p50": None, "p99": None, "mean": None}
+    return {
+        "samples": len(pauses),
+        "p50": round(_percentile(pauses, 0.5), 2),
+        "p99": round(_percentile(pauses, 0.99), 2),
+        "mean": round(statistics.fmean(pauses), 2),
+    }

@@ -1,0 +1,420 @@
+"""The epoch protocol of ARCHITECTURE.md §2: one checkpoint, top to bottom, every step timed.
+
+Why it is split in two:
+
+* :class:`EpochProtocol` is sans-I/O.  It owns every *decision* of the protocol and nothing else:
+  which epoch number comes next, which mode the next epoch runs in (a switch requested at any time
+  lands exactly at a checkpoint boundary), what the heartbeat says at each step, and -- the part that
+  must never be wrong -- what to do when a step fails: before the seal nothing is undone, after the
+  seal but before the secondary loaded the checkpoint the disk epoch is rolled back, once the
+  secondary loaded it the epoch is committed whatever else failed (the secondary holds that state,
+  so a failover must see it).  :class:`CheckpointScheduler` decides *when*: the MC timer, the COLO
+  safety interval and comparator requests, coalesced into one checkpoint.  Both are unit-tested
+  without QEMU.
+* :func:`run_checkpoint` is the one function that talks to QEMU and the two services in the exact
+  order of §2.  It asks the protocol object what to do and reports each step's outcome back.
+
+The order (N = the epoch being closed)::
+
+    1 stop primary          (QMP returns once its I/O drained)
+    2 stop secondary
+    3 comparator mode (if a switch is pending) + seal, disk seal; heartbeat {"epoch": N, "state": "sealed"}
+    4 migrate-set-parameters x-checkpoint-delay (fires one checkpoint at once); RESUME on both QEMUs
+      (the secondary's RESUME means it loaded N); heartbeat "loaded"
+    5 disk commit N, comparator commit; heartbeat "committed"
+    6 any failure before "loaded": disk rollback, then the caller handles the lost side (§5)
+
+``N`` is the disk server's epoch number when a disk server is wired (the agent's ``disk ctl commit N``
+must name the same epoch), else the protocol's own counter.  The comparator numbers its epochs itself;
+its number is kept beside ``N``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+HUGE_CHECKPOINT_DELAY_MS = 200_000
+
+
+class Mode(StrEnum):
+    MC = "mc"
+    COLO = "colo"
+
+
+class Step(StrEnum):
+    STOP_PRIMARY = "stop-primary"
+    STOP_SECONDARY = "stop-secondary"
+    COMPARE_MODE = "compare-mode"
+    COMPARE_SEAL = "compare-seal"
+    DISK_SEAL = "disk-seal"
+    FIRE = "fire"
+    RESUME_PRIMARY = "resume-primary"
+    RESUME_SECONDARY = "resume-secondary"
+    DISK_COMMIT = "disk-commit"
+    COMPARE_COMMIT = "compare-commit"
+    PASSIVE_STOP = "passive-stop"
+    DISK_ROLLBACK = "disk-rollback"
+
+
+class Phase(StrEnum):
+    """How far the current checkpoint got; decides the recovery after a failure."""
+
+    OPEN = "open"  # nothing done yet, or only VMs stopped
+    SEALED = "sealed"  # at least one service sealed N
+    LOADED = "loaded"  # the secondary resumed after the seal: it holds N
+    COMMITTED = "committed"
+
+
+class Recovery(StrEnum):
+    NONE = "none"  # failed before anything was sealed
+    ROLLBACK = "rollback"  # sealed, the secondary does not hold N: drop N on the disk
+    COMMIT = "commit"  # the secondary holds N: N must be committed
+
+
+class CheckpointError(Exception):
+    """A checkpoint failed; ``step`` is where, ``recovery`` what was done about it."""
+
+    def __init__(self, step: Step, cause: BaseException, recovery: Recovery, record: EpochRecord) -> None:
+        super().__init__(f"checkpoint {record.number} failed at {step}: {cause!r} (recovery: {recovery})")
+        self.step = step
+        self.cause = cause
+        self.recovery = recovery
+        self.record = record
+
+
+@dataclass(slots=True)
+class EpochRecord:
+    """One checkpoint: what triggered it, its mode, each step's duration, QEMU's pause timestamps."""
+
+    number: int
+    mode: Mode
+    reasons: dict[str, int]
+    started: float  # time.time() when step 1 began
+    steps: list[tuple[str, float]] = field(default_factory=list)  # (step, seconds it took)
+    compare_epoch: int | None = None
+    disk_epoch: int | None = None
+    primary_stop: float | None = None  # QEMU event timestamps (epoch seconds)
+    primary_resume: float | None = None
+    secondary_stop: float | None = None
+    secondary_resume: float | None = None
+    released_frames: int = 0
+    stop_events: tuple[int, int] = (0, 0)  # STOP events seen during this checkpoint (primary, secondary)
+    phase: Phase = Phase.OPEN
+    outcome: str = "running"  # running | committed | rolled-back | failed
+
+    @property
+    def primary_pause(self) -> float | None:
+        """The guest-visible pause: QEMU's STOP -> RESUME on the primary."""
+        if self.primary_stop is None or self.primary_resume is None:
+            return None
+        return self.primary_resume - self.primary_stop
+
+    def as_dict(self) -> dict[str, Any]:
+        pause = self.primary_pause
+        return {
+            "number": self.number,
+            "mode": str(self.mode),
+            "reasons": self.reasons,
+            "started": self.started,
+            "steps_ms": {name: round(sec * 1000, 3) for name, sec in self.steps},
+            "compare_epoch": self.compare_epoch,
+            "disk_epoch": self.disk_epoch,
+            "primary_pause_ms": None if pause is None else round(pause * 1000, 3),
+            "secondary_loaded_at": self.secondary_resume,
+            "released_frames": self.released_frames,
+            "outcome": self.outcome,
+        }
+
+
+class EpochProtocol:
+    """The sans-I/O decisions of the epoch protocol (see the module docstring)."""
+
+    def __init__(self, mode: Mode = Mode.MC, epoch_ms: int = 50, *, first_epoch: int = 1) -> None:
+        if epoch_ms <= 0:
+            raise ValueError(f"epoch_ms must be positive, got {epoch_ms}")
+        self.mode = mode
+        self.epoch_ms = epoch_ms
+        self.next_number = first_epoch
+        self.pending_mode: Mode | None = None
+        self.pending_epoch_ms: int | None = None
+        self.current: EpochRecord | None = None
+        self.last_committed: int | None = None
+        self.committed = 0
+        self.rolled_back = 0
+        self.failed = 0
+        self.mode_switches = 0
+
+    # -- mode switches: requested any time, applied at the next checkpoint's seal ---------------
+    def request_mode(self, mode: Mode, epoch_ms: int | None = None) -> None:
+        if epoch_ms is not None and epoch_ms <= 0:
+            raise ValueError(f"epoch_ms must be positive, got {epoch_ms}")
+        self.pending_mode = mode
+        self.pending_epoch_ms = epoch_ms
+
+    @property
+    def switch_pending(self) -> bool:
+        return self.pending_mode is not None and (
+            self.pending_mode != self.mode
+            or (self.pending_epoch_ms is not None and self.pending_epoch_ms != self.epoch_ms)
+        )
+
+    def mode_for_next_epoch(self) -> Mode:
+        """The mode of the epoch the current checkpoint opens (the comparator gets it before seal)."""
+        return self.pending_mode if self.pending_mode is not None else self.mode
+
+    # -- one checkpoint --------------------------------------------------------------------------
+    def begin(self, reasons: Counter[str] | dict[str, int], now: float) -> EpochRecord:
+        if self.current is not None:
+            raise RuntimeError(f"checkpoint {self.current.number} is still running")
+        self.current = EpochRecord(self.next_number, self.mode, dict(reasons), now)
+        return self.current
+
+    def _record(self) -> EpochRecord:
+        if self.current is None:
+            raise RuntimeError("no checkpoint is running")
+        return self.current
+
+    def step_done(self, step: Step, seconds: float) -> None:
+        self._record().steps.append((str(step), seconds))
+
+    def sealed(self, *, disk_epoch: int | None = None, compare_epoch: int | None = None) -> dict[str, Any]:
+        """Services sealed; returns the heartbeat message.  The disk's number becomes N."""
+        record = self._record()
+        if disk_epoch is not None:
+            record.disk_epoch = disk_epoch
+            record.number = disk_epoch
+        if compare_epoch is not None:
+            record.compare_epoch = compare_epoch
+        record.phase = Phase.SEALED
+        return self.heartbeat()
+
+    def loaded(self) -> dict[str, Any]:
+        record = self._record()
+        if record.phase is not Phase.SEALED:
+            raise RuntimeError(f"checkpoint {record.number} loaded while {record.phase}")
+        record.phase = Phase.LOADED
+        return self.heartbeat()
+
+    def committed_step(self) -> tuple[EpochRecord, dict[str, Any]]:
+        """Both services committed N: the epoch is closed; a pending mode switch takes effect now."""
+        record = self._record()
+        if record.phase is not Phase.LOADED:
+            raise RuntimeError(f"checkpoint {record.number} committed while {record.phase}")
+        record.phase = Phase.COMMITTED
+        record.outcome = "committed"
+        message = self.heartbeat()
+        self.last_committed = record.number
+        self.committed += 1
+        self._close(record)
+        return record, message
+
+    def recovery_for_failure(self) -> Recovery:
+        """What a failure at the current point requires (§2 step 6)."""
+        phase = self._record().phase
+        if phase is Phase.OPEN:
+            return Recovery.NONE
+        if phase is Phase.SEALED:
+            return Recovery.ROLLBACK
+        return Recovery.COMMIT
+
+    def failed_step(self, recovery: Recovery) -> EpochRecord:
+        """Close the current checkpoint as failed after ``recovery`` was carried out."""
+        record = self._record()
+        record.outcome = {"rollback": "rolled-back", "commit": "committed", "none": "failed"}[recovery]
+        if recovery is Recovery.ROLLBACK:
+            self.rolled_back += 1
+        elif recovery is Recovery.COMMIT:
+            self.last_committed = record.number
+            self.committed += 1
+        else:
+            self.failed += 1
+        self._close(record)
+        return record
+
+    def _close(self, record: EpochRecord) -> None:
+        # The boundary: the epoch that follows runs in the requested mode, whether the comparator
+        # got the mode at this seal (sealed) or not at all (nothing sealed: it still is in the old one
+        # and the daemon re-sends it at the next seal).
+        if record.phase in (Phase.COMMITTED, Phase.LOADED, Phase.SEALED) and self.pending_mode is not None:
+            if self.pending_mode != self.mode or (
+                self.pending_epoch_ms is not None and self.pending_epoch_ms != self.epoch_ms
+            ):
+                self.mode_switches += 1
+            self.mode = self.pending_mode
+            if self.pending_epoch_ms is not None:
+                self.epoch_ms = self.pending_epoch_ms
+            self.pending_mode = self.pending_epoch_ms = None
+        base = record.disk_epoch if record.disk_epoch is not None else record.number
+        self.next_number = max(self.next_number, base + 1)
+        self.current = None
+
+    def heartbeat(self, now: float | None = None) -> dict[str, Any]:
+        """The heartbeat message for the current state (``t`` is wall-clock seconds)."""
+        t = time.time() if now is None else now
+        if self.current is not None:
+            return {"t": t, "epoch": self.current.number, "state": str(self.current.phase)}
+        return {"t": t, "epoch": self.last_committed, "state": "committed"}
+
+
+class CheckpointScheduler:
+    """When the next checkpoint is due, and which triggers it coalesces (sans-I/O, monotonic seconds).
+
+    MC: ``epoch_ms`` after the previous checkpoint ended.  COLO: a comparator request at once, else the
+    safety interval.  Operator and comparator requests in any mode are due at once.  Requests that
+    arrive while a checkpoint runs are answered by the next one, all together.  A comparator request
+    raised in an epoch that has already been sealed is stale (the seal resolved it) and is dropped.
+    """
+
+    def __init__(self, safety_interval_ms: int = 10_000) -> None:
+        self.safety_interval_ms = safety_interval_ms
+        self.last_end: float | None = None
+        self.pending: Counter[str] = Counter()
+        self.coalesced = 0
+        self.stale_dropped = 0
+        self.last_sealed_compare_epoch: int | None = None
+
+    def request(self, reason: str, *, compare_epoch: int | None = None, extra: int = 0) -> bool:
+        """Record a request; ``extra`` = how many more the source already coalesced.  False if stale."""
+        if (
+            compare_epoch is not None
+            and self.last_sealed_compare_epoch is not None
+            and compare_epoch <= self.last_sealed_compare_epoch
+        ):
+            self.stale_dropped += 1 + extra
+            return False
+        if self.pending:
+            self.coalesced += 1
+        self.pending[reason] += 1
+        self.coalesced += extra
+        return True
+
+    def due_at(self, mode: Mode, epoch_ms: int) -> float | None:
+        """Monotonic time the next timer checkpoint is due (None: not before the first one ended)."""
+        if self.last_end is None:
+            return None
+        interval = epoch_ms if mode is Mode.MC else self.safety_interval_ms
+        return self.last_end + interval / 1000.0
+
+    def take(self, mode: Mode, epoch_ms: int, now: float) -> Counter[str] | None:
+        """The reasons for a checkpoint now, or None if none is due."""
+        reasons = Counter(self.pending)
+        due = self.due_at(mode, epoch_ms)
+        if due is not None and now >= due:
+            reasons["timer" if mode is Mode.MC else "safety-interval"] += 1
+        if not reasons:
+            return None
+        self.pending.clear()
+        return reasons
+
+    def ended(self, now: float, compare_epoch: int | None = None) -> None:
+        self.last_end = now
+        if compare_epoch is not None:
+            self.last_sealed_compare_epoch = compare_epoch
+
+
+# ------------------------------------------------------------------------------------------ the I/O
+class QmpLike(Protocol):
+    async def execute(self, command: str, arguments: Any = None, **kwargs: Any) -> Any: ...
+    async def wait_event(self, names: Any, *, timeout: float, predicate: Any = None) -> Any: ...
+    def take(self, names: Any) -> list[Any]: ...
+
+
+class ControlLike(Protocol):
+    async def call(self, verb: str, **args: Any) -> dict[str, Any]: ...
+
+
+@dataclass(slots=True)
+class PairLinks:
+    """What one checkpoint talks to.  ``compare``/``disk`` may be None (not wired: the step is skipped)."""
+
+    primary: QmpLike
+    secondary: QmpLike
+    compare: ControlLike | None
+    disk: ControlLike | None
+    heartbeat: Callable[[dict[str, Any]], None] = lambda message: None
+    passive_secondary: bool = False  # MC: stop the secondary again right after it loaded
+    timeout: float = 30.0
+
+
+async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dict[str, int]) -> EpochRecord:
+    """Run checkpoint N (§2) from step 1 to step 5; on failure recover per step 6 and raise.
+
+    Raises :class:`CheckpointError` (with the recovery carried out) when any step fails; the caller
+    decides which side was lost.  Stale STOP/RESUME events must have been taken off the sessions
+    before calling (the caller counts them).
+    """
+    record = protocol.begin(reasons, time.time())
+    step = Step.STOP_PRIMARY
+    disk_committed = False
+
+    async def timed(this: Step, action: Any) -> Any:
+        nonlocal step
+        step = this
+        started = time.perf_counter()
+        result = await asyncio.wait_for(action, links.timeout)
+        record.steps.append((str(this), time.perf_counter() - started))
+        return result
+
+    try:
+        await timed(Step.STOP_PRIMARY, links.primary.execute("stop"))
+        await timed(Step.STOP_SECONDARY, links.secondary.execute("stop"))
+        compare_epoch = disk_epoch = None
+        if links.compare is not None:
+            next_mode = protocol.mode_for_next_epoch()
+            if protocol.switch_pending:
+                await timed(Step.COMPARE_MODE, links.compare.call("mode", mode=str(next_mode)))
+            sealed = await timed(Step.COMPARE_SEAL, links.compare.call("seal"))
+            compare_epoch = int(sealed["epoch"])
+            protocol.sealed(compare_epoch=compare_epoch)
+        if links.disk is not None:
+            sealed = await timed(Step.DISK_SEAL, links.disk.call("seal"))
+            disk_epoch = int(sealed["epoch"])
+        links.heartbeat(protocol.sealed(disk_epoch=disk_epoch, compare_epoch=compare_epoch))
+        await timed(
+            Step.FIRE,
+            links.primary.execute("migrate-set-parameters", {"x-checkpoint-delay": HUGE_CHECKPOINT_DELAY_MS}),
+        )
+        p_resume = await timed(Step.RESUME_PRIMARY, links.primary.wait_event("RESUME", timeout=links.timeout))
+        s_resume = await timed(
+            Step.RESUME_SECONDARY, links.secondary.wait_event("RESUME", timeout=links.timeout)
+        )
+        record.primary_resume = p_resume.timestamp
+        record.secondary_resume = s_resume.timestamp
+        p_stops, s_stops = links.primary.take("STOP"), links.secondary.take("STOP")
+        record.primary_stop = p_stops[-1].timestamp if p_stops else None
+        record.secondary_stop = s_stops[-1].timestamp if s_stops else None
+        record.stop_events = (len(p_stops), len(s_stops))
+        links.heartbeat(protocol.loaded())
+        if links.disk is not None:
+            await timed(Step.DISK_COMMIT, links.disk.call("commit", epoch=record.number))
+            disk_committed = True
+        if links.compare is not None and compare_epoch is not None:
+            committed = await timed(Step.COMPARE_COMMIT, links.compare.call("commit", epoch=compare_epoch))
+            record.released_frames = int(committed.get("released_frames", 0))
+        done, message = protocol.committed_step()
+        links.heartbeat(message)
+        if links.passive_secondary and protocol.mode is Mode.MC:
+            await timed(Step.PASSIVE_STOP, links.secondary.execute("stop"))
+        return done
+    except (Exception, asyncio.CancelledError) as exc:
+        if protocol.current is None:  # failed after the commit (passive stop): the epoch is closed
+            raise CheckpointError(step, exc, Recovery.COMMIT, record) from exc
+        recovery = protocol.recovery_for_failure()
+        try:
+            if recovery is Recovery.ROLLBACK and links.disk is not None and record.disk_epoch is not None:
+                await timed(Step.DISK_ROLLBACK, links.disk.call("rollback"))
+            elif recovery is Recovery.COMMIT and links.disk is not None and not disk_committed:
+                await timed(Step.DISK_COMMIT, links.disk.call("commit", epoch=record.number))
+        except Exception as second:  # the disk server itself is gone: the caller treats it as lost
+            record.steps.append((f"recovery-failed:{second!r}", 0.0))
+        protocol.failed_step(recovery)
+        links.heartbeat(protocol.heartbeat())
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise CheckpointError(step, exc, recovery, record) from exc

@@ -1,0 +1,263 @@
+"""The sans-I/O epoch protocol and scheduler, plus run_checkpoint's order and recovery against
+in-process recording peers (QMP-like and control-like objects that log every call).
+
+The real-QEMU proof of the same order is tests/test_daemon_qemu.py; here every failure point is
+reachable on demand, which a real pair cannot offer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from controller.epoch import (
+    CheckpointError,
+    CheckpointScheduler,
+    EpochProtocol,
+    Mode,
+    PairLinks,
+    Phase,
+    Recovery,
+    Step,
+    run_checkpoint,
+)
+
+
+@dataclass
+class FakeEvent:
+    name: str
+    timestamp: float
+
+
+class RecordingQmp:
+    """Records commands into a shared log; emits STOP on stop and RESUME on the checkpoint trigger."""
+
+    def __init__(self, name: str, log: list[str], fail_on: str | None = None) -> None:
+        self.name, self.log, self.fail_on = name, log, fail_on
+        self.queue: list[FakeEvent] = []
+        self.running = True
+        self.clock = 1000.0
+
+    async def execute(self, command: str, arguments: Any = None, **kwargs: Any) -> Any:
+        if self.fail_on == command:
+            raise ConnectionError(f"{self.name} gone")
+        self.log.append(f"{self.name}:{command}")
+        self.clock += 0.01
+        if command == "stop":
+            if self.running:
+                self.queue.append(FakeEvent("STOP", self.clock))
+            self.running = False
+        if command == "migrate-set-parameters":
+            self.peer_resume()
+        return {}
+
+    def peer_resume(self) -> None:
+        for side in self.peers:
+            if side.fail_on != "load":
+                side.running = True
+                side.queue.append(FakeEvent("RESUME", side.clock + 0.05))
+
+    async def wait_event(self, names: Any, *, timeout: float, predicate: Any = None) -> Any:
+        for i, event in enumerate(self.queue):
+            if event.name == names:
+                del self.queue[i]
+                self.log.append(f"{self.name}:{names}")
+                return event
+        await asyncio.sleep(0)
+        raise TimeoutError(f"{self.name}: no {names}")
+
+    def take(self, names: Any) -> list[Any]:
+        taken = [e for e in self.queue if e.name == names]
+        self.queue = [e for e in self.queue if e.name != names]
+        return taken
+
+
+class RecordingService:
+    def __init__(self, name: str, log: list[str], fail_on: str | None = None) -> None:
+        self.name, self.log, self.fail_on = name, log, fail_on
+        self.epoch = 0
+
+    async def call(self, verb: str, **args: Any) -> dict[str, Any]:
+        if self.fail_on == verb:
+            raise ConnectionError(f"{self.name} gone")
+        self.log.append(f"{self.name}:{verb}" + (f" {args['epoch']}" if "epoch" in args else ""))
+        if verb == "seal":
+            self.epoch += 1
+            return {"epoch": self.epoch + (100 if self.name == "disk" else 0)}
+        return {"released_frames": 3} if verb == "commit" else {}
+
+
+def _links(
+    log: list[str], *, fail: dict[str, str] | None = None, passive: bool = False
+) -> tuple[PairLinks, list[dict[str, Any]]]:
+    fail = fail or {}
+    primary = RecordingQmp("primary", log, fail.get("primary"))
+    secondary = RecordingQmp("secondary", log, fail.get("secondary"))
+    primary.peers = [primary, secondary]  # type: ignore[attr-defined]
+    secondary.peers = []  # type: ignore[attr-defined]
+    beats: list[dict[str, Any]] = []
+
+    def heartbeat(message: dict[str, Any]) -> None:
+        beats.append(message)
+        log.append(f"heartbeat:{message['state']}")
+
+    links = PairLinks(
+        primary,
+        secondary,
+        RecordingService("compare", log, fail.get("compare")),
+        RecordingService("disk", log, fail.get("disk")),
+        heartbeat=heartbeat,
+        passive_secondary=passive,
+        timeout=1.0,
+    )
+    return links, beats
+
+
+def test_checkpoint_runs_the_steps_in_protocol_order() -> None:
+    log: list[str] = []
+    links, beats = _links(log)
+    protocol = EpochProtocol(Mode.MC, 50)
+    record = asyncio.run(run_checkpoint(links, protocol, {"timer": 1}))
+    assert log == [
+        "primary:stop",
+        "secondary:stop",
+        "compare:seal",
+        "disk:seal",
+        "heartbeat:sealed",
+        "primary:migrate-set-parameters",
+        "primary:RESUME",
+        "secondary:RESUME",
+        "heartbeat:loaded",
+        "disk:commit 101",
+        "compare:commit 1",
+        "heartbeat:committed",
+    ]
+    # N is the disk's epoch number (the agent's `disk ctl commit N` must name it)
+    assert record.number == 101 and record.compare_epoch == 1 and record.disk_epoch == 101
+    assert [b["epoch"] for b in beats] == [101, 101, 101]
+    assert record.outcome == "committed" and record.released_frames == 3
+    assert record.primary_pause is not None and record.primary_pause > 0
+    assert [name for name, _ in record.steps][:2] == [str(Step.STOP_PRIMARY), str(Step.STOP_SECONDARY)]
+    assert protocol.last_committed == 101 and protocol.next_number == 102
+
+
+def test_passive_secondary_is_stopped_again_after_the_commit_in_mc_only() -> None:
+    log: list[str] = []
+    links, _ = _links(log, passive=True)
+    protocol = EpochProtocol(Mode.MC, 50)
+    asyncio.run(run_checkpoint(links, protocol, {"timer": 1}))
+    assert log[-1] == "secondary:stop" and log[-2] == "heartbeat:committed"
+    log.clear()
+    protocol.request_mode(Mode.COLO)
+    asyncio.run(run_checkpoint(links, protocol, {"mode-switch": 1}))
+    assert log[-1] == "heartbeat:committed"  # the epoch now open is COLO: the secondary must run
+
+
+@pytest.mark.parametrize(
+    ("fail", "recovery", "disk_calls"),
+    [
+        ({"primary": "stop"}, Recovery.NONE, []),
+        ({"secondary": "stop"}, Recovery.NONE, []),
+        ({"disk": "seal"}, Recovery.ROLLBACK, []),  # nothing sealed on the disk: nothing to roll back
+        ({"secondary": "load"}, Recovery.ROLLBACK, ["disk:seal", "disk:rollback"]),
+        ({"primary": "migrate-set-parameters"}, Recovery.ROLLBACK, ["disk:seal", "disk:rollback"]),
+        ({"compare": "commit"}, Recovery.COMMIT, ["disk:seal", "disk:commit 101"]),
+    ],
+)
+def test_failure_recovery_depends_on_whether_the_secondary_loaded(
+    fail: dict[str, str], recovery: Recovery, disk_calls: list[str]
+) -> None:
+    log: list[str] = []
+    links, beats = _links(log, fail=fail)
+    protocol = EpochProtocol(Mode.MC, 50)
+    with pytest.raises(CheckpointError) as info:
+        asyncio.run(run_checkpoint(links, protocol, {"timer": 1}))
+    assert info.value.recovery is recovery
+    assert [entry for entry in log if entry.startswith("disk:")] == disk_calls
+    assert protocol.current is None  # the next checkpoint can start
+    if recovery is Recovery.COMMIT:
+        assert protocol.last_committed == 101
+    else:
+        assert protocol.last_committed is None
+        assert "compare:commit 1" not in log  # sealed output is never released unless loaded
+    assert beats[-1]["state"] == "committed"
+
+
+def test_mode_switch_applies_only_at_a_checkpoint_boundary() -> None:
+    protocol = EpochProtocol(Mode.MC, 50)
+    protocol.request_mode(Mode.COLO, 200)
+    assert protocol.mode is Mode.MC and protocol.switch_pending
+    assert protocol.mode_for_next_epoch() is Mode.COLO
+    record = protocol.begin({"mode-switch": 1}, 0.0)
+    assert protocol.mode is Mode.MC and record.mode is Mode.MC  # the closing epoch was MC
+    protocol.sealed(disk_epoch=7)
+    protocol.loaded()
+    protocol.committed_step()
+    assert protocol.mode is Mode.COLO and protocol.epoch_ms == 200 and protocol.mode_switches == 1
+    # nothing sealed: the comparator never got the new mode, so the switch stays pending
+    protocol.request_mode(Mode.MC)
+    protocol.begin({"mode-switch": 1}, 0.0)
+    protocol.failed_step(protocol.recovery_for_failure())
+    assert protocol.mode is Mode.COLO and protocol.pending_mode is Mode.MC
+
+
+def test_comparator_gets_the_new_mode_just_before_its_seal() -> None:
+    log: list[str] = []
+    links, _ = _links(log)
+    protocol = EpochProtocol(Mode.MC, 50)
+    protocol.request_mode(Mode.COLO)
+    asyncio.run(run_checkpoint(links, protocol, {"mode-switch": 1}))
+    assert log[2:4] == ["compare:mode", "compare:seal"]
+    log.clear()
+    asyncio.run(run_checkpoint(links, protocol, {"safety-interval": 1}))
+    assert "compare:mode" not in log
+
+
+def test_protocol_refuses_out_of_order_steps() -> None:
+    protocol = EpochProtocol()
+    with pytest.raises(RuntimeError):
+        protocol.loaded()
+    protocol.begin({}, 0.0)
+    with pytest.raises(RuntimeError):
+        protocol.begin({}, 0.0)
+    with pytest.raises(RuntimeError):
+        protocol.loaded()  # not sealed
+    with pytest.raises(ValueError):
+        protocol.request_mode(Mode.MC, 0)
+    with pytest.raises(ValueError):
+        EpochProtocol(Mode.MC, -1)
+
+
+def test_scheduler_mc_timer_colo_safety_interval_and_coalescing() -> None:
+    scheduler = CheckpointScheduler(safety_interval_ms=10_000)
+    assert scheduler.take(Mode.MC, 50, 0.0) is None  # nothing before the first checkpoint ended
+    scheduler.ended(1.0, compare_epoch=4)
+    assert scheduler.take(Mode.MC, 50, 1.04) is None
+    assert scheduler.take(Mode.MC, 50, 1.05) == Counter({"timer": 1})
+    assert scheduler.take(Mode.COLO, 50, 5.0) is None
+    assert scheduler.take(Mode.COLO, 50, 11.0) == Counter({"safety-interval": 1})
+    # three requests while a checkpoint runs: one checkpoint answers them all
+    assert scheduler.request("compare:divergence", compare_epoch=5)
+    assert scheduler.request("compare:divergence", compare_epoch=5, extra=2)
+    assert scheduler.request("operator")
+    assert scheduler.take(Mode.COLO, 50, 2.0) == Counter({"compare:divergence": 2, "operator": 1})
+    assert scheduler.coalesced == 4
+    # a request raised in an epoch that is already sealed was resolved by that seal
+    assert not scheduler.request("compare:divergence", compare_epoch=4)
+    assert scheduler.stale_dropped == 1 and scheduler.take(Mode.COLO, 50, 2.0) is None
+
+
+def test_heartbeat_messages_follow_the_phase() -> None:
+    protocol = EpochProtocol()
+    assert protocol.heartbeat(5.0) == {"t": 5.0, "epoch": None, "state": "committed"}
+    protocol.begin({}, 0.0)
+    assert protocol.heartbeat(6.0)["state"] == str(Phase.OPEN)
+    assert protocol.sealed(disk_epoch=3)["state"] == "sealed"
+    loaded = protocol.loaded()
+    assert (loaded["epoch"], loaded["state"]) == (3, "loaded")
+    protocol.committed_step()
+    assert protocol.heartbeat(7.0) == {"t": 7.0, "epoch": 3, "state": "committed"}
