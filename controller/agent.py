@@ -1,0 +1,396 @@
+"""``hybridft agent``: the secondary side's watchdog; it fails the pair over to the secondary.
+
+The agent listens on the heartbeat socket (the daemon connects and sends JSON lines) and watches the
+secondary QEMU over its own QMP monitor.  It fails over when
+
+* the heartbeat connection closes, or stays silent longer than ``--silence-ms`` (default 500),
+* the daemon says ``{"primary_lost": true}`` (it saw the primary's QMP drop or its process exit),
+* the secondary leaves COLO on its own (``COLO_EXIT``), or
+* a planned ``{"failover": true}`` arrives (``hybridft failover``).
+
+Nothing arms before the first heartbeat: a daemon that has not started COLO yet is not a lost primary.
+
+Why the disk decision looks the way it does (ARCHITECTURE.md §2 step 6, §5): the daemon announces
+``{"epoch": N, "state": "sealed", "t": T}`` *before* it fires checkpoint N, so a secondary ``RESUME``
+event whose QEMU timestamp is later than T (and earlier than any ``COLO_EXIT``, after which a resume
+is failover's, not a load) proves the secondary loaded N: its memory is at N, so the disk must be at
+N too -> ``commit N``.  A sealed epoch without such a resume was never loaded -> ``rollback``.  The
+disk server's own ``status`` says which epochs really are sealed; the heartbeats only say when.
+:class:`FailoverDecider` holds exactly this logic, fed events and messages, with no I/O, and is
+unit-tested on its own.
+
+Failover itself (:func:`fail_over`), every step timed into ``failover.json``: fence the primary
+(best effort ``stop`` on its ops monitor: after a daemon crash the primary may still run), disk
+``commit N``/``rollback``, disk ``failover``, ``x-colo-lost-heartbeat`` on the secondary, ``object-del`` of
+its two redirectors and ``chardev-remove`` of their sockets (the filter-rewriter stays: connections
+opened since the last checkpoint carry secondary-side sequence numbers only it translates), the
+primary's tap off the bridge and the secondary's on it (which also drops the bridge's learned entry
+for the guest MAC on the old port), ``cont`` if the secondary is paused (MC's passive secondary).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from controller.control import AsyncControlClient, ControlError
+from controller.endpoints import Endpoint, parse_endpoint, start_server
+
+log = logging.getLogger("hybridft.agent")
+
+DEFAULT_SILENCE_MS = 500
+
+
+class AgentError(Exception):
+    """The agent cannot start (bad config, secondary unreachable) or a failover step failed."""
+
+
+# ---------------------------------------------------------------------------------- sans-I/O core
+@dataclass(frozen=True, slots=True)
+class DiskDecision:
+    action: str  # "commit", "rollback" or "none"
+    epoch: int | None = None
+    why: str = ""
+
+
+@dataclass
+class FailoverDecider:
+    """When to fail over, and what to do with the disk's sealed epochs.  Times: ``now`` is monotonic
+    seconds (silence); heartbeat ``t`` and QMP event timestamps are wall-clock seconds (ordering)."""
+
+    silence_limit: float = DEFAULT_SILENCE_MS / 1000
+    armed: bool = False
+    last_heard: float = 0.0
+    connected: bool = False
+    trigger: str | None = None
+    epoch: int | None = None
+    state: str | None = None
+    seal_times: dict[int, float] = field(default_factory=dict)
+    committed: set[int] = field(default_factory=set)
+    resumes: list[float] = field(default_factory=list)
+    colo_exit: float | None = None
+    bad_messages: int = 0
+
+    def connection_opened(self, now: float) -> None:
+        self.connected = True
+        self.last_heard = now
+
+    def connection_closed(self, now: float) -> None:
+        self.connected = False
+        if self.armed:
+            self._fire("heartbeat connection closed")
+
+    def message(self, msg: Any, now: float) -> None:
+        """One decoded heartbeat line."""
+        if not isinstance(msg, dict):
+            self.bad_messages += 1
+            return
+        self.last_heard = now
+        self.armed = True
+        if msg.get("failover") is True:
+            self._fire("planned failover")
+        if msg.get("primary_lost") is True:
+            self._fire("primary lost (daemon)")
+        epoch, state = msg.get("epoch"), msg.get("state")
+        if isinstance(epoch, int) and not isinstance(epoch, bool) and isinstance(state, str):
+            self.epoch, self.state = epoch, state
+            t = msg.get("t")
+            if state == "sealed" and epoch not in self.seal_times:
+                self.seal_times[epoch] = float(t) if isinstance(t, int | float) else time.time()
+            elif state == "committed":
+                self.committed.add(epoch)
+
+    def secondary_event(self, name: str, timestamp: float) -> None:
+        if name == "RESUME":
+            self.resumes.append(timestamp)
+        elif name == "COLO_EXIT":
+            if self.colo_exit is None:
+                self.colo_exit = timestamp
+            if self.armed:
+                self._fire("secondary left COLO (COLO_EXIT)")
+
+    def check(self, now: float) -> str | None:
+        """The failover reason, once there is one (silence is judged here)."""
+        if self.trigger is None and self.armed and now - self.last_heard > self.silence_limit:
+            self._fire(f"heartbeat silent for {now - self.last_heard:.3f} s")
+        return self.trigger
+
+    def _fire(self, reason: str) -> None:
+        if self.trigger is None:
+            self.trigger = reason
+
+    def loaded(self, epoch: int) -> bool:
+        """Did the secondary resume (= finish loading) after epoch ``epoch`` was sealed?"""
+        sealed_at = self.seal_times.get(epoch)
+        if sealed_at is None:
+            return False
+        end = self.colo_exit if self.colo_exit is not None else float("inf")
+        return any(sealed_at < t < end for t in self.resumes)
+
+    def disk_decision(self, disk_status: dict[str, Any]) -> DiskDecision:
+        """Given the disk server's ``status``: commit the newest sealed epoch the secondary loaded,
+        roll back sealed epochs it did not, else nothing."""
+        if disk_status.get("committing") is not None:
+            return DiskDecision("none", disk_status["committing"], "a commit is already in progress")
+        sealed = [e for e in disk_status.get("sealed") or [] if isinstance(e, int)]
+        if not sealed:
+            return DiskDecision("none", disk_status.get("committed"), "no sealed, uncommitted epoch")
+        newest = max(sealed)
+        if self.loaded(newest):
+            return DiskDecision("commit", newest, f"the secondary resumed after epoch {newest} was sealed")
+        return DiskDecision("rollback", newest, f"the secondary never loaded sealed epoch {newest}")
+
+
+# ------------------------------------------------------------------------------------ I/O shell
+@dataclass
+class Timeline:
+    start: float = field(default_factory=time.monotonic)
+    steps: list[tuple[str, float]] = field(default_factory=list)
+
+    def mark(self, step: str) -> None:
+        self.steps.append((step, round(time.monotonic() - self.start, 4)))
+        log.info("failover: %s (+%.3f s)", step, self.steps[-1][1])
+
+
+def _ip(*args: str) -> None:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise AgentError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+
+
+async def _disk_call(endpoint: str, verb: str, **args: Any) -> dict[str, Any]:
+    client = AsyncControlClient(endpoint)
+    await client.connect()
+    try:
+        return await asyncio.wait_for(client.call(verb, **args), timeout=30)
+    finally:
+        await client.close()
+
+
+async def _fence_primary(config: dict[str, Any], timeline: Timeline) -> None:
+    """Best effort: a primary that still runs (daemon crash) must stop talking through its tap."""
+    from mc_driver.qmp import QmpError, QmpSession
+
+    endpoint = parse_endpoint(config["qmp"]["primary"]["ops"])
+    try:
+        session = await QmpSession.connect(endpoint.path or "", name="primary", timeout=0.2)
+    except QmpError:
+        timeline.mark("primary unreachable (nothing to fence)")
+        return
+    try:
+        await asyncio.wait_for(session.execute("stop"), timeout=0.5)
+        timeline.mark("primary stopped (fenced)")
+    except (QmpError, TimeoutError) as exc:
+        timeline.mark(f"primary not fenced ({exc})")
+    finally:
+        await session.close()
+
+
+async def fail_over(
+    config: dict[str, Any], decider: FailoverDecider, secondary: Any, timeline: Timeline
+) -> dict[str, Any]:
+    """Make the secondary the running, network-facing VM (steps in the module docstring)."""
+    from mc_driver.qmp import QmpCommandError
+
+    await _fence_primary(config, timeline)
+    disk = config["disk_control"]
+    decision = DiskDecision("none", None, "disk server unreachable")
+    disk_error: str | None = None
+    try:
+        status = await _disk_call(disk, "status")
+        decision = decider.disk_decision(status)
+        if decision.action == "commit":
+            await _disk_call(disk, "commit", epoch=decision.epoch)
+        elif decision.action == "rollback":
+            await _disk_call(disk, "rollback")
+        timeline.mark(f"disk {decision.action} {decision.epoch} ({decision.why})")
+        await _disk_call(disk, "failover")
+        timeline.mark("disk failover")
+    except (ControlError, OSError, TimeoutError) as exc:
+        disk_error = str(exc)
+        timeline.mark(f"disk step failed: {exc}")
+    try:
+        await secondary.execute("x-colo-lost-heartbeat")
+        timeline.mark("x-colo-lost-heartbeat")
+    except QmpCommandError as exc:
+        timeline.mark(f"x-colo-lost-heartbeat refused ({exc.description})")
+    for command, ident in (("object-del", "f1"), ("object-del", "f2"),
+                           ("chardev-remove", "red0"), ("chardev-remove", "red1")):  # fmt: skip
+        try:
+            await secondary.execute(command, id=ident)
+        except QmpCommandError as exc:
+            timeline.mark(f"{command} {ident} refused ({exc.description})")
+    timeline.mark("redirectors removed")
+    netns, bridge, taps = config["netns"], config["bridge"], config["taps"]
+    _ip("-n", netns, "link", "set", taps["primary"], "nomaster")
+    _ip("-n", netns, "link", "set", taps["secondary"], "master", bridge)
+    _ip("-n", netns, "link", "set", taps["secondary"], "up")
+    timeline.mark("taps swapped")
+    status = await secondary.execute("query-status")
+    if not status.get("running"):
+        await secondary.execute("cont")
+        timeline.mark("secondary cont")
+    timeline.mark("done")
+    return {
+        "reason": decider.trigger,
+        "disk": {
+            "action": decision.action,
+            "epoch": decision.epoch,
+            "why": decision.why,
+            "error": disk_error,
+        },
+        "last_heartbeat": {"epoch": decider.epoch, "state": decider.state},
+        "colo_exit_seen": decider.colo_exit is not None,
+        "steps": timeline.steps,
+        "seconds": timeline.steps[-1][1],
+        "finished_at": time.time(),
+    }
+
+
+class Agent:
+    """The agent process: heartbeat listener + secondary QMP watcher + the decider."""
+
+    def __init__(self, config: dict[str, Any], silence_limit: float) -> None:
+        self.config = config
+        self.decider = FailoverDecider(silence_limit=silence_limit)
+        self.wake = asyncio.Event()
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def _on_heartbeat(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._writer is not None:  # a newer daemon connection replaces the old one
+            self._writer.close()
+        self._writer = writer
+        self.decider.connection_opened(time.monotonic())
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    self.decider.bad_messages += 1
+                    log.warning("ignoring a malformed heartbeat line %r", line[:200])
+                    continue
+                self.decider.message(msg, time.monotonic())
+                if self.decider.trigger:
+                    self.wake.set()
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError) as exc:
+            log.warning("heartbeat connection error: %s", exc)
+        finally:
+            if self._writer is writer:
+                self._writer = None
+                self.decider.connection_closed(time.monotonic())
+                self.wake.set()
+            writer.close()
+
+    async def _watch_secondary(self, secondary: Any) -> None:
+        from mc_driver.qmp import QmpTimeout
+
+        while True:
+            try:
+                event = await secondary.wait_event(("RESUME", "COLO_EXIT", "STOP"), timeout=0.5)
+            except QmpTimeout:
+                continue
+            self.decider.secondary_event(event.name, event.timestamp)
+            if self.decider.trigger:
+                self.wake.set()
+
+    async def run(self) -> dict[str, Any] | None:
+        from mc_driver.qmp import QmpDisconnected, QmpError, QmpSession
+
+        qmp_path = parse_endpoint(self.config["qmp"]["secondary"]["agent"]).path or ""
+        try:
+            secondary = await QmpSession.connect(qmp_path, name="secondary", timeout=30)
+        except QmpError as exc:
+            raise AgentError(f"cannot reach the secondary's QMP monitor: {exc}") from exc
+        hb: Endpoint = parse_endpoint(self.config["heartbeat"])
+        if hb.kind == "unix" and hb.path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(hb.path)
+        server = await start_server(hb, self._on_heartbeat)
+        watcher = asyncio.create_task(self._watch_secondary(secondary))
+        print("ready", flush=True)
+        try:
+            while self.decider.check(time.monotonic()) is None:
+                if watcher.done():
+                    exc = watcher.exception()
+                    if isinstance(exc, QmpDisconnected):
+                        log.error("the secondary's QMP connection is gone: nothing left to protect")
+                        return None
+                    if exc is not None:
+                        raise exc
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), timeout=0.05)
+            timeline = Timeline()
+            log.warning("failing over: %s", self.decider.trigger)
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watcher
+            report = await fail_over(self.config, self.decider, secondary, timeline)
+            _write_report(self.config, report)
+            return report
+        finally:
+            watcher.cancel()
+            server.close()
+            await secondary.close()
+            if hb.kind == "unix" and hb.path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(hb.path)
+
+
+def _write_report(config: dict[str, Any], report: dict[str, Any]) -> None:
+    path = Path(config.get("failover_report") or Path(config["workdir"]) / "failover.json")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def agent_command_args(config: Path) -> list[str]:
+    return ["agent", "--config", str(config)]
+
+
+@click.command("agent")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The pair's pair.json (written by `hybridft pair up`).",
+)
+@click.option(
+    "--silence-ms",
+    type=click.IntRange(min=10),
+    default=DEFAULT_SILENCE_MS,
+    show_default=True,
+    help="Fail over when no heartbeat arrived for this long.",
+)
+@click.option(
+    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+)
+def agent_command(config_path: Path, silence_ms: int, log_level: str) -> None:
+    """Watch the heartbeat and the secondary; fail over to the secondary when the primary is gone."""
+    from mc_driver.pair import PairError, load_pair
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = load_pair(config_path)
+        for key in ("heartbeat", "disk_control", "netns", "bridge", "taps", "qmp"):
+            if key not in config:
+                raise PairError(f"{config_path} has no {key!r}")
+        report = asyncio.run(Agent(config, silence_ms / 1000).run())
+    except (PairError, AgentError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if report is not None:
+        click.echo(json.dumps(report))

@@ -1,0 +1,153 @@
+"""The agent's decisions (when to fail over, commit or roll back the disk) and its CLI's config errors.
+
+The decider is sans-I/O: fed heartbeat messages, QMP event timestamps and the disk server's status, it is
+tested here directly; the agent process itself is exercised with real QEMUs in test_pair_qemu.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
+
+from controller.agent import FailoverDecider, agent_command
+
+
+def sealed_then(decider: FailoverDecider, epoch: int, t: float, now: float = 0.0) -> None:
+    decider.message({"t": t, "epoch": epoch, "state": "sealed"}, now)
+
+
+def test_nothing_fires_before_the_first_heartbeat() -> None:
+    d = FailoverDecider(silence_limit=0.5)
+    assert d.check(100.0) is None
+    d.connection_opened(0.0)
+    d.connection_closed(1.0)
+    assert d.check(100.0) is None
+    d.secondary_event("COLO_EXIT", 5.0)
+    assert d.check(100.0) is None
+
+
+def test_silence_fires_only_after_the_limit() -> None:
+    d = FailoverDecider(silence_limit=0.5)
+    d.message({"t": 1.0, "epoch": 1, "state": "committed"}, 10.0)
+    assert d.check(10.4) is None
+    d.message({"t": 1.4, "epoch": 1, "state": "committed"}, 10.4)
+    assert d.check(10.85) is None
+    reason = d.check(10.91)
+    assert reason is not None and "silent" in reason
+
+
+def test_each_trigger_names_itself_and_the_first_one_wins() -> None:
+    for message, expected in (({"primary_lost": True}, "primary lost"), ({"failover": True}, "planned")):
+        d = FailoverDecider()
+        d.message({"t": 0.0, "epoch": 0, "state": "committed"}, 0.0)
+        d.message(message, 0.1)
+        assert expected in (d.check(0.1) or "")
+        d.connection_closed(0.2)
+        assert expected in (d.check(5.0) or "")
+    d = FailoverDecider()
+    d.message({"t": 0.0, "epoch": 0, "state": "committed"}, 0.0)
+    d.connection_closed(0.1)
+    assert "closed" in (d.check(0.1) or "")
+    d = FailoverDecider()
+    d.message({"t": 0.0, "epoch": 0, "state": "committed"}, 0.0)
+    d.secondary_event("COLO_EXIT", 0.05)
+    assert "COLO_EXIT" in (d.check(0.1) or "")
+
+
+def test_malformed_heartbeats_are_counted_not_fatal() -> None:
+    d = FailoverDecider()
+    for bad in ([1, 2], "x", None, {"epoch": "3", "state": 7}, {"epoch": True, "state": "sealed"}):
+        d.message(bad, 0.0)
+    assert d.bad_messages == 3
+    assert d.seal_times == {}
+    assert d.check(0.1) is None
+
+
+def test_loaded_epoch_is_committed() -> None:
+    d = FailoverDecider()
+    sealed_then(d, 7, t=100.0)
+    d.secondary_event("STOP", 99.9)
+    d.secondary_event("RESUME", 100.2)
+    assert d.disk_decision({"sealed": [7], "committed": 6, "committing": None}).action == "commit"
+    assert d.disk_decision({"sealed": [7], "committed": 6, "committing": None}).epoch == 7
+
+
+def test_unloaded_epoch_is_rolled_back() -> None:
+    d = FailoverDecider()
+    d.secondary_event("RESUME", 99.0)  # the previous checkpoint's resume
+    sealed_then(d, 7, t=100.0)
+    decision = d.disk_decision({"sealed": [7], "committed": 6, "committing": None})
+    assert (decision.action, decision.epoch) == ("rollback", 7)
+
+
+def test_resume_after_colo_exit_is_not_a_load() -> None:
+    d = FailoverDecider()
+    sealed_then(d, 3, t=50.0)
+    d.secondary_event("COLO_EXIT", 50.5)
+    d.secondary_event("RESUME", 50.6)  # QEMU's own failover resumed it, it never loaded 3
+    assert d.disk_decision({"sealed": [3], "committed": 2, "committing": None}).action == "rollback"
+
+
+def test_a_seal_the_agent_never_heard_of_is_rolled_back() -> None:
+    # the daemon sealed the disk and died before its "sealed" heartbeat: it never fired the checkpoint
+    d = FailoverDecider()
+    sealed_then(d, 4, t=10.0)
+    d.message({"t": 10.2, "epoch": 4, "state": "committed"}, 0.0)
+    d.secondary_event("RESUME", 10.1)
+    decision = d.disk_decision({"sealed": [5], "committed": 4, "committing": None})
+    assert (decision.action, decision.epoch) == ("rollback", 5)
+
+
+def test_nothing_sealed_means_no_disk_action() -> None:
+    d = FailoverDecider()
+    sealed_then(d, 4, t=10.0)
+    d.secondary_event("RESUME", 10.1)
+    assert d.disk_decision({"sealed": [], "committed": 4, "committing": None}).action == "none"
+    assert d.disk_decision({"sealed": [4], "committed": 3, "committing": 4}).action == "none"
+
+
+def test_repeated_sealed_heartbeats_keep_the_first_seal_time() -> None:
+    # the 100 ms heartbeat repeats "sealed" while the checkpoint runs: the seal time must not move
+    d = FailoverDecider()
+    sealed_then(d, 9, t=20.0)
+    d.secondary_event("RESUME", 20.05)
+    sealed_then(d, 9, t=20.1)
+    assert d.seal_times[9] == 20.0
+    assert d.disk_decision({"sealed": [9], "committed": 8, "committing": None}).action == "commit"
+
+
+@given(
+    seal=st.floats(0, 1000),
+    resumes=st.lists(st.floats(0, 1000), max_size=5),
+    colo_exit=st.none() | st.floats(0, 1000),
+)
+def test_commit_exactly_when_a_resume_falls_between_seal_and_exit(
+    seal: float, resumes: list[float], colo_exit: float | None
+) -> None:
+    d = FailoverDecider()
+    sealed_then(d, 1, t=seal)
+    if colo_exit is not None:
+        d.colo_exit = colo_exit
+    for t in resumes:
+        d.secondary_event("RESUME", t)
+    end = colo_exit if colo_exit is not None else float("inf")
+    expected = "commit" if any(seal < t < end for t in resumes) else "rollback"
+    assert d.disk_decision({"sealed": [1], "committed": 0, "committing": None}).action == expected
+
+
+def test_agent_cli_refuses_a_bad_config(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(agent_command, ["--config", str(tmp_path / "missing.json")])
+    assert result.exit_code == 1 and "cannot read" in result.output
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    result = runner.invoke(agent_command, ["--config", str(bad)])
+    assert result.exit_code == 1 and "not valid JSON" in result.output
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"workdir": str(tmp_path)}))
+    result = runner.invoke(agent_command, ["--config", str(partial)])
+    assert result.exit_code == 1 and "has no 'heartbeat'" in result.output
