@@ -356,3 +356,29 @@ def test_tcp_addresses(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+def test_seal_includes_everything_written_before_it(tmp_path: Path) -> None:
+    """The epoch protocol's guarantee: frames QEMU wrote before the seal (VM stopped) are in that
+    epoch, even when the service has not had the loop turns to read them yet."""
+    with served(tmp_path, "--mode", "mc") as s:
+        # a big send buffer: sendall returns while megabytes still wait in the kernel, as when
+        # QEMU's writes sit in the socket when ``stop`` returns
+        s.conns["primary"].setsockopt(socket.SOL_SOCKET, 32, 32 << 20)  # SO_SNDBUFFORCE (root)
+        ctl = s.connect("control")  # one persistent control connection, like the daemon's
+        replies = ctl.makefile("rb")
+
+        def verb(name: str, **args: object) -> dict:
+            ctl.sendall(encode_request(name, args))
+            return decode_reply(replies.readline())
+
+        offset = 0
+        for epoch in range(1, 4):
+            n = 6000 + epoch * 7  # ~9 MB: many loop turns' worth of reading
+            batch = stream(7000, payload_bytes(1448 * n, epoch), [1448], 0, Look(), syn=False, start=offset)
+            offset += 1448 * n
+            s.send("primary", batch)  # no waiting: seal right after the bytes reached the socket
+            assert verb("seal")["epoch"] == epoch
+            assert verb("commit", epoch=epoch)["released_frames"] == len(batch)
+            assert s.released(len(batch)) == batch
+        ctl.close()
