@@ -1,0 +1,140 @@
+"""Operator commands for a running pair: ``hybridft mode``, ``hybridft status``, ``hybridft failover``.
+
+Each is one request on the daemon's control socket (controller/control.py), found from ``--control``
+or from the pair's ``pair.json`` (``--workdir DIR`` or ``--config DIR/pair.json``).  They import only
+the control client, so they start fast and work while the pair is under load.  A refused request
+prints the daemon's reason and exits 1; an unreachable daemon exits 2.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from controller.control import ControlError, call
+from controller.endpoints import parse_endpoint
+
+
+def resolve_control(control: str | None, workdir: Path | None, config: Path | None) -> str:
+    """The daemon's control endpoint from the options (one of them is needed)."""
+    if control:
+        try:
+            parse_endpoint(control)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--control") from None
+        return control
+    path = config or (workdir / "pair.json" if workdir else None)
+    if path is None:
+        raise click.UsageError("say which pair: --workdir DIR, --config DIR/pair.json or --control ENDPOINT")
+    try:
+        data = json.loads(path.read_text())
+        return str(data["daemon_control"])
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {path}: {exc.strerror} (is the pair up?)") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise click.ClickException(f"{path} has no usable daemon_control: {exc!r}") from None
+
+
+def _request(endpoint: str, verb: str, timeout: float, **args: Any) -> dict[str, Any]:
+    try:
+        return call(endpoint, verb, timeout=timeout, **args)
+    except ControlError as exc:
+        click.echo(f"error: {exc.message} ({exc.code})", err=True)
+        raise SystemExit(1) from None
+    except OSError as exc:
+        click.echo(f"error: cannot reach the daemon at {endpoint}: {exc}", err=True)
+        raise SystemExit(2) from None
+
+
+def pair_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")(fn)
+    fn = click.option("--control", default=None, help="The daemon's control socket (unix:PATH | tcp:H:P).")(
+        fn
+    )
+    fn = click.option(
+        "--config",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="The pair's pair.json.",
+    )(fn)
+    fn = click.option(
+        "--workdir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="The pair's --workdir (holds pair.json).",
+    )(fn)
+    return fn
+
+
+@click.command("mode")
+@click.argument("mode", type=click.Choice(["mc", "colo"]))
+@click.option("--epoch-ms", type=click.IntRange(1, 600_000), default=None, help="MC epoch length.")
+@pair_options
+def mode_command(
+    mode: str,
+    epoch_ms: int | None,
+    workdir: Path | None,
+    config: Path | None,
+    control: str | None,
+    as_json: bool,
+) -> None:
+    """Switch the pair to MC or COLO at the next checkpoint."""
+    endpoint = resolve_control(control, workdir, config)
+    args: dict[str, Any] = {"mode": mode}
+    if epoch_ms is not None:
+        args["epoch_ms"] = epoch_ms
+    result = _request(endpoint, "mode", 10.0, **args)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"mode {result['pending_mode']} (epoch {result['epoch_ms']} ms) {result['applies']}")
+
+
+def format_status(status: dict[str, Any]) -> str:
+    cps = status["checkpoints"]
+    pause = status["pause_ms"]
+    last = status.get("last_checkpoint") or {}
+    lines = [
+        f"state            {status['state']}"
+        + (f" ({status['state_reason']})" if status["state_reason"] else ""),
+        f"mode             {status['mode']} epoch {status['epoch_ms']} ms"
+        + (f" -> {status['pending_mode']} at the next checkpoint" if status.get("pending_mode") else ""),
+        f"committed epoch  {status['last_committed_epoch']}",
+        f"checkpoints      {cps['daemon_started']} started, {cps['committed']} committed, "
+        f"{cps['rolled_back']} rolled back, {cps['failed']} failed, {cps['coalesced']} requests coalesced",
+        f"by reason        {json.dumps(cps['by_reason'], sort_keys=True)}",
+        f"primary STOPs    {status['primary_stop_events']} "
+        f"({status['unrequested_stops']} not fired by the daemon)",
+        f"pause            p50 {pause['p50']} ms, p99 {pause['p99']} ms over {pause['samples']}",
+        f"divergences      {json.dumps(status['divergences'], sort_keys=True)}",
+        f"last checkpoint  {json.dumps(last.get('steps_ms', {}))}",
+    ]
+    if status.get("loss_timeline"):
+        lines.append(f"loss timeline    {json.dumps(status['loss_timeline'])}")
+    return "\n".join(lines)
+
+
+@click.command("status")
+@pair_options
+def status_command(workdir: Path | None, config: Path | None, control: str | None, as_json: bool) -> None:
+    """Show the pair's state, mode, checkpoint counts and pauses."""
+    endpoint = resolve_control(control, workdir, config)
+    result = _request(endpoint, "status", 10.0)
+    click.echo(json.dumps(result, sort_keys=True) if as_json else format_status(result))
+
+
+@click.command("failover")
+@pair_options
+def failover_command(workdir: Path | None, config: Path | None, control: str | None, as_json: bool) -> None:
+    """Planned failover: a last checkpoint, stop the primary, the agent takes over on the secondary."""
+    endpoint = resolve_control(control, workdir, config)
+    result = _request(endpoint, "failover", 60.0)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        told = "the agent was told" if result.get("agent_told") else "WARNING: no agent connected"
+        click.echo(f"failover after epoch {result['epoch']} in {result['seconds']} s; {told}")
