@@ -35,6 +35,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -80,6 +81,7 @@ class FailoverDecider:
     resumes: list[float] = field(default_factory=list)
     colo_exit: float | None = None
     bad_messages: int = 0
+    triggered_at: float | None = None  # wall clock, for the failover report
 
     def connection_opened(self, now: float) -> None:
         self.connected = True
@@ -128,6 +130,7 @@ class FailoverDecider:
     def _fire(self, reason: str) -> None:
         if self.trigger is None:
             self.trigger = reason
+            self.triggered_at = time.time()
 
     def loaded(self, epoch: int) -> bool:
         """Did the secondary resume (= finish loading) after epoch ``epoch`` was sealed?"""
@@ -177,13 +180,25 @@ async def _disk_call(endpoint: str, verb: str, **args: Any) -> dict[str, Any]:
         await client.close()
 
 
+def _listening(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 async def _fence_primary(config: dict[str, Any], timeline: Timeline) -> None:
     """Best effort: a primary that still runs (daemon crash) must stop talking through its tap."""
     from mc_driver.qmp import QmpError, QmpSession
 
-    endpoint = parse_endpoint(config["qmp"]["primary"]["ops"])
+    path = parse_endpoint(config["qmp"]["primary"]["ops"]).path or ""
+    if not _listening(path):  # a dead QEMU's socket refuses at once: no retry loop on the hot path
+        timeline.mark("primary gone (nothing to fence)")
+        return
     try:
-        session = await QmpSession.connect(endpoint.path or "", name="primary", timeout=0.2)
+        session = await QmpSession.connect(path, name="primary", timeout=0.3)
     except QmpError:
         timeline.mark("primary unreachable (nothing to fence)")
         return
@@ -243,6 +258,7 @@ async def fail_over(
     timeline.mark("done")
     return {
         "reason": decider.trigger,
+        "detected_at": decider.triggered_at,
         "disk": {
             "action": decision.action,
             "epoch": decision.epoch,
@@ -344,6 +360,9 @@ class Agent:
         finally:
             watcher.cancel()
             server.close()
+            if self._writer is not None:  # let the heartbeat handler see EOF and end on its own
+                self._writer.close()
+                await asyncio.sleep(0.05)
             await secondary.close()
             if hb.kind == "unix" and hb.path:
                 with contextlib.suppress(FileNotFoundError):

@@ -111,6 +111,7 @@ class PairConfig:
     boot_timeout: float = 120.0
     answer_timeout: float = 120.0
     start_daemon: bool = True
+    passive_secondary: bool = False  # MC: the daemon stops the secondary after each checkpoint
     # workloads started at boot, e.g. (("diskwriter", "/dev/vda"),)
     guest_run: tuple[tuple[str, ...], ...] = ()
     daemon_args: tuple[str, ...] = ()
@@ -263,6 +264,7 @@ def pair_json(config: PairConfig, files: PairFiles, qemu: QemuChoice, pids: dict
         "compare_timeout_ms": config.compare_timeout_ms,
         "safety_interval_ms": config.safety_interval_ms,
         "mirror_job": MIRROR_JOB,
+        "passive_secondary": config.passive_secondary,
         "pids": {role: pids.get(role, 0) for role in PID_ROLES},
     }
 
@@ -465,7 +467,7 @@ def up(config: PairConfig) -> dict[str, Any]:
         raise PairError(
             f"a pair is already running in {workdir} ({', '.join(live)}): `hybridft pair down` first"
         )
-    for stale in files.all_sockets():
+    for stale in [*files.all_sockets(), *workdir.glob("*.log")]:
         stale.unlink(missing_ok=True)
     files.failover_report.unlink(missing_ok=True)
     launcher = PairLauncher(config, files)
@@ -549,7 +551,7 @@ def _up(launcher: PairLauncher) -> dict[str, Any]:
         return result
     launcher.spawn("daemon", hybridft_args("daemon", *config_arg, *config.daemon_args))
     result["daemon_pid"] = launcher.pids["daemon"]
-    launcher.wait_for_socket(files.sock("daemon-ctl"), timeout=60)
+    launcher.wait_for_socket(files.sock("daemon-ctl"), timeout=180)  # after the initial migration
     _wait_until_guest_answers(launcher, config.answer_timeout)
     result["colo"] = True
     result["startup_seconds"] = launcher.timeline[-1][1]

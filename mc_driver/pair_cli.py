@@ -69,6 +69,11 @@ def pair() -> None:
     help="A workload the guest starts at boot (repeatable), e.g. diskwriter,/dev/vda.",
 )
 @click.option(
+    "--passive-secondary",
+    is_flag=True,
+    help="MC: keep the secondary stopped between checkpoints (saves its CPU; resumed at failover).",
+)
+@click.option(
     "--no-daemon",
     is_flag=True,
     help="Start everything but the daemon (COLO not started): for debugging the launcher.",
@@ -84,6 +89,7 @@ def up_command(
     compare_timeout_ms: int,
     safety_interval_ms: int,
     guest_run: tuple[tuple[str, ...], ...],
+    passive_secondary: bool,
     no_daemon: bool,
     as_json: bool,
 ) -> None:
@@ -91,7 +97,7 @@ def up_command(
     config = PairConfig(
         workdir=workdir, mode=mode, epoch_ms=epoch_ms, accel=accel,  # type: ignore[arg-type]
         memory_mib=memory_mib, disk_mib=disk_mib, compare_timeout_ms=compare_timeout_ms,
-        safety_interval_ms=safety_interval_ms, guest_run=guest_run, start_daemon=not no_daemon,
+        safety_interval_ms=safety_interval_ms, guest_run=guest_run, start_daemon=not no_daemon, passive_secondary=passive_secondary,
     )  # fmt: skip
     try:
         result = up(config)
