@@ -97,7 +97,8 @@ def up_command(
     config = PairConfig(
         workdir=workdir, mode=mode, epoch_ms=epoch_ms, accel=accel,  # type: ignore[arg-type]
         memory_mib=memory_mib, disk_mib=disk_mib, compare_timeout_ms=compare_timeout_ms,
-        safety_interval_ms=safety_interval_ms, guest_run=guest_run, start_daemon=not no_daemon, passive_secondary=passive_secondary,
+        safety_interval_ms=safety_interval_ms, guest_run=guest_run, start_daemon=not no_daemon,
+        passive_secondary=passive_secondary,
     )  # fmt: skip
     try:
         result = up(config)
