@@ -122,8 +122,12 @@ class AsyncControlClient:
             self._reader = self._writer = None
 
 
-def call(endpoint: Endpoint | str, verb: str, timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
-    """One blocking request (for CLIs and tests). Raises :class:`ControlError` or ``OSError``."""
+def call(endpoint: Endpoint | str, verb: str, io_timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
+    """One blocking request (for CLIs and tests). Raises :class:`ControlError` or ``OSError``.
+
+    ``io_timeout`` bounds the socket wait; every other keyword is a verb argument (so a verb may
+    itself take ``timeout``, as the comparator's ``next-request`` long-poll does).
+    """
     ep = parse_endpoint(endpoint) if isinstance(endpoint, str) else endpoint
     if ep.kind == "unix":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -132,7 +136,7 @@ def call(endpoint: Endpoint | str, verb: str, timeout: float | None = 60.0, **ar
         sock = socket.socket(socket.AF_INET6 if ep.host and ":" in ep.host else socket.AF_INET)
         target = (ep.host, ep.port)
     with sock:
-        sock.settimeout(timeout)
+        sock.settimeout(io_timeout)
         sock.connect(target)
         sock.sendall(encode_request(verb, args))
         buf = bytearray()

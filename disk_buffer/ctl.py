@@ -47,7 +47,7 @@ def ctl_command(control: str, as_json: bool, timeout: float, verb: str, epoch: i
     elif epoch is not None:
         raise click.UsageError(f"{verb} takes no epoch argument")
     try:
-        result = call(endpoint, verb, timeout=timeout, **args)
+        result = call(endpoint, verb, io_timeout=timeout, **args)
     except ControlError as exc:
         if as_json:
             click.echo(json.dumps({"ok": False, "error": exc.message, "code": exc.code}))

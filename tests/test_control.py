@@ -82,3 +82,17 @@ def test_control_malformed_lines_tcp() -> None:
         await server.wait_closed()
 
     asyncio.run(main())
+
+
+def test_call_passes_a_timeout_argument_to_the_verb(tmp_path: Any) -> None:
+    """``timeout`` is a verb argument (e.g. next-request's long poll), not the socket timeout."""
+    path = str(tmp_path / "ctl.sock")
+
+    async def main() -> None:
+        server = await serve_control(f"unix:{path}", _dispatch)
+        result = await asyncio.to_thread(call, f"unix:{path}", "echo", io_timeout=5, timeout=0.5)
+        assert result == {"echo": {"timeout": 0.5}}
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
