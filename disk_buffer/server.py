@@ -357,9 +357,10 @@ async def run_server(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         status = buffer.status()
+        nbd_bound, control_bound = _bound(servers[0], nbd_ep), _bound(servers[1], control_ep)
         log.info("serving %s (%d bytes) on %s, control on %s; committed epoch %s",
-                 image, buffer.size, nbd_ep, control_ep, status.get("committed"))
-        print(f"ready nbd={nbd_ep} control={control_ep}", flush=True)
+                 image, buffer.size, nbd_bound, control_bound, status.get("committed"))
+        print(f"ready nbd={nbd_bound} control={control_bound}", flush=True)
         await stop.wait()
         log.info("shutting down")
     finally:
@@ -376,6 +377,14 @@ async def run_server(
             if ep.kind == "unix" and ep.path:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(ep.path)
+
+
+def _bound(server: asyncio.Server, requested: Endpoint) -> Endpoint:
+    """The address actually listened on (``tcp:HOST:0`` becomes the port the kernel chose)."""
+    if requested.kind != "tcp" or not server.sockets:
+        return requested
+    host, port = server.sockets[0].getsockname()[:2]
+    return Endpoint("tcp", host=host, port=port)
 
 
 def _endpoint_option(ctx: click.Context, param: click.Parameter, value: str) -> str:

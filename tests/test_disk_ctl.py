@@ -48,9 +48,23 @@ class DiskServerProcess:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [HYBRIDFT, "disk", "serve", "--image", str(self.image), "--state-dir", str(self.state_dir),
-             "--nbd", f"unix:{self.nbd_socket}", "--control", self.control, *self.extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                HYBRIDFT,
+                "disk",
+                "serve",
+                "--image",
+                str(self.image),
+                "--state-dir",
+                str(self.state_dir),
+                "--nbd",
+                f"unix:{self.nbd_socket}",
+                "--control",
+                self.control,
+                *self.extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -71,8 +85,12 @@ class DiskServerProcess:
         return self.proc.returncode
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([HYBRIDFT, "disk", "ctl", "--control", self.control, *args],
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [HYBRIDFT, "disk", "ctl", "--control", self.control, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if check and result.returncode != 0:
             raise AssertionError(f"disk ctl {args} failed: {result.stderr}")
         return result
@@ -182,18 +200,76 @@ def test_restart_keeps_committed_and_drops_uncommitted(server: DiskServerProcess
 
 
 def test_serve_rejects_bad_arguments(tmp_path: Path) -> None:
-    serve = [HYBRIDFT, "disk", "serve", "--image", str(tmp_path / "nope.raw"),
-             "--state-dir", str(tmp_path / "s")]
+    serve = [
+        HYBRIDFT,
+        "disk",
+        "serve",
+        "--image",
+        str(tmp_path / "nope.raw"),
+        "--state-dir",
+        str(tmp_path / "s"),
+    ]
     control = f"unix:{tmp_path}/c.sock"
-    missing = subprocess.run([*serve, "--nbd", f"unix:{tmp_path}/n.sock", "--control", control],
-                             capture_output=True, text=True, timeout=60)
+    missing = subprocess.run(
+        [*serve, "--nbd", f"unix:{tmp_path}/n.sock", "--control", control],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert missing.returncode != 0 and "nope.raw" in missing.stderr
-    bad_addr = subprocess.run([*serve, "--nbd", "udp:1", "--control", f"unix:{tmp_path}/c.sock"],
-                              capture_output=True, text=True, timeout=60)
+    bad_addr = subprocess.run(
+        [*serve, "--nbd", "udp:1", "--control", f"unix:{tmp_path}/c.sock"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad_addr.returncode == 2 and "bad address" in bad_addr.stderr
 
 
 def test_ctl_unreachable_server(tmp_path: Path) -> None:
-    result = subprocess.run([HYBRIDFT, "disk", "ctl", "--control", f"unix:{tmp_path}/none.sock", "status"],
-                            capture_output=True, text=True, timeout=60, env={**os.environ})
+    result = subprocess.run(
+        [HYBRIDFT, "disk", "ctl", "--control", f"unix:{tmp_path}/none.sock", "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ},
+    )
     assert result.returncode != 0 and "cannot reach" in result.stderr
+
+
+def test_tcp_endpoints_and_sigint(tmp_path: Path) -> None:
+    image = tmp_path / "tcp.raw"
+    with open(image, "wb") as f:
+        f.truncate(IMAGE_SIZE)
+    proc = subprocess.Popen([HYBRIDFT, "disk", "serve", "--image", str(image),
+                             "--state-dir", str(tmp_path / "st"), "--nbd", "tcp:127.0.0.1:0",
+                             "--control", "tcp:127.0.0.1:0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        ready = proc.stdout.readline().split()
+        nbd_addr = ready[1].removeprefix("nbd=")
+        control = ready[2].removeprefix("control=")
+        host, port = nbd_addr.removeprefix("tcp:").rsplit(":", 1)
+        assert int(port) > 0 and not control.endswith(":0")
+        h = libnbd.NBD()
+        h.set_export_name("replica")
+        h.connect_tcp(host, port)
+        h.pwrite(b"\x77" * 4096, 0)
+        result = subprocess.run([HYBRIDFT, "disk", "ctl", "--control", control, "seal", "--json"],
+                                capture_output=True, text=True, timeout=60)
+        assert json.loads(result.stdout)["epoch"] >= 1
+        h.shutdown()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+
+
+def test_second_server_on_the_same_state_dir_is_refused(server: DiskServerProcess, tmp_path: Path) -> None:
+    other = subprocess.run([HYBRIDFT, "disk", "serve", "--image", str(server.image), "--state-dir",
+                            str(server.state_dir), "--nbd", f"unix:{tmp_path}/o.sock", "--control",
+                            f"unix:{tmp_path}/oc.sock"], capture_output=True, text=True, timeout=60)
+    assert other.returncode != 0 and other.stderr.startswith("Error:"), other.stderr
+    assert "Traceback" not in other.stderr
+    assert server.ctl_json("status")["committed"] == 0  # the running server is untouched
