@@ -1,0 +1,396 @@
+"""The real protected pair end to end: `pair up` (two TCG Linux guests, comparator, disk server, daemon,
+agent in a network namespace), client traffic checked byte for byte, mode switches, kill -9 of the
+primary (failover) and of the secondary (unprotected), `pair down` after crashes.
+
+The clients run in the pair's namespace (the calling thread enters it to create each socket):
+
+* an echo connection (TCP 7) kept busy with numbered pseudo-random chunks, each read back and compared;
+* ``GET /blob`` (TCP 8080, blobd: no time-dependent header) downloaded again and again, each on a fresh
+  connection (so connections opened since the last checkpoint cross a failover too), every byte
+  compared with :func:`mc_driver.guest.blob_bytes`;
+* the guest's diskwriter (started at boot) reporting every fsynced record over TCP 9000.
+
+These tests need QEMU and fail (never skip) without it.  They print measured failover times; speed goals
+live in `hybridft bench pair`, so the only time bounds here are generous "it recovered at all" limits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from controller.control import call
+from mc_driver.guest import (
+    BLOB_SIZE,
+    BLOBD_PORT,
+    DISK_RECORD_SIZE,
+    DISKWRITER_PORT,
+    ECHO_PORT,
+    DiskWriterReports,
+    blob_bytes,
+    read_disk_records,
+)
+from mc_driver.netns import NetNamespace, list_namespaces
+from mc_driver.pair import GUEST_IP, PairConfig, PairError, PairFiles, down, up
+
+pytestmark = [pytest.mark.qemu, pytest.mark.netns, pytest.mark.slow]
+
+BLOB = blob_bytes()
+
+
+# ----------------------------------------------------------------------------------------- clients
+def connect(ns: NetNamespace, port: int, timeout: float = 60.0) -> socket.socket:
+    with ns.entered():
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.connect((GUEST_IP, port))
+    return sock
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise ConnectionError(f"connection closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+@dataclass
+class Traffic:
+    """Client threads in the pair's namespace; every byte they receive is checked."""
+
+    ns: NetNamespace
+    diskwriter: bool = False
+    stop: threading.Event = field(default_factory=threading.Event)
+    errors: list[str] = field(default_factory=list)
+    echo_bytes: int = 0
+    echo_times: list[float] = field(default_factory=list)  # monotonic end of each verified round trip
+    blobs: list[float] = field(default_factory=list)  # monotonic end of each verified download
+    blob_progress: int = 0  # bytes of the download in flight
+    reports: DiskWriterReports = field(default_factory=DiskWriterReports)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> Traffic:
+        loops: list[Callable[[], None]] = [self._echo, self._blob]
+        if self.diskwriter:
+            loops.append(self._disk)
+        for loop in loops:
+            thread = threading.Thread(target=self._guard, args=(loop,), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        return self
+
+    def _guard(self, loop: Callable[[], None]) -> None:
+        try:
+            loop()
+        except Exception as exc:  # reported by finish()
+            self.errors.append(f"{loop.__name__}: {type(exc).__name__}: {exc}")
+
+    def _echo(self) -> None:
+        rng = random.Random(7)
+        with connect(self.ns, ECHO_PORT) as sock:
+            while not self.stop.is_set():
+                chunk = rng.randbytes(rng.randint(1, 16384))
+                sock.sendall(chunk)
+                got = recv_exact(sock, len(chunk))
+                if got != chunk:
+                    raise AssertionError(
+                        f"echo: {len(chunk)} bytes came back different after {self.echo_bytes}"
+                    )
+                self.echo_bytes += len(chunk)
+                self.echo_times.append(time.monotonic())
+
+    def _blob(self) -> None:
+        while not self.stop.is_set():
+            with connect(self.ns, BLOBD_PORT) as sock:
+                sock.sendall(b"GET /blob HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n")
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        raise ConnectionError(f"closed in the headers: {head!r}")
+                    head += chunk
+                header, _, body = head.partition(b"\r\n\r\n")
+                if (
+                    not header.startswith(b"HTTP/1.1 200")
+                    or f"Content-Length: {BLOB_SIZE}".encode() not in header
+                ):
+                    raise AssertionError(f"unexpected response header {header!r}")
+                received = bytearray(body)
+                while len(received) < BLOB_SIZE:
+                    chunk = sock.recv(1 << 20)
+                    if not chunk:
+                        raise ConnectionError(f"blob cut after {len(received)} bytes")
+                    if BLOB[len(received) : len(received) + len(chunk)] != chunk:
+                        raise AssertionError(f"blob bytes differ at offset {len(received)}")
+                    received += chunk
+                    self.blob_progress = len(received)
+                if bytes(received) != BLOB:
+                    raise AssertionError("blob differs (or has extra bytes)")
+                self.blob_progress = 0
+                self.blobs.append(time.monotonic())
+
+    def _disk(self) -> None:
+        with connect(self.ns, DISKWRITER_PORT) as sock:
+            sock.settimeout(1.0)
+            while not self.stop.is_set():
+                try:
+                    data = sock.recv(4096)
+                except TimeoutError:
+                    continue
+                if not data:
+                    raise ConnectionError("diskwriter closed its connection")
+                self.reports.feed(data)
+
+    def wait(self, what: str, predicate: Callable[[], bool], timeout: float = 120.0) -> float:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self.errors:
+                raise AssertionError(f"client error while waiting for {what}: {self.errors}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {what} within {timeout:.0f} s")
+            time.sleep(0.02)
+        return time.monotonic()
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=120)
+        assert not self.errors, self.errors
+        assert not any(t.is_alive() for t in self.threads), "a client thread hangs"
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def hybridft(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "from controller.cli import main; main()", *args],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def pair_json(workdir: Path) -> dict:
+    return json.loads((workdir / "pair.json").read_text())
+
+
+def daemon_status(workdir: Path) -> dict:
+    return call(pair_json(workdir)["daemon_control"], "status", timeout=30)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    with_state = stat.read_text().split(") ", 1)[1] if stat.exists() else "Z"
+    return not with_state.startswith("Z")
+
+
+def assert_nothing_left(workdir: Path, pids: dict[str, int]) -> None:
+    files = PairFiles(workdir.resolve())
+    assert files.netns not in list_namespaces()
+    assert not [role for role, pid in pids.items() if pid and pid_alive(pid)]
+    assert not files.all_sockets(), files.all_sockets()
+    mentioning = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(files.workdir).encode() in cmdline:
+                mentioning.append(cmdline.replace(b"\0", b" ")[:200])
+    assert not mentioning, mentioning
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "pair"
+    yield path
+    down(path)  # whatever the test did, nothing may be left running
+
+
+def wait_until(what: str, predicate: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def read_view(workdir: Path, length: int) -> bytes:
+    """Read the secondary's disk through the disk server's `view` export (libnbd)."""
+    import nbd
+
+    handle = nbd.NBD()
+    handle.set_export_name("view")
+    handle.connect_unix(str(PairFiles(workdir.resolve()).sock("disk-nbd")))
+    try:
+        out = bytearray()
+        while len(out) < length:
+            n = min(1 << 20, length - len(out))
+            out += handle.pread(n, len(out))
+        return bytes(out)
+    finally:
+        handle.shutdown()
+
+
+# --------------------------------------------------------------------------------------------- tests
+def test_launcher_starts_everything_and_cleans_up_after_failures(workdir: Path) -> None:
+    # a part that dies while starting: clear error, nothing left behind
+    with pytest.raises(PairError, match=r"daemon exited .*daemon\.log"):
+        up(PairConfig(workdir, daemon_args=("--no-such-option",)))
+    assert_nothing_left(workdir, pair_json(workdir)["pids"])
+
+    result = up(PairConfig(workdir, start_daemon=False))
+    config = pair_json(workdir)
+    contract = ("workdir netns bridge guest_ip client_ip taps accel qemu_binary accel_reason qmp "
+                "compare_control "
+                "disk_control daemon_control heartbeat mode epoch_ms compare_timeout_ms safety_interval_ms "
+                "mirror_job pids")  # fmt: skip
+    for key in contract.split():
+        assert key in config, key
+    pids = config["pids"]
+    assert {role for role, pid in pids.items() if pid and pid_alive(pid)} == {
+        "primary", "secondary", "disk", "compare", "agent"}  # fmt: skip
+    assert result["primary_pid"] == pids["primary"] and result["client_netns"] == config["netns"]
+    assert config["netns"] in list_namespaces()
+
+    import asyncio
+
+    from mc_driver.qmp import QmpSession
+
+    async def qemu_state() -> tuple[list, dict, dict]:
+        primary = await QmpSession.connect(config["qmp"]["primary"]["ops"][5:], timeout=10)
+        secondary = await QmpSession.connect(config["qmp"]["secondary"]["ops"][5:], timeout=10)
+        try:
+            return (await primary.execute("query-block-jobs"), await primary.execute("query-status"),
+                    await secondary.execute("query-status"))  # fmt: skip
+        finally:
+            await primary.close()
+            await secondary.close()
+
+    jobs, primary_status, secondary_status = asyncio.run(qemu_state())
+    mirror = [j for j in jobs if j["device"] == config["mirror_job"]]
+    assert mirror and mirror[0]["ready"] and mirror[0]["type"] == "mirror", jobs
+    assert primary_status["running"] and secondary_status["status"] == "inmigrate"
+    assert call(config["disk_control"], "status")["failed_over"] is False
+    # both QEMUs' filter chardevs found the comparator
+    connected = call(config["compare_control"], "stats")["connected"]
+    assert connected == {"primary": True, "secondary": True, "out": True}
+
+    # a second pair in the same directory is refused while this one runs
+    with pytest.raises(PairError, match="already running"):
+        up(PairConfig(workdir, start_daemon=False))
+    # crash: kill -9 of a QEMU and of the disk server, then pair down
+    os.kill(pids["primary"], signal.SIGKILL)
+    os.kill(pids["disk"], signal.SIGKILL)
+    stopped = down(workdir)["stopped"]
+    assert f"netns {config['netns']}" in stopped
+    assert_nothing_left(workdir, pids)
+    assert down(workdir)["stopped"] == []  # idempotent
+
+
+def test_mc_mode_switches_and_primary_kill_lose_nothing(workdir: Path) -> None:
+    up(PairConfig(workdir, mode="mc", guest_run=(("diskwriter", "/dev/vda", "--rate", "20"),)))
+    config = pair_json(workdir)
+    ns = NetNamespace(config["netns"])
+    traffic = Traffic(ns, diskwriter=True).start()
+    traffic.wait("first blob in MC", lambda: len(traffic.blobs) >= 1)
+
+    # switch to COLO and back to MC with a longer epoch: the connections carry on
+    for mode, extra in (("colo", ()), ("mc", ("--epoch-ms", "100"))):
+        done = hybridft("mode", mode, *extra, "--workdir", str(workdir))
+        assert done.returncode == 0, done.stderr
+        wait_until(f"mode {mode}", lambda m=mode: daemon_status(workdir)["mode"] == m)  # type: ignore[misc]
+        blobs, echoed = len(traffic.blobs), traffic.echo_bytes
+        traffic.wait(f"a blob in {mode}", lambda b=blobs: len(traffic.blobs) > b)  # type: ignore[misc]
+        assert traffic.echo_bytes > echoed
+    status = daemon_status(workdir)
+    assert status["checkpoints"]["mode_switches"] >= 2
+    assert status["unrequested_stops"] <= 1, status  # the initial migration's STOP, nothing fired by QEMU
+
+    # kill -9 of the primary in the middle of a download
+    traffic.wait("a download in flight", lambda: BLOB_SIZE // 8 < traffic.blob_progress < BLOB_SIZE // 2)
+    durable_before = len(traffic.reports.durable)
+    echo_count = len(traffic.echo_times)
+    killed = time.monotonic()
+    os.kill(config["pids"]["primary"], signal.SIGKILL)
+    probe = time.monotonic()
+    served = None
+    while served is None and time.monotonic() - killed < 60:  # a fresh client, one SYN every ~50 ms
+        try:
+            with connect(ns, ECHO_PORT, timeout=0.05) as sock:
+                sock.settimeout(5)
+                sock.sendall(b"probe\n")
+                if recv_exact(sock, 6) == b"probe\n":
+                    served = time.monotonic()
+        except OSError:
+            time.sleep(max(0.0, 0.05 - (time.monotonic() - probe)))
+        probe = time.monotonic()
+    assert served is not None, "no new client was served within 60 s of the kill"
+    echo_back = traffic.wait(
+        "the echo connection after failover", lambda: len(traffic.echo_times) > echo_count
+    )
+    blobs = len(traffic.blobs)
+    traffic.wait("a whole blob after failover", lambda: len(traffic.blobs) > blobs + 1)
+    traffic.wait("durable records after failover", lambda: len(traffic.reports.durable) > durable_before + 5)
+    traffic.finish()
+
+    report = json.loads((workdir / "failover.json").read_text())
+    print(f"\nfailover: new client served {served - killed:.3f} s after kill -9, the busy echo connection "
+          f"{echo_back - killed:.3f} s; agent: {report['reason']}, {report['seconds']} s, "
+          f"disk {report['disk']}")  # fmt: skip
+    assert report["disk"]["error"] is None
+
+    # every record the client was told is durable is on the secondary's disk
+    reports = traffic.reports
+    assert reports.run is not None and reports.durable
+    on_disk = read_disk_records(read_view(workdir, max(reports.durable) * DISK_RECORD_SIZE), reports.run)
+    missing = sorted(set(reports.durable) - on_disk)
+    assert not missing, f"{len(missing)} reported-durable records missing, first {missing[:10]}"
+
+    pids = config["pids"]
+    down(workdir)
+    assert_nothing_left(workdir, pids)
+
+
+def test_colo_serves_and_secondary_kill_leaves_the_primary_unprotected(workdir: Path) -> None:
+    up(PairConfig(workdir, mode="colo"))
+    config = pair_json(workdir)
+    ns = NetNamespace(config["netns"])
+    traffic = Traffic(ns).start()
+    traffic.wait("two blobs in COLO", lambda: len(traffic.blobs) >= 2)
+    status = daemon_status(workdir)
+    assert status["mode"] == "colo" and status["protected"] is True
+    print(f"\nCOLO: {status['checkpoints']}, divergences {status['divergences']}")
+
+    os.kill(config["pids"]["secondary"], signal.SIGKILL)
+    wait_until("the daemon to report the pair unprotected", lambda: not daemon_status(workdir)["protected"])
+    blobs, echoed = len(traffic.blobs), traffic.echo_bytes
+    traffic.wait("a whole blob from the unprotected primary", lambda: len(traffic.blobs) > blobs + 1)
+    assert traffic.echo_bytes > echoed
+    traffic.finish()
+    status = daemon_status(workdir)
+    assert status["state"] != "protected" and status["state_reason"], status
+    assert not (workdir / "failover.json").exists(), "the agent failed over although the primary lives"
+    assert pid_alive(config["pids"]["primary"])
+
+    pids = config["pids"]
+    os.kill(pids["daemon"], signal.SIGKILL)  # a crash on top: pair down still cleans everything
+    down(workdir)
+    assert_nothing_left(workdir, pids)
