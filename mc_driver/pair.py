@@ -86,6 +86,12 @@ MIRROR_JOB = "hft-mirror"
 MIRROR_TARGET_NODE = "hft-replica"
 PRIMARY_DRIVE = "disk0"
 NETNS_PREFIX = "hftpair-"
+# In COLO the client sees the primary's segments, whose TCP timestamp (TSval) comes from the primary's
+# clock; after failover the secondary sends its own, and QEMU's filter-rewriter translates sequence
+# numbers only.  A secondary clock a few ms behind makes every segment fail the client's PAWS check
+# (RFC 7323): a busy connection stalls for ever (seen here).  The kernel's sysctl.* boot parameter
+# turns timestamps off in the guest before any service starts.
+GUEST_TCP_TIMESTAMPS_OFF = "sysctl.net.ipv4.tcp_timestamps=0"
 PID_ROLES = ("primary", "secondary", "disk", "compare", "daemon", "agent")
 # teardown order: the watchers first (so nobody fails over while we stop things), then QEMUs, then services
 STOP_ORDER = ("agent", "daemon", "primary", "secondary", "compare", "disk")
@@ -112,6 +118,8 @@ class PairConfig:
     answer_timeout: float = 120.0
     start_daemon: bool = True
     passive_secondary: bool = False  # MC: the daemon stops the secondary after each checkpoint
+    # TCP timestamps in the guest break COLO failover of young connections (see GUEST_TCP_TIMESTAMPS_OFF)
+    guest_tcp_timestamps: bool = False
     # workloads started at boot, e.g. (("diskwriter", "/dev/vda"),)
     guest_run: tuple[tuple[str, ...], ...] = ()
     daemon_args: tuple[str, ...] = ()
@@ -185,7 +193,8 @@ def _guest_args(
     disk: str | Path = files.image("primary")
     if side == "secondary":
         disk = f"nbd+unix:///view?socket={files.sock('disk-nbd')}"
-    cmdline = _robust_cmdline(guest_cmdline(f"{GUEST_IP}/24", run=config.guest_run))
+    extra = "" if config.guest_tcp_timestamps else GUEST_TCP_TIMESTAMPS_OFF
+    cmdline = _robust_cmdline(guest_cmdline(f"{GUEST_IP}/24", run=config.guest_run, extra=extra))
     args = qemu_args(
         image,
         tap=PRIMARY_TAP if side == "primary" else SECONDARY_TAP,
