@@ -27,6 +27,7 @@ import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 # --- magics -------------------------------------------------------------------------------------
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
@@ -104,6 +105,10 @@ class Cmd(IntEnum):
     BLOCK_STATUS = 7
     RESIZE = 8
 
+
+# plain ints for the hot path (an Enum attribute lookup costs more than the comparison)
+CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM = 0, 1, 2, 3, 4
+CMD_WRITE_ZEROES = 6
 
 CMD_FLAG_FUA = 1 << 0
 CMD_FLAG_NO_HOLE = 1 << 1
@@ -323,12 +328,12 @@ def _decode_name(raw: bytes) -> str:
     return name
 
 
-@dataclass(slots=True)
-class Request:
+class Request(NamedTuple):
     """One transmission-phase request.
 
     ``payload`` is the write data (``None`` for other commands, and for an over-long write whose
-    payload was discarded: ``oversized`` is then true and the reply must be ``EINVAL``).
+    payload was discarded: ``oversized`` is then true and the reply must be ``EINVAL``).  A named
+    tuple because the parser builds one per request: ``tuple.__new__`` is the cheapest object.
     """
 
     flags: int
@@ -340,6 +345,7 @@ class Request:
     oversized: bool = False
 
 
+_new_tuple = tuple.__new__
 _KEEP_BUFFER = 8 << 20  # a connection keeps a receive buffer up to this size between requests
 
 
@@ -360,6 +366,9 @@ class RequestParser:
         self.max_payload = max_payload
         self._initial_size = initial_size
         self._buf = bytearray(initial_size)
+        # One long-lived view: the buffer is never resized in place (it is replaced), so the export
+        # is harmless and saves creating a memoryview per request.
+        self._view = memoryview(self._buf)
         self._start = 0  # first unparsed byte
         self._end = 0  # end of received bytes
         self._need = REQUEST_SIZE  # bytes the request at _start needs in total
@@ -382,11 +391,13 @@ class RequestParser:
             grown = bytearray(max(want, 2 * len(buf)))
             grown[0:have] = buf[self._start : self._end]
             self._buf = buf = grown
+            self._view = memoryview(grown)
             self._start, self._end = 0, have
         elif have == 0 and len(buf) > _KEEP_BUFFER and self._need <= REQUEST_SIZE:
             self._buf = buf = bytearray(self._initial_size)  # give memory back after a huge write
+            self._view = memoryview(buf)
             self._start = self._end = 0
-        return memoryview(buf)[self._end :]
+        return self._view[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written into the memoryview :meth:`get_buffer` returned."""
@@ -421,38 +432,37 @@ class RequestParser:
         magic, flags, command, cookie, offset, length = _REQUEST.unpack_from(buf, start)
         if magic != REQUEST_MAGIC:
             raise TransmissionError(f"bad request magic 0x{magic:08x}")
-        if command != Cmd.WRITE:
+        if command != CMD_WRITE:
             self._start = start + REQUEST_SIZE
-            return Request(flags, command, cookie, offset, length)
+            return _new_tuple(Request, (flags, command, cookie, offset, length, None, False))
         if length > self.max_payload:
             # Consume and drop the payload as it streams in; the reply is EINVAL.
             take = min(length, avail - REQUEST_SIZE)
             self._start = start + REQUEST_SIZE + take
             self._discard = length - take
             self._need = REQUEST_SIZE
-            return Request(flags, command, cookie, offset, length, None, oversized=True)
+            return _new_tuple(Request, (flags, command, cookie, offset, length, None, True))
         end = start + REQUEST_SIZE + length
         if end > self._end:
             self._need = REQUEST_SIZE + length
             return None
-        with memoryview(buf) as view:
-            payload = bytes(view[start + REQUEST_SIZE : end])
+        payload = bytes(self._view[start + REQUEST_SIZE : end])
         self._start = end
         self._need = REQUEST_SIZE
-        return Request(flags, command, cookie, offset, length, payload)
+        return _new_tuple(Request, (flags, command, cookie, offset, length, payload, False))
 
     def __iter__(self) -> Iterator[Request]:
         while (request := self.next_request()) is not None:
             yield request
 
 
-_ALLOWED_FLAGS = {
-    Cmd.READ: CMD_FLAG_FUA,
-    Cmd.WRITE: CMD_FLAG_FUA,
-    Cmd.FLUSH: CMD_FLAG_FUA,
-    Cmd.TRIM: CMD_FLAG_FUA,
-    Cmd.WRITE_ZEROES: CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
-    Cmd.DISC: CMD_FLAG_FUA,
+_ALLOWED_FLAGS: dict[int, int] = {
+    CMD_READ: CMD_FLAG_FUA,
+    CMD_WRITE: CMD_FLAG_FUA,
+    CMD_FLUSH: CMD_FLAG_FUA,
+    CMD_TRIM: CMD_FLAG_FUA,
+    CMD_WRITE_ZEROES: CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+    CMD_DISC: CMD_FLAG_FUA,
 }
 
 
@@ -466,20 +476,20 @@ def check_request(
     and reads longer than the maximum payload -> ``EINVAL``.
     """
     command = request.command
-    allowed = _ALLOWED_FLAGS.get(command)  # type: ignore[call-overload]
+    allowed = _ALLOWED_FLAGS.get(command)
     if allowed is None or request.flags & ~allowed:
         return EINVAL
-    if command == Cmd.DISC:
+    if command == CMD_DISC:
         return 0
-    if command == Cmd.FLUSH:
+    if command == CMD_FLUSH:
         return EINVAL if (request.offset or request.length) else 0
     if request.oversized:
         return EINVAL
     offset, length = request.offset, request.length
-    if command == Cmd.READ and length > max_payload:
+    if command == CMD_READ and length > max_payload:
         return EINVAL
     if offset > size or length > size - offset:
-        return ENOSPC if command in (Cmd.WRITE, Cmd.WRITE_ZEROES) else EINVAL
+        return ENOSPC if command in (CMD_WRITE, CMD_WRITE_ZEROES) else EINVAL
     if (offset | length) & (min_block - 1):
         return EINVAL
     return 0
@@ -488,6 +498,14 @@ def check_request(
 def simple_reply(cookie: int, error: int = 0) -> bytes:
     """A simple reply header (a successful read is followed by the data)."""
     return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+_pack_reply = _SIMPLE_REPLY.pack
+
+
+def ok_reply(cookie: int) -> bytes:
+    """A successful simple reply header (the hot path's common case)."""
+    return _pack_reply(SIMPLE_REPLY_MAGIC, 0, cookie)
 
 
 # --- client-side encoders (used by tests and the benchmark's raw probes) -----------------------

@@ -39,7 +39,18 @@ import click
 from controller.control import ControlError, Dispatch, serve_control
 from controller.endpoints import Endpoint, parse_endpoint
 from disk_buffer import nbd
-from disk_buffer.nbd import Cmd
+from disk_buffer.nbd import (
+    CMD_DISC,
+    CMD_FLAG_FUA,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_TRIM,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    Cmd,
+    check_request,
+    ok_reply,
+)
 
 log = logging.getLogger("hybridft.disk.server")
 
@@ -62,7 +73,7 @@ def _error_for(exc: BaseException, command: int) -> int:
     """Map a refusal from the buffer to an NBD error value."""
     if isinstance(exc, ControlError):
         if exc.code == "range":
-            return nbd.ENOSPC if command in (Cmd.WRITE, Cmd.WRITE_ZEROES) else nbd.EINVAL
+            return nbd.ENOSPC if command in (CMD_WRITE, CMD_WRITE_ZEROES) else nbd.EINVAL
         if exc.code == "nospace":
             return nbd.ENOSPC
         if exc.code in ("wrong-state", "read-only"):
@@ -176,58 +187,61 @@ class NbdConnection(asyncio.BufferedProtocol):
         min_block = self.server.min_block
         max_payload = self.server.max_payload
         out: list[bytes] = []
-        parser = self.parser
+        append = out.append
+        next_request = self.parser.next_request
+        write = backend.write
+        has_room = backend.has_room
         try:
             while True:
-                request = parser.next_request()
+                request = next_request()
                 if request is None:
                     break
                 command = request.command
-                error = nbd.check_request(request, size, min_block, max_payload)
+                error = check_request(request, size, min_block, max_payload)
                 if error:
-                    out.append(nbd.simple_reply(request.cookie, error))
+                    append(nbd.simple_reply(request.cookie, error))
                     continue
                 try:
-                    if command == Cmd.WRITE:
+                    if command == CMD_WRITE:
                         assert request.payload is not None
-                        backend.write(export, request.offset, request.payload)
-                        if request.flags & nbd.CMD_FLAG_FUA:
+                        write(export, request.offset, request.payload)
+                        if request.flags & CMD_FLAG_FUA:
                             backend.flush(export)
-                        out.append(nbd.simple_reply(request.cookie))
-                        if not backend.has_room():
+                        append(ok_reply(request.cookie))
+                        if not has_room():
                             self._wait_for_room()
                             break
-                    elif command == Cmd.READ:
+                    elif command == CMD_READ:
                         data = backend.read(export, request.offset, request.length)
                         if len(data) != request.length:
                             raise RuntimeError(f"backend returned {len(data)} of {request.length} bytes")
-                        out.append(nbd.simple_reply(request.cookie))
-                        out.append(data)
-                    elif command == Cmd.FLUSH:
+                        append(ok_reply(request.cookie))
+                        append(data)
+                    elif command == CMD_FLUSH:
                         backend.flush(export)
-                        out.append(nbd.simple_reply(request.cookie))
-                    elif command == Cmd.TRIM or command == Cmd.WRITE_ZEROES:
-                        if command == Cmd.TRIM:
+                        append(ok_reply(request.cookie))
+                    elif command in (CMD_TRIM, CMD_WRITE_ZEROES):
+                        if command == CMD_TRIM:
                             backend.trim(export, request.offset, request.length)
                         else:
                             backend.write_zeroes(export, request.offset, request.length)
-                        if request.flags & nbd.CMD_FLAG_FUA:
+                        if request.flags & CMD_FLAG_FUA:
                             backend.flush(export)
-                        out.append(nbd.simple_reply(request.cookie))
+                        append(ok_reply(request.cookie))
                         if not backend.has_room():
                             self._wait_for_room()
                             break
-                    elif command == Cmd.DISC:
+                    elif command == CMD_DISC:
                         self._closing = True
                         break
                     else:  # pragma: no cover - check_request refuses unknown commands
-                        out.append(nbd.simple_reply(request.cookie, nbd.EINVAL))
+                        append(nbd.simple_reply(request.cookie, nbd.EINVAL))
                 except Exception as exc:
                     error = _error_for(exc, command)
                     if not isinstance(exc, ControlError):
                         log.exception("NBD %s at %d+%d failed", Cmd(command).name, request.offset,
                                       request.length)
-                    out.append(nbd.simple_reply(request.cookie, error))
+                    append(nbd.simple_reply(request.cookie, error))
         except nbd.TransmissionError as exc:
             log.warning("NBD client %s sent an unparsable request (%s); disconnecting", self.peer, exc)
             self._closing = True
