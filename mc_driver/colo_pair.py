@@ -241,9 +241,10 @@ def _secondary_filter_args(config: ColoPairConfig, paths: PairPaths) -> list[str
     ]  # fmt: skip
 
 
-async def _wait_file_line(
+async def wait_for_line(
     path: Path, needle: str, timeout: float, alive: Sequence[subprocess.Popen[bytes]]
 ) -> None:
+    """Wait until ``needle`` appears in the file at ``path`` (a serial console); fail early if QEMU exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):
@@ -331,7 +332,7 @@ class ColoPair:
             alive=lambda: self.secondary_proc.poll() is None,
             timeout=30,
         )
-        await _wait_file_line(paths.console("primary"), READY_LINE, boot_timeout, procs)
+        await wait_for_line(paths.console("primary"), READY_LINE, boot_timeout, procs)
 
         colo_cap = {"capabilities": [{"capability": "x-colo", "state": True}]}
         await self.secondary.execute("migrate-set-capabilities", colo_cap)
@@ -358,7 +359,8 @@ class ColoPair:
         self.secondary.discard_events()
 
     # ---------------------------------------------------------------------------------- checkpoints
-    def _sessions(self) -> tuple[QmpSession, QmpSession]:
+    def sessions(self) -> tuple[QmpSession, QmpSession]:
+        """The (primary, secondary) QMP sessions; raises if the pair is not running."""
         if self.primary is None or self.secondary is None:
             raise ColoPairError("the pair is not running")
         return self.primary, self.secondary
@@ -373,7 +375,7 @@ class ColoPair:
         without firing (``requested=False``): the patched primary starts no checkpoint while held,
         so whatever is returned is a checkpoint both VMs are stopped at.
         """
-        primary, secondary = self._sessions()
+        primary, secondary = self.sessions()
         if self.held:
             raise ColoPairError("the pair is held after the previous checkpoint: release() it first")
         started = time.monotonic()
@@ -419,7 +421,7 @@ class ColoPair:
 
     async def release(self) -> None:
         """Resume both VMs held after a checkpoint (hold mode)."""
-        primary, secondary = self._sessions()
+        primary, secondary = self.sessions()
         if not self.held:
             return
         await secondary.execute("cont")
@@ -438,7 +440,7 @@ class ColoPair:
         The rewriter is kept by default: connections opened since the last checkpoint have a secondary-side
         ISN, and only the rewriter still maps their sequence numbers to what the client saw.
         """
-        _, secondary = self._sessions()
+        _, secondary = self.sessions()
         assert self.primary_proc is not None
         killed = time.monotonic()
         steps: list[tuple[str, float]] = []

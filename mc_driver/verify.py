@@ -207,7 +207,7 @@ async def verify_checkpoints(
     """
     if not pair.config.hold_after_checkpoint:
         raise VerifyError("RAM identity needs a pair started with hold_after_checkpoint=True")
-    mappings = parse_flat_memory(await pair._sessions()[0].hmp("info mtree -f"))
+    mappings = parse_flat_memory(await pair.sessions()[0].hmp("info mtree -f"))
     started = time.monotonic()
     primary_ram, secondary_ram = pair.paths.ram("primary"), pair.paths.ram("secondary")
     while True:

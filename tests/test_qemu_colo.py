@@ -34,9 +34,9 @@ from mc_driver.colo_pair import (
     ColoPair,
     ColoPairConfig,
     PairPaths,
-    _wait_file_line,
     primary_args,
     secondary_args,
+    wait_for_line,
 )
 from mc_driver.guest import (
     DEFAULT_GUEST_IP,
@@ -311,7 +311,7 @@ def test_precopy_migration_under_tcg_leaves_identical_ram(
                                   stderr=subprocess.DEVNULL)  # fmt: skip
                 source = await QmpSession.connect(paths.qmp("primary"), alive=lambda: src.poll() is None)
                 dest = await QmpSession.connect(paths.qmp("secondary"), alive=lambda: dst.poll() is None)
-                await _wait_file_line(paths.console("primary"), READY_LINE, 120, (src, dst))
+                await wait_for_line(paths.console("primary"), READY_LINE, 120, (src, dst))
                 await asyncio.sleep(2.0)  # memdirty at its steady rate
                 await source.execute("migrate", uri=f"unix:{paths.migrate}")
                 deadline = time.monotonic() + 120
