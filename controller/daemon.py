@@ -141,6 +141,24 @@ def _percentile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
+class ServiceClient(AsyncControlClient):
+    """A control client that drops its connection when a call dies half-way (timeout, cancel, I/O).
+
+    Otherwise the reply of the abandoned request would be read as the answer to the next one.
+    """
+
+    async def call(self, verb: str, **args: Any) -> dict[str, Any]:
+        try:
+            return await super().call(verb, **args)
+        except ControlError as exc:
+            if exc.code == "closed":
+                await self.close()
+            raise
+        except BaseException:
+            await self.close()
+            raise
+
+
 class HeartbeatSender:
     """A JSON-lines connection to the agent: periodic beats plus immediate messages; reconnects."""
 
@@ -198,8 +216,8 @@ class Daemon:
         self.metrics.set_mode(str(config.mode))
         self.primary: QmpSession | None = None
         self.secondary: QmpSession | None = None
-        self.compare: AsyncControlClient | None = None
-        self.disk: AsyncControlClient | None = None
+        self.compare: ServiceClient | None = None
+        self.disk: ServiceClient | None = None
         self.heartbeat = HeartbeatSender(config.heartbeat, self._beat)
         self.state = "starting"  # starting | protected | unprotected | primary-lost | failed-over | stopped
         self.state_reason = ""
@@ -227,10 +245,10 @@ class Daemon:
             cfg.secondary_qmp, name="secondary", timeout=30, alive=lambda: _pid_alive(cfg.secondary_pid)
         )
         if cfg.compare_control:
-            self.compare = AsyncControlClient(cfg.compare_control)
+            self.compare = ServiceClient(cfg.compare_control)
             await self.compare.connect()
         if cfg.disk_control:
-            self.disk = AsyncControlClient(cfg.disk_control)
+            self.disk = ServiceClient(cfg.disk_control)
             await self.disk.connect()
 
     async def start_colo(self) -> None:
@@ -277,10 +295,10 @@ class Daemon:
             await self.connect()
         elif self.config.compare_control or self.config.disk_control:
             if self.config.compare_control:
-                self.compare = AsyncControlClient(self.config.compare_control)
+                self.compare = ServiceClient(self.config.compare_control)
                 await self.compare.connect()
             if self.config.disk_control:
-                self.disk = AsyncControlClient(self.config.disk_control)
+                self.disk = ServiceClient(self.config.disk_control)
                 await self.disk.connect()
         if self.config.start_colo:
             await self.start_colo()
@@ -303,9 +321,10 @@ class Daemon:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        if self._tasks:
+            _done, stuck = await asyncio.wait(self._tasks, timeout=10)
+            for task in stuck:
+                log.error("task %s did not stop: %s", task.get_name(), task.get_stack())
         self._tasks = []
         if self._server is not None:
             self._server.close()
@@ -519,7 +538,7 @@ class Daemon:
 
     async def _request_loop(self) -> None:
         assert self.config.compare_control is not None
-        client = AsyncControlClient(self.config.compare_control)
+        client = ServiceClient(self.config.compare_control)
         try:
             while True:
                 try:

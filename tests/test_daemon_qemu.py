@@ -1,0 +1,325 @@
+"""The daemon against a real COLO pair (patched QEMU 7.2, TCG, the project's Linux guest).
+
+One pair for the module (boot + initial COLO migration cost most of the time): two QEMUs from
+:class:`mc_driver.colo_pair.ColoPair` with ``compare="none"`` plus the external comparator's wiring
+(filter-mirror, redirectors, rewriter) to a real ``hybridft compare serve`` process, and a real
+``hybridft disk serve`` process whose epochs the daemon seals/commits/rolls back.  (The disk server
+here is not the secondary's disk: the pair's own launcher, ``pair up``, wires that; these tests prove
+the protocol's order and recovery against the real server.)  The daemon runs in the test's event loop
+on its own QMP monitors; the ColoPair's monitors observe the same QEMU events independently.
+
+Order of the tests matters (they share the pair): the last one kills the secondary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from controller.control import call
+from controller.daemon import Daemon, DaemonConfig
+from controller.epoch import Mode
+from mc_driver.accel import QemuChoice, choose_qemu
+from mc_driver.colo_pair import ColoPair, ColoPairConfig
+from mc_driver.guest import DEFAULT_GUEST_IP, ECHO_PORT, build_guest, guest_cmdline
+from mc_driver.netns import NetNamespace
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.netns]
+
+GUEST_IP = DEFAULT_GUEST_IP.split("/")[0]
+T = TypeVar("T")
+
+
+def external_compare_args(work: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """QEMU filter wiring to an external comparator listening in ``work`` (see compare serve)."""
+    primary = (
+        "-chardev", f"socket,id=mirror0,path={work / 'mirror.sock'},server=on,wait=off",
+        "-chardev", f"socket,id=cmp_out,path={work / 'cmp-out.sock'},reconnect=1",
+        "-chardev", f"socket,id=cmp_pri,path={work / 'cmp-pri.sock'},reconnect=1",
+        "-object", "filter-mirror,id=m0,netdev=hn0,queue=tx,outdev=mirror0",
+        "-object", "filter-redirector,id=rin,netdev=hn0,queue=rx,indev=cmp_out",
+        "-object", "filter-redirector,id=rout,netdev=hn0,queue=rx,outdev=cmp_pri",
+    )  # fmt: skip
+    secondary = (
+        "-chardev", f"socket,id=red0,path={work / 'mirror.sock'},reconnect=1",
+        "-chardev", f"socket,id=red1,path={work / 'cmp-sec.sock'},reconnect=1",
+        "-object", "filter-redirector,id=f1,netdev=hn0,queue=tx,indev=red0",
+        "-object", "filter-redirector,id=f2,netdev=hn0,queue=rx,outdev=red1",
+        "-object", "filter-rewriter,id=rew0,netdev=hn0,queue=all",
+    )  # fmt: skip
+    return primary, secondary
+
+
+def start_service(cmd: list[str], log: Path, ready_prefix: bytes) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("wb"))
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith(ready_prefix):
+        proc.kill()
+        pytest.fail(f"{cmd[3:5]} did not start: {line!r}\n{log.read_text()}")
+    return proc
+
+
+class LoopThread:
+    """One event loop for the whole module: qemu.qmp connections belong to the loop they were made on."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@dataclass
+class Harness:
+    work: Path
+    netns: NetNamespace
+    pair: ColoPair
+    compare_ctl: str
+    disk_ctl: str
+    services: list[subprocess.Popen[bytes]]
+    loop: LoopThread
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+        return self.loop.run(coro, timeout)
+
+
+@pytest.fixture(scope="module")
+def tcg_qemu() -> QemuChoice:
+    return choose_qemu(build=True, force_accel="tcg")
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory, tcg_qemu: QemuChoice) -> Iterator[Harness]:
+    work = tmp_path_factory.mktemp("daemon")
+    image = build_guest()
+    cli = [sys.executable, "-c", "from controller.cli import main; main()"]
+    compare_ctl, disk_ctl = f"unix:{work / 'compare.ctl'}", f"unix:{work / 'disk.ctl'}"
+    replica = work / "replica.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(replica), "16M"], check=True)
+    compare_cmd = [*cli, "compare", "serve", "--mode", "mc", "--control", compare_ctl,
+                   "--primary-in", f"unix:{work / 'cmp-pri.sock'}",
+                   "--secondary-in", f"unix:{work / 'cmp-sec.sock'}",
+                   "--out", f"unix:{work / 'cmp-out.sock'}"]  # fmt: skip
+    disk_cmd = [*cli, "disk", "serve", "--image", str(replica), "--state-dir", str(work / "disk-state"),
+                "--nbd", f"unix:{work / 'nbd.sock'}", "--control", disk_ctl]  # fmt: skip
+    services = [
+        start_service(compare_cmd, work / "compare.log", b"ready"),
+        start_service(disk_cmd, work / "disk.log", b"ready"),
+    ]
+    primary_extra, secondary_extra = external_compare_args(work)
+    config = ColoPairConfig(
+        workdir=work,
+        image=image,
+        qemu=tcg_qemu,
+        compare="none",
+        cmdline=guest_cmdline(services=["echod"]),
+        primary_tap="dqp0",
+        secondary_tap="dqs0",
+        extra_primary_args=primary_extra,
+        extra_secondary_args=secondary_extra,
+    )
+    loop = LoopThread()
+    try:
+        with NetNamespace() as netns:
+            pair = loop.run(ColoPair.start(config, netns), timeout=300)
+            try:
+                yield Harness(work, netns, pair, compare_ctl, disk_ctl, services, loop)
+            finally:
+                loop.run(pair.close())
+    finally:
+        loop.stop()
+        for proc in services:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+
+
+def daemon_config(h: Harness, **overrides: object) -> DaemonConfig:
+    pair = h.pair
+    assert pair.primary_proc is not None and pair.secondary_proc is not None
+    config = DaemonConfig(
+        primary_qmp=str(pair.paths.qmp_aux("primary")),
+        secondary_qmp=str(pair.paths.qmp_aux("secondary")),
+        control=f"unix:{h.work / 'daemon.ctl'}",
+        compare_control=h.compare_ctl,
+        disk_control=h.disk_ctl,
+        mode=Mode.MC,
+        epoch_ms=60_000,  # effectively manual: the tests ask for checkpoints
+        primary_pid=pair.primary_proc.pid,
+        secondary_pid=pair.secondary_proc.pid,
+        start_colo=False,
+        checkpoint_timeout=15.0,
+    )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+class EchoClient:
+    """One TCP connection to the guest's echo service from inside the namespace."""
+
+    def __init__(self, netns: NetNamespace) -> None:
+        with netns.entered():
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setblocking(False)
+        self.sock.connect_ex((GUEST_IP, ECHO_PORT))
+
+    async def wait_connected(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            assert err == 0, os.strerror(err)
+            try:
+                self.sock.getpeername()
+                return
+            except OSError:
+                await asyncio.sleep(0.02)
+        del loop
+        raise TimeoutError("echo connection not established")
+
+    async def send(self, payload: bytes) -> float:
+        await asyncio.get_running_loop().sock_sendall(self.sock, payload)
+        return time.time()
+
+    async def recv_exact(self, n: int, timeout: float) -> tuple[bytes, float]:
+        data = b""
+        loop = asyncio.get_running_loop()
+        while len(data) < n:
+            chunk = await asyncio.wait_for(loop.sock_recv(self.sock, n - len(data)), timeout)
+            assert chunk, "echo connection closed"
+            data += chunk
+        return data, time.time()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def daemon(harness: Harness) -> Iterator[Daemon]:
+    d = Daemon(daemon_config(harness))
+    harness.run(d.start())
+    try:
+        yield d
+    finally:
+
+        async def close() -> None:
+            await d.close()
+            for session in (d.primary, d.secondary):
+                if session is not None:
+                    await session.close()
+
+        harness.run(close())
+
+
+# ---------------------------------------------------------------------------------------------- tests
+def test_checkpoint_delay_fires_one_checkpoint_at_once(harness: Harness) -> None:
+    """ARCHITECTURE.md §2 relies on it: each migrate-set-parameters x-checkpoint-delay in COLO fires
+    exactly one checkpoint, immediately; with the delay huge QEMU fires none on its own."""
+
+    async def run() -> tuple[list[float], int, int]:
+        primary, secondary = harness.pair.primary, harness.pair.secondary
+        assert primary is not None and secondary is not None
+        latencies = []
+        primary.discard_events()
+        secondary.discard_events()
+        for _ in range(3):
+            fired = time.time()
+            await primary.execute("migrate-set-parameters", {"x-checkpoint-delay": 200_000})
+            stop = await primary.wait_event("STOP", timeout=5)
+            await secondary.wait_event("STOP", timeout=10)
+            await primary.wait_event("RESUME", timeout=10)
+            await secondary.wait_event("RESUME", timeout=10)
+            latencies.append(stop.timestamp - fired)
+        await asyncio.sleep(2.0)  # no further checkpoint follows on its own
+        return latencies, len(primary.take("STOP")), len(secondary.take("STOP"))
+
+    latencies, extra_p, extra_s = harness.run(run())
+    assert max(latencies) < 0.5, latencies
+    assert (extra_p, extra_s) == (0, 0)
+
+
+def test_protocol_order_seen_from_qemu_and_the_services(harness: Harness, daemon: Daemon) -> None:
+    harness.run(_protocol_order(harness, daemon))
+
+
+async def _protocol_order(harness: Harness, daemon: Daemon) -> None:
+    observer_p, observer_s = harness.pair.primary, harness.pair.secondary
+    assert observer_p is not None and observer_s is not None
+    observer_p.discard_events()
+    observer_s.discard_events()
+    disk_before = call(harness.disk_ctl, "status")
+    record = await daemon.request_checkpoint("test", timeout=30)
+    p_events = [(e.name, e.timestamp) for e in observer_p.events() if e.name in ("STOP", "RESUME")]
+    s_events = [(e.name, e.timestamp) for e in observer_s.events() if e.name in ("STOP", "RESUME")]
+    assert [n for n, _ in p_events] == ["STOP", "RESUME"], p_events
+    assert [n for n, _ in s_events] == ["STOP", "RESUME"], s_events
+    # 1 stop primary, 2 stop secondary, (3 seal), 4 the secondary loads and resumes; the primary resumes
+    assert p_events[0][1] <= s_events[0][1] <= s_events[1][1]
+    assert p_events[0][1] <= p_events[1][1]
+    steps = [name for name, _ in record.steps]
+    assert steps == ["stop-primary", "stop-secondary", "compare-seal", "disk-seal", "fire", "resume-primary",
+                     "resume-secondary", "disk-commit", "compare-commit"], steps  # fmt: skip
+    assert record.outcome == "committed" and record.primary_pause is not None
+    disk = call(harness.disk_ctl, "status")
+    assert record.number == disk["committed"] and disk["committed"] > (disk_before["committed"] or 0)
+    compare = call(harness.compare_ctl, "stats")["core"]
+    assert compare["mode"] == "mc" and record.compare_epoch is not None
+    status = daemon.status()
+    assert status["last_committed_epoch"] == record.number
+    assert status["unrequested_stops"] == 0
+
+
+def test_mc_client_sees_bytes_only_after_the_secondary_loaded(harness: Harness, daemon: Daemon) -> None:
+    harness.run(_mc_visibility(harness, daemon), timeout=240)
+
+
+async def _mc_visibility(harness: Harness, daemon: Daemon) -> None:
+    echo = EchoClient(harness.netns)
+    try:
+        connecting = asyncio.create_task(echo.wait_connected(30))
+        while not connecting.done():  # the SYN-ACK itself is guest output: held until a commit
+            await daemon.request_checkpoint("test", timeout=30)
+            await asyncio.sleep(0.05)
+        await connecting
+        for round_trip in range(3):
+            payload = os.urandom(1000) + bytes([round_trip])
+            sent = await echo.send(payload)
+            with pytest.raises(TimeoutError):  # no checkpoint -> nothing reaches the client
+                await echo.recv_exact(1, timeout=1.0)
+            record = await daemon.request_checkpoint("test", timeout=30)
+            data, received = await echo.recv_exact(len(payload), timeout=10)
+            assert data == payload
+            assert record.secondary_resume is not None and sent < record.secondary_resume < received
+        # now with the timer: every reply still comes after a load that followed its request
+        daemon.protocol.request_mode(Mode.MC, 100)
+        await daemon.request_checkpoint("mode-switch", timeout=30)
+        for _ in range(10):
+            payload = os.urandom(64)
+            sent = await echo.send(payload)
+            data, received = await echo.recv_exact(len(payload), timeout=10)
+            assert data == payload
+            await asyncio.sleep(0.2)  # the daemon files its record just after the commit released the bytes
+            loads = [r.secondary_resume for r in daemon.records if r.secondary_resume is not None]
+            assert any(sent < load < received for load in loads)
+        assert daemon.status()["unrequested_stops"] == 0
+    finally:
+        echo.close()
