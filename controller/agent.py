@@ -189,12 +189,23 @@ def _listening(path: str) -> bool:
     return True
 
 
+def _process_alive(pid: int) -> bool:
+    """False for a process that is gone or a zombie (killed, not yet reaped by its parent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return not stat.rsplit(") ", 1)[-1].startswith(("Z", "X"))
+
+
 async def _fence_primary(config: dict[str, Any], timeline: Timeline) -> None:
     """Best effort: a primary that still runs (daemon crash) must stop talking through its tap."""
     from mc_driver.qmp import QmpError, QmpSession
 
     path = parse_endpoint(config["qmp"]["primary"]["ops"]).path or ""
-    if not _listening(path):  # a dead QEMU's socket refuses at once: no retry loop on the hot path
+    pid = (config.get("pids") or {}).get("primary")
+    if (isinstance(pid, int) and pid > 0 and not _process_alive(pid)) or not _listening(path):
+        # a dead QEMU (same host: its pid; else its refusing socket): no retry loop on the hot path
         timeline.mark("primary gone (nothing to fence)")
         return
     try:
@@ -217,7 +228,8 @@ async def fail_over(
     """Make the secondary the running, network-facing VM (steps in the module docstring)."""
     from mc_driver.qmp import QmpCommandError
 
-    await _fence_primary(config, timeline)
+    # fencing runs beside the disk steps; it must be over before the taps are swapped
+    fence = asyncio.create_task(_fence_primary(config, timeline))
     disk = config["disk_control"]
     decision = DiskDecision("none", None, "disk server unreachable")
     disk_error: str | None = None
@@ -246,6 +258,7 @@ async def fail_over(
         except QmpCommandError as exc:
             timeline.mark(f"{command} {ident} refused ({exc.description})")
     timeline.mark("redirectors removed")
+    await fence
     netns, bridge, taps = config["netns"], config["bridge"], config["taps"]
     _ip("-n", netns, "link", "set", taps["primary"], "nomaster")
     _ip("-n", netns, "link", "set", taps["secondary"], "master", bridge)

@@ -190,6 +190,18 @@ def daemon_status(workdir: Path) -> dict:
     return call(pair_json(workdir)["daemon_control"], "status", timeout=30)
 
 
+def secondary_status(config: dict) -> dict:
+    import asyncio
+
+    from mc_driver.qmp import QmpSession
+
+    async def query() -> dict:
+        async with await QmpSession.connect(config["qmp"]["secondary"]["ops"][5:], timeout=10) as session:
+            return await session.execute("query-status")
+
+    return asyncio.run(query())
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -409,6 +421,57 @@ def test_colo_primary_kill_keeps_connections_opened_since_the_last_checkpoint(wo
     traffic = Traffic(ns, diskwriter=True).start()
     traffic.wait("a blob in COLO", lambda: len(traffic.blobs) >= 1)
     kill_primary_and_check(workdir, config, ns, traffic)
+    pids = config["pids"]
+    down(workdir)
+    assert_nothing_left(workdir, pids)
+
+
+def test_daemon_kill_fails_over_a_passive_mc_secondary(workdir: Path) -> None:
+    # The daemon dies, the primary lives: the agent sees the heartbeat connection close, fences the
+    # primary (QMP stop), and resumes the secondary, which MC kept stopped between checkpoints.
+    up(PairConfig(workdir, mode="mc", passive_secondary=True,
+                  guest_run=(("diskwriter", "/dev/vda", "--rate", "20"),)))  # fmt: skip
+    config = pair_json(workdir)
+    assert daemon_status(workdir)["passive_secondary"] is True
+    ns = NetNamespace(config["netns"])
+    traffic = Traffic(ns, diskwriter=True).start()
+    traffic.wait("a blob from the MC pair", lambda: len(traffic.blobs) >= 1)
+    traffic.wait("a download in flight", lambda: BLOB_SIZE // 8 < traffic.blob_progress < BLOB_SIZE // 2)
+    durable_before, blobs = len(traffic.reports.durable), len(traffic.blobs)
+    os.kill(config["pids"]["daemon"], signal.SIGKILL)
+    traffic.wait("a whole blob after failover", lambda: len(traffic.blobs) > blobs + 1)
+    traffic.wait("new durable records", lambda: len(traffic.reports.durable) > durable_before + 5)
+    traffic.finish()
+    report = json.loads((workdir / "failover.json").read_text())
+    assert "heartbeat" in report["reason"], report
+    assert any("fenced" in step for step, _ in report["steps"]), report["steps"]
+    assert secondary_status(config)["running"], "the secondary is not running after failover"
+    reports = traffic.reports
+    on_disk = read_disk_records(read_view(workdir, max(reports.durable) * DISK_RECORD_SIZE), reports.run or 0)
+    assert not sorted(set(reports.durable) - on_disk)
+    pids = config["pids"]
+    down(workdir)
+    assert_nothing_left(workdir, pids)
+
+
+def test_planned_failover_moves_the_clients_to_the_secondary(workdir: Path) -> None:
+    up(PairConfig(workdir, mode="colo"))
+    config = pair_json(workdir)
+    ns = NetNamespace(config["netns"])
+    traffic = Traffic(ns).start()
+    traffic.wait("a blob in COLO", lambda: len(traffic.blobs) >= 1)
+    done = hybridft("failover", "--workdir", str(workdir), "--json")
+    assert done.returncode == 0, done.stderr
+    wait_until("the agent's failover report", (workdir / "failover.json").exists)
+    blobs = len(traffic.blobs)
+    traffic.wait("a whole blob from the secondary", lambda: len(traffic.blobs) > blobs + 1)
+    traffic.finish()
+    report = json.loads((workdir / "failover.json").read_text())
+    assert report["reason"] == "planned failover" and report["disk"]["action"] == "none", report
+    assert secondary_status(config)["running"]
+    show = ["ip", "-n", config["netns"], "-o", "link", "show", "master", config["bridge"]]
+    netns_links = subprocess.run(show, capture_output=True, text=True, check=True).stdout
+    assert config["taps"]["secondary"] in netns_links and config["taps"]["primary"] not in netns_links
     pids = config["pids"]
     down(workdir)
     assert_nothing_left(workdir, pids)
