@@ -204,6 +204,10 @@ class ServerHandshake:
         self.export: ExportInfo | None = None
         self.aborted = False
         self.no_zeroes = False
+        #: the client asked for NBD_INFO_BLOCK_SIZE in the GO that finished the handshake, so it
+        #: promised to honour the minimum block size; others (EXPORT_NAME, GO without it) may send
+        #: byte-granular requests, which are served (as qemu-nbd does) rather than refused
+        self.block_size_requested = False
         self.leftover = b""
         self._buf = bytearray()
         self._have_flags = False
@@ -313,6 +317,7 @@ class ServerHandshake:
         out += option_reply(option, Rep.ACK)
         if option == Opt.GO:
             self.export = export
+            self.block_size_requested = Info.BLOCK_SIZE in requested
         return bytes(out)
 
 

@@ -97,6 +97,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._handshake_buffer = bytearray(4096)
         self.parser = nbd.RequestParser(server.max_payload)
         self.export: Any = None
+        self.min_block = server.min_block
         self.size = server.backend.size
         self._room_wait: asyncio.Task[None] | None = None
         self._waiting_for_room = False
@@ -171,6 +172,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         if handshake.export is None:
             return b""
         self.export = self.server.exports[handshake.export.name]
+        self.min_block = self.server.min_block if handshake.block_size_requested else 1
         self.handshake = None
         log.info("NBD client %s attached to export %r", self.peer, handshake.export.name)
         return handshake.leftover
@@ -184,7 +186,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         backend = self.server.backend
         export = self.export
         size = self.size
-        min_block = self.server.min_block
+        min_block = self.min_block
         max_payload = self.server.max_payload
         out: list[bytes] = []
         append = out.append

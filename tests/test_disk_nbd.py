@@ -46,6 +46,7 @@ def test_go_reports_export_and_block_size_and_keeps_leftover() -> None:
     assert struct.unpack(">III", infos[Info.BLOCK_SIZE]) == (512, 4096, nbd.MAX_PAYLOAD)
     assert infos[Info.NAME] == b"view"
     assert hs.export is EXPORTS["view"] and hs.leftover == request
+    assert hs.block_size_requested
 
 
 def test_handshake_byte_by_byte() -> None:
@@ -56,6 +57,13 @@ def test_handshake_byte_by_byte() -> None:
     servers = [r[2][4:] for r in replies if r[1] == Rep.SERVER]
     assert servers == [b"replica", b"view"]
     assert hs.export is EXPORTS["replica"] and hs.leftover == b""
+    assert hs.block_size_requested
+
+
+def test_go_without_block_size_request_is_remembered() -> None:
+    hs = nbd.ServerHandshake(EXPORTS)
+    hs.receive(CLIENT_FLAGS + nbd.encode_go("view", ()))
+    assert hs.export is EXPORTS["view"] and not hs.block_size_requested
 
 
 def test_info_does_not_finish_and_unknown_export_is_an_error_reply() -> None:
@@ -99,8 +107,10 @@ def test_list_with_data_is_invalid() -> None:
 
 
 def test_export_name_pads_unless_no_zeroes() -> None:
-    for flags, expected_len in ((nbd.FLAG_C_FIXED_NEWSTYLE | nbd.FLAG_C_NO_ZEROES, 10),
-                                (nbd.FLAG_C_FIXED_NEWSTYLE, 134)):
+    for flags, expected_len in (
+        (nbd.FLAG_C_FIXED_NEWSTYLE | nbd.FLAG_C_NO_ZEROES, 10),
+        (nbd.FLAG_C_FIXED_NEWSTYLE, 134),
+    ):
         hs = nbd.ServerHandshake(EXPORTS)
         out = hs.receive(struct.pack(">I", flags) + nbd.encode_option(Opt.EXPORT_NAME, b"view"))
         assert len(out) == expected_len
@@ -142,7 +152,8 @@ def test_overlong_option_is_skipped_and_refused() -> None:
 
 def test_parser_yields_requests_across_arbitrary_splits() -> None:
     stream = (
-        nbd.encode_request(Cmd.WRITE, 1, 4096, 8) + b"ABCDEFGH"
+        nbd.encode_request(Cmd.WRITE, 1, 4096, 8)
+        + b"ABCDEFGH"
         + nbd.encode_request(Cmd.READ, 2, 0, 512)
         + nbd.encode_request(Cmd.FLUSH, 3)
     )
@@ -160,9 +171,10 @@ def test_parser_yields_requests_across_arbitrary_splits() -> None:
         assert parser.buffered == 0
 
 
-@given(st.lists(st.tuples(st.sampled_from([Cmd.READ, Cmd.WRITE, Cmd.TRIM]), st.integers(0, 3000)),
-                max_size=20),
-       st.lists(st.integers(1, 200), min_size=1, max_size=10))
+@given(
+    st.lists(st.tuples(st.sampled_from([Cmd.READ, Cmd.WRITE, Cmd.TRIM]), st.integers(0, 3000)), max_size=20),
+    st.lists(st.integers(1, 200), min_size=1, max_size=10),
+)
 def test_parser_round_trip_property(requests: list[tuple[int, int]], chunk_sizes: list[int]) -> None:
     stream = bytearray()
     expected = []
@@ -235,6 +247,14 @@ def test_check_request(command: int, flags: int, offset: int, length: int, error
     assert nbd.check_request(request, SIZE) == error
 
 
+def test_byte_granular_requests_allowed_with_min_block_1() -> None:
+    request = nbd.Request(0, Cmd.WRITE, 1, 3, 100, bytes(100))
+    assert nbd.check_request(request, SIZE, min_block=1) == 0
+    assert nbd.check_request(request, SIZE) == nbd.EINVAL
+
+
 def test_simple_reply_round_trip() -> None:
     assert nbd.decode_simple_reply(nbd.simple_reply(0xDEADBEEF12345678, nbd.ENOSPC)) == (
-        nbd.ENOSPC, 0xDEADBEEF12345678)
+        nbd.ENOSPC,
+        0xDEADBEEF12345678,
+    )

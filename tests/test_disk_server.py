@@ -247,8 +247,8 @@ class RawClient:
             buf += chunk
         return buf
 
-    def go(self, export: str = "replica") -> None:
-        self.sock.sendall(struct.pack(">I", 3) + nbd.encode_go(export))
+    def go(self, export: str = "replica", infos: tuple[int, ...] = (nbd.Info.BLOCK_SIZE,)) -> None:
+        self.sock.sendall(struct.pack(">I", 3) + nbd.encode_go(export, infos))
         while True:
             _option, reply, length = nbd.decode_option_reply(self.recv(20))
             self.recv(length)
@@ -256,8 +256,15 @@ class RawClient:
                 return
             assert reply == Rep.INFO
 
-    def request(self, command: int, cookie: int, offset: int = 0, length: int = 0, flags: int = 0,
-                payload: bytes = b"") -> tuple[int, int]:
+    def request(
+        self,
+        command: int,
+        cookie: int,
+        offset: int = 0,
+        length: int = 0,
+        flags: int = 0,
+        payload: bytes = b"",
+    ) -> tuple[int, int]:
         self.sock.sendall(nbd.encode_request(command, cookie, offset, length, flags) + payload)
         return nbd.decode_simple_reply(self.recv(16))
 
@@ -282,8 +289,9 @@ def test_malformed_handshake_closes_only_that_connection(served: ServerThread) -
 
 def test_abort_and_structured_reply_refusal(served: ServerThread) -> None:
     client = RawClient(served.path)
-    client.sock.sendall(struct.pack(">I", 3) + nbd.encode_option(Opt.STRUCTURED_REPLY)
-                        + nbd.encode_option(Opt.ABORT))
+    client.sock.sendall(
+        struct.pack(">I", 3) + nbd.encode_option(Opt.STRUCTURED_REPLY) + nbd.encode_option(Opt.ABORT)
+    )
     _option, reply, length = nbd.decode_option_reply(client.recv(20))
     assert reply == Rep.ERR_UNSUP
     client.recv(length)
@@ -330,3 +338,19 @@ def test_back_pressure_pauses_until_room(served: ServerThread) -> None:
     while not h.aio_command_completed(cookie):
         h.poll(1000)
     assert h.pread(4096, 8192) == b"\x02" * 4096
+
+
+def test_byte_granular_requests_from_clients_that_did_not_ask_for_block_sizes(served: ServerThread) -> None:
+    export_name_client = RawClient(served.path)
+    export_name_client.sock.sendall(struct.pack(">I", 3) + nbd.encode_option(Opt.EXPORT_NAME, b"view"))
+    assert struct.unpack(">Q", export_name_client.recv(10)[:8]) == (SIZE,)
+    assert export_name_client.request(Cmd.WRITE, 1, 3, 5, payload=b"hello") == (0, 1)
+    assert export_name_client.request(Cmd.READ, 2, 0, 10) == (0, 2)
+    assert export_name_client.recv(10) == b"\0\0\0hello\0\0"
+    plain_go = RawClient(served.path)
+    plain_go.go("view", ())
+    assert plain_go.request(Cmd.WRITE_ZEROES, 3, 4, 2) == (0, 3)
+    assert served.backend.disks["view"][:10] == b"\0\0\0h\0\0lo\0\0"
+    strict = RawClient(served.path)
+    strict.go("view")  # asked for block sizes: must honour the 512-byte minimum
+    assert strict.request(Cmd.WRITE, 4, 3, 5, payload=b"nope!") == (nbd.EINVAL, 4)
