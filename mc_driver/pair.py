@@ -86,11 +86,14 @@ MIRROR_JOB = "hft-mirror"
 MIRROR_TARGET_NODE = "hft-replica"
 PRIMARY_DRIVE = "disk0"
 NETNS_PREFIX = "hftpair-"
-# In COLO the client sees the primary's segments, whose TCP timestamp (TSval) comes from the primary's
-# clock; after failover the secondary sends its own, and QEMU's filter-rewriter translates sequence
-# numbers only.  A secondary clock a few ms behind makes every segment fail the client's PAWS check
-# (RFC 7323): a busy connection stalls for ever (seen here).  The kernel's sysctl.* boot parameter
-# turns timestamps off in the guest before any service starts.
+# In COLO the client sees the primary's segments, whose TCP timestamp (TSval) is the primary's clock plus a
+# per-connection offset hashed from a secret the kernel draws at first use.  For a connection opened since
+# the last checkpoint the secondary computed its own TSvals (its own clock; and, when the secret was first
+# drawn after the initial migration, its own random secret), and QEMU's filter-rewriter translates
+# sequence numbers only.  After failover the client's PAWS check (RFC 7323) then drops every segment whose
+# TSval looks older than the last one it saw: seen here as a busy echo connection stalled for ever,
+# secondary TSval 3973153482 vs the primary's 807609829 (in about half of the runs).  The kernel's
+# sysctl.* boot parameter turns timestamps off in the guest before any service starts.
 GUEST_TCP_TIMESTAMPS_OFF = "sysctl.net.ipv4.tcp_timestamps=0"
 PID_ROLES = ("primary", "secondary", "disk", "compare", "daemon", "agent")
 # teardown order: the watchers first (so nobody fails over while we stop things), then QEMUs, then services
