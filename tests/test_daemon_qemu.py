@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from controller.control import call
+from controller.control import ControlError, call
 from controller.daemon import Daemon, DaemonConfig
 from controller.epoch import Mode
 from mc_driver.accel import QemuChoice, choose_qemu
@@ -322,4 +322,124 @@ async def _mc_visibility(harness: Harness, daemon: Daemon) -> None:
             assert any(sent < load < received for load in loads)
         assert daemon.status()["unrequested_stops"] == 0
     finally:
+        echo.close()
+
+
+async def _connect_echo(harness: Harness, daemon: Daemon) -> EchoClient:
+    echo = EchoClient(harness.netns)
+    connecting = asyncio.create_task(echo.wait_connected(30))
+    while not connecting.done():  # in MC the SYN-ACK waits for a checkpoint; in COLO it does not
+        if daemon.protocol.mode is Mode.MC:
+            await daemon.request_checkpoint("test", timeout=30)
+        await asyncio.sleep(0.05)
+    await connecting
+    return echo
+
+
+def test_colo_switch_at_a_boundary_then_releases_without_checkpoints(
+    harness: Harness, daemon: Daemon
+) -> None:
+    harness.run(_colo(harness, daemon), timeout=240)
+
+
+async def _colo(harness: Harness, daemon: Daemon) -> None:
+    reply = await daemon.dispatch("mode", {"mode": "colo"})
+    assert reply["pending_mode"] == "colo"
+    assert daemon.status()["mode"] == "mc"  # not before the checkpoint boundary
+    deadline = time.monotonic() + 30
+    while daemon.protocol.mode is not Mode.COLO:
+        assert time.monotonic() < deadline, "the mode switch did not happen at the next checkpoint"
+        await asyncio.sleep(0.05)
+    switch = [r for r in daemon.records if "mode-switch" in r.reasons][-1]
+    assert switch.mode is Mode.MC and switch.outcome == "committed"  # the epoch it closed was MC
+    assert call(harness.compare_ctl, "stats")["core"]["mode"] == "colo"
+    echo = await _connect_echo(harness, daemon)
+    try:
+        before = daemon.checkpoints_started
+        rtts = []
+        for _ in range(20):
+            payload = os.urandom(256)
+            sent = await echo.send(payload)
+            data, received = await echo.recv_exact(len(payload), timeout=15)
+            assert data == payload
+            rtts.append(received - sent)
+        during = daemon.checkpoints_started - before
+    finally:
+        echo.close()
+    rtts.sort()
+    # the VMs agree on echo traffic: bytes are released as soon as the secondary produced them,
+    # far sooner than the 10 s safety interval, and without a checkpoint per round trip
+    assert rtts[len(rtts) // 2] < 1.0, rtts
+    assert during <= 3, (during, daemon.status()["divergences"])
+    assert daemon.status()["unrequested_stops"] == 0
+
+
+def test_every_primary_stop_is_a_daemon_checkpoint(harness: Harness, daemon: Daemon) -> None:
+    async def run() -> tuple[int, int]:
+        observer = harness.pair.primary
+        assert observer is not None
+        observer.discard_events()
+        before = daemon.checkpoints_started
+        await daemon.dispatch("mode", {"mode": "mc", "epoch_ms": 50})
+        await asyncio.sleep(3.0)
+        await daemon.dispatch("mode", {"mode": "mc", "epoch_ms": 60_000})
+        await daemon.request_checkpoint("test", timeout=30)  # the long epoch is in force after this one
+        await asyncio.sleep(1.0)
+        return len(observer.take("STOP")), daemon.checkpoints_started - before
+
+    stops, checkpoints = harness.run(run(), timeout=120)
+    assert checkpoints >= 10  # the 50 ms timer ran
+    assert stops == checkpoints
+    status = daemon.status()
+    assert status["unrequested_stops"] == 0 and status["checkpoints"]["failed"] == 0
+
+
+def test_secondary_lost_before_load_rolls_back_and_runs_unprotected(harness: Harness, daemon: Daemon) -> None:
+    """Kill -9 the secondary QEMU right after the seal (a real failure at the worst point): the disk
+    epoch is rolled back, held output is released, the primary serves on unprotected."""
+    harness.run(_secondary_lost(harness, daemon), timeout=240)
+
+
+async def _secondary_lost(harness: Harness, daemon: Daemon) -> None:
+    secondary = harness.pair.secondary_proc
+    assert secondary is not None
+    echo = await _connect_echo(harness, daemon)
+    original_send = daemon.heartbeat.send
+    killed = []
+
+    def send_and_kill(message: dict[str, object]) -> None:
+        original_send(message)
+        if message.get("state") == "sealed" and not killed:
+            secondary.send_signal(signal.SIGKILL)
+            killed.append(message["epoch"])
+
+    try:
+        payload = os.urandom(512)
+        await echo.send(payload)
+        with pytest.raises(TimeoutError):
+            await echo.recv_exact(1, timeout=1.0)  # MC: held
+        committed_before = call(harness.disk_ctl, "status")["committed"]
+        daemon.heartbeat.send = send_and_kill  # type: ignore[method-assign]
+        with pytest.raises(ControlError):
+            await daemon.request_checkpoint("test", timeout=60)
+        assert killed
+        record = daemon.records[-1]
+        assert record.outcome == "rolled-back" and record.number == killed[0]
+        disk = call(harness.disk_ctl, "status")
+        assert disk["committed"] == committed_before and disk["sealed"] == []
+        deadline = time.monotonic() + 20
+        while daemon.state != "unprotected":
+            assert time.monotonic() < deadline, daemon.status()
+            await asyncio.sleep(0.05)
+        data, _ = await echo.recv_exact(len(payload), timeout=20)  # released by release-all
+        assert data == payload
+        payload = os.urandom(512)
+        await echo.send(payload)
+        data, _ = await echo.recv_exact(len(payload), timeout=20)  # the primary serves, unprotected
+        assert data == payload
+        status = daemon.status()
+        assert status["protected"] is False and status["checkpoints"]["rolled_back"] == 1
+        assert any(step.startswith("compare release-all") for step, _ in status["loss_timeline"])
+    finally:
+        daemon.heartbeat.send = original_send  # type: ignore[method-assign]
         echo.close()
