@@ -20,6 +20,9 @@ import pytest
 from controller.control import ControlError, call
 from disk_buffer.journal import FAULT_POINTS
 from tests.disk_model import DiskModel
+from tests.test_disk_crash import crash_dir
+
+__all__ = ["crash_dir"]  # the fixture: state on tmpfs (see tests/test_disk_crash.py)
 
 SIZE = 2 << 20
 HYBRIDFT = str(Path(sys.executable).with_name("hybridft"))
@@ -142,12 +145,12 @@ def run_iterations(tmp: Path, count: int, fault: str | None, seed: int) -> int:
     return kills
 
 
-def test_server_killed_at_random_instants(tmp_path: Path) -> None:
-    kills = run_iterations(tmp_path, 6, None, seed=11)
+def test_server_killed_at_random_instants(crash_dir: Path) -> None:
+    kills = run_iterations(crash_dir, 6, None, seed=11)
     assert kills >= 4, kills
 
 
 @pytest.mark.parametrize("point", FAULT_POINTS)
-def test_server_kills_itself_at_fault_point(tmp_path: Path, point: str) -> None:
-    kills = run_iterations(tmp_path, 2, point, seed=len(point))
+def test_server_kills_itself_at_fault_point(crash_dir: Path, point: str) -> None:
+    kills = run_iterations(crash_dir, 2, point, seed=len(point))
     assert kills >= 1, f"{point}: reached in {kills} of 2 runs"

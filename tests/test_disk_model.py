@@ -18,6 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from disk_buffer.buffer import DiskBuffer, DiskBufferError, Export
 from disk_buffer.store import REGION_SIZE
 from tests.disk_model import DiskModel, ModelError
+from tests.test_disk_crash import RAM_DIR
 
 SIZE = REGION_SIZE + (32 << 10)  # the image ends 32 KiB past a region boundary
 WINDOW = 64 << 10  # I/O lands in the last 64 KiB, across the boundary
@@ -52,7 +53,7 @@ def same_outcome(real_call, model_call):  # type: ignore[no-untyped-def]
 class DiskBufferMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.dir = Path(mkdtemp(prefix="hft-model-"))
+        self.dir = Path(mkdtemp(prefix="hft-model-", dir=RAM_DIR if RAM_DIR.is_dir() else None))
         self.image = self.dir / "img"
         initial = random.Random(1).randbytes(SIZE)
         self.image.write_bytes(initial)
@@ -151,7 +152,7 @@ class DiskBufferMachine(RuleBasedStateMachine):
 
 
 DiskBufferMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("HFT_MODEL_EXAMPLES", "60")),
+    max_examples=int(os.environ.get("HFT_MODEL_EXAMPLES", "40")),
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

@@ -20,6 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from controller.control import ControlError, call
 from disk_buffer.store import REGION_SIZE
 from tests.disk_model import DiskModel, ModelError
+from tests.test_disk_crash import RAM_DIR
 
 SIZE = REGION_SIZE + (64 << 10)
 LOW = SIZE - (128 << 10)  # I/O lands here, across a region boundary
@@ -37,7 +38,7 @@ def sector_ranges() -> st.SearchStrategy[tuple[int, int]]:
 class ServedDiskMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.dir = Path(mkdtemp(prefix="hft-nbd-model-"))
+        self.dir = Path(mkdtemp(prefix="hft-nbd-model-", dir=RAM_DIR if RAM_DIR.is_dir() else None))
         self.image = self.dir / "img"
         initial = random.Random(3).randbytes(SIZE)
         self.image.write_bytes(initial)
@@ -181,6 +182,6 @@ class ServedDiskMachine(RuleBasedStateMachine):
 
 
 ServedDiskMachine.TestCase.settings = settings(
-    max_examples=8, stateful_step_count=25, deadline=None, suppress_health_check=list(HealthCheck)
+    max_examples=6, stateful_step_count=25, deadline=None, suppress_health_check=list(HealthCheck)
 )
 test_served_disk_against_model = ServedDiskMachine.TestCase
