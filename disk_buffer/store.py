@@ -354,15 +354,15 @@ class EpochStore:
         """The layer stack a read of ``export`` goes through (empty after failover: IMG only)."""
         if self.failed_over:
             return ()
-        return self.replica_layers if export is Export.REPLICA else self.view_layers
+        return self.replica_layers if export == Export.REPLICA else self.view_layers
 
     def target(self, export: Export) -> ExtentMap | None:
         """Where a write to ``export`` goes; ``None`` means straight to IMG (view after failover)."""
         if self.failed_over:
-            if export is Export.REPLICA:
+            if export == Export.REPLICA:
                 raise DiskBufferError("replica is read-only after failover", "wrong-state")
             return None
-        if export is Export.REPLICA:
+        if export == Export.REPLICA:
             if self.failing_over:
                 raise DiskBufferError("replica is read-only during failover", "wrong-state")
             return self.current
