@@ -100,13 +100,13 @@ class ServerThread:
 
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
-        assert ready.wait(10)
+        assert ready.wait(60)
 
     def call(self, fn: Any, *args: Any) -> Any:
         async def wrapper() -> Any:
             return fn(*args)
 
-        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(10)
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(60)
 
     def stop(self) -> None:
         async def shutdown() -> None:
@@ -234,7 +234,7 @@ class RawClient:
 
     def __init__(self, path: Path) -> None:
         self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(5)
+        self.sock.settimeout(60)
         self.sock.connect(str(path))
         assert self.recv(18)[:8] == b"NBDMAGIC"
 
