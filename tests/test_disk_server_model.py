@@ -125,13 +125,17 @@ class ServerMachine(RuleBasedStateMachine):
             assert self.handles[export].pread(SIZE, 0) == self.model.read(export, 0, SIZE), export
 
     def teardown(self) -> None:
-        self.handles.clear()
-        self.server.stop(signal.SIGKILL)
-        shutil.rmtree(self.directory, ignore_errors=True)
+        try:
+            self.handles.clear()
+        finally:
+            self.server.stop(signal.SIGKILL)  # never leak a server process, whatever failed
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 ServerMachine.TestCase.settings = settings(
-    max_examples=10, stateful_step_count=20, deadline=None,
+    max_examples=10,
+    stateful_step_count=20,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestServerAgainstModel = ServerMachine.TestCase
