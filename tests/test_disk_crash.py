@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from disk_buffer.buffer import DiskBuffer, Export
-from disk_buffer.journal import FAULT_POINTS
+from disk_buffer.journal import FAULT_POINTS, Journal
 from disk_buffer.store import REGION_SIZE
 from tests.disk_model import DiskModel
 
@@ -44,6 +44,13 @@ def crash_dir(tmp_path: Path) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def small_journal_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Switch journal files every ~128 KiB (forked children inherit it), so kills also land around
+    file switches and reuse."""
+    monkeypatch.setattr(Journal, "SWITCH_AT", 128 << 10)
 
 
 SIZE = REGION_SIZE + (128 << 10)  # crosses a region boundary of the extent maps
