@@ -199,11 +199,13 @@ async def verify_checkpoints(
     *,
     count: int | None = None,
     duration_s: float | None = None,
+    min_count: int = 0,
     interval_s: float,
 ) -> VerifyReport:
     """Fire checkpoints every ``interval_s`` of guest run time; compare RAM at each; record into ``report``.
 
-    Stops after ``count`` checkpoints or ``duration_s`` seconds (whichever is given / first).
+    Stops after ``count`` checkpoints, or once ``duration_s`` seconds have passed and at least
+    ``min_count`` checkpoints were checked.
     """
     if not pair.config.hold_after_checkpoint:
         raise VerifyError("RAM identity needs a pair started with hold_after_checkpoint=True")
@@ -213,7 +215,11 @@ async def verify_checkpoints(
     while True:
         if count is not None and report.checkpoints >= count:
             break
-        if duration_s is not None and time.monotonic() - started >= duration_s:
+        if (
+            duration_s is not None
+            and time.monotonic() - started >= duration_s
+            and report.checkpoints >= min_count
+        ):
             break
         await asyncio.sleep(interval_s)  # the VMs run this long between checkpoints
         cp = await pair.checkpoint()
