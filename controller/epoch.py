@@ -257,8 +257,9 @@ class EpochProtocol:
     def heartbeat(self, now: float | None = None) -> dict[str, Any]:
         """The heartbeat message for the current state (``t`` is wall-clock seconds)."""
         t = time.time() if now is None else now
-        if self.current is not None:
-            return {"t": t, "epoch": self.current.number, "state": str(self.current.phase)}
+        current = self.current  # read once: the heartbeat thread calls this too
+        if current is not None:
+            return {"t": t, "epoch": current.number, "state": str(current.phase)}
         return {"t": t, "epoch": self.last_committed, "state": "committed"}
 
 
@@ -364,18 +365,37 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
     try:
         await timed(Step.STOP_PRIMARY, links.primary.execute("stop"))
         await timed(Step.STOP_SECONDARY, links.secondary.execute("stop"))
-        compare_epoch = disk_epoch = None
-        if links.compare is not None:
-            next_mode = protocol.mode_for_next_epoch()
+        # 3: both seals at once (they are independent; the pause is the sum of the steps)
+        compare, disk = links.compare, links.disk
+
+        async def seal_compare() -> int:
+            assert compare is not None
             if protocol.switch_pending:
-                await timed(Step.COMPARE_MODE, links.compare.call("mode", mode=str(next_mode)))
-            sealed = await timed(Step.COMPARE_SEAL, links.compare.call("seal"))
-            compare_epoch = int(sealed["epoch"])
-            protocol.sealed(compare_epoch=compare_epoch)
-        if links.disk is not None:
-            sealed = await timed(Step.DISK_SEAL, links.disk.call("seal"))
-            disk_epoch = int(sealed["epoch"])
-        links.heartbeat(protocol.sealed(disk_epoch=disk_epoch, compare_epoch=compare_epoch))
+                await timed(Step.COMPARE_MODE, compare.call("mode", mode=str(protocol.mode_for_next_epoch())))
+            return int((await timed(Step.COMPARE_SEAL, compare.call("seal")))["epoch"])
+
+        async def seal_disk() -> int:
+            assert disk is not None
+            return int((await timed(Step.DISK_SEAL, disk.call("seal")))["epoch"])
+
+        jobs: dict[Step, Any] = {}
+        if compare is not None:
+            jobs[Step.COMPARE_SEAL] = seal_compare()
+        if disk is not None:
+            jobs[Step.DISK_SEAL] = seal_disk()
+        step = Step.COMPARE_SEAL if compare is not None else Step.DISK_SEAL
+        results = dict(zip(jobs, await asyncio.gather(*jobs.values(), return_exceptions=True), strict=True))
+        compare_epoch = results.get(Step.COMPARE_SEAL)
+        sealed_ok = {k: v for k, v in results.items() if not isinstance(v, BaseException)}
+        # whatever did seal is recorded first, so that a failure of the other rolls it back
+        message = protocol.sealed(
+            disk_epoch=sealed_ok.get(Step.DISK_SEAL), compare_epoch=sealed_ok.get(Step.COMPARE_SEAL)
+        )
+        for failed_step, value in results.items():
+            if isinstance(value, BaseException):
+                step = failed_step
+                raise value
+        links.heartbeat(message)
         await timed(
             Step.FIRE,
             links.primary.execute("migrate-set-parameters", {"x-checkpoint-delay": HUGE_CHECKPOINT_DELAY_MS}),
@@ -394,7 +414,7 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
         if links.disk is not None:
             await timed(Step.DISK_COMMIT, links.disk.call("commit", epoch=record.number))
             disk_committed = True
-        if links.compare is not None and compare_epoch is not None:
+        if links.compare is not None and isinstance(compare_epoch, int):
             committed = await timed(Step.COMPARE_COMMIT, links.compare.call("commit", epoch=compare_epoch))
             record.released_frames = int(committed.get("released_frames", 0))
         done, message = protocol.committed_step()

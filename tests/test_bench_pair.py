@@ -1,0 +1,51 @@
+"""``hybridft bench pair --quick`` end to end on real pairs (``pair up``), as a subprocess.
+
+The benchmark checks every downloaded byte and echo itself (it fails on a mismatch); this test checks
+that every section produced measurements with their same-run baselines, that the failover was
+timed, and that no pair is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from controller.pair_bench import render
+from mc_driver.netns import list_namespaces
+from mc_driver.pair import PairFiles
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.netns]
+
+
+def test_quick_bench_reports_every_section_with_baselines(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-c", "from controller.cli import main; main()",
+           "bench", "pair", "--quick", "--json", "--kills", "1", "--workdir", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    for key in ("pause_idle", "pause_dirty"):
+        pause = result[key]
+        assert pause["daemon"]["n"] > 0 and pause["qemu_timer"]["n"] > 0, pause
+        assert pause["p50_ratio"] is not None and pause["p50_ratio"] > 0
+    idle = result["pause_idle"]
+    assert idle["daemon_passive_secondary"]["n"] > 0
+    assert set(idle["secondary_cpu_percent"]) == {"active", "passive"}
+    traffic = result["traffic"]
+    assert set(traffic) == {"mc 20 ms", "mc 100 ms", "colo", "unreplicated"}
+    for mode, row in traffic.items():
+        assert row["http"]["n"] == 1 and row["http"]["mb_s"] > 0, mode
+        assert row["echo_ms"]["n"] == 20 and row["echo_ms"]["p50"] > 0, mode
+    assert traffic["unreplicated"]["http_ratio"] == 1.0
+    assert result["colo_divergences"]["minutes"] > 0
+    assert result["daemon_status"]["checkpoints"]["failed"] == 0
+    failover = result["failover"]
+    assert failover["errors"] == [] and failover["served_ms"]["n"] == 1, failover
+    text = render(result)
+    assert "daemon/QEMU ratio" in text and "failover over 1 kill" in text
+    left = set(list_namespaces())
+    for workdir in (tmp_path / "main", tmp_path / "failover-0"):
+        assert PairFiles(workdir.resolve()).netns not in left

@@ -1,0 +1,125 @@
+"""The daemon's control API and the operator CLI (status, mode, failover) over a real control socket,
+plus pair.json errors.  No QEMU: the daemon object serves its control verbs before any pair exists
+(state "starting"), which is exactly what an operator may hit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from controller.control import ControlError, call, serve_control
+from controller.daemon import Daemon, DaemonConfig, DaemonError
+from controller.epoch import Mode
+from controller.ops import failover_command, mode_command, status_command
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, Daemon]]:
+    endpoint = f"unix:{tmp_path / 'daemon.ctl'}"
+    daemon = Daemon(DaemonConfig(primary_qmp="/nonexistent", secondary_qmp="/nonexistent", control=endpoint))
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    stop = asyncio.Event()
+
+    async def main() -> None:
+        server = await serve_control(endpoint, daemon.dispatch)
+        ready.set()
+        await stop.wait()
+        server.close()
+
+    thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    (tmp_path / "pair.json").write_text(json.dumps({"daemon_control": endpoint}))
+    yield endpoint, daemon
+    loop.call_soon_threadsafe(stop.set)
+    thread.join(5)
+
+
+def test_status_text_and_json(served: tuple[str, Daemon], tmp_path: Path) -> None:
+    endpoint, _ = served
+    runner = CliRunner()
+    text = runner.invoke(status_command, ["--workdir", str(tmp_path)])
+    assert text.exit_code == 0, text.output
+    assert "state            starting" in text.output and "not fired by the daemon" in text.output
+    as_json = runner.invoke(status_command, ["--control", endpoint, "--json"])
+    status = json.loads(as_json.output)
+    assert status["mode"] == "mc" and status["unrequested_stops"] == 0 and status["protected"] is False
+
+
+def test_mode_is_pending_until_a_checkpoint(served: tuple[str, Daemon], tmp_path: Path) -> None:
+    endpoint, daemon = served
+    result = CliRunner().invoke(
+        mode_command, ["colo", "--epoch-ms", "200", "--config", str(tmp_path / "pair.json")]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output == "mode colo (epoch 200 ms) at the next checkpoint\n"
+    status = call(endpoint, "status")
+    assert status["mode"] == "mc" and status["pending_mode"] == "colo"
+    assert daemon.protocol.pending_mode is Mode.COLO and daemon.scheduler.pending["mode-switch"] == 1
+
+
+def test_refused_requests_are_clear_and_change_nothing(served: tuple[str, Daemon]) -> None:
+    endpoint, daemon = served
+    for verb, args, code in (
+        ("mode", {"mode": "fast"}, "bad-args"),
+        ("mode", {"mode": "mc", "epoch_ms": 0}, "bad-args"),
+        ("mode", {"mode": "mc", "passive_secondary": "yes"}, "bad-args"),
+        ("checkpoint", {}, "not-protected"),
+        ("checkpoint", {"timeout": -1}, "bad-args"),
+        ("failover", {}, "not-protected"),
+        ("reboot", {}, "bad-verb"),
+    ):
+        with pytest.raises(ControlError) as info:
+            call(endpoint, verb, **args)
+        assert info.value.code == code, (verb, args, info.value.message)
+    assert daemon.protocol.pending_mode is None and not daemon.scheduler.pending
+    failover = CliRunner().invoke(failover_command, ["--control", endpoint])
+    assert failover.exit_code == 1 and "nothing to fail over to" in failover.output
+    unreachable = CliRunner().invoke(status_command, ["--control", "unix:/nonexistent/daemon.ctl"])
+    assert unreachable.exit_code == 2 and "cannot reach the daemon" in unreachable.output
+    assert CliRunner().invoke(status_command, []).exit_code == 2  # no pair named: usage error
+
+
+def test_metrics_exposition(served: tuple[str, Daemon]) -> None:
+    endpoint, daemon = served
+    daemon.metrics.pause.observe(0.05)
+    text = call(endpoint, "metrics")["text"]
+    assert "hybridft_checkpoint_pause_seconds_count 1.0" in text
+    assert 'hybridft_mode{mode="mc"} 1.0' in text
+
+
+def test_pair_json_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(DaemonError, match="cannot read"):
+        DaemonConfig.from_pair_json(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    with pytest.raises(DaemonError, match="is not JSON"):
+        DaemonConfig.from_pair_json(bad)
+    bad.write_text(json.dumps({"qmp": {"primary": {"daemon": "unix:/p"}}}))
+    with pytest.raises(DaemonError, match="missing or invalid field"):
+        DaemonConfig.from_pair_json(bad)
+    bad.write_text(json.dumps({"qmp": {"primary": {"daemon": "tcp:h:1"}, "secondary": {"daemon": "unix:/s"}},
+                               "daemon_control": "unix:/d"}))  # fmt: skip
+    with pytest.raises(DaemonError, match="unix:PATH"):
+        DaemonConfig.from_pair_json(bad)
+    good = tmp_path / "pair.json"
+    pair = {
+        "workdir": str(tmp_path),
+        "qmp": {"primary": {"daemon": "unix:/p"}, "secondary": {"daemon": "unix:/s"}},
+        "daemon_control": "unix:/d",
+        "mode": "colo",
+        "epoch_ms": 30,
+        "pids": {"primary": 5, "secondary": 0},
+    }
+    good.write_text(json.dumps(pair))
+    config = DaemonConfig.from_pair_json(good)
+    assert (config.primary_qmp, config.mode, config.epoch_ms) == ("/p", Mode.COLO, 30)
+    assert config.primary_pid == 5 and config.secondary_pid is None
+    assert config.migrate_uri == f"unix:{tmp_path / 'migrate.sock'}"
