@@ -412,7 +412,9 @@ class Daemon:
                 if self.config.mirror_job and event.data.get("device") == self.config.mirror_job:
                     self._lost_later("secondary", f"mirror job {event.name}")
             elif event.name == "COLO_EXIT" and self.state == "protected" and not self._in_checkpoint:
-                self._lost_later(side, f"COLO_EXIT on the {side}: {dict(event.data)}")
+                # the primary leaves COLO when its peer is gone *or* has taken over: decide which
+                why = f"COLO_EXIT on the {side}: {dict(event.data)}"
+                self._tasks.append(asyncio.create_task(self._replication_ended(why)))
             elif event.name == "SHUTDOWN" and self.state == "protected":
                 self._lost_later(side, f"{side} QEMU shut down")
         self.metrics.unrequested_stops.set(self.unrequested_stops)
@@ -513,11 +515,39 @@ class Daemon:
                 continue
 
     async def _after_failure(self, exc: CheckpointError) -> None:
-        """Which side is gone?  Primary: tell the agent.  Otherwise run on, unprotected."""
+        """Which side is gone?  Primary: tell the agent.  Otherwise decide between lost and taken over."""
+        why = f"checkpoint failed at {exc.step}: {exc.cause!r}"
         if not self._primary_ok():
-            await self._side_lost("primary", f"checkpoint failed at {exc.step}: {exc.cause!r}")
+            await self._side_lost("primary", why)
         else:
-            await self._side_lost("secondary", f"checkpoint failed at {exc.step}: {exc.cause!r}")
+            await self._replication_ended(why)
+
+    async def _secondary_took_over(self) -> bool:
+        """True if the secondary is alive and has left COLO as the secondary: the agent failed over."""
+        if not self._secondary_ok() or self.secondary is None:
+            return False
+        try:
+            colo = await asyncio.wait_for(self.secondary.execute("query-colo-status"), 2.0)
+        except (QmpError, TimeoutError):
+            return False
+        return colo.get("mode") == "none" and colo.get("last-mode") == "secondary"
+
+    async def _replication_ended(self, why: str) -> None:
+        """COLO ended or a checkpoint failed while the primary lives.  If the secondary took over (the agent
+        failed over, e.g. after a heartbeat gap), the primary must stay stopped -- resuming it would give
+        two live copies of the guest; otherwise the secondary is lost and the primary runs unprotected."""
+        if self.state != "protected":
+            return
+        if await self._secondary_took_over():
+            self.state, self.state_reason = "failed-over", f"the secondary took over ({why})"
+            self.metrics.protected.set(0)
+            log.error("the secondary took over (%s): keeping the primary stopped", why)
+            if self.primary is not None:
+                with contextlib.suppress(QmpError, TimeoutError):
+                    await asyncio.wait_for(self.primary.execute("stop"), 5.0)
+                    self.timeline.append(("primary fenced (stopped): the secondary took over", 0.0))
+            return
+        await self._side_lost("secondary", why)
 
     def _primary_ok(self) -> bool:
         return _pid_alive(self.config.primary_pid) and self._session_up(self.primary)
