@@ -236,6 +236,11 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "pair"
     yield path
     down(path)  # whatever the test did, nothing may be left running
+    # shown by pytest only when the test failed: what the agent and the daemon saw
+    for name in ("failover.json", "agent.log", "daemon.log"):
+        log = path / name
+        if log.exists():
+            print(f"--- {name} (tail)\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:]))
 
 
 def wait_until(what: str, predicate: Callable[[], bool], timeout: float = 60.0) -> None:
