@@ -175,10 +175,17 @@ def pause_phases(
     monitor = pair.config["qmp"]["primary"]["ops"]
     daemon: list[float] = []
     qemu: list[float] = []
+    steps: dict[str, list[float]] = {}
     for _ in range(rounds):
         pair.set_mode("mc", interval_ms)
         progress(f"pause: daemon-fired every {interval_ms} ms for {seconds} s")
+        phase_start = time.time()
         daemon += asyncio.run(_pause_phase(monitor, seconds, None))
+        history = pair.daemon("history")["checkpoints"]
+        for record in history:
+            if record["started"] >= phase_start and record["outcome"] == "committed":
+                for name, ms in record["steps_ms"].items():
+                    steps.setdefault(name, []).append(ms)
         pair.set_mode("mc", MANUAL_EPOCH_MS)
         progress(f"pause: QEMU timer every {interval_ms} ms for {seconds} s")
         qemu += asyncio.run(_pause_phase(monitor, seconds, interval_ms))
@@ -205,6 +212,7 @@ def pause_phases(
             "secondary_cpu_percent": cpu,
             "passive_p50_ratio": _ratio(p["p50"], d["p50"]),
         }
+    extra["daemon_steps_p50_ms"] = {name: _pct(values, 0.5) for name, values in steps.items()}
     return extra | {
         "interval_ms": interval_ms,
         "daemon": d,
@@ -427,6 +435,8 @@ def render(result: dict[str, Any]) -> str:
         for label, row in (("daemon", p["daemon"]), ("QEMU timer", p["qemu_timer"])):
             lines.append(f"  {label:<14}{row['n']:>6}{row['p50']!s:>9}{row['p99']!s:>9}")
         lines.append(f"  daemon/QEMU ratio: p50 {p['p50_ratio']}, p99 {p['p99_ratio']} (goal <= 1.2)")
+        if p.get("daemon_steps_p50_ms"):
+            lines.append(f"  daemon steps, p50 ms: {json.dumps(p['daemon_steps_p50_ms'])}")
         if "daemon_passive_secondary" in p:
             row, cpu = p["daemon_passive_secondary"], p["secondary_cpu_percent"]
             lines.append(

@@ -32,6 +32,8 @@ def test_quick_bench_reports_every_section_with_baselines(tmp_path: Path) -> Non
         assert pause["daemon"]["n"] > 0 and pause["qemu_timer"]["n"] > 0, pause
         assert pause["p50_ratio"] is not None and pause["p50_ratio"] > 0
     idle = result["pause_idle"]
+    steps = idle["daemon_steps_p50_ms"]  # where the daemon's pause goes, step by step
+    assert {"stop-primary", "stop-secondary", "compare-seal", "disk-seal", "fire"} <= set(steps), steps
     assert idle["daemon_passive_secondary"]["n"] > 0
     assert set(idle["secondary_cpu_percent"]) == {"active", "passive"}
     traffic = result["traffic"]
