@@ -222,12 +222,32 @@ async def _fence_primary(config: dict[str, Any], timeline: Timeline) -> None:
         await session.close()
 
 
+async def _qmp_step(
+    secondary: Any, timeline: Timeline, errors: list[str], command: str, *, quiet: bool = False, **args: Any
+) -> Any:
+    """One failover command on the secondary; a refusal or a hang is recorded and the failover goes on
+    (the steps after it -- the tap swap above all -- still help the clients)."""
+    from mc_driver.qmp import QmpCommandError, QmpError
+
+    label = f"{command} {args.get('id', '')}".strip()
+    try:
+        result = await asyncio.wait_for(secondary.execute(command, **args), timeout=5)
+    except QmpCommandError as exc:  # e.g. x-colo-lost-heartbeat after the secondary left COLO by itself
+        timeline.mark(f"{label} refused ({exc.description})")
+        return None
+    except (QmpError, TimeoutError) as exc:
+        errors.append(f"{label}: {exc or 'timed out'}")
+        timeline.mark(f"{label} failed ({exc or 'timed out'})")
+        return None
+    if not quiet:
+        timeline.mark(label)
+    return result
+
+
 async def fail_over(
     config: dict[str, Any], decider: FailoverDecider, secondary: Any, timeline: Timeline
 ) -> dict[str, Any]:
     """Make the secondary the running, network-facing VM (steps in the module docstring)."""
-    from mc_driver.qmp import QmpCommandError
-
     # fencing runs beside the disk steps; it must be over before the taps are swapped
     fence = asyncio.create_task(_fence_primary(config, timeline))
     disk = config["disk_control"]
@@ -246,28 +266,24 @@ async def fail_over(
     except (ControlError, OSError, TimeoutError) as exc:
         disk_error = str(exc)
         timeline.mark(f"disk step failed: {exc}")
-    try:
-        await secondary.execute("x-colo-lost-heartbeat")
-        timeline.mark("x-colo-lost-heartbeat")
-    except QmpCommandError as exc:
-        timeline.mark(f"x-colo-lost-heartbeat refused ({exc.description})")
+    errors: list[str] = [f"disk: {disk_error}"] if disk_error else []
+    await _qmp_step(secondary, timeline, errors, "x-colo-lost-heartbeat")
     for command, ident in (("object-del", "f1"), ("object-del", "f2"),
                            ("chardev-remove", "red0"), ("chardev-remove", "red1")):  # fmt: skip
-        try:
-            await secondary.execute(command, id=ident)
-        except QmpCommandError as exc:
-            timeline.mark(f"{command} {ident} refused ({exc.description})")
-    timeline.mark("redirectors removed")
+        await _qmp_step(secondary, timeline, errors, command, id=ident)
     await fence
     netns, bridge, taps = config["netns"], config["bridge"], config["taps"]
-    _ip("-n", netns, "link", "set", taps["primary"], "nomaster")
-    _ip("-n", netns, "link", "set", taps["secondary"], "master", bridge)
-    _ip("-n", netns, "link", "set", taps["secondary"], "up")
-    timeline.mark("taps swapped")
-    status = await secondary.execute("query-status")
-    if not status.get("running"):
-        await secondary.execute("cont")
-        timeline.mark("secondary cont")
+    try:
+        _ip("-n", netns, "link", "set", taps["primary"], "nomaster")
+        _ip("-n", netns, "link", "set", taps["secondary"], "master", bridge)
+        _ip("-n", netns, "link", "set", taps["secondary"], "up")
+        timeline.mark("taps swapped")
+    except AgentError as exc:
+        errors.append(str(exc))
+        timeline.mark(f"tap swap failed: {exc}")
+    status = await _qmp_step(secondary, timeline, errors, "query-status", quiet=True)
+    if not (status or {}).get("running"):
+        await _qmp_step(secondary, timeline, errors, "cont")
     timeline.mark("done")
     return {
         "reason": decider.trigger,
@@ -280,6 +296,7 @@ async def fail_over(
         },
         "last_heartbeat": {"epoch": decider.epoch, "state": decider.state},
         "colo_exit_seen": decider.colo_exit is not None,
+        "errors": errors,
         "steps": timeline.steps,
         "seconds": timeline.steps[-1][1],
         "finished_at": time.time(),
@@ -367,7 +384,13 @@ class Agent:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await watcher
-            report = await fail_over(self.config, self.decider, secondary, timeline)
+            try:
+                report = await fail_over(self.config, self.decider, secondary, timeline)
+            except Exception as exc:  # never die silently half-way: say where it stopped
+                log.exception("failover crashed")
+                _write_report(self.config, {"reason": self.decider.trigger, "crashed": repr(exc),
+                                            "steps": timeline.steps})  # fmt: skip
+                raise
             _write_report(self.config, report)
             return report
         finally:

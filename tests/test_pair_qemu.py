@@ -298,7 +298,7 @@ def kill_primary_and_check(workdir: Path, config: dict, ns: NetNamespace, traffi
     print(f"\nfailover: new client served {served - killed:.3f} s after kill -9, the busy echo connection "
           f"{echo_back - killed:.3f} s; agent: {report['reason']}, {report['seconds']} s, "
           f"disk {report['disk']}")  # fmt: skip
-    assert report["disk"]["error"] is None
+    assert report["disk"]["error"] is None and report["errors"] == [], report
 
     if traffic.diskwriter:  # every record the client was told is durable is on the secondary's disk
         reports = traffic.reports
