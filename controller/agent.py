@@ -173,8 +173,8 @@ def _ip(*args: str) -> None:
 
 async def _disk_call(endpoint: str, verb: str, **args: Any) -> dict[str, Any]:
     client = AsyncControlClient(endpoint)
-    await client.connect()
     try:
+        await asyncio.wait_for(client.connect(), timeout=5)
         return await asyncio.wait_for(client.call(verb, **args), timeout=30)
     finally:
         await client.close()
@@ -182,6 +182,7 @@ async def _disk_call(endpoint: str, verb: str, **args: Any) -> dict[str, Any]:
 
 def _listening(path: str) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.05)  # a dying QEMU's full backlog must not block the event loop
         try:
             sock.connect(path)
         except OSError:
@@ -209,8 +210,8 @@ async def _fence_primary(config: dict[str, Any], timeline: Timeline) -> None:
         timeline.mark("primary gone (nothing to fence)")
         return
     try:
-        session = await QmpSession.connect(path, name="primary", timeout=0.3)
-    except QmpError:
+        session = await asyncio.wait_for(QmpSession.connect(path, name="primary", timeout=0.3), timeout=0.5)
+    except (QmpError, TimeoutError):
         timeline.mark("primary unreachable (nothing to fence)")
         return
     try:
@@ -271,7 +272,10 @@ async def fail_over(
     for command, ident in (("object-del", "f1"), ("object-del", "f2"),
                            ("chardev-remove", "red0"), ("chardev-remove", "red1")):  # fmt: skip
         await _qmp_step(secondary, timeline, errors, command, id=ident)
-    await fence
+    try:
+        await asyncio.wait_for(fence, timeout=1.0)
+    except TimeoutError:
+        timeline.mark("fencing the primary timed out")
     netns, bridge, taps = config["netns"], config["bridge"], config["taps"]
     try:
         _ip("-n", netns, "link", "set", taps["primary"], "nomaster")

@@ -344,6 +344,7 @@ class PairLauncher:
 
 def _accepts(path: Path) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
         try:
             sock.connect(str(path))
         except OSError:
