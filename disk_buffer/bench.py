@@ -1,10 +1,14 @@
-"""``hybridft bench disk``: the NBD disk buffer against qemu-nbd on the same image, in the same run.
+"""``hybridft bench disk``: the NBD disk buffer against qemu-nbd, in the same run.
 
 Why this shape: the machine is shared and noisy, so every number is reported next to its baseline
-measured seconds earlier.  The client runs in its own process (libnbd, async commands for queue depth
-> 1) so the server under test has a core of its own, as in production where the client is QEMU.
+measured seconds earlier.  Three servers run side by side on three identical fresh raw images of the
+same size (qemu-nbd ``--cache writeback``, hybridft *burst*, hybridft *sustained*); for every
+workload and round their clients run back to back, and the median of the rounds is reported, so
+load drift hits all three alike.  The client runs in its own process (libnbd, async commands for
+queue depth > 1) so the server under test has a core of its own, as in production where the client
+is QEMU.
 
-Workloads (each against qemu-nbd serving the image, then ``hybridft disk serve`` on the same image):
+Workloads:
 
 * 4 KiB random write at QD1 and QD16 on ``replica``, 1 MiB sequential write (QD4) on ``replica``,
   4 KiB random read at QD16 on ``view``; each twice: *burst* (budgets large enough that no
@@ -17,7 +21,7 @@ Workloads (each against qemu-nbd serving the image, then ``hybridft disk serve``
   100 ms; reports the rate achieved, the largest write-out backlog seen and how long the backlog
   took to drain afterwards.
 
-The worker half (``python -m disk_buffer.bench WORKLOAD ...``) prints one JSON object.
+The worker half (``python -m disk_buffer.bench SOCKET EXPORT SPEC-JSON``) prints one JSON object.
 """
 
 from __future__ import annotations
