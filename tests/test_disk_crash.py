@@ -143,8 +143,17 @@ class ChildResult:
 
 
 def run_child(
-    image: Path, state: Path, ops: list[Op], *, kill_after: float | None = None, fault: str | None = None
+    image: Path,
+    state: Path,
+    ops: list[Op],
+    *,
+    kill_after: float | None = None,
+    after_commits: int = 0,
+    fault: str | None = None,
 ) -> ChildResult:
+    """Fork a child that runs ``ops`` on a DiskBuffer.  With ``kill_after``, SIGKILL it that many
+    seconds after it reported ``after_commits`` returned commits (counted from its own reports, so
+    the kill lands mid-run however slow the machine is)."""
     read_end, write_end = os.pipe()
     started = time.monotonic()
     pid = os.fork()
@@ -162,12 +171,18 @@ def run_child(
             code = 3
         os._exit(code)
     os.close(write_end)
+    received = b""
     if kill_after is not None:
+        while received.count(b"\nC ") + received.startswith(b"C ") < after_commits:
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            received += chunk
         time.sleep(kill_after)
         os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
     elapsed = time.monotonic() - started
-    chunks = []
+    chunks = [received]
     while chunk := os.read(read_end, 65536):
         chunks.append(chunk)
     os.close(read_end)
@@ -201,12 +216,23 @@ class CrashHarness:
         self.kills = 0
 
     def iteration(
-        self, *, kill_after: float | None = None, fault: str | None = None, recovery_kill: float | None = None
+        self,
+        *,
+        kill_after: float | None = None,
+        random_kill: bool = False,
+        fault: str | None = None,
+        recovery_kill: float | None = None,
     ) -> ChildResult:
         ops = make_ops(self.rng, self.rng.randint(10, 40), min_commits=3)
         model = DiskModel.from_image(self.committed_image, self.epoch)
         commits = apply_to_model(model, ops)
-        result = run_child(self.image, self.state, ops, kill_after=kill_after, fault=fault)
+        after_commits = 0
+        if random_kill:  # after a random number of returned commits, plus up to 5 ms
+            after_commits = self.rng.randint(0, max(len(commits) - 1, 0))
+            kill_after = self.rng.uniform(0, 0.005)
+        result = run_child(
+            self.image, self.state, ops, kill_after=kill_after, after_commits=after_commits, fault=fault
+        )
         self.kills += result.killed
         if result.recovered is not None:
             assert result.recovered == self.epoch, "child recovered a different epoch"
@@ -242,22 +268,15 @@ class CrashHarness:
 
 def test_kill_at_random_instants(crash_dir: Path) -> None:
     harness = CrashHarness(crash_dir, seed=1234)
-    # Kill times are drawn over the length of a whole run, measured as we go: the disk (and so
-    # every fdatasync) is shared and its speed varies by an order of magnitude.
-    run_length = harness.iteration().elapsed
     iterations = 100
     mid_run = 0
     for i in range(iterations):
-        kill_after = harness.rng.uniform(0, run_length * 1.1)
         recovery_kill = harness.rng.uniform(0, 0.01) if i % 4 == 0 else None
-        result = harness.iteration(kill_after=kill_after, recovery_kill=recovery_kill)
-        if result.done:
-            run_length = 0.7 * run_length + 0.3 * result.elapsed
+        result = harness.iteration(random_kill=True, recovery_kill=recovery_kill)
         mid_run += result.killed and bool(result.commits)
-    # Kills must land while the child works, both before and after commits returned (else this
-    # proves little).  Loose bounds: run lengths vary a lot on a loaded machine.
-    assert harness.kills >= iterations * 0.4, harness.kills
-    assert mid_run >= 5, mid_run
+    # Kills must land while the child works, both before and after commits returned.
+    assert harness.kills >= iterations * 0.7, harness.kills
+    assert mid_run >= iterations * 0.3, mid_run
     assert harness.kills - mid_run >= 5, harness.kills - mid_run
 
 
