@@ -252,8 +252,13 @@ class EchoTraffic:
     Errors are collected, not raised: the caller decides (a COLO test must see zero).
     """
 
-    def __init__(self, netns: NetNamespace, host: str, port: int = 7, chunk: int = 1024) -> None:
-        self.netns, self.host, self.port, self.chunk = netns, host, port, chunk
+    def __init__(
+        self, netns: NetNamespace, host: str, port: int = 7, chunk: int = 1024, timeout: float = 60.0
+    ) -> None:
+        # A round trip waits for both VMs (colo-compare releases the primary's answer only when the
+        # secondary produced the same); on a heavily loaded host that takes seconds, so the timeout only
+        # catches a dead service, while wrong or lost bytes are always errors.
+        self.netns, self.host, self.port, self.chunk, self.timeout = netns, host, port, chunk, timeout
         self.round_trips = 0
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -261,8 +266,8 @@ class EchoTraffic:
 
     def start(self) -> EchoTraffic:
         with self.netns.entered():
-            self._sock = socket.create_connection((self.host, self.port), timeout=10)
-        self._sock.settimeout(10)
+            self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        self._sock.settimeout(self.timeout)
         self._thread.start()
         return self
 
