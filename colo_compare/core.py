@@ -90,7 +90,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from itertools import islice
+from operator import itemgetter
 
 from colo_compare.packet import (
     KIND_ICMP,
@@ -182,6 +182,9 @@ _FAST4 = struct.Struct(">12xIH2xI2x12sIIH")
 # Ethernet + IPv6 (no extension headers) + TCP: version/tc, payload length, next header,
 # addresses+ports, seq, ack, off/flags
 _FAST6 = struct.Struct(">14xB3xHBx36sIIH")
+# TCP data offset|flags & 0xF007 of a run's segment: a valid header length, no SYN/FIN/RST
+_PLAIN_OFFFLAGS = frozenset(off << 12 for off in range(5, 16))
+_FRAME_OF = itemgetter(2)  # the frame of a held (end, ack, frame, arrival) entry
 
 
 class _Side:
@@ -592,9 +595,15 @@ class Comparator:
             dflow.released += k
         return out
 
-    # The two loops below are the hot path and deliberately duplicated (one per side) rather than
-    # sharing one loop full of ``if primary`` tests: every statement per frame counts here.
-    # The in-order case of plain IPv4/TCP is handled inline; everything else goes through
+    # The hot path, deliberately duplicated (one loop per side) rather than sharing one loop full
+    # of ``if primary`` tests: every statement per frame counts here.
+    #
+    # Batch level: consecutive in-order IPv4/TCP segments of one flow (no SYN/FIN/RST) form a
+    # *run*.  Per frame of a run the loop only parses the header, slices the payload and (primary)
+    # queues the frame; the run's payloads are then compared against the other side and stored
+    # once (``_flush_*_run``).  If the run does not match as a whole it is redone segment by
+    # segment with the per-segment rule, so the state (verified offset, stored bytes) is exactly
+    # what feeding the segments one at a time gives.  Everything off that path goes through
     # ``_classify_slow`` and ``_tcp_segment``.
 
     def _feed_colo_primary(self, frames: Iterable[bytes], now: float) -> list[object]:
@@ -602,22 +611,48 @@ class Comparator:
         touched: dict[object, None] = {}
         tcp = self._tcp
         fast4 = _FAST4.unpack_from
-        last = None
         # while a sealed epoch is uncommitted the secondary's stored bytes are pre-checkpoint:
         # nothing may be verified against them (the commit re-anchors, then compares)
         comparing = not self._pending
+        # the open run: its flow, key, next sequence number, stream offsets, payloads, last ACK
+        rflow: _TcpFlow | None = None
+        rkey: bytes | None = None
+        rnxt = -1
+        rbegin = rend = 0
+        parts: list[bytes] = []
+        rack = -1
+        held_append = None
         for frame in frames:
             n = len(frame)
             if n >= 54:
                 w1, tot, w2, key, seq, ack, offflags = fast4(frame)
                 ip_end = 14 + tot
                 pstart = 34 + ((offflags >> 10) & 0x3C)
+                if (
+                    seq == rnxt and key == rkey and offflags & 0xF007 in _PLAIN_OFFFLAGS
+                    and w1 & 0xFFFFFF00 == 0x08004500 and w2 & 0x3FFF00FF == 6 and pstart <= ip_end <= n
+                ):  # fmt: skip
+                    # continues the open run
+                    if ip_end > pstart:
+                        parts.append(frame[pstart:ip_end])
+                        rend += ip_end - pstart
+                        rnxt = (seq + ip_end - pstart) & 0xFFFFFFFF
+                    if offflags & 0x10:
+                        rack = ack
+                        held_append((rend, ack, frame, now))  # type: ignore[misc]
+                    else:
+                        held_append((rend, -1, frame, now))  # type: ignore[misc]
+                    continue
                 fast = (
                     w1 & 0xFFFFFF00 == 0x08004500 and w2 & 0x3FFF00FF == 6 and offflags >= 0x5000
                     and pstart <= ip_end <= n
                 )  # fmt: skip
             else:
                 fast = False
+            if rflow is not None:
+                self._flush_primary_run(rflow, rbegin, rend, rnxt, parts, rack, comparing)
+                rflow = rkey = None
+                rnxt = -1
             if not fast:
                 parsed = self._classify_slow(frame, now, True)
                 if type(parsed) is not tuple:
@@ -628,66 +663,134 @@ class Comparator:
             if flow is None:
                 flow = tcp[key] = _TcpFlow(key)
             side = flow.p
+            touched[flow] = None
             plen = ip_end - pstart
             if seq == side.nxt and not offflags & 7:
-                # in order, no SYN/FIN/RST
+                # in order, no SYN/FIN/RST: open a run
+                rflow, rkey = flow, key
+                rbegin = rend = side.end
+                rnxt = seq
+                parts = []
                 if plen:
-                    e = side.end
-                    other = flow.s
-                    oe = other.end
-                    if oe > e and flow.v == e and flow.diverged is None and comparing:
-                        # catching up and verified so far: compare the new bytes in place with
-                        # the secondary's; store only what runs past them
-                        k = oe - e if oe - e < plen else plen
-                        if other.start + len(other.cur) - other.off < e + k:
-                            _ensure(other, e + k)
-                        if other.cur.startswith(frame[pstart : pstart + k], other.off):
-                            other.off += k
-                            other.start = side.start = flow.v = e + k
-                            self._sec_bytes -= k
-                            if k < plen:
-                                side.chunks.append(frame[pstart + k : ip_end])
-                        else:
-                            side.chunks.append(frame[pstart:ip_end])  # _settle pinpoints it
-                    else:
-                        side.chunks.append(frame[pstart:ip_end])
-                    side.end = end = e + plen
-                    side.nxt = (seq + plen) & 0xFFFFFFFF
+                    parts.append(frame[pstart:ip_end])
+                    rend += plen
+                    rnxt = (seq + plen) & 0xFFFFFFFF
+                held_append = flow.held.append
+                if offflags & 0x10:
+                    rack = ack
+                    held_append((rend, ack, frame, now))
                 else:
-                    end = side.end
-            else:
-                end = self._tcp_segment(flow, side, True, seq, offflags & 0x3F, frame, pstart, plen)
-                flow = tcp[key]  # a SYN may have started a new incarnation
-                side = flow.p
+                    rack = -1
+                    held_append((rend, -1, frame, now))
+                continue
+            end = self._tcp_segment(flow, side, True, seq, offflags & 0x3F, frame, pstart, plen)
+            flow = tcp[key]  # a SYN may have started a new incarnation
+            touched[flow] = None
             if offflags & 0x10:
-                side.ack = ack
+                flow.p.ack = ack
                 flow.held.append((end, ack, frame, now))
             else:
                 flow.held.append((end, -1, frame, now))
-            if flow is not last:
-                touched[flow] = None
-                last = flow
+        if rflow is not None:
+            self._flush_primary_run(rflow, rbegin, rend, rnxt, parts, rack, comparing)
         return list(touched)
+
+    def _flush_primary_run(
+        self, flow: _TcpFlow, begin: int, end: int, nxt: int, parts: list[bytes], ack: int, comparing: bool
+    ) -> None:
+        """Store (and, where the secondary is ahead, verify) a run of in-order primary payloads
+        covering stream offsets [begin, end)."""
+        side = flow.p
+        if ack >= 0:
+            side.ack = ack
+        if end == begin:
+            return
+        other = flow.s
+        oe = other.end
+        if oe > begin and flow.v == begin and flow.diverged is None and comparing:
+            # catching up and verified so far: compare the new bytes in place with the
+            # secondary's; store only what runs past them
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            size = end - begin
+            k = oe - begin if oe - begin < size else size
+            if other.start + len(other.cur) - other.off < begin + k:
+                _ensure(other, begin + k)
+            with memoryview(data) as view:
+                same = other.cur.startswith(view[:k], other.off)
+            if same:
+                other.off += k
+                other.start = side.start = flow.v = begin + k
+                self._sec_bytes -= k
+                if k < size:
+                    side.chunks.append(data[k:])
+            else:
+                self._primary_segments(flow, begin, parts)
+        else:
+            side.chunks.extend(parts)
+        side.end = end
+        side.nxt = nxt
+
+    def _primary_segments(self, flow: _TcpFlow, e: int, parts: list[bytes]) -> None:
+        """The per-segment rule for in-order primary payloads from stream offset ``e``: verify
+        each against the secondary while everything before it is verified."""
+        side, other = flow.p, flow.s
+        for part in parts:
+            plen = len(part)
+            oe = other.end
+            if oe > e and flow.v == e and flow.diverged is None:
+                k = oe - e if oe - e < plen else plen
+                if other.start + len(other.cur) - other.off < e + k:
+                    _ensure(other, e + k)
+                if other.cur.startswith(part if k == plen else part[:k], other.off):
+                    other.off += k
+                    other.start = side.start = flow.v = e + k
+                    self._sec_bytes -= k
+                    if k < plen:
+                        side.chunks.append(part[k:])
+                else:
+                    side.chunks.append(part)  # _settle pinpoints it
+            else:
+                side.chunks.append(part)
+            e += plen
 
     def _feed_colo_secondary(self, frames: Iterable[bytes], now: float) -> list[object]:
         """Parse secondary frames into their flows' streams; returns the flows touched."""
         touched: dict[object, None] = {}
         tcp = self._tcp
         fast4 = _FAST4.unpack_from
-        last = None
-        stored = 0  # bytes the secondary side stores
+        rflow: _TcpFlow | None = None
+        rkey: bytes | None = None
+        rnxt = -1
+        rbegin = rend = 0
+        parts: list[bytes] = []
+        rack = -1
         for frame in frames:
             n = len(frame)
             if n >= 54:
                 w1, tot, w2, key, seq, ack, offflags = fast4(frame)
                 ip_end = 14 + tot
                 pstart = 34 + ((offflags >> 10) & 0x3C)
+                if (
+                    seq == rnxt and key == rkey and offflags & 0xF007 in _PLAIN_OFFFLAGS
+                    and w1 & 0xFFFFFF00 == 0x08004500 and w2 & 0x3FFF00FF == 6 and pstart <= ip_end <= n
+                ):  # fmt: skip
+                    if ip_end > pstart:
+                        parts.append(frame[pstart:ip_end])
+                        rend += ip_end - pstart
+                        rnxt = (seq + ip_end - pstart) & 0xFFFFFFFF
+                    if offflags & 0x10:
+                        rack = ack
+                    continue
                 fast = (
                     w1 & 0xFFFFFF00 == 0x08004500 and w2 & 0x3FFF00FF == 6 and offflags >= 0x5000
                     and pstart <= ip_end <= n
                 )  # fmt: skip
             else:
                 fast = False
+            if rflow is not None:
+                self._flush_secondary_run(rflow, rbegin, rend, rnxt, parts, rack)
+                rflow = rkey = None
+                rnxt = -1
             if not fast:
                 parsed = self._classify_slow(frame, now, False)
                 if type(parsed) is not tuple:
@@ -698,41 +801,87 @@ class Comparator:
             if flow is None:
                 flow = tcp[key] = _TcpFlow(key)
             side = flow.s
+            touched[flow] = None
             plen = ip_end - pstart
             if seq == side.nxt and not offflags & 7:
+                rflow, rkey = flow, key
+                rbegin = rend = side.end
+                rnxt = seq
+                parts = []
                 if plen:
-                    e = side.end
-                    other = flow.p
-                    oe = other.end
-                    if oe > e and flow.v == e and flow.diverged is None:
-                        k = oe - e if oe - e < plen else plen
-                        if other.start + len(other.cur) - other.off < e + k:
-                            _ensure(other, e + k)
-                        if other.cur.startswith(frame[pstart : pstart + k], other.off):
-                            other.off += k
-                            other.start = side.start = flow.v = e + k
-                            if k < plen:
-                                side.chunks.append(frame[pstart + k : ip_end])
-                                stored += plen - k
-                        else:
-                            side.chunks.append(frame[pstart:ip_end])
-                            stored += plen
-                    else:
-                        side.chunks.append(frame[pstart:ip_end])
-                        stored += plen
-                    side.end = e + plen
-                    side.nxt = (seq + plen) & 0xFFFFFFFF
-            else:
-                self._tcp_segment(flow, side, False, seq, offflags & 0x3F, frame, pstart, plen)
-                flow = tcp[key]
-                side = flow.s
+                    parts.append(frame[pstart:ip_end])
+                    rend += plen
+                    rnxt = (seq + plen) & 0xFFFFFFFF
+                rack = ack if offflags & 0x10 else -1
+                continue
+            self._tcp_segment(flow, side, False, seq, offflags & 0x3F, frame, pstart, plen)
+            flow = tcp[key]
+            touched[flow] = None
             if offflags & 0x10:
-                side.ack = ack
-            if flow is not last:
-                touched[flow] = None
-                last = flow
-        self._sec_bytes += stored
+                flow.s.ack = ack
+        if rflow is not None:
+            self._flush_secondary_run(rflow, rbegin, rend, rnxt, parts, rack)
         return list(touched)
+
+    def _flush_secondary_run(
+        self, flow: _TcpFlow, begin: int, end: int, nxt: int, parts: list[bytes], ack: int
+    ) -> None:
+        """Verify a run of in-order secondary payloads [begin, end) against the primary's stored
+        bytes as far as those go; store the rest."""
+        side = flow.s
+        if ack >= 0:
+            side.ack = ack
+        if end == begin:
+            return
+        other = flow.p
+        oe = other.end
+        size = end - begin
+        if oe > begin and flow.v == begin and flow.diverged is None:
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            k = oe - begin if oe - begin < size else size
+            if other.start + len(other.cur) - other.off < begin + k:
+                _ensure(other, begin + k)
+            with memoryview(data) as view:
+                same = other.cur.startswith(view[:k], other.off)
+            if same:
+                other.off += k
+                other.start = side.start = flow.v = begin + k
+                if k < size:
+                    side.chunks.append(data[k:])
+                    self._sec_bytes += size - k
+            else:
+                self._secondary_segments(flow, begin, parts)
+        else:
+            side.chunks.extend(parts)
+            self._sec_bytes += size
+        side.end = end
+        side.nxt = nxt
+
+    def _secondary_segments(self, flow: _TcpFlow, e: int, parts: list[bytes]) -> None:
+        """The per-segment rule for in-order secondary payloads (see ``_primary_segments``)."""
+        side, other = flow.s, flow.p
+        stored = 0
+        for part in parts:
+            plen = len(part)
+            oe = other.end
+            if oe > e and flow.v == e and flow.diverged is None:
+                k = oe - e if oe - e < plen else plen
+                if other.start + len(other.cur) - other.off < e + k:
+                    _ensure(other, e + k)
+                if other.cur.startswith(part if k == plen else part[:k], other.off):
+                    other.off += k
+                    other.start = side.start = flow.v = e + k
+                    if k < plen:
+                        side.chunks.append(part[k:])
+                        stored += plen - k
+                else:
+                    side.chunks.append(part)
+                    stored += plen
+            else:
+                side.chunks.append(part)
+                stored += plen
+            e += plen
+        self._sec_bytes += stored
 
     def _classify_slow(self, frame: bytes, now: float, primary: bool) -> tuple | _DgramFlow:
         """Frames off the IPv4/TCP fast path: IPv6/TCP (parsed here), everything else classified
@@ -890,7 +1039,11 @@ class Comparator:
             else:
                 self._advance_dgram(flow, out, actions)  # type: ignore[arg-type]
         if out:
-            self._count_out(out)
+            # held bytes are accounted here once per batch, not per flow or frame
+            nbytes = sum(map(len, out))
+            self._held_bytes -= nbytes
+            self._out_frames += len(out)
+            self._out_bytes += nbytes
             actions.append(Release(out))
 
     def _advance_tcp(self, flow: _TcpFlow, out: list[bytes], actions: list[Action]) -> None:
@@ -906,20 +1059,23 @@ class Comparator:
         if held:
             sack = s.ack
             popleft = held.popleft
-            append = out.append
-            n0 = len(out)
-            while held:
-                item = held[0]
+            n = 0
+            for item in held:
                 if item[0] > v:
                     break
                 ack = item[1]
                 if ack >= 0 and (sack < 0 or ((sack - ack) & 0xFFFFFFFF) >= 0x80000000):
                     break
-                append(popleft()[2])
-            n = len(out) - n0
+                n += 1
             if n:
+                if n == len(held):
+                    out.extend(map(_FRAME_OF, held))
+                    held.clear()
+                else:
+                    append = out.append
+                    for _ in range(n):
+                        append(popleft()[2])
                 flow.released += n
-                self._held_bytes -= sum(map(len, islice(out, n0, None)))
 
     def _verify_tcp(self, flow: _TcpFlow, v: int, actions: list[Action]) -> int:
         """Advance the verified offset as far as both streams agree; flag a divergence."""
@@ -980,8 +1136,7 @@ class Comparator:
             pp.popleft()
             sp.popleft()
             self._sec_bytes -= len(other)
-            self._held_bytes -= len(frame)
-            out.append(frame)
+            out.append(frame)  # its bytes leave _held_bytes in _settle
             dflow.released += 1
 
     def _diverge(self, flow: _TcpFlow | _DgramFlow, reason: str, proto: str, offset: int,

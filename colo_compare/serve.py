@@ -338,11 +338,16 @@ class CompareService:
         c.released_bytes += sum(map(len, frames))
         pending = self._hold_pending
         if pending:
-            now = self.clock()
-            for frame in frames:
-                entry = pending.pop(id(frame), None)
-                if entry is not None and entry[0] is frame:
-                    self._hold_us.append((now - entry[1]) * 1e6)
+            # only every HOLD_SAMPLE-th frame is sampled: find the sampled ones with one C-level
+            # set intersection instead of a dict probe per released frame
+            sampled = pending.keys() & set(map(id, frames))
+            # (an id in ``pending`` is that of a live frame: the entry keeps it alive, so a
+            # matching id in ``frames`` is the very same object)
+            if sampled:
+                now = self.clock()
+                hold_us = self._hold_us
+                for fid in sampled:
+                    hold_us.append((now - pending.pop(fid)[1]) * 1e6)
         if self.vnet_hdr:
             headers = []
             vnet = self._vnet
