@@ -152,7 +152,7 @@ class DiskBufferMachine(RuleBasedStateMachine):
 
 
 DiskBufferMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("HFT_MODEL_EXAMPLES", "40")),
+    max_examples=int(os.environ.get("HFT_MODEL_EXAMPLES", "30")),
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

@@ -4,6 +4,7 @@ kill -9 of the server and a restart.  Both exports are compared byte for byte af
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import signal
@@ -182,6 +183,9 @@ class ServedDiskMachine(RuleBasedStateMachine):
 
 
 ServedDiskMachine.TestCase.settings = settings(
-    max_examples=6, stateful_step_count=25, deadline=None, suppress_health_check=list(HealthCheck)
+    max_examples=int(os.environ.get("HFT_MODEL_EXAMPLES_NBD", "6")),
+    stateful_step_count=20,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
 )
 test_served_disk_against_model = ServedDiskMachine.TestCase
