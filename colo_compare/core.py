@@ -633,10 +633,11 @@ class Comparator:
                     and w1 & 0xFFFFFF00 == 0x08004500 and w2 & 0x3FFF00FF == 6 and pstart <= ip_end <= n
                 ):  # fmt: skip
                     # continues the open run
-                    if ip_end > pstart:
+                    plen = ip_end - pstart
+                    if plen:
                         parts.append(frame[pstart:ip_end])
-                        rend += ip_end - pstart
-                        rnxt = (seq + ip_end - pstart) & 0xFFFFFFFF
+                        rend += plen
+                        rnxt = (seq + plen) & 0xFFFFFFFF
                     if offflags & 0x10:
                         rack = ack
                         held_append((rend, ack, frame, now))  # type: ignore[misc]
@@ -774,10 +775,11 @@ class Comparator:
                     seq == rnxt and key == rkey and offflags & 0xF007 in _PLAIN_OFFFLAGS
                     and w1 & 0xFFFFFF00 == 0x08004500 and w2 & 0x3FFF00FF == 6 and pstart <= ip_end <= n
                 ):  # fmt: skip
-                    if ip_end > pstart:
+                    plen = ip_end - pstart
+                    if plen:
                         parts.append(frame[pstart:ip_end])
-                        rend += ip_end - pstart
-                        rnxt = (seq + ip_end - pstart) & 0xFFFFFFFF
+                        rend += plen
+                        rnxt = (seq + plen) & 0xFFFFFFFF
                     if offflags & 0x10:
                         rack = ack
                     continue
@@ -1060,12 +1062,15 @@ class Comparator:
             sack = s.ack
             popleft = held.popleft
             n = 0
+            okack = -2  # an ACK number already known not to run ahead (consecutive frames share it)
             for item in held:
                 if item[0] > v:
                     break
                 ack = item[1]
-                if ack >= 0 and (sack < 0 or ((sack - ack) & 0xFFFFFFFF) >= 0x80000000):
-                    break
+                if ack != okack:
+                    if ack >= 0 and (sack < 0 or ((sack - ack) & 0xFFFFFFFF) >= 0x80000000):
+                        break
+                    okack = ack
                 n += 1
             if n:
                 if n == len(held):
