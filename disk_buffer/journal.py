@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import errno
 import mmap
 import os
 import signal
@@ -159,6 +160,28 @@ def encode_group(
         count += 1
         pos += RECORD_OVERHEAD + (length if payload is not None else 0)
     return b"".join(parts), count, crcs
+
+
+IOV_MAX = 1024
+
+
+def pwritev_all(fd: int, parts: list[bytes], offset: int) -> int:
+    """Write ``parts`` back to back at ``offset`` without joining them (a join would allocate -- and
+    page-fault in -- a fresh buffer per batch, ~3 ms per MiB on this VM); returns the end offset."""
+    for i in range(0, len(parts), IOV_MAX):
+        chunk = parts[i : i + IOV_MAX]
+        total = sum(map(len, chunk))
+        written = os.pwritev(fd, chunk, offset)
+        if written < total:  # rare for regular files: finish the chunk the slow way
+            rest = memoryview(b"".join(chunk))[written:]
+            while rest:
+                n = os.pwrite(fd, rest, offset + written)
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, "short journal write")
+                written += n
+                rest = rest[n:]
+        offset += total
+    return offset
 
 
 @dataclass(slots=True)
@@ -566,17 +589,14 @@ class Journal:
             parts.append(crc)
             count, acc = crcs.get(seq, (0, 0))
             crcs[seq] = (count + 1, zlib.crc32(crc, acc))
-        buf = b"".join(parts)
         start = items[0][0]
         try:
-            written = os.pwrite(self._fds[f], buf, start)
-            if written != len(buf):
-                raise OSError(28, f"short journal write ({written} of {len(buf)} bytes)")
+            end = pwritev_all(self._fds[f], parts, start)
         except OSError as exc:
             # A hole in the journal would hide every later record: refuse all later commits.
             self.broken = f"journal write failed: {exc.strerror or exc}"
             raise
-        start_writeback(self._fds[f], start, len(buf))
+        start_writeback(self._fds[f], start, end - start)
 
     def _commit_job(
         self, f: int, generation: int, items: list[_Item], seq: int, epoch: int, pos: int
