@@ -116,6 +116,10 @@ class DiskBuffer:
         self.size = store.size
         self.speculation_budget = speculation_budget
         self.writeout_budget = writeout_budget
+        self.checkpoint_mark = speculation_budget // 2
+        # Set by prepare_checkpoint(): the speculation budget stops pausing NBD reading until the
+        # checkpoint commits or rolls back (see prepare_checkpoint for why).
+        self._checkpoint_in_progress = False
         self._fd = img_fd
         self._lock_fd = lock_fd
         self._journal = journal
@@ -146,12 +150,21 @@ class DiskBuffer:
         *,
         speculation_budget: int = 256 << 20,
         writeout_budget: int = 256 << 20,
+        checkpoint_mark: int | None = None,
     ) -> DiskBuffer:
-        """Open IMG and its state directory, replaying committed epochs the journal still holds."""
+        """Open IMG and its state directory, replaying committed epochs the journal still holds.
+
+        ``checkpoint_mark`` (default: half the speculation budget) is where ``checkpoint_needed``
+        turns on, well before the budget itself pauses NBD reading (see :meth:`prepare_checkpoint`).
+        """
         image = Path(image)
         state_dir = Path(state_dir)
         if speculation_budget <= 0 or writeout_budget <= 0:
             raise DiskBufferError("budgets must be positive", "config")
+        if checkpoint_mark is None:
+            checkpoint_mark = speculation_budget // 2
+        if not 0 < checkpoint_mark <= speculation_budget:
+            raise DiskBufferError("the checkpoint mark must be positive and at most the budget", "config")
         faults = FaultInjector.from_env()
         keep_freed_memory()
         try:
@@ -185,9 +198,11 @@ class DiskBuffer:
             if lock_fd >= 0:
                 os.close(lock_fd)
             raise
-        return cls(
+        buffer = cls(
             image, state_dir, img_fd, lock_fd, journal, store, faults, speculation_budget, writeout_budget
         )
+        buffer.checkpoint_mark = checkpoint_mark
+        return buffer
 
     @staticmethod
     def _recover(img_fd: int, size: int, journal: Journal) -> EpochStore:
@@ -289,12 +304,25 @@ class DiskBuffer:
     def has_room(self) -> bool:
         store = self._store
         return (
-            store.speculation_bytes() < self.speculation_budget
-            and store.writeout_bytes < self.writeout_budget
-        )
+            self._checkpoint_in_progress or store.speculation_bytes() < self.speculation_budget
+        ) and store.writeout_bytes < self.writeout_budget
 
     def needs_checkpoint(self) -> bool:
-        return self._store.speculation_bytes() >= self.speculation_budget
+        return self._store.speculation_bytes() >= self.checkpoint_mark
+
+    def prepare_checkpoint(self) -> None:
+        """The daemon is about to stop the primary: lift the speculation pause until commit/rollback.
+
+        Why: the primary mirrors with copy-mode=write-blocking, so a guest write completes only once
+        this server took it, and QMP ``stop`` waits for in-flight I/O to drain.  If the budget has
+        paused NBD reading, that ``stop`` would wait for writes that wait for a checkpoint that waits
+        for the ``stop``: a deadlock.  Letting the paused requests in is bounded (the client's
+        in-flight requests, e.g. the mirror job's queue); ``checkpoint_needed`` fires at the lower
+        ``checkpoint_mark`` so this is the exception.  The write-out budget keeps pausing: the
+        write-out thread drains it by itself, no checkpoint needed.
+        """
+        self._checkpoint_in_progress = True
+        self._notify_room()
 
     async def wait_for_room(self) -> None:
         while not self.has_room():
@@ -368,6 +396,7 @@ class DiskBuffer:
         with self._cond:
             self._store.finish_commit(epoch)
             self._cond.notify_all()
+        self._checkpoint_in_progress = False
         self._notify_room()
 
     def rollback(self) -> dict[str, Any]:
@@ -377,6 +406,7 @@ class DiskBuffer:
             result = store.rollback()
         self._journal.abandon(seqs)
         self._journal.open_group(store.current_seq, store.current_epoch)
+        self._checkpoint_in_progress = False
         self._notify_room()
         return result
 
@@ -420,6 +450,8 @@ class DiskBuffer:
         result["checkpoint_needed"] = self.needs_checkpoint()
         result["has_room"] = self.has_room()
         result["speculation_budget"] = self.speculation_budget
+        result["checkpoint_mark"] = self.checkpoint_mark
+        result["checkpoint_in_progress"] = self._checkpoint_in_progress
         result["writeout_budget"] = self.writeout_budget
         result["writeout_error"] = self.writeout_error
         return result

@@ -338,8 +338,12 @@ def make_control_dispatch(buffer: Any) -> Dispatch:
             return buffer.status()
         if verb == "status":
             return buffer.status()
+        if verb == "prepare-checkpoint":
+            buffer.prepare_checkpoint()
+            return {"checkpoint_in_progress": True}
         raise ControlError(
-            f"unknown verb {verb!r} (expected seal, commit, rollback, failover, status)", "unknown-verb"
+            f"unknown verb {verb!r} (expected seal, commit, rollback, failover, status, prepare-checkpoint)",
+            "unknown-verb",
         )
 
     return dispatch

@@ -24,7 +24,9 @@ def image(tmp_path: Path) -> Path:
 
 def test_speculation_budget_pauses_until_a_checkpoint(image: Path, tmp_path: Path) -> None:
     async def run() -> None:
-        buf = DiskBuffer.open(image, tmp_path / "state", speculation_budget=64 << 10)
+        buf = DiskBuffer.open(
+            image, tmp_path / "state", speculation_budget=64 << 10, checkpoint_mark=64 << 10
+        )
         for i in range(15):
             buf.write(Export.REPLICA, i * 4096, b"a" * 4096)
         assert buf.has_room() and not buf.needs_checkpoint()
@@ -42,6 +44,49 @@ def test_speculation_budget_pauses_until_a_checkpoint(image: Path, tmp_path: Pat
         await buf.aclose()
 
     asyncio.run(run())
+
+
+def test_checkpoint_needed_fires_at_the_mark_and_prepare_lifts_the_pause(image: Path, tmp_path: Path) -> None:
+    """checkpoint_needed at half the budget; prepare-checkpoint lets paused writes in until commit.
+
+    Without it the daemon's QMP ``stop`` would wait for mirror writes this server no longer reads.
+    """
+
+    async def run() -> None:
+        buf = DiskBuffer.open(image, tmp_path / "state", speculation_budget=64 << 10)
+        assert buf.checkpoint_mark == 32 << 10
+        for i in range(8):
+            buf.write(Export.REPLICA, i * 4096, b"a" * 4096)
+        assert buf.has_room() and buf.needs_checkpoint() and buf.status()["checkpoint_needed"]
+        for i in range(8, 16):
+            buf.write(Export.REPLICA, i * 4096, b"a" * 4096)
+        assert not buf.has_room()
+        waiter = asyncio.ensure_future(buf.wait_for_room())
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        buf.prepare_checkpoint()
+        await asyncio.wait_for(waiter, 5)
+        assert buf.has_room() and buf.status()["checkpoint_in_progress"]
+        buf.write(Export.REPLICA, 16 * 4096, b"b" * 4096)  # an in-flight request gets in
+        epoch = buf.seal()
+        await buf.commit(epoch)
+        assert not buf.status()["checkpoint_in_progress"]
+        for i in range(16):
+            buf.write(Export.REPLICA, i * 4096, b"c" * 4096)
+        assert not buf.has_room()  # the pause is back for the next epoch
+        buf.prepare_checkpoint()
+        buf.seal()
+        buf.rollback()
+        assert not buf.status()["checkpoint_in_progress"]
+        await buf.aclose()
+
+    asyncio.run(run())
+
+
+def test_bad_checkpoint_mark_is_a_config_error(image: Path, tmp_path: Path) -> None:
+    with pytest.raises(DiskBufferError) as info:
+        DiskBuffer.open(image, tmp_path / "state", speculation_budget=64 << 10, checkpoint_mark=128 << 10)
+    assert info.value.code == "config"
 
 
 def test_writeout_budget_pauses_until_the_image_catches_up(image: Path, tmp_path: Path) -> None:
