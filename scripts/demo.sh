@@ -1,8 +1,44 @@
 #!/usr/bin/env bash
-# The main job: until the protected VM pair exists, replay a generated capture pair through the
-# comparator and print the report a person reads.
+# The main job: a protected VM pair on this machine, a byte-checking client, a live mode switch and a
+# planned failover; then the comparator's capture replay. Everything is torn down at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+HFT=.venv/bin/hybridft
 out=${DEMO_DIR:-build/demo}
+work="$out/pair"
 mkdir -p "$out"
-.venv/bin/hybridft compare demo --out "$out"
+
+step() { printf '\n=== %s\n' "$*"; }
+cleanup() { $HFT pair down --workdir "$work" >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+
+step "Which QEMU and accelerator, and why"
+$HFT qemu which
+
+step "Starting a protected pair in MC mode (50 ms epochs)"
+$HFT pair down --workdir "$work" >/dev/null 2>&1 || true
+$HFT pair up --workdir "$work" --mode mc --epoch-ms 50 --json | tee "$out/pair-up.json"
+ns=$(.venv/bin/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["client_netns"])' "$out/pair-up.json")
+ip=$(.venv/bin/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["guest_ip"])' "$out/pair-up.json")
+probe() { ip netns exec "$ns" .venv/bin/python -m experiments.probe "$@"; }
+
+step "MC: download /blob (8 MiB, every byte checked) and echo round trips"
+probe blob "$ip" --count 2
+probe echo "$ip" --rounds 50
+$HFT status --workdir "$work"
+
+step "Switching to COLO at the next checkpoint"
+$HFT mode colo --workdir "$work"
+sleep 1
+probe blob "$ip" --count 2
+probe echo "$ip" --rounds 50
+$HFT status --workdir "$work"
+
+step "Planned failover to the secondary; the client is served by it"
+$HFT failover --workdir "$work"
+probe blob "$ip"
+probe echo "$ip" --rounds 20
+$HFT pair down --workdir "$work"
+
+step "Comparator: replaying a generated capture pair"
+$HFT compare demo --out "$out"
