@@ -21,6 +21,8 @@ test: setup
 bench: setup
 	$(BIN)/hybridft bench compare
 	$(BIN)/hybridft bench disk
+	$(BIN)/hybridft bench qemu
+	$(BIN)/hybridft bench pair
 
 lint: setup
 	$(BIN)/ruff check .

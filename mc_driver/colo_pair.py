@@ -184,7 +184,7 @@ def _common_args(config: ColoPairConfig, paths: PairPaths, side: str) -> list[st
         disk=paths.disk(side),
         console_log=paths.console(side),
         control_socket=paths.control(side),
-        cmdline=_robust_cmdline(config.cmdline if config.cmdline is not None else guest_cmdline()),
+        cmdline=config.cmdline if config.cmdline is not None else guest_cmdline(),
         mac=GUEST_MAC,
         memory_mib=config.memory_mib,
         accel=config.qemu.accel,
@@ -202,12 +202,6 @@ def _common_args(config: ColoPairConfig, paths: PairPaths, side: str) -> list[st
     for event in config.trace_events:
         args += ["-trace", f"{event},file={paths.trace(side)}"]
     return args
-
-
-def _robust_cmdline(cmdline: str) -> str:
-    """Add ``no_timer_check``: under TCG on a loaded host Linux's IO-APIC timer check can time out
-    and panic the guest at boot ("IO-APIC + timer doesn't work!") -- seen here during a QEMU build."""
-    return cmdline if "no_timer_check" in cmdline.split() else f"{cmdline} no_timer_check"
 
 
 def _primary_filter_args(config: ColoPairConfig, paths: PairPaths) -> list[str]:

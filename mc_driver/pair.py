@@ -185,11 +185,6 @@ def _monitor_args(files: PairFiles, side: str) -> list[str]:
     return args
 
 
-def _robust_cmdline(cmdline: str) -> str:
-    # see colo_pair._robust_cmdline: a loaded TCG host can fail Linux's IO-APIC timer check at boot
-    return cmdline if "no_timer_check" in cmdline.split() else f"{cmdline} no_timer_check"
-
-
 def _guest_args(
     config: PairConfig, files: PairFiles, image: GuestImage, qemu: QemuChoice, side: str
 ) -> list[str]:
@@ -197,7 +192,7 @@ def _guest_args(
     if side == "secondary":
         disk = f"nbd+unix:///view?socket={files.sock('disk-nbd')}"
     extra = "" if config.guest_tcp_timestamps else GUEST_TCP_TIMESTAMPS_OFF
-    cmdline = _robust_cmdline(guest_cmdline(f"{GUEST_IP}/24", run=config.guest_run, extra=extra))
+    cmdline = guest_cmdline(f"{GUEST_IP}/24", run=config.guest_run, extra=extra)
     args = qemu_args(
         image,
         tap=PRIMARY_TAP if side == "primary" else SECONDARY_TAP,
