@@ -61,6 +61,7 @@ log = logging.getLogger("hybridft.daemon")
 
 HEARTBEAT_INTERVAL = 0.1
 WATCH_INTERVAL = 0.02
+DISK_POLL_INTERVAL = 0.05  # how often the disk server's checkpoint_needed is read
 RECENT = 512  # checkpoint records kept for status/percentiles
 DAEMON_NICE = -10
 
@@ -367,6 +368,8 @@ class Daemon:
         ]
         if self.config.compare_control:
             self._tasks.append(asyncio.create_task(self._request_loop(), name="requests"))
+        if self.config.disk_control:
+            self._tasks.append(asyncio.create_task(self._disk_pressure_loop(), name="disk-pressure"))
         if self.config.metrics_port:
             self.metrics.serve_http(self.config.metrics_port)
 
@@ -641,6 +644,35 @@ class Daemon:
                     f"compare:{request['reason']}",
                     compare_epoch=reply.get("epoch"),
                     extra=int(reply.get("coalesced", 0)),
+                ):
+                    self._wake.set()
+        finally:
+            await client.close()
+
+    async def _disk_pressure_loop(self) -> None:
+        """A checkpoint when the disk server's speculation passes its checkpoint mark.
+
+        In COLO nothing else would checkpoint a guest that writes a lot but whose output matches;
+        without this the disk server would reach its budget and pause the primary's writes.
+        """
+        assert self.config.disk_control is not None
+        client = ServiceClient(self.config.disk_control)
+        try:
+            while True:
+                await asyncio.sleep(DISK_POLL_INTERVAL)
+                if self.state != "protected" or self._in_checkpoint:
+                    continue
+                try:
+                    status = await client.call("status")
+                except (ControlError, OSError) as exc:
+                    log.warning("disk status poll failed: %s", exc)
+                    await client.close()
+                    await asyncio.sleep(0.2)
+                    continue
+                if (
+                    status.get("checkpoint_needed")
+                    and "disk-pressure" not in self.scheduler.pending
+                    and self.scheduler.request("disk-pressure")
                 ):
                     self._wake.set()
         finally:

@@ -362,8 +362,18 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
         record.steps.append((str(this), time.perf_counter() - started))
         return result
 
+    async def stop_primary() -> None:
+        # The primary mirrors its disk with copy-mode=write-blocking and `stop` drains in-flight
+        # I/O; a disk server paused by its speculation budget would never take those writes, so
+        # prepare-checkpoint (lifting that pause until the commit) travels beside the stop.
+        disk = links.disk
+        if disk is None:
+            await links.primary.execute("stop")
+            return
+        await asyncio.gather(links.primary.execute("stop"), disk.call("prepare-checkpoint"))
+
     try:
-        await timed(Step.STOP_PRIMARY, links.primary.execute("stop"))
+        await timed(Step.STOP_PRIMARY, stop_primary())
         await timed(Step.STOP_SECONDARY, links.secondary.execute("stop"))
         # 3: both seals at once (they are independent; the pause is the sum of the steps)
         compare, disk = links.compare, links.disk

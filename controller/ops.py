@@ -41,7 +41,7 @@ def resolve_control(control: str | None, workdir: Path | None, config: Path | No
 
 def _request(endpoint: str, verb: str, timeout: float, **args: Any) -> dict[str, Any]:
     try:
-        return call(endpoint, verb, timeout=timeout, **args)
+        return call(endpoint, verb, io_timeout=timeout, **args)
     except ControlError as exc:
         click.echo(f"error: {exc.message} ({exc.code})", err=True)
         raise SystemExit(1) from None

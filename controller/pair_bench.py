@@ -87,7 +87,7 @@ class PairHandle:
         self.guest_ip = config["guest_ip"]
 
     def daemon(self, verb: str, **args: Any) -> dict[str, Any]:
-        return call(self.control, verb, timeout=60, **args)
+        return call(self.control, verb, io_timeout=60, **args)
 
     def set_mode(
         self, mode: str, epoch_ms: int | None = None, timeout: float = 30.0, passive: bool | None = None

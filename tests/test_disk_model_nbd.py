@@ -96,7 +96,7 @@ class ServedDiskMachine(RuleBasedStateMachine):
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def ctl(self, verb: str, **args: object) -> dict:
-        return call(self.control, verb, timeout=30, **args)
+        return call(self.control, verb, io_timeout=30, **args)
 
     def same(self, real, model):  # type: ignore[no-untyped-def]
         """Both succeed, or both refuse with the same code."""

@@ -122,9 +122,12 @@ def test_checkpoint_runs_the_steps_in_protocol_order() -> None:
     links, beats = _links(log)
     protocol = EpochProtocol(Mode.MC, 50)
     record = asyncio.run(run_checkpoint(links, protocol, {"timer": 1}))
-    assert log[:2] == ["primary:stop", "secondary:stop"]
-    assert sorted(log[2:4]) == ["compare:seal", "disk:seal"]  # the two seals run concurrently
-    assert log[4:] == [
+    # prepare-checkpoint travels beside the primary's stop (a budget-paused disk server would
+    # otherwise never take the writes that stop drains), then the secondary stops
+    assert sorted(log[:2]) == ["disk:prepare-checkpoint", "primary:stop"]
+    assert log[2] == "secondary:stop"
+    assert sorted(log[3:5]) == ["compare:seal", "disk:seal"]  # the two seals run concurrently
+    assert log[5:] == [
         "heartbeat:sealed",
         "primary:migrate-set-parameters",
         "primary:RESUME",
@@ -158,12 +161,18 @@ def test_passive_secondary_is_stopped_again_after_the_commit_in_mc_only() -> Non
 @pytest.mark.parametrize(
     ("fail", "recovery", "disk_calls"),
     [
-        ({"primary": "stop"}, Recovery.NONE, []),
-        ({"secondary": "stop"}, Recovery.NONE, []),
-        ({"disk": "seal"}, Recovery.ROLLBACK, []),  # nothing sealed on the disk: nothing to roll back
-        ({"secondary": "load"}, Recovery.ROLLBACK, ["disk:seal", "disk:rollback"]),
-        ({"primary": "migrate-set-parameters"}, Recovery.ROLLBACK, ["disk:seal", "disk:rollback"]),
-        ({"compare": "commit"}, Recovery.COMMIT, ["disk:seal", "disk:commit 101"]),
+        # prepare-checkpoint goes out beside the primary's stop, so it is there in every case
+        ({"primary": "stop"}, Recovery.NONE, ["disk:prepare-checkpoint"]),
+        ({"secondary": "stop"}, Recovery.NONE, ["disk:prepare-checkpoint"]),
+        # nothing sealed on the disk: nothing to roll back
+        ({"disk": "seal"}, Recovery.ROLLBACK, ["disk:prepare-checkpoint"]),
+        ({"secondary": "load"}, Recovery.ROLLBACK, ["disk:prepare-checkpoint", "disk:seal", "disk:rollback"]),
+        (
+            {"primary": "migrate-set-parameters"},
+            Recovery.ROLLBACK,
+            ["disk:prepare-checkpoint", "disk:seal", "disk:rollback"],
+        ),
+        ({"compare": "commit"}, Recovery.COMMIT, ["disk:prepare-checkpoint", "disk:seal", "disk:commit 101"]),
     ],
 )
 def test_failure_recovery_depends_on_whether_the_secondary_loaded(

@@ -189,7 +189,7 @@ def pair_json(workdir: Path) -> dict:
 
 
 def daemon_status(workdir: Path) -> dict:
-    return call(pair_json(workdir)["daemon_control"], "status", timeout=30)
+    return call(pair_json(workdir)["daemon_control"], "status", io_timeout=30)
 
 
 def secondary_status(config: dict) -> dict:
