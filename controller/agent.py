@@ -50,6 +50,7 @@ from controller.endpoints import Endpoint, parse_endpoint, start_server
 log = logging.getLogger("hybridft.agent")
 
 DEFAULT_SILENCE_MS = 500
+WATCH_WAIT = 0.2  # the secondary watcher's longest single wait for an event
 
 
 class AgentError(Exception):
@@ -82,6 +83,7 @@ class FailoverDecider:
     colo_exit: float | None = None
     bad_messages: int = 0
     triggered_at: float | None = None  # wall clock, for the failover report
+    last_check: float | None = None  # monotonic time of the previous check()
 
     def connection_opened(self, now: float) -> None:
         self.connected = True
@@ -122,8 +124,15 @@ class FailoverDecider:
                 self._fire("secondary left COLO (COLO_EXIT)")
 
     def check(self, now: float) -> str | None:
-        """The failover reason, once there is one (silence is judged here)."""
-        if self.trigger is None and self.armed and now - self.last_heard > self.silence_limit:
+        """The failover reason, once there is one (silence is judged here).
+
+        Silence is not judged right after the agent itself was stalled (a gap since the previous
+        check of more than half the limit: CPU starvation, a long GC): heartbeats that arrived meanwhile
+        sit unread in the socket, and the caller's next round reads them first.
+        """
+        stalled = self.last_check is not None and now - self.last_check > self.silence_limit / 2
+        self.last_check = now
+        if self.trigger is None and self.armed and not stalled and now - self.last_heard > self.silence_limit:
             self._fire(f"heartbeat silent for {now - self.last_heard:.3f} s")
         return self.trigger
 
@@ -171,11 +180,38 @@ def _ip(*args: str) -> None:
         raise AgentError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
 
 
+# How long each disk verb may take during a failover.  ``status`` and ``rollback`` only touch memory;
+# ``commit`` and ``failover`` wait for the write-out and an fdatasync, so they get more.  A step that
+# overruns is reported by name in failover.json and the failover goes on with the QMP and tap steps.
+DISK_STEP_TIMEOUTS: dict[str, float] = {"status": 2.0, "rollback": 2.0, "commit": 10.0, "failover": 10.0}
+DISK_CONNECT_TIMEOUT = 2.0
+# The secondary watcher must end before failover starts; it is asked to and then waited for this long.
+WATCHER_STOP_TIMEOUT = 1.0
+AGENT_NICE = -10  # like the daemon: a starved agent would judge the heartbeat silent falsely
+
+
+class DiskStepError(Exception):
+    """A disk verb of the failover failed or did not answer in time (the message names the verb)."""
+
+
 async def _disk_call(endpoint: str, verb: str, **args: Any) -> dict[str, Any]:
+    limit = DISK_STEP_TIMEOUTS.get(verb, 2.0)
     client = AsyncControlClient(endpoint)
     try:
-        await asyncio.wait_for(client.connect(), timeout=5)
-        return await asyncio.wait_for(client.call(verb, **args), timeout=30)
+        try:
+            await asyncio.wait_for(client.connect(), timeout=DISK_CONNECT_TIMEOUT)
+        except TimeoutError:
+            raise DiskStepError(f"{verb}: no connection within {DISK_CONNECT_TIMEOUT} s") from None
+        except OSError as exc:
+            raise DiskStepError(f"{verb}: cannot connect to {endpoint}: {exc}") from None
+        try:
+            return await asyncio.wait_for(client.call(verb, **args), timeout=limit)
+        except TimeoutError:
+            raise DiskStepError(f"{verb}: no answer within {limit} s") from None
+        except ControlError as exc:
+            raise DiskStepError(f"{verb}: {exc}") from None
+        except OSError as exc:
+            raise DiskStepError(f"{verb}: {exc}") from None
     finally:
         await client.close()
 
@@ -264,7 +300,7 @@ async def fail_over(
         timeline.mark(f"disk {decision.action} {decision.epoch} ({decision.why})")
         await _disk_call(disk, "failover")
         timeline.mark("disk failover")
-    except (ControlError, OSError, TimeoutError) as exc:
+    except DiskStepError as exc:
         disk_error = str(exc)
         timeline.mark(f"disk step failed: {exc}")
     errors: list[str] = [f"disk: {disk_error}"] if disk_error else []
@@ -314,6 +350,7 @@ class Agent:
         self.config = config
         self.decider = FailoverDecider(silence_limit=silence_limit)
         self.wake = asyncio.Event()
+        self._stop_watching = asyncio.Event()
         self._writer: asyncio.StreamWriter | None = None
 
     async def _on_heartbeat(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -345,16 +382,35 @@ class Agent:
             writer.close()
 
     async def _watch_secondary(self, secondary: Any) -> None:
+        """Feed the secondary's events to the decider until failover starts.
+
+        It stops by itself once ``_stop_watching`` is set (within one wait): cancelling it alone is
+        not enough, because ``asyncio.wait_for`` in Python 3.11 swallows a cancellation that lands in
+        the same loop iteration as the awaited item (here: a QMP event) -- the loop would go on for
+        ever and a plain ``await`` of the task would hang the failover (issue 5).
+        """
         from mc_driver.qmp import QmpTimeout
 
-        while True:
+        while not self._stop_watching.is_set():
             try:
-                event = await secondary.wait_event(("RESUME", "COLO_EXIT", "STOP"), timeout=0.5)
+                event = await secondary.wait_event(("RESUME", "COLO_EXIT", "STOP"), timeout=WATCH_WAIT)
             except QmpTimeout:
                 continue
             self.decider.secondary_event(event.name, event.timestamp)
             if self.decider.trigger:
                 self.wake.set()
+
+    async def stop_watcher(self, watcher: asyncio.Task[None], timeline: Timeline) -> bool:
+        """Ask the watcher to end and wait for it, bounded; True when it ended in time."""
+        self._stop_watching.set()
+        watcher.cancel()
+        done, _ = await asyncio.wait({watcher}, timeout=WATCHER_STOP_TIMEOUT)
+        if not done:
+            timeline.mark(f"secondary watcher still running after {WATCHER_STOP_TIMEOUT} s (left behind)")
+            return False
+        if not watcher.cancelled() and watcher.exception() is not None:
+            timeline.mark(f"secondary watcher had failed: {watcher.exception()!r}")
+        return True
 
     async def run(self) -> dict[str, Any] | None:
         from mc_driver.qmp import QmpDisconnected, QmpError, QmpSession
@@ -385,9 +441,7 @@ class Agent:
                     await asyncio.wait_for(self.wake.wait(), timeout=0.05)
             timeline = Timeline()
             log.warning("failing over: %s", self.decider.trigger)
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await watcher
+            await self.stop_watcher(watcher, timeline)
             try:
                 report = await fail_over(self.config, self.decider, secondary, timeline)
             except Exception as exc:  # never die silently half-way: say where it stopped
@@ -448,6 +502,10 @@ def agent_command(config_path: Path, silence_ms: int, log_level: str) -> None:
         for key in ("heartbeat", "disk_control", "netns", "bridge", "taps", "qmp"):
             if key not in config:
                 raise PairError(f"{config_path} has no {key!r}")
+        try:  # as the daemon does: heartbeats must be read on time on a busy host (root only)
+            os.setpriority(os.PRIO_PROCESS, 0, AGENT_NICE)
+        except OSError as exc:
+            log.warning("cannot renice the agent to %d: %s", AGENT_NICE, exc)
         report = asyncio.run(Agent(config, silence_ms / 1000).run())
     except (PairError, AgentError) as exc:
         raise click.ClickException(str(exc)) from None
