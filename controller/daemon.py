@@ -448,6 +448,7 @@ class Daemon:
                     heartbeat=self.heartbeat.send,
                     passive_secondary=self.config.passive_secondary,
                     timeout=self.config.checkpoint_timeout,
+                    primary_alive=self._primary_ok,
                 )
                 try:
                     record = await run_checkpoint(links, self.protocol, dict(reasons))

@@ -341,6 +341,9 @@ class PairLinks:
     heartbeat: Callable[[dict[str, Any]], None] = lambda message: None
     passive_secondary: bool = False  # MC: stop the secondary again right after it loaded
     timeout: float = 30.0
+    # False once the primary is gone: the agent then owns the disk (it sees what the secondary really
+    # loaded); a recovery from here would race it, e.g. roll back an epoch the secondary resumed from
+    primary_alive: Callable[[], bool] = lambda: True
 
 
 async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dict[str, int]) -> EpochRecord:
@@ -436,6 +439,9 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
         if protocol.current is None:  # failed after the commit (passive stop): the epoch is closed
             raise CheckpointError(step, exc, Recovery.COMMIT, record) from exc
         recovery = protocol.recovery_for_failure()
+        if recovery is not Recovery.NONE and not links.primary_alive():
+            record.steps.append((f"{recovery} left to the agent (primary lost)", 0.0))
+            recovery = Recovery.NONE
         try:
             if recovery is Recovery.ROLLBACK and links.disk is not None and record.disk_epoch is not None:
                 await timed(Step.DISK_ROLLBACK, links.disk.call("rollback"))

@@ -274,3 +274,23 @@ def test_heartbeat_messages_follow_the_phase() -> None:
     assert (loaded["epoch"], loaded["state"]) == (3, "loaded")
     protocol.committed_step()
     assert protocol.heartbeat(7.0) == {"t": 7.0, "epoch": 3, "state": "committed"}
+
+
+def test_a_lost_primary_leaves_the_disk_to_the_agent() -> None:
+    """Issue 5: the primary dies after the fire; the secondary loaded N and resumed, the primary's
+    RESUME never comes.  The daemon alone would roll N back (it never saw the load) -- racing the
+    agent, which commits N because the secondary resumed after the seal.  With the primary lost the
+    daemon must not touch the disk."""
+    for primary_alive, disk_calls, recovery in (
+        (True, ["disk:prepare-checkpoint", "disk:seal", "disk:rollback"], Recovery.ROLLBACK),
+        (False, ["disk:prepare-checkpoint", "disk:seal"], Recovery.NONE),
+    ):
+        log: list[str] = []
+        links, _ = _links(log, fail={"primary": "load"})
+        links.primary_alive = lambda alive=primary_alive: alive
+        protocol = EpochProtocol(Mode.MC, 50)
+        with pytest.raises(CheckpointError) as info:
+            asyncio.run(run_checkpoint(links, protocol, {"timer": 1}))
+        assert info.value.recovery is recovery
+        assert [entry for entry in log if entry.startswith("disk:")] == disk_calls
+        assert protocol.current is None
