@@ -457,7 +457,8 @@ class Agent:
             if self._writer is not None:  # let the heartbeat handler see EOF and end on its own
                 self._writer.close()
                 await asyncio.sleep(0.05)
-            await secondary.close()
+            with contextlib.suppress(TimeoutError):  # the report is written; do not hang on exit
+                await asyncio.wait_for(secondary.close(), timeout=2.0)
             if hb.kind == "unix" and hb.path:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(hb.path)
