@@ -281,6 +281,67 @@ async def _qmp_step(
     return result
 
 
+def disk_settled(decision: DiskDecision, status: dict[str, Any]) -> bool:
+    """Is the disk already where ``decision`` wants it (the daemon's own checkpoint step may have
+    committed or rolled back the same epoch an instant before the agent asked)?"""
+    sealed = [e for e in status.get("sealed") or [] if isinstance(e, int)]
+    committed = status.get("committed")
+    if status.get("committing") is not None:
+        return False
+    if decision.action == "commit":
+        return isinstance(committed, int) and decision.epoch is not None and committed >= decision.epoch
+    if decision.action == "rollback":
+        return decision.epoch not in sealed and not (
+            isinstance(committed, int) and committed >= (decision.epoch or 0)
+        )
+    return True
+
+
+async def _status_without_commit(disk: str, timeline: Timeline) -> dict[str, Any]:
+    """The disk's status once no commit is in progress (the daemon's commit of an epoch the
+    secondary loaded must land before the agent decides or fails over), bounded."""
+    status = await _disk_call(disk, "status")
+    if status.get("committing") is None:
+        return status
+    epoch = status["committing"]
+    deadline = time.monotonic() + DISK_STEP_TIMEOUTS["commit"]
+    while status.get("committing") is not None:
+        if time.monotonic() > deadline:
+            raise DiskStepError(
+                f"commit of epoch {epoch} still in progress after {DISK_STEP_TIMEOUTS['commit']} s"
+            )
+        await asyncio.sleep(0.005)
+        status = await _disk_call(disk, "status")
+    timeline.mark(f"waited for the daemon's commit of epoch {epoch}")
+    return status
+
+
+async def _settle_disk(
+    disk: str, decider: FailoverDecider, timeline: Timeline
+) -> tuple[DiskDecision, list[str]]:
+    """Commit or roll back the sealed epoch (§2 step 6); returns the decision and any errors."""
+    decision = DiskDecision("none", None, "disk server unreachable")
+    try:
+        status = await _status_without_commit(disk, timeline)
+        decision = decider.disk_decision(status)
+        if decision.action in ("commit", "rollback"):
+            args = {"epoch": decision.epoch} if decision.action == "commit" else {}
+            try:
+                await _disk_call(disk, decision.action, **args)
+            except DiskStepError:
+                # refused: perhaps because the daemon did the same an instant earlier -- the state
+                # is what counts, not who got there first
+                after = await _status_without_commit(disk, timeline)
+                if not disk_settled(decision, after):
+                    raise
+                timeline.mark(f"disk {decision.action} {decision.epoch} was already done")
+        timeline.mark(f"disk {decision.action} {decision.epoch} ({decision.why})")
+    except DiskStepError as exc:
+        timeline.mark(f"disk step failed: {exc}")
+        return decision, [str(exc)]
+    return decision, []
+
+
 async def fail_over(
     config: dict[str, Any], decider: FailoverDecider, secondary: Any, timeline: Timeline
 ) -> dict[str, Any]:
@@ -288,22 +349,15 @@ async def fail_over(
     # fencing runs beside the disk steps; it must be over before the taps are swapped
     fence = asyncio.create_task(_fence_primary(config, timeline))
     disk = config["disk_control"]
-    decision = DiskDecision("none", None, "disk server unreachable")
-    disk_error: str | None = None
-    try:
-        status = await _disk_call(disk, "status")
-        decision = decider.disk_decision(status)
-        if decision.action == "commit":
-            await _disk_call(disk, "commit", epoch=decision.epoch)
-        elif decision.action == "rollback":
-            await _disk_call(disk, "rollback")
-        timeline.mark(f"disk {decision.action} {decision.epoch} ({decision.why})")
+    decision, disk_errors = await _settle_disk(disk, decider, timeline)
+    try:  # even when the decision step failed: a disk left un-failed-over is never right
         await _disk_call(disk, "failover")
         timeline.mark("disk failover")
     except DiskStepError as exc:
-        disk_error = str(exc)
+        disk_errors.append(str(exc))
         timeline.mark(f"disk step failed: {exc}")
-    errors: list[str] = [f"disk: {disk_error}"] if disk_error else []
+    disk_error = "; ".join(disk_errors) or None
+    errors: list[str] = [f"disk: {e}" for e in disk_errors]
     await _qmp_step(secondary, timeline, errors, "x-colo-lost-heartbeat")
     for command, ident in (("object-del", "f1"), ("object-del", "f2"),
                            ("chardev-remove", "red0"), ("chardev-remove", "red1")):  # fmt: skip
@@ -412,6 +466,23 @@ class Agent:
             timeline.mark(f"secondary watcher had failed: {watcher.exception()!r}")
         return True
 
+    async def drain_secondary_events(self, secondary: Any) -> int:
+        """Feed the events that reached the secondary's session but not the stopped watcher (a
+        RESUME there decides commit vs rollback); returns how many."""
+        from mc_driver.qmp import QmpError
+
+        fed = 0
+        while fed < 10_000:
+            try:
+                event = await asyncio.wait_for(
+                    secondary.wait_event(("RESUME", "COLO_EXIT", "STOP"), timeout=0.0), timeout=0.1
+                )
+            except (QmpError, TimeoutError):
+                break
+            self.decider.secondary_event(event.name, event.timestamp)
+            fed += 1
+        return fed
+
     async def run(self) -> dict[str, Any] | None:
         from mc_driver.qmp import QmpDisconnected, QmpError, QmpSession
 
@@ -441,7 +512,8 @@ class Agent:
                     await asyncio.wait_for(self.wake.wait(), timeout=0.05)
             timeline = Timeline()
             log.warning("failing over: %s", self.decider.trigger)
-            await self.stop_watcher(watcher, timeline)
+            if await self.stop_watcher(watcher, timeline):
+                await self.drain_secondary_events(secondary)
             try:
                 report = await fail_over(self.config, self.decider, secondary, timeline)
             except Exception as exc:  # never die silently half-way: say where it stopped

@@ -22,11 +22,14 @@ from controller.agent import (
     DISK_STEP_TIMEOUTS,
     WATCHER_STOP_TIMEOUT,
     Agent,
+    DiskDecision,
     DiskStepError,
     FailoverDecider,
     Timeline,
     _disk_call,
+    _settle_disk,
     agent_command,
+    disk_settled,
 )
 from controller.control import serve_control
 from mc_driver.qmp import Event, QmpTimeout
@@ -261,3 +264,61 @@ def test_a_disk_step_that_never_answers_is_reported_by_name(
 def test_an_absent_disk_server_is_a_disk_step_error(tmp_path: Path) -> None:
     with pytest.raises(DiskStepError, match="status: cannot connect"):
         asyncio.run(_disk_call(f"unix:{tmp_path / 'nobody.sock'}", "status"))
+
+
+def _disk_buffer(tmp_path: Path) -> Any:
+    from disk_buffer.buffer import DiskBuffer, Export
+
+    image = tmp_path / "replica.img"
+    image.write_bytes(bytes(1 << 20))
+    buffer = DiskBuffer.open(image, tmp_path / "state")
+    buffer.write(Export.REPLICA, 0, b"p" * 4096)  # a primary write of the open epoch
+    return buffer
+
+
+def test_the_agent_and_the_daemon_rolling_back_the_same_epoch_is_not_an_error(tmp_path: Path) -> None:
+    """A real disk buffer; the daemon's rollback lands between the agent's status and its rollback (the
+    race of failover-2 in the bench).  The agent sees the disk already where it wanted it, and the disk
+    failover still runs (it used to be skipped after any refused disk step)."""
+
+    async def scenario() -> tuple[DiskDecision, list[str], Timeline, dict[str, Any]]:
+        from disk_buffer.server import make_control_dispatch
+
+        buffer = _disk_buffer(tmp_path)
+        epoch = buffer.seal()
+        real = make_control_dispatch(buffer)
+
+        async def daemon_first(verb: str, args: dict[str, Any]) -> dict[str, Any]:
+            if verb == "rollback" and buffer.status()["sealed"]:
+                await real("rollback", {})  # the daemon's checkpoint recovery, an instant earlier
+            return await real(verb, args)
+
+        endpoint = f"unix:{tmp_path / 'disk-ctl.sock'}"
+        server = await serve_control(endpoint, daemon_first)
+        decider = FailoverDecider()
+        decider.message({"t": 1.0, "epoch": epoch, "state": "sealed"}, 0.0)  # sealed, never loaded
+        timeline = Timeline()
+        try:
+            decision, errors = await _settle_disk(endpoint, decider, timeline)
+            await _disk_call(endpoint, "failover")
+            status = await _disk_call(endpoint, "status")
+        finally:
+            server.close()
+            await buffer.aclose()
+        return decision, errors, timeline, status
+
+    decision, errors, timeline, status = asyncio.run(scenario())
+    assert decision.action == "rollback" and errors == []
+    assert any("already done" in step for step, _ in timeline.steps)
+    assert status["failed_over"] and status["sealed"] == []
+
+
+def test_disk_settled_says_whether_the_decision_already_holds() -> None:
+    commit5, rollback5 = DiskDecision("commit", 5), DiskDecision("rollback", 5)
+    assert disk_settled(commit5, {"committed": 5, "sealed": [], "committing": None})
+    assert not disk_settled(commit5, {"committed": 4, "sealed": [5], "committing": None})
+    assert not disk_settled(commit5, {"committed": 4, "sealed": [5], "committing": 5})
+    assert disk_settled(rollback5, {"committed": 4, "sealed": [], "committing": None})
+    # the epoch the agent wanted dropped was committed instead: that is a conflict, not settled
+    assert not disk_settled(rollback5, {"committed": 5, "sealed": [], "committing": None})
+    assert not disk_settled(rollback5, {"committed": 4, "sealed": [5], "committing": None})
