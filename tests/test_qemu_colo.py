@@ -11,6 +11,12 @@
   after each checkpoint; between checkpoints the secondary runs exactly as without it (100 ms of guest
   time, fed the client's packets), so a stale page would still crash its kernel.
 
+The two long scenarios run at the same time, each with its own pair, namespace and event loop in its
+own thread: both mostly wait on guest timers, so together they take about as long as the soak alone
+(~11 min instead of ~17). Each scenario's checks are collected separately and every failure names its
+scenario. ``HYBRIDFT_SOAK_SECONDS`` and ``HYBRIDFT_RAM_CHECKPOINTS`` (default 200) shorten development
+runs only; the defaults are the issue's bounds.
+
 These tests always use TCG and the patched build (that is what the fixes are for), and fail -- never
 skip -- when QEMU, the build or the guest is missing.
 """
