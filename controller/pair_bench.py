@@ -120,7 +120,7 @@ class PairHandle:
         return sock
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
         chunk = sock.recv(min(n - len(buf), 1 << 20))
@@ -230,7 +230,7 @@ def echo_latency(pair: PairHandle, count: int) -> dict[str, Any]:
             payload = os.urandom(63) + bytes([i & 0xFF])
             started = time.perf_counter()
             sock.sendall(payload)
-            if _recv_exact(sock, len(payload)) != payload:
+            if recv_exact(sock, len(payload)) != payload:
                 raise BenchError(f"echo round trip {i} came back different")
             rtts.append((time.perf_counter() - started) * 1000)
     return _stats_ms(rtts)
@@ -395,7 +395,7 @@ def _probe_until_served(pair: PairHandle, since: float, timeout: float) -> float
             with pair.connect(ECHO_PORT, timeout=0.05) as sock:
                 sock.settimeout(5)
                 sock.sendall(b"probe\n")
-                if _recv_exact(sock, 6) == b"probe\n":
+                if recv_exact(sock, 6) == b"probe\n":
                     return time.monotonic()
         except OSError:
             time.sleep(max(0.0, 0.05 - (time.monotonic() - probe)))
@@ -422,7 +422,7 @@ class _BusyEcho:
             while not self._stop.is_set():
                 payload = os.urandom(256)
                 self._sock.sendall(payload)
-                if _recv_exact(self._sock, len(payload)) != payload:
+                if recv_exact(self._sock, len(payload)) != payload:
                     self.errors.append("bytes differ")
                 time.sleep(0.01)
         except OSError as exc:

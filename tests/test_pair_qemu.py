@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from controller.control import call
+from controller.pair_bench import recv_exact
 from mc_driver.guest import (
     BLOB_SIZE,
     BLOBD_PORT,
@@ -57,16 +58,6 @@ def connect(ns: NetNamespace, port: int, timeout: float = 60.0) -> socket.socket
     sock.settimeout(timeout)
     sock.connect((GUEST_IP, port))
     return sock
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            raise ConnectionError(f"connection closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
 
 
 @dataclass
