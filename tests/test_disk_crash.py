@@ -227,9 +227,11 @@ class CrashHarness:
         model = DiskModel.from_image(self.committed_image, self.epoch)
         commits = apply_to_model(model, ops)
         after_commits = 0
-        if random_kill:  # after a random number of returned commits, plus up to 5 ms
-            after_commits = self.rng.randint(0, max(len(commits) - 1, 0))
-            kill_after = self.rng.uniform(0, 0.005)
+        if random_kill:
+            # After a random number of returned commits (never the last: work must remain, or an idle
+            # fast machine finishes before the kill lands), plus up to 2 ms.
+            after_commits = self.rng.randint(0, max(len(commits) - 2, 0))
+            kill_after = self.rng.uniform(0, 0.002)
         result = run_child(
             self.image, self.state, ops, kill_after=kill_after, after_commits=after_commits, fault=fault
         )
