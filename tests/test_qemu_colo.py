@@ -386,7 +386,12 @@ def test_precopy_migration_under_tcg_leaves_identical_ram(
                 ):
                     assert time.monotonic() < deadline, "migration did not finish"
                     await asyncio.sleep(0.1)
-                dest_state = (await dest.execute("query-status"))["status"]
+                # the source reports "completed" when it has sent everything; the destination may
+                # still be loading (status "inmigrate"): compare RAM only once it has finished
+                deadline = time.monotonic() + 60
+                while (dest_state := (await dest.execute("query-status"))["status"]) == "inmigrate":
+                    assert time.monotonic() < deadline, "the destination never finished loading"
+                    await asyncio.sleep(0.05)
                 assert status == "completed" and dest_state == "paused"
                 pages = differing_pages(paths.ram("primary"), paths.ram("secondary"))
                 await source.close()
