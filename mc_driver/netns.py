@@ -77,7 +77,7 @@ def _kill_all_in(name: str, grace: float = 2.0) -> None:
             time.sleep(0.05)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -93,7 +93,7 @@ def cleanup_stale(prefix: str = DEFAULT_PREFIX) -> list[str]:
     pattern = re.compile(rf"^{re.escape(prefix)}(\d+)-\d+$")
     for name in list_namespaces():
         m = pattern.match(name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             _kill_all_in(name)
             _ip("netns", "del", name, check=False)
             removed.append(name)

@@ -73,7 +73,7 @@ from mc_driver.guest import (
     guest_cmdline,
     qemu_args,
 )
-from mc_driver.netns import NetNamespace, NetnsError, list_namespaces
+from mc_driver.netns import NetNamespace, NetnsError, list_namespaces, pid_alive
 from mc_driver.qmp import QmpError, QmpSession
 
 Mode = Literal["mc", "colo"]
@@ -442,21 +442,11 @@ def _existing_pair(files: PairFiles) -> list[str]:
     except (OSError, ValueError):
         data = {}
     for role, pid in (data.get("pids") or {}).items():
-        if isinstance(pid, int) and pid > 0 and _pid_alive(pid):
+        if isinstance(pid, int) and pid > 0 and pid_alive(pid):
             live.append(role)
     if files.netns in list_namespaces():
         live.append(f"network namespace {files.netns}")
     return live
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def up(config: PairConfig) -> dict[str, Any]:
@@ -599,7 +589,7 @@ def down(workdir: Path, *, grace: float = 3.0) -> dict[str, Any]:
 
 def _stop_pid(pid: int, grace: float) -> bool:
     """SIGTERM, wait, SIGKILL the process group led by ``pid`` (every process here leads its own session)."""
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return False
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -608,7 +598,7 @@ def _stop_pid(pid: int, grace: float) -> bool:
             os.kill(pid, sig)
         deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 2.0)
         while time.monotonic() < deadline:
-            if not _pid_alive(pid) or _is_zombie(pid):
+            if not pid_alive(pid) or _is_zombie(pid):
                 _reap(pid)
                 return True
             time.sleep(0.02)
