@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import struct
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from colo_compare.core import CheckpointRequest, Comparator, Mode, Release
@@ -79,6 +79,11 @@ isns = st.integers(min_value=0, max_value=0xFFFFFFFF) | st.integers(min_value=0x
 @given(stream_data, cuts, cuts, orders, orders, orders, orders, isns, isns, st.integers(1, 8))
 def test_any_two_packetisations_of_a_stream_match(data, cuts_p, cuts_s, order_p, order_s, dups_p, dups_s,
                                                    isn_p, isn_s, batch) -> None:
+    # The filter-rewriter heuristic (core docstring) re-anchors a secondary whose first post-SYN
+    # segment carries the primary's offset-0 sequence number.  When the secondary's own ISN puts one
+    # of its out-of-order segments exactly there (probability ~len/2^32 with real ISNs) the heuristic
+    # misreads it: that costs one checkpoint, never a byte (see the explicit test below).
+    assume(not rewriter_alias(isn_p, isn_s, len(data)))
     p = side_frames(data, cuts_p, isn_p, order_p, dups_p, 1)
     s = side_frames(data, cuts_s, isn_s, order_s, dups_s, 5000)
     c = Comparator()
@@ -88,11 +93,32 @@ def test_any_two_packetisations_of_a_stream_match(data, cuts_p, cuts_s, order_p,
     assert c.stats()["held_frames"] == 0
 
 
+def rewriter_alias(isn_p: int, isn_s: int, length: int) -> bool:
+    """Some secondary segment start (own ISN + 1 + k, 0 < k < length) equals the primary's ISN + 1."""
+    return 0 < (isn_p - isn_s) % (1 << 32) < length
+
+
+def test_rewriter_alias_costs_a_checkpoint_never_a_byte() -> None:
+    """Found by hypothesis in a clean-clone run: primary ISN 3, secondary ISN 0, the secondary's
+    segment at its offset 3 (= sequence 4 = the primary's offset 0) arrives first."""
+    data = b"\x00\x00\x00\x00"
+    p = side_frames(data, [], 3, [], [], 1)
+    s = side_frames(data, [438], 0, [1], [], 5000)
+    c = Comparator()
+    actions = feed_interleaved(c, p, s, 1)
+    assert [r.reason for r in requests(actions)] == ["fin"]  # a false divergence: one checkpoint
+    epoch = c.seal()
+    actions += c.commit(epoch)
+    assert released(actions) == p  # every primary frame released exactly once, in order
+    assert c.stats()["held_frames"] == 0
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(min_size=1, max_size=3000), st.data(), cuts, cuts, orders, orders, isns, isns,
        st.integers(1, 8), st.booleans())
 def test_one_changed_byte_is_found_exactly(data, draw, cuts_p, cuts_s, order_p, order_s, isn_p, isn_s,
                                            batch, primary_changed) -> None:
+    assume(not rewriter_alias(isn_p, isn_s, len(data)))  # see the packetisation property
     k = draw.draw(st.integers(min_value=0, max_value=len(data) - 1))
     other = bytearray(data)
     other[k] ^= draw.draw(st.integers(min_value=1, max_value=255))
