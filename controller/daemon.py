@@ -374,12 +374,15 @@ class Daemon:
             self.metrics.serve_http(self.config.metrics_port)
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            _done, stuck = await asyncio.wait(self._tasks, timeout=10)
+        # Cancelled again until they end: Python 3.11's asyncio.wait_for swallows a cancellation that
+        # lands in the same loop iteration as the item it awaited (the epoch loop's wake-up, say).
+        stuck, deadline = set(self._tasks), time.monotonic() + 10
+        while stuck and time.monotonic() < deadline:
             for task in stuck:
-                log.error("task %s did not stop: %s", task.get_name(), task.get_stack())
+                task.cancel()
+            _done, stuck = await asyncio.wait(stuck, timeout=0.2)
+        for task in stuck:
+            log.error("task %s did not stop: %s", task.get_name(), task.get_stack())
         self._tasks = []
         if self._server is not None:
             self._server.close()
