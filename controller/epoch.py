@@ -16,13 +16,17 @@ Why it is split in two:
 
 The order (N = the epoch being closed)::
 
-    1 stop primary          (QMP returns once its I/O drained)
-    2 stop secondary
+    1 stop secondary
+    2 stop primary          (QMP returns once its I/O drained)
     3 comparator mode (if a switch is pending) + seal, disk seal; heartbeat {"epoch": N, "state": "sealed"}
     4 migrate-set-parameters x-checkpoint-delay (fires one checkpoint at once); RESUME on both QEMUs
       (the secondary's RESUME means it loaded N); heartbeat "loaded"
     5 disk commit N, comparator commit; heartbeat "committed"
     6 any failure before "loaded": disk rollback, then the caller handles the lost side (§5)
+
+The secondary stops first, as in QEMU's own COLO checkpoint (whose request/reply stops the secondary
+before the primary): the client-visible pause is the primary's, so the secondary's stop round trip
+stays outside it.  ARCHITECTURE.md §2 lists the primary first; either order seals the same epoch.
 
 ``N`` is the disk server's epoch number when a disk server is wired (the agent's ``disk ctl commit N``
 must name the same epoch), else the protocol's own counter.  The comparator numbers its epochs itself;
@@ -48,8 +52,8 @@ class Mode(StrEnum):
 
 
 class Step(StrEnum):
-    STOP_PRIMARY = "stop-primary"
     STOP_SECONDARY = "stop-secondary"
+    STOP_PRIMARY = "stop-primary"
     COMPARE_MODE = "compare-mode"
     COMPARE_SEAL = "compare-seal"
     DISK_SEAL = "disk-seal"
@@ -354,7 +358,7 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
     before calling (the caller counts them).
     """
     record = protocol.begin(reasons, time.time())
-    step = Step.STOP_PRIMARY
+    step = Step.STOP_SECONDARY
     disk_committed = False
 
     async def timed(this: Step, action: Any) -> Any:
@@ -376,8 +380,8 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
         await asyncio.gather(links.primary.execute("stop"), disk.call("prepare-checkpoint"))
 
     try:
-        await timed(Step.STOP_PRIMARY, stop_primary())
         await timed(Step.STOP_SECONDARY, links.secondary.execute("stop"))
+        await timed(Step.STOP_PRIMARY, stop_primary())
         # 3: both seals at once (they are independent; the pause is the sum of the steps)
         compare, disk = links.compare, links.disk
 

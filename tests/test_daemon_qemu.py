@@ -272,11 +272,11 @@ async def _protocol_order(harness: Harness, daemon: Daemon) -> None:
     s_events = [(e.name, e.timestamp) for e in observer_s.events() if e.name in ("STOP", "RESUME")]
     assert [n for n, _ in p_events] == ["STOP", "RESUME"], p_events
     assert [n for n, _ in s_events] == ["STOP", "RESUME"], s_events
-    # 1 stop primary, 2 stop secondary, (3 seal), 4 the secondary loads and resumes; the primary resumes
-    assert p_events[0][1] <= s_events[0][1] <= s_events[1][1]
+    # 1 stop secondary, 2 stop primary, (3 seal), 4 the secondary loads and resumes; the primary resumes
+    assert s_events[0][1] <= p_events[0][1] <= s_events[1][1]
     assert p_events[0][1] <= p_events[1][1]
     steps = [name for name, _ in record.steps]
-    assert steps[:2] == ["stop-primary", "stop-secondary"], steps
+    assert steps[:2] == ["stop-secondary", "stop-primary"], steps
     assert sorted(steps[2:4]) == ["compare-seal", "disk-seal"], steps  # concurrent, both before the fire
     assert steps[4:] == ["fire", "resume-primary", "resume-secondary", "disk-commit", "compare-commit"], steps
 

@@ -124,8 +124,9 @@ def test_checkpoint_runs_the_steps_in_protocol_order() -> None:
     record = asyncio.run(run_checkpoint(links, protocol, {"timer": 1}))
     # prepare-checkpoint travels beside the primary's stop (a budget-paused disk server would
     # otherwise never take the writes that stop drains), then the secondary stops
-    assert sorted(log[:2]) == ["disk:prepare-checkpoint", "primary:stop"]
-    assert log[2] == "secondary:stop"
+    # the secondary first: its stop stays outside the primary's (client-visible) pause
+    assert log[0] == "secondary:stop"
+    assert sorted(log[1:3]) == ["disk:prepare-checkpoint", "primary:stop"]
     assert sorted(log[3:5]) == ["compare:seal", "disk:seal"]  # the two seals run concurrently
     assert log[5:] == [
         "heartbeat:sealed",
@@ -142,7 +143,7 @@ def test_checkpoint_runs_the_steps_in_protocol_order() -> None:
     assert [b["epoch"] for b in beats] == [101, 101, 101]
     assert record.outcome == "committed" and record.released_frames == 3
     assert record.primary_pause is not None and record.primary_pause > 0
-    assert [name for name, _ in record.steps][:2] == [str(Step.STOP_PRIMARY), str(Step.STOP_SECONDARY)]
+    assert [name for name, _ in record.steps][:2] == [str(Step.STOP_SECONDARY), str(Step.STOP_PRIMARY)]
     assert protocol.last_committed == 101 and protocol.next_number == 102
 
 
@@ -161,9 +162,10 @@ def test_passive_secondary_is_stopped_again_after_the_commit_in_mc_only() -> Non
 @pytest.mark.parametrize(
     ("fail", "recovery", "disk_calls"),
     [
-        # prepare-checkpoint goes out beside the primary's stop, so it is there in every case
+        # prepare-checkpoint goes out beside the primary's stop (after the secondary's), so it is
+        # there in every case but a failed secondary stop
         ({"primary": "stop"}, Recovery.NONE, ["disk:prepare-checkpoint"]),
-        ({"secondary": "stop"}, Recovery.NONE, ["disk:prepare-checkpoint"]),
+        ({"secondary": "stop"}, Recovery.NONE, []),
         # nothing sealed on the disk: nothing to roll back
         ({"disk": "seal"}, Recovery.ROLLBACK, ["disk:prepare-checkpoint"]),
         ({"secondary": "load"}, Recovery.ROLLBACK, ["disk:prepare-checkpoint", "disk:seal", "disk:rollback"]),
