@@ -383,6 +383,7 @@ def run_failovers(root: Path, kills: int, epoch_ms: int) -> dict[str, Any]:
         "served_ms": _stats_ms(served),
         "agent_ms": _stats_ms(agent),
         "max_ms": round(max(served), 1) if served else None,
+        "each_ms": [round(s, 1) for s in served],  # in kill order: an outlier's workdir is failover-<i>
         "under_1s": sum(1 for s in served if s <= 1000),
         "errors": errors,
     }
