@@ -111,6 +111,13 @@ def _setns(fd: int) -> None:
         raise NetnsError(f"setns: {os.strerror(err)}")
 
 
+def _local_mac() -> str:
+    """A random unicast, locally administered MAC address."""
+    octets = bytearray(os.urandom(6))
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in octets)
+
+
 def _check_ifname(name: str) -> str:
     if not _IFNAME_RE.match(name):
         raise NetnsError(f"bad interface name {name!r}: 1-15 characters from [A-Za-z0-9_.-]")
@@ -147,7 +154,11 @@ class NetNamespace:
         self._created = True
         try:
             self._in("link", "set", "lo", "up")
-            self._in("link", "add", self.bridge, "type", "bridge")
+            # A bridge whose MAC was never set takes the lowest MAC of its ports, so the failover's tap
+            # swap would change the clients' MAC: a guest that keeps the old one in its ARP cache (the
+            # client re-learned the guest from its gratuitous ARP and never asks) sends into the void
+            # until its neighbour entry is probed again, about 5 s.  A set address never changes.
+            self._in("link", "add", self.bridge, "address", _local_mac(), "type", "bridge")
             # no STP / forwarding delay: a tap is forwarding the moment it is enslaved
             self._in("link", "set", self.bridge, "type", "bridge", "stp_state", "0", "forward_delay", "0")
             self._in("addr", "add", self.bridge_ip, "dev", self.bridge)
