@@ -335,8 +335,14 @@ class Daemon:
             if time.monotonic() > deadline:
                 raise DaemonError("the secondary did not start running after the initial migration")
             await asyncio.sleep(0.05)
-        if not (await primary.execute("query-status")).get("running"):
-            await primary.execute("cont")
+        # QEMU's COLO thread starts the primary itself; until then it may still be in finish-migrate,
+        # where `cont` is refused ("Migration is not finalized yet"), so only a plain pause gets one
+        while not (run := await primary.execute("query-status")).get("running"):
+            if run.get("status") == "paused":
+                await primary.execute("cont")
+            elif time.monotonic() > deadline:
+                raise DaemonError(f"the primary is {run.get('status')!r} after the initial migration")
+            await asyncio.sleep(0.05)
 
     def attach(self, primary: QmpSession, secondary: QmpSession) -> None:
         """Use sessions opened elsewhere (tests drive a ColoPair already in COLO)."""
