@@ -449,6 +449,7 @@ class Daemon:
                 for session in (primary, secondary):
                     self._count_events(session, session.events())
                 self.checkpoints_started += 1
+                self.scheduler.begun(time.monotonic())
                 links = PairLinks(
                     primary,
                     secondary,
