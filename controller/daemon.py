@@ -784,11 +784,12 @@ class Daemon:
             if self.protocol.switch_pending:
                 self.scheduler.request("mode-switch")
                 self._wake.set()
+            pending = self.protocol.pending_mode
             return {
                 "mode": str(self.protocol.mode),
-                "pending_mode": str(mode),
+                "pending_mode": None if pending is None else str(pending),
                 "epoch_ms": epoch_ms or self.protocol.epoch_ms,
-                "applies": "at the next checkpoint",
+                "applies": "at the next checkpoint" if pending is not None else "now (already so)",
             }
         if verb == "checkpoint":
             timeout = args.get("timeout", 30.0)

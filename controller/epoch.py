@@ -158,6 +158,10 @@ class EpochProtocol:
     def request_mode(self, mode: Mode, epoch_ms: int | None = None) -> None:
         if epoch_ms is not None and epoch_ms <= 0:
             raise ValueError(f"epoch_ms must be positive, got {epoch_ms}")
+        if mode == self.mode and epoch_ms in (None, self.epoch_ms):
+            # already so (and any other pending request is withdrawn): nothing waits for a checkpoint
+            self.pending_mode = self.pending_epoch_ms = None
+            return
         self.pending_mode = mode
         self.pending_epoch_ms = epoch_ms
 

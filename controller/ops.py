@@ -91,7 +91,8 @@ def mode_command(
     if as_json:
         click.echo(json.dumps(result))
     else:
-        click.echo(f"mode {result['pending_mode']} (epoch {result['epoch_ms']} ms) {result['applies']}")
+        mode = result["pending_mode"] or result["mode"]
+        click.echo(f"mode {mode} (epoch {result['epoch_ms']} ms) {result['applies']}")
 
 
 def format_status(status: dict[str, Any]) -> str:

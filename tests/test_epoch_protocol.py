@@ -212,6 +212,9 @@ def test_mode_switch_applies_only_at_a_checkpoint_boundary() -> None:
     protocol.begin({"mode-switch": 1}, 0.0)
     protocol.failed_step(protocol.recovery_for_failure())
     assert protocol.mode is Mode.COLO and protocol.pending_mode is Mode.MC
+    # asking for what already runs withdraws the pending request: nothing waits for a checkpoint
+    protocol.request_mode(Mode.COLO, 200)
+    assert protocol.pending_mode is None and not protocol.switch_pending
 
 
 def test_comparator_gets_the_new_mode_just_before_its_seal() -> None:
