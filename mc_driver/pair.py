@@ -205,7 +205,9 @@ def _guest_args(
         accel=qemu.accel,
         cpu=qemu.cpu,
     )
-    return [str(qemu.binary), *qemu.firmware_args, *args, "-name", side, *_monitor_args(files, side)]
+    # timestamped log lines (errors, and trace events enabled over QMP) line up with failover.json
+    stamp = ["-msg", "timestamp=on"]
+    return [str(qemu.binary), *qemu.firmware_args, *args, *stamp, "-name", side, *_monitor_args(files, side)]
 
 
 def primary_args(config: PairConfig, files: PairFiles, image: GuestImage, qemu: QemuChoice) -> list[str]:
