@@ -230,17 +230,13 @@ def encode_frames(
 
 def listen_socket(endpoint: Endpoint, backlog: int = 16) -> socket.socket:
     """A non-blocking listening socket for ``endpoint`` (a stale unix socket file is removed)."""
+    sock, address = endpoint.new_socket()
     if endpoint.kind == "unix":
-        assert endpoint.path is not None
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(endpoint.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(endpoint.path)
+            os.unlink(address)
     else:
-        family = socket.AF_INET6 if endpoint.host and ":" in endpoint.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((endpoint.host or "", endpoint.port or 0))
+    sock.bind(address)
     sock.listen(backlog)
     sock.setblocking(False)
     return sock

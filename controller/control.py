@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -129,12 +128,7 @@ def call(endpoint: Endpoint | str, verb: str, io_timeout: float | None = 60.0, *
     itself take ``timeout``, as the comparator's ``next-request`` long-poll does).
     """
     ep = parse_endpoint(endpoint) if isinstance(endpoint, str) else endpoint
-    if ep.kind == "unix":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        target: Any = ep.path
-    else:
-        sock = socket.socket(socket.AF_INET6 if ep.host and ":" in ep.host else socket.AF_INET)
-        target = (ep.host, ep.port)
+    sock, target = ep.new_socket()
     with sock:
         sock.settimeout(io_timeout)
         sock.connect(target)

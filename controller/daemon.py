@@ -190,13 +190,7 @@ class HeartbeatSender:
 
     def _connect(self) -> None:
         assert self.endpoint is not None
-        ep = parse_endpoint(self.endpoint)
-        if ep.kind == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            target: Any = ep.path
-        else:
-            sock = socket.socket(socket.AF_INET6 if ep.host and ":" in ep.host else socket.AF_INET)
-            target = (ep.host, ep.port)
+        sock, target = parse_endpoint(self.endpoint).new_socket()
         sock.settimeout(0.5)
         try:
             sock.connect(target)

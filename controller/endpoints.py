@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -24,6 +26,13 @@ class Endpoint:
     path: str | None = None
     host: str | None = None
     port: int | None = None
+
+    def new_socket(self) -> tuple[socket.socket, Any]:
+        """A new stream socket of the right family and the address to connect or bind it to."""
+        if self.kind == "unix":
+            return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), self.path
+        family = socket.AF_INET6 if self.host and ":" in self.host else socket.AF_INET
+        return socket.socket(family, socket.SOCK_STREAM), (self.host or "", self.port or 0)
 
     def __str__(self) -> str:
         if self.kind == "unix":
