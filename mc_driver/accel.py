@@ -75,13 +75,37 @@ def _stock_binary() -> Path:
     return Path(found)
 
 
+def _override_binary() -> str | None:
+    """``HYBRIDFT_QEMU_BINARY`` (checked), taken to be a patched build, or None."""
+    override = os.environ.get("HYBRIDFT_QEMU_BINARY")
+    if override and not os.access(override, os.X_OK):
+        raise NoUsableQemu(f"HYBRIDFT_QEMU_BINARY={override} is not an executable")
+    return override or None
+
+
+def _kvm_choice(reason: str) -> QemuChoice:
+    """Stock QEMU with KVM; or ``HYBRIDFT_QEMU_BINARY`` with KVM (the patched build carries fixes that
+    are not TCG-specific, e.g. patch 0004 for failover of a handshake a checkpoint cut)."""
+    from mc_driver import qemu_build
+
+    override = _override_binary()
+    if override:
+        return QemuChoice(
+            Path(override),
+            "kvm",
+            qemu_build.FIRMWARE_ARGS,
+            f"{reason}: using KVM with HYBRIDFT_QEMU_BINARY={override} (taken to be a patched build)",
+            cpu="host",
+            patched=True,
+        )
+    return QemuChoice(_stock_binary(), "kvm", (), f"{reason}: using stock QEMU with KVM", cpu="host")
+
+
 def _patched_choice(reason: str, build: bool) -> QemuChoice:
     from mc_driver import qemu_build
 
-    override = os.environ.get("HYBRIDFT_QEMU_BINARY")
+    override = _override_binary()
     if override:
-        if not os.access(override, os.X_OK):
-            raise NoUsableQemu(f"HYBRIDFT_QEMU_BINARY={override} is not an executable")
         return QemuChoice(
             binary=Path(override),
             accel="tcg",
@@ -130,11 +154,9 @@ def choose_qemu(build: bool = True, force_accel: str | None = None) -> QemuChoic
         if not KVM_DEVICE.exists():
             raise NoUsableQemu(f"KVM requested but {probe.reason}")
         note = "" if probe.usable else f" (warning: {probe.reason})"
-        return QemuChoice(_stock_binary(), "kvm", (), f"KVM requested explicitly{note}", cpu="host")
+        return _kvm_choice(f"KVM requested explicitly{note}")
     if probe.usable:
-        return QemuChoice(
-            _stock_binary(), "kvm", (), f"{probe.reason}: using stock QEMU with KVM", cpu="host"
-        )
+        return _kvm_choice(probe.reason)
     return _patched_choice(probe.reason, build)
 
 

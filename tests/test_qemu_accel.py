@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,21 @@ def test_override_and_bad_values(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     monkeypatch.setenv("HYBRIDFT_QEMU_BINARY", str(tmp_path / "missing"))
     with pytest.raises(NoUsableQemu, match="not an executable"):
         choose_qemu(build=False)
+
+
+def test_the_patched_binary_can_run_with_kvm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Patch 0004 is not TCG-specific: HYBRIDFT_QEMU_BINARY is honoured with KVM too."""
+    device = tmp_path / "kvm"
+    device.touch()
+    monkeypatch.setattr(accel, "KVM_DEVICE", device)
+    monkeypatch.setenv("HYBRIDFT_ACCEL", "kvm")
+    monkeypatch.setenv("HYBRIDFT_QEMU_BINARY", sys.executable)  # any executable stands in for it
+    choice = choose_qemu(build=False)
+    assert (choice.binary, choice.accel, choice.patched) == (Path(sys.executable), "kvm", True)
+    assert "-L" in choice.firmware_args and "HYBRIDFT_QEMU_BINARY" in choice.reason
+    monkeypatch.delenv("HYBRIDFT_QEMU_BINARY")
+    stock = choose_qemu(build=False)
+    assert (stock.accel, stock.patched, stock.firmware_args) == ("kvm", False, ())
 
 
 def test_kvm_missing_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
