@@ -277,6 +277,7 @@ class Daemon:
         self.timeline: list[tuple[str, float]] = []
         self._in_checkpoint = False
         self._wake = asyncio.Event()
+        self._closing = False  # close() was called: every loop ends at its next turn
         self._waiters: list[tuple[int, asyncio.Future[EpochRecord]]] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._server: asyncio.Server | None = None
@@ -374,15 +375,17 @@ class Daemon:
             self.metrics.serve_http(self.config.metrics_port)
 
     async def close(self) -> None:
-        # Cancelled again until they end: Python 3.11's asyncio.wait_for swallows a cancellation that
-        # lands in the same loop iteration as the item it awaited (the epoch loop's wake-up, say).
-        stuck, deadline = set(self._tasks), time.monotonic() + 10
-        while stuck and time.monotonic() < deadline:
+        # One cancellation (a checkpoint it interrupts still runs its recovery to the end), and the loops
+        # also end at their next turn: Python 3.11's asyncio.wait_for swallows a cancellation that lands
+        # in the same loop iteration as what it awaited, and every checkpoint step is a wait_for.
+        self._closing = True
+        self._wake.set()
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            _done, stuck = await asyncio.wait(self._tasks, timeout=10)
             for task in stuck:
-                task.cancel()
-            _done, stuck = await asyncio.wait(stuck, timeout=0.2)
-        for task in stuck:
-            log.error("task %s did not stop: %s", task.get_name(), task.get_stack())
+                log.error("task %s did not stop: %s", task.get_name(), task.get_stack())
         self._tasks = []
         if self._server is not None:
             self._server.close()
@@ -443,7 +446,6 @@ class Daemon:
                 for session in (primary, secondary):
                     self._count_events(session, session.events())
                 self.checkpoints_started += 1
-                self.scheduler.begun(time.monotonic())
                 links = PairLinks(
                     primary,
                     secondary,
@@ -502,7 +504,7 @@ class Daemon:
         self._waiters = [(n, f) for n, f in self._waiters if not f.done()]
 
     async def _epoch_loop(self) -> None:
-        while True:
+        while not self._closing:
             if self.state != "protected":
                 await asyncio.sleep(0.05)
                 continue
@@ -613,7 +615,7 @@ class Daemon:
                     self.timeline.append(("primary cont", round(time.monotonic() - started, 4)))
 
     async def _watch_loop(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(WATCH_INTERVAL)
             if self.state != "protected":
                 continue
@@ -630,7 +632,7 @@ class Daemon:
         assert self.config.compare_control is not None
         client = ServiceClient(self.config.compare_control)
         try:
-            while True:
+            while not self._closing:
                 try:
                     reply = await client.call("next-request", timeout=1.0)
                 except (ControlError, OSError) as exc:
@@ -663,7 +665,7 @@ class Daemon:
         assert self.config.disk_control is not None
         client = ServiceClient(self.config.disk_control)
         try:
-            while True:
+            while not self._closing:
                 await asyncio.sleep(DISK_POLL_INTERVAL)
                 if self.state != "protected" or self._in_checkpoint:
                     continue

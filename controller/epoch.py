@@ -167,10 +167,8 @@ class EpochProtocol:
 
     @property
     def switch_pending(self) -> bool:
-        return self.pending_mode is not None and (
-            self.pending_mode != self.mode
-            or (self.pending_epoch_ms is not None and self.pending_epoch_ms != self.epoch_ms)
-        )
+        # request_mode keeps only requests that change something, and _close clears them
+        return self.pending_mode is not None
 
     def mode_for_next_epoch(self) -> Mode:
         """The mode of the epoch the current checkpoint opens (the comparator gets it before seal)."""
@@ -250,10 +248,7 @@ class EpochProtocol:
         # got the mode at this seal (sealed) or not at all (nothing sealed: it still is in the old one
         # and the daemon re-sends it at the next seal).
         if record.phase in (Phase.COMMITTED, Phase.LOADED, Phase.SEALED) and self.pending_mode is not None:
-            if self.pending_mode != self.mode or (
-                self.pending_epoch_ms is not None and self.pending_epoch_ms != self.epoch_ms
-            ):
-                self.mode_switches += 1
+            self.mode_switches += 1  # a pending request always changes the mode or the epoch
             self.mode = self.pending_mode
             if self.pending_epoch_ms is not None:
                 self.epoch_ms = self.pending_epoch_ms
@@ -274,19 +269,15 @@ class EpochProtocol:
 class CheckpointScheduler:
     """When the next checkpoint is due, and which triggers it coalesces (sans-I/O, monotonic seconds).
 
-    MC: a checkpoint every ``epoch_ms``, measured from the start of the previous one as QEMU's own
-    timer does (the same interval then means the same dirty memory per checkpoint), but never less
-    than half an epoch after the previous one ended, so that a checkpoint longer than the epoch cannot
-    starve the guest.  COLO: a comparator request at once, else the safety interval after the last end.
-    Operator and comparator requests in any mode are due at once.  Requests that arrive while a
-    checkpoint runs are answered by the next one, all together.  A comparator request
+    MC: ``epoch_ms`` after the previous checkpoint ended.  COLO: a comparator request at once, else the
+    safety interval.  Operator and comparator requests in any mode are due at once.  Requests that
+    arrive while a checkpoint runs are answered by the next one, all together.  A comparator request
     raised in an epoch that has already been sealed is stale (the seal resolved it) and is dropped.
     """
 
     def __init__(self, safety_interval_ms: int = 10_000) -> None:
         self.safety_interval_ms = safety_interval_ms
         self.last_end: float | None = None
-        self.last_start: float | None = None
         self.pending: Counter[str] = Counter()
         self.coalesced = 0
         self.stale_dropped = 0
@@ -311,11 +302,8 @@ class CheckpointScheduler:
         """Monotonic time the next timer checkpoint is due (None: not before the first one ended)."""
         if self.last_end is None:
             return None
-        if mode is Mode.COLO:
-            return self.last_end + self.safety_interval_ms / 1000.0
-        period = epoch_ms / 1000.0
-        start = self.last_end if self.last_start is None else self.last_start
-        return max(start + period, self.last_end + period / 2)
+        interval = epoch_ms if mode is Mode.MC else self.safety_interval_ms
+        return self.last_end + interval / 1000.0
 
     def take(self, mode: Mode, epoch_ms: int, now: float) -> Counter[str] | None:
         """The reasons for a checkpoint now, or None if none is due."""
@@ -327,10 +315,6 @@ class CheckpointScheduler:
             return None
         self.pending.clear()
         return reasons
-
-    def begun(self, now: float) -> None:
-        """A checkpoint starts now (the MC period is measured from here)."""
-        self.last_start = now
 
     def ended(self, now: float, compare_epoch: int | None = None) -> None:
         self.last_end = now
@@ -384,19 +368,20 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
         record.steps.append((str(this), time.perf_counter() - started))
         return result
 
-    async def stop_primary() -> None:
-        # The primary mirrors its disk with copy-mode=write-blocking and `stop` drains in-flight
-        # I/O; a disk server paused by its speculation budget would never take those writes, so
-        # prepare-checkpoint (lifting that pause until the commit) travels beside the stop.
+    async def stop_secondary() -> None:
+        # Each `stop` drains its VM's in-flight I/O, and a disk server paused by its speculation
+        # budget reads no NBD connection at all: not the primary's write-blocking mirror, not the
+        # secondary's `view`.  So prepare-checkpoint (lifting that pause until the commit) travels
+        # beside the first stop; beside the primary's, the secondary's stop could wait on it.
         disk = links.disk
         if disk is None:
-            await links.primary.execute("stop")
+            await links.secondary.execute("stop")
             return
-        await asyncio.gather(links.primary.execute("stop"), disk.call("prepare-checkpoint"))
+        await asyncio.gather(links.secondary.execute("stop"), disk.call("prepare-checkpoint"))
 
     try:
-        await timed(Step.STOP_SECONDARY, links.secondary.execute("stop"))
-        await timed(Step.STOP_PRIMARY, stop_primary())
+        await timed(Step.STOP_SECONDARY, stop_secondary())
+        await timed(Step.STOP_PRIMARY, links.primary.execute("stop"))
         # 3: both seals at once (they are independent; the pause is the sum of the steps)
         compare, disk = links.compare, links.disk
 
@@ -457,6 +442,7 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
     except (Exception, asyncio.CancelledError) as exc:
         if protocol.current is None:  # failed after the commit (passive stop): the epoch is closed
             raise CheckpointError(step, exc, Recovery.COMMIT, record) from exc
+        failed_at = step  # the recovery's own steps below move `step` on
         recovery = protocol.recovery_for_failure()
         if recovery is not Recovery.NONE and not links.primary_alive():
             record.steps.append((f"{recovery} left to the agent (primary lost)", 0.0))
@@ -472,4 +458,4 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
         links.heartbeat(protocol.heartbeat())
         if isinstance(exc, asyncio.CancelledError):
             raise
-        raise CheckpointError(step, exc, recovery, record) from exc
+        raise CheckpointError(failed_at, exc, recovery, record) from exc

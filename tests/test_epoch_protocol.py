@@ -124,9 +124,10 @@ def test_checkpoint_runs_the_steps_in_protocol_order() -> None:
     record = asyncio.run(run_checkpoint(links, protocol, {"timer": 1}))
     # prepare-checkpoint travels beside the primary's stop (a budget-paused disk server would
     # otherwise never take the writes that stop drains), then the secondary stops
-    # the secondary first: its stop stays outside the primary's (client-visible) pause
-    assert log[0] == "secondary:stop"
-    assert sorted(log[1:3]) == ["disk:prepare-checkpoint", "primary:stop"]
+    # the secondary first (its stop stays outside the primary's client-visible pause), with
+    # prepare-checkpoint beside it: a budget-paused disk server would otherwise block either stop
+    assert sorted(log[:2]) == ["disk:prepare-checkpoint", "secondary:stop"]
+    assert log[2] == "primary:stop"
     assert sorted(log[3:5]) == ["compare:seal", "disk:seal"]  # the two seals run concurrently
     assert log[5:] == [
         "heartbeat:sealed",
@@ -162,10 +163,9 @@ def test_passive_secondary_is_stopped_again_after_the_commit_in_mc_only() -> Non
 @pytest.mark.parametrize(
     ("fail", "recovery", "disk_calls"),
     [
-        # prepare-checkpoint goes out beside the primary's stop (after the secondary's), so it is
-        # there in every case but a failed secondary stop
+        # prepare-checkpoint goes out beside the first stop, so it is there in every case
         ({"primary": "stop"}, Recovery.NONE, ["disk:prepare-checkpoint"]),
-        ({"secondary": "stop"}, Recovery.NONE, []),
+        ({"secondary": "stop"}, Recovery.NONE, ["disk:prepare-checkpoint"]),
         # nothing sealed on the disk: nothing to roll back
         ({"disk": "seal"}, Recovery.ROLLBACK, ["disk:prepare-checkpoint"]),
         ({"secondary": "load"}, Recovery.ROLLBACK, ["disk:prepare-checkpoint", "disk:seal", "disk:rollback"]),
@@ -256,19 +256,6 @@ def test_scheduler_mc_timer_colo_safety_interval_and_coalescing() -> None:
     scheduler.ended(1.0, compare_epoch=4)
     assert scheduler.take(Mode.MC, 50, 1.04) is None
     assert scheduler.take(Mode.MC, 50, 1.05) == Counter({"timer": 1})
-    # MC: every epoch_ms from the start of the previous checkpoint, as QEMU's own timer ...
-    scheduler.begun(1.05)
-    scheduler.ended(1.06)
-    assert scheduler.due_at(Mode.MC, 50) == pytest.approx(1.10)
-    assert scheduler.take(Mode.MC, 50, 1.099) is None
-    assert scheduler.take(Mode.MC, 50, 1.10) == Counter({"timer": 1})
-    # ... but at least half an epoch of guest time after a checkpoint longer than the epoch
-    scheduler.begun(1.10)
-    scheduler.ended(1.18)
-    assert scheduler.due_at(Mode.MC, 50) == pytest.approx(1.205)
-    assert scheduler.take(Mode.MC, 50, 1.2) is None
-    assert scheduler.take(Mode.MC, 50, 1.21) == Counter({"timer": 1})
-    scheduler.ended(1.0, compare_epoch=4)  # COLO's safety interval counts from the end
     assert scheduler.take(Mode.COLO, 50, 5.0) is None
     assert scheduler.take(Mode.COLO, 50, 11.0) == Counter({"safety-interval": 1})
     # three requests while a checkpoint runs: one checkpoint answers them all
@@ -310,5 +297,6 @@ def test_a_lost_primary_leaves_the_disk_to_the_agent() -> None:
         with pytest.raises(CheckpointError) as info:
             asyncio.run(run_checkpoint(links, protocol, {"timer": 1}))
         assert info.value.recovery is recovery
+        assert info.value.step is Step.RESUME_PRIMARY  # where it failed, not the rollback after it
         assert [entry for entry in log if entry.startswith("disk:")] == disk_calls
         assert protocol.current is None
