@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -12,6 +13,7 @@ import pytest
 
 from mc_driver import qemu_build
 from mc_driver.qemu_build import PATCH_DIR, BuildInputs, QemuBuildError, read_series
+from mc_driver.qmp import QmpSession
 
 pytestmark = pytest.mark.qemu
 
@@ -68,7 +70,7 @@ def test_bad_series_is_a_clear_error(tmp_path: Path) -> None:
         read_series(tmp_path / "nowhere")
 
 
-def test_patched_qemu_is_cached_and_has_the_hold_hook() -> None:
+def test_patched_qemu_is_cached_and_has_the_hold_hook(tmp_path: Path) -> None:
     """The real build (built by `make setup`); a second call reuses it; the binary carries the patches."""
     result = qemu_build.build()
     again = qemu_build.build()
@@ -80,17 +82,26 @@ def test_patched_qemu_is_cached_and_has_the_hold_hook() -> None:
         [str(binary), *qemu_build.FIRMWARE_ARGS, "--version"], capture_output=True, text=True, check=True
     ).stdout
     assert "7.2" in version
-    # The hold hook's QAPI event is compiled into the QMP schema only with patch 0004.
-    proc = subprocess.run(
-        [str(binary), *qemu_build.FIRMWARE_ARGS, "-machine", "none", "-nodefaults", "-display", "none",
-         "-qmp", "stdio"],
-        input='{"execute":"qmp_capabilities"}\n{"execute":"query-qmp-schema"}\n{"execute":"quit"}\n',
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    schema = next(json.loads(line) for line in proc.stdout.splitlines() if '"return": [' in line)
-    events = {entry["name"] for entry in schema["return"] if entry.get("meta-type") == "event"}
+    # The hold hook's QAPI event is compiled into the QMP schema only with patch 0003. The schema is read
+    # over a QMP socket, not `-qmp stdio`: QEMU writes stdio without blocking, so a reply larger than the
+    # pipe (64 KiB) can be cut short when the `quit` that follows is handled first.
+    events = asyncio.run(_schema_events(binary, tmp_path / "qmp.sock"))
     assert "X_COLO_CHECKPOINT_HELD" in events
     assert "COLO_EXIT" in events
+
+
+async def _schema_events(binary: Path, sock: Path) -> set[str]:
+    cmd = [str(binary), *qemu_build.FIRMWARE_ARGS, "-machine", "none", "-nodefaults", "-display", "none",
+           "-S", "-qmp", f"unix:{sock},server=on,wait=off"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        session = await QmpSession.connect(sock, timeout=60, alive=lambda: proc.poll() is None)
+        async with session:
+            schema = await session.execute("query-qmp-schema")
+        return {entry["name"] for entry in schema if entry.get("meta-type") == "event"}
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
 
 
 def test_build_command_json_reports_the_cached_build() -> None:
