@@ -57,7 +57,7 @@ from mc_driver.guest import (
     stream_bytes,
 )
 from mc_driver.netns import NetNamespace
-from mc_driver.qmp import QmpSession
+from mc_driver.qmp import QmpCommandError, QmpSession
 from mc_driver.verify import EchoTraffic, VerifyReport, differing_pages, pause_stats, verify_checkpoints
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.netns]
@@ -343,6 +343,59 @@ def test_checkpoints_fire_only_on_request_and_resume_both(
     assert idle_stops == 0
     assert extra == 0
     assert len(pauses) == 10 and all(0 < p < 5 for p in pauses)
+
+
+def test_seal_hook_holds_both_vms_until_sealed_and_yields_to_failover(
+    tmp_path: Path, image: GuestImage, tcg_qemu: QemuChoice
+) -> None:
+    """Patch 0005: x-colo-checkpoint stops both VMs (the secondary first), says so, and saves nothing
+    until x-colo-sealed; misuse is a clear QMP error; a failover while it waits ends COLO at once and
+    the primary runs on."""
+
+    async def run() -> float:
+        config = ColoPairConfig(workdir=tmp_path, image=image, qemu=tcg_qemu, compare="none",
+                                primary_tap="v4p0", secondary_tap="v4s0")  # fmt: skip
+        with NetNamespace() as netns:
+            async with await ColoPair.start(config, netns) as pair:
+                p, s = pair.primary, pair.secondary
+                assert p is not None and s is not None
+                with pytest.raises(QmpCommandError, match="no COLO checkpoint is waiting"):
+                    await p.execute("x-colo-sealed")
+                with pytest.raises(QmpCommandError, match="not a COLO Primary"):
+                    await s.execute("x-colo-checkpoint")
+                for _ in range(3):
+                    p.discard_events()
+                    s.discard_events()
+                    await p.execute("x-colo-checkpoint")
+                    stopped = await p.wait_event("X_COLO_CHECKPOINT_STOPPED", timeout=10)
+                    p_stops, s_stops = p.take("STOP"), s.take("STOP")
+                    assert len(p_stops) == 1 and len(s_stops) == 1
+                    assert s_stops[0].timestamp <= p_stops[0].timestamp <= stopped.timestamp
+                    with pytest.raises(QmpCommandError, match="already in progress"):
+                        await p.execute("x-colo-checkpoint")
+                    await asyncio.sleep(0.5)  # it waits: nothing resumes, however long the seal takes
+                    for side in (p, s):
+                        assert (await side.execute("query-status"))["running"] is False
+                        assert not side.pending("RESUME")
+                    await p.execute("x-colo-sealed")
+                    await s.wait_event("RESUME", timeout=10)
+                    await p.wait_event("RESUME", timeout=10)
+                # a failover (here: the primary is told its peer is gone) while a checkpoint waits
+                await p.execute("x-colo-checkpoint")
+                await p.wait_event("X_COLO_CHECKPOINT_STOPPED", timeout=10)
+                started = time.monotonic()
+                await p.execute("x-colo-lost-heartbeat")
+                colo_exit = await p.wait_event("COLO_EXIT", timeout=5)
+                assert colo_exit.data["reason"] == "request"
+                await p.wait_event("RESUME", timeout=5)
+                took = time.monotonic() - started
+                assert (await p.execute("query-status"))["running"] is True
+                with pytest.raises(QmpCommandError, match="no COLO checkpoint is waiting"):
+                    await p.execute("x-colo-sealed")
+                return took
+
+    took = asyncio.run(run())
+    assert took < 1.0, took  # the failover wakes the waiting checkpoint at once
 
 
 def test_precopy_migration_under_tcg_leaves_identical_ram(
