@@ -46,12 +46,14 @@ from controller.control import AsyncControlClient, ControlError, serve_control
 from controller.endpoints import parse_endpoint
 from controller.epoch import (
     HUGE_CHECKPOINT_DELAY_MS,
+    SEAL_HOOK_COMMAND,
     CheckpointError,
     CheckpointScheduler,
     EpochProtocol,
     EpochRecord,
     Mode,
     PairLinks,
+    StopVia,
     run_checkpoint,
 )
 from controller.metrics import DaemonMetrics
@@ -89,6 +91,7 @@ class DaemonConfig:
     migrate_uri: str | None = None
     checkpoint_timeout: float = 30.0
     metrics_port: int | None = None
+    stop_via: str = "auto"  # auto | qemu | qmp: who stops the VMs for a checkpoint (epoch.StopVia)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -118,6 +121,7 @@ class DaemonConfig:
                 primary_pid=int(pids["primary"]) if pids.get("primary") else None,
                 secondary_pid=int(pids["secondary"]) if pids.get("secondary") else None,
                 passive_secondary=bool(data.get("passive_secondary", False)),
+                stop_via=str(data.get("stop_via", "auto")),
                 migrate_uri=data.get("migrate_uri") or f"unix:{workdir / 'migrate.sock'}",
                 extra=data,
             )
@@ -267,6 +271,8 @@ class Daemon:
         self.disk: ServiceClient | None = None
         self.heartbeat = HeartbeatSender(config.heartbeat, self._beat)
         self.state = "starting"  # starting | protected | unprotected | primary-lost | failed-over | stopped
+        self.stop_via = StopVia.QMP  # resolved from config.stop_via at start
+        self.seal_hook = False  # the primary QEMU has x-colo-checkpoint/x-colo-sealed (patch 0005)
         self.state_reason = ""
         self.records: deque[EpochRecord] = deque(maxlen=RECENT)
         self.checkpoints_started = 0
@@ -339,6 +345,27 @@ class Daemon:
                 raise DaemonError(f"the primary is {run.get('status')!r} after the initial migration")
             await asyncio.sleep(0.05)
 
+    async def _resolve_stop_via(self) -> None:
+        """``auto`` means ``qemu`` if the primary can wait for a seal (the patched build), else ``qmp``."""
+        primary, _ = self._sessions()
+        commands = await primary.execute("query-commands")
+        self.seal_hook = any(entry.get("name") == SEAL_HOOK_COMMAND for entry in commands)
+        self.stop_via = self._stop_via_from(self.config.stop_via)
+
+    def _stop_via_from(self, wanted: Any) -> StopVia:
+        if wanted == "auto":
+            return StopVia.QEMU if self.seal_hook else StopVia.QMP
+        try:
+            via = StopVia(wanted)
+        except ValueError:
+            raise DaemonError(f"stop_via must be 'auto', 'qemu' or 'qmp', not {wanted!r}") from None
+        if via is StopVia.QEMU and not self.seal_hook:
+            raise DaemonError(
+                f"stop_via 'qemu' needs a QEMU with {SEAL_HOOK_COMMAND} (hybridft's patched build,"
+                " patch 0005); this primary has none: use 'qmp' or 'auto'"
+            )
+        return via
+
     def attach(self, primary: QmpSession, secondary: QmpSession) -> None:
         """Use sessions opened elsewhere (tests drive a ColoPair already in COLO)."""
         self.primary, self.secondary = primary, secondary
@@ -354,6 +381,7 @@ class Daemon:
             if self.config.disk_control:
                 self.disk = ServiceClient(self.config.disk_control)
                 await self.disk.connect()
+        await self._resolve_stop_via()
         if self.config.start_colo:
             await self.start_colo()
         for session in self._sessions():
@@ -453,6 +481,7 @@ class Daemon:
                     self.disk,
                     heartbeat=self.heartbeat.send,
                     passive_secondary=self.config.passive_secondary,
+                    stop_via=self.stop_via,
                     timeout=self.config.checkpoint_timeout,
                     primary_alive=self._primary_ok,
                 )
@@ -705,6 +734,8 @@ class Daemon:
             "epoch_ms": self.protocol.epoch_ms,
             "pending_mode": None if self.protocol.pending_mode is None else str(self.protocol.pending_mode),
             "passive_secondary": self.config.passive_secondary,
+            "stop_via": str(self.stop_via),
+            "seal_hook": self.seal_hook,
             "nice": os.getpriority(os.PRIO_PROCESS, 0),
             "last_committed_epoch": self.protocol.last_committed,
             "checkpoints": {
@@ -774,9 +805,17 @@ class Daemon:
             passive = args.get("passive_secondary")
             if passive is not None and not isinstance(passive, bool):
                 raise ControlError(f"passive_secondary must be true or false, got {passive!r}", "bad-args")
+            stop_via = None
+            if args.get("stop_via") is not None:
+                try:
+                    stop_via = self._stop_via_from(args["stop_via"])
+                except DaemonError as exc:
+                    raise ControlError(str(exc), "bad-args") from None
             self.protocol.request_mode(mode, epoch_ms)
             if passive is not None:
                 self.config.passive_secondary = passive  # the next checkpoint's end honours it
+            if stop_via is not None:
+                self.stop_via = stop_via  # checkpoints are serialised: the next one uses it
             if self.protocol.switch_pending:
                 self.scheduler.request("mode-switch")
                 self._wake.set()

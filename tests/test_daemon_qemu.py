@@ -30,7 +30,7 @@ import pytest
 
 from controller.control import ControlError, call
 from controller.daemon import Daemon, DaemonConfig
-from controller.epoch import Mode
+from controller.epoch import Mode, StopVia
 from mc_driver.accel import QemuChoice, choose_qemu
 from mc_driver.colo_pair import ColoPair, ColoPairConfig
 from mc_driver.guest import DEFAULT_GUEST_IP, ECHO_PORT, build_guest, guest_cmdline
@@ -257,7 +257,14 @@ def test_checkpoint_delay_fires_one_checkpoint_at_once(harness: Harness) -> None
     assert (extra_p, extra_s) == (0, 0)
 
 
-def test_protocol_order_seen_from_qemu_and_the_services(harness: Harness, daemon: Daemon) -> None:
+@pytest.mark.parametrize("stop_via", list(StopVia))
+def test_protocol_order_seen_from_qemu_and_the_services(
+    harness: Harness, daemon: Daemon, stop_via: StopVia
+) -> None:
+    """Both ways of stopping the VMs: ``qemu`` (patch 0005, what ``auto`` picks on this build) and ``qmp``
+    (what stock QEMU gets)."""
+    assert daemon.seal_hook is True and daemon.stop_via is StopVia.QEMU  # auto, on the patched build
+    daemon.stop_via = stop_via
     harness.run(_protocol_order(harness, daemon))
 
 
@@ -276,9 +283,15 @@ async def _protocol_order(harness: Harness, daemon: Daemon) -> None:
     assert s_events[0][1] <= p_events[0][1] <= s_events[1][1]
     assert p_events[0][1] <= p_events[1][1]
     steps = [name for name, _ in record.steps]
-    assert steps[:2] == ["stop-secondary", "stop-primary"], steps
-    assert sorted(steps[2:4]) == ["compare-seal", "disk-seal"], steps  # concurrent, both before the fire
-    assert steps[4:] == ["fire", "resume-primary", "resume-secondary", "disk-commit", "compare-commit"], steps
+    if daemon.stop_via is StopVia.QEMU:  # QEMU stops both, says so, and waits for x-colo-sealed
+        assert steps[:3] == ["prepare-disk", "fire", "stopped"], steps
+        release = "sealed"
+    else:
+        assert steps[:2] == ["stop-secondary", "stop-primary"], steps
+        release = "fire"
+    rest = steps[-5:]
+    assert sorted(steps[len(steps) - 7 : -5]) == ["compare-seal", "disk-seal"], steps  # concurrent
+    assert rest == [release, "resume-primary", "resume-secondary", "disk-commit", "compare-commit"], steps
 
     assert record.outcome == "committed" and record.primary_pause is not None
     disk = call(harness.disk_ctl, "status")

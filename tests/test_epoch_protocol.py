@@ -23,6 +23,7 @@ from controller.epoch import (
     Phase,
     Recovery,
     Step,
+    StopVia,
     run_checkpoint,
 )
 
@@ -51,8 +52,15 @@ class RecordingQmp:
             if self.running:
                 self.queue.append(FakeEvent("STOP", self.clock))
             self.running = False
-        if command == "migrate-set-parameters":
+        if command == "migrate-set-parameters" or command == "x-colo-sealed":
             self.peer_resume()
+        if command == "x-colo-checkpoint":  # patch 0005: QEMU stops both (secondary first), then waits
+            for side in reversed(self.peers):
+                if side.running:
+                    side.queue.append(FakeEvent("STOP", side.clock))
+                side.running = False
+            if self.fail_on != "stopped":
+                self.queue.append(FakeEvent("X_COLO_CHECKPOINT_STOPPED", self.clock))
         return {}
 
     def peer_resume(self) -> None:
@@ -92,7 +100,11 @@ class RecordingService:
 
 
 def _links(
-    log: list[str], *, fail: dict[str, str] | None = None, passive: bool = False
+    log: list[str],
+    *,
+    fail: dict[str, str] | None = None,
+    passive: bool = False,
+    stop_via: StopVia = StopVia.QMP,
 ) -> tuple[PairLinks, list[dict[str, Any]]]:
     fail = fail or {}
     primary = RecordingQmp("primary", log, fail.get("primary"))
@@ -112,6 +124,7 @@ def _links(
         RecordingService("disk", log, fail.get("disk")),
         heartbeat=heartbeat,
         passive_secondary=passive,
+        stop_via=stop_via,
         timeout=1.0,
     )
     return links, beats
@@ -122,8 +135,6 @@ def test_checkpoint_runs_the_steps_in_protocol_order() -> None:
     links, beats = _links(log)
     protocol = EpochProtocol(Mode.MC, 50)
     record = asyncio.run(run_checkpoint(links, protocol, {"timer": 1}))
-    # prepare-checkpoint travels beside the primary's stop (a budget-paused disk server would
-    # otherwise never take the writes that stop drains), then the secondary stops
     # the secondary first (its stop stays outside the primary's client-visible pause), with
     # prepare-checkpoint beside it: a budget-paused disk server would otherwise block either stop
     assert sorted(log[:2]) == ["disk:prepare-checkpoint", "secondary:stop"]
@@ -146,6 +157,66 @@ def test_checkpoint_runs_the_steps_in_protocol_order() -> None:
     assert record.primary_pause is not None and record.primary_pause > 0
     assert [name for name, _ in record.steps][:2] == [str(Step.STOP_SECONDARY), str(Step.STOP_PRIMARY)]
     assert protocol.last_committed == 101 and protocol.next_number == 102
+
+
+def test_stop_via_qemu_fires_first_and_seals_while_qemu_holds_both_stopped() -> None:
+    """Patch 0005's order: prepare, fire, QEMU stops both and says so, seal, x-colo-sealed, resume."""
+    log: list[str] = []
+    links, beats = _links(log, stop_via=StopVia.QEMU)
+    protocol = EpochProtocol(Mode.MC, 50)
+    record = asyncio.run(run_checkpoint(links, protocol, {"timer": 1}))
+    assert log[:3] == [
+        "disk:prepare-checkpoint",
+        "primary:x-colo-checkpoint",
+        "primary:X_COLO_CHECKPOINT_STOPPED",
+    ]
+    assert sorted(log[3:5]) == ["compare:seal", "disk:seal"]
+    assert log[5:] == [
+        "heartbeat:sealed",
+        "primary:x-colo-sealed",
+        "primary:RESUME",
+        "secondary:RESUME",
+        "heartbeat:loaded",
+        "disk:commit 101",
+        "compare:commit 1",
+        "heartbeat:committed",
+    ]
+    assert "primary:stop" not in log and "secondary:stop" not in log
+    assert [name for name, _ in record.steps][:3] == [
+        str(Step.PREPARE_DISK),
+        str(Step.FIRE),
+        str(Step.STOPPED),
+    ]
+    assert record.stop_events == (1, 1) and record.primary_pause is not None
+    assert record.outcome == "committed" and [b["state"] for b in beats] == ["sealed", "loaded", "committed"]
+
+
+ROLLED_BACK = ["disk:prepare-checkpoint", "disk:seal", "disk:rollback"]
+
+
+@pytest.mark.parametrize(
+    ("fail", "step", "recovery", "disk_calls"),
+    [
+        ({"primary": "x-colo-checkpoint"}, Step.FIRE, Recovery.NONE, ["disk:prepare-checkpoint"]),
+        ({"primary": "stopped"}, Step.STOPPED, Recovery.NONE, ["disk:prepare-checkpoint"]),
+        ({"compare": "seal"}, Step.COMPARE_SEAL, Recovery.ROLLBACK, ROLLED_BACK),
+        ({"primary": "x-colo-sealed"}, Step.SEALED, Recovery.ROLLBACK, ROLLED_BACK),
+        ({"secondary": "load"}, Step.RESUME_SECONDARY, Recovery.ROLLBACK, ROLLED_BACK),
+    ],
+)  # fmt: skip
+def test_stop_via_qemu_recovers_like_the_qmp_order(
+    fail: dict[str, str], step: Step, recovery: Recovery, disk_calls: list[str]
+) -> None:
+    log: list[str] = []
+    links, _ = _links(log, fail=fail, stop_via=StopVia.QEMU)
+    protocol = EpochProtocol(Mode.MC, 50)
+    with pytest.raises(CheckpointError) as info:
+        asyncio.run(run_checkpoint(links, protocol, {"timer": 1}))
+    assert info.value.step is step and info.value.recovery is recovery
+    assert [entry for entry in log if entry.startswith("disk:")] == disk_calls
+    assert "compare:commit 1" not in log
+    if step in (Step.FIRE, Step.STOPPED, Step.COMPARE_SEAL):
+        assert "primary:x-colo-sealed" not in log  # a failed seal never lets QEMU save the state
 
 
 def test_passive_secondary_is_stopped_again_after_the_commit_in_mc_only() -> None:
