@@ -90,7 +90,12 @@ class PairHandle:
         return call(self.control, verb, io_timeout=60, **args)
 
     def set_mode(
-        self, mode: str, epoch_ms: int | None = None, timeout: float = 30.0, passive: bool | None = None
+        self,
+        mode: str,
+        epoch_ms: int | None = None,
+        timeout: float = 30.0,
+        passive: bool | None = None,
+        stop_via: str | None = None,
     ) -> None:
         """Ask for a mode and wait until the daemon runs it (it applies at the next checkpoint)."""
         args: dict[str, Any] = {"mode": mode}
@@ -98,6 +103,8 @@ class PairHandle:
             args["epoch_ms"] = epoch_ms
         if passive is not None:
             args["passive_secondary"] = passive
+        if stop_via is not None:
+            args["stop_via"] = stop_via
         self.daemon("mode", **args)
         deadline = time.monotonic() + timeout
         while True:
@@ -172,27 +179,42 @@ def _cpu_seconds(pid: int) -> float:
 def pause_phases(
     pair: PairHandle, interval_ms: int, seconds: float, rounds: int, passive_too: bool = False
 ) -> dict[str, Any]:
-    """Alternate daemon-fired and QEMU-timer phases; pauses measured identically for both."""
+    """Alternate daemon-fired and QEMU-timer phases; pauses measured identically for both.
+
+    The daemon's phases run once per way of stopping the VMs its QEMU offers (``qemu``, patch 0005,
+    and ``qmp``, what stock QEMU gets); ``daemon`` is the one the daemon picked itself."""
     monitor = pair.config["qmp"]["primary"]["ops"]
-    daemon: list[float] = []
+    status = pair.daemon("status")
+    chosen = status["stop_via"]
+    vias = ["qemu", "qmp"] if status.get("seal_hook") else ["qmp"]
+    daemon: dict[str, list[float]] = {via: [] for via in vias}
     qemu: list[float] = []
-    steps: dict[str, list[float]] = {}
+    steps: dict[str, dict[str, list[float]]] = {via: {} for via in vias}
     for _ in range(rounds):
-        pair.set_mode("mc", interval_ms)
-        progress(f"pause: daemon-fired every {interval_ms} ms for {seconds} s")
-        phase_start = time.time()
-        daemon += asyncio.run(_pause_phase(monitor, seconds, None))
-        history = pair.daemon("history")["checkpoints"]
-        for record in history:
-            if record["started"] >= phase_start and record["outcome"] == "committed":
-                for name, ms in record["steps_ms"].items():
-                    steps.setdefault(name, []).append(ms)
-        pair.set_mode("mc", MANUAL_EPOCH_MS)
+        for via in vias:
+            pair.set_mode("mc", interval_ms, stop_via=via)
+            progress(f"pause: daemon-fired (stop via {via}) every {interval_ms} ms for {seconds} s")
+            phase_start = time.time()
+            daemon[via] += asyncio.run(_pause_phase(monitor, seconds, None))
+            history = pair.daemon("history")["checkpoints"]
+            for record in history:
+                if record["started"] >= phase_start and record["outcome"] == "committed":
+                    for name, ms in record["steps_ms"].items():
+                        steps[via].setdefault(name, []).append(ms)
+        pair.set_mode("mc", MANUAL_EPOCH_MS, stop_via=chosen)
         progress(f"pause: QEMU timer every {interval_ms} ms for {seconds} s")
         qemu += asyncio.run(_pause_phase(monitor, seconds, interval_ms))
         time.sleep(0.5)
-    d, q = _stats_ms(daemon), _stats_ms(qemu)
-    extra: dict[str, Any] = {}
+    d, q = _stats_ms(daemon[chosen]), _stats_ms(qemu)
+    extra: dict[str, Any] = {"stop_via": chosen}
+    for via in vias:
+        if via != chosen:
+            other = _stats_ms(daemon[via])
+            extra[f"daemon_stop_via_{via}"] = other | {
+                "p50_ratio": _ratio(other["p50"], q["p50"]),
+                "p99_ratio": _ratio(other["p99"], q["p99"]),
+                "steps_p50_ms": {name: _pct(values, 0.5) for name, values in steps[via].items()},
+            }
     if passive_too:
         secondary_pid = pair.config["pids"]["secondary"]
         cpu: dict[str, float] = {}
@@ -208,12 +230,12 @@ def pause_phases(
                 passive = pauses
         pair.set_mode("mc", MANUAL_EPOCH_MS, passive=False)
         p = _stats_ms(passive)
-        extra = {
+        extra |= {
             "daemon_passive_secondary": p,
             "secondary_cpu_percent": cpu,
             "passive_p50_ratio": _ratio(p["p50"], d["p50"]),
         }
-    extra["daemon_steps_p50_ms"] = {name: _pct(values, 0.5) for name, values in steps.items()}
+    extra["daemon_steps_p50_ms"] = {name: _pct(values, 0.5) for name, values in steps[chosen].items()}
     return extra | {
         "interval_ms": interval_ms,
         "daemon": d,
@@ -446,12 +468,34 @@ def render(result: dict[str, Any]) -> str:
         lines.append(
             f"checkpoint pause, {title} guest, every {p['interval_ms']} ms (primary STOP->RESUME, ms)"
         )
-        lines.append(f"  {'fired by':<14}{'n':>6}{'p50':>9}{'p99':>9}")
-        for label, row in (("daemon", p["daemon"]), ("QEMU timer", p["qemu_timer"])):
-            lines.append(f"  {label:<14}{row['n']:>6}{row['p50']!s:>9}{row['p99']!s:>9}")
+        chosen = p.get("stop_via", "qmp")
+        lines.append(f"  {'fired by':<30}{'n':>6}{'p50':>9}{'p99':>9}{'x p50':>8}{'x p99':>8}")
+        rows = [
+            (
+                f"daemon, stop via {chosen}",
+                p["daemon"] | {"p50_ratio": p["p50_ratio"], "p99_ratio": p["p99_ratio"]},
+            )
+        ]
+        rows += [
+            (f"daemon, stop via {key.rsplit('_', 1)[1]}", row)
+            for key, row in p.items()
+            if key.startswith("daemon_stop_via_")
+        ]
+        rows.append(("QEMU timer (baseline)", p["qemu_timer"] | {"p50_ratio": 1.0, "p99_ratio": 1.0}))
+        for label, row in rows:
+            lines.append(
+                f"  {label:<30}{row['n']:>6}{row['p50']!s:>9}{row['p99']!s:>9}"
+                f"{row['p50_ratio']!s:>8}{row['p99_ratio']!s:>8}"
+            )
         lines.append(f"  daemon/QEMU ratio: p50 {p['p50_ratio']}, p99 {p['p99_ratio']} (goal <= 1.2)")
         if p.get("daemon_steps_p50_ms"):
-            lines.append(f"  daemon steps, p50 ms: {json.dumps(p['daemon_steps_p50_ms'])}")
+            lines.append(
+                f"  daemon steps (stop via {chosen}), p50 ms: {json.dumps(p['daemon_steps_p50_ms'])}"
+            )
+        for key, row in p.items():
+            if key.startswith("daemon_stop_via_"):
+                via = key.rsplit("_", 1)[1]
+                lines.append(f"  daemon steps (stop via {via}), p50 ms: {json.dumps(row['steps_p50_ms'])}")
         if "daemon_passive_secondary" in p:
             row, cpu = p["daemon_passive_secondary"], p["secondary_cpu_percent"]
             lines.append(

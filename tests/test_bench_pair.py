@@ -32,8 +32,14 @@ def test_quick_bench_reports_every_section_with_baselines(tmp_path: Path) -> Non
         assert pause["daemon"]["n"] > 0 and pause["qemu_timer"]["n"] > 0, pause
         assert pause["p50_ratio"] is not None and pause["p50_ratio"] > 0
     idle = result["pause_idle"]
-    steps = idle["daemon_steps_p50_ms"]  # where the daemon's pause goes, step by step
-    assert {"stop-primary", "stop-secondary", "compare-seal", "disk-seal", "fire"} <= set(steps), steps
+    # where the daemon's pause goes, step by step: QEMU stops the VMs (patch 0005, picked on this build)...
+    assert idle["stop_via"] == "qemu"
+    steps = idle["daemon_steps_p50_ms"]
+    assert {"prepare-disk", "fire", "stopped", "compare-seal", "disk-seal", "sealed"} <= set(steps), steps
+    # ...beside the daemon stopping them with QMP, as with stock QEMU, in the same run
+    qmp = idle["daemon_stop_via_qmp"]
+    assert qmp["n"] > 0 and qmp["p50_ratio"] > 0
+    assert {"stop-primary", "stop-secondary", "compare-seal", "disk-seal", "fire"} <= set(qmp["steps_p50_ms"])
     assert idle["daemon_passive_secondary"]["n"] > 0
     assert set(idle["secondary_cpu_percent"]) == {"active", "passive"}
     traffic = result["traffic"]
@@ -48,6 +54,7 @@ def test_quick_bench_reports_every_section_with_baselines(tmp_path: Path) -> Non
     assert failover["errors"] == [] and failover["served_ms"]["n"] == 1, failover
     text = render(result)
     assert "daemon/QEMU ratio" in text and "failover over 1 kill" in text
+    assert "daemon, stop via qmp" in text and "QEMU timer (baseline)" in text
     left = set(list_namespaces())
     for workdir in (tmp_path / "main", tmp_path / "failover-0"):
         assert PairFiles(workdir.resolve()).netns not in left
