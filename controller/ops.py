@@ -73,10 +73,17 @@ def pair_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.command("mode")
 @click.argument("mode", type=click.Choice(["mc", "colo"]))
 @click.option("--epoch-ms", type=click.IntRange(1, 600_000), default=None, help="MC epoch length.")
+@click.option(
+    "--stop-via",
+    type=click.Choice(["auto", "qemu", "qmp"]),
+    default=None,
+    help="Who stops the VMs for a checkpoint: QEMU (patched build) or the daemon over QMP.",
+)
 @pair_options
 def mode_command(
     mode: str,
     epoch_ms: int | None,
+    stop_via: str | None,
     workdir: Path | None,
     config: Path | None,
     control: str | None,
@@ -87,6 +94,8 @@ def mode_command(
     args: dict[str, Any] = {"mode": mode}
     if epoch_ms is not None:
         args["epoch_ms"] = epoch_ms
+    if stop_via is not None:
+        args["stop_via"] = stop_via
     result = _request(endpoint, "mode", 10.0, **args)
     if as_json:
         click.echo(json.dumps(result))
@@ -104,6 +113,8 @@ def format_status(status: dict[str, Any]) -> str:
         + (f" ({status['state_reason']})" if status["state_reason"] else ""),
         f"mode             {status['mode']} epoch {status['epoch_ms']} ms"
         + (f" -> {status['pending_mode']} at the next checkpoint" if status.get("pending_mode") else ""),
+        f"checkpoint stops via {status.get('stop_via')}"
+        + (" (QEMU can wait for the seal)" if status.get("seal_hook") else " (stock QEMU: no seal hook)"),
         f"committed epoch  {status['last_committed_epoch']}",
         f"checkpoints      {cps['daemon_started']} started, {cps['committed']} committed, "
         f"{cps['rolled_back']} rolled back, {cps['failed']} failed, {cps['coalesced']} requests coalesced",

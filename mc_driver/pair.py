@@ -121,6 +121,7 @@ class PairConfig:
     answer_timeout: float = 120.0
     start_daemon: bool = True
     passive_secondary: bool = False  # MC: the daemon stops the secondary after each checkpoint
+    stop_via: str = "auto"  # who stops the VMs for a checkpoint: auto | qemu (patch 0005) | qmp
     # TCP timestamps in the guest break COLO failover of young connections (see GUEST_TCP_TIMESTAMPS_OFF)
     guest_tcp_timestamps: bool = False
     # workloads started at boot, e.g. (("diskwriter", "/dev/vda"),)
@@ -274,6 +275,7 @@ def pair_json(config: PairConfig, files: PairFiles, qemu: QemuChoice, pids: dict
         "safety_interval_ms": config.safety_interval_ms,
         "mirror_job": MIRROR_JOB,
         "passive_secondary": config.passive_secondary,
+        "stop_via": config.stop_via,
         "pids": {role: pids.get(role, 0) for role in PID_ROLES},
     }
 

@@ -74,6 +74,14 @@ def pair() -> None:
     help="MC: keep the secondary stopped between checkpoints (saves its CPU; resumed at failover).",
 )
 @click.option(
+    "--stop-via",
+    type=click.Choice(["auto", "qemu", "qmp"]),
+    default="auto",
+    show_default=True,
+    help="Who stops the VMs for a checkpoint: QEMU itself, waiting for the daemon's seal (patched build,"
+    " patch 0005), or the daemon over QMP (any QEMU); auto picks qemu when the build has it.",
+)
+@click.option(
     "--no-daemon",
     is_flag=True,
     help="Start everything but the daemon (COLO not started): for debugging the launcher.",
@@ -90,6 +98,7 @@ def up_command(
     safety_interval_ms: int,
     guest_run: tuple[tuple[str, ...], ...],
     passive_secondary: bool,
+    stop_via: str,
     no_daemon: bool,
     as_json: bool,
 ) -> None:
@@ -98,7 +107,7 @@ def up_command(
         workdir=workdir, mode=mode, epoch_ms=epoch_ms, accel=accel,  # type: ignore[arg-type]
         memory_mib=memory_mib, disk_mib=disk_mib, compare_timeout_ms=compare_timeout_ms,
         safety_interval_ms=safety_interval_ms, guest_run=guest_run, start_daemon=not no_daemon,
-        passive_secondary=passive_secondary,
+        passive_secondary=passive_secondary, stop_via=stop_via,
     )  # fmt: skip
     try:
         result = up(config)

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from controller.control import ControlError, call, serve_control
 from controller.daemon import Daemon, DaemonConfig, DaemonError
-from controller.epoch import Mode
+from controller.epoch import Mode, StopVia
 from controller.ops import failover_command, mode_command, status_command
 
 
@@ -72,6 +72,8 @@ def test_refused_requests_are_clear_and_change_nothing(served: tuple[str, Daemon
         ("mode", {"mode": "fast"}, "bad-args"),
         ("mode", {"mode": "mc", "epoch_ms": 0}, "bad-args"),
         ("mode", {"mode": "mc", "passive_secondary": "yes"}, "bad-args"),
+        ("mode", {"mode": "mc", "stop_via": "magic"}, "bad-args"),
+        ("mode", {"mode": "mc", "stop_via": "qemu"}, "bad-args"),  # this daemon saw no seal hook
         ("checkpoint", {}, "not-protected"),
         ("checkpoint", {"timeout": -1}, "bad-args"),
         ("failover", {}, "not-protected"),
@@ -81,11 +83,30 @@ def test_refused_requests_are_clear_and_change_nothing(served: tuple[str, Daemon
             call(endpoint, verb, **args)
         assert info.value.code == code, (verb, args, info.value.message)
     assert daemon.protocol.pending_mode is None and not daemon.scheduler.pending
+    assert daemon.stop_via is StopVia.QMP
+    with pytest.raises(ControlError, match="needs a QEMU with x-colo-sealed"):
+        call(endpoint, "mode", mode="mc", stop_via="qemu")
     failover = CliRunner().invoke(failover_command, ["--control", endpoint])
     assert failover.exit_code == 1 and "nothing to fail over to" in failover.output
     unreachable = CliRunner().invoke(status_command, ["--control", "unix:/nonexistent/daemon.ctl"])
     assert unreachable.exit_code == 2 and "cannot reach the daemon" in unreachable.output
     assert CliRunner().invoke(status_command, []).exit_code == 2  # no pair named: usage error
+
+
+def test_stop_via_is_chosen_by_what_the_primary_offers_and_switchable(served: tuple[str, Daemon]) -> None:
+    endpoint, daemon = served
+    assert daemon._stop_via_from("auto") is StopVia.QMP  # stock QEMU: no seal hook
+    daemon.seal_hook = True  # what _resolve_stop_via finds on the patched build
+    assert daemon._stop_via_from("auto") is StopVia.QEMU
+    call(endpoint, "mode", mode="mc", stop_via="qemu")
+    assert daemon.stop_via is StopVia.QEMU and call(endpoint, "status")["stop_via"] == "qemu"
+    result = CliRunner().invoke(mode_command, ["mc", "--stop-via", "qmp", "--control", endpoint])
+    assert result.exit_code == 0, result.output
+    assert daemon.stop_via is StopVia.QMP
+    text = CliRunner().invoke(status_command, ["--control", endpoint]).output
+    assert "checkpoint stops via qmp (QEMU can wait for the seal)" in text
+    with pytest.raises(DaemonError, match="must be 'auto', 'qemu' or 'qmp'"):
+        daemon._stop_via_from("fast")
 
 
 def test_metrics_exposition(served: tuple[str, Daemon]) -> None:
@@ -124,6 +145,9 @@ def test_pair_json_errors_are_clear(tmp_path: Path) -> None:
     assert (config.primary_qmp, config.mode, config.epoch_ms) == ("/p", Mode.COLO, 30)
     assert config.primary_pid == 5 and config.secondary_pid is None
     assert config.migrate_uri == f"unix:{tmp_path / 'migrate.sock'}"
+    assert config.stop_via == "auto"
+    good.write_text(json.dumps(pair | {"stop_via": "qmp"}))
+    assert DaemonConfig.from_pair_json(good).stop_via == "qmp"
 
 
 
