@@ -108,6 +108,10 @@ class Recovery(StrEnum):
     COMMIT = "commit"  # the secondary holds N: N must be committed
 
 
+class ColoExited(Exception):
+    """The primary's QEMU left COLO (COLO_EXIT) while a checkpoint waited for it."""
+
+
 class CheckpointError(Exception):
     """A checkpoint failed; ``step`` is where, ``recovery`` what was done about it."""
 
@@ -407,14 +411,21 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
             return
         await asyncio.gather(links.secondary.execute("stop"), disk.call("prepare-checkpoint"))
 
+    async def primary_event(name: str) -> Any:
+        # A checkpoint the secondary cannot complete (it died, or took over) ends the primary's COLO at
+        # once with COLO_EXIT, while the primary stays stopped until it is told; waiting out the
+        # timeout for the event that will never come would keep the guest paused that long.
+        event = await links.primary.wait_event((name, "COLO_EXIT"), timeout=links.timeout)
+        if event.name == "COLO_EXIT":
+            raise ColoExited(f"the primary left COLO during the checkpoint: {dict(event.data)}")
+        return event
+
     try:
         if links.stop_via is StopVia.QEMU:
             if links.disk is not None:  # lifts a budget pause, which would stall QEMU's stops (above)
                 await timed(Step.PREPARE_DISK, links.disk.call("prepare-checkpoint"))
             await timed(Step.FIRE, links.primary.execute("x-colo-checkpoint"))
-            await timed(
-                Step.STOPPED, links.primary.wait_event("X_COLO_CHECKPOINT_STOPPED", timeout=links.timeout)
-            )
+            await timed(Step.STOPPED, primary_event("X_COLO_CHECKPOINT_STOPPED"))
         else:
             await timed(Step.STOP_SECONDARY, stop_secondary())
             await timed(Step.STOP_PRIMARY, links.primary.execute("stop"))
@@ -458,7 +469,7 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
                     "migrate-set-parameters", {"x-checkpoint-delay": HUGE_CHECKPOINT_DELAY_MS}
                 ),
             )
-        p_resume = await timed(Step.RESUME_PRIMARY, links.primary.wait_event("RESUME", timeout=links.timeout))
+        p_resume = await timed(Step.RESUME_PRIMARY, primary_event("RESUME"))
         s_resume = await timed(
             Step.RESUME_SECONDARY, links.secondary.wait_event("RESUME", timeout=links.timeout)
         )

@@ -420,13 +420,15 @@ async def _secondary_lost(harness: Harness, daemon: Daemon) -> None:
     assert secondary is not None
     echo = await _connect_echo(harness, daemon)
     original_send = daemon.heartbeat.send
-    killed = []
+    killed: list[object] = []
+    killed_at: list[float] = []
 
     def send_and_kill(message: dict[str, object]) -> None:
         original_send(message)
         if message.get("state") == "sealed" and not killed:
             secondary.send_signal(signal.SIGKILL)
             killed.append(message["epoch"])
+            killed_at.append(time.monotonic())
 
     try:
         payload = os.urandom(512)
@@ -445,7 +447,12 @@ async def _secondary_lost(harness: Harness, daemon: Daemon) -> None:
         deadline = time.monotonic() + 20
         while daemon.state != "unprotected":
             assert time.monotonic() < deadline, daemon.status()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
+        # the primary's COLO_EXIT ends the checkpoint: no waiting out checkpoint_timeout (15 s here)
+        # for a RESUME that cannot come while the primary stays paused
+        assert time.monotonic() - killed_at[0] < 3.0, daemon.status()["loss_timeline"]
+        assert daemon.failures[-1]["step"] == "resume-primary"
+        assert "COLO_EXIT" in daemon.failures[-1]["cause"] or "left COLO" in daemon.failures[-1]["cause"]
         data, _ = await echo.recv_exact(len(payload), timeout=20)  # released by release-all
         assert data == payload
         payload = os.urandom(512)

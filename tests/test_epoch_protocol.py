@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -17,6 +17,7 @@ import pytest
 from controller.epoch import (
     CheckpointError,
     CheckpointScheduler,
+    ColoExited,
     EpochProtocol,
     Mode,
     PairLinks,
@@ -32,6 +33,7 @@ from controller.epoch import (
 class FakeEvent:
     name: str
     timestamp: float
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 class RecordingQmp:
@@ -64,16 +66,20 @@ class RecordingQmp:
         return {}
 
     def peer_resume(self) -> None:
+        if any(side.fail_on == "exit" for side in self.peers):  # the secondary died mid-checkpoint
+            self.queue.append(FakeEvent("COLO_EXIT", self.clock, {"mode": "primary", "reason": "error"}))
+            return
         for side in self.peers:
             if side.fail_on != "load":
                 side.running = True
                 side.queue.append(FakeEvent("RESUME", side.clock + 0.05))
 
     async def wait_event(self, names: Any, *, timeout: float, predicate: Any = None) -> Any:
+        wanted = {names} if isinstance(names, str) else set(names)
         for i, event in enumerate(self.queue):
-            if event.name == names:
+            if event.name in wanted:
                 del self.queue[i]
-                self.log.append(f"{self.name}:{names}")
+                self.log.append(f"{self.name}:{event.name}")
                 return event
         await asyncio.sleep(0)
         raise TimeoutError(f"{self.name}: no {names}")
@@ -192,6 +198,20 @@ def test_stop_via_qemu_fires_first_and_seals_while_qemu_holds_both_stopped() -> 
 
 
 ROLLED_BACK = ["disk:prepare-checkpoint", "disk:seal", "disk:rollback"]
+
+
+@pytest.mark.parametrize("stop_via", list(StopVia))
+def test_colo_exit_while_waiting_for_the_checkpoint_fails_it_at_once(stop_via: StopVia) -> None:
+    """The secondary died (or took over) mid-checkpoint: the primary's COLO_EXIT ends the wait (not the
+    timeout, which would keep the primary paused), and the sealed epoch is rolled back."""
+    log: list[str] = []
+    links, _ = _links(log, fail={"secondary": "exit"}, stop_via=stop_via)
+    protocol = EpochProtocol(Mode.MC, 50)
+    with pytest.raises(CheckpointError) as info:
+        asyncio.run(run_checkpoint(links, protocol, {"timer": 1}))
+    assert info.value.step is Step.RESUME_PRIMARY and isinstance(info.value.cause, ColoExited)
+    assert "'reason': 'error'" in str(info.value.cause)
+    assert info.value.recovery is Recovery.ROLLBACK and "disk:rollback" in log
 
 
 @pytest.mark.parametrize(
