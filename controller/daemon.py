@@ -272,7 +272,7 @@ class Daemon:
         self.heartbeat = HeartbeatSender(config.heartbeat, self._beat)
         self.state = "starting"  # starting | protected | unprotected | primary-lost | failed-over | stopped
         self.stop_via = StopVia.QMP  # resolved from config.stop_via at start
-        self.seal_hook = False  # the primary QEMU has x-colo-checkpoint/x-colo-sealed (patch 0005)
+        self.seal_hook = False  # both QEMUs have x-colo-checkpoint / x-colo-expect-seal (patch 0005)
         self.state_reason = ""
         self.records: deque[EpochRecord] = deque(maxlen=RECENT)
         self.checkpoints_started = 0
@@ -346,10 +346,12 @@ class Daemon:
             await asyncio.sleep(0.05)
 
     async def _resolve_stop_via(self) -> None:
-        """``auto`` means ``qemu`` if the primary can wait for a seal (the patched build), else ``qmp``."""
-        primary, _ = self._sessions()
-        commands = await primary.execute("query-commands")
-        self.seal_hook = any(entry.get("name") == SEAL_HOOK_COMMAND for entry in commands)
+        """``auto`` means ``qemu`` if both QEMUs have the seal hook (the patched build), else ``qmp``."""
+        found = []
+        for session in self._sessions():
+            commands = await session.execute("query-commands")
+            found.append(any(entry.get("name") == SEAL_HOOK_COMMAND for entry in commands))
+        self.seal_hook = all(found)
         self.stop_via = self._stop_via_from(self.config.stop_via)
 
     def _stop_via_from(self, wanted: Any) -> StopVia:
@@ -361,8 +363,8 @@ class Daemon:
             raise DaemonError(f"stop_via must be 'auto', 'qemu' or 'qmp', not {wanted!r}") from None
         if via is StopVia.QEMU and not self.seal_hook:
             raise DaemonError(
-                f"stop_via 'qemu' needs a QEMU with {SEAL_HOOK_COMMAND} (hybridft's patched build,"
-                " patch 0005); this primary has none: use 'qmp' or 'auto'"
+                f"stop_via 'qemu' needs QEMUs with {SEAL_HOOK_COMMAND} (hybridft's patched build,"
+                " patch 0005); this pair's have none: use 'qmp' or 'auto'"
             )
         return via
 

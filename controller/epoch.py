@@ -35,11 +35,16 @@ Two ways to stop the VMs (:class:`StopVia`), the same protocol:
   then also holds the stop reply, the fire round trip and QEMU's own CHECKPOINT_REQUEST/REPLY
   exchange (which QEMU's timer runs while the primary still runs): 1.4-1.6x the pause of a
   timer-started checkpoint under TCG.
-* ``qemu`` -- the patched build's ``x-colo-checkpoint`` (patch 0005) fires a checkpoint that stops the
-  secondary (request/reply) and then the primary itself, emits X_COLO_CHECKPOINT_STOPPED and waits;
-  the daemon seals (step 3) and answers ``x-colo-sealed``; QEMU then saves, loads and resumes.  Both
-  VMs are stopped while sealing exactly as in ``qmp``; only the seal is added to QEMU's own pause.
-  Steps 1+2 become ``fire`` + ``stopped``, step 4 becomes ``sealed``; the heartbeat is the same.
+* ``qemu`` -- the patched build (patch 0005).  ``x-colo-expect-seal`` makes the secondary's next load
+  wait, with the state received but not applied, for ``x-colo-sealed``; ``x-colo-checkpoint`` fires a
+  checkpoint that stops the secondary (its request/reply) and then the primary, and emits
+  X_COLO_CHECKPOINT_STOPPED.  The daemon seals (step 3) while QEMU saves and sends the state, then
+  sends ``x-colo-sealed`` to the secondary; the secondary applies the state and resumes, and only then
+  the primary.  So both VMs are stopped while sealing exactly as in ``qmp`` (neither runs before the
+  secondary's load, which waits for the seal), and the seal runs beside QEMU's own work instead of
+  before it.  Steps 1+2 become ``expect-seal`` + ``fire`` + ``stopped``, step 4 becomes ``sealed``; the
+  heartbeat is the same, and so is the agent's rule (a secondary RESUME after the seal means it loaded
+  N: a load that waits applies nothing when a failover comes first).
 
 ``N`` is the disk server's epoch number when a disk server is wired (the agent's ``disk ctl commit N``
 must name the same epoch), else the protocol's own counter.  The comparator numbers its epochs itself;
@@ -68,19 +73,19 @@ class StopVia(StrEnum):
     """Who stops the two VMs for a checkpoint (see the module docstring)."""
 
     QMP = "qmp"  # the daemon, with QMP `stop`, then fires the checkpoint
-    QEMU = "qemu"  # QEMU's checkpoint itself, waiting for `x-colo-sealed` (patch 0005)
+    QEMU = "qemu"  # QEMU's checkpoint itself; the secondary's load waits for `x-colo-sealed` (patch 0005)
 
 
-#: The QMP command that tells a QEMU build able to wait for a seal from one that is not.
-SEAL_HOOK_COMMAND = "x-colo-sealed"
+#: The QMP command that tells a QEMU build with the seal hook (patch 0005) from one without.
+SEAL_HOOK_COMMAND = "x-colo-expect-seal"
 
 
 class Step(StrEnum):
     STOP_SECONDARY = "stop-secondary"
     STOP_PRIMARY = "stop-primary"
-    PREPARE_DISK = "prepare-disk"  # stop via qemu: the disk server's prepare-checkpoint before the fire
+    EXPECT_SEAL = "expect-seal"  # stop via qemu: x-colo-expect-seal ‖ the disk's prepare-checkpoint
     STOPPED = "stopped"  # stop via qemu: X_COLO_CHECKPOINT_STOPPED (both VMs stopped)
-    SEALED = "sealed"  # stop via qemu: x-colo-sealed, QEMU saves and sends the state
+    SEALED = "sealed"  # stop via qemu: x-colo-sealed to the secondary, which may then apply the state
     COMPARE_MODE = "compare-mode"
     COMPARE_SEAL = "compare-seal"
     DISK_SEAL = "disk-seal"
@@ -411,6 +416,15 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
             return
         await asyncio.gather(links.secondary.execute("stop"), disk.call("prepare-checkpoint"))
 
+    async def expect_seal() -> None:
+        # Both before the fire: the secondary's load must already wait when the state arrives, and a
+        # disk server paused by its budget would stall QEMU's stops as it would the daemon's (above).
+        expect = links.secondary.execute("x-colo-expect-seal")
+        if links.disk is None:
+            await expect
+            return
+        await asyncio.gather(expect, links.disk.call("prepare-checkpoint"))
+
     async def primary_event(name: str) -> Any:
         # A checkpoint the secondary cannot complete (it died, or took over) ends the primary's COLO at
         # once with COLO_EXIT, while the primary stays stopped until it is told; waiting out the
@@ -422,8 +436,7 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
 
     try:
         if links.stop_via is StopVia.QEMU:
-            if links.disk is not None:  # lifts a budget pause, which would stall QEMU's stops (above)
-                await timed(Step.PREPARE_DISK, links.disk.call("prepare-checkpoint"))
+            await timed(Step.EXPECT_SEAL, expect_seal())
             await timed(Step.FIRE, links.primary.execute("x-colo-checkpoint"))
             await timed(Step.STOPPED, primary_event("X_COLO_CHECKPOINT_STOPPED"))
         else:
@@ -461,7 +474,7 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
                 raise value
         links.heartbeat(message)
         if links.stop_via is StopVia.QEMU:
-            await timed(Step.SEALED, links.primary.execute("x-colo-sealed"))
+            await timed(Step.SEALED, links.secondary.execute("x-colo-sealed"))
         else:
             await timed(
                 Step.FIRE,

@@ -35,7 +35,7 @@ def test_quick_bench_reports_every_section_with_baselines(tmp_path: Path) -> Non
     # where the daemon's pause goes, step by step: QEMU stops the VMs (patch 0005, picked on this build)...
     assert idle["stop_via"] == "qemu"
     steps = idle["daemon_steps_p50_ms"]
-    assert {"prepare-disk", "fire", "stopped", "compare-seal", "disk-seal", "sealed"} <= set(steps), steps
+    assert {"expect-seal", "fire", "stopped", "compare-seal", "disk-seal", "sealed"} <= set(steps), steps
     # ...beside the daemon stopping them with QMP, as with stock QEMU, in the same run
     qmp = idle["daemon_stop_via_qmp"]
     assert qmp["n"] > 0 and qmp["p50_ratio"] > 0

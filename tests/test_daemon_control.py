@@ -84,7 +84,7 @@ def test_refused_requests_are_clear_and_change_nothing(served: tuple[str, Daemon
         assert info.value.code == code, (verb, args, info.value.message)
     assert daemon.protocol.pending_mode is None and not daemon.scheduler.pending
     assert daemon.stop_via is StopVia.QMP
-    with pytest.raises(ControlError, match="needs a QEMU with x-colo-sealed"):
+    with pytest.raises(ControlError, match="needs QEMUs with x-colo-expect-seal"):
         call(endpoint, "mode", mode="mc", stop_via="qemu")
     failover = CliRunner().invoke(failover_command, ["--control", endpoint])
     assert failover.exit_code == 1 and "nothing to fail over to" in failover.output

@@ -97,6 +97,7 @@ class Harness:
     disk_ctl: str
     services: list[subprocess.Popen[bytes]]
     loop: LoopThread
+    stop_via: StopVia
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
         return self.loop.run(coro, timeout)
@@ -107,8 +108,18 @@ def tcg_qemu() -> QemuChoice:
     return choose_qemu(build=True, force_accel="tcg")
 
 
+@pytest.fixture(scope="module", params=list(StopVia), ids=lambda via: f"stop-via-{via}")
+def stop_via(request: pytest.FixtureRequest) -> StopVia:
+    """Every test runs for both ways of stopping the VMs (each on its own pair: the last test kills
+    the secondary): ``qemu`` (patch 0005, what ``auto`` picks on this build) and ``qmp`` (what stock
+    QEMU gets)."""
+    return StopVia(request.param)
+
+
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory, tcg_qemu: QemuChoice) -> Iterator[Harness]:
+def harness(
+    tmp_path_factory: pytest.TempPathFactory, tcg_qemu: QemuChoice, stop_via: StopVia
+) -> Iterator[Harness]:
     work = tmp_path_factory.mktemp("daemon")
     image = build_guest()
     cli = [sys.executable, "-c", "from controller.cli import main; main()"]
@@ -142,7 +153,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory, tcg_qemu: QemuChoice) -> I
         with NetNamespace() as netns:
             pair = loop.run(ColoPair.start(config, netns), timeout=300)
             try:
-                yield Harness(work, netns, pair, compare_ctl, disk_ctl, services, loop)
+                yield Harness(work, netns, pair, compare_ctl, disk_ctl, services, loop, stop_via)
             finally:
                 loop.run(pair.close())
     finally:
@@ -167,6 +178,7 @@ def daemon_config(h: Harness, **overrides: object) -> DaemonConfig:
         secondary_pid=pair.secondary_proc.pid,
         start_colo=False,
         checkpoint_timeout=15.0,
+        stop_via=str(h.stop_via),
     )
     for key, value in overrides.items():
         setattr(config, key, value)
@@ -257,14 +269,9 @@ def test_checkpoint_delay_fires_one_checkpoint_at_once(harness: Harness) -> None
     assert (extra_p, extra_s) == (0, 0)
 
 
-@pytest.mark.parametrize("stop_via", list(StopVia))
-def test_protocol_order_seen_from_qemu_and_the_services(
-    harness: Harness, daemon: Daemon, stop_via: StopVia
-) -> None:
-    """Both ways of stopping the VMs: ``qemu`` (patch 0005, what ``auto`` picks on this build) and ``qmp``
-    (what stock QEMU gets)."""
-    assert daemon.seal_hook is True and daemon.stop_via is StopVia.QEMU  # auto, on the patched build
-    daemon.stop_via = stop_via
+def test_protocol_order_seen_from_qemu_and_the_services(harness: Harness, daemon: Daemon) -> None:
+    assert daemon.seal_hook is True and daemon.stop_via is harness.stop_via
+    assert daemon._stop_via_from("auto") is StopVia.QEMU  # what auto picks on the patched build
     harness.run(_protocol_order(harness, daemon))
 
 
@@ -283,8 +290,8 @@ async def _protocol_order(harness: Harness, daemon: Daemon) -> None:
     assert s_events[0][1] <= p_events[0][1] <= s_events[1][1]
     assert p_events[0][1] <= p_events[1][1]
     steps = [name for name, _ in record.steps]
-    if daemon.stop_via is StopVia.QEMU:  # QEMU stops both, says so, and waits for x-colo-sealed
-        assert steps[:3] == ["prepare-disk", "fire", "stopped"], steps
+    if daemon.stop_via is StopVia.QEMU:  # QEMU stops both and says so; the secondary's load awaits the seal
+        assert steps[:3] == ["expect-seal", "fire", "stopped"], steps
         release = "sealed"
     else:
         assert steps[:2] == ["stop-secondary", "stop-primary"], steps
@@ -448,11 +455,15 @@ async def _secondary_lost(harness: Harness, daemon: Daemon) -> None:
         while daemon.state != "unprotected":
             assert time.monotonic() < deadline, daemon.status()
             await asyncio.sleep(0.01)
-        # the primary's COLO_EXIT ends the checkpoint: no waiting out checkpoint_timeout (15 s here)
-        # for a RESUME that cannot come while the primary stays paused
+        # no waiting out checkpoint_timeout (15 s here) while the primary stays paused: stopping via
+        # QEMU, telling the dead secondary x-colo-sealed fails at once; via QMP, the primary's COLO_EXIT
+        # ends the wait for a RESUME that cannot come (15 s before that was handled)
         assert time.monotonic() - killed_at[0] < 3.0, daemon.status()["loss_timeline"]
-        assert daemon.failures[-1]["step"] == "resume-primary"
-        assert "COLO_EXIT" in daemon.failures[-1]["cause"] or "left COLO" in daemon.failures[-1]["cause"]
+        failure = daemon.failures[-1]
+        if daemon.stop_via is StopVia.QEMU:
+            assert failure["step"] == "sealed", failure
+        else:
+            assert failure["step"] == "resume-primary" and "left COLO" in failure["cause"], failure
         data, _ = await echo.recv_exact(len(payload), timeout=20)  # released by release-all
         assert data == payload
         payload = os.urandom(512)

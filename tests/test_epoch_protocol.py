@@ -54,8 +54,10 @@ class RecordingQmp:
             if self.running:
                 self.queue.append(FakeEvent("STOP", self.clock))
             self.running = False
-        if command == "migrate-set-parameters" or command == "x-colo-sealed":
+        if command == "migrate-set-parameters":
             self.peer_resume()
+        if command == "x-colo-sealed":  # patch 0005: the secondary's waiting load goes on
+            self.primary.peer_resume()
         if command == "x-colo-checkpoint":  # patch 0005: QEMU stops both (secondary first), then waits
             for side in reversed(self.peers):
                 if side.running:
@@ -117,6 +119,7 @@ def _links(
     secondary = RecordingQmp("secondary", log, fail.get("secondary"))
     primary.peers = [primary, secondary]  # type: ignore[attr-defined]
     secondary.peers = []  # type: ignore[attr-defined]
+    secondary.primary = primary  # type: ignore[attr-defined]
     beats: list[dict[str, Any]] = []
 
     def heartbeat(message: dict[str, Any]) -> None:
@@ -166,20 +169,18 @@ def test_checkpoint_runs_the_steps_in_protocol_order() -> None:
 
 
 def test_stop_via_qemu_fires_first_and_seals_while_qemu_holds_both_stopped() -> None:
-    """Patch 0005's order: prepare, fire, QEMU stops both and says so, seal, x-colo-sealed, resume."""
+    """Patch 0005's order: expect-seal ‖ prepare, fire, QEMU stops both and says so, seal, the
+    secondary's x-colo-sealed, resume."""
     log: list[str] = []
     links, beats = _links(log, stop_via=StopVia.QEMU)
     protocol = EpochProtocol(Mode.MC, 50)
     record = asyncio.run(run_checkpoint(links, protocol, {"timer": 1}))
-    assert log[:3] == [
-        "disk:prepare-checkpoint",
-        "primary:x-colo-checkpoint",
-        "primary:X_COLO_CHECKPOINT_STOPPED",
-    ]
-    assert sorted(log[3:5]) == ["compare:seal", "disk:seal"]
-    assert log[5:] == [
+    assert sorted(log[:2]) == ["disk:prepare-checkpoint", "secondary:x-colo-expect-seal"]
+    assert log[2:4] == ["primary:x-colo-checkpoint", "primary:X_COLO_CHECKPOINT_STOPPED"]
+    assert sorted(log[4:6]) == ["compare:seal", "disk:seal"]
+    assert log[6:] == [
         "heartbeat:sealed",
-        "primary:x-colo-sealed",
+        "secondary:x-colo-sealed",
         "primary:RESUME",
         "secondary:RESUME",
         "heartbeat:loaded",
@@ -189,7 +190,7 @@ def test_stop_via_qemu_fires_first_and_seals_while_qemu_holds_both_stopped() -> 
     ]
     assert "primary:stop" not in log and "secondary:stop" not in log
     assert [name for name, _ in record.steps][:3] == [
-        str(Step.PREPARE_DISK),
+        str(Step.EXPECT_SEAL),
         str(Step.FIRE),
         str(Step.STOPPED),
     ]
@@ -217,10 +218,11 @@ def test_colo_exit_while_waiting_for_the_checkpoint_fails_it_at_once(stop_via: S
 @pytest.mark.parametrize(
     ("fail", "step", "recovery", "disk_calls"),
     [
+        ({"secondary": "x-colo-expect-seal"}, Step.EXPECT_SEAL, Recovery.NONE, ["disk:prepare-checkpoint"]),
         ({"primary": "x-colo-checkpoint"}, Step.FIRE, Recovery.NONE, ["disk:prepare-checkpoint"]),
         ({"primary": "stopped"}, Step.STOPPED, Recovery.NONE, ["disk:prepare-checkpoint"]),
         ({"compare": "seal"}, Step.COMPARE_SEAL, Recovery.ROLLBACK, ROLLED_BACK),
-        ({"primary": "x-colo-sealed"}, Step.SEALED, Recovery.ROLLBACK, ROLLED_BACK),
+        ({"secondary": "x-colo-sealed"}, Step.SEALED, Recovery.ROLLBACK, ROLLED_BACK),
         ({"secondary": "load"}, Step.RESUME_SECONDARY, Recovery.ROLLBACK, ROLLED_BACK),
     ],
 )  # fmt: skip
@@ -235,8 +237,8 @@ def test_stop_via_qemu_recovers_like_the_qmp_order(
     assert info.value.step is step and info.value.recovery is recovery
     assert [entry for entry in log if entry.startswith("disk:")] == disk_calls
     assert "compare:commit 1" not in log
-    if step in (Step.FIRE, Step.STOPPED, Step.COMPARE_SEAL):
-        assert "primary:x-colo-sealed" not in log  # a failed seal never lets QEMU save the state
+    if step in (Step.EXPECT_SEAL, Step.FIRE, Step.STOPPED, Step.COMPARE_SEAL):
+        assert "secondary:x-colo-sealed" not in log  # a failed seal never lets the secondary load
 
 
 def test_passive_secondary_is_stopped_again_after_the_commit_in_mc_only() -> None:

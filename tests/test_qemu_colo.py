@@ -345,12 +345,13 @@ def test_checkpoints_fire_only_on_request_and_resume_both(
     assert len(pauses) == 10 and all(0 < p < 5 for p in pauses)
 
 
-def test_seal_hook_holds_both_vms_until_sealed_and_yields_to_failover(
+def test_seal_hook_keeps_both_vms_stopped_until_sealed_and_yields_to_failover(
     tmp_path: Path, image: GuestImage, tcg_qemu: QemuChoice
 ) -> None:
-    """Patch 0005: x-colo-checkpoint stops both VMs (the secondary first), says so, and saves nothing
-    until x-colo-sealed; misuse is a clear QMP error; a failover while it waits ends COLO at once and
-    the primary runs on."""
+    """Patch 0005: x-colo-checkpoint stops both VMs (the secondary first) and says so; with
+    x-colo-expect-seal the secondary applies nothing and neither VM runs until x-colo-sealed (which may
+    also come before the state arrives); misuse is a clear QMP error; a failover while the load waits
+    ends COLO at once, the secondary resuming only after its COLO_EXIT (so the agent rolls back)."""
 
     async def run() -> float:
         config = ColoPairConfig(workdir=tmp_path, image=image, qemu=tcg_qemu, compare="none",
@@ -359,43 +360,52 @@ def test_seal_hook_holds_both_vms_until_sealed_and_yields_to_failover(
             async with await ColoPair.start(config, netns) as pair:
                 p, s = pair.primary, pair.secondary
                 assert p is not None and s is not None
-                with pytest.raises(QmpCommandError, match="no COLO checkpoint is waiting"):
-                    await p.execute("x-colo-sealed")
+                with pytest.raises(QmpCommandError, match="no COLO checkpoint expects a seal"):
+                    await s.execute("x-colo-sealed")
                 with pytest.raises(QmpCommandError, match="not a COLO Primary"):
                     await s.execute("x-colo-checkpoint")
-                for _ in range(3):
+                with pytest.raises(QmpCommandError, match="not a COLO Secondary"):
+                    await p.execute("x-colo-expect-seal")
+                for hold in (0.5, 0.5, 0.0):  # 0.0: sealed at once, usually before the state arrives
                     p.discard_events()
                     s.discard_events()
+                    await s.execute("x-colo-expect-seal")
+                    await s.execute("x-colo-expect-seal")  # idempotent
                     await p.execute("x-colo-checkpoint")
                     stopped = await p.wait_event("X_COLO_CHECKPOINT_STOPPED", timeout=10)
                     p_stops, s_stops = p.take("STOP"), s.take("STOP")
                     assert len(p_stops) == 1 and len(s_stops) == 1
                     assert s_stops[0].timestamp <= p_stops[0].timestamp <= stopped.timestamp
-                    with pytest.raises(QmpCommandError, match="already in progress"):
-                        await p.execute("x-colo-checkpoint")
-                    await asyncio.sleep(0.5)  # it waits: nothing resumes, however long the seal takes
-                    for side in (p, s):
-                        assert (await side.execute("query-status"))["running"] is False
-                        assert not side.pending("RESUME")
-                    await p.execute("x-colo-sealed")
-                    await s.wait_event("RESUME", timeout=10)
-                    await p.wait_event("RESUME", timeout=10)
-                # a failover (here: the primary is told its peer is gone) while a checkpoint waits
+                    if hold:
+                        await asyncio.sleep(hold)  # nothing runs on, however long the seal takes
+                        for side in (p, s):
+                            assert (await side.execute("query-status"))["running"] is False
+                            assert not side.pending("RESUME")
+                        with pytest.raises(QmpCommandError, match="not finished loading"):
+                            await s.execute("x-colo-expect-seal")
+                    await s.execute("x-colo-sealed")
+                    s_resume = await s.wait_event("RESUME", timeout=10)
+                    p_resume = await p.wait_event("RESUME", timeout=10)
+                    assert s_resume.timestamp <= p_resume.timestamp  # the primary waits for the load
+                # a failover (the primary is lost) while the secondary's load waits for its seal
+                await s.execute("x-colo-expect-seal")
                 await p.execute("x-colo-checkpoint")
                 await p.wait_event("X_COLO_CHECKPOINT_STOPPED", timeout=10)
+                await asyncio.sleep(0.5)  # the state is received; the load waits
+                assert not s.pending("RESUME")
                 started = time.monotonic()
-                await p.execute("x-colo-lost-heartbeat")
-                colo_exit = await p.wait_event("COLO_EXIT", timeout=5)
-                assert colo_exit.data["reason"] == "request"
-                await p.wait_event("RESUME", timeout=5)
+                await s.execute("x-colo-lost-heartbeat")
+                colo_exit = await s.wait_event("COLO_EXIT", timeout=5)
+                resume = await s.wait_event("RESUME", timeout=5)
                 took = time.monotonic() - started
-                assert (await p.execute("query-status"))["running"] is True
-                with pytest.raises(QmpCommandError, match="no COLO checkpoint is waiting"):
-                    await p.execute("x-colo-sealed")
+                assert resume.timestamp >= colo_exit.timestamp  # not loaded: the agent rolls back
+                assert (await s.execute("query-status"))["running"] is True
+                with pytest.raises(QmpCommandError, match="no COLO checkpoint expects a seal"):
+                    await s.execute("x-colo-sealed")
                 return took
 
     took = asyncio.run(run())
-    assert took < 1.0, took  # the failover wakes the waiting checkpoint at once
+    assert took < 1.0, took  # the failover wakes the waiting load at once
 
 
 def test_precopy_migration_under_tcg_leaves_identical_ram(
