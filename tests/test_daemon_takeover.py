@@ -14,9 +14,17 @@ import time
 import pytest
 
 from controller.daemon import Daemon
+from controller.epoch import StopVia
 from tests.test_daemon_qemu import Harness, daemon, harness, tcg_qemu  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.netns]
+
+
+@pytest.fixture(scope="module")
+def stop_via() -> StopVia:
+    """One pair, stopping via QEMU (what ``auto`` picks on the patched build): the takeover is seen
+    between checkpoints, where both ways are alike."""
+    return StopVia.QEMU
 
 
 def test_secondary_takeover_keeps_the_primary_stopped(harness: Harness, daemon: Daemon) -> None:  # noqa: F811
