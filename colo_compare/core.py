@@ -431,10 +431,22 @@ class Comparator:
         return n
 
     def commit(self, epoch: int) -> list[Action]:
-        """Release exactly the frames sealed into ``epoch``; in COLO re-anchor every stream."""
-        if not self._pending or self._pending[0].epoch != epoch:
-            expected = self._pending[0].epoch if self._pending else None
-            raise ValueError(f"commit({epoch}): the oldest sealed, uncommitted epoch is {expected}")
+        """Release the frames sealed into ``epoch``; in COLO re-anchor every stream.
+
+        Older sealed epochs still uncommitted are committed first, in order: a checkpoint covers
+        everything the primary did before it, so their output is covered too.  One is left behind
+        only when its checkpoint was abandoned after the seal (the daemon stopped, or restarted,
+        in the middle of it); holding it for ever would stall those connections.
+        """
+        if not any(sealed.epoch == epoch for sealed in self._pending):
+            oldest = self._pending[0].epoch if self._pending else None
+            raise ValueError(f"commit({epoch}): not a sealed, uncommitted epoch (the oldest is {oldest})")
+        actions: list[Action] = []
+        while self._pending[0].epoch != epoch:
+            actions += self._commit_oldest()
+        return actions + self._commit_oldest()
+
+    def _commit_oldest(self) -> list[Action]:
         sealed = self._pending.popleft()
         self._checkpoints += 1
         out = self._release_sealed(sealed)

@@ -351,13 +351,26 @@ def test_mc_holds_everything_until_commit_and_discards_secondary() -> None:
     e2 = [bytearray(b"next epoch frame")]
     c.feed_primary(e2, 0.0)
     n2 = c.seal()
-    with pytest.raises(ValueError):
-        c.commit(n2)
     assert released(c.commit(n1)) == e1
     assert released(c.commit(n2)) == [b"next epoch frame"]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not a sealed, uncommitted epoch"):
         c.commit(n2)
     assert c.stats()["held_frames"] == 0 and c.stats()["held_bytes"] == 0
+
+
+def test_a_commit_also_releases_older_epochs_whose_checkpoint_was_abandoned() -> None:
+    """The daemon stopped between a seal and its commit: the next checkpoint covers that output too."""
+    c = Comparator(Mode.MC)
+    e1 = [b"sealed, then its checkpoint abandoned"]
+    c.feed_primary(e1, 0.0)
+    n1 = c.seal()
+    e2 = [b"the next epoch"]
+    c.feed_primary(e2, 0.0)
+    n2 = c.seal()
+    assert released(c.commit(n2)) == e1 + e2  # in order, each exactly once
+    with pytest.raises(ValueError, match=r"not a sealed, uncommitted epoch \(the oldest is None\)"):
+        c.commit(n1)
+    assert c.stats()["held_frames"] == 0
 
 
 def test_commit_of_unknown_epoch_raises() -> None:
