@@ -410,6 +410,11 @@ class Daemon:
         # in the same loop iteration as what it awaited, and every checkpoint step is a wait_for.
         self._closing = True
         self._wake.set()
+        # A checkpoint in flight finishes first (bounded by its own timeouts): cancelled half-way it
+        # would leave the pair stopped, or sealed epochs behind that the next checkpoint must sweep up.
+        epochs = [task for task in self._tasks if task.get_name() == "epochs" and not task.done()]
+        if epochs:
+            await asyncio.wait(epochs, timeout=self.config.checkpoint_timeout * 2 + 5)
         for task in self._tasks:
             task.cancel()
         if self._tasks:
@@ -471,11 +476,23 @@ class Daemon:
             primary, secondary = self._sessions()
             if self.state != "protected":
                 raise ControlError(f"the pair is {self.state}: no checkpoint possible", "not-protected")
+            # Events that came since the last look, taken before the checkpoint counts as started: a
+            # COLO_EXIT among them (the pair broke between checkpoints) must end replication, not be
+            # ignored as part of this checkpoint, whose fire would then wait for a RESUME in vain.
+            seen = [(session, session.events()) for session in (primary, secondary)]
+            for session, events in seen:
+                self._count_events(session, events)
+            if any(event.name == "COLO_EXIT" for _, events in seen for event in events):
+                error = ControlError("COLO ended before this checkpoint could start", "not-protected")
+                for _, future in self._waiters:
+                    if not future.done():
+                        future.set_exception(error)
+                self._waiters = []
+                raise error
             self._in_checkpoint = True
             try:
-                for session in (primary, secondary):
-                    self._count_events(session, session.events())
                 self.checkpoints_started += 1
+                self.scheduler.begun(time.monotonic())
                 links = PairLinks(
                     primary,
                     secondary,

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -18,6 +19,7 @@ from controller.control import ControlError, call, serve_control
 from controller.daemon import Daemon, DaemonConfig, DaemonError
 from controller.epoch import Mode, StopVia
 from controller.ops import failover_command, mode_command, status_command
+from mc_driver.qmp import Event
 
 
 @pytest.fixture
@@ -180,3 +182,78 @@ def test_close_ends_the_loops_even_when_their_cancellation_is_lost(tmp_path: Pat
 
     ended, took = asyncio.run(scenario())
     assert ended and took < 1.0
+
+
+class FakeSession:
+    """What the daemon needs of a QMP session here: queued events and recorded commands."""
+
+    def __init__(self, name: str, events: list[Event]) -> None:
+        self.name = name
+        self.queued = events
+        self.commands: list[str] = []
+        self._client = SimpleNamespace(runstate=SimpleNamespace(name="RUNNING"))
+
+    def events(self) -> list[Event]:
+        taken, self.queued = self.queued, []
+        return taken
+
+    async def execute(self, command: str, arguments: object = None, **kwargs: object) -> dict[str, object]:
+        self.commands.append(command)
+        return {"running": True} if command == "query-status" else {"mode": "none", "last-mode": "none"}
+
+
+def test_a_colo_exit_seen_as_a_checkpoint_starts_ends_replication_instead(tmp_path: Path) -> None:
+    """The pair broke between checkpoints and the next checkpoint is the first to look: its COLO_EXIT
+    was counted as part of that checkpoint and ignored, and the fire then waited its whole timeout
+    for a RESUME that a QEMU out of COLO never sends (found with 50 ms MC epochs)."""
+
+    async def scenario() -> tuple[Daemon, FakeSession]:
+        config = DaemonConfig(
+            primary_qmp="/nonexistent", secondary_qmp="/nonexistent", control=f"unix:{tmp_path / 'd.ctl'}"
+        )
+        daemon = Daemon(config)
+        colo_exit = Event("COLO_EXIT", {"mode": "primary", "reason": "error"}, time.time(), time.time())
+        primary = FakeSession("primary", [colo_exit])
+        daemon.attach(primary, FakeSession("secondary", []))  # type: ignore[arg-type]
+        daemon.state = "protected"
+        waiter = asyncio.ensure_future(daemon.request_checkpoint("operator", timeout=5))
+        await asyncio.sleep(0)  # the request is registered
+        with pytest.raises(ControlError, match="COLO ended before this checkpoint could start"):
+            await daemon.checkpoint({"timer": 1})
+        with pytest.raises(ControlError, match="COLO ended"):
+            await waiter  # a caller waiting for a checkpoint hears it at once
+        await asyncio.gather(*daemon._tasks)  # the replication-ended handling it scheduled
+        return daemon, primary
+
+    daemon, primary = asyncio.run(scenario())
+    assert daemon.checkpoints_started == 0 and daemon.state == "unprotected"
+    assert "x-colo-lost-heartbeat" in primary.commands and "migrate-set-parameters" not in primary.commands
+
+
+def test_close_lets_a_checkpoint_in_flight_finish(tmp_path: Path) -> None:
+    """Cancelled half-way (after the seal, say) a checkpoint leaves sealed epochs behind, or the VMs
+    stopped; a daemon that is asked to stop finishes the one in flight and starts no other."""
+
+    async def scenario() -> list[str]:
+        config = DaemonConfig(
+            primary_qmp="/nonexistent", secondary_qmp="/nonexistent", control=f"unix:{tmp_path / 'd.ctl'}"
+        )
+        daemon = Daemon(config)
+        daemon.state = "protected"
+        log: list[str] = []
+
+        async def slow_checkpoint(reasons: object) -> None:
+            log.append("started")
+            await asyncio.sleep(0.5)
+            log.append("finished")
+
+        daemon.checkpoint = slow_checkpoint  # type: ignore[assignment,method-assign]
+        daemon._tasks = [asyncio.create_task(daemon._epoch_loop(), name="epochs")]
+        daemon.scheduler.request("operator")
+        daemon._wake.set()
+        await asyncio.sleep(0.1)
+        daemon.scheduler.request("operator")  # another one due: it must not start
+        await daemon.close()
+        return log
+
+    assert asyncio.run(scenario()) == ["started", "finished"]
