@@ -305,15 +305,19 @@ class EpochProtocol:
 class CheckpointScheduler:
     """When the next checkpoint is due, and which triggers it coalesces (sans-I/O, monotonic seconds).
 
-    MC: ``epoch_ms`` after the previous checkpoint ended.  COLO: a comparator request at once, else the
-    safety interval.  Operator and comparator requests in any mode are due at once.  Requests that
-    arrive while a checkpoint runs are answered by the next one, all together.  A comparator request
+    MC: a checkpoint every ``epoch_ms``, measured from the start of the previous one as QEMU's own
+    timer does (the same interval then means the same dirty memory per checkpoint), but never less
+    than half an epoch after the previous one ended, so that a checkpoint longer than the epoch cannot
+    starve the guest.  COLO: a comparator request at once, else the safety interval after the last end.
+    Operator and comparator requests in any mode are due at once.  Requests that arrive while a
+    checkpoint runs are answered by the next one, all together.  A comparator request
     raised in an epoch that has already been sealed is stale (the seal resolved it) and is dropped.
     """
 
     def __init__(self, safety_interval_ms: int = 10_000) -> None:
         self.safety_interval_ms = safety_interval_ms
         self.last_end: float | None = None
+        self.last_start: float | None = None
         self.pending: Counter[str] = Counter()
         self.coalesced = 0
         self.stale_dropped = 0
@@ -338,8 +342,11 @@ class CheckpointScheduler:
         """Monotonic time the next timer checkpoint is due (None: not before the first one ended)."""
         if self.last_end is None:
             return None
-        interval = epoch_ms if mode is Mode.MC else self.safety_interval_ms
-        return self.last_end + interval / 1000.0
+        if mode is Mode.COLO:
+            return self.last_end + self.safety_interval_ms / 1000.0
+        period = epoch_ms / 1000.0
+        start = self.last_end if self.last_start is None else self.last_start
+        return max(start + period, self.last_end + period / 2)
 
     def take(self, mode: Mode, epoch_ms: int, now: float) -> Counter[str] | None:
         """The reasons for a checkpoint now, or None if none is due."""
@@ -351,6 +358,10 @@ class CheckpointScheduler:
             return None
         self.pending.clear()
         return reasons
+
+    def begun(self, now: float) -> None:
+        """A checkpoint starts now (the MC period is measured from here)."""
+        self.last_start = now
 
     def ended(self, now: float, compare_epoch: int | None = None) -> None:
         self.last_end = now

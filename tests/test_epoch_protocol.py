@@ -349,6 +349,19 @@ def test_scheduler_mc_timer_colo_safety_interval_and_coalescing() -> None:
     scheduler.ended(1.0, compare_epoch=4)
     assert scheduler.take(Mode.MC, 50, 1.04) is None
     assert scheduler.take(Mode.MC, 50, 1.05) == Counter({"timer": 1})
+    # MC: every epoch_ms from the start of the previous checkpoint, as QEMU's own timer ...
+    scheduler.begun(1.05)
+    scheduler.ended(1.06)
+    assert scheduler.due_at(Mode.MC, 50) == pytest.approx(1.10)
+    assert scheduler.take(Mode.MC, 50, 1.099) is None
+    assert scheduler.take(Mode.MC, 50, 1.10) == Counter({"timer": 1})
+    # ... but at least half an epoch of guest time after a checkpoint longer than the epoch
+    scheduler.begun(1.10)
+    scheduler.ended(1.18)
+    assert scheduler.due_at(Mode.MC, 50) == pytest.approx(1.205)
+    assert scheduler.take(Mode.MC, 50, 1.2) is None
+    assert scheduler.take(Mode.MC, 50, 1.21) == Counter({"timer": 1})
+    scheduler.ended(1.0, compare_epoch=4)  # COLO's safety interval counts from the end
     assert scheduler.take(Mode.COLO, 50, 5.0) is None
     assert scheduler.take(Mode.COLO, 50, 11.0) == Counter({"safety-interval": 1})
     # three requests while a checkpoint runs: one checkpoint answers them all
