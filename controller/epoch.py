@@ -416,25 +416,17 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
         record.steps.append((str(this), time.perf_counter() - started))
         return result
 
-    async def stop_secondary() -> None:
-        # Each `stop` drains its VM's in-flight I/O, and a disk server paused by its speculation
-        # budget reads no NBD connection at all: not the primary's write-blocking mirror, not the
-        # secondary's `view`.  So prepare-checkpoint (lifting that pause until the commit) travels
-        # beside the first stop; beside the primary's, the secondary's stop could wait on it.
+    async def with_disk_prepared(first_command: Any) -> None:
+        # Every stop drains its VM's in-flight I/O, and a disk server paused by its speculation budget
+        # reads no NBD connection at all: not the primary's write-blocking mirror, not the secondary's
+        # `view`.  So prepare-checkpoint (lifting that pause until the commit) travels beside the
+        # checkpoint's first command, before any VM is stopped: the secondary's `stop` (qmp), or its
+        # `x-colo-expect-seal` ahead of the fire (qemu: the load must wait once the state arrives).
         disk = links.disk
         if disk is None:
-            await links.secondary.execute("stop")
+            await first_command
             return
-        await asyncio.gather(links.secondary.execute("stop"), disk.call("prepare-checkpoint"))
-
-    async def expect_seal() -> None:
-        # Both before the fire: the secondary's load must already wait when the state arrives, and a
-        # disk server paused by its budget would stall QEMU's stops as it would the daemon's (above).
-        expect = links.secondary.execute("x-colo-expect-seal")
-        if links.disk is None:
-            await expect
-            return
-        await asyncio.gather(expect, links.disk.call("prepare-checkpoint"))
+        await asyncio.gather(first_command, disk.call("prepare-checkpoint"))
 
     async def primary_event(name: str) -> Any:
         # A checkpoint the secondary cannot complete (it died, or took over) ends the primary's COLO at
@@ -447,11 +439,11 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
 
     try:
         if links.stop_via is StopVia.QEMU:
-            await timed(Step.EXPECT_SEAL, expect_seal())
+            await timed(Step.EXPECT_SEAL, with_disk_prepared(links.secondary.execute("x-colo-expect-seal")))
             await timed(Step.FIRE, links.primary.execute("x-colo-checkpoint"))
             await timed(Step.STOPPED, primary_event("X_COLO_CHECKPOINT_STOPPED"))
         else:
-            await timed(Step.STOP_SECONDARY, stop_secondary())
+            await timed(Step.STOP_SECONDARY, with_disk_prepared(links.secondary.execute("stop")))
             await timed(Step.STOP_PRIMARY, links.primary.execute("stop"))
         # 3: both seals at once (they are independent; the pause is the sum of the steps)
         compare, disk = links.compare, links.disk

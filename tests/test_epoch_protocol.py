@@ -139,6 +139,17 @@ def _links(
     return links, beats
 
 
+# both ways of stopping the VMs end alike: both resume (the secondary's RESUME = it loaded N), commit
+AFTER_THE_LOAD = [
+    "primary:RESUME",
+    "secondary:RESUME",
+    "heartbeat:loaded",
+    "disk:commit 101",
+    "compare:commit 1",
+    "heartbeat:committed",
+]
+
+
 def test_checkpoint_runs_the_steps_in_protocol_order() -> None:
     log: list[str] = []
     links, beats = _links(log)
@@ -149,16 +160,7 @@ def test_checkpoint_runs_the_steps_in_protocol_order() -> None:
     assert sorted(log[:2]) == ["disk:prepare-checkpoint", "secondary:stop"]
     assert log[2] == "primary:stop"
     assert sorted(log[3:5]) == ["compare:seal", "disk:seal"]  # the two seals run concurrently
-    assert log[5:] == [
-        "heartbeat:sealed",
-        "primary:migrate-set-parameters",
-        "primary:RESUME",
-        "secondary:RESUME",
-        "heartbeat:loaded",
-        "disk:commit 101",
-        "compare:commit 1",
-        "heartbeat:committed",
-    ]
+    assert log[5:] == ["heartbeat:sealed", "primary:migrate-set-parameters", *AFTER_THE_LOAD]
     # N is the disk's epoch number (the agent's `disk ctl commit N` must name it)
     assert record.number == 101 and record.compare_epoch == 1 and record.disk_epoch == 101
     assert [b["epoch"] for b in beats] == [101, 101, 101]
@@ -178,16 +180,7 @@ def test_stop_via_qemu_fires_first_and_seals_while_qemu_holds_both_stopped() -> 
     assert sorted(log[:2]) == ["disk:prepare-checkpoint", "secondary:x-colo-expect-seal"]
     assert log[2:4] == ["primary:x-colo-checkpoint", "primary:X_COLO_CHECKPOINT_STOPPED"]
     assert sorted(log[4:6]) == ["compare:seal", "disk:seal"]
-    assert log[6:] == [
-        "heartbeat:sealed",
-        "secondary:x-colo-sealed",
-        "primary:RESUME",
-        "secondary:RESUME",
-        "heartbeat:loaded",
-        "disk:commit 101",
-        "compare:commit 1",
-        "heartbeat:committed",
-    ]
+    assert log[6:] == ["heartbeat:sealed", "secondary:x-colo-sealed", *AFTER_THE_LOAD]
     assert "primary:stop" not in log and "secondary:stop" not in log
     assert [name for name, _ in record.steps][:3] == [
         str(Step.EXPECT_SEAL),
