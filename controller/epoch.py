@@ -76,6 +76,9 @@ class StopVia(StrEnum):
     QEMU = "qemu"  # QEMU's checkpoint itself; the secondary's load waits for `x-colo-sealed` (patch 0005)
 
 
+#: What an operator may ask for: ``auto`` (qemu where both QEMUs have the seal hook) or a StopVia.
+STOP_VIA_CHOICES = ("auto", *(str(via) for via in StopVia))
+
 #: The QMP command that tells a QEMU build with the seal hook (patch 0005) from one without.
 SEAL_HOOK_COMMAND = "x-colo-expect-seal"
 

@@ -17,6 +17,7 @@ import click
 
 from controller.control import ControlError, call
 from controller.endpoints import parse_endpoint
+from controller.epoch import STOP_VIA_CHOICES
 
 
 def resolve_control(control: str | None, workdir: Path | None, config: Path | None) -> str:
@@ -75,7 +76,7 @@ def pair_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--epoch-ms", type=click.IntRange(1, 600_000), default=None, help="MC epoch length.")
 @click.option(
     "--stop-via",
-    type=click.Choice(["auto", "qemu", "qmp"]),
+    type=click.Choice(STOP_VIA_CHOICES),
     default=None,
     help="Who stops the VMs for a checkpoint: QEMU (patched build) or the daemon over QMP.",
 )

@@ -176,6 +176,10 @@ def _cpu_seconds(pid: int) -> float:
     return float(times.user + times.system)
 
 
+def _steps_p50(steps: dict[str, list[float]]) -> dict[str, float | None]:
+    return {name: _pct(values, 0.5) for name, values in steps.items()}
+
+
 def pause_phases(
     pair: PairHandle, interval_ms: int, seconds: float, rounds: int, passive_too: bool = False
 ) -> dict[str, Any]:
@@ -213,7 +217,7 @@ def pause_phases(
             extra[f"daemon_stop_via_{via}"] = other | {
                 "p50_ratio": _ratio(other["p50"], q["p50"]),
                 "p99_ratio": _ratio(other["p99"], q["p99"]),
-                "steps_p50_ms": {name: _pct(values, 0.5) for name, values in steps[via].items()},
+                "steps_p50_ms": _steps_p50(steps[via]),
             }
     if passive_too:
         secondary_pid = pair.config["pids"]["secondary"]
@@ -235,7 +239,7 @@ def pause_phases(
             "secondary_cpu_percent": cpu,
             "passive_p50_ratio": _ratio(p["p50"], d["p50"]),
         }
-    extra["daemon_steps_p50_ms"] = {name: _pct(values, 0.5) for name, values in steps[chosen].items()}
+    extra["daemon_steps_p50_ms"] = _steps_p50(steps[chosen])
     return extra | {
         "interval_ms": interval_ms,
         "daemon": d,
@@ -476,11 +480,8 @@ def render(result: dict[str, Any]) -> str:
                 p["daemon"] | {"p50_ratio": p["p50_ratio"], "p99_ratio": p["p99_ratio"]},
             )
         ]
-        rows += [
-            (f"daemon, stop via {key.rsplit('_', 1)[1]}", row)
-            for key, row in p.items()
-            if key.startswith("daemon_stop_via_")
-        ]
+        others = {key.rsplit("_", 1)[1]: row for key, row in p.items() if key.startswith("daemon_stop_via_")}
+        rows += [(f"daemon, stop via {via}", row) for via, row in others.items()]
         rows.append(("QEMU timer (baseline)", p["qemu_timer"] | {"p50_ratio": 1.0, "p99_ratio": 1.0}))
         for label, row in rows:
             lines.append(
@@ -492,10 +493,8 @@ def render(result: dict[str, Any]) -> str:
             lines.append(
                 f"  daemon steps (stop via {chosen}), p50 ms: {json.dumps(p['daemon_steps_p50_ms'])}"
             )
-        for key, row in p.items():
-            if key.startswith("daemon_stop_via_"):
-                via = key.rsplit("_", 1)[1]
-                lines.append(f"  daemon steps (stop via {via}), p50 ms: {json.dumps(row['steps_p50_ms'])}")
+        for via, row in others.items():
+            lines.append(f"  daemon steps (stop via {via}), p50 ms: {json.dumps(row['steps_p50_ms'])}")
         if "daemon_passive_secondary" in p:
             row, cpu = p["daemon_passive_secondary"], p["secondary_cpu_percent"]
             lines.append(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from controller.epoch import STOP_VIA_CHOICES
 from mc_driver.pair import PairConfig, PairError, down, up
 
 
@@ -75,7 +76,7 @@ def pair() -> None:
 )
 @click.option(
     "--stop-via",
-    type=click.Choice(["auto", "qemu", "qmp"]),
+    type=click.Choice(STOP_VIA_CHOICES),
     default="auto",
     show_default=True,
     help="Who stops the VMs for a checkpoint: QEMU itself, waiting for the daemon's seal (patched build,"
