@@ -292,7 +292,8 @@ def _divergences(before: dict[str, Any], after: dict[str, Any], seconds: float) 
         "per_minute": round(sum(reasons.values()) / minutes, 1),
         "reasons": reasons,
         "checkpoints_per_minute": round(checkpoints / minutes, 1),
-        "minutes": round(minutes, 2),
+        # not to 0.01: the quick bench watches COLO for a fraction of a second, which must not read as 0
+        "minutes": round(minutes, 4),
     }
 
 
