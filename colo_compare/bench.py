@@ -42,7 +42,8 @@ from typing import Any
 import click
 
 from colo_compare.transport import FrameDecoder, encode_frames
-from controller.control import decode_reply, encode_request
+from hybridft_common.cli import hybridft_command
+from hybridft_common.control import decode_reply, encode_request
 
 # ------------------------------------------------------------------------------------------------
 # frame building (struct, no scapy)
@@ -313,7 +314,7 @@ class Service:
     def __init__(self, workdir: Path, relay: bool, extra: list[str]) -> None:
         self.paths = {r: str(workdir / f"{r}.sock") for r in ("primary", "secondary", "out", "control")}
         prog = [sys.executable, "-m", "colo_compare.relay"] if relay else [
-            sys.executable, "-c", "from controller.cli import main; main()", "compare", "serve"]  # fmt: skip
+            *hybridft_command(), "compare", "serve"]  # fmt: skip
         cmd = [*prog, "--primary-in", f"unix:{self.paths['primary']}", "--secondary-in",
                f"unix:{self.paths['secondary']}", "--out", f"unix:{self.paths['out']}", "--control",
                f"unix:{self.paths['control']}", "--log-level", "warning", *extra]  # fmt: skip
@@ -444,7 +445,8 @@ def checkpoint_every(epoch_ms: float) -> Callable[[Service, Callable[[], bool], 
 
 def core_mc_throughput(frames_total: int) -> dict[str, Any]:
     """The sans-I/O core alone in MC mode: feed batches, seal and commit every 64 batches."""
-    from colo_compare.core import Comparator, Mode
+    from colo_compare.core import Comparator
+    from hybridft_common.vocabulary import Mode
 
     frames = stream(10000, payload_bytes(256 * 1448, 1), [1448], 5, PRIMARY_LOOK, syn=False)[:256]
     core = Comparator(Mode.MC)
@@ -462,8 +464,9 @@ def core_mc_throughput(frames_total: int) -> dict[str, Any]:
 
 def core_colo_throughput(frames_total: int) -> dict[str, Any]:
     """The core alone in COLO mode, bulk TCP with different segmentation per side."""
-    from colo_compare.core import Comparator, Mode
+    from colo_compare.core import Comparator
     from colo_compare.transport import FrameDecoder as _D
+    from hybridft_common.vocabulary import Mode
 
     p_chunks, s_chunks, n = build_workload("bulk", frames_total, 8)
     dec_p, dec_s = _D(), _D()

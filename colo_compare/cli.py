@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from controller.cli import LazyGroup
+from hybridft_common.cli import LazyGroup
 
 _COMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("colo_compare.replay:replay_command", "Compare PRIMARY.pcap with SECONDARY.pcap."),

@@ -89,7 +89,6 @@ import struct
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from operator import itemgetter
 
 from colo_compare.packet import (
@@ -102,6 +101,7 @@ from colo_compare.packet import (
     flow_name,
     proto_of,
 )
+from hybridft_common.vocabulary import Mode
 
 __all__ = [
     "Action",
@@ -112,11 +112,6 @@ __all__ = [
     "Mode",
     "Release",
 ]
-
-
-class Mode(StrEnum):
-    COLO = "colo"
-    MC = "mc"
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,7 +63,8 @@ def build(kind: str, frames_target: int) -> tuple[list[list[bytes]], list[list[b
 
 
 def run(kind: str, frames_target: int, setup_only: bool) -> dict[str, object]:
-    from colo_compare.core import Comparator, Mode, Release
+    from colo_compare.core import Comparator, Release
+    from hybridft_common.vocabulary import Mode
 
     p_batches, s_batches, nframes = build(kind, frames_target)
     core = Comparator(Mode.COLO)

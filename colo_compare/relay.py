@@ -17,9 +17,10 @@ from collections.abc import Sequence
 
 import click
 
-from colo_compare.core import Action, DropSecondary, Mode, Release
+from colo_compare.core import Action, DropSecondary, Release
 from colo_compare.serve import CompareService, common_options, run_service
-from controller.endpoints import Endpoint
+from hybridft_common.endpoints import Endpoint
+from hybridft_common.vocabulary import Mode
 
 
 class ForwardRelay:

@@ -34,10 +34,11 @@ from typing import Any
 
 import click
 
-from colo_compare.core import CheckpointRequest, Comparator, FlowReport, Mode
+from colo_compare.core import CheckpointRequest, Comparator, FlowReport
 from colo_compare.demo_data import DemoPair
 from colo_compare.packet import describe, flow_name
 from colo_compare.pcap import PcapError, read_frames, write_frames
+from hybridft_common.vocabulary import Mode
 
 _BATCH = 256
 

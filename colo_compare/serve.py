@@ -54,7 +54,7 @@ from typing import Any, Protocol
 
 import click
 
-from colo_compare.core import CheckpointRequest, Comparator, DropSecondary, Mode, Release
+from colo_compare.core import CheckpointRequest, Comparator, DropSecondary, Release
 from colo_compare.transport import (
     FrameDecoder,
     FrameSocketReader,
@@ -63,8 +63,9 @@ from colo_compare.transport import (
     listen_socket,
     tune_socket,
 )
-from controller.control import ControlError, serve_control
-from controller.endpoints import Endpoint, parse_endpoint
+from hybridft_common.control import ControlError, serve_control
+from hybridft_common.endpoints import Endpoint, parse_endpoint
+from hybridft_common.vocabulary import Mode
 
 log = logging.getLogger("hybridft.compare")
 

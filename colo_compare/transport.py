@@ -43,7 +43,7 @@ import struct
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from controller.endpoints import Endpoint
+from hybridft_common.endpoints import Endpoint
 
 log = logging.getLogger(__name__)
 

@@ -2,6 +2,6 @@
 
 The controller owns *when* things happen (epochs, mode switches, failover); the other packages own
 *how* (``colo_compare`` compares and holds output, ``disk_buffer`` holds disk writes per epoch,
-``mc_driver`` talks to QEMU).  ``controller.endpoints`` and ``controller.control`` are the two small
+``mc_driver`` talks to QEMU).  ``hybridft_common.endpoints`` and ``hybridft_common.control`` are the two small
 pieces every service shares: the address syntax and the JSON-lines control protocol.
 """

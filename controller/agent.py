@@ -44,8 +44,8 @@ from typing import Any
 
 import click
 
-from controller.control import AsyncControlClient, ControlError
-from controller.endpoints import Endpoint, parse_endpoint, start_server
+from hybridft_common.control import AsyncControlClient, ControlError
+from hybridft_common.endpoints import Endpoint, parse_endpoint, start_server
 
 log = logging.getLogger("hybridft.agent")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from controller.cli import LazyGroup
+from hybridft_common.cli import LazyGroup
 
 _BENCHES: dict[str, tuple[str, str]] = {
     "compare": ("colo_compare.bench:bench_compare", "Comparator throughput/latency vs a forward-only relay."),

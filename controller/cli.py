@@ -6,10 +6,9 @@ and are loaded lazily, so ``hybridft disk ctl status`` does not pay for importin
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 import click
+
+from hybridft_common.cli import LazyGroup
 
 # name -> "module:attribute" of a click command or group
 _COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,34 +25,6 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "failover": ("controller.ops:failover_command", "Planned failover to the secondary."),
     "verify-checkpoint": ("mc_driver.verify:verify_checkpoint_command", "Prove a checkpoint's RAM identity."),
 }
-
-
-class LazyGroup(click.Group):
-    """A click group whose sub-commands are imported only when used."""
-
-    def __init__(self, *args: Any, lazy: dict[str, tuple[str, str]] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.lazy = lazy or {}
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name in self.lazy:
-            target, _help = self.lazy[cmd_name]
-            module_name, attr = target.split(":")
-            return getattr(importlib.import_module(module_name), attr)
-        return super().get_command(ctx, cmd_name)
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(name, self.lazy[name][1]) for name in sorted(self.lazy)]
-        for name in super().list_commands(ctx):
-            cmd = super().get_command(ctx, name)
-            if cmd is not None and name not in self.lazy:
-                rows.append((name, cmd.get_short_help_str()))
-        if rows:
-            with formatter.section("Commands"):
-                formatter.write_dl(sorted(rows))
 
 
 @click.group(cls=LazyGroup, lazy=_COMMANDS)

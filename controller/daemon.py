@@ -42,21 +42,26 @@ from typing import Any
 
 import click
 
-from controller.control import AsyncControlClient, ControlError, serve_control
-from controller.endpoints import parse_endpoint
 from controller.epoch import (
-    HUGE_CHECKPOINT_DELAY_MS,
-    SEAL_HOOK_COMMAND,
     CheckpointError,
     CheckpointScheduler,
     EpochProtocol,
     EpochRecord,
-    Mode,
     PairLinks,
-    StopVia,
     run_checkpoint,
 )
 from controller.metrics import DaemonMetrics
+from hybridft_common.control import AsyncControlClient, ControlError, serve_control
+from hybridft_common.endpoints import parse_endpoint
+from hybridft_common.vocabulary import (
+    HUGE_CHECKPOINT_DELAY_MS,
+    SEAL_HOOK_COMMAND,
+    Mode,
+    StopVia,
+    check_epoch_ms,
+    epoch_ms_range,
+    mode_choice,
+)
 from mc_driver.qmp import QmpError, QmpSession
 
 log = logging.getLogger("hybridft.daemon")
@@ -817,10 +822,11 @@ class Daemon:
                     f"mode must be 'mc' or 'colo', not {args.get('mode')!r}", "bad-args"
                 ) from None
             epoch_ms = args.get("epoch_ms")
-            if epoch_ms is not None and (
-                not isinstance(epoch_ms, int) or isinstance(epoch_ms, bool) or not 1 <= epoch_ms <= 600_000
-            ):
-                raise ControlError(f"epoch_ms must be an integer 1..600000, got {epoch_ms!r}", "bad-args")
+            if epoch_ms is not None:
+                try:
+                    check_epoch_ms(epoch_ms)
+                except ValueError as exc:
+                    raise ControlError(str(exc), "bad-args") from None
             passive = args.get("passive_secondary")
             if passive is not None and not isinstance(passive, bool):
                 raise ControlError(f"passive_secondary must be true or false, got {passive!r}", "bad-args")
@@ -899,9 +905,9 @@ async def run_daemon(config: DaemonConfig, ready: Any = None) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="pair.json written by `hybridft pair up`.",
 )
-@click.option("--mode", type=click.Choice(["mc", "colo"]), default=None, help="Override pair.json's mode.")
+@click.option("--mode", type=mode_choice(), default=None, help="Override pair.json's mode.")
 @click.option(
-    "--epoch-ms", type=click.IntRange(1, 600_000), default=None, help="Override pair.json's epoch_ms."
+    "--epoch-ms", type=epoch_ms_range(), default=None, help="Override pair.json's epoch_ms."
 )
 @click.option(
     "--passive-secondary/--active-secondary",

@@ -61,26 +61,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-HUGE_CHECKPOINT_DELAY_MS = 200_000
-
-
-class Mode(StrEnum):
-    MC = "mc"
-    COLO = "colo"
-
-
-class StopVia(StrEnum):
-    """Who stops the two VMs for a checkpoint (see the module docstring)."""
-
-    QMP = "qmp"  # the daemon, with QMP `stop`, then fires the checkpoint
-    QEMU = "qemu"  # QEMU's checkpoint itself; the secondary's load waits for `x-colo-sealed` (patch 0005)
-
-
-#: What an operator may ask for: ``auto`` (qemu where both QEMUs have the seal hook) or a StopVia.
-STOP_VIA_CHOICES = ("auto", *(str(via) for via in StopVia))
-
-#: The QMP command that tells a QEMU build with the seal hook (patch 0005) from one without.
-SEAL_HOOK_COMMAND = "x-colo-expect-seal"
+from hybridft_common.vocabulary import HUGE_CHECKPOINT_DELAY_MS, Mode, StopVia
 
 
 class Step(StrEnum):

@@ -15,9 +15,9 @@ from typing import Any
 
 import click
 
-from controller.control import ControlError, call
-from controller.endpoints import parse_endpoint
-from controller.epoch import STOP_VIA_CHOICES
+from hybridft_common.control import ControlError, call
+from hybridft_common.endpoints import parse_endpoint
+from hybridft_common.vocabulary import STOP_VIA_CHOICES, epoch_ms_range, mode_choice
 
 
 def resolve_control(control: str | None, workdir: Path | None, config: Path | None) -> str:
@@ -72,8 +72,8 @@ def pair_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @click.command("mode")
-@click.argument("mode", type=click.Choice(["mc", "colo"]))
-@click.option("--epoch-ms", type=click.IntRange(1, 600_000), default=None, help="MC epoch length.")
+@click.argument("mode", type=mode_choice())
+@click.option("--epoch-ms", type=epoch_ms_range(), default=None, help="MC epoch length.")
 @click.option(
     "--stop-via",
     type=click.Choice(STOP_VIA_CHOICES),

@@ -36,7 +36,7 @@ from typing import Any
 
 import click
 
-from controller.control import ControlError, call
+from hybridft_common.control import ControlError, call
 
 ECHO_PORT = 7
 HTTP_PORT = 80  # busybox httpd: its answers carry a Date header

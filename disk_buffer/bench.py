@@ -44,7 +44,8 @@ from typing import Any
 
 import click
 
-from controller.control import call
+from hybridft_common.cli import hybridft_command
+from hybridft_common.control import call
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -171,7 +172,7 @@ def _disk_serve(image: Path, directory: Path, budget: int) -> Iterator[tuple[Pat
     state = directory / "state"
     shutil.rmtree(state, ignore_errors=True)
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from controller.cli import main; main()", "disk", "serve", "--image",
+        [*hybridft_command(), "disk", "serve", "--image",
          str(image), "--state-dir", str(state), "--nbd", f"unix:{sock}", "--control", control,
          "--speculation-budget", str(budget), "--writeout-budget", str(budget)],
         stdout=subprocess.PIPE, text=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from controller.cli import LazyGroup
+from hybridft_common.cli import LazyGroup
 
 _COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("disk_buffer.server:serve_command", "Serve the `replica` and `view` NBD exports."),

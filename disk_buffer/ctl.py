@@ -12,8 +12,8 @@ from typing import Any
 
 import click
 
-from controller.control import ControlError, call
-from controller.endpoints import parse_endpoint
+from hybridft_common.control import ControlError, call
+from hybridft_common.endpoints import parse_endpoint
 
 VERBS = ("seal", "commit", "rollback", "failover", "status")
 

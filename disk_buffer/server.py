@@ -36,8 +36,6 @@ from typing import Any, Protocol
 
 import click
 
-from controller.control import ControlError, Dispatch, serve_control
-from controller.endpoints import Endpoint, parse_endpoint
 from disk_buffer import nbd
 from disk_buffer.nbd import (
     CMD_DISC,
@@ -51,6 +49,9 @@ from disk_buffer.nbd import (
     check_request,
     ok_reply,
 )
+from hybridft_common.control import ControlError, Dispatch, serve_control
+from hybridft_common.endpoints import Endpoint, parse_endpoint
+from hybridft_common.errors import HybridftError
 
 log = logging.getLogger("hybridft.disk.server")
 
@@ -71,7 +72,7 @@ class BlockBackend(Protocol):
 
 def _error_for(exc: BaseException, command: int) -> int:
     """Map a refusal from the buffer to an NBD error value."""
-    if isinstance(exc, ControlError):
+    if isinstance(exc, HybridftError):
         if exc.code == "range":
             return nbd.ENOSPC if command in (CMD_WRITE, CMD_WRITE_ZEROES) else nbd.EINVAL
         if exc.code == "nospace":
@@ -240,7 +241,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                         append(nbd.simple_reply(request.cookie, nbd.EINVAL))
                 except Exception as exc:
                     error = _error_for(exc, command)
-                    if not isinstance(exc, ControlError):
+                    if not isinstance(exc, HybridftError):
                         log.exception("NBD %s at %d+%d failed", Cmd(command).name, request.offset,
                                       request.length)
                     append(nbd.simple_reply(request.cookie, error))
@@ -439,7 +440,7 @@ def serve_command(image: Path, state_dir: Path, nbd_endpoint: str, control_endpo
     try:
         asyncio.run(run_server(image, state_dir, nbd_endpoint, control_endpoint,
                                speculation_budget=speculation_budget, writeout_budget=writeout_budget))
-    except ControlError as exc:
+    except HybridftError as exc:
         raise click.ClickException(f"{exc.message} ({exc.code})") from None
     except OSError as exc:
         raise click.ClickException(str(exc)) from None

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from controller.control import ControlError
+from hybridft_common.errors import HybridftError
 
 #: Bookkeeping cost charged per extent, so that budgets also bound floods of tiny writes and trims.
 EXTENT_OVERHEAD = 64
@@ -47,7 +47,7 @@ class Export(StrEnum):
     VIEW = "view"
 
 
-class DiskBufferError(ControlError):
+class DiskBufferError(HybridftError):
     """A refused disk buffer call.  ``code`` is one of ``unknown-epoch``, ``out-of-order``,
     ``wrong-state``, ``range``, ``nospace``, ``io``, ``config``, ``corrupt``.  State is unchanged."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from controller.cli import LazyGroup
+from hybridft_common.cli import LazyGroup
 
 _GUEST: dict[str, tuple[str, str]] = {
     "build": ("mc_driver.guest:build_command", "Build the tiny guest from Debian packages (cached)."),

@@ -59,7 +59,7 @@ from pathlib import Path
 
 import click
 
-from controller.endpoints import parse_endpoint
+from hybridft_common.endpoints import parse_endpoint
 
 SRC_DIR = Path(__file__).with_name("guest_src")
 PROGRAMS = ("memdirty", "cpuburn", "diskwriter", "echod", "rrserver", "blobgen", "blobd")

@@ -53,14 +53,15 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import SubprocessError
-from typing import Any, Literal
+from typing import Any
 
+from hybridft_common.cli import hybridft_command
+from hybridft_common.vocabulary import Mode
 from mc_driver.accel import NoUsableQemu, QemuChoice, choose_qemu
 from mc_driver.guest import (
     DEFAULT_MAC,
@@ -76,7 +77,6 @@ from mc_driver.guest import (
 from mc_driver.netns import NetNamespace, NetnsError, list_namespaces, pid_alive
 from mc_driver.qmp import QmpError, QmpSession
 
-Mode = Literal["mc", "colo"]
 GUEST_IP = "10.77.0.2"
 CLIENT_IP = "10.77.0.1"
 BRIDGE = "hftbr0"
@@ -110,7 +110,7 @@ class PairConfig:
     run, COLO is not started (for tests of the launcher alone and for debugging)."""
 
     workdir: Path
-    mode: Mode = "mc"
+    mode: Mode = Mode.MC
     epoch_ms: int = 50
     accel: str | None = None  # None: mc_driver.accel.choose_qemu decides
     memory_mib: int = 256
@@ -236,11 +236,6 @@ def secondary_args(config: PairConfig, files: PairFiles, image: GuestImage, qemu
         "-object", "filter-rewriter,id=rew0,netdev=hn0,queue=all",
         "-incoming", f"unix:{files.sock('migrate')}",
     ]  # fmt: skip
-
-
-def hybridft_args(*words: str) -> list[str]:
-    """Run a ``hybridft`` sub-command with this interpreter (works without the console script on PATH)."""
-    return [sys.executable, "-c", "from controller.cli import main; main()", *words]
 
 
 def pair_json(config: PairConfig, files: PairFiles, qemu: QemuChoice, pids: dict[str, int]) -> dict[str, Any]:
@@ -506,13 +501,13 @@ def _up(launcher: PairLauncher) -> dict[str, Any]:
         img.truncate(config.disk_mib << 20)
     _sparse_copy(primary_img, files.image("secondary"))
     shutil.rmtree(files.disk_state, ignore_errors=True)
-    launcher.spawn("disk", hybridft_args(
+    launcher.spawn("disk", hybridft_command(
         "disk", "serve", "--image", str(files.image("secondary")), "--state-dir", str(files.disk_state),
         "--nbd", files.endpoint("disk-nbd"), "--control", files.endpoint("disk-ctl")))  # fmt: skip
     launcher.wait_for_socket(files.sock("disk-ctl"))
     launcher.wait_for_socket(files.sock("disk-nbd"))
 
-    launcher.spawn("compare", hybridft_args(
+    launcher.spawn("compare", hybridft_command(
         "compare", "serve", "--mode", config.mode,
         "--compare-timeout", str(config.compare_timeout_ms / 1000),
         "--primary-in", files.endpoint("compare-primary"),
@@ -535,7 +530,7 @@ def _up(launcher: PairLauncher) -> dict[str, Any]:
     launcher.wait_for("guest boot", lambda: _console_ready(files.console("primary")), config.boot_timeout)
 
     config_arg = ("--config", str(files.config))
-    launcher.spawn("agent", hybridft_args("agent", *config_arg))
+    launcher.spawn("agent", hybridft_command("agent", *config_arg))
     launcher.wait_for_socket(files.sock("heartbeat"))
     result: dict[str, Any] = {
         "guest_ip": GUEST_IP,
@@ -551,7 +546,7 @@ def _up(launcher: PairLauncher) -> dict[str, Any]:
     if not config.start_daemon:
         result["colo"] = False
         return result
-    launcher.spawn("daemon", hybridft_args("daemon", *config_arg, *config.daemon_args))
+    launcher.spawn("daemon", hybridft_command("daemon", *config_arg, *config.daemon_args))
     result["daemon_pid"] = launcher.pids["daemon"]
     launcher.wait_for_socket(files.sock("daemon-ctl"), timeout=180)  # after the initial migration
     _wait_until_guest_answers(launcher, config.answer_timeout)

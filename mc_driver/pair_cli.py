@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from controller.epoch import STOP_VIA_CHOICES
+from hybridft_common.vocabulary import DEFAULT_EPOCH_MS, STOP_VIA_CHOICES, Mode, epoch_ms_range, mode_choice
 from mc_driver.pair import PairConfig, PairError, down, up
 
 
@@ -38,9 +38,9 @@ def pair() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Directory for images, sockets, logs and pair.json.",
 )
-@click.option("--mode", type=click.Choice(["mc", "colo"]), default="mc", show_default=True)
+@click.option("--mode", type=mode_choice(), default="mc", show_default=True)
 @click.option(
-    "--epoch-ms", type=click.IntRange(min=1), default=50, show_default=True, help="MC epoch length."
+    "--epoch-ms", type=epoch_ms_range(), default=DEFAULT_EPOCH_MS, show_default=True, help="MC epoch length."
 )
 @click.option(
     "--accel",
@@ -105,7 +105,7 @@ def up_command(
 ) -> None:
     """Start the pair in the background; return once the guest answers through the comparator."""
     config = PairConfig(
-        workdir=workdir, mode=mode, epoch_ms=epoch_ms, accel=accel,  # type: ignore[arg-type]
+        workdir=workdir, mode=Mode(mode), epoch_ms=epoch_ms, accel=accel,  # type: ignore[arg-type]
         memory_mib=memory_mib, disk_mib=disk_mib, compare_timeout_ms=compare_timeout_ms,
         safety_interval_ms=safety_interval_ms, guest_run=guest_run, start_daemon=not no_daemon,
         passive_secondary=passive_secondary, stop_via=stop_via,

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from controller.pair_bench import render
+from hybridft_common.cli import hybridft_command
 from mc_driver.netns import list_namespaces
 from mc_driver.pair import PairFiles
 
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.netns]
 
 
 def test_quick_bench_reports_every_section_with_baselines(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-c", "from controller.cli import main; main()",
+    cmd = [*hybridft_command(),
            "bench", "pair", "--quick", "--json", "--kills", "1", "--workdir", str(tmp_path)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
+
+from hybridft_common.cli import hybridft_command
 
 
 def test_bench_compare_quick_json() -> None:
-    cli = [sys.executable, "-c", "from controller.cli import main; main()"]
+    cli = [*hybridft_command()]
     out = subprocess.run(
         [*cli, "bench", "compare", "--quick", "--json"],
         capture_output=True,

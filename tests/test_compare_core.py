@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from colo_compare.core import CheckpointRequest, Comparator, DropSecondary, Mode, Release
+from colo_compare.core import CheckpointRequest, Comparator, DropSecondary, Release
+from hybridft_common.vocabulary import Mode
 from tests.compare_frames import (
     CLIENT6,
     VM6,

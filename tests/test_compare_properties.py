@@ -16,8 +16,9 @@ import struct
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from colo_compare.core import CheckpointRequest, Comparator, Mode, Release
+from colo_compare.core import CheckpointRequest, Comparator, Release
 from colo_compare.packet import classify
+from hybridft_common.vocabulary import Mode
 
 # Raw frame builder (scapy is too slow for thousands of hypothesis examples); checksums are zero,
 # exactly like offloaded output.

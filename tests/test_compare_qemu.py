@@ -28,7 +28,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +35,8 @@ from pathlib import Path
 import pytest
 
 from colo_compare.transport import FrameDecoder, encode_frame, encode_frames
-from controller.control import call
+from hybridft_common.cli import hybridft_command
+from hybridft_common.control import call
 from tests.compare_frames import stream_frames
 
 pytestmark = pytest.mark.qemu
@@ -240,7 +240,7 @@ def test_qemu_reconnects_after_we_drop_the_connection(tmp_path: Path) -> None:
 
 def _serve(tmp: Path, mode: str, vnet_hdr: bool) -> tuple[subprocess.Popen[bytes], dict[str, Path]]:
     paths = {r: tmp / f"serve-{r}.sock" for r in ("primary", "secondary", "out", "control")}
-    cmd = [sys.executable, "-c", "from controller.cli import main; main()", "compare", "serve",
+    cmd = [*hybridft_command(), "compare", "serve",
            "--primary-in", f"unix:{paths['primary']}", "--secondary-in", f"unix:{paths['secondary']}",
            "--out", f"unix:{paths['out']}", "--control", f"unix:{paths['control']}",
            "--mode", mode]  # fmt: skip

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.control import call
+from hybridft_common.cli import hybridft_command
+from hybridft_common.control import call
 from mc_driver.guest import BLOB_SIZE, blob_bytes, build_guest, guest_cmdline, qemu_args, wait_for_ready
 from mc_driver.netns import NetNamespace
 from tests.test_compare_qemu import _qmp
@@ -107,7 +108,7 @@ def service(guest: Guest, request: pytest.FixtureRequest) -> Iterator[str]:
     if kind == "relay":
         cmd = [sys.executable, "-m", "colo_compare.relay", *addrs]
     else:
-        cmd = [sys.executable, "-c", "from controller.cli import main; main()", "compare", "serve",
+        cmd = [*hybridft_command(), "compare", "serve",
                *addrs, "--mode", kind]  # fmt: skip
     log = guest.work / f"{kind}.log"
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "wb"))  # noqa: SIM115

@@ -16,7 +16,8 @@ import pytest
 from colo_compare.bench import Look, payload_bytes, stream
 from colo_compare.serve import ROLES
 from colo_compare.transport import FrameDecoder, encode_frame, encode_frames
-from controller.control import ControlError, call, decode_reply, encode_request
+from hybridft_common.cli import hybridft_command
+from hybridft_common.control import ControlError, call, decode_reply, encode_request
 from tests.compare_frames import stream_frames, tcp_frame
 
 DATA = bytes(range(256)) * 40  # 10240 application bytes
@@ -28,7 +29,7 @@ class Served:
     def __init__(self, tmp: Path, *extra: str, relay: bool = False, vnet: bool = False) -> None:
         self.addr = {r: f"unix:{tmp / (r + '.sock')}" for r in ("primary", "secondary", "out", "control")}
         cmd = [sys.executable, "-m", "colo_compare.relay"] if relay else [
-            sys.executable, "-c", "from controller.cli import main; main()", "compare", "serve"]  # fmt: skip
+            *hybridft_command(), "compare", "serve"]  # fmt: skip
         cmd += ["--primary-in", self.addr["primary"], "--secondary-in", self.addr["secondary"],
                 "--out", self.addr["out"], "--control", self.addr["control"], *extra]  # fmt: skip
         if vnet:
@@ -51,7 +52,7 @@ class Served:
         self.conns[role].sendall(encode_frames(frames, [b""] * len(frames) if self.vnet else None))
 
     def ctl(self, verb: str, **args: object) -> dict:
-        # not controller.control.call(): its own ``timeout`` keyword would swallow next-request's
+        # not hybridft_common.control.call(): its own ``timeout`` keyword would swallow next-request's
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(10)
             sock.connect(self.addr["control"][5:])
@@ -331,7 +332,7 @@ def test_tcp_addresses(tmp_path: Path) -> None:
             ports.append(probe.getsockname()[1])
     names = ("primary", "secondary", "out", "control")
     addr = {r: f"tcp:127.0.0.1:{p}" for r, p in zip(names, ports, strict=True)}
-    cmd = [sys.executable, "-c", "from controller.cli import main; main()", "compare", "serve",
+    cmd = [*hybridft_command(), "compare", "serve",
            "--mode", "mc", "--primary-in", addr["primary"], "--secondary-in", addr["secondary"],
            "--out", addr["out"], "--control", addr["control"]]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)

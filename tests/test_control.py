@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from controller.control import AsyncControlClient, ControlError, call, serve_control
-from controller.endpoints import Endpoint, parse_endpoint
+from hybridft_common.control import AsyncControlClient, ControlError, call, serve_control
+from hybridft_common.endpoints import Endpoint, parse_endpoint
 
 
 @pytest.mark.parametrize(

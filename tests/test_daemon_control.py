@@ -15,10 +15,10 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
-from controller.control import ControlError, call, serve_control
 from controller.daemon import Daemon, DaemonConfig, DaemonError
-from controller.epoch import Mode, StopVia
 from controller.ops import failover_command, mode_command, status_command
+from hybridft_common.control import ControlError, call, serve_control
+from hybridft_common.vocabulary import Mode, StopVia
 from mc_driver.qmp import Event
 
 

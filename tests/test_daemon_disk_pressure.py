@@ -14,8 +14,8 @@ from pathlib import Path
 
 import nbd
 
-from controller.control import call
 from controller.daemon import Daemon, DaemonConfig
+from hybridft_common.control import call
 from tests.test_disk_ctl import DiskServerProcess
 
 BUDGET = 1 << 20

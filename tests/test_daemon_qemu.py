@@ -18,7 +18,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -28,9 +27,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from controller.control import ControlError, call
 from controller.daemon import Daemon, DaemonConfig
-from controller.epoch import Mode, StopVia
+from hybridft_common.cli import hybridft_command
+from hybridft_common.control import ControlError, call
+from hybridft_common.vocabulary import Mode, StopVia
 from mc_driver.accel import QemuChoice, choose_qemu
 from mc_driver.colo_pair import ColoPair, ColoPairConfig
 from mc_driver.guest import DEFAULT_GUEST_IP, ECHO_PORT, build_guest, guest_cmdline
@@ -122,7 +122,7 @@ def harness(
 ) -> Iterator[Harness]:
     work = tmp_path_factory.mktemp("daemon")
     image = build_guest()
-    cli = [sys.executable, "-c", "from controller.cli import main; main()"]
+    cli = [*hybridft_command()]
     compare_ctl, disk_ctl = f"unix:{work / 'compare.ctl'}", f"unix:{work / 'disk.ctl'}"
     replica = work / "replica.img"
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(replica), "16M"], check=True)

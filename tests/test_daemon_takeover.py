@@ -14,7 +14,7 @@ import time
 import pytest
 
 from controller.daemon import Daemon
-from controller.epoch import StopVia
+from hybridft_common.vocabulary import StopVia
 from tests.test_daemon_qemu import Harness, daemon, harness, tcg_qemu  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.netns]

@@ -17,8 +17,8 @@ from pathlib import Path
 import nbd
 import pytest
 
-from controller.control import ControlError, call
 from disk_buffer.journal import FAULT_POINTS
+from hybridft_common.control import ControlError, call
 from tests.disk_model import DiskModel
 from tests.test_disk_crash import crash_dir
 

@@ -18,8 +18,8 @@ import nbd
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from controller.control import ControlError, call
 from disk_buffer.store import REGION_SIZE
+from hybridft_common.control import ControlError, call
 from tests.disk_model import DiskModel, ModelError
 from tests.test_disk_crash import RAM_DIR
 

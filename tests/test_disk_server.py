@@ -19,10 +19,10 @@ from typing import Any
 import nbd as libnbd
 import pytest
 
-from controller.control import ControlError
 from disk_buffer import nbd
 from disk_buffer.nbd import Cmd, Opt, Rep
 from disk_buffer.server import NbdServer
+from hybridft_common.control import ControlError
 
 SIZE = 4 << 20
 

@@ -19,14 +19,13 @@ from controller.epoch import (
     CheckpointScheduler,
     ColoExited,
     EpochProtocol,
-    Mode,
     PairLinks,
     Phase,
     Recovery,
     Step,
-    StopVia,
     run_checkpoint,
 )
+from hybridft_common.vocabulary import Mode, StopVia
 
 
 @dataclass

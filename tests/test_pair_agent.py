@@ -31,7 +31,7 @@ from controller.agent import (
     agent_command,
     disk_settled,
 )
-from controller.control import serve_control
+from hybridft_common.control import serve_control
 from mc_driver.qmp import Event, QmpTimeout
 
 

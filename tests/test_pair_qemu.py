@@ -22,7 +22,6 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,8 +30,9 @@ from pathlib import Path
 
 import pytest
 
-from controller.control import call
 from controller.pair_bench import recv_exact
+from hybridft_common.cli import hybridft_command
+from hybridft_common.control import call
 from mc_driver.guest import (
     BLOB_SIZE,
     BLOBD_PORT,
@@ -170,7 +170,7 @@ class Traffic:
 # ------------------------------------------------------------------------------------------ helpers
 def hybridft(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "from controller.cli import main; main()", *args],
+        [*hybridft_command(), *args],
         capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
 

@@ -15,20 +15,17 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from controller.endpoints import Endpoint, open_connection, parse_endpoint, start_server
+from hybridft_common.endpoints import Endpoint, open_connection, parse_endpoint, start_server
+from hybridft_common.errors import HybridftError
 
 Dispatch = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 MAX_LINE = 1 << 20
 
 
-class ControlError(Exception):
-    """A refused control request: ``code`` is stable for scripts, ``message`` is for people."""
-
-    def __init__(self, message: str, code: str = "error") -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
+class ControlError(HybridftError):
+    """A refused control request, or a failed call: ``code`` is stable for scripts, ``message`` is for
+    people.  Handlers may raise it or any other :class:`HybridftError` (the cores' own refusals)."""
 
 
 def encode_request(verb: str, args: dict[str, Any] | None = None) -> bytes:
@@ -63,7 +60,7 @@ async def _handle_line(line: bytes, dispatch: Dispatch) -> dict[str, Any]:
         return {"ok": False, "error": "'args' must be an object", "code": "bad-request"}
     try:
         result = await dispatch(request["verb"], args)
-    except ControlError as exc:
+    except HybridftError as exc:
         return {"ok": False, "error": exc.message, "code": exc.code}
     return {"ok": True, "result": result}
 
