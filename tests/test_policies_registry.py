@@ -160,3 +160,11 @@ def test_cli_list_json_includes_third_party(acme: Path) -> None:
     text = CliRunner().invoke(policy_group, ["list"])
     assert text.exit_code == 0
     assert "acme-missing-module  BROKEN: ModuleNotFoundError" in text.output
+
+
+def test_pyproject_registers_exactly_the_builtins() -> None:
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    table = tomllib.loads(pyproject.read_text())["project"]["entry-points"][ENTRY_POINT_GROUP]
+    assert table == dict(BUILTINS)
