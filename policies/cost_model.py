@@ -1,0 +1,541 @@
+r"""The cost model: estimate what MC and COLO would each cost the guest and its clients, run the cheaper.
+
+Whichever mode runs, the window carries enough to estimate both: in MC an active secondary is
+shadow-compared, so ``div.per_s`` says how often COLO would have to checkpoint; in COLO the
+checkpoint pauses and the dirty rate say what an MC epoch would cost.  The model is first order and
+every constant is either measured on this kind of machine (qemu-colo-notes.md) or taken from the
+papers that define the two modes; where the window measures a quantity directly, the measurement
+replaces the constant.
+
+Unit: seconds lost per second of wall time, summed over the guest (time it is stopped or starved of
+CPU) and its clients (time each request/response turn waits longer than it would unreplicated), with
+``latency_weight`` trading one for the other (1 by default: a client-second is a guest-second).
+
+The checkpoint pause (both modes stop both VMs; ARCHITECTURE.md section 2)
+    ``pause(d) = P0 + d / B`` for ``d`` bytes of RAM dirtied since the previous checkpoint: a fixed
+    part (stop, device state, seal, resume) plus copying the dirty pages, as Remus (NSDI'08)
+    decomposes its checkpoint.  ``P0 = 5 ms``: the idle checkpoint pause of the patched QEMU 7.2 is
+    4-6 ms (qemu-colo-notes.md, "Corrections").  ``B = 1.2e9 bytes/s``: with the guest dirtying
+    32 MiB/s and a checkpoint every 100 ms (3.36 MB per checkpoint) the pause p50 was 5.6-9.8 ms,
+    i.e. (7.7 - 5.0) ms for 3.36 MB (same notes).  When the window measures ``ckpt.pause_p50_ms``
+    (and ``calibrate`` is on), P0 is re-fitted to it at the current operating point:
+    ``P0 = pause_measured - d_current / B`` -- the accelerator and stop way change the fixed part, the
+    per-byte part is the copy.  ``d_current`` is the measured ``mem.ram_bytes_per_ckpt``, or in MC
+    the dirty rate times the epoch; a COLO interval (up to the safety interval) is too long for the
+    linear estimate below, so COLO without RAM figures keeps the prior.
+    Dirty bytes grow linearly, ``d = r * interval``, with ``r`` = ``mem.dirty_bytes_per_s``, else
+    ``mem.ram_bytes_per_ckpt * ckpt.per_s`` (or pages * 4096), capped at the guest's RAM
+    (``mem.guest_bytes``) when known.  Linear is an upper bound (a working set saturates); an unknown
+    rate counts as 0 and the reason says so.
+
+MC at epoch E (``controller.epoch.CheckpointScheduler``: a checkpoint every E from the previous
+start, but at least E/2 after the previous end)
+    ``P = pause(r E)``, ``period = max(E, P + E/2)``, the guest runs ``period - P`` of each period;
+    guest:   ``P / period`` stopped;
+    clients: every response waits for the commit of the epoch it was produced in (Remus's output
+    commit): produced uniformly during the run, it waits the rest of the run plus the pause,
+    ``(period - P)/2 + P`` -- "about half an epoch" per turn -- times ``net.turns_per_s`` (T); a
+    request that arrives while the guest is stopped (a fraction ``f = P/period`` of them) waits
+    ``P/2`` more before the guest even sees it (both modes);
+    CPU:     an active secondary runs the guest too (see CPU below); a passive one does not.
+    In the regime ``P < E/2`` (period = E) the optimum is closed form: with ``a = r/B``,
+    ``P = P0 + a E``, the cost is ``P0/E + a + T (E (1 + a + a^2)/2 + P0^2/(2E) + const)``, and
+    ``d/dE = 0`` gives ``E* = sqrt((2 P0 + T P0^2) / (T (1 + a + a^2)))`` -- more turns or more
+    dirtying, shorter epochs; a dearer pause, longer ones; no turns, the longest allowed.  Outside that regime
+    the period rule changes the algebra, so the policy evaluates the exact cost on a geometric grid
+    of epochs between ``min_epoch_ms`` and ``max_epoch_ms`` (within the vocabulary's limits) and
+    takes the cheapest (a tie goes to the longer epoch).
+COLO (COLO, SoCC'13: a checkpoint whenever the outputs diverge)
+    Checkpoint requests arrive at ``delta = div.per_s + ckpt.per_s.disk-pressure + 1/safety`` (the
+    daemon's safety interval, 10 s by default in ``CheckpointScheduler``).  After a checkpoint the
+    guest runs until the next request, ``1/delta`` on average, dirtying ``r/delta`` bytes:
+    ``P_c = pause(r / delta)``; checkpoints come every ``1/delta + P_c``;
+    guest:   ``P_c / (1/delta + P_c)`` stopped (the rate saturates: the guest always runs a little);
+    clients: each turn waits the comparator's hold (the secondary's lag: ``net.hold_p50_ms`` measured
+    in COLO, remembered from the last COLO window, else a 5 ms prior -- curl through a Python
+    stand-in comparator answered in 5-40 ms, qemu-colo-notes.md); each divergent response waits
+    for its checkpoint, ``P_c``, and one the comparator could only call by timeout (reasons
+    ``timeout`` and ``ack``: the secondary sent nothing comparable) first waits
+    ``compare_timeout_s`` (3 s, the pair's default ``compare_timeout_ms``); plus ``f P_c / 2`` per
+    turn as in MC;
+    CPU:     the secondary runs the guest.
+    Running in COLO, the measured ``ckpt.per_s`` and pause replace the estimate.
+    Note what this says: COLO with every response diverging is output-triggered checkpointing, and
+    a divergent turn waits ``hold + P_c`` where MC makes it wait about half an epoch.  Divergence
+    alone therefore does not make MC win; it wins when divergences outrun the checkpoints the guest
+    can afford (many divergent flows, dear pauses), when the secondary lags (hold) or is starved of
+    CPU, or when divergences are detected by timeout.
+CPU (where CPU is short, e.g. 2-core hosts, the secondary's vCPU competes with the primary)
+    Proportional sharing of ``n`` cores (``cpu.cores`` or ``host_cores``) between demands: the
+    primary's ``D_p`` (``cpu.primary``), the secondary's (it executes the same guest: ``D_p``) and the
+    rest of the host (``cpu.host * n - cpu.primary - cpu.secondary``).  The primary loses
+    ``max(0, 1 - n / total demand)`` of its time.  Usage measured on a saturated host understates
+    demand: then the primary is assumed to take its share of what the secondary would free,
+    ``D_p = p + s * p / (p + rest)``, and the last primary figure seen with a passive secondary on an
+    unsaturated host (within ``memory_s``) is a floor.  Without ``cpu.primary`` or a core count the
+    CPU term is 0.
+
+Choosing: the cheapest MC epoch with an active secondary, the same with a passive one (when
+``allow_passive``: worth it only if it saves more than ``min_gain``, because a passive secondary
+shadow-compares nothing), and COLO.  The other mode must be cheaper by ``switch_margin`` of the
+current cost (and by ``min_gain``) before the policy asks for it.  In passive MC the divergence rate
+is remembered from the last window that measured it; after ``memory_s`` it is unknown and COLO is
+estimated without divergences -- optimistic, so a stale "COLO is bad" is re-tested by trying COLO,
+as Gilbert's policy retries COLO after its passive period.
+
+The reason names the term that decided (the largest difference between the two modes' costs) and its
+signal; for ``div.per_s`` it also gives the break-even rate at which the two modes cost the same:
+``"div.per_s=12 > 2.1 (cost colo 0.41 > mc 0.12 at 40 ms)"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+from hybridft_common.vocabulary import EPOCH_MS_MAX, EPOCH_MS_MIN, Mode
+from policies.base import Decision, Policy, PolicyConfigError, param
+from policies.window import Window
+
+__all__ = [
+    "CostModel",
+    "CostModelParams",
+    "Estimate",
+    "Inputs",
+    "ModeCost",
+    "colo_cost",
+    "epoch_grid",
+    "mc_cost",
+]
+
+T = TypeVar("T")
+
+PAGE_SIZE = 4096
+#: checkpoint pause's fixed part, s: idle pause 4-6 ms with the patched QEMU (qemu-colo-notes.md)
+PAUSE_FIXED_S = 0.005
+#: checkpoint copy rate, bytes/s: +2.7 ms p50 for 3.36 MB per checkpoint (qemu-colo-notes.md)
+COPY_BYTES_PER_S = 1.2e9
+#: COLO hold before the secondary is seen: 5 ms, the low end of curl through a stand-in comparator
+COLO_HOLD_PRIOR_S = 0.005
+#: the daemon's COLO safety interval (controller.epoch.CheckpointScheduler's default), s
+SAFETY_INTERVAL_S = 10.0
+#: the comparator's timeout for a held frame (mc_driver.pair's default compare_timeout_ms), s
+COMPARE_TIMEOUT_S = 3.0
+#: divergence reasons the comparator can only detect by a held frame's timeout (colo_compare.core)
+TIMEOUT_REASONS = ("timeout", "ack")
+
+
+@dataclass(frozen=True)
+class CostModelParams:
+    pause_fixed_ms: float = param(
+        PAUSE_FIXED_S * 1000, "checkpoint pause fixed part, ms (prior)", min=0.0, max=60_000.0
+    )
+    copy_bytes_per_s: float = param(COPY_BYTES_PER_S, "checkpoint copy rate, bytes/s", min=1e3, max=1e13)
+    colo_hold_ms: float = param(
+        COLO_HOLD_PRIOR_S * 1000, "COLO hold before one is measured, ms", min=0.0, max=60_000.0
+    )
+    safety_interval_s: float = param(
+        SAFETY_INTERVAL_S, "the daemon's COLO safety interval, s", min=0.001, max=86_400.0
+    )
+    compare_timeout_s: float = param(
+        COMPARE_TIMEOUT_S, "the comparator's hold timeout, s", min=0.0, max=3600.0
+    )
+    latency_weight: float = param(1.0, "client-seconds per guest-second", min=0.0, max=1e6)
+    min_epoch_ms: int = param(10, "shortest MC epoch considered", min=EPOCH_MS_MIN, max=EPOCH_MS_MAX)
+    max_epoch_ms: int = param(2000, "longest MC epoch considered", min=EPOCH_MS_MIN, max=EPOCH_MS_MAX)
+    grid_steps: int = param(64, "epochs tried between min and max (geometric)", min=2, max=4096)
+    switch_margin: float = param(0.2, "the other mode must be this fraction cheaper", min=0.0, max=0.99)
+    min_gain: float = param(0.005, "and cheaper by at least this (s/s)", min=0.0, max=10.0)
+    allow_passive: bool = param(True, "MC may stop the secondary when that saves CPU")
+    host_cores: int = param(0, "host CPUs (0: the cpu.cores signal)", min=0, max=100_000)
+    saturated_at: float = param(0.95, "cpu.host at which usage stops showing demand", min=0.0, max=1.0)
+    memory_s: float = param(
+        60.0, "how long a remembered divergence rate, hold or CPU figure is used", min=0.0, max=86_400.0
+    )
+    average_s: float = param(3.0, "seconds each signal is averaged over", min=0.0, max=3600.0)
+    calibrate: bool = param(True, "re-fit the pause's fixed part to ckpt.pause_p50_ms")
+
+    def __post_init__(self) -> None:
+        if self.min_epoch_ms > self.max_epoch_ms:
+            raise PolicyConfigError(
+                f"min_epoch_ms={self.min_epoch_ms} must not exceed max_epoch_ms={self.max_epoch_ms}",
+                "min_epoch_ms",
+                "<= max_epoch_ms",
+            )
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the model read from a window (seconds, bytes, per second), and where each came from."""
+
+    pause_fixed_s: float
+    copy_bytes_per_s: float
+    dirty_bytes_per_s: float
+    dirty_source: str
+    turns_per_s: float | None
+    div_per_s: float | None
+    div_source: str  # live | shadow | remembered | unknown
+    div_timeout_per_s: float  # the part of div_per_s detected by timeout (reasons timeout, ack)
+    disk_ckpt_per_s: float
+    safety_interval_s: float
+    compare_timeout_s: float
+    hold_s: float
+    hold_source: str
+    colo_ckpt_per_s: float | None = None  # measured, in COLO
+    colo_pause_s: float | None = None  # measured, in COLO
+    guest_bytes: float | None = None
+    cpu_loss_running: float = 0.0
+    cpu_loss_passive: float = 0.0
+    cpu_host: float | None = None
+    cpu_source: str = "unknown"
+
+
+@dataclass(frozen=True)
+class ModeCost:
+    """One candidate: its point, its cost terms (s/s) and the checkpoint figures behind them."""
+
+    mode: Mode
+    epoch_ms: int
+    passive: bool
+    checkpoints: float  # guest time stopped by checkpoints
+    latency: float  # client waiting, already times latency_weight
+    cpu: float  # guest time lost to the secondary's CPU
+    rate_per_s: float  # checkpoints per second
+    pause_s: float
+    hold_latency: float = 0.0  # COLO: the part of ``latency`` from the comparator's hold
+
+    @property
+    def total(self) -> float:
+        return self.checkpoints + self.latency + self.cpu
+
+    def describe(self) -> str:
+        where = "colo"
+        if self.mode is Mode.MC:
+            where = f"mc {self.epoch_ms} ms" + (" passive" if self.passive else "")
+        return (
+            f"{where}: {self.total:.4f} = ckpt {self.checkpoints:.4f} + latency {self.latency:.4f} "
+            f"+ cpu {self.cpu:.4f} ({self.rate_per_s:.3g}/s x {self.pause_s * 1000:.3g} ms)"
+        )
+
+
+@dataclass(frozen=True)
+class Estimate:
+    inputs: Inputs
+    colo: ModeCost
+    mc: ModeCost  # the MC candidate the policy would pick (active or passive)
+    mc_active: ModeCost
+    mc_passive: ModeCost | None
+
+
+def epoch_grid(min_ms: int, max_ms: int, steps: int = 64) -> tuple[int, ...]:
+    """Integer epochs from ``min_ms`` to ``max_ms``, geometrically spaced, both ends included."""
+    if min_ms >= max_ms:
+        return (min_ms,)
+    ratio = (max_ms / min_ms) ** (1.0 / (steps - 1))
+    epochs = {min(max_ms, max(min_ms, round(min_ms * ratio**i))) for i in range(steps)}
+    return tuple(sorted(epochs | {max_ms}))
+
+
+def _pause(inputs: Inputs, dirty_bytes: float) -> float:
+    if inputs.guest_bytes is not None:
+        dirty_bytes = min(dirty_bytes, inputs.guest_bytes)
+    return inputs.pause_fixed_s + dirty_bytes / inputs.copy_bytes_per_s
+
+
+def mc_cost(inputs: Inputs, epoch_ms: int, passive: bool, latency_weight: float = 1.0) -> ModeCost:
+    """MC's cost at ``epoch_ms`` (module docstring, "MC at epoch E")."""
+    epoch = epoch_ms / 1000.0
+    pause = _pause(inputs, inputs.dirty_bytes_per_s * epoch)
+    period = max(epoch, pause + epoch / 2)
+    run = period - pause
+    stopped = pause / period
+    turns = inputs.turns_per_s or 0.0
+    return ModeCost(
+        Mode.MC,
+        epoch_ms,
+        passive,
+        checkpoints=stopped,
+        latency=latency_weight * turns * (run / 2 + pause + stopped * pause / 2),
+        cpu=inputs.cpu_loss_passive if passive else inputs.cpu_loss_running,
+        rate_per_s=1.0 / period,
+        pause_s=pause,
+    )
+
+
+def colo_cost(
+    inputs: Inputs, latency_weight: float = 1.0, *, div_per_s: float | None = None, measured: bool = True
+) -> ModeCost:
+    """COLO's cost (module docstring, "COLO"); ``div_per_s`` overrides the input's (break-even search).
+
+    ``measured``: use the checkpoint rate and pause measured in COLO when the inputs have them.
+    """
+    div = inputs.div_per_s if div_per_s is None else div_per_s
+    div = div or 0.0
+    if measured and inputs.colo_ckpt_per_s is not None:
+        rate = inputs.colo_ckpt_per_s
+        if inputs.colo_pause_s is not None:
+            pause = inputs.colo_pause_s
+        else:
+            pause = _pause(inputs, inputs.dirty_bytes_per_s / rate) if rate > 0 else inputs.pause_fixed_s
+        stopped = min(1.0, rate * pause)
+    else:
+        requests = div + inputs.disk_ckpt_per_s + 1.0 / inputs.safety_interval_s
+        run = 1.0 / requests
+        pause = _pause(inputs, inputs.dirty_bytes_per_s * run)
+        rate = 1.0 / (run + pause)
+        stopped = pause * rate
+    turns = inputs.turns_per_s or 0.0
+    hold = turns * inputs.hold_s
+    by_timeout = min(div, inputs.div_timeout_per_s)
+    divergent = div * pause + by_timeout * inputs.compare_timeout_s + turns * stopped * pause / 2
+    return ModeCost(
+        Mode.COLO,
+        0,
+        False,
+        checkpoints=stopped,
+        latency=latency_weight * (hold + divergent),
+        cpu=inputs.cpu_loss_running,
+        rate_per_s=rate,
+        pause_s=pause,
+        hold_latency=latency_weight * hold,
+    )
+
+
+def _best_mc(inputs: Inputs, grid: tuple[int, ...], passive: bool, weight: float) -> ModeCost:
+    best: ModeCost | None = None
+    for epoch_ms in grid:
+        cost = mc_cost(inputs, epoch_ms, passive, weight)
+        if best is None or cost.total <= best.total:  # a tie goes to the longer epoch
+            best = cost
+    assert best is not None
+    return best
+
+
+def _fmt(value: float | None) -> str:
+    return "absent" if value is None else f"{value:.3g}"
+
+
+class CostModel(Policy[CostModelParams]):
+    name = "cost-model"
+    description = (
+        "Estimates from the current window what MC and COLO would each cost (checkpoint pauses, output "
+        "latency, the secondary's CPU) and runs the cheaper, with MC's epoch chosen to minimise its cost."
+    )
+    params_type = CostModelParams
+
+    def reset(self) -> None:
+        self._div: tuple[float, tuple[float, float]] | None = None  # (t, (all, by timeout) per s)
+        self._hold: tuple[float, float] | None = None  # (t, s) last COLO hold measured
+        self._alone: tuple[float, float] | None = None  # (t, cores) primary with a passive secondary
+        self._grid = epoch_grid(self.params.min_epoch_ms, self.params.max_epoch_ms, self.params.grid_steps)
+
+    def _fresh(self, memory: tuple[float, T] | None, now: float) -> T | None:
+        if memory is None or now - memory[0] > self.params.memory_s:
+            return None
+        return memory[1]
+
+    def observe(self, window: Window) -> None:
+        """Remember what the window measured that another mode will not show (state fed by windows)."""
+        p = self.params
+        now = window.now
+        div = window.mean("div.per_s", p.average_s)
+        if div is not None:
+            by_timeout = sum(window.mean(f"div.per_s.{r}", p.average_s) or 0.0 for r in TIMEOUT_REASONS)
+            self._div = (now, (div, by_timeout))
+        if window.mode is Mode.COLO:
+            hold = window.mean("net.hold_p50_ms", p.average_s)
+            if hold is not None:
+                self._hold = (now, hold / 1000.0)
+        elif window.passive_secondary:
+            primary = window.mean("cpu.primary", p.average_s)
+            host = window.mean("cpu.host", p.average_s)
+            if primary is not None and host is not None and host < p.saturated_at:
+                self._alone = (now, primary)
+
+    def _cpu(self, window: Window) -> tuple[float, float, float | None, str]:
+        p = self.params
+        cores = float(p.host_cores) if p.host_cores > 0 else window.latest("cpu.cores")
+        primary = window.mean("cpu.primary", p.average_s)
+        if not cores or primary is None:
+            return 0.0, 0.0, None, "cpu.cores or cpu.primary absent"
+        secondary = window.mean("cpu.secondary", p.average_s) or 0.0
+        host = window.mean("cpu.host", p.average_s)
+        busy = host * cores if host is not None else primary + secondary
+        rest = max(0.0, busy - primary - secondary)
+        running = window.mode is Mode.COLO or not window.passive_secondary
+        saturated = busy >= p.saturated_at * cores
+        demand = primary
+        if saturated and running and primary + rest > 0:
+            demand = primary + secondary * primary / (primary + rest)
+        alone = self._fresh(self._alone, window.now)
+        if alone is not None:
+            demand = max(demand, alone)
+        loss_running = max(0.0, 1.0 - cores / (2 * demand + rest)) if demand + rest > 0 else 0.0
+        loss_passive = max(0.0, 1.0 - cores / (demand + rest)) if demand + rest > 0 else 0.0
+        return loss_running, loss_passive, busy / cores, "cpu.host"
+
+    def inputs(self, window: Window) -> Inputs:
+        """The model's inputs from ``window`` and what :meth:`observe` remembered."""
+        p = self.params
+        avg = p.average_s
+        copy = p.copy_bytes_per_s
+        ckpt_rate = window.mean("ckpt.per_s", avg)
+        ram_bytes = window.mean("mem.ram_bytes_per_ckpt", avg)
+        if ram_bytes is None:
+            pages = window.mean("mem.ram_pages_per_ckpt", avg)
+            ram_bytes = None if pages is None else pages * PAGE_SIZE
+        dirty = window.mean("mem.dirty_bytes_per_s", avg)
+        dirty_source = "mem.dirty_bytes_per_s"
+        if dirty is None and ram_bytes is not None and ckpt_rate is not None:
+            dirty, dirty_source = ram_bytes * ckpt_rate, "mem.ram_bytes_per_ckpt"
+        if dirty is None:
+            dirty, dirty_source = 0.0, "dirty rate unknown"
+
+        pause_fixed = p.pause_fixed_ms / 1000.0
+        measured_pause = window.mean("ckpt.pause_p50_ms", avg)
+        measured_pause = None if measured_pause is None else measured_pause / 1000.0
+        current_bytes = ram_bytes
+        if current_bytes is None and window.mode is Mode.MC:
+            current_bytes = dirty * window.epoch_ms / 1000.0
+        if p.calibrate and measured_pause is not None and current_bytes is not None:
+            pause_fixed = min(measured_pause, max(0.0, measured_pause - current_bytes / copy))
+
+        div = window.mean("div.per_s", avg)
+        div_timeout = 0.0
+        if div is not None:
+            div_source = "live" if window.mode is Mode.COLO else "shadow"
+            for reason in TIMEOUT_REASONS:
+                div_timeout += window.mean(f"div.per_s.{reason}", avg) or 0.0
+        else:
+            remembered = self._fresh(self._div, window.now)
+            div, div_timeout = (None, 0.0) if remembered is None else remembered
+            div_source = "remembered" if div is not None else "unknown"
+
+        hold_s, hold_source = p.colo_hold_ms / 1000.0, "prior"
+        remembered_hold = self._fresh(self._hold, window.now)
+        if window.mode is Mode.COLO and window.has("net.hold_p50_ms"):
+            hold_s, hold_source = (window.mean("net.hold_p50_ms", avg) or 0.0) / 1000.0, "net.hold_p50_ms"
+        elif remembered_hold is not None:
+            hold_s, hold_source = remembered_hold, "remembered"
+
+        loss_running, loss_passive, host, cpu_source = self._cpu(window)
+        return Inputs(
+            pause_fixed_s=pause_fixed,
+            copy_bytes_per_s=copy,
+            dirty_bytes_per_s=dirty,
+            dirty_source=dirty_source,
+            turns_per_s=window.mean("net.turns_per_s", avg),
+            div_per_s=div,
+            div_source=div_source,
+            div_timeout_per_s=div_timeout,
+            disk_ckpt_per_s=window.mean("ckpt.per_s.disk-pressure", avg) or 0.0,
+            safety_interval_s=p.safety_interval_s,
+            compare_timeout_s=p.compare_timeout_s,
+            hold_s=hold_s,
+            hold_source=hold_source,
+            guest_bytes=window.latest("mem.guest_bytes"),
+            colo_ckpt_per_s=ckpt_rate if window.mode is Mode.COLO else None,
+            colo_pause_s=measured_pause if window.mode is Mode.COLO else None,
+            cpu_loss_running=loss_running,
+            cpu_loss_passive=loss_passive,
+            cpu_host=host,
+            cpu_source=cpu_source,
+        )
+
+    def estimate(self, window: Window) -> Estimate:
+        """Both modes' costs for ``window`` (no state changes: ``show`` may call it freely)."""
+        p = self.params
+        inputs = self.inputs(window)
+        colo = colo_cost(inputs, p.latency_weight)
+        active = _best_mc(inputs, self._grid, False, p.latency_weight)
+        passive = _best_mc(inputs, self._grid, True, p.latency_weight) if p.allow_passive else None
+        mc = active
+        if passive is not None:
+            gain = active.total - passive.total
+            already = window.mode is Mode.MC and window.passive_secondary
+            if gain > p.min_gain or (already and gain > 0):
+                mc = passive
+        return Estimate(inputs, replace(colo, epoch_ms=window.epoch_ms), mc, active, passive)
+
+    def _break_even_div(self, inputs: Inputs, target: float) -> float | None:
+        """The divergence rate at which the modelled COLO costs ``target`` (None: no such rate)."""
+        weight = self.params.latency_weight
+
+        def cost(div: float) -> float:
+            return colo_cost(inputs, weight, div_per_s=div, measured=False).total
+
+        low, high = 0.0, 1e6
+        if cost(low) >= target or cost(high) <= target:
+            return None
+        for _ in range(100):
+            mid = (low + high) / 2
+            if cost(mid) < target:
+                low = mid
+            else:
+                high = mid
+        return (low + high) / 2
+
+    def _driver(self, est: Estimate, winner: ModeCost, loser: ModeCost) -> tuple[str, str]:
+        """(signal, its text) of the cost term that separates the two modes the most."""
+        inputs = est.inputs
+        diffs = {
+            "checkpoints": loser.checkpoints - winner.checkpoints,
+            "latency": loser.latency - winner.latency,
+            "cpu": loser.cpu - winner.cpu,
+        }
+        term = max(diffs, key=lambda k: diffs[k])  # dict order breaks ties deterministically
+        if term == "cpu":
+            if inputs.cpu_host is None:
+                return "cpu.primary", f"cpu: {inputs.cpu_source}"
+            return "cpu.host", f"cpu.host={inputs.cpu_host:.3g} (colo cpu loss {est.colo.cpu:.3g})"
+        if term == "latency" and winner.mode is Mode.COLO:
+            return "net.turns_per_s", f"net.turns_per_s={_fmt(inputs.turns_per_s)}"
+        if term == "latency" and est.colo.hold_latency > est.colo.latency - est.colo.hold_latency:
+            text = f"net.hold_p50_ms={inputs.hold_s * 1000:.3g}"
+            if inputs.hold_source != "net.hold_p50_ms":
+                text += f" ({inputs.hold_source})"
+            return "net.hold_p50_ms", text
+        div_text = f"div.per_s={_fmt(inputs.div_per_s)}"
+        if inputs.div_per_s is None or inputs.div_source not in ("live", "shadow"):
+            div_text += f" ({inputs.div_source})"
+        if inputs.div_timeout_per_s > 0:
+            div_text += f" ({inputs.div_timeout_per_s:.3g}/s by timeout)"
+        even = self._break_even_div(inputs, est.mc.total)
+        if even is not None and inputs.div_per_s is not None:
+            div_text += f" {'>' if inputs.div_per_s > even else '<='} {even:.3g}"
+        return "div.per_s", div_text
+
+    def decide(self, window: Window) -> Decision:
+        p = self.params
+        self.observe(window)
+        est = self.estimate(window)
+        colo, mc = est.colo, est.mc
+        if window.mode is Mode.COLO:
+            go_mc = mc.total < colo.total - max(p.switch_margin * colo.total, p.min_gain)
+            choose_mc = go_mc
+        else:
+            go_colo = colo.total < mc.total - max(p.switch_margin * mc.total, p.min_gain)
+            choose_mc = not go_colo
+        winner, loser = (mc, colo) if choose_mc else (colo, mc)
+        signal, text = self._driver(est, winner, loser)
+        relation = ">" if colo.total > mc.total else "<="
+        costs = f"cost colo {colo.total:.3g} {relation} mc {mc.total:.3g} at {mc.epoch_ms} ms"
+        if mc.passive:
+            costs += " passive"
+        if winner.total > loser.total:
+            costs += ", within the switch margin"
+        if inputs_note := self._note(est.inputs):
+            costs += f"; {inputs_note}"
+        reason = f"{text} ({costs})"
+        if choose_mc:
+            return Decision(Mode.MC, mc.epoch_ms, reason, signal, mc.passive)
+        return Decision(Mode.COLO, window.epoch_ms, reason, signal)
+
+    @staticmethod
+    def _note(inputs: Inputs) -> str:
+        missing = []
+        if inputs.dirty_source == "dirty rate unknown":
+            missing.append("dirty rate unknown")
+        if inputs.turns_per_s is None:
+            missing.append("net.turns_per_s absent")
+        return ", ".join(missing)
