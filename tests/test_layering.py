@@ -30,4 +30,6 @@ def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
 
     assert graph.violations(Counter({("disk_buffer", "controller"): 1})) == [("disk_buffer", "controller")]
     assert graph.violations(Counter({("controller", "disk_buffer"): 1})) == []
-    assert graph.violations(Counter({("colo_compare", "disk_buffer"): 1})) == [("colo_compare", "disk_buffer")]
+    assert graph.violations(Counter({("colo_compare", "disk_buffer"): 1})) == [
+        ("colo_compare", "disk_buffer")
+    ]
