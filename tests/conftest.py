@@ -5,7 +5,8 @@ longer than 200 ms, and speed goals belong in benchmarks (``hybridft bench``), n
 suite runs hypothesis without deadlines; everything else about the properties is unchanged.
 
 Plugins: ``tests.helpers.daemon_harness`` (a real COLO pair, its services and the daemon, as
-fixtures).
+fixtures), ``tests.helpers.marker_guard`` (fails a test that starts QEMU or a network namespace
+without the ``qemu`` / ``netns`` marker), ``pytester`` (to test the guard).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from hypothesis import settings
 
 from tests.helpers.scratch import RAM_DIR
 
-pytest_plugins = ["tests.helpers.daemon_harness"]
+pytest_plugins = ["tests.helpers.daemon_harness", "tests.helpers.marker_guard", "pytester"]
 
 settings.register_profile("hybridft", deadline=None)
 settings.load_profile("hybridft")
