@@ -8,19 +8,11 @@ writes the same bytes at the same offsets in the same order).
 Files in the state directory:
 
 ``journal.0``, ``journal.1``
-    Records, back to back from offset 0 of the file's current *use*.  Every record is
-    ``header | payload | crc32``; the CRC covers header and payload, and the header names the
-    generation of the use, the record's own file position, the epoch and a per-process *group*
-    number (one group per epoch attempt: a rolled-back epoch number is reused, a group never is).
-    An epoch is a group of EXTENT records (each replica write or zeroing, in arrival order)
-    followed by one COMMIT record carrying the record count and a CRC over the records' CRCs.
-    Records are queued as writes arrive and written every 1 MiB (writeback started at once); the
-    COMMIT record and the single ``fdatasync`` come with ``commit`` -- so commit latency is one
-    small write and a sync of data that is mostly on disk already.  Epoch N+1's records may come
-    before N's COMMIT record; records of two groups never interleave.
-    Replay stops at the first record that is torn, fails its CRC, belongs to another generation or
-    is not where it claims to be; a group without a COMMIT (killed mid-commit, rolled back, or
-    still open) is ignored, so an epoch is all there or not at all.
+    Records (format and replay rules: :mod:`disk_buffer.journal_codec`), back to back from offset 0
+    of the file's current *use*.  Records are queued as writes arrive and written every 1 MiB
+    (writeback started at once); the COMMIT record and the single ``fdatasync`` come with
+    ``commit`` -- so commit latency is one small write and a sync of data that is mostly on disk
+    already.
 
 ``mark``
     Two 512-byte slots written alternately (each with a sequence number and CRC, ``fdatasync``
@@ -36,7 +28,8 @@ fdatasyncs IMG, writes the mark and starts over at offset 0.
 The view's overlay (the secondary VM's own writes) is deliberately *not* journaled: after a crash
 the secondary VM restarts from a checkpoint, whose disk is exactly the last committed epoch.
 
-The codec functions are pure; :class:`Journal` adds the files and the journal thread.
+This module is the I/O: the files, the journal thread, ``fdatasync`` and fault injection; every byte
+it writes or replays is encoded and decoded by :mod:`disk_buffer.journal_codec`.
 """
 
 from __future__ import annotations
@@ -47,30 +40,25 @@ import errno
 import mmap
 import os
 import signal
-import struct
 import threading
-import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
+from disk_buffer.journal_codec import (
+    MARK_SLOT,
+    RECORD_OVERHEAD,
+    Mark,
+    PendingRecord,
+    ReplayedEpoch,
+    decode_mark,
+    encode_commit,
+    encode_mark,
+    encode_records,
+    first_generation,
+    record_size,
+    scan,
+)
 from disk_buffer.store import DiskBufferError
-
-MAGIC = b"HJR1"
-REC_EXTENT = 1
-REC_COMMIT = 2
-FLAG_ZERO = 1
-# magic, type, flags, reserved, generation, position, group seq, epoch, a, b
-HEADER = struct.Struct("<4sBBHIQQQQQ")
-CRC = struct.Struct("<I")
-RECORD_OVERHEAD = HEADER.size + CRC.size
-MAX_RECORD_PAYLOAD = 1 << 40
-
-MARK_MAGIC = b"HMK1"
-# magic, seq, applied epoch, generation, flags, image size
-MARK = struct.Struct("<4sQQIIQ")
-MARK_SLOT = 512
-MARK_FAILED_OVER = 1
 
 FAULT_POINTS = ("journal-written", "journal-synced", "writeout-mid", "image-synced")
 
@@ -119,48 +107,7 @@ class FaultInjector:
 NO_FAULTS = FaultInjector(None)
 
 
-# -- codec ---------------------------------------------------------------------------------------
-
-
-def encode_extent(
-    generation: int, position: int, seq: int, epoch: int, offset: int, data: bytes | None, length: int
-) -> tuple[bytes, bytes | None, bytes]:
-    """One EXTENT record as (header, payload or None, crc) -- kept apart so callers can writev."""
-    flags = FLAG_ZERO if data is None else 0
-    header = HEADER.pack(MAGIC, REC_EXTENT, flags, 0, generation, position, seq, epoch, offset, length)
-    crc = zlib.crc32(header)
-    if data is not None:
-        crc = zlib.crc32(data, crc)
-    return header, data, CRC.pack(crc)
-
-
-def encode_commit(
-    generation: int, position: int, seq: int, epoch: int, count: int, crc_of_crcs: int
-) -> bytes:
-    header = HEADER.pack(MAGIC, REC_COMMIT, 0, 0, generation, position, seq, epoch, count, crc_of_crcs)
-    return header + CRC.pack(zlib.crc32(header))
-
-
-def encode_group(
-    generation: int, position: int, seq: int, epoch: int, extents: Iterable[tuple[int, int, bytes | None]]
-) -> tuple[bytes, int, int]:
-    """The EXTENT records of one epoch as one buffer: ``(buffer, record count, crc over record crcs)``."""
-    parts: list[bytes] = []
-    pos = position
-    crcs = 0
-    count = 0
-    for start, end, data in extents:
-        length = end - start
-        header, payload, crc = encode_extent(generation, pos, seq, epoch, start, data, length)
-        parts.append(header)
-        if payload is not None:
-            parts.append(payload)
-        parts.append(crc)
-        crcs = zlib.crc32(crc, crcs)
-        count += 1
-        pos += RECORD_OVERHEAD + (length if payload is not None else 0)
-    return b"".join(parts), count, crcs
-
+# -- files ---------------------------------------------------------------------------------------
 
 IOV_MAX = 1024
 
@@ -184,145 +131,6 @@ def pwritev_all(fd: int, parts: list[bytes], offset: int) -> int:
     return offset
 
 
-@dataclass(slots=True)
-class ReplayedExtent:
-    offset: int
-    length: int
-    payload_at: int | None  # position of the data in the journal buffer, None for zeroes
-
-
-@dataclass(slots=True)
-class ReplayedEpoch:
-    epoch: int
-    seq: int
-    extents: list[ReplayedExtent]
-    source: int = 0  # which journal file (index into the buffers the caller scanned)
-
-
-@dataclass(slots=True)
-class ScanResult:
-    committed: list[ReplayedEpoch]  # in journal order, epochs strictly increasing
-    end: int  # position just after the last valid record
-    stop_reason: str
-
-
-def scan(buf: bytes | memoryview | mmap.mmap, generation: int) -> ScanResult:
-    """Decode the valid prefix of a journal of ``generation``: every committed group in order.
-
-    Stops (never raises) at the first record that is torn, fails its CRC, belongs to another
-    generation, claims another position, or breaks the group/epoch ordering.
-    """
-    view = memoryview(buf)
-    size = len(view)
-    pos = 0
-    committed: list[ReplayedEpoch] = []
-    # Groups written but not (yet) committed, by seq.  Several can be open: epoch N+1's records are
-    # written while N waits for its COMMIT, which then lands between them.  Records of one group
-    # are never interleaved with another group's records, only with COMMIT records.
-    open_groups: dict[int, tuple[ReplayedEpoch, int]] = {}
-    max_seq = 0
-    committed_seqs: set[int] = set()
-    last_epoch = -1
-    reason = "end"
-    while True:
-        if pos + RECORD_OVERHEAD > size:
-            reason = "end"
-            break
-        magic, rtype, flags, _res, gen, rpos, seq, epoch, a, b = HEADER.unpack_from(view, pos)
-        if magic != MAGIC:
-            reason = "no record"
-            break
-        if gen != generation:
-            reason = "other generation"
-            break
-        if rpos != pos:
-            reason = "misplaced record"
-            break
-        if rtype == REC_EXTENT:
-            payload = b if not flags & FLAG_ZERO else 0
-            if b > MAX_RECORD_PAYLOAD or pos + RECORD_OVERHEAD + payload > size:
-                reason = "torn record"
-                break
-        elif rtype == REC_COMMIT:
-            payload = 0
-        else:
-            reason = "unknown record type"
-            break
-        body_end = pos + HEADER.size + payload
-        (crc,) = CRC.unpack_from(view, body_end)
-        if zlib.crc32(view[pos:body_end]) != crc:
-            reason = "crc mismatch"
-            break
-        if rtype == REC_EXTENT:
-            if seq != max_seq or seq not in open_groups:
-                if seq <= max_seq:
-                    reason = "group out of order"
-                    break
-                open_groups[seq] = (ReplayedEpoch(epoch, seq, []), 0)
-                max_seq = seq
-            group, crcs = open_groups[seq]
-            if epoch != group.epoch:
-                reason = "epoch changed inside a group"
-                break
-            group.extents.append(ReplayedExtent(a, b, None if flags & FLAG_ZERO else pos + HEADER.size))
-            open_groups[seq] = (group, zlib.crc32(view[body_end : body_end + CRC.size], crcs))
-        else:
-            if seq not in open_groups:
-                if a != 0 or seq in committed_seqs:
-                    reason = "commit of an unknown group"
-                    break
-                open_groups[seq] = (ReplayedEpoch(epoch, seq, []), 0)  # an epoch without writes
-            group, crcs = open_groups[seq]
-            if epoch != group.epoch or a != len(group.extents) or b != crcs:
-                reason = "commit does not match its records"
-                break
-            if epoch <= last_epoch:
-                reason = "epoch out of order"
-                break
-            del open_groups[seq]
-            committed_seqs.add(seq)
-            committed.append(group)
-            last_epoch = epoch
-        pos = body_end + CRC.size
-    return ScanResult(committed, pos, reason)
-
-
-@dataclass(frozen=True, slots=True)
-class Mark:
-    seq: int
-    applied: int
-    generation: int
-    failed_over: bool
-    image_size: int
-
-
-def encode_mark(mark: Mark) -> bytes:
-    body = MARK.pack(
-        MARK_MAGIC,
-        mark.seq,
-        mark.applied,
-        mark.generation,
-        MARK_FAILED_OVER if mark.failed_over else 0,
-        mark.image_size,
-    )
-    return (body + CRC.pack(zlib.crc32(body))).ljust(MARK_SLOT, b"\0")
-
-
-def decode_mark(slot: bytes) -> Mark | None:
-    if len(slot) < MARK.size + CRC.size:
-        return None
-    body = slot[: MARK.size]
-    (crc,) = CRC.unpack_from(slot, MARK.size)
-    if zlib.crc32(body) != crc:
-        return None
-    magic, seq, applied, generation, flags, image_size = MARK.unpack(body)
-    if magic != MARK_MAGIC:
-        return None
-    return Mark(seq, applied, generation, bool(flags & MARK_FAILED_OVER), image_size)
-
-
-# -- files ---------------------------------------------------------------------------------------
-
 libc = ctypes.CDLL(None, use_errno=True)  # the C library this process already runs on
 _SYNC_FILE_RANGE_WRITE = 2
 
@@ -333,25 +141,6 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         libc.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(length), _SYNC_FILE_RANGE_WRITE)
     except (AttributeError, OSError):
         pass
-
-
-def first_generation(buf: bytes | memoryview | mmap.mmap) -> int | None:
-    """The generation of a journal file's current use: that of its first record, if it is valid."""
-    view = memoryview(buf)
-    if len(view) < RECORD_OVERHEAD:
-        return None
-    magic, rtype, flags, _res, gen, rpos, _seq, _epoch, _a, b = HEADER.unpack_from(view, 0)
-    if magic != MAGIC or rpos != 0:
-        return None
-    payload = b if rtype == REC_EXTENT and not flags & FLAG_ZERO else 0
-    if HEADER.size + payload + CRC.size > len(view):
-        return None
-    (crc,) = CRC.unpack_from(view, HEADER.size + payload)
-    return gen if zlib.crc32(view[: HEADER.size + payload]) == crc else None
-
-
-# A pending record: (position, seq, epoch, image offset, data or None for zeroes, length)
-_Item = tuple[int, int, int, int, bytes | None, int]
 
 
 class Journal:
@@ -391,7 +180,7 @@ class Journal:
         self._pos = [0, 0]
         self._generation = [0, 0]
         self._next_generation = 1
-        self._pending: list[list[_Item]] = [[], []]
+        self._pending: list[list[PendingRecord]] = [[], []]
         self._pending_bytes = 0
         self._groups: dict[int, tuple[int, int]] = {}  # seq -> (file, epoch), not committed/abandoned
         self._file_epoch = [0, 0]  # highest committed epoch in each file's current use
@@ -507,7 +296,7 @@ class Journal:
         """Queue one record of the open group (a replica write, or zeroes when ``data`` is None)."""
         f = self._active
         pos = self._pos[f]
-        size = RECORD_OVERHEAD + (length if data is not None else 0)
+        size = record_size(data, length)
         self._pos[f] = pos + size
         self._pending[f].append((pos, seq, epoch, offset, data, length))
         self._pending_bytes += size
@@ -570,25 +359,10 @@ class Journal:
         for seq in seqs:
             self._crcs.pop(seq, None)
 
-    def _write_items(self, f: int, generation: int, items: list[_Item]) -> None:
+    def _write_items(self, f: int, generation: int, items: list[PendingRecord]) -> None:
         if self.broken is not None:
             return
-        parts: list[bytes] = []
-        crcs = self._crcs
-        pack = HEADER.pack
-        for pos, seq, epoch, offset, data, length in items:
-            if data is None:
-                header = pack(MAGIC, REC_EXTENT, FLAG_ZERO, 0, generation, pos, seq, epoch, offset, length)
-                crc = CRC.pack(zlib.crc32(header))
-                parts.append(header)
-            else:
-                header = pack(MAGIC, REC_EXTENT, 0, 0, generation, pos, seq, epoch, offset, length)
-                crc = CRC.pack(zlib.crc32(data, zlib.crc32(header)))
-                parts.append(header)
-                parts.append(data)
-            parts.append(crc)
-            count, acc = crcs.get(seq, (0, 0))
-            crcs[seq] = (count + 1, zlib.crc32(crc, acc))
+        parts = encode_records(generation, items, self._crcs)
         start = items[0][0]
         try:
             end = pwritev_all(self._fds[f], parts, start)
@@ -599,7 +373,7 @@ class Journal:
         start_writeback(self._fds[f], start, end - start)
 
     def _commit_job(
-        self, f: int, generation: int, items: list[_Item], seq: int, epoch: int, pos: int
+        self, f: int, generation: int, items: list[PendingRecord], seq: int, epoch: int, pos: int
     ) -> None:
         if items:
             self._write_items(f, generation, items)

@@ -6,7 +6,7 @@ import pytest
 
 from colo_compare.core import CheckpointRequest, Comparator, DropSecondary, Release
 from hybridft_common.vocabulary import Mode
-from tests.compare_frames import (
+from tests.helpers.frames import (
     CLIENT6,
     VM6,
     arp_reply,
@@ -277,7 +277,7 @@ def test_arp_and_other_frames_compared_whole_minus_ipv4_id_and_checksum() -> Non
     from scapy.layers.inet import IP
     from scapy.layers.l2 import Ether
 
-    from tests.compare_frames import CLIENT, CLIENT_MAC, VM, VM_MAC
+    from tests.helpers.frames import CLIENT, CLIENT_MAC, VM, VM_MAC
 
     def gre(ip_id: int, body: bytes = b"tunnel") -> bytes:
         return bytes(Ether(src=VM_MAC, dst=CLIENT_MAC) / IP(src=VM, dst=CLIENT, proto=47, id=ip_id) / body)

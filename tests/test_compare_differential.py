@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from colo_compare import core as fast_core
-from tests.test_compare_properties import tcp4
+from tests.helpers.raw_frames import tcp4
 
 REFERENCE_COMMIT = "796c967d1528581c411645c96bd7fd2af575a57f"
 _REPO = Path(__file__).resolve().parent.parent

@@ -19,18 +19,7 @@ from hypothesis import strategies as st
 from colo_compare.core import CheckpointRequest, Comparator, Release
 from colo_compare.packet import classify
 from hybridft_common.vocabulary import Mode
-
-# Raw frame builder (scapy is too slow for thousands of hypothesis examples); checksums are zero,
-# exactly like offloaded output.
-_ETH = bytes.fromhex("525400abcdef525400123456") + b"\x08\x00"
-
-
-def tcp4(seq: int, payload: bytes = b"", flags: int = 0x18, ack: int = 1, ip_id: int = 0, dport: int = 40001
-         ) -> bytes:
-    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 40 + len(payload), ip_id & 0xFFFF, 0, 64, 6, 0,
-                     bytes([10, 0, 0, 2]), bytes([10, 0, 0, 1]))
-    tcp = struct.pack(">HHIIBBHHH", 80, dport, seq & 0xFFFFFFFF, ack, 0x50, flags, 65535, 0, 0)
-    return _ETH + ip + tcp + payload
+from tests.helpers.raw_frames import ETH_VM_TO_CLIENT, tcp4
 
 
 def side_frames(data: bytes, cuts: list[int], isn: int, order: list[int], dups: list[int], ip_id: int,
@@ -237,7 +226,7 @@ def test_every_primary_frame_is_released_exactly_once_in_flow_order(ops, mode) -
                 udp = struct.pack(">HHHH", 53, 5000 + flow, 8 + 4, 0) + b"dns!"
                 ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), ip_id, 0, 64, 17, 0,
                                  bytes([10, 0, 0, 2]), bytes([10, 0, 0, 1]))
-                frames.append(_ETH + ip + udp)
+                frames.append(ETH_VM_TO_CLIENT + ip + udp)
             fed.setdefault(10 + flow, []).extend(frames)
             out += released(c.feed_primary(frames, t))
         elif kind == "seal":

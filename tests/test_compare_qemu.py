@@ -23,7 +23,6 @@ by the codec's unit tests and the VM-pair tests of later issues).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import socket
@@ -37,7 +36,8 @@ import pytest
 from colo_compare.transport import FrameDecoder, encode_frame, encode_frames
 from hybridft_common.cli import hybridft_command
 from hybridft_common.control import call
-from tests.compare_frames import stream_frames
+from tests.helpers.frames import stream_frames
+from tests.helpers.qmp import qmp_commands
 
 pytestmark = pytest.mark.qemu
 
@@ -306,24 +306,6 @@ def test_compare_serve_between_qemu_filters(tmp_path: Path, vnet_hdr: bool) -> N
         _stop(proc)
 
 
-def _qmp(path: Path, *commands: dict[str, object]) -> list[dict[str, object]]:
-    """Minimal QMP client (one connection, commands in order, events skipped)."""
-    replies = []
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
-        s.connect(str(path))
-        f = s.makefile("rwb")
-        f.readline()  # greeting
-        for command in [{"execute": "qmp_capabilities"}, *commands]:
-            f.write(json.dumps(command).encode() + b"\n")
-            f.flush()
-            while "event" in (reply := json.loads(f.readline())):
-                pass
-            assert "return" in reply, reply
-            replies.append(reply)
-    return replies[1:]
-
-
 def test_indev_redirector_stops_after_a_disconnect_until_recreated(tmp_path: Path) -> None:
     """QEMU 7.2 fact the daemon must handle: after its chardev disconnects, an indev
     filter-redirector never reads again (it drops its handlers on CHR_EVENT_CLOSED), although
@@ -346,9 +328,9 @@ def test_indev_redirector_stops_after_a_disconnect_until_recreated(tmp_path: Pat
         with pytest.raises(TimeoutError):
             net.sink_frames(1)  # never read: the release path is dead
 
-        _qmp(qmp, {"execute": "object-del", "arguments": {"id": "f_in"}},
-             {"execute": "object-add", "arguments": {"qom-type": "filter-redirector", "id": "f_in2",
-              "netdev": "out0", "queue": "rx", "indev": "c_in", "position": "head"}})  # fmt: skip
+        qmp_commands(qmp, {"execute": "object-del", "arguments": {"id": "f_in"}},
+                     {"execute": "object-add", "arguments": {"qom-type": "filter-redirector", "id": "f_in2",
+                      "netdev": "out0", "queue": "rx", "indev": "c_in", "position": "head"}})  # fmt: skip
         conn.sendall(encode_frame(b"C" * 60))
         net.sink.settimeout(5)
         got = net.sink_frames(1)

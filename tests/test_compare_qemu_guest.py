@@ -29,7 +29,7 @@ from hybridft_common.cli import hybridft_command
 from hybridft_common.control import call
 from mc_driver.guest import BLOB_SIZE, blob_bytes, build_guest, guest_cmdline, qemu_args, wait_for_ready
 from mc_driver.netns import NetNamespace
-from tests.test_compare_qemu import _qmp
+from tests.helpers.qmp import qmp_commands
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns, pytest.mark.slow]
 
@@ -49,10 +49,10 @@ class Guest:
         """A new comparator: re-create the indev redirector (QEMU 7.2 stops reading it after a
         disconnect, see test_compare_qemu.py), in front of the others."""
         new_id = f"rin{self.services_started}"
-        _qmp(self.qmp, {"execute": "object-del", "arguments": {"id": self.indev_id}},
-             {"execute": "object-add", "arguments": {"qom-type": "filter-redirector", "id": new_id,
-              "netdev": "hn0", "queue": "rx", "indev": "c_out", "vnet_hdr_support": True,
-              "position": "head"}})  # fmt: skip
+        qmp_commands(self.qmp, {"execute": "object-del", "arguments": {"id": self.indev_id}},
+                     {"execute": "object-add", "arguments": {"qom-type": "filter-redirector", "id": new_id,
+                      "netdev": "hn0", "queue": "rx", "indev": "c_out", "vnet_hdr_support": True,
+                      "position": "head"}})  # fmt: skip
         self.indev_id = new_id
 
 

@@ -13,7 +13,7 @@ from scapy.layers.l2 import Ether
 from scapy.utils import PcapNgWriter, wrpcap
 
 from colo_compare.replay import demo_command, replay_command, replay_files
-from tests.compare_frames import (
+from tests.helpers.frames import (
     CLIENT6,
     VM6,
     icmp_echo_reply,

@@ -18,7 +18,7 @@ from colo_compare.serve import ROLES
 from colo_compare.transport import FrameDecoder, encode_frame, encode_frames
 from hybridft_common.cli import hybridft_command
 from hybridft_common.control import ControlError, call, decode_reply, encode_request
-from tests.compare_frames import stream_frames, tcp_frame
+from tests.helpers.frames import stream_frames, tcp_frame
 
 DATA = bytes(range(256)) * 40  # 10240 application bytes
 

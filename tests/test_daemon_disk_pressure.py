@@ -16,7 +16,7 @@ import nbd
 
 from controller.daemon import Daemon, DaemonConfig
 from hybridft_common.control import call
-from tests.test_disk_ctl import DiskServerProcess
+from tests.helpers.disk_server import DiskServerProcess
 
 BUDGET = 1 << 20
 

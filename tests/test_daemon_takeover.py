@@ -2,8 +2,8 @@
 gap): the daemon must see that the secondary left COLO *as the secondary* and keep the primary stopped
 -- resuming it like after a lost secondary would leave two live copies of the guest.
 
-Its own pair (the fixtures of test_daemon_qemu.py, module-scoped per importing module), because the
-takeover ends the pair's protection.
+Its own pair (the module-scoped fixtures of tests/helpers/daemon_harness.py: one pair per module), because
+the takeover ends the pair's protection.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 from controller.daemon import Daemon
 from hybridft_common.vocabulary import StopVia
-from tests.test_daemon_qemu import Harness, daemon, harness, tcg_qemu  # noqa: F401  (fixtures)
+from tests.helpers.daemon_harness import Harness
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.netns]
 
@@ -27,7 +27,7 @@ def stop_via() -> StopVia:
     return StopVia.QEMU
 
 
-def test_secondary_takeover_keeps_the_primary_stopped(harness: Harness, daemon: Daemon) -> None:  # noqa: F811
+def test_secondary_takeover_keeps_the_primary_stopped(harness: Harness, daemon: Daemon) -> None:
     async def run() -> tuple[dict, dict]:
         observer_p, observer_s = harness.pair.primary, harness.pair.secondary
         assert observer_p is not None and observer_s is not None

@@ -12,13 +12,10 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import shutil
 import signal
-import tempfile
 import time
 import traceback
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,23 +24,7 @@ import pytest
 from disk_buffer.buffer import DiskBuffer, Export
 from disk_buffer.journal import FAULT_POINTS, Journal
 from disk_buffer.store import REGION_SIZE
-from tests.disk_model import DiskModel
-
-# kill -9 loses nothing the kernel already holds, so a tmpfs models it exactly -- and there the
-# thousands of fdatasyncs of these tests cost nothing, instead of 5-50 ms each on the shared disk.
-RAM_DIR = Path("/dev/shm")
-
-
-@pytest.fixture
-def crash_dir(tmp_path: Path) -> Iterator[Path]:
-    if not RAM_DIR.is_dir():
-        yield tmp_path
-        return
-    path = Path(tempfile.mkdtemp(prefix="hft-crash-", dir=RAM_DIR))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+from tests.helpers.disk_model import DiskModel
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +17,10 @@ import pytest
 
 from disk_buffer.journal import FAULT_POINTS
 from hybridft_common.control import ControlError, call
-from tests.disk_model import DiskModel
-from tests.test_disk_crash import crash_dir
-
-__all__ = ["crash_dir"]  # the fixture: state on tmpfs (see tests/test_disk_crash.py)
+from tests.helpers.disk_model import DiskModel
+from tests.helpers.disk_server import start_disk_serve
 
 SIZE = 2 << 20
-HYBRIDFT = str(Path(sys.executable).with_name("hybridft"))
 
 
 class Server:
@@ -38,27 +33,9 @@ class Server:
             env["HYBRIDFT_DISK_FAULT"] = fault
         for stale in (self.nbd_sock, tmp / "ctl.sock"):
             stale.unlink(missing_ok=True)  # left behind by a killed server
-        self.proc = subprocess.Popen(
-            [
-                HYBRIDFT,
-                "disk",
-                "serve",
-                "--image",
-                str(tmp / "img"),
-                "--state-dir",
-                str(tmp / "state"),
-                "--nbd",
-                f"unix:{self.nbd_sock}",
-                "--control",
-                self.control,
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
+        self.proc, _ready = start_disk_serve(
+            tmp / "img", tmp / "state", nbd=f"unix:{self.nbd_sock}", control=self.control, env=env
         )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.startswith("ready"), f"server did not start: {line!r}"
 
     def connect(self, export: str) -> nbd.NBD:
         h = nbd.NBD()

@@ -1,7 +1,4 @@
-"""``hybridft disk serve`` as a real process, driven by ``hybridft disk ctl`` and read with libnbd.
-
-Also holds :class:`DiskServerProcess`, the helper the QEMU and benchmark tests use to run the server.
-"""
+"""``hybridft disk serve`` as a real process, driven by ``hybridft disk ctl`` and read with libnbd."""
 
 from __future__ import annotations
 
@@ -12,97 +9,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import nbd as libnbd
 import pytest
 
+from tests.helpers.disk_server import DiskServerProcess, disk_serve_argv, start_disk_serve
+
 HYBRIDFT = str(Path(sys.executable).with_name("hybridft"))
 IMAGE_SIZE = 16 << 20
-
-
-class DiskServerProcess:
-    """``hybridft disk serve`` on unix sockets under ``directory``; waits for its ready line."""
-
-    def __init__(
-        self, directory: Path, image: Path | None = None, *extra: str, size: int = IMAGE_SIZE
-    ) -> None:
-        self.directory = directory
-        self.image = image or directory / "replica.raw"
-        if not self.image.exists():
-            with open(self.image, "wb") as f:
-                f.truncate(size)
-        self.state_dir = directory / "state"
-        self.nbd_socket = directory / "nbd.sock"
-        self.control_socket = directory / "control.sock"
-        self.extra = extra
-        self.proc: subprocess.Popen[str] | None = None
-        self.start()
-
-    @property
-    def control(self) -> str:
-        return f"unix:{self.control_socket}"
-
-    def uri(self, export: str) -> str:
-        return f"nbd+unix:///{export}?socket={self.nbd_socket}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                HYBRIDFT,
-                "disk",
-                "serve",
-                "--image",
-                str(self.image),
-                "--state-dir",
-                str(self.state_dir),
-                "--nbd",
-                f"unix:{self.nbd_socket}",
-                "--control",
-                self.control,
-                *self.extra,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("ready"):
-            self.proc.kill()
-            _out, err = self.proc.communicate(timeout=10)
-            raise AssertionError(f"disk serve did not start: {line!r} {err[-3000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            _out, self.stderr = self.proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-        return self.proc.returncode
-
-    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [HYBRIDFT, "disk", "ctl", "--control", self.control, *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"disk ctl {args} failed: {result.stderr}")
-        return result
-
-    def ctl_json(self, *args: str) -> dict[str, Any]:
-        return json.loads(self.ctl(*args, "--json").stdout)
-
-    def connect(self, export: str) -> libnbd.NBD:
-        h = libnbd.NBD()
-        h.set_export_name(export)
-        h.connect_unix(str(self.nbd_socket))
-        return h
 
 
 @pytest.fixture
@@ -200,25 +114,17 @@ def test_restart_keeps_committed_and_drops_uncommitted(server: DiskServerProcess
 
 
 def test_serve_rejects_bad_arguments(tmp_path: Path) -> None:
-    serve = [
-        HYBRIDFT,
-        "disk",
-        "serve",
-        "--image",
-        str(tmp_path / "nope.raw"),
-        "--state-dir",
-        str(tmp_path / "s"),
-    ]
+    image, state = tmp_path / "nope.raw", tmp_path / "s"
     control = f"unix:{tmp_path}/c.sock"
     missing = subprocess.run(
-        [*serve, "--nbd", f"unix:{tmp_path}/n.sock", "--control", control],
+        disk_serve_argv(image, state, nbd=f"unix:{tmp_path}/n.sock", control=control),
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert missing.returncode != 0 and "nope.raw" in missing.stderr
     bad_addr = subprocess.run(
-        [*serve, "--nbd", "udp:1", "--control", f"unix:{tmp_path}/c.sock"],
+        disk_serve_argv(image, state, nbd="udp:1", control=f"unix:{tmp_path}/c.sock"),
         capture_output=True,
         text=True,
         timeout=60,
@@ -241,15 +147,10 @@ def test_tcp_endpoints_and_sigint(tmp_path: Path) -> None:
     image = tmp_path / "tcp.raw"
     with open(image, "wb") as f:
         f.truncate(IMAGE_SIZE)
-    proc = subprocess.Popen([HYBRIDFT, "disk", "serve", "--image", str(image),
-                             "--state-dir", str(tmp_path / "st"), "--nbd", "tcp:127.0.0.1:0",
-                             "--control", "tcp:127.0.0.1:0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, ready = start_disk_serve(image, tmp_path / "st", nbd="tcp:127.0.0.1:0", control="tcp:127.0.0.1:0",
+                                   stderr=subprocess.PIPE)
     try:
-        assert proc.stdout is not None
-        ready = proc.stdout.readline().split()
-        nbd_addr = ready[1].removeprefix("nbd=")
-        control = ready[2].removeprefix("control=")
+        nbd_addr, control = ready.nbd, ready.control
         host, port = nbd_addr.removeprefix("tcp:").rsplit(":", 1)
         assert int(port) > 0 and not control.endswith(":0")
         h = libnbd.NBD()
@@ -267,9 +168,9 @@ def test_tcp_endpoints_and_sigint(tmp_path: Path) -> None:
 
 
 def test_second_server_on_the_same_state_dir_is_refused(server: DiskServerProcess, tmp_path: Path) -> None:
-    other = subprocess.run([HYBRIDFT, "disk", "serve", "--image", str(server.image), "--state-dir",
-                            str(server.state_dir), "--nbd", f"unix:{tmp_path}/o.sock", "--control",
-                            f"unix:{tmp_path}/oc.sock"], capture_output=True, text=True, timeout=60)
+    argv = disk_serve_argv(server.image, server.state_dir, nbd=f"unix:{tmp_path}/o.sock",
+                           control=f"unix:{tmp_path}/oc.sock")
+    other = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert other.returncode != 0 and other.stderr.startswith("Error:"), other.stderr
     assert "Traceback" not in other.stderr
     assert server.ctl_json("status")["committed"] == 0  # the running server is untouched

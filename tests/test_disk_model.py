@@ -1,4 +1,4 @@
-"""DiskBuffer against the plain model (tests/disk_model.py): a hypothesis state machine of writes,
+"""DiskBuffer against the plain model (tests/helpers/disk_model.py): a hypothesis state machine of writes,
 view writes, trims, zeroes, seal, commit, rollback, failover and crash+recover, on a real image
 file and state directory.  Every step compares both exports byte for byte and the refusal codes."""
 
@@ -17,8 +17,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from disk_buffer.buffer import DiskBuffer, DiskBufferError, Export
 from disk_buffer.store import REGION_SIZE
-from tests.disk_model import DiskModel, ModelError
-from tests.test_disk_crash import RAM_DIR
+from tests.helpers.disk_model import DiskModel, ModelError
+from tests.helpers.scratch import RAM_DIR
 
 SIZE = REGION_SIZE + (32 << 10)  # the image ends 32 KiB past a region boundary
 WINDOW = 64 << 10  # I/O lands in the last 64 KiB, across the boundary

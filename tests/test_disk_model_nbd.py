@@ -9,7 +9,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from tempfile import mkdtemp
 
@@ -20,12 +19,12 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from disk_buffer.store import REGION_SIZE
 from hybridft_common.control import ControlError, call
-from tests.disk_model import DiskModel, ModelError
-from tests.test_disk_crash import RAM_DIR
+from tests.helpers.disk_model import DiskModel, ModelError
+from tests.helpers.disk_server import start_disk_serve
+from tests.helpers.scratch import RAM_DIR
 
 SIZE = REGION_SIZE + (64 << 10)
 LOW = SIZE - (128 << 10)  # I/O lands here, across a region boundary
-HYBRIDFT = str(Path(sys.executable).with_name("hybridft"))
 EXPORTS = st.sampled_from(["replica", "view"])
 SECTOR = 512
 
@@ -51,26 +50,9 @@ class ServedDiskMachine(RuleBasedStateMachine):
         self.start()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                HYBRIDFT,
-                "disk",
-                "serve",
-                "--image",
-                str(self.image),
-                "--state-dir",
-                str(self.dir / "state"),
-                "--nbd",
-                f"unix:{self.nbd_sock}",
-                "--control",
-                self.control,
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
+        self.proc, _ready = start_disk_serve(
+            self.image, self.dir / "state", nbd=f"unix:{self.nbd_sock}", control=self.control
         )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.startswith("ready"), f"server did not start: {line!r} (exit {self.proc.poll()})"
         for export in ("replica", "view"):
             h = nbd.NBD()
             h.connect_uri(f"nbd+unix:///{export}?socket={self.nbd_sock}")

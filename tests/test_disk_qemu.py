@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from tests.test_disk_ctl import DiskServerProcess
+from tests.helpers.disk_server import DiskServerProcess
 
 pytestmark = pytest.mark.qemu
 

@@ -87,6 +87,7 @@ def test_blobgen_matches_the_host_stream(bins: dict[str, Path]) -> None:
     assert len(set(stream_bytes(4096))) > 200  # not a constant or short cycle
 
 
+@pytest.mark.netns
 def test_echod_echoes_many_concurrent_connections_exactly(bins: dict[str, Path], ns: NetNamespace) -> None:
     ns.popen([str(bins["echod"]), "7007"])
     _wait_port(ns, 7007)
@@ -110,6 +111,7 @@ def test_echod_echoes_many_concurrent_connections_exactly(bins: dict[str, Path],
         c.close()
 
 
+@pytest.mark.netns
 def test_echod_applies_back_pressure_to_a_client_that_does_not_read(
     bins: dict[str, Path], ns: NetNamespace
 ) -> None:
@@ -125,6 +127,7 @@ def test_echod_applies_back_pressure_to_a_client_that_does_not_read(
     c.close()
 
 
+@pytest.mark.netns
 def test_rrserver_answers_prefixes_of_the_stream_and_rejects_bad_requests(
     bins: dict[str, Path], ns: NetNamespace
 ) -> None:
@@ -155,6 +158,7 @@ def _start_diskwriter(ns: NetNamespace, binary: Path, *args: str) -> None:
     assert proc.stdout.readline().startswith("diskwriter: ")
 
 
+@pytest.mark.netns
 def test_blobd_serves_deterministic_answers_on_a_persistent_connection(
     bins: dict[str, Path], ns: NetNamespace
 ) -> None:
@@ -201,6 +205,7 @@ def _read_reports(s: socket.socket) -> DiskWriterReports:
     return reports
 
 
+@pytest.mark.netns
 def test_diskwriter_reports_only_durable_records_and_they_verify(
     bins: dict[str, Path], ns: NetNamespace, tmp_path: Path
 ) -> None:
@@ -222,6 +227,7 @@ def test_diskwriter_reports_only_durable_records_and_they_verify(
     assert read_disk_records(bytes(data), reports.run + 1) == set()
 
 
+@pytest.mark.netns
 def test_diskwriter_paces_records_at_the_asked_rate(
     bins: dict[str, Path], ns: NetNamespace, tmp_path: Path
 ) -> None:
@@ -237,6 +243,7 @@ def test_diskwriter_paces_records_at_the_asked_rate(
     assert elapsed >= 0.28  # 30 records at 100/s: 29 gaps of 10 ms at least
 
 
+@pytest.mark.netns
 def test_diskwriter_continues_numbering_for_the_next_client(
     bins: dict[str, Path], ns: NetNamespace, tmp_path: Path
 ) -> None:
@@ -257,6 +264,7 @@ def test_diskwriter_continues_numbering_for_the_next_client(
     assert set(early.durable) | set(late.durable) <= on_disk == set(range(1, 81))
 
 
+@pytest.mark.netns
 def test_diskwriter_stops_when_the_device_is_full(
     bins: dict[str, Path], ns: NetNamespace, tmp_path: Path
 ) -> None:
