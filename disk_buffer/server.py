@@ -14,8 +14,20 @@ epoch, every later one to the next.
 
 Back-pressure: when the buffer is over its speculation or write-out budget (``has_room()`` is false)
 the connection stops taking requests out of its parser and pauses reading from the socket until
-``wait_for_room()`` returns; the same happens while the transport's send buffer is full.  Memory is
-bounded by the budgets plus one socket read per connection.
+``wait_for_room()`` returns; the same happens while the transport's send buffer is over its
+high-water mark.
+
+Memory per peer is bounded whatever the peer sends.  A READ is the one request whose reply is
+bigger than the request (28 bytes can ask for 32 MiB), so read replies go to the transport as they
+are made, and a batch stops executing requests once the replies waiting in the transport reach the
+connection's reply budget (``--reply-budget``); it goes on when the transport has drained to its
+low-water mark (the peer read its replies), reading from the socket being paused meanwhile.  A
+peer that pipelines READs and never reads therefore costs the budget plus one reply, not the sum
+of its requests.  Other replies are smaller than their requests, so the bytes read bound them.
+A READ longer than the advertised maximum block size is refused with ``EINVAL`` before anything
+is allocated.  A peer that connects and does not finish the handshake within
+``--handshake-timeout`` seconds is dropped, and connections beyond ``--max-connections`` are
+closed at once (before the greeting), leaving the others untouched.
 
 Errors never take the server down: a broken handshake or an unparsable request stream closes that
 connection only; a request the buffer refuses gets an NBD error reply; anything unexpected is logged
@@ -54,6 +66,14 @@ from hybridft_common.endpoints import Endpoint, parse_endpoint
 from hybridft_common.errors import HybridftError
 
 log = logging.getLogger("hybridft.disk.server")
+
+DEFAULT_REPLY_BUDGET = 64 << 20  # reply bytes one connection may queue before it waits for its peer
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to the end of the option haggling
+DEFAULT_MAX_CONNECTIONS = 16  # the pair uses two (the primary's mirror, the secondary's view)
+# read data at least this big is handed to the transport on its own (Python 3.11's writelines joins
+# its list into one new bytes object: a copy small replies can afford), and smaller read replies are
+# handed over whenever this many bytes of them are queued, so the budget is checked that often
+_LARGE_REPLY = 256 << 10
 
 
 class BlockBackend(Protocol):
@@ -94,7 +114,9 @@ class NbdConnection(asyncio.BufferedProtocol):
     def __init__(self, server: NbdServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
-        self.handshake: nbd.ServerHandshake | None = nbd.ServerHandshake(server.export_infos)
+        self.handshake: nbd.ServerHandshake | None = nbd.ServerHandshake(
+            server.export_infos, min_block=server.min_block, max_payload=server.max_payload
+        )
         self._handshake_buffer = bytearray(4096)
         self.parser = nbd.RequestParser(server.max_payload)
         self.export: Any = None
@@ -105,6 +127,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._write_paused = False
         self._reading_paused = False
         self._closing = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
         self.peer = "?"
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -116,14 +139,39 @@ class NbdConnection(asyncio.BufferedProtocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.peer = str(transport.get_extra_info("peername") or "unix")
-        self.server.connections.add(self)
+        server = self.server
+        if len(server.connections) >= server.max_connections:
+            log.warning("NBD client %s refused: %d connections already (--max-connections)",
+                        self.peer, len(server.connections))
+            self._closing = True
+            transport.close()
+            return
+        server.connections.add(self)
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            server.handshake_timeout, self._handshake_expired
+        )
         transport.write(nbd.server_greeting())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         if self._room_wait is not None:
             self._room_wait.cancel()
+        self._end_handshake_timer()
         self._closing = True
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if self.handshake is None or self._closing or self.transport is None:
+            return
+        log.warning("NBD client %s did not finish the handshake in %g s; dropping it",
+                    self.peer, self.server.handshake_timeout)
+        self._closing = True
+        self.transport.abort()
+
+    def _end_handshake_timer(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.handshake is not None:
@@ -172,6 +220,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             return b""
         if handshake.export is None:
             return b""
+        self._end_handshake_timer()
         self.export = self.server.exports[handshake.export.name]
         self.min_block = self.server.min_block if handshake.block_size_requested else 1
         self.handshake = None
@@ -180,7 +229,12 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     # -- transmission -------------------------------------------------------------------------
     def _process(self) -> None:
-        """Execute every complete request in the parser (unless paused); reply in one write."""
+        """Execute every complete request in the parser (unless paused); reply in one write.
+
+        Read payloads are the exception: big ones, and every ``_LARGE_REPLY`` bytes of small ones,
+        are handed to the transport as they come, and the batch stops there once the transport
+        holds the reply budget and has paused writing.
+        """
         transport = self.transport
         if transport is None or self._closing or self._waiting_for_room or self._write_paused:
             return
@@ -189,8 +243,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         size = self.size
         min_block = self.min_block
         max_payload = self.server.max_payload
+        reply_budget = self.server.reply_budget
         out: list[bytes] = []
         append = out.append
+        queued = 0  # read payload bytes in ``out``
         next_request = self.parser.next_request
         write = backend.write
         has_room = backend.has_room
@@ -219,7 +275,26 @@ class NbdConnection(asyncio.BufferedProtocol):
                         if len(data) != request.length:
                             raise RuntimeError(f"backend returned {len(data)} of {request.length} bytes")
                         append(ok_reply(request.cookie))
-                        append(data)
+                        if len(data) < _LARGE_REPLY:
+                            append(data)
+                            queued += len(data)
+                            if queued < _LARGE_REPLY:
+                                continue
+                            transport.writelines(out)
+                        else:
+                            # on its own (writelines would copy it into a joined buffer first), and
+                            # as a view: the transport slices off what the socket took at once,
+                            # which for bytes would be another copy
+                            transport.writelines(out)
+                            transport.write(memoryview(data))
+                        del data
+                        out = []
+                        append = out.append
+                        queued = 0
+                        if self._write_paused and transport.get_write_buffer_size() >= reply_budget:
+                            # the reply budget is spent and the peer is not reading: the next
+                            # request waits for resume_writing (reading is paused meanwhile)
+                            break
                     elif command == CMD_FLUSH:
                         backend.flush(export)
                         append(ok_reply(request.cookie))
@@ -279,7 +354,11 @@ class NbdConnection(asyncio.BufferedProtocol):
 
 
 class NbdServer:
-    """Listens for NBD clients and serves ``exports`` (name -> the backend's export token)."""
+    """Listens for NBD clients and serves ``exports`` (name -> the backend's export token).
+
+    ``reply_budget``, ``handshake_timeout`` and ``max_connections`` bound what one peer can make
+    the server hold (see the module docstring).
+    """
 
     def __init__(
         self,
@@ -288,11 +367,19 @@ class NbdServer:
         *,
         min_block: int = nbd.MIN_BLOCK,
         max_payload: int = nbd.MAX_PAYLOAD,
+        reply_budget: int = DEFAULT_REPLY_BUDGET,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
+        if reply_budget < 1 or handshake_timeout <= 0 or max_connections < 1:
+            raise ValueError("reply_budget, handshake_timeout and max_connections must be positive")
         self.backend = backend
         self.exports = dict(exports)
         self.min_block = min_block
         self.max_payload = max_payload
+        self.reply_budget = reply_budget
+        self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
         self.export_infos = {
             name: nbd.ExportInfo(name, backend.size, nbd.DEFAULT_TRANSMISSION_FLAGS) for name in self.exports
         }
@@ -358,6 +445,9 @@ async def run_server(
     *,
     speculation_budget: int = 256 << 20,
     writeout_budget: int = 256 << 20,
+    reply_budget: int = DEFAULT_REPLY_BUDGET,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
     stop: asyncio.Event | None = None,
 ) -> None:
     """Recover the buffer, serve NBD and control until ``stop`` is set (or SIGTERM/SIGINT)."""
@@ -371,7 +461,13 @@ async def run_server(
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     servers: list[asyncio.Server] = []
-    nbd_server = NbdServer(buffer, {"replica": Export.REPLICA, "view": Export.VIEW})
+    nbd_server = NbdServer(
+        buffer,
+        {"replica": Export.REPLICA, "view": Export.VIEW},
+        reply_budget=reply_budget,
+        handshake_timeout=handshake_timeout,
+        max_connections=max_connections,
+    )
     try:
         servers.append(await nbd_server.listen(nbd_ep))
         servers.append(await serve_control(control_ep, make_control_dispatch(buffer)))
@@ -429,9 +525,17 @@ def _endpoint_option(ctx: click.Context, param: click.Parameter, value: str) -> 
               help="Bytes of unsealed+sealed primary writes before reading from clients pauses.")
 @click.option("--writeout-budget", type=click.IntRange(min=1), default=256 << 20, show_default=True,
               help="Bytes committed but not yet applied to IMG before reading pauses.")
+@click.option("--reply-budget", type=click.IntRange(min=1), default=DEFAULT_REPLY_BUDGET, show_default=True,
+              help="Bytes of read replies one NBD connection may queue before it waits for its client.")
+@click.option("--handshake-timeout", type=click.FloatRange(min=0, min_open=True),
+              default=DEFAULT_HANDSHAKE_TIMEOUT, show_default=True,
+              help="Seconds a client may take to finish the NBD handshake before it is dropped.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=DEFAULT_MAX_CONNECTIONS,
+              show_default=True, help="NBD connections served at once; more are closed on accept.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every connection and recovery step.")
 def serve_command(image: Path, state_dir: Path, nbd_endpoint: str, control_endpoint: str,
-                  speculation_budget: int, writeout_budget: int, verbose: bool) -> None:
+                  speculation_budget: int, writeout_budget: int, reply_budget: int,
+                  handshake_timeout: float, max_connections: int, verbose: bool) -> None:
     """Serve the `replica` and `view` NBD exports of IMG (foreground; SIGTERM/SIGINT stop it cleanly)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -439,7 +543,9 @@ def serve_command(image: Path, state_dir: Path, nbd_endpoint: str, control_endpo
         raise click.ClickException(f"image {image} does not exist or is not a regular file")
     try:
         asyncio.run(run_server(image, state_dir, nbd_endpoint, control_endpoint,
-                               speculation_budget=speculation_budget, writeout_budget=writeout_budget))
+                               speculation_budget=speculation_budget, writeout_budget=writeout_budget,
+                               reply_budget=reply_budget, handshake_timeout=handshake_timeout,
+                               max_connections=max_connections))
     except HybridftError as exc:
         raise click.ClickException(f"{exc.message} ({exc.code})") from None
     except OSError as exc:

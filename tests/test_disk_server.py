@@ -12,7 +12,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -354,3 +354,161 @@ def test_byte_granular_requests_from_clients_that_did_not_ask_for_block_sizes(se
     strict = RawClient(served.path)
     strict.go("view")  # asked for block sizes: must honour the 512-byte minimum
     assert strict.request(Cmd.WRITE, 4, 3, 5, payload=b"nope!") == (nbd.EINVAL, 4)
+
+
+# --- one peer cannot make the server hold unbounded memory or connections ----------------------
+# A READ is the one request whose reply is bigger than the request: a peer that pipelines READs
+# and never reads must cost the server its reply budget, not the sum of its replies.  These tests
+# count the reads the backend executed; tests/test_bounded_nbd.py measures a real server's RSS.
+# Settings are set on the running server (not passed to NbdServer) so that they run, and fail,
+# against a server without them too.
+
+MIB = 1 << 20
+
+
+class CountingBackend(MemoryBackend):
+    """Counts the reads the server executed (a read is where the reply's memory comes from)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.reads = 0
+        for name, disk in self.disks.items():  # distinct bytes everywhere: replies are checked
+            disk[:] = (bytes(range(256)) + name.encode()) * (size // (256 + len(name))) + bytes(
+                size % (256 + len(name))
+            )
+
+    def read(self, export: str, offset: int, length: int) -> bytes:
+        self.reads += 1
+        return super().read(export, offset, length)
+
+
+def start_with(tmp_path: Path, backend: MemoryBackend, **settings: object) -> ServerThread:
+    served = ServerThread(backend, tmp_path / "nbd.sock")
+    for name, value in settings.items():
+        served.call(setattr, served.server, name, value)
+    return served
+
+
+def settled(count: Callable[[], int], quiet: float = 0.5, limit: float = 10.0) -> int:
+    """Wait until ``count()`` is positive and has not changed for ``quiet`` seconds; return it."""
+    deadline = time.monotonic() + limit
+    while count() == 0:
+        assert time.monotonic() < deadline, "the server never started on the requests"
+        time.sleep(0.01)
+    last, since = count(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = count()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return last
+
+
+def slow_reader(path: Path) -> RawClient:
+    client = RawClient(path)
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.go()
+    return client
+
+
+def read_replies(client: RawClient, backend: MemoryBackend, requests: list[tuple[int, int]]) -> None:
+    disk = backend.disks["replica"]
+    for cookie, (offset, length) in enumerate(requests):
+        assert nbd.decode_simple_reply(client.recv(16)) == (0, cookie)
+        assert client.recv(length) == disk[offset : offset + length]
+
+
+@pytest.mark.parametrize(("length", "count", "budget"), [(MIB, 64, 4 * MIB), (4096, 4096, MIB)])
+def test_pipelined_reads_stop_at_the_reply_budget_until_the_client_reads(
+    tmp_path: Path, length: int, count: int, budget: int
+) -> None:
+    backend = CountingBackend(8 * MIB)
+    served = start_with(tmp_path, backend, reply_budget=budget)
+    try:
+        client = slow_reader(served.path)
+        requests = [((i * length * 7) % (backend.size - length) // 512 * 512, length) for i in range(count)]
+        client.sock.sendall(
+            b"".join(nbd.encode_request(Cmd.READ, i, o, n) for i, (o, n) in enumerate(requests))
+        )
+        executed = settled(lambda: backend.reads)
+        # the budget, plus the reply that crossed it, plus what the kernel's socket buffers took
+        assert executed * length <= budget + 2 * MIB, f"{executed} reads of {length} executed"
+        read_replies(client, backend, requests)  # reading resumes the rest, in order, intact
+        assert backend.reads == count
+        assert client.request(Cmd.READ, count, 0, 512) == (0, count)
+        assert client.recv(512) == backend.disks["replica"][:512]
+    finally:
+        served.stop()
+
+
+def test_read_longer_than_the_advertised_maximum_gets_einval_and_nothing_is_read(tmp_path: Path) -> None:
+    backend = CountingBackend(SIZE)
+    served = start_with(tmp_path, backend, max_payload=MIB)
+    try:
+        h = connect(served.path, "replica")
+        assert h.get_block_size(libnbd.SIZE_MAXIMUM) == MIB  # what the client is told is enforced
+        h.shutdown()
+        client = RawClient(served.path)
+        client.go()
+        assert client.request(Cmd.READ, 1, 0, MIB + 512) == (nbd.EINVAL, 1)
+        assert client.request(Cmd.READ, 2, 0, 0xFFFFFE00) == (nbd.EINVAL, 2)
+        assert backend.reads == 0
+        assert client.request(Cmd.READ, 3, 0, MIB) == (0, 3)  # the connection carries on
+        assert client.recv(MIB) == backend.disks["replica"][:MIB]
+    finally:
+        served.stop()
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_silent_or_stalled_handshake_is_dropped(tmp_path: Path) -> None:
+    served = start_with(tmp_path, MemoryBackend(SIZE), handshake_timeout=0.5)
+    try:
+        attached = connect(served.path, "replica")
+        silent = RawClient(served.path)  # reads the greeting, then says nothing
+        stalled = RawClient(served.path)  # stops in the middle of an option header
+        stalled.sock.sendall(struct.pack(">I", 3) + nbd.encode_go("replica")[:10])
+        t0 = time.monotonic()
+        assert closed_within(silent.sock, 5) and closed_within(stalled.sock, 5)
+        assert time.monotonic() - t0 >= 0.3  # dropped by the timer, not at once
+        time.sleep(0.6)  # a finished handshake is not on the clock any more
+        attached.pwrite(b"\x05" * 512, 0)
+        assert attached.pread(512, 0) == b"\x05" * 512
+    finally:
+        served.stop()
+
+
+def test_connections_beyond_the_limit_are_refused_and_the_others_carry_on(tmp_path: Path) -> None:
+    served = start_with(tmp_path, MemoryBackend(SIZE), max_connections=2)
+    try:
+        first, second = connect(served.path, "replica"), connect(served.path, "view")
+        extra = socket.socket(socket.AF_UNIX)
+        extra.connect(str(served.path))
+        assert closed_within(extra, 5)  # closed before the greeting
+        with pytest.raises(libnbd.Error):
+            connect(served.path, "replica")
+        first.pwrite(b"\x01" * 512, 0)
+        second.pwrite(b"\x02" * 512, 0)
+        assert first.pread(512, 0) == b"\x01" * 512 and second.pread(512, 0) == b"\x02" * 512
+        second.shutdown()
+        deadline = time.monotonic() + 5
+        while True:  # the server notices the closed connection within a loop turn or two
+            try:
+                third = connect(served.path, "view")
+                break
+            except libnbd.Error:
+                assert time.monotonic() < deadline, "a slot was never freed"
+                time.sleep(0.05)
+        assert third.pread(512, 0) == b"\x02" * 512
+    finally:
+        served.stop()
