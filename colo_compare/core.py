@@ -237,7 +237,7 @@ class _DgramFlow:
 
 
 class _Sealed:
-    __slots__ = ("dgram", "epoch", "frames", "mode", "set_aside", "tcp")
+    __slots__ = ("aside_bytes", "dgram", "epoch", "frames", "mode", "set_aside", "tcp")
 
     def __init__(self, epoch: int, mode: Mode) -> None:
         self.epoch = epoch
@@ -247,6 +247,7 @@ class _Sealed:
         self.tcp: list[tuple[_TcpFlow, int, int, int, int, int, bool, int]] = []
         self.dgram: list[tuple[_DgramFlow, int, int]] = []
         self.set_aside: list[bytes] = []  # secondary frames fed after this seal
+        self.aside_bytes = 0
 
 
 def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int:
@@ -302,6 +303,11 @@ class Comparator:
         """The number of the open (not yet sealed) epoch."""
         return self._epoch
 
+    @property
+    def secondary_buffered_bytes(self) -> int:
+        """Secondary bytes kept for comparison, including those set aside behind a pending seal."""
+        return self._sec_bytes + sum(sealed.aside_bytes for sealed in self._pending)
+
     def set_mode(self, mode: Mode) -> None:
         self._next_mode = Mode(mode)
 
@@ -339,8 +345,9 @@ class Comparator:
         nframes = len(frames)
         if not nframes:
             return []
+        nbytes = sum(map(len, frames))
         self._s_frames += nframes
-        self._s_bytes += sum(map(len, frames))
+        self._s_bytes += nbytes
         if self._passthrough or self._mode is Mode.MC:
             self._dropped_secondary += nframes
             return [DropSecondary(nframes)]
@@ -349,6 +356,7 @@ class Comparator:
             frames = [f if type(f) is bytes else bytes(f) for f in frames]
         if self._pending:
             self._pending[-1].set_aside.extend(frames)
+            self._pending[-1].aside_bytes += nbytes
             return []
         actions: list[Action] = []
         touched = self._feed_colo_secondary(frames, now)

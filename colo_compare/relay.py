@@ -39,6 +39,10 @@ class ForwardRelay:
     def epoch(self) -> int:
         return self._epoch
 
+    @property
+    def secondary_buffered_bytes(self) -> int:
+        return 0  # every secondary frame is dropped at once
+
     def feed_primary(self, frames: Sequence[bytes], now: float) -> list[Action]:
         self._frames_in += len(frames)
         self._frames_out += len(frames)

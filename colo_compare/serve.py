@@ -28,6 +28,13 @@ Why these choices
   *secondary's* input (fewer releases in COLO; another process), the core's queue budget asks for
   checkpoints (``queue-full``), and only a hard memory ceiling (``--max-buffer``, far above the
   budget: the daemon is not checkpointing at all) pauses the primary, loudly.
+* **Every byte a peer makes us keep is in the ceiling.** ``--max-buffer`` counts the primary's held
+  frames, the output waiting for ``--out`` *and* the secondary's bytes the core keeps for comparison
+  (the secondary's stream ahead of the primary's, or after a divergence).  Those secondary bytes
+  may take at most half of the ceiling: beyond that the secondary's input pauses (like for a slow
+  ``--out``), so a flooding or runaway secondary costs half the ceiling, never the primary's frames;
+  the commit that re-anchors the streams drops them and resumes it.  The seal still drains a paused
+  input (what QEMU wrote before ``stop`` is the epoch's), which the kernel's socket buffer bounds.
 * **Reconnects.** A new connection on a data address replaces the old one (QEMU reconnects after a
   restart or after we closed a connection for bad framing).  Bad framing closes only that
   connection and is logged; the core and the other connections carry on.  Released frames with no
@@ -79,6 +86,8 @@ class Core(Protocol):
 
     @property
     def mode(self) -> Mode: ...
+    @property
+    def secondary_buffered_bytes(self) -> int: ...
     def feed_primary(self, frames: list[bytes], now: float) -> list[Any]: ...
     def feed_secondary(self, frames: list[bytes], now: float) -> list[Any]: ...
     def poll(self, now: float) -> list[Any]: ...
@@ -155,6 +164,7 @@ class CompareService:
         self._tasks: list[asyncio.Task[None]] = []
         self._control: asyncio.Server | None = None
         self._secondary_paused_for_out = False
+        self._secondary_paused_for_memory = False
         self._primary_paused_for_memory = False
         self._closed = asyncio.Event()
 
@@ -224,7 +234,7 @@ class CompareService:
         self.readers[role] = reader
         if role == "primary" and self._primary_paused_for_memory:
             reader.paused = True
-        if role == "secondary" and self._secondary_paused_for_out:
+        if role == "secondary" and (self._secondary_paused_for_out or self._secondary_paused_for_memory):
             reader.paused = True
         reader.start()
 
@@ -291,6 +301,13 @@ class CompareService:
         except Exception:
             self.counters.core_errors += 1
             log.exception("the core failed on a batch of %d secondary frames", len(frames))
+        if self.core.secondary_buffered_bytes > self.secondary_ceiling:
+            self._check_pressure()
+
+    @property
+    def secondary_ceiling(self) -> int:
+        """The most secondary bytes the core may keep before the secondary's input pauses."""
+        return self.max_buffer // 2
 
     def _feed_primary(self, frames: list[bytes], headers: list[bytes]) -> None:
         c = self.counters
@@ -308,7 +325,7 @@ class CompareService:
                 vnet[id(frame)] = (frame, header)
             c.vnet_hdr_len = len(headers[0])
         self._apply(self.core.feed_primary(frames, now))
-        if self.held_bytes() + self.out_backlog() > self.max_buffer:
+        if self.buffered_bytes() > self.max_buffer:
             self._check_pressure()
 
     def _apply(self, actions: list[Any]) -> None:
@@ -377,6 +394,11 @@ class CompareService:
         """Primary bytes inside the core (it never drops one: in minus released)."""
         return self.counters.primary_bytes - self.counters.released_bytes
 
+    def buffered_bytes(self) -> int:
+        """Everything ``--max-buffer`` bounds: held primary frames, secondary bytes kept for
+        comparison, output waiting to be sent."""
+        return self.held_bytes() + self.core.secondary_buffered_bytes + self.out_backlog()
+
     def out_backlog(self) -> int:
         writer = self.writer
         live = writer.backlog if writer is not None and not writer.closed else 0
@@ -384,17 +406,30 @@ class CompareService:
 
     def _check_pressure(self) -> None:
         backlog = self.out_backlog()
-        secondary = self.readers["secondary"]
-        if backlog > self.out_high_water and not self._secondary_paused_for_out:
+        kept = self.core.secondary_buffered_bytes
+        was_paused = self._secondary_paused_for_out or self._secondary_paused_for_memory
+        if backlog > self.out_high_water:
             self._secondary_paused_for_out = True
+        elif backlog <= self.out_high_water // 2:
+            self._secondary_paused_for_out = False
+        if kept > self.secondary_ceiling and not self._secondary_paused_for_memory:
+            self._secondary_paused_for_memory = True
+            log.warning(
+                "the secondary sent %d bytes the comparator must keep (over half of --max-buffer "
+                "%d): pausing its input until a checkpoint commits", kept, self.max_buffer,
+            )  # fmt: skip
+        elif kept <= self.secondary_ceiling // 2 and self._secondary_paused_for_memory:
+            self._secondary_paused_for_memory = False
+            log.info("the secondary's kept bytes are down to %d: its input may resume", kept)
+        paused = self._secondary_paused_for_out or self._secondary_paused_for_memory
+        secondary = self.readers["secondary"]
+        if paused and not was_paused:
             self.counters.secondary_pauses += 1
             if secondary is not None:
                 secondary.pause()
-        elif backlog <= self.out_high_water // 2 and self._secondary_paused_for_out:
-            self._secondary_paused_for_out = False
-            if secondary is not None:
-                secondary.resume()
-        total = self.held_bytes() + backlog
+        elif was_paused and not paused and secondary is not None:
+            secondary.resume()
+        total = self.held_bytes() + kept + backlog
         primary = self.readers["primary"]
         if total > self.max_buffer and not self._primary_paused_for_memory:
             self._primary_paused_for_memory = True
@@ -544,9 +579,11 @@ class CompareService:
                 "released_frames": c.released_frames,
                 "released_bytes": c.released_bytes,
                 "held_bytes": self.held_bytes(),
+                "secondary_buffered_bytes": self.core.secondary_buffered_bytes,
                 "out_backlog_bytes": self.out_backlog(),
                 "primary_paused": self._primary_paused_for_memory,
-                "secondary_paused": self._secondary_paused_for_out,
+                "secondary_paused": self._secondary_paused_for_out or self._secondary_paused_for_memory,
+                "secondary_paused_for_memory": self._secondary_paused_for_memory,
                 "primary_pauses": c.primary_pauses,
                 "secondary_pauses": c.secondary_pauses,
                 "requests_pending": len(self._requests),
@@ -595,7 +632,8 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--control", required=True, callback=_endpoint, help="Listen: control socket."),
         click.option("--vnet-hdr", is_flag=True, help="QEMU filters have vnet_hdr_support=on."),
         click.option("--max-buffer", type=click.IntRange(1), default=1024, show_default=True,
-                     help="MiB held+waiting before the primary's input pauses."),
+                     help="MiB held (both sides' frames) + waiting before the primary's input pauses; "
+                          "the secondary's input pauses when its kept bytes pass half of it."),
         click.option("--out-high-water", type=click.IntRange(1), default=16, show_default=True,
                      help="MiB of unsent output before the secondary's input pauses."),
         click.option("--log-level", default="info", show_default=True,

@@ -32,14 +32,17 @@ returned belongs to this epoch"), and reading straight into the decoder's buffer
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import errno
+import fcntl
 import itertools
 import logging
 import os
 import socket
 import struct
+import termios
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -337,8 +340,14 @@ class FrameSocketReader:
                 break
 
     def drain_now(self) -> None:
-        """Read (synchronously) everything the kernel already holds for this socket."""
-        while not self.closed and self._read_once():
+        """Read (synchronously) everything the kernel already holds for this socket.
+
+        Only what it holds *now*: a peer that keeps writing while we read cannot keep us here (nor
+        grow our buffers past a pause) for as long as it likes.
+        """
+        held = _unread_bytes(self.sock)
+        start = self.bytes_read
+        while not self.closed and (held is None or self.bytes_read - start < held) and self._read_once():
             pass
 
     def close(self, reason: str = "closed locally") -> None:
@@ -350,6 +359,16 @@ class FrameSocketReader:
         with contextlib.suppress(OSError):
             self.sock.close()
         self.on_close(reason)
+
+
+def _unread_bytes(sock: socket.socket) -> int | None:
+    """Bytes waiting in the socket's receive queue (FIONREAD), or ``None`` if it cannot tell."""
+    count = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, count, True)
+    except OSError:
+        return None
+    return count[0]
 
 
 class FrameSocketWriter:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from colo_compare.bench import Look, payload_bytes, stream
@@ -383,3 +386,73 @@ def test_seal_includes_everything_written_before_it(tmp_path: Path) -> None:
             assert verb("commit", epoch=epoch)["released_frames"] == len(batch)
             assert s.released(len(batch)) == batch
         ctl.close()
+
+
+MiB = 1 << 20
+
+
+def secondary_flood(sock: socket.socket, total: int, sent: list[int]) -> None:
+    """``total`` bytes of one in-order TCP stream the primary never sends (port 81): the comparator
+    must keep them to compare with whatever the primary sends later."""
+    template = bytearray(tcp_frame(0, b"s" * 1448, sport=81))
+    seq = 1
+    try:
+        while sent[0] < total:
+            frames = []
+            for _ in range(256):
+                struct.pack_into(">I", template, 38, seq & 0xFFFFFFFF)  # TCP sequence number
+                frames.append(bytes(template))
+                seq += 1448
+            data = encode_frames(frames)
+            sock.sendall(data)
+            sent[0] += len(data)
+    except OSError:
+        pass  # the test closed the connection while this thread was blocked (the reader paused)
+
+
+def test_a_secondary_flood_pauses_the_secondary_and_memory_stays_bounded(tmp_path: Path) -> None:
+    """The secondary's bytes the core keeps count in --max-buffer: past half of it the secondary's
+    input pauses (a 400 MiB flood took the comparator to 455 MB with --max-buffer 8), and the
+    checkpoint's commit still releases every primary frame, drops the stale bytes and resumes it."""
+    with served(tmp_path, "--mode", "colo", "--max-buffer", "8") as s:
+        ps = psutil.Process(s.proc.pid)
+        primary = [tcp_frame(1 + 100 * i, b"p" * 100) for i in range(50)]  # the secondary never matches
+        s.send("primary", primary)
+        s.wait_stats(lambda st: st["transport"]["primary_frames"] == len(primary))
+        base = ps.memory_info().rss
+        total, sent = 400 * MiB, [0]
+        flood = threading.Thread(
+            target=secondary_flood, args=(s.conns["secondary"], total, sent), daemon=True
+        )
+        flood.start()
+        peak, deadline = base, time.monotonic() + 60
+        last_sent, since = 0, time.monotonic()
+        while flood.is_alive() and time.monotonic() < deadline:
+            peak = max(peak, ps.memory_info().rss)
+            if sent[0] != last_sent:
+                last_sent, since = sent[0], time.monotonic()
+            elif time.monotonic() - since > 0.5 and s.ctl("stats")["transport"]["secondary_paused"]:
+                break  # paused, and the flood is blocked (the kernel's buffers are full)
+            time.sleep(0.02)
+        stats = s.ctl("stats")
+        peak = max(peak, ps.memory_info().rss)
+        # 8 MiB budget, one read batch per wake-up, the decoder's buffer, Python's slack
+        assert peak - base < 48 * MiB, (
+            f"RSS grew by {(peak - base) / MiB:.0f} MiB ({sent[0] / MiB:.0f} MiB sent)"
+        )
+        assert stats["transport"]["secondary_paused"] and flood.is_alive()
+        assert stats["core"]["secondary_buffered_bytes"] <= 8 * MiB
+        assert not stats["transport"]["primary_paused"]
+        assert s.nothing_released()
+
+        # the checkpoint: every primary frame goes out, the secondary's stale bytes are dropped and
+        # its input resumes
+        epoch = s.ctl("seal")["epoch"]
+        assert s.ctl("commit", epoch=epoch)["released_frames"] == len(primary)
+        assert s.released(len(primary)) == primary
+        before = s.ctl("stats")["transport"]["secondary_frames"]
+        s.wait_stats(lambda st: st["transport"]["secondary_frames"] > before)
+        s.conns["secondary"].close()  # ends the flood (its sendall fails)
+        flood.join(10)
+        assert max(peak, ps.memory_info().rss) - base < 48 * MiB
+        s.conns["secondary"] = s.connect("secondary")
