@@ -5,13 +5,20 @@ arguments shape, and the operator CLI talks to all three the same way.  A reques
 ``{"verb": "seal", "args": {...}}``; the reply is one line, either ``{"ok": true, "result": {...}}``
 or ``{"ok": false, "error": "human readable", "code": "short-code"}``.  A handler that refuses a
 request raises :class:`ControlError`; the service's state must then be unchanged (the contract of
-every verb).  Malformed lines get an ``ok: false`` reply and the connection stays usable.
+every verb).
+
+A peer cannot break the server's parser or its memory: every line that is not a request (not JSON,
+not UTF-8, nested deeper than the parser recurses, longer than :data:`MAX_LINE`) gets one
+``bad-request`` reply and the connection goes on with the next line.  An over-long line is dropped
+as it streams in, up to its newline, so a connection holds at most about twice ``MAX_LINE`` (the
+stream reader stops reading from the socket beyond that).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +28,8 @@ from hybridft_common.errors import HybridftError
 Dispatch = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 MAX_LINE = 1 << 20
+
+log = logging.getLogger("hybridft.control")
 
 
 class ControlError(HybridftError):
@@ -38,8 +47,8 @@ def decode_reply(line: bytes) -> dict[str, Any]:
         raise ControlError("control connection closed without a reply", "closed")
     try:
         reply = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ControlError(f"unparsable reply from service: {exc}", "protocol") from None
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deeply
+        raise ControlError(f"unparsable reply from service: {_parse_error(exc)}", "protocol") from None
     if not isinstance(reply, dict) or "ok" not in reply:
         raise ControlError(f"malformed reply from service: {line[:200]!r}", "protocol")
     if reply["ok"]:
@@ -48,21 +57,58 @@ def decode_reply(line: bytes) -> dict[str, Any]:
     raise ControlError(str(reply.get("error", "unknown error")), str(reply.get("code", "error")))
 
 
+def _parse_error(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 ({exc.reason} at byte {exc.start})"
+    return str(exc)
+
+
+def _bad_request(message: str) -> dict[str, Any]:
+    return {"ok": False, "error": message, "code": "bad-request"}
+
+
 async def _handle_line(line: bytes, dispatch: Dispatch) -> dict[str, Any]:
     try:
         request = json.loads(line)
-    except json.JSONDecodeError as exc:
-        return {"ok": False, "error": f"malformed request: {exc}", "code": "bad-request"}
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return _bad_request(f"malformed request: {_parse_error(exc)}")
     if not isinstance(request, dict) or not isinstance(request.get("verb"), str):
-        return {"ok": False, "error": "request must be an object with a string 'verb'", "code": "bad-request"}
+        return _bad_request("request must be an object with a string 'verb'")
     args = request.get("args", {})
     if not isinstance(args, dict):
-        return {"ok": False, "error": "'args' must be an object", "code": "bad-request"}
+        return _bad_request("'args' must be an object")
+    verb = request["verb"]
     try:
-        result = await dispatch(request["verb"], args)
+        result = await dispatch(verb, args)
     except HybridftError as exc:
         return {"ok": False, "error": exc.message, "code": exc.code}
+    except Exception as exc:  # a handler's bug must not end the connection without a word
+        log.exception("control verb %r failed", verb[:64])
+        return {"ok": False, "error": f"internal error in {verb[:64]!r}: {exc!r}", "code": "internal"}
     return {"ok": True, "result": result}
+
+
+def _encode_reply(reply: dict[str, Any]) -> bytes:
+    try:
+        return (json.dumps(reply, separators=(",", ":")) + "\n").encode()
+    except (TypeError, ValueError) as exc:  # a handler returned something that is not JSON
+        log.error("unencodable control reply: %r", exc)
+        return _encode_reply({"ok": False, "error": f"unencodable reply: {exc}", "code": "internal"})
+
+
+async def _skip_line(reader: asyncio.StreamReader) -> bool:
+    """Drop the rest of an over-long line, through its newline, as it arrives (never holding more
+    than the reader's limit); ``False`` if the peer closed first."""
+    while True:
+        try:
+            await reader.readuntil(b"\n")
+            return True
+        except asyncio.LimitOverrunError as exc:  # no newline within the limit yet: drop what came
+            await reader.readexactly(exc.consumed)
+        except asyncio.IncompleteReadError:
+            return False
 
 
 async def serve_control(endpoint: Endpoint | str, dispatch: Dispatch) -> asyncio.Server:
@@ -74,16 +120,21 @@ async def serve_control(endpoint: Endpoint | str, dispatch: Dispatch) -> asyncio
         try:
             while True:
                 try:
-                    line = await reader.readline()
-                except (ValueError, asyncio.LimitOverrunError):
-                    writer.write(b'{"ok":false,"error":"request line too long","code":"bad-request"}\n')
-                    break
-                if not line:
-                    break
-                reply = await _handle_line(line, dispatch)
-                writer.write((json.dumps(reply, separators=(",", ":")) + "\n").encode())
+                    line = await reader.readuntil(b"\n")
+                except asyncio.IncompleteReadError as exc:
+                    if not exc.partial:
+                        break
+                    line = exc.partial  # the last line may lack its newline
+                except asyncio.LimitOverrunError:
+                    too_long = _bad_request(f"request line too long (over {MAX_LINE} bytes)")
+                    writer.write(_encode_reply(too_long))
+                    await writer.drain()
+                    if not await _skip_line(reader):
+                        break
+                    continue
+                writer.write(_encode_reply(await _handle_line(line, dispatch)))
                 await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except ConnectionError:
             pass
         finally:
             writer.close()
@@ -110,7 +161,12 @@ class AsyncControlClient:
             assert self._reader is not None and self._writer is not None
             self._writer.write(encode_request(verb, args))
             await self._writer.drain()
-            return decode_reply(await self._reader.readline())
+            try:
+                line = await self._reader.readline()
+            except ValueError:  # over MAX_LINE: the framing is lost, so is this connection
+                await self.close()
+                raise ControlError(f"reply from service over {MAX_LINE} bytes", "protocol") from None
+            return decode_reply(line)
 
     async def close(self) -> None:
         if self._writer is not None:
