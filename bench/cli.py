@@ -7,7 +7,7 @@ import click
 from hybridft_common.cli import LazyGroup
 
 _BENCHES: dict[str, tuple[str, str]] = {
-    "compare": ("colo_compare.bench:bench_compare", "Comparator throughput/latency vs a forward-only relay."),
+    "compare": ("bench.compare:bench_compare", "Comparator throughput/latency vs a forward-only relay."),
     "disk": ("disk_buffer.bench:bench_disk", "NBD disk buffer vs qemu-nbd on the same image."),
     "qemu": ("mc_driver.verify:bench_pause_command", "Checkpoint pause: patched QEMU vs variants."),
     "pair": ("controller.pair_bench:bench_pair", "Protected pair: checkpoint pause, throughput, failover."),

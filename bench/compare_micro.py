@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from colo_compare.bench import (
+from bench.compare import (
     PLAIN_SECONDARY_LOOK,
     PRIMARY_LOOK,
     payload_bytes,
