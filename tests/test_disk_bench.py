@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from disk_buffer.bench import format_table
+from bench.disk import format_table
 
 HYBRIDFT = str(Path(sys.executable).with_name("hybridft"))
 

@@ -21,7 +21,7 @@ Workloads:
   100 ms; reports the rate achieved, the largest write-out backlog seen and how long the backlog
   took to drain afterwards.
 
-The worker half (``python -m disk_buffer.bench SOCKET EXPORT SPEC-JSON``) prints one JSON object.
+The worker half (``python -m bench.disk SOCKET EXPORT SPEC-JSON``) prints one JSON object.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def _run_io(h: Any, *, write: bool, block: int, qd: int, count: int, region: int
 
 
 def worker_main(argv: list[str]) -> None:
-    """``python -m disk_buffer.bench SOCKET EXPORT JSON-SPEC``: run one workload, print JSON."""
+    """``python -m bench.disk SOCKET EXPORT JSON-SPEC``: run one workload, print JSON."""
     socket_path, export, spec_text = argv
     spec = json.loads(spec_text)
     h = _connect(socket_path, export)
@@ -189,7 +189,7 @@ def _disk_serve(image: Path, directory: Path, budget: int) -> Iterator[tuple[Pat
 
 
 def _worker(sock: Path, export: str, **spec: Any) -> dict[str, Any]:
-    result = subprocess.run([sys.executable, "-m", "disk_buffer.bench", str(sock), export, json.dumps(spec)],
+    result = subprocess.run([sys.executable, "-m", "bench.disk", str(sock), export, json.dumps(spec)],
                             capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise click.ClickException(f"benchmark client failed: {result.stderr[-2000:]}")
@@ -257,7 +257,7 @@ def _writeout(sock: Path, control: str, seconds: float, rate: float, region: int
     """Paced random 4 KiB writes in a client process; this process seals+commits every 100 ms."""
     count = int(seconds * rate / (4 * KIB))
     spec = dict(write=True, block=4 * KIB, qd=16, count=count, region=region, sequential=False, rate=rate)
-    client = subprocess.Popen([sys.executable, "-m", "disk_buffer.bench", str(sock), "replica",
+    client = subprocess.Popen([sys.executable, "-m", "bench.disk", str(sock), "replica",
                                json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     max_backlog = 0
     commits = 0
