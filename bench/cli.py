@@ -10,7 +10,7 @@ _BENCHES: dict[str, tuple[str, str]] = {
     "compare": ("bench.compare:bench_compare", "Comparator throughput/latency vs a forward-only relay."),
     "disk": ("bench.disk:bench_disk", "NBD disk buffer vs qemu-nbd on the same image."),
     "qemu": ("mc_driver.verify:bench_pause_command", "Checkpoint pause: patched QEMU vs variants."),
-    "pair": ("controller.pair_bench:bench_pair", "Protected pair: checkpoint pause, throughput, failover."),
+    "pair": ("bench.pair:bench_pair", "Protected pair: checkpoint pause, throughput, failover."),
 }
 
 

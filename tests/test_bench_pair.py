@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.pair_bench import render
+from bench.pair import render
 from hybridft_common.cli import hybridft_command
 from mc_driver.netns import list_namespaces
 from mc_driver.pair import PairFiles

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.pair_bench import recv_exact
+from bench.pair import recv_exact
 from hybridft_common.cli import hybridft_command
 from hybridft_common.control import call
 from mc_driver.guest import (
