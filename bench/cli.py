@@ -9,7 +9,7 @@ from hybridft_common.cli import LazyGroup
 _BENCHES: dict[str, tuple[str, str]] = {
     "compare": ("bench.compare:bench_compare", "Comparator throughput/latency vs a forward-only relay."),
     "disk": ("bench.disk:bench_disk", "NBD disk buffer vs qemu-nbd on the same image."),
-    "qemu": ("mc_driver.verify:bench_pause_command", "Checkpoint pause: patched QEMU vs variants."),
+    "qemu": ("bench.qemu:bench_pause_command", "Checkpoint pause: patched QEMU vs variants."),
     "pair": ("bench.pair:bench_pair", "Protected pair: checkpoint pause, throughput, failover."),
 }
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.qemu import pause_stats
 from mc_driver.accel import QemuChoice, choose_qemu
 from mc_driver.colo_pair import (
     ColoPair,
@@ -58,7 +59,7 @@ from mc_driver.guest import (
 )
 from mc_driver.netns import NetNamespace
 from mc_driver.qmp import QmpCommandError, QmpSession
-from mc_driver.verify import EchoTraffic, VerifyReport, differing_pages, pause_stats, verify_checkpoints
+from mc_driver.verify import EchoTraffic, VerifyReport, differing_pages, verify_checkpoints
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.netns]
 
