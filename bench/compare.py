@@ -44,6 +44,7 @@ import click
 from colo_compare.transport import FrameDecoder, encode_frames
 from hybridft_common.cli import hybridft_command
 from hybridft_common.control import decode_reply, encode_request
+from hybridft_common.stats import percentile, ratio
 
 # ------------------------------------------------------------------------------------------------
 # frame building (struct, no scapy)
@@ -395,11 +396,12 @@ def run_end_to_end(
         "service_hold_p99_us": stats["transport"]["hold_us"].get("p99"),
     }
     sent_ns = timing.get("sent_ns", [])
-    lat = sorted(t - sent_ns[i] for i, t in result["arrivals"] if i < len(sent_ns))
-    if lat:
-        out["latency_p50_us"] = round(lat[len(lat) // 2] / 1e3, 1)
-        out["latency_p99_us"] = round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1e3, 1)
-        out["latency_samples"] = len(lat)
+    lat_ns = [t - sent_ns[i] for i, t in result["arrivals"] if i < len(sent_ns)]
+    p50_ns, p99_ns = percentile(lat_ns, 0.5), percentile(lat_ns, 0.99)
+    if p50_ns is not None and p99_ns is not None:
+        out["latency_p50_us"] = round(p50_ns / 1e3, 1)
+        out["latency_p99_us"] = round(p99_ns / 1e3, 1)
+        out["latency_samples"] = len(lat_ns)
     return out
 
 
@@ -511,7 +513,7 @@ def run_bench(quick: bool, epoch_ms: float) -> dict[str, Any]:
         cached_workload(kind, frames, spec["flows"])
         relay = run_end_to_end(True, spec)
         comp = run_end_to_end(False, spec)
-        comp["ratio_to_relay"] = round(comp["frames_per_s"] / max(relay["frames_per_s"], 1), 3)
+        comp["ratio_to_relay"] = ratio(comp["frames_per_s"], max(relay["frames_per_s"], 1))
         scenarios[kind] = {"comparator": comp, "relay": relay}
 
     # injected divergences: every one detected, every primary frame delivered
@@ -526,7 +528,7 @@ def run_bench(quick: bool, epoch_ms: float) -> dict[str, Any]:
     mc_spec = {"kind": "bulk", "frames": sizes["bulk"], "flows": 8}
     mc = run_end_to_end(False, mc_spec, ["--mode", "mc"], daemon=checkpoint_every(epoch_ms))
     mc_relay = scenarios["bulk"]["relay"]
-    mc["ratio_to_relay"] = round(mc["frames_per_s"] / max(mc_relay["frames_per_s"], 1), 3)
+    mc["ratio_to_relay"] = ratio(mc["frames_per_s"], max(mc_relay["frames_per_s"], 1))
     scenarios["mc"] = {"comparator": mc, "relay": mc_relay}
     _WORKLOADS.clear()
 
