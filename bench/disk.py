@@ -46,6 +46,7 @@ import click
 
 from hybridft_common.cli import hybridft_command
 from hybridft_common.control import call
+from hybridft_common.stats import percentile, ratio, summarize
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -59,14 +60,6 @@ def _connect(socket_path: str, export: str) -> Any:
     h.set_export_name(export)
     h.connect_unix(socket_path)
     return h
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def _run_io(h: Any, *, write: bool, block: int, qd: int, count: int, region: int, sequential: bool,
@@ -111,10 +104,11 @@ def _run_io(h: Any, *, write: bool, block: int, qd: int, count: int, region: int
             issued += 1
         h.poll(1 if rate is not None and not in_flight else -1)
     elapsed = time.perf_counter() - t0
+    latency_us = summarize(latencies, scale=1e6, digits=None)
     return {
         "ops": count, "errors": errors, "seconds": elapsed, "iops": count / elapsed,
         "mb_s": count * block / elapsed / 1e6,
-        "lat_p50_us": _percentile(latencies, 50) * 1e6, "lat_p99_us": _percentile(latencies, 99) * 1e6,
+        "lat_p50_us": latency_us["p50"], "lat_p99_us": latency_us["p99"],
     }
 
 
@@ -230,8 +224,9 @@ def _commit_latency(sock: Path, control: str, epochs: int) -> dict[str, Any]:
             commit_ms.append((t2 - t1) * 1e3)
     finally:
         h.shutdown()
-    return {"epochs": epochs, "commit_p50_ms": _percentile(commit_ms, 50),
-            "commit_p99_ms": _percentile(commit_ms, 99), "seal_p50_ms": _percentile(seal_ms, 50)}
+    commit, seal = summarize(commit_ms, digits=None), summarize(seal_ms, digits=None)
+    return {"epochs": epochs, "commit_p50_ms": commit["p50"], "commit_p99_ms": commit["p99"],
+            "seal_p50_ms": seal["p50"]}
 
 
 def _fdatasync_baseline(directory: Path, epochs: int) -> dict[str, Any]:
@@ -249,8 +244,8 @@ def _fdatasync_baseline(directory: Path, epochs: int) -> dict[str, Any]:
     finally:
         os.close(fd)
         path.unlink()
-    return {"epochs": epochs, "commit_p50_ms": _percentile(times, 50),
-            "commit_p99_ms": _percentile(times, 99)}
+    commit = summarize(times, digits=None)
+    return {"epochs": epochs, "commit_p50_ms": commit["p50"], "commit_p99_ms": commit["p99"]}
 
 
 def _writeout(sock: Path, control: str, seconds: float, rate: float, region: int) -> dict[str, Any]:
@@ -325,9 +320,11 @@ def _checkpointer(control: str, epoch_ms: int) -> Iterator[list[int]]:
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    ordered = sorted(runs, key=lambda r: r["iops"])
-    chosen = dict(ordered[len(ordered) // 2])
-    chosen["rounds_iops"] = [r["iops"] for r in runs]
+    """The round whose IOPS is the median (nearest rank) of the rounds', with every round's IOPS."""
+    rounds_iops = [r["iops"] for r in runs]
+    median_iops = percentile(rounds_iops, 0.5)
+    chosen = dict(next(r for r in runs if r["iops"] == median_iops))
+    chosen["rounds_iops"] = rounds_iops
     return chosen
 
 
@@ -383,8 +380,8 @@ def run_bench(quick: bool, epoch_ms: int = 100, rounds: int | None = None) -> di
             base_iops = baseline[name]["iops"]
             results["workloads"][name] = {
                 "hybridft": ours[name], "hybridft_sustained": sustained[name], "qemu_nbd": baseline[name],
-                "ratio": ours[name]["iops"] / base_iops if base_iops else None,
-                "ratio_sustained": sustained[name]["iops"] / base_iops if base_iops else None,
+                "ratio": ratio(ours[name]["iops"], base_iops, digits=None),
+                "ratio_sustained": ratio(sustained[name]["iops"], base_iops, digits=None),
             }
         results["commit"] = {"hybridft": commit, "fdatasync_4mb": commit_baseline}
         results["writeout"] = writeout

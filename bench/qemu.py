@@ -10,27 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import statistics
 import tempfile
 from pathlib import Path
 
 import click
-import numpy as np
 
+from hybridft_common.stats import ratio, summarize
 from mc_driver.colo_pair import ColoPair, ColoPairConfig
 from mc_driver.netns import NetNamespace
 
 
-def pause_stats(values: list[float]) -> dict[str, float | None]:
-    """p50/p99/max of a list of milliseconds (None when empty)."""
-    if not values:
-        return {"p50": None, "p99": None, "max": None, "n": 0}
-    return {
-        "p50": round(statistics.median(values), 2),
-        "p99": round(float(np.percentile(values, 99)), 2),
-        "max": round(max(values), 2),
-        "n": len(values),
-    }
+def _pause_summary(values: list[float]) -> dict[str, float | int | None]:
+    """p50/p99/max/n of pauses in milliseconds, to 0.01 ms (None when empty): the report's fields."""
+    summary = summarize(values)
+    return {"p50": summary["p50"], "p99": summary["p99"], "max": summary["max"], "n": summary["samples"]}
 
 
 async def _pause_round(
@@ -80,7 +73,7 @@ def bench_pauses(
                 samples[label] += asyncio.run(
                     _pause_round(binary, image, dirty, interval_ms / 1000, count, workdir)
                 )
-    stats = {label: pause_stats(values) for label, values in samples.items()}
+    stats = {label: _pause_summary(values) for label, values in samples.items()}
     baseline = next(iter(stats))
     base_p50 = stats[baseline]["p50"] or 0.0
     return {
@@ -89,7 +82,7 @@ def bench_pauses(
         "working_set_mib": working_set_mib,
         "baseline": baseline,
         "results": {
-            label: s | {"p50_ratio_to_baseline": round((s["p50"] or 0.0) / base_p50, 3) if base_p50 else None}
+            label: s | {"p50_ratio_to_baseline": ratio(s["p50"] or 0.0, base_p50)}
             for label, s in stats.items()
         },
     }

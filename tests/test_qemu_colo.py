@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.qemu import pause_stats
+from hybridft_common.stats import summarize
 from mc_driver.accel import QemuChoice, choose_qemu
 from mc_driver.colo_pair import (
     ColoPair,
@@ -97,7 +97,7 @@ def _config(workdir: Path, image: GuestImage, qemu: QemuChoice, *, prefix: str) 
 
 
 def _report_line(name: str, report: VerifyReport) -> str:
-    summary = report.summary() | {"pause_ms": pause_stats(report.primary_pause_ms)}
+    summary = report.summary() | {"pause_ms": summarize(report.primary_pause_ms)}
     line = f"{name}: {json.dumps(summary)}"
     print(line)
     return line
