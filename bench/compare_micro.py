@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from bench.compare import (
+from bench.frames import (
     PLAIN_SECONDARY_LOOK,
     PRIMARY_LOOK,
     payload_bytes,
