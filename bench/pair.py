@@ -37,6 +37,7 @@ import click
 
 from hybridft_common.control import ControlError, call
 from hybridft_common.stats import ratio, summarize
+from mc_driver.traffic import recv_exact
 
 ECHO_PORT = 7
 HTTP_PORT = 80  # busybox httpd: its answers carry a Date header
@@ -111,16 +112,6 @@ class PairHandle:
         sock.settimeout(timeout)
         sock.connect((self.guest_ip, port))
         return sock
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            raise ConnectionError(f"connection closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
 
 
 def _pauses_from(events: list[Any]) -> list[float]:

@@ -23,10 +23,7 @@ import asyncio
 import contextlib
 import json
 import re
-import secrets
-import socket
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +33,7 @@ import numpy as np
 
 from mc_driver.colo_pair import RAM_BACKEND_ID, ColoPair, ColoPairConfig
 from mc_driver.netns import NetNamespace
+from mc_driver.traffic import EchoTraffic
 
 PAGE_SIZE = 4096
 _CHUNK_PAGES = 8192  # 32 MiB per comparison step
@@ -242,58 +240,6 @@ async def verify_checkpoints(
             report.differing.append(verdict)
     report.elapsed_s += time.monotonic() - started
     return report
-
-
-class EchoTraffic:
-    """A thread keeping one TCP connection to the guest's echo service busy, checking every byte.
-
-    The socket is created inside the namespace (``NetNamespace.entered``) and then used from the thread.
-    Errors are collected, not raised: the caller decides (a COLO test must see zero).
-    """
-
-    def __init__(
-        self, netns: NetNamespace, host: str, port: int = 7, chunk: int = 1024, timeout: float = 60.0
-    ) -> None:
-        # A round trip waits for both VMs (colo-compare releases the primary's answer only when the
-        # secondary produced the same); on a heavily loaded host that takes seconds, so the timeout only
-        # catches a dead service, while wrong or lost bytes are always errors.
-        self.netns, self.host, self.port, self.chunk, self.timeout = netns, host, port, chunk, timeout
-        self.round_trips = 0
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="echo-traffic", daemon=True)
-
-    def start(self) -> EchoTraffic:
-        with self.netns.entered():
-            self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
-        self._sock.settimeout(self.timeout)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                payload = secrets.token_bytes(self.chunk)
-                self._sock.sendall(payload)
-                got = b""
-                while len(got) < len(payload):
-                    data = self._sock.recv(len(payload) - len(got))
-                    if not data:
-                        raise ConnectionError("echo connection closed")
-                    got += data
-                if got != payload:
-                    self.errors.append(f"echo round trip {self.round_trips}: bytes differ")
-                self.round_trips += 1
-                self._stop.wait(0.01)
-        except OSError as exc:
-            if not self._stop.is_set():
-                self.errors.append(f"echo after {self.round_trips} round trips: {exc!r}")
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=15)
-        with contextlib.suppress(OSError):
-            self._sock.close()
 
 
 def render_table(summary: dict[str, object]) -> str:

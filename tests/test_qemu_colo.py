@@ -59,7 +59,8 @@ from mc_driver.guest import (
 )
 from mc_driver.netns import NetNamespace
 from mc_driver.qmp import QmpCommandError, QmpSession
-from mc_driver.verify import EchoTraffic, VerifyReport, differing_pages, verify_checkpoints
+from mc_driver.traffic import EchoTraffic
+from mc_driver.verify import VerifyReport, differing_pages, verify_checkpoints
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.netns]
 
