@@ -401,7 +401,7 @@ def _ge(value: float | None, bound: float) -> bool:
     return value is not None and value >= bound
 
 
-def format_table(results: dict[str, Any]) -> str:
+def render_table(results: dict[str, Any]) -> str:
     lines = [f"{'workload':<18} {'hybridft burst':>15} {'sustained':>15} {'qemu-nbd':>15} {'ratio':>6}"
              f" {'ratio sust':>10}  p50/p99 us (burst)"]
     for name, row in results["workloads"].items():
@@ -433,7 +433,7 @@ def format_table(results: dict[str, Any]) -> str:
 def bench_disk(as_json: bool, quick: bool, epoch_ms: int) -> None:
     """NBD disk buffer vs qemu-nbd on the same image (same run): IOPS, MB/s, commit latency, write-out."""
     results = run_bench(quick, epoch_ms)
-    click.echo(json.dumps(results, indent=2, sort_keys=True) if as_json else format_table(results))
+    click.echo(json.dumps(results, indent=2, sort_keys=True) if as_json else render_table(results))
 
 
 if __name__ == "__main__":

@@ -441,7 +441,7 @@ class _BusyEcho:
 
 
 # -------------------------------------------------------------------------------------------- output
-def render(result: dict[str, Any]) -> str:
+def render_table(result: dict[str, Any]) -> str:
     lines = [f"hybridft bench pair ({result.get('accel', '?')}; ratios are to the same-run baseline)", ""]
     for key, title in (("pause_idle", "idle"), ("pause_dirty", "memory-dirtying")):
         p = result.get(key)
@@ -560,4 +560,4 @@ def bench_pair(as_json: bool, quick: bool, kills: int | None, interval_ms: int, 
                 raise click.ClickException(f"bench pair: {exc}") from None
             raise
     result["options"] = opts | {"kills": kills}
-    click.echo(json.dumps(result) if as_json else render(result))
+    click.echo(json.dumps(result) if as_json else render_table(result))

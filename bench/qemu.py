@@ -12,6 +12,7 @@ import asyncio
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -59,7 +60,7 @@ def bench_pauses(
     interval_ms: float,
     dirty_mib_s: int,
     working_set_mib: int,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Alternate the binaries for ``rounds`` rounds of ``count`` checkpoints each; p50/p99 per binary."""
     from mc_driver.guest import build_guest
 
@@ -116,15 +117,18 @@ def bench_pause_command(
         chosen, rounds=rounds, count=checkpoints, interval_ms=interval_ms, dirty_mib_s=dirty_mib_s,
         working_set_mib=working_set_mib,
     )  # fmt: skip
-    if as_json:
-        click.echo(json.dumps(result))
-        return
-    click.echo(
-        f"checkpoint pause, {interval_ms:g} ms interval, "
-        f"memdirty {dirty_mib_s} MiB/s over {working_set_mib} MiB"
-    )
-    click.echo(f"{'binary':<16}{'n':>5}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}{'p50 ratio':>11}")
-    for label, s in result["results"].items():  # type: ignore[union-attr]
-        click.echo(
+    click.echo(json.dumps(result) if as_json else render_table(result))
+
+
+def render_table(result: dict[str, Any]) -> str:
+    """The ``bench_pauses`` result as the command's table."""
+    lines = [
+        f"checkpoint pause, {result['interval_ms']:g} ms interval, "
+        f"memdirty {result['dirty_mib_s']} MiB/s over {result['working_set_mib']} MiB",
+        f"{'binary':<16}{'n':>5}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}{'p50 ratio':>11}",
+    ]
+    for label, s in result["results"].items():
+        lines.append(
             f"{label:<16}{s['n']:>5}{s['p50']!s:>10}{s['p99']!s:>10}{s['max']!s:>10}{s['p50_ratio_to_baseline']!s:>11}"
         )
+    return "\n".join(lines)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.disk import format_table
+from bench.disk import render_table
 
 HYBRIDFT = str(Path(sys.executable).with_name("hybridft"))
 
@@ -67,6 +67,6 @@ def test_bench_disk_quick_json_shape(short_tmp: Path) -> None:
     writeout = data["writeout"]
     assert writeout["commits"] > 0 and writeout["achieved_mb_s"] > 0
     assert set(data["goals"]) and all(isinstance(v, bool) for v in data["goals"].values())
-    table = format_table(data)
+    table = render_table(data)
     assert "randwrite_4k_qd16" in table and "goals:" in table
     assert list(tmp_path.iterdir()) == []  # the temporary image and sockets were removed
