@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pytest
 
+from hybridft_common.cli import hybridft_command
 from hybridft_common.stats import summarize
 from mc_driver.accel import QemuChoice, choose_qemu
 from mc_driver.colo_pair import (
@@ -296,8 +297,8 @@ def test_ram_identity_1s_and_soak_100ms_with_failover_concurrently(
 def test_verify_checkpoint_command_reports_identity(tmp_path: Path, tcg_qemu: QemuChoice) -> None:
     env = dict(os.environ, HYBRIDFT_ACCEL="tcg")
     proc = subprocess.run(
-        [str(Path(".venv/bin/hybridft").resolve()), "verify-checkpoint", "-n", "8", "--interval-ms", "100",
-         "--workdir", str(tmp_path / "w"), "--json"],
+        hybridft_command("verify-checkpoint", "-n", "8", "--interval-ms", "100",
+                         "--workdir", str(tmp_path / "w"), "--json"),
         capture_output=True, text=True, timeout=300, env=env, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr + proc.stdout
@@ -308,8 +309,7 @@ def test_verify_checkpoint_command_reports_identity(tmp_path: Path, tcg_qemu: Qe
     assert summary["traffic_round_trips"] > 0
     # and the readable table
     table = subprocess.run(
-        [str(Path(".venv/bin/hybridft").resolve()), "verify-checkpoint", "-n", "2", "--no-traffic",
-         "--dirty-mib-s", "0"],
+        hybridft_command("verify-checkpoint", "-n", "2", "--no-traffic", "--dirty-mib-s", "0"),
         capture_output=True, text=True, timeout=300, env=env, check=False,
     )  # fmt: skip
     assert table.returncode == 0, table.stderr
