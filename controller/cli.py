@@ -14,7 +14,7 @@ from hybridft_common.cli import LazyGroup
 _COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("colo_compare.cli:compare", "Compare VM outputs: replay captures, serve a QEMU pair."),
     "disk": ("disk_buffer.cli:disk", "The disk buffer: NBD server for the replica and view, control."),
-    "bench": ("controller.bench:bench", "Benchmarks (JSON and a table, each with its same-run baseline)."),
+    "bench": ("bench.cli:bench", "Benchmarks (JSON and a table, each with its same-run baseline)."),
     "guest": ("mc_driver.cli:guest", "The protected guest: build it, run workloads in it."),
     "qemu": ("mc_driver.cli:qemu", "The QEMU build and accelerator choice."),
     "pair": ("mc_driver.pair_cli:pair", "Start or stop a protected VM pair on this machine."),

@@ -18,29 +18,36 @@ def percentile(values: Iterable[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
+def _rounded(value: float, digits: int | None) -> float:
+    # round(x, None) would return an int: None means "as measured"
+    return value if digits is None else round(value, digits)
+
+
 def summarize(
-    values: Iterable[float], *, scale: float = 1.0, digits: int = 2
+    values: Iterable[float], *, scale: float = 1.0, digits: int | None = 2
 ) -> dict[str, float | int | None]:
-    """``{samples, p50, p99, mean, min, max}`` of ``values`` times ``scale``, rounded to ``digits``."""
+    """``{samples, p50, p99, mean, min, max}`` of ``values`` times ``scale``, rounded to ``digits``
+    (``None``: not rounded)."""
     ordered = sorted(v * scale for v in values)
     if not ordered:
         return {"samples": 0, "p50": None, "p99": None, "mean": None, "min": None, "max": None}
 
     def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(len(ordered) * q))], digits)
+        return _rounded(ordered[min(len(ordered) - 1, int(len(ordered) * q))], digits)
 
     return {
         "samples": len(ordered),
         "p50": at(0.5),
         "p99": at(0.99),
-        "mean": round(statistics.fmean(ordered), digits),
-        "min": round(ordered[0], digits),
-        "max": round(ordered[-1], digits),
+        "mean": _rounded(statistics.fmean(ordered), digits),
+        "min": _rounded(ordered[0], digits),
+        "max": _rounded(ordered[-1], digits),
     }
 
 
-def ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
-    """``a / b`` rounded, or None when either is missing or ``b`` is zero."""
+def ratio(a: float | None, b: float | None, digits: int | None = 3) -> float | None:
+    """``a / b`` rounded to ``digits`` (``None``: not rounded), or None when either is missing or
+    ``b`` is zero."""
     if a is None or b is None or b == 0:
         return None
-    return round(a / b, digits)
+    return _rounded(a / b, digits)

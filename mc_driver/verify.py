@@ -23,11 +23,7 @@ import asyncio
 import contextlib
 import json
 import re
-import secrets
-import socket
-import statistics
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +33,7 @@ import numpy as np
 
 from mc_driver.colo_pair import RAM_BACKEND_ID, ColoPair, ColoPairConfig
 from mc_driver.netns import NetNamespace
+from mc_driver.traffic import EchoTraffic
 
 PAGE_SIZE = 4096
 _CHUNK_PAGES = 8192  # 32 MiB per comparison step
@@ -245,58 +242,6 @@ async def verify_checkpoints(
     return report
 
 
-class EchoTraffic:
-    """A thread keeping one TCP connection to the guest's echo service busy, checking every byte.
-
-    The socket is created inside the namespace (``NetNamespace.entered``) and then used from the thread.
-    Errors are collected, not raised: the caller decides (a COLO test must see zero).
-    """
-
-    def __init__(
-        self, netns: NetNamespace, host: str, port: int = 7, chunk: int = 1024, timeout: float = 60.0
-    ) -> None:
-        # A round trip waits for both VMs (colo-compare releases the primary's answer only when the
-        # secondary produced the same); on a heavily loaded host that takes seconds, so the timeout only
-        # catches a dead service, while wrong or lost bytes are always errors.
-        self.netns, self.host, self.port, self.chunk, self.timeout = netns, host, port, chunk, timeout
-        self.round_trips = 0
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="echo-traffic", daemon=True)
-
-    def start(self) -> EchoTraffic:
-        with self.netns.entered():
-            self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
-        self._sock.settimeout(self.timeout)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                payload = secrets.token_bytes(self.chunk)
-                self._sock.sendall(payload)
-                got = b""
-                while len(got) < len(payload):
-                    data = self._sock.recv(len(payload) - len(got))
-                    if not data:
-                        raise ConnectionError("echo connection closed")
-                    got += data
-                if got != payload:
-                    self.errors.append(f"echo round trip {self.round_trips}: bytes differ")
-                self.round_trips += 1
-                self._stop.wait(0.01)
-        except OSError as exc:
-            if not self._stop.is_set():
-                self.errors.append(f"echo after {self.round_trips} round trips: {exc!r}")
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=15)
-        with contextlib.suppress(OSError):
-            self._sock.close()
-
-
 def render_table(summary: dict[str, object]) -> str:
     rows = [
         ("result", "IDENTICAL at every checkpoint" if summary["ok"] else "FAILED"),
@@ -395,125 +340,3 @@ def verify_checkpoint_command(
     click.echo(json.dumps(summary) if as_json else render_table(summary))
     if not report.ok:
         raise SystemExit(1)
-
-
-def pause_stats(values: list[float]) -> dict[str, float | None]:
-    """p50/p99/max of a list of milliseconds (None when empty)."""
-    if not values:
-        return {"p50": None, "p99": None, "max": None, "n": 0}
-    return {
-        "p50": round(statistics.median(values), 2),
-        "p99": round(float(np.percentile(values, 99)), 2),
-        "max": round(max(values), 2),
-        "n": len(values),
-    }
-
-
-# ------------------------------------------------------------------------------------------ benchmark
-# Checkpoint pause (primary STOP -> RESUME) per QEMU binary, without the hold hook.  Machines are shared
-# and noisy, so binaries are measured in alternating rounds in the same run and reported as ratios to
-# the first ("baseline") binary.  Intended as `hybridft bench qemu` (see the report); callable directly.
-
-
-async def _pause_round(
-    binary: Path, image: object, dirty: tuple[str, ...] | None, interval_s: float, count: int, workdir: Path
-) -> list[float]:
-    from mc_driver.accel import QemuChoice
-    from mc_driver.guest import guest_cmdline
-    from mc_driver.qemu_build import FIRMWARE_ARGS
-
-    choice = QemuChoice(binary, "tcg", FIRMWARE_ARGS, "benchmark", patched=True)
-    config = ColoPairConfig(
-        workdir=workdir, image=image, qemu=choice, compare="none",  # type: ignore[arg-type]
-        cmdline=guest_cmdline(run=[dirty] if dirty else [], services=[]),
-        primary_tap="bqp0", secondary_tap="bqs0",
-    )  # fmt: skip
-    pauses: list[float] = []
-    with NetNamespace() as netns:
-        async with await ColoPair.start(config, netns) as pair:
-            await asyncio.sleep(2.0)  # let the dirtier reach its steady rate
-            for _ in range(count):
-                await asyncio.sleep(interval_s)
-                cp = await pair.checkpoint()
-                if cp.primary.seconds is not None:
-                    pauses.append(cp.primary.seconds * 1000)
-    return pauses
-
-
-def bench_pauses(
-    binaries: dict[str, Path],
-    *,
-    rounds: int,
-    count: int,
-    interval_ms: float,
-    dirty_mib_s: int,
-    working_set_mib: int,
-) -> dict[str, object]:
-    """Alternate the binaries for ``rounds`` rounds of ``count`` checkpoints each; p50/p99 per binary."""
-    from mc_driver.guest import build_guest
-
-    image = build_guest()
-    dirty = ("memdirty", str(dirty_mib_s), str(working_set_mib)) if dirty_mib_s else None
-    samples: dict[str, list[float]] = {label: [] for label in binaries}
-    with tempfile.TemporaryDirectory(prefix="hft-bench-") as tmp:
-        for r in range(rounds):
-            for label, binary in binaries.items():
-                workdir = Path(tmp) / f"{label}-{r}"
-                samples[label] += asyncio.run(
-                    _pause_round(binary, image, dirty, interval_ms / 1000, count, workdir)
-                )
-    stats = {label: pause_stats(values) for label, values in samples.items()}
-    baseline = next(iter(stats))
-    base_p50 = stats[baseline]["p50"] or 0.0
-    return {
-        "interval_ms": interval_ms,
-        "dirty_mib_s": dirty_mib_s,
-        "working_set_mib": working_set_mib,
-        "baseline": baseline,
-        "results": {
-            label: s | {"p50_ratio_to_baseline": round((s["p50"] or 0.0) / base_p50, 3) if base_p50 else None}
-            for label, s in stats.items()
-        },
-    }
-
-
-@click.command("qemu")
-@click.option("--binary", "binaries", multiple=True, metavar="LABEL=PATH",
-              help="QEMU binaries to compare; the first is the baseline (default: patched).")  # fmt: skip
-@click.option("--rounds", type=click.IntRange(1), default=2, show_default=True)
-@click.option("--checkpoints", type=click.IntRange(1), default=20, show_default=True)
-@click.option("--interval-ms", type=click.FloatRange(1), default=500, show_default=True)
-@click.option("--dirty-mib-s", type=click.IntRange(0), default=64, show_default=True)
-@click.option("--working-set-mib", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-def bench_pause_command(
-    binaries: tuple[str, ...], rounds: int, checkpoints: int, interval_ms: float, dirty_mib_s: int,
-    working_set_mib: int, as_json: bool,
-) -> None:  # fmt: skip
-    """COLO checkpoint pause (primary STOP->RESUME) per QEMU binary, as ratios to the first."""
-    from mc_driver.qemu_build import patched_qemu
-
-    chosen: dict[str, Path] = {}
-    for item in binaries or (f"patched={patched_qemu()}",):
-        label, sep, path = item.partition("=")
-        if not sep or not Path(path).is_file():
-            raise click.BadParameter(
-                f"{item!r}: expected LABEL=PATH to an existing binary", param_hint="--binary"
-            )
-        chosen[label] = Path(path)
-    result = bench_pauses(
-        chosen, rounds=rounds, count=checkpoints, interval_ms=interval_ms, dirty_mib_s=dirty_mib_s,
-        working_set_mib=working_set_mib,
-    )  # fmt: skip
-    if as_json:
-        click.echo(json.dumps(result))
-        return
-    click.echo(
-        f"checkpoint pause, {interval_ms:g} ms interval, "
-        f"memdirty {dirty_mib_s} MiB/s over {working_set_mib} MiB"
-    )
-    click.echo(f"{'binary':<16}{'n':>5}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}{'p50 ratio':>11}")
-    for label, s in result["results"].items():  # type: ignore[union-attr]
-        click.echo(
-            f"{label:<16}{s['n']:>5}{s['p50']!s:>10}{s['p99']!s:>10}{s['max']!s:>10}{s['p50_ratio_to_baseline']!s:>11}"
-        )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.pair_bench import render
+from bench.pair import render_table
 from hybridft_common.cli import hybridft_command
 from mc_driver.netns import list_namespaces
 from mc_driver.pair import PairFiles
@@ -52,7 +52,7 @@ def test_quick_bench_reports_every_section_with_baselines(tmp_path: Path) -> Non
     assert result["daemon_status"]["checkpoints"]["failed"] == 0
     failover = result["failover"]
     assert failover["errors"] == [] and failover["served_ms"]["n"] == 1, failover
-    text = render(result)
+    text = render_table(result)
     assert "daemon/QEMU ratio" in text and "failover over 1 kill" in text
     assert "daemon, stop via qmp" in text and "QEMU timer (baseline)" in text
     left = set(list_namespaces())

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from colo_compare.bench import Look, payload_bytes, stream
+from bench.frames import Look, payload_bytes, stream
 from colo_compare.serve import ROLES
 from colo_compare.transport import FrameDecoder, encode_frame, encode_frames
 from hybridft_common.cli import hybridft_command

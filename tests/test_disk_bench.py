@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from disk_buffer.bench import format_table
+from bench.disk import render_table
+from hybridft_common.cli import hybridft_command
 
-HYBRIDFT = str(Path(sys.executable).with_name("hybridft"))
+RESULT_FIELDS = {"quick", "region_bytes", "epoch_ms", "rounds", "workloads", "commit", "writeout", "goals"}
+#: the fields every client run reports (the worker's JSON plus the rounds it is the median of)
+RUN_FIELDS = {"ops", "errors", "seconds", "iops", "mb_s", "lat_p50_us", "lat_p99_us", "rounds_iops"}
 
 pytestmark = pytest.mark.qemu
 
@@ -35,16 +38,22 @@ def test_bench_disk_quick_json_shape(short_tmp: Path) -> None:
     tmp_path = short_tmp
     if shutil.which("qemu-nbd") is None:
         pytest.fail("qemu-nbd (the baseline) is not installed")
+    # a minimal environment, but the tree under test: PYTHONPATH (if any) is what selects it
+    env = {"TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     result = subprocess.run(
-        [HYBRIDFT, "bench", "disk", "--quick", "--json"],
+        hybridft_command("bench", "disk", "--quick", "--json"),
         capture_output=True,
         text=True,
         timeout=300,
-        env={"TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
+    assert set(data) == RESULT_FIELDS
     assert data["quick"] is True
+    assert (data["region_bytes"], data["epoch_ms"], data["rounds"]) == (64 << 20, 100, 1)
     assert set(data["workloads"]) == {
         "randwrite_4k_qd1",
         "randwrite_4k_qd16",
@@ -54,19 +63,26 @@ def test_bench_disk_quick_json_shape(short_tmp: Path) -> None:
     for name, row in data["workloads"].items():
         for side in ("hybridft", "hybridft_sustained", "qemu_nbd"):
             run = row[side]
+            assert set(run) == RUN_FIELDS | ({"checkpoints"} if side == "hybridft_sustained" else set())
             assert run["errors"] == 0, (name, side)
             assert run["ops"] > 0 and run["iops"] > 0 and run["mb_s"] > 0
-            assert run["lat_p50_us"] <= run["lat_p99_us"]
+            assert math.isclose(run["iops"], run["ops"] / run["seconds"])
+            assert run["rounds_iops"] == [run["iops"]]  # one round: the median is that round
+            assert 0 < run["lat_p50_us"] <= run["lat_p99_us"]
         assert math.isclose(row["ratio"], row["hybridft"]["iops"] / row["qemu_nbd"]["iops"])
         sustained = row["hybridft_sustained"]
         assert math.isclose(row["ratio_sustained"], sustained["iops"] / row["qemu_nbd"]["iops"])
-        assert row["hybridft_sustained"]["checkpoints"] >= 0
+    # sustained means checkpointed: the seal+commit loop ran while the client wrote (a run can be
+    # shorter than one 100 ms epoch, the four together are not)
+    assert sum(row["hybridft_sustained"]["checkpoints"] for row in data["workloads"].values()) > 0
     commit = data["commit"]
     assert commit["hybridft"]["epochs"] == commit["fdatasync_4mb"]["epochs"] > 0
     assert 0 < commit["hybridft"]["commit_p50_ms"] <= commit["hybridft"]["commit_p99_ms"]
+    assert 0 < commit["fdatasync_4mb"]["commit_p50_ms"] <= commit["fdatasync_4mb"]["commit_p99_ms"]
     writeout = data["writeout"]
     assert writeout["commits"] > 0 and writeout["achieved_mb_s"] > 0
+    assert writeout["drain_after_s"] is not None  # the write-out caught up with IMG within 60 s
     assert set(data["goals"]) and all(isinstance(v, bool) for v in data["goals"].values())
-    table = format_table(data)
+    table = render_table(data)
     assert "randwrite_4k_qd16" in table and "goals:" in table
     assert list(tmp_path.iterdir()) == []  # the temporary image and sockets were removed

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import pytest
 
-from controller.pair_bench import recv_exact
 from hybridft_common.cli import hybridft_command
 from hybridft_common.control import call
 from mc_driver.guest import (
@@ -45,6 +44,7 @@ from mc_driver.guest import (
 )
 from mc_driver.netns import NetNamespace, list_namespaces
 from mc_driver.pair import GUEST_IP, PairConfig, PairError, PairFiles, down, up
+from mc_driver.traffic import recv_exact
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns, pytest.mark.slow]
 

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import pytest
 
+from hybridft_common.cli import hybridft_command
+from hybridft_common.stats import summarize
 from mc_driver.accel import QemuChoice, choose_qemu
 from mc_driver.colo_pair import (
     ColoPair,
@@ -58,7 +60,8 @@ from mc_driver.guest import (
 )
 from mc_driver.netns import NetNamespace
 from mc_driver.qmp import QmpCommandError, QmpSession
-from mc_driver.verify import EchoTraffic, VerifyReport, differing_pages, pause_stats, verify_checkpoints
+from mc_driver.traffic import EchoTraffic
+from mc_driver.verify import VerifyReport, differing_pages, verify_checkpoints
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.netns]
 
@@ -96,7 +99,7 @@ def _config(workdir: Path, image: GuestImage, qemu: QemuChoice, *, prefix: str) 
 
 
 def _report_line(name: str, report: VerifyReport) -> str:
-    summary = report.summary() | {"pause_ms": pause_stats(report.primary_pause_ms)}
+    summary = report.summary() | {"pause_ms": summarize(report.primary_pause_ms)}
     line = f"{name}: {json.dumps(summary)}"
     print(line)
     return line
@@ -294,8 +297,8 @@ def test_ram_identity_1s_and_soak_100ms_with_failover_concurrently(
 def test_verify_checkpoint_command_reports_identity(tmp_path: Path, tcg_qemu: QemuChoice) -> None:
     env = dict(os.environ, HYBRIDFT_ACCEL="tcg")
     proc = subprocess.run(
-        [str(Path(".venv/bin/hybridft").resolve()), "verify-checkpoint", "-n", "8", "--interval-ms", "100",
-         "--workdir", str(tmp_path / "w"), "--json"],
+        hybridft_command("verify-checkpoint", "-n", "8", "--interval-ms", "100",
+                         "--workdir", str(tmp_path / "w"), "--json"),
         capture_output=True, text=True, timeout=300, env=env, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr + proc.stdout
@@ -306,8 +309,7 @@ def test_verify_checkpoint_command_reports_identity(tmp_path: Path, tcg_qemu: Qe
     assert summary["traffic_round_trips"] > 0
     # and the readable table
     table = subprocess.run(
-        [str(Path(".venv/bin/hybridft").resolve()), "verify-checkpoint", "-n", "2", "--no-traffic",
-         "--dirty-mib-s", "0"],
+        hybridft_command("verify-checkpoint", "-n", "2", "--no-traffic", "--dirty-mib-s", "0"),
         capture_output=True, text=True, timeout=300, env=env, check=False,
     )  # fmt: skip
     assert table.returncode == 0, table.stderr

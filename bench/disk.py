@@ -21,7 +21,7 @@ Workloads:
   100 ms; reports the rate achieved, the largest write-out backlog seen and how long the backlog
   took to drain afterwards.
 
-The worker half (``python -m disk_buffer.bench SOCKET EXPORT SPEC-JSON``) prints one JSON object.
+The worker half (``python -m bench.disk SOCKET EXPORT SPEC-JSON``) prints one JSON object.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import click
 
 from hybridft_common.cli import hybridft_command
 from hybridft_common.control import call
+from hybridft_common.stats import percentile, ratio, summarize
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -59,14 +60,6 @@ def _connect(socket_path: str, export: str) -> Any:
     h.set_export_name(export)
     h.connect_unix(socket_path)
     return h
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def _run_io(h: Any, *, write: bool, block: int, qd: int, count: int, region: int, sequential: bool,
@@ -111,15 +104,16 @@ def _run_io(h: Any, *, write: bool, block: int, qd: int, count: int, region: int
             issued += 1
         h.poll(1 if rate is not None and not in_flight else -1)
     elapsed = time.perf_counter() - t0
+    latency_us = summarize(latencies, scale=1e6, digits=None)
     return {
         "ops": count, "errors": errors, "seconds": elapsed, "iops": count / elapsed,
         "mb_s": count * block / elapsed / 1e6,
-        "lat_p50_us": _percentile(latencies, 50) * 1e6, "lat_p99_us": _percentile(latencies, 99) * 1e6,
+        "lat_p50_us": latency_us["p50"], "lat_p99_us": latency_us["p99"],
     }
 
 
 def worker_main(argv: list[str]) -> None:
-    """``python -m disk_buffer.bench SOCKET EXPORT JSON-SPEC``: run one workload, print JSON."""
+    """``python -m bench.disk SOCKET EXPORT JSON-SPEC``: run one workload, print JSON."""
     socket_path, export, spec_text = argv
     spec = json.loads(spec_text)
     h = _connect(socket_path, export)
@@ -189,7 +183,7 @@ def _disk_serve(image: Path, directory: Path, budget: int) -> Iterator[tuple[Pat
 
 
 def _worker(sock: Path, export: str, **spec: Any) -> dict[str, Any]:
-    result = subprocess.run([sys.executable, "-m", "disk_buffer.bench", str(sock), export, json.dumps(spec)],
+    result = subprocess.run([sys.executable, "-m", "bench.disk", str(sock), export, json.dumps(spec)],
                             capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise click.ClickException(f"benchmark client failed: {result.stderr[-2000:]}")
@@ -230,8 +224,9 @@ def _commit_latency(sock: Path, control: str, epochs: int) -> dict[str, Any]:
             commit_ms.append((t2 - t1) * 1e3)
     finally:
         h.shutdown()
-    return {"epochs": epochs, "commit_p50_ms": _percentile(commit_ms, 50),
-            "commit_p99_ms": _percentile(commit_ms, 99), "seal_p50_ms": _percentile(seal_ms, 50)}
+    commit, seal = summarize(commit_ms, digits=None), summarize(seal_ms, digits=None)
+    return {"epochs": epochs, "commit_p50_ms": commit["p50"], "commit_p99_ms": commit["p99"],
+            "seal_p50_ms": seal["p50"]}
 
 
 def _fdatasync_baseline(directory: Path, epochs: int) -> dict[str, Any]:
@@ -249,15 +244,15 @@ def _fdatasync_baseline(directory: Path, epochs: int) -> dict[str, Any]:
     finally:
         os.close(fd)
         path.unlink()
-    return {"epochs": epochs, "commit_p50_ms": _percentile(times, 50),
-            "commit_p99_ms": _percentile(times, 99)}
+    commit = summarize(times, digits=None)
+    return {"epochs": epochs, "commit_p50_ms": commit["p50"], "commit_p99_ms": commit["p99"]}
 
 
 def _writeout(sock: Path, control: str, seconds: float, rate: float, region: int) -> dict[str, Any]:
     """Paced random 4 KiB writes in a client process; this process seals+commits every 100 ms."""
     count = int(seconds * rate / (4 * KIB))
     spec = dict(write=True, block=4 * KIB, qd=16, count=count, region=region, sequential=False, rate=rate)
-    client = subprocess.Popen([sys.executable, "-m", "disk_buffer.bench", str(sock), "replica",
+    client = subprocess.Popen([sys.executable, "-m", "bench.disk", str(sock), "replica",
                                json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     max_backlog = 0
     commits = 0
@@ -325,9 +320,11 @@ def _checkpointer(control: str, epoch_ms: int) -> Iterator[list[int]]:
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    ordered = sorted(runs, key=lambda r: r["iops"])
-    chosen = dict(ordered[len(ordered) // 2])
-    chosen["rounds_iops"] = [r["iops"] for r in runs]
+    """The round whose IOPS is the median (nearest rank) of the rounds', with every round's IOPS."""
+    rounds_iops = [r["iops"] for r in runs]
+    median_iops = percentile(rounds_iops, 0.5)
+    chosen = dict(next(r for r in runs if r["iops"] == median_iops))
+    chosen["rounds_iops"] = rounds_iops
     return chosen
 
 
@@ -383,8 +380,8 @@ def run_bench(quick: bool, epoch_ms: int = 100, rounds: int | None = None) -> di
             base_iops = baseline[name]["iops"]
             results["workloads"][name] = {
                 "hybridft": ours[name], "hybridft_sustained": sustained[name], "qemu_nbd": baseline[name],
-                "ratio": ours[name]["iops"] / base_iops if base_iops else None,
-                "ratio_sustained": sustained[name]["iops"] / base_iops if base_iops else None,
+                "ratio": ratio(ours[name]["iops"], base_iops, digits=None),
+                "ratio_sustained": ratio(sustained[name]["iops"], base_iops, digits=None),
             }
         results["commit"] = {"hybridft": commit, "fdatasync_4mb": commit_baseline}
         results["writeout"] = writeout
@@ -404,7 +401,7 @@ def _ge(value: float | None, bound: float) -> bool:
     return value is not None and value >= bound
 
 
-def format_table(results: dict[str, Any]) -> str:
+def render_table(results: dict[str, Any]) -> str:
     lines = [f"{'workload':<18} {'hybridft burst':>15} {'sustained':>15} {'qemu-nbd':>15} {'ratio':>6}"
              f" {'ratio sust':>10}  p50/p99 us (burst)"]
     for name, row in results["workloads"].items():
@@ -436,7 +433,7 @@ def format_table(results: dict[str, Any]) -> str:
 def bench_disk(as_json: bool, quick: bool, epoch_ms: int) -> None:
     """NBD disk buffer vs qemu-nbd on the same image (same run): IOPS, MB/s, commit latency, write-out."""
     results = run_bench(quick, epoch_ms)
-    click.echo(json.dumps(results, indent=2, sort_keys=True) if as_json else format_table(results))
+    click.echo(json.dumps(results, indent=2, sort_keys=True) if as_json else render_table(results))
 
 
 if __name__ == "__main__":

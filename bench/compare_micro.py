@@ -8,9 +8,9 @@ callgrind twice, once with ``--setup-only``; the difference divided by the frame
 core's cost per frame, independent of machine load::
 
     valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
-        .venv/bin/python -m colo_compare.perf_micro bulk [--setup-only]
+        .venv/bin/python -m bench.compare_micro bulk [--setup-only]
 
-``python -m colo_compare.perf_micro --callgrind`` does exactly that for every workload and prints
+``python -m bench.compare_micro --callgrind`` does exactly that for every workload and prints
 instructions per primary frame (one primary frame comes with about one secondary frame).
 Without ``--callgrind`` it prints wall-clock frames/s (noisy; for a quick look only).
 """
@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from colo_compare.bench import (
+from bench.frames import (
     PLAIN_SECONDARY_LOOK,
     PRIMARY_LOOK,
     payload_bytes,
@@ -92,7 +92,7 @@ def run(kind: str, frames_target: int, setup_only: bool) -> dict[str, object]:
 def callgrind_instructions(kind: str, frames_target: int, setup_only: bool) -> int:
     """Total instructions (Ir) of one run under callgrind."""
     cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-m",
-           "colo_compare.perf_micro", kind, "--frames", str(frames_target)]  # fmt: skip
+           "bench.compare_micro", kind, "--frames", str(frames_target)]  # fmt: skip
     if setup_only:
         cmd.append("--setup-only")
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -103,7 +103,7 @@ def callgrind_instructions(kind: str, frames_target: int, setup_only: bool) -> i
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m colo_compare.perf_micro", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.compare_micro", description=__doc__.split("\n")[0])
     ap.add_argument("workload", nargs="?", choices=WORKLOADS)
     ap.add_argument("--frames", type=int, default=20_000, help="primary frames per workload")
     ap.add_argument("--setup-only", action="store_true", help="build the frames, feed nothing")

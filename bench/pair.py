@@ -27,7 +27,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import tempfile
 import threading
 import time
@@ -37,6 +36,8 @@ from typing import Any
 import click
 
 from hybridft_common.control import ControlError, call
+from hybridft_common.stats import ratio, summarize
+from mc_driver.traffic import recv_exact
 
 ECHO_PORT = 7
 HTTP_PORT = 80  # busybox httpd: its answers carry a Date header
@@ -53,24 +54,10 @@ def progress(message: str) -> None:
     click.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(len(ordered) * q))], 2)
-
-
 def _stats_ms(values: list[float]) -> dict[str, Any]:
-    return {
-        "n": len(values),
-        "p50": _pct(values, 0.5),
-        "p99": _pct(values, 0.99),
-        "mean": round(statistics.fmean(values), 2) if values else None,
-    }
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a is not None and b else None
+    """n/p50/p99/mean of milliseconds, to 0.01 ms (the report's fields: ``n``, not ``samples``)."""
+    summary = summarize(values)
+    return {"n": summary["samples"], "p50": summary["p50"], "p99": summary["p99"], "mean": summary["mean"]}
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -127,16 +114,6 @@ class PairHandle:
         return sock
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            raise ConnectionError(f"connection closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
-
-
 def _pauses_from(events: list[Any]) -> list[float]:
     pauses, stop = [], None
     for event in events:
@@ -177,7 +154,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _steps_p50(steps: dict[str, list[float]]) -> dict[str, float | None]:
-    return {name: _pct(values, 0.5) for name, values in steps.items()}
+    return {name: summarize(values)["p50"] for name, values in steps.items()}
 
 
 def pause_phases(
@@ -215,8 +192,8 @@ def pause_phases(
         if via != chosen:
             other = _stats_ms(daemon[via])
             extra[f"daemon_stop_via_{via}"] = other | {
-                "p50_ratio": _ratio(other["p50"], q["p50"]),
-                "p99_ratio": _ratio(other["p99"], q["p99"]),
+                "p50_ratio": ratio(other["p50"], q["p50"]),
+                "p99_ratio": ratio(other["p99"], q["p99"]),
                 "steps_p50_ms": _steps_p50(steps[via]),
             }
     if passive_too:
@@ -237,15 +214,15 @@ def pause_phases(
         extra |= {
             "daemon_passive_secondary": p,
             "secondary_cpu_percent": cpu,
-            "passive_p50_ratio": _ratio(p["p50"], d["p50"]),
+            "passive_p50_ratio": ratio(p["p50"], d["p50"]),
         }
     extra["daemon_steps_p50_ms"] = _steps_p50(steps[chosen])
     return extra | {
         "interval_ms": interval_ms,
         "daemon": d,
         "qemu_timer": q,
-        "p50_ratio": _ratio(d["p50"], q["p50"]),
-        "p99_ratio": _ratio(d["p99"], q["p99"]),
+        "p50_ratio": ratio(d["p50"], q["p50"]),
+        "p99_ratio": ratio(d["p99"], q["p99"]),
     }
 
 
@@ -280,7 +257,7 @@ def http_throughput(pair: PairHandle, downloads: int, port: int = HTTP_PORT) -> 
         if response.status != 200 or body != expected:
             raise BenchError(f"GET /blob: status {response.status}, {len(body)} bytes, content differs")
         rates.append(len(body) / elapsed / 1e6)
-    return {"n": len(rates), "mb_s": round(statistics.median(rates), 2)}
+    return {"n": len(rates), "mb_s": summarize(rates)["p50"]}
 
 
 def _divergences(before: dict[str, Any], after: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -362,8 +339,8 @@ def run_main_pair(workdir: Path, opts: dict[str, Any]) -> dict[str, Any]:
         traffic["unreplicated"] = traffic_phase(pair, opts["echo_count"], opts["downloads"])
         base = traffic["unreplicated"]
         for row in traffic.values():
-            row["echo_p50_ratio"] = _ratio(row["echo_ms"]["p50"], base["echo_ms"]["p50"])
-            row["http_ratio"] = _ratio(row["http"]["mb_s"], base["http"]["mb_s"])
+            row["echo_p50_ratio"] = ratio(row["echo_ms"]["p50"], base["echo_ms"]["p50"])
+            row["http_ratio"] = ratio(row["http"]["mb_s"], base["http"]["mb_s"])
         result["traffic"] = traffic
         result["accel"] = pair.config["accel"]
         return result
@@ -464,7 +441,7 @@ class _BusyEcho:
 
 
 # -------------------------------------------------------------------------------------------- output
-def render(result: dict[str, Any]) -> str:
+def render_table(result: dict[str, Any]) -> str:
     lines = [f"hybridft bench pair ({result.get('accel', '?')}; ratios are to the same-run baseline)", ""]
     for key, title in (("pause_idle", "idle"), ("pause_dirty", "memory-dirtying")):
         p = result.get(key)
@@ -583,4 +560,4 @@ def bench_pair(as_json: bool, quick: bool, kills: int | None, interval_ms: int, 
                 raise click.ClickException(f"bench pair: {exc}") from None
             raise
     result["options"] = opts | {"kills": kills}
-    click.echo(json.dumps(result) if as_json else render(result))
+    click.echo(json.dumps(result) if as_json else render_table(result))

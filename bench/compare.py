@@ -7,7 +7,7 @@ and a sink (playing the primary's indev redirector).  The generator and the sink
 processes so the service has a core of its own; the machine is shared and noisy, so the relay is
 measured in the same run and the table reports ratios.
 
-Frames are prebuilt with ``struct`` (scapy is far too slow for this), before the clock starts:
+Frames are prebuilt with ``bench.frames`` (``struct``; scapy is far too slow), before the clock starts:
 
 * **bulk**  — TCP, 1448-byte segments on the primary; the secondary cuts the same byte stream
   differently (a 1000-byte first segment, then 1448) and uses another ISN.
@@ -35,81 +35,29 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
+from bench.frames import (
+    ACK,
+    NOISY_LOOK,
+    PLAIN_SECONDARY_LOOK,
+    PRIMARY_LOOK,
+    SYN,
+    payload_bytes,
+    stream,
+    tcp_frame,
+)
 from colo_compare.transport import FrameDecoder, encode_frames
 from hybridft_common.cli import hybridft_command
 from hybridft_common.control import decode_reply, encode_request
+from hybridft_common.stats import percentile, ratio
 
 # ------------------------------------------------------------------------------------------------
-# frame building (struct, no scapy)
+# workloads (frames from bench.frames, prebuilt before any clock starts)
 # ------------------------------------------------------------------------------------------------
-
-_HDR = struct.Struct("!6s6sH BBHHHBBH4s4s HHIIHHHH")
-_TS_OPT = struct.Struct("!BBBBII")
-VM_MAC = bytes.fromhex("525400123456")
-CLIENT_MAC = bytes.fromhex("525400abcdef")
-VM_IP = bytes([10, 0, 0, 2])
-CLIENT_IP = bytes([10, 0, 0, 1])
-ACK, PSH, SYN, FIN = 0x10, 0x08, 0x02, 0x01
-
-
-@dataclass(frozen=True, slots=True)
-class Look:
-    """Per-side header choices that must never count as a divergence."""
-
-    ip_id: int = 1
-    ttl: int = 64
-    window: int = 65535
-    checksum: int = 0
-    timestamps: bool = False
-    ts_base: int = 1000
-
-
-def tcp_frame(
-    sport: int, dport: int, seq: int, ack: int, flags: int, payload: bytes, look: Look, n: int
-) -> bytes:
-    """One IPv4/TCP frame VM -> client; ``n`` varies IP ID / timestamps per frame."""
-    opts = _TS_OPT.pack(1, 1, 8, 10, look.ts_base + n, 77) if look.timestamps else b""
-    thl = 20 + len(opts)
-    total = 20 + thl + len(payload)
-    header = _HDR.pack(
-        CLIENT_MAC, VM_MAC, 0x0800,
-        0x45, 0, total, (look.ip_id + n) & 0xFFFF, 0x4000, look.ttl, 6, look.checksum, VM_IP, CLIENT_IP,
-        sport, dport, seq & 0xFFFFFFFF, ack, ((thl // 4) << 12) | flags, look.window, look.checksum, 0,
-    )  # fmt: skip
-    return header + opts + payload
-
-
-def stream(
-    sport: int, data: bytes, sizes: list[int], isn: int, look: Look, *, syn: bool = True, start: int = 0
-) -> list[bytes]:
-    """``data`` (stream offsets ``start``...) as segments of ``sizes`` (cycled); SYN first if asked."""
-    frames = []
-    if syn:
-        frames.append(tcp_frame(sport, 40001, isn, 1, SYN | ACK, b"", look, 0))
-    pos, i = 0, 0
-    while pos < len(data):
-        size = sizes[i % len(sizes)]
-        i += 1
-        chunk = data[pos : pos + size]
-        frames.append(tcp_frame(sport, 40001, isn + 1 + start + pos, 1, ACK | PSH, chunk, look, i))
-        pos += len(chunk)
-    return frames
-
-
-def payload_bytes(n: int, seed: int) -> bytes:
-    block = bytes((seed * 131 + i * 7) & 0xFF for i in range(4096))
-    return (block * (n // 4096 + 1))[:n]
-
-
-PRIMARY_LOOK = Look()
-NOISY_LOOK = Look(ip_id=4242, ttl=63, window=29200, checksum=0xBEEF, timestamps=True, ts_base=999999)
-PLAIN_SECONDARY_LOOK = Look(ip_id=777)
 
 
 def build_workload(kind: str, frames_target: int, flows: int) -> tuple[list[bytes], list[bytes], int]:
@@ -395,11 +343,12 @@ def run_end_to_end(
         "service_hold_p99_us": stats["transport"]["hold_us"].get("p99"),
     }
     sent_ns = timing.get("sent_ns", [])
-    lat = sorted(t - sent_ns[i] for i, t in result["arrivals"] if i < len(sent_ns))
-    if lat:
-        out["latency_p50_us"] = round(lat[len(lat) // 2] / 1e3, 1)
-        out["latency_p99_us"] = round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1e3, 1)
-        out["latency_samples"] = len(lat)
+    lat_ns = [t - sent_ns[i] for i, t in result["arrivals"] if i < len(sent_ns)]
+    p50_ns, p99_ns = percentile(lat_ns, 0.5), percentile(lat_ns, 0.99)
+    if p50_ns is not None and p99_ns is not None:
+        out["latency_p50_us"] = round(p50_ns / 1e3, 1)
+        out["latency_p99_us"] = round(p99_ns / 1e3, 1)
+        out["latency_samples"] = len(lat_ns)
     return out
 
 
@@ -511,7 +460,7 @@ def run_bench(quick: bool, epoch_ms: float) -> dict[str, Any]:
         cached_workload(kind, frames, spec["flows"])
         relay = run_end_to_end(True, spec)
         comp = run_end_to_end(False, spec)
-        comp["ratio_to_relay"] = round(comp["frames_per_s"] / max(relay["frames_per_s"], 1), 3)
+        comp["ratio_to_relay"] = ratio(comp["frames_per_s"], max(relay["frames_per_s"], 1))
         scenarios[kind] = {"comparator": comp, "relay": relay}
 
     # injected divergences: every one detected, every primary frame delivered
@@ -526,7 +475,7 @@ def run_bench(quick: bool, epoch_ms: float) -> dict[str, Any]:
     mc_spec = {"kind": "bulk", "frames": sizes["bulk"], "flows": 8}
     mc = run_end_to_end(False, mc_spec, ["--mode", "mc"], daemon=checkpoint_every(epoch_ms))
     mc_relay = scenarios["bulk"]["relay"]
-    mc["ratio_to_relay"] = round(mc["frames_per_s"] / max(mc_relay["frames_per_s"], 1), 3)
+    mc["ratio_to_relay"] = ratio(mc["frames_per_s"], max(mc_relay["frames_per_s"], 1))
     scenarios["mc"] = {"comparator": mc, "relay": mc_relay}
     _WORKLOADS.clear()
 
