@@ -15,7 +15,7 @@ from policies.guard import GuardConfig
 from policies.static import StaticColo, StaticMC
 from policies.threshold import Threshold
 from policies.window import OperatingPoint, Window
-from tests.test_policies_support import point, simulate, steady
+from tests.helpers.policy_windows import point, simulate, steady
 
 MIB = 1024 * 1024
 

@@ -19,7 +19,7 @@ from policies.guard import GuardConfig
 from policies.registry import BUILTINS, load_policy
 from policies.trace import TraceError, TraceRecord, read_trace, replay, replay_guarded
 from policies.window import OperatingPoint
-from tests.test_policies_support import simulate
+from tests.helpers.policy_windows import simulate
 
 SIGNAL_RANGES = {
     "cpu.primary": (0.0, 2.0),

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from hybridft_common.vocabulary import Mode
 from policies.window import SIGNALS, OperatingPoint, SignalRing, Window, is_signal_name
-from tests.test_policies_support import point, steady
+from tests.helpers.policy_windows import point, steady
 
 
 def test_window_is_immutable_and_owns_its_arrays() -> None:
