@@ -8,7 +8,7 @@ from hybridft_common.vocabulary import Mode
 from policies.base import Decision
 from policies.guard import GuardConfig, GuardVerdict, PolicyGuard, VerdictKind, same_point
 from policies.window import OperatingPoint, Window
-from tests.test_policies_support import point
+from tests.helpers.policy_windows import point
 
 COLO = point(Mode.COLO, 50)
 MC40 = point(Mode.MC, 40)

@@ -17,7 +17,7 @@ from policies.base import PolicyConfigError, PolicyNotFound
 from policies.cli import policy as policy_group
 from policies.gilbert import Gilbert
 from policies.registry import BUILTINS, ENTRY_POINT_GROUP, PolicyLoadError, list_policies, load_policy
-from tests.test_policies_support import steady
+from tests.helpers.policy_windows import steady
 
 PLUGIN = '''
 """A third-party policy package, as another project would ship it."""
