@@ -72,12 +72,30 @@ Holding, budgets, checkpoints
 * COLO commit re-anchors every flow known at the seal: the secondary's stream restarts at the
   primary's sealed end (same ISN, same ACK, same FIN/RST state, same datagram counts) and the old
   secondary bytes are dropped.  Flows opened after the seal start fresh.
-* MC mode is a trivial append path (no parsing): all primary frames are held until their epoch
-  commits; secondary frames are discarded uncompared (``DropSecondary``).
+* MC mode holds all primary frames, unparsed, until their epoch commits; secondary frames are
+  discarded for release purposes (``DropSecondary``).  Beside that, unless ``shadow=False`` (a
+  passive secondary: nothing to compare), a *shadow* comparator runs: a COLO core of its own,
+  fed the same primary and secondary frames, applying exactly the rules above (reassembly,
+  divergences, ACK rule, timeouts, seal/commit re-anchoring) whose releases are only counted and
+  whose checkpoint requests are only counted.  So a policy learns what COLO would cost (requests
+  by reason, bytes COLO would have released early, what COLO would hold) without switching, and
+  nothing the shadow does can reach MC's output: it holds references to the MC frames, never
+  moves them.  Its memory (held + buffered secondary bytes, as COLO counts them) is bounded by
+  the same ``queue_budget_bytes``: past it, the flows holding the most are dropped from the shadow
+  (largest first, down to half the budget) and ignored until the next seal, each counted as a
+  ``shadow-overflow``.  A shadow starts with the first MC epoch (fresh: flows already open are
+  anchored as when first seen) and ends at the seal into COLO or at ``release_all``.
 * ``set_mode`` takes effect at the next ``seal`` so every epoch has exactly one mode.
 * ``release_all()`` (the secondary is lost) releases everything held and switches to pass-through
   (primary frames are released as they come) until the next ``seal()``, which starts a new,
   protected epoch in the current mode.
+
+Signals
+-------
+``signals()`` returns :class:`~colo_compare.signals.CompareStats` (see that module for why each
+figure is what it is): traffic each way, request/response turns (from the primary's ACK numbers,
+tracked for every primary frame in every mode), checkpoint requests by reason, and the shadow's
+figures.
 
 Released frames are the very objects that were fed (``bytes`` are kept, other buffers are copied
 once), so a shell can map them back to per-frame metadata such as virtio headers.
@@ -88,7 +106,7 @@ from __future__ import annotations
 import struct
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import itemgetter
 
 from colo_compare.packet import (
@@ -101,12 +119,14 @@ from colo_compare.packet import (
     flow_name,
     proto_of,
 )
+from colo_compare.signals import SHADOW_OVERFLOW, CompareStats, ReasonCounts
 from hybridft_common.vocabulary import Mode
 
 __all__ = [
     "Action",
     "CheckpointRequest",
     "Comparator",
+    "CompareStats",
     "DropSecondary",
     "FlowReport",
     "Mode",
@@ -180,6 +200,89 @@ _FAST6 = struct.Struct(">14xB3xHBx36sIIH")
 # TCP data offset|flags & 0xF007 of a run's segment: a valid header length, no SYN/FIN/RST
 _PLAIN_OFFFLAGS = frozenset(off << 12 for off in range(5, 16))
 _FRAME_OF = itemgetter(2)  # the frame of a held (end, ack, frame, arrival) entry
+# Ethernet + IPv4 (IHL 5) + TCP, what the client tracker needs: as _FAST4 minus the sequence number
+_ACK4 = struct.Struct(">12xIH2xI2x12s4xIH")
+_MAX_CLIENT_FLOWS = 1 << 16  # flows whose ACK baseline the client tracker keeps (then it forgets all)
+
+
+class _ClientTracker:
+    """What the primary guest's ACK numbers say about the client -> guest direction.
+
+    The rules (bytes acknowledged, ACK advances, turns) are colo_compare.signals' module docstring.
+    Per TCP flow it keeps two numbers: the highest ACK number seen and the one the flow's last
+    turn was counted at.  The first segment of a flow (or a SYN) only sets the baseline; a FIN or
+    RST from the guest ends the flow (it sends no more payload).  It parses each primary frame's
+    header once more (in COLO the core parses it too): one unpack per frame, kept separate so the
+    figures are the same in every mode and survive mode switches.
+    """
+
+    __slots__ = ("acked_bytes", "advances", "flows", "turns")
+
+    def __init__(self) -> None:
+        self.flows: dict[bytes, list[int]] = {}  # key -> [highest ACK, ACK at the last turn]
+        self.acked_bytes = 0
+        self.advances = 0
+        self.turns = 0
+
+    def feed(self, frames: list[bytes]) -> None:
+        flows = self.flows
+        unpack = _ACK4.unpack_from
+        acked = advances = turns = 0
+        for frame in frames:
+            if len(frame) < 54:
+                continue
+            w1, tot, w2, key, ack, offflags = unpack(frame)
+            if w1 & 0xFFFFFF00 == 0x08004500:  # IPv4 without options
+                if w2 & 0x3FFF00FF != 6:
+                    continue  # not TCP, or a fragment
+                payload = tot > 20 + ((offflags >> 10) & 0x3C)
+            else:
+                parsed = _tcp_ack_slow(frame)
+                if parsed is None:
+                    continue
+                key, ack, offflags, payload = parsed
+            if not offflags & _ACKF:
+                continue
+            st = flows.get(key)
+            if st is None or offflags & _SYN:
+                if len(flows) >= _MAX_CLIENT_FLOWS:
+                    flows.clear()  # bounded memory: at most one turn per flow is missed
+                flows[key] = [ack, ack]
+                continue
+            hi = st[0]
+            if ack != hi:
+                d = (ack - hi) & _M
+                if d < _H:
+                    acked += d
+                    advances += 1
+                    st[0] = hi = ack
+            if payload and st[1] != hi:
+                turns += 1
+                st[1] = hi
+            if offflags & (_FIN | _RST):
+                del flows[key]
+        self.acked_bytes += acked
+        self.advances += advances
+        self.turns += turns
+
+
+def _tcp_ack_slow(frame: bytes) -> tuple[bytes, int, int, bool] | None:
+    """(key, ack, flags, carries payload) of a TCP frame off the IPv4 fast path, else None."""
+    ethertype = frame[12:14]
+    if ethertype == b"\x86\xdd":
+        if len(frame) >= 74:
+            vtc, plen, nh, key, _seq, ack, offflags = _FAST6.unpack_from(frame)
+            if vtc >> 4 == 6 and nh == 6 and offflags >= 0x5000:
+                return key, ack, offflags, plen > ((offflags >> 10) & 0x3C)
+            if nh in (17, 58):
+                return None  # UDP, ICMPv6
+    elif ethertype != b"\x08\x00" or frame[23] != 6:
+        return None  # not IPv4/IPv6 (ARP...), or IPv4 but not TCP: spare the classifier
+    cls = classify(frame)
+    if cls[0] != KIND_TCP:
+        return None
+    _kind, key, _seq, ack, flags, pstart, ip_end = cls
+    return key, ack, flags, ip_end > pstart
 
 
 class _Side:
@@ -266,7 +369,12 @@ class Comparator:
     """See the module docstring.  Not thread-safe; one instance per VM pair."""
 
     def __init__(
-        self, mode: Mode = Mode.COLO, *, compare_timeout: float = 3.0, queue_budget_bytes: int = 64 << 20
+        self,
+        mode: Mode = Mode.COLO,
+        *,
+        compare_timeout: float = 3.0,
+        queue_budget_bytes: int = 64 << 20,
+        shadow: bool = True,
     ) -> None:
         self._mode = Mode(mode)  # mode of the open epoch
         self._next_mode = self._mode
@@ -290,6 +398,15 @@ class Comparator:
         self._requests = 0
         self._timeouts = 0
         self._checkpoints = 0
+        self._reasons: dict[str, int] = {}  # checkpoint requests by reason
+        self._client: _ClientTracker | None = _ClientTracker()
+        # shadow comparison of MC epochs (module docstring)
+        self.shadow_enabled = shadow
+        self._shadow: _Shadow | None = None
+        self._retired = _ShadowTotals()  # what shadows already ended counted
+        self._shadow_epochs = self._shadow_epochs_diverged = 0
+        if shadow and self._mode is Mode.MC:
+            self._start_shadow()
 
     # ------------------------------------------------------------------ public API
 
@@ -321,6 +438,8 @@ class Comparator:
         nbytes = sum(map(len, frames))
         self._p_frames += nframes
         self._p_bytes += nbytes
+        if self._client is not None:
+            self._client.feed(frames)
         if self._passthrough:
             self._out_frames += nframes
             self._out_bytes += nbytes
@@ -328,6 +447,8 @@ class Comparator:
         if self._mode is Mode.MC:
             self._mc_frames.extend(frames)
             self._held_bytes += nbytes
+            if self._shadow is not None:
+                self._shadow.feed_primary(frames, now)  # it only counts: its actions go nowhere
             if self._held_bytes + self._sec_bytes > self.queue_budget_bytes:
                 return self._queue_full()
             return []
@@ -350,6 +471,8 @@ class Comparator:
         self._s_bytes += nbytes
         if self._passthrough or self._mode is Mode.MC:
             self._dropped_secondary += nframes
+            if self._shadow is not None:  # never set while passing through
+                self._shadow.feed_secondary(frames, now)
             return [DropSecondary(nframes)]
         if type(frames) is not list or set(map(type, frames)) != _ONLY_BYTES:
             # stored payload slices must not alias a buffer the caller reuses
@@ -370,6 +493,8 @@ class Comparator:
     def poll(self, now: float) -> list[Action]:
         """Hold timeouts: a primary frame held longer than ``compare_timeout`` asks for a checkpoint."""
         if self._passthrough or self._pending or self._mode is Mode.MC:
+            if self._shadow is not None:
+                self._shadow.poll(now)  # the timeouts COLO would have had
             return []
         limit = now - self.compare_timeout
         actions: list[Action] = []
@@ -431,6 +556,18 @@ class Comparator:
         self._pending.append(sealed)
         self._epoch += 1
         self._mode = self._next_mode
+        shadow = self._shadow
+        if shadow is not None:  # the epoch just sealed was MC, shadow-compared
+            shadow.seal()
+            self._shadow_epochs += 1
+            if shadow.requests_this_epoch():
+                self._shadow_epochs_diverged += 1
+            if self._mode is Mode.MC:
+                shadow.new_epoch()
+            else:
+                self._retire_shadow()
+        elif self.shadow_enabled and self._mode is Mode.MC:
+            self._start_shadow()
         return n
 
     def commit(self, epoch: int) -> list[Action]:
@@ -447,7 +584,10 @@ class Comparator:
         actions: list[Action] = []
         while self._pending[0].epoch != epoch:
             actions += self._commit_oldest()
-        return actions + self._commit_oldest()
+        actions += self._commit_oldest()
+        if self._shadow is not None:
+            self._shadow.commit_through(epoch)
+        return actions
 
     def _commit_oldest(self) -> list[Action]:
         sealed = self._pending.popleft()
@@ -481,6 +621,7 @@ class Comparator:
 
     def release_all(self) -> list[Action]:
         """The secondary is lost: release everything held, in order, and stop comparing."""
+        self._retire_shadow()
         out: list[bytes] = []
         while self._pending:
             out.extend(self._release_sealed(self._pending.popleft()))
@@ -534,6 +675,38 @@ class Comparator:
             "malformed_secondary": self._malformed_s,
         }
 
+    def signals(self) -> CompareStats:
+        """The controller's signals (colo_compare.signals); O(reasons), cheap at any rate.
+
+        Hold latency is left empty: the shell, which owns the clock, fills it in.
+        """
+        shadow = self._shadow
+        totals = self._retired if shadow is None else self._retired.plus(shadow)
+        client = self._client
+        return CompareStats(
+            mode=self._mode,
+            epoch=self._epoch,
+            shadow=shadow is not None,
+            guest_frames=self._p_frames,
+            guest_bytes=self._p_bytes,
+            secondary_frames=self._s_frames,
+            secondary_bytes=self._s_bytes,
+            client_bytes_acked=client.acked_bytes if client is not None else 0,
+            client_ack_advances=client.advances if client is not None else 0,
+            turns=client.turns if client is not None else 0,
+            released_frames=self._out_frames,
+            released_bytes=self._out_bytes,
+            held_bytes=self._held_bytes,
+            checkpoints=self._checkpoints,
+            divergences=ReasonCounts.from_counts(self._reasons),
+            shadow_divergences=ReasonCounts.from_counts(totals.reasons),
+            shadow_early_frames=totals.early_frames,
+            shadow_early_bytes=totals.early_bytes,
+            shadow_held_bytes=shadow.held_bytes() if shadow is not None else 0,
+            shadow_epochs=self._shadow_epochs,
+            shadow_epochs_diverged=self._shadow_epochs_diverged,
+        )
+
     def flows(self) -> list[FlowReport]:
         """Every flow the core knows, with per-side progress and the first divergence if any."""
         reports: list[FlowReport] = []
@@ -582,6 +755,18 @@ class Comparator:
         pp = dflow.p_pending[i][1] if 0 <= i < len(dflow.p_pending) else b""
         sp = dflow.s_pending[i] if 0 <= i < len(dflow.s_pending) else b""
         return pp[:length], sp[:length]
+
+    # ------------------------------------------------------------------ shadow
+
+    def _start_shadow(self) -> None:
+        """A fresh shadow for the open MC epoch, numbering its epochs as this core does."""
+        self._shadow = _Shadow(self._epoch, self.compare_timeout, self.queue_budget_bytes)
+
+    def _retire_shadow(self) -> None:
+        """End the shadow (the open epoch is not MC, or the secondary is lost); keep its counts."""
+        if self._shadow is not None:
+            self._retired = self._retired.plus(self._shadow)
+            self._shadow = None
 
     # ------------------------------------------------------------------ COLO internals
 
@@ -1170,6 +1355,7 @@ class Comparator:
                  ) -> CheckpointRequest:
         flow.requested = True
         self._requests += 1
+        self._reasons[reason] = self._reasons.get(reason, 0) + 1
         return CheckpointRequest(reason, proto, flow_name(flow.key), offset)
 
     def _queue_full(self) -> list[Action]:
@@ -1177,6 +1363,7 @@ class Comparator:
             return []
         self._queue_full_requested = True
         self._requests += 1
+        self._reasons["queue-full"] = self._reasons.get("queue-full", 0) + 1
         return [CheckpointRequest("queue-full", "other", None, None)]
 
     def _reanchor(self, sealed: _Sealed) -> None:
@@ -1234,6 +1421,133 @@ class Comparator:
         self._out_frames += len(out)
         self._out_bytes += sum(map(len, out))
 
+
+
+@dataclass(frozen=True, slots=True)
+class _ShadowTotals:
+    """What shadows counted: would-be requests by reason (with overflows), early releases."""
+
+    reasons: dict[str, int] = field(default_factory=dict)
+    early_frames: int = 0
+    early_bytes: int = 0
+
+    def plus(self, shadow: _Shadow) -> _ShadowTotals:
+        reasons = dict(self.reasons)
+        for reason, count in shadow._reasons.items():
+            reasons[reason] = reasons.get(reason, 0) + count
+        if shadow.overflows:
+            reasons[SHADOW_OVERFLOW] = reasons.get(SHADOW_OVERFLOW, 0) + shadow.overflows
+        return _ShadowTotals(
+            reasons, self.early_frames + shadow._out_frames, self.early_bytes + shadow._out_bytes
+        )
+
+
+class _Shadow(Comparator):
+    """The COLO core run beside an MC epoch (module docstring, MC mode).
+
+    It is a Comparator in COLO mode whose outputs are counted, never acted on: ``_out_frames`` /
+    ``_out_bytes`` count only what ``_settle`` released (COLO's early releases: a checkpoint's
+    releases are not counted, see ``_count_out``), ``_reasons`` the requests COLO would have made.
+    Its epochs carry the numbers of the core it shadows.  A full queue sheds flows instead of
+    asking for a checkpoint; a shed flow's frames are filtered out until the next seal.
+    """
+
+    def __init__(self, epoch: int, compare_timeout: float, queue_budget_bytes: int) -> None:
+        super().__init__(
+            Mode.COLO, compare_timeout=compare_timeout, queue_budget_bytes=queue_budget_bytes, shadow=False
+        )
+        self._epoch = epoch
+        self._client = None  # the core it shadows tracks the client side
+        self._shed: set[bytes | tuple] = set()
+        self.overflows = 0
+        self._counted_at_seal = 0
+
+    def feed_primary(self, frames: Sequence[bytes | memoryview], now: float) -> list[Action]:
+        if self._shed:
+            frames = [f for f in frames if _flow_key(f) not in self._shed]
+        return super().feed_primary(frames, now)
+
+    def feed_secondary(self, frames: Sequence[bytes | memoryview], now: float) -> list[Action]:
+        if self._shed:
+            frames = [f for f in frames if _flow_key(f) not in self._shed]
+        return super().feed_secondary(frames, now)
+
+    def requests_this_epoch(self) -> int:
+        """Requests and overflows counted since the previous ``new_epoch``."""
+        return self._requests + self.overflows - self._counted_at_seal
+
+    def new_epoch(self) -> None:
+        """Called after ``seal``: shed flows come back (anchored afresh after the re-anchor)."""
+        self._counted_at_seal = self._requests + self.overflows
+        self._shed.clear()
+
+    def commit_through(self, epoch: int) -> None:
+        """Commit the newest sealed epoch not after ``epoch`` (and so every older one)."""
+        last = None
+        for sealed in self._pending:
+            if sealed.epoch > epoch:
+                break
+            last = sealed.epoch
+        if last is not None:
+            self.commit(last)
+            # frames set aside during the seal were just fed: the budget holds after every call
+            if self._held_bytes + self._sec_bytes > self.queue_budget_bytes:
+                self._shed_flows()
+
+    def held_bytes(self) -> int:
+        return self._held_bytes
+
+    def _count_out(self, out: list[bytes]) -> None:
+        pass  # released by a checkpoint: COLO would not have released these early
+
+    def _queue_full(self) -> list[Action]:
+        self._shed_flows()
+        return []
+
+    def _shed_flows(self) -> None:
+        """Drop the flows holding the most until the shadow holds at most half its budget."""
+        sizes: list[tuple[int, bytes | tuple]] = []
+        for key, flow in self._tcp.items():
+            sizes.append((sum(len(item[2]) for item in flow.held) + _stored(flow.s), key))
+        for dkey, dflow in self._dgram.items():
+            held = sum(len(item[0]) for item in dflow.p_pending)
+            sizes.append((held + sum(map(len, dflow.s_pending)), dkey))
+        sizes.sort(key=itemgetter(0), reverse=True)
+        target = self.queue_budget_bytes // 2
+        for _size, key in sizes:
+            if self._held_bytes + self._sec_bytes <= target:
+                break
+            if type(key) is bytes:
+                flow = self._tcp.pop(key)
+                self._held_bytes -= sum(len(item[2]) for item in flow.held)
+                self._sec_bytes -= _stored(flow.s)
+                # a sealed epoch may still name this flow: it finds nothing left to release
+                flow.held.clear()
+                flow.p, flow.s = _Side(), _Side()
+            else:
+                dflow = self._dgram.pop(key)
+                self._held_bytes -= sum(len(item[0]) for item in dflow.p_pending)
+                self._sec_bytes -= sum(map(len, dflow.s_pending))
+                dflow.p_pending.clear()
+                dflow.s_pending.clear()
+            self._shed.add(key)
+            self.overflows += 1
+        self._sec_bytes = max(self._sec_bytes, 0)
+
+
+def _flow_key(frame: bytes | memoryview) -> bytes | tuple:
+    """The key the core files this frame under (the shadow's filter for shed flows)."""
+    n = len(frame)
+    if n >= 54:
+        w1, tot, w2, key, _seq, _ack, offflags = _FAST4.unpack_from(frame)
+        ip_end = 14 + tot
+        pstart = 34 + ((offflags >> 10) & 0x3C)
+        if (
+            w1 & 0xFFFFFF00 == 0x08004500 and w2 & 0x3FFF00FF == 6 and offflags >= 0x5000
+            and pstart <= ip_end <= n
+        ):  # fmt: skip
+            return key
+    return classify(bytes(frame))[1]
 
 def _event(side: _Side, v: int) -> int:
     """What this side has at sequence-space offset ``v`` once data is verified up to ``v``."""
