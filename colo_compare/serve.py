@@ -42,7 +42,8 @@ Why these choices
 * **stats** answers at the daemon's sampling rate (4 Hz): besides the human-oriented ``core`` and
   ``transport`` parts, ``signals`` is :class:`~colo_compare.signals.CompareStats` (``as_dict``),
   built from the core's counters plus the hold latency this shell measures (it owns the clock).
-  Nothing in it grows with traffic: hold samples live in a bounded ring.
+  Nothing in it grows with traffic: hold samples live in a bounded ring.  ``stats`` with
+  ``signals_only: true`` answers that part alone (no per-flow sums, one bounded sort).
 * **next-request** is a long-poll: the daemon keeps one control connection parked on it and learns
   of a divergence within a loop iteration.  Requests are coalesced (one answer carries the first
   request and how many followed), and a ``seal`` clears them: checkpoint N resolves every request
@@ -491,6 +492,12 @@ class CompareService:
             self._check_pressure()
             return {"released_frames": self.counters.released_frames - before}
         if verb == "stats":
+            only = args.get("signals_only", False)
+            if not isinstance(only, bool):
+                raise ControlError(f"'signals_only' must be true or false, got {only!r}", "bad-args")
+            if only:  # the daemon's 4 Hz sample: the typed part alone, cheapest
+                signals = self.signals()
+                return {"signals": signals.as_dict() if signals is not None else None}
             return self.stats()
         if verb == "next-request":
             return await self._verb_next_request(args)
