@@ -84,7 +84,8 @@ Holding, budgets, checkpoints
   the same ``queue_budget_bytes``: past it, the flows holding the most are dropped from the shadow
   (largest first, down to half the budget) and ignored until the next seal, each counted as a
   ``shadow-overflow``.  A shadow starts with the first MC epoch (fresh: flows already open are
-  anchored as when first seen) and ends at the seal into COLO or at ``release_all``.
+  anchored as when first seen) and ends at the seal into COLO or at ``release_all``;
+  ``set_shadow`` turns it on or off from the next seal, like ``set_mode``.
 * ``set_mode`` takes effect at the next ``seal`` so every epoch has exactly one mode.
 * ``release_all()`` (the secondary is lost) releases everything held and switches to pass-through
   (primary frames are released as they come) until the next ``seal()``, which starts a new,
@@ -416,7 +417,8 @@ class Comparator:
         self._reasons: dict[str, int] = {}  # checkpoint requests by reason
         self._client: _ClientTracker | None = _ClientTracker()
         # shadow comparison of MC epochs (module docstring)
-        self.shadow_enabled = shadow
+        self._shadow_on = shadow  # for the open epoch
+        self._next_shadow_on = shadow  # from the next seal on
         self._shadow: _Shadow | None = None
         self._retired = _ShadowTotals()  # what shadows already ended counted
         self._shadow_epochs = self._shadow_epochs_diverged = 0
@@ -442,6 +444,17 @@ class Comparator:
 
     def set_mode(self, mode: Mode) -> None:
         self._next_mode = Mode(mode)
+
+    @property
+    def shadow_enabled(self) -> bool:
+        """Whether MC epochs are shadow-compared (``set_shadow`` shows here after the next seal)."""
+        return self._shadow_on
+
+    def set_shadow(self, enabled: bool) -> None:
+        """Shadow-compare MC epochs from the next ``seal`` on, like ``set_mode``: off for a passive
+        secondary (stopped after each checkpoint, it sends nothing, and a shadow would only see
+        timeouts)."""
+        self._next_shadow_on = bool(enabled)
 
     def feed_primary(self, frames: Sequence[bytes | memoryview], now: float) -> list[Action]:
         """Feed a batch of primary frames (arrival order); returns the actions they cause."""
@@ -571,17 +584,18 @@ class Comparator:
         self._pending.append(sealed)
         self._epoch += 1
         self._mode = self._next_mode
+        self._shadow_on = self._next_shadow_on
         shadow = self._shadow
         if shadow is not None:  # the epoch just sealed was MC, shadow-compared
             shadow.seal()
             self._shadow_epochs += 1
             if shadow.requests_this_epoch():
                 self._shadow_epochs_diverged += 1
-            if self._mode is Mode.MC:
+            if self._mode is Mode.MC and self._shadow_on:
                 shadow.new_epoch()
             else:
                 self._retire_shadow()
-        elif self.shadow_enabled and self._mode is Mode.MC:
+        elif self._shadow_on and self._mode is Mode.MC:
             self._start_shadow()
         return n
 

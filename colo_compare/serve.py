@@ -511,9 +511,21 @@ class CompareService:
             mode = Mode(raw)
         except ValueError:
             raise ControlError(f"mode must be 'colo' or 'mc', not {raw!r}", "bad-args") from None
+        shadow = args.get("shadow")
+        set_shadow = getattr(self.core, "set_shadow", None)
+        if shadow is not None:  # optional: shadow-compare MC epochs (off for a passive secondary)
+            if not isinstance(shadow, bool):
+                raise ControlError(f"'shadow' must be true or false, got {shadow!r}", "bad-args")
+            if set_shadow is None:
+                raise ControlError("this core compares nothing: no shadow to set", "bad-args")
         self.core.set_mode(mode)
-        log.info("mode %s requested (takes effect at the next seal)", mode)
-        return {"mode": str(self.core.mode), "next_mode": str(mode)}
+        reply: dict[str, Any] = {"mode": str(self.core.mode), "next_mode": str(mode)}
+        if shadow is not None:
+            set_shadow(shadow)  # type: ignore[misc]
+            reply["next_shadow"] = shadow
+        log.info("mode %s%s requested (takes effect at the next seal)", mode,
+                 "" if shadow is None else f", shadow {'on' if shadow else 'off'}")  # fmt: skip
+        return reply
 
     def _verb_seal(self) -> dict[str, Any]:
         # both VMs are stopped: everything they sent is in our socket buffers; read it all first
