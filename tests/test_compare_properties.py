@@ -178,6 +178,7 @@ _op = st.one_of(
     st.just(("seal",)),
     st.just(("commit",)),
     st.tuples(st.just("mode"), st.sampled_from([Mode.COLO, Mode.MC])),
+    st.tuples(st.just("shadow"), st.booleans()),  # a passive secondary from the next seal, or not
     st.just(("poll",)),
     st.just(("release_all",)),
 )
@@ -237,6 +238,8 @@ def run_schedule(c: Comparator, ops: list[tuple]) -> tuple[list[list], dict[int,
                 acts = c.commit(pending.pop(0))
         elif kind == "mode":
             c.set_mode(op[1])
+        elif kind == "shadow":
+            c.set_shadow(op[1])
         elif kind == "poll":
             acts = c.poll(t)
         else:

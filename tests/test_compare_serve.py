@@ -201,6 +201,8 @@ def test_stats_signals_count_live_divergences_in_colo(tmp_path: Path) -> None:
 def test_relay_has_no_signals(tmp_path: Path) -> None:
     with served(tmp_path, relay=True) as s:
         assert s.ctl("stats")["signals"] is None
+        with pytest.raises(ControlError, match="no shadow"):
+            s.ctl("mode", mode="mc", shadow=True)
 
 
 def test_colo_releases_matching_streams_and_reports_a_divergence(tmp_path: Path) -> None:
@@ -307,6 +309,15 @@ def test_control_errors_change_nothing(tmp_path: Path) -> None:
         assert s.ctl("mode", mode="mc") == {"mode": "colo", "next_mode": "mc"}
         assert s.ctl("seal")["epoch"] == 1
         assert s.ctl("stats")["core"]["mode"] == "mc"
+        assert s.ctl("stats", signals_only=True)["signals"]["shadow"] is True
+        with pytest.raises(ControlError) as info:
+            s.ctl("mode", mode="mc", shadow="off")
+        assert info.value.code == "bad-args"
+        passive = s.ctl("mode", mode="mc", shadow=False)  # the secondary goes passive
+        assert passive == {"mode": "mc", "next_mode": "mc", "next_shadow": False}
+        assert s.ctl("stats", signals_only=True)["signals"]["shadow"] is True  # until the seal
+        s.ctl("seal")
+        assert s.ctl("stats", signals_only=True)["signals"]["shadow"] is False
 
 
 def test_relay_forwards_everything_at_once(tmp_path: Path) -> None:

@@ -206,6 +206,23 @@ def test_shadow_follows_mode_switches_and_release_all() -> None:
     assert not Comparator(Mode.MC, shadow=False).signals().shadow
 
 
+def test_set_shadow_takes_effect_at_the_next_seal() -> None:
+    c = Comparator(Mode.MC)
+    c.set_shadow(False)  # the secondary goes passive from the next checkpoint
+    assert c.signals().shadow and c.shadow_enabled
+    c.seal()
+    assert not c.signals().shadow and not c.shadow_enabled
+    c.feed_primary(stream_frames(DATA[:1000], [1000], isn=10), 0.0)
+    c.feed_secondary(stream_frames(DATA[:1000], [1000], isn=10), 0.0)
+    assert c.signals().shadow_early_frames == 0  # nobody compared them
+    c.set_shadow(True)
+    c.seal()
+    assert c.signals().shadow and c.signals().shadow_epochs == 1
+    c.feed_primary([tcp_frame(11 + 1000, b"more", ack=1000)], 0.0)
+    c.feed_secondary([tcp_frame(11 + 1000, b"more", ack=1000)], 0.0)
+    assert c.signals().shadow_early_frames == 1
+
+
 def test_live_divergences_by_reason_in_colo() -> None:
     c = Comparator(queue_budget_bytes=10_000)
     other = bytearray(DATA[:3000])
