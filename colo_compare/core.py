@@ -213,9 +213,14 @@ class _ClientTracker:
     The rules (bytes acknowledged, ACK advances, turns) are colo_compare.signals' module docstring.
     Per TCP flow it keeps two numbers: the highest ACK number seen and the one the flow's last
     turn was counted at.  The first segment of a flow (or a SYN) only sets the baseline; a FIN or
-    RST from the guest ends the flow (it sends no more payload).  It parses each primary frame's
-    header once more (in COLO the core parses it too): one unpack per frame, kept separate so the
-    figures are the same in every mode and survive mode switches.
+    RST from the guest ends the flow (it sends no more payload).  One tracker per core, kept
+    across mode switches and shared with the shadow, so the figures are the same in every mode.
+
+    Where the core parses primary frames anyway (COLO, and MC's shadow) its loop calls ``one``
+    itself, and only when a frame's ACK number differs from the flow's settled one (``one``'s
+    return value): a frame with the settled ACK number changes nothing, and in a stream that is
+    nearly every frame.  Elsewhere (MC without a shadow, pass-through) ``feed`` does the parsing,
+    with the same shortcut.
     """
 
     __slots__ = ("acked_bytes", "advances", "flows", "turns")
@@ -226,22 +231,51 @@ class _ClientTracker:
         self.advances = 0
         self.turns = 0
 
-    def feed(self, frames: list[bytes]) -> None:
+    def one(self, key: bytes, ack: int, flags: int, payload: bool) -> int:
+        """One TCP frame of the primary (``flags``: its TCP flags, maybe with the data offset).
+
+        Returns the flow's settled ACK number after it (another frame with that number would
+        change nothing), or -1.
+        """
+        if not flags & _ACKF:
+            return -1
         flows = self.flows
+        st = flows.get(key)
+        if st is None or flags & _SYN:
+            if len(flows) >= _MAX_CLIENT_FLOWS:
+                flows.clear()  # bounded memory: at most one turn per flow is missed
+            flows[key] = [ack, ack]
+            return ack
+        hi = st[0]
+        if ack != hi:
+            d = (ack - hi) & _M
+            if d < _H:
+                self.acked_bytes += d
+                self.advances += 1
+                st[0] = hi = ack
+        if payload and st[1] != hi:
+            self.turns += 1
+            st[1] = hi
+        if flags & (_FIN | _RST):
+            del flows[key]
+            return -1
+        return ack if ack == hi == st[1] else -1
+
+    def feed(self, frames: Iterable[bytes]) -> None:
+        """Primary frames the core does not parse itself."""
         key_ack = _KEY_ACK4.unpack_from
         unpack = _ACK4.unpack_from
-        acked = advances = turns = 0
-        # A frame with the key and ACK number of the previous TCP frame changes nothing once that
-        # flow is settled (that ACK is its highest and its turn is counted): skipped after one
-        # small unpack, which is what most frames of a stream cost.  (A non-TCP frame with those
-        # bytes in those places would be skipped anyway.)
+        one = self.one
+        # the previous TCP frame's key and settled ACK number: a frame with both and no SYN, FIN
+        # or RST (byte 47: the IPv4/TCP flags) is skipped after one small unpack (a non-TCP frame
+        # with those bytes there would be skipped anyway)
         skey: bytes | None = None
         sack = -1
         for frame in frames:
             if len(frame) < 54:
                 continue
             key, ack = key_ack(frame)
-            if ack == sack and key == skey:
+            if ack == sack and key == skey and not frame[47] & 7:
                 continue
             w1, tot, w2, offflags = unpack(frame)
             if w1 & 0xFFFFFF00 == 0x08004500:  # IPv4 without options
@@ -253,33 +287,8 @@ class _ClientTracker:
                 if parsed is None:
                     continue
                 key, ack, offflags, payload = parsed
-            skey = None
-            if not offflags & _ACKF:
-                continue
-            st = flows.get(key)
-            if st is None or offflags & _SYN:
-                if len(flows) >= _MAX_CLIENT_FLOWS:
-                    flows.clear()  # bounded memory: at most one turn per flow is missed
-                flows[key] = [ack, ack]
-                skey, sack = key, ack
-                continue
-            hi = st[0]
-            if ack != hi:
-                d = (ack - hi) & _M
-                if d < _H:
-                    acked += d
-                    advances += 1
-                    st[0] = hi = ack
-            if payload and st[1] != hi:
-                turns += 1
-                st[1] = hi
-            if offflags & (_FIN | _RST):
-                del flows[key]
-            elif ack == hi == st[1]:
-                skey, sack = key, ack
-        self.acked_bytes += acked
-        self.advances += advances
-        self.turns += turns
+            sack = one(key, ack, offflags, payload)
+            skey = key
 
 
 def _tcp_ack_slow(frame: bytes) -> tuple[bytes, int, int, bool] | None:
@@ -415,7 +424,7 @@ class Comparator:
         self._timeouts = 0
         self._checkpoints = 0
         self._reasons: dict[str, int] = {}  # checkpoint requests by reason
-        self._client: _ClientTracker | None = _ClientTracker()
+        self._client = _ClientTracker()
         # shadow comparison of MC epochs (module docstring)
         self._shadow_on = shadow  # for the open epoch
         self._next_shadow_on = shadow  # from the next seal on
@@ -466,9 +475,8 @@ class Comparator:
         nbytes = sum(map(len, frames))
         self._p_frames += nframes
         self._p_bytes += nbytes
-        if self._client is not None:
-            self._client.feed(frames)
         if self._passthrough:
+            self._client.feed(frames)
             self._out_frames += nframes
             self._out_bytes += nbytes
             return [Release(list(frames))]
@@ -476,7 +484,10 @@ class Comparator:
             self._mc_frames.extend(frames)
             self._held_bytes += nbytes
             if self._shadow is not None:
-                self._shadow.feed_primary(frames, now)  # it only counts: its actions go nowhere
+                # it only counts (its actions go nowhere); its parsing feeds the client tracker
+                self._shadow.feed_primary(frames, now)
+            else:
+                self._client.feed(frames)
             if self._held_bytes + self._sec_bytes > self.queue_budget_bytes:
                 return self._queue_full()
             return []
@@ -720,9 +731,9 @@ class Comparator:
             guest_bytes=self._p_bytes,
             secondary_frames=self._s_frames,
             secondary_bytes=self._s_bytes,
-            client_bytes_acked=client.acked_bytes if client is not None else 0,
-            client_ack_advances=client.advances if client is not None else 0,
-            turns=client.turns if client is not None else 0,
+            client_bytes_acked=client.acked_bytes,
+            client_ack_advances=client.advances,
+            turns=client.turns,
             released_frames=self._out_frames,
             released_bytes=self._out_bytes,
             held_bytes=self._held_bytes,
@@ -789,7 +800,7 @@ class Comparator:
 
     def _start_shadow(self) -> None:
         """A fresh shadow for the open MC epoch, numbering its epochs as this core does."""
-        self._shadow = _Shadow(self._epoch, self.compare_timeout, self.queue_budget_bytes)
+        self._shadow = _Shadow(self._epoch, self.compare_timeout, self.queue_budget_bytes, self._client)
 
     def _retire_shadow(self) -> None:
         """End the shadow (the open epoch is not MC, or the secondary is lost); keep its counts."""
@@ -851,6 +862,8 @@ class Comparator:
         parts: list[bytes] = []
         rack = -1
         held_append = None
+        track = self._client.one
+        cack = -1  # the open run's flow's settled ACK number (client tracker), -1: none
         for frame in frames:
             n = len(frame)
             if n >= 54:
@@ -869,6 +882,8 @@ class Comparator:
                         rnxt = (seq + plen) & 0xFFFFFFFF
                     if offflags & 0x10:
                         rack = ack
+                        if ack != cack:
+                            cack = track(key, ack, offflags, plen > 0)
                         held_append((rend, ack, frame, now))  # type: ignore[misc]
                     else:
                         held_append((rend, -1, frame, now))  # type: ignore[misc]
@@ -908,9 +923,10 @@ class Comparator:
                 held_append = flow.held.append
                 if offflags & 0x10:
                     rack = ack
+                    cack = track(key, ack, offflags, plen > 0)
                     held_append((rend, ack, frame, now))
                 else:
-                    rack = -1
+                    rack = cack = -1
                     held_append((rend, -1, frame, now))
                 continue
             end = self._tcp_segment(flow, side, True, seq, offflags & 0x3F, frame, pstart, plen)
@@ -918,6 +934,7 @@ class Comparator:
             touched[flow] = None
             if offflags & 0x10:
                 flow.p.ack = ack
+                track(key, ack, offflags, plen > 0)
                 flow.held.append((end, ack, frame, now))
             else:
                 flow.held.append((end, -1, frame, now))
@@ -1481,19 +1498,27 @@ class _Shadow(Comparator):
     asking for a checkpoint; a shed flow's frames are filtered out until the next seal.
     """
 
-    def __init__(self, epoch: int, compare_timeout: float, queue_budget_bytes: int) -> None:
+    def __init__(
+        self, epoch: int, compare_timeout: float, queue_budget_bytes: int, client: _ClientTracker
+    ) -> None:
         super().__init__(
             Mode.COLO, compare_timeout=compare_timeout, queue_budget_bytes=queue_budget_bytes, shadow=False
         )
         self._epoch = epoch
-        self._client = None  # the core it shadows tracks the client side
+        self._client = client  # the shadowed core's: this core's parsing feeds it
         self._shed: set[bytes | tuple] = set()
         self.overflows = 0
         self._counted_at_seal = 0
 
     def feed_primary(self, frames: Sequence[bytes | memoryview], now: float) -> list[Action]:
         if self._shed:
-            frames = [f for f in frames if _flow_key(f) not in self._shed]
+            kept: list[bytes | memoryview] = []
+            for frame in frames:
+                if _flow_key(frame) in self._shed:
+                    self._client.feed((bytes(frame),))  # not compared, still counted
+                else:
+                    kept.append(frame)
+            frames = kept
         return super().feed_primary(frames, now)
 
     def feed_secondary(self, frames: Sequence[bytes | memoryview], now: float) -> list[Action]:

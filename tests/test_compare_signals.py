@@ -10,13 +10,17 @@ import asyncio
 import dataclasses
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from colo_compare.core import CheckpointRequest, Comparator, Release
+from colo_compare.packet import classify
 from colo_compare.serve import HOLD_SAMPLE, CompareService
 from colo_compare.signals import CompareStats, HoldSummary, HoldWindow, ReasonCounts
 from hybridft_common.endpoints import parse_endpoint
 from hybridft_common.vocabulary import Mode
 from tests.helpers.frames import CLIENT6, VM6, arp_reply, stream_frames, tcp_frame, udp_frame
+from tests.helpers.raw_frames import tcp4
 
 DATA = bytes((i * 7 + i // 251) & 0xFF for i in range(20000))
 
@@ -321,6 +325,100 @@ def test_turns_on_ipv6_and_across_mode_switches() -> None:
     c.seal()  # the comparator's COLO flow state is dropped here; the client tracker's is not
     c.feed_primary([tcp_frame(11, b"answer", ack=140, **kw)], 0.0)  # type: ignore[arg-type]
     assert _turns(c) == (1, 40, 1)
+
+
+def _turns_by_the_rule(frames: list[bytes]) -> tuple[int, int, int]:
+    """The turn rule (colo_compare.signals) written plainly, frame by frame, for comparison."""
+    flows: dict[bytes, list[int]] = {}
+    turns = acked = advances = 0
+    for frame in frames:
+        cls = classify(frame)
+        if cls[0] != "tcp" or not cls[4] & 0x10:
+            continue
+        _kind, key, _seq, ack, flags, pstart, ip_end = cls
+        if key not in flows or flags & 0x02:
+            flows[key] = [ack, ack]
+            continue
+        state = flows[key]
+        forward = (ack - state[0]) % (1 << 32)
+        if 0 < forward < 1 << 31:
+            acked += forward
+            advances += 1
+            state[0] = ack
+        if ip_end > pstart and state[1] != state[0]:
+            turns += 1
+            state[1] = state[0]
+        if flags & 0x05:
+            del flows[key]
+    return turns, acked, advances
+
+
+_event = st.one_of(
+    st.tuples(st.just("data"), st.integers(1, 300), st.sampled_from([0, 0, 0, 1, 40, 0x7FFFFFF0])),
+    st.tuples(st.just("ack"), st.sampled_from([0, 1, 40])),  # a pure ACK
+    st.tuples(st.just("old"), st.integers(1, 300)),  # a retransmission with an older ACK number
+    st.tuples(st.just("reorder"),),  # the next data segment before this one
+    st.tuples(st.just("fin"),),
+    st.tuples(st.just("syn"), st.integers(0, 0xFFFFFFFF)),  # a new connection on the same ports
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(_event, max_size=25), min_size=1, max_size=3), st.data())
+def test_turns_are_the_same_in_every_mode_and_batching(flows: list[list[tuple]], data: st.DataObject) -> None:
+    """COLO (the core's own parse), MC with a shadow (the shadow's parse) and MC without (the
+    tracker's own), in any batches, with seals and commits between them: the figures of the rule."""
+    per_flow = []
+    for f, events in enumerate(flows):
+        seq, ack, out, swap = 1000 * f, data.draw(st.integers(0, 0xFFFFFFFF)), [], False
+        out.append(tcp4(seq, flags=0x12, ack=ack, dport=40000 + f))
+        seq += 1
+        for event in events:
+            kind = event[0]
+            if kind == "data":
+                ack = (ack + event[2]) & 0xFFFFFFFF
+                out.append(tcp4(seq, b"d" * event[1], flags=0x18, ack=ack, dport=40000 + f))
+                seq += event[1]
+                if swap and len(out) >= 2:
+                    out[-1], out[-2] = out[-2], out[-1]
+                swap = False
+            elif kind == "ack":
+                ack = (ack + event[1]) & 0xFFFFFFFF
+                out.append(tcp4(seq, flags=0x10, ack=ack, dport=40000 + f))
+            elif kind == "old":
+                old_ack = (ack - 50) & 0xFFFFFFFF
+                out.append(tcp4(seq, b"o" * event[1], flags=0x18, ack=old_ack, dport=40000 + f))
+            elif kind == "reorder":
+                swap = True
+            elif kind == "fin":
+                out.append(tcp4(seq, flags=0x11, ack=ack, dport=40000 + f))
+                seq += 1
+            else:
+                seq, ack = event[1], data.draw(st.integers(0, 0xFFFFFFFF))
+                out.append(tcp4(seq, flags=0x12, ack=ack, dport=40000 + f))
+                seq += 1
+        per_flow.append(out)
+    frames: list[bytes] = []
+    queues = [list(q) for q in per_flow]
+    while any(queues):
+        nonempty = [q for q in queues if q]
+        q = nonempty[data.draw(st.integers(0, len(nonempty) - 1))]
+        take = data.draw(st.integers(1, 6))
+        frames += q[:take]
+        del q[:take]
+    cores = [Comparator(Mode.COLO), Comparator(Mode.MC), Comparator(Mode.MC, shadow=False)]
+    i = 0
+    while i < len(frames):
+        n = data.draw(st.integers(1, 16))
+        checkpoint = data.draw(st.integers(0, 7)) == 0
+        for c in cores:
+            c.feed_primary(frames[i : i + n], 0.0)
+            if checkpoint:
+                c.commit(c.seal())
+        i += n
+    want = _turns_by_the_rule(frames)
+    for c in cores:
+        assert _turns(c) == want, c.mode
 
 
 # ------------------------------------------------------------------------------ hold latency
