@@ -120,7 +120,14 @@ from colo_compare.packet import (
     flow_name,
     proto_of,
 )
-from colo_compare.signals import SHADOW_OVERFLOW, CompareStats, ReasonCounts
+from colo_compare.signals import (
+    HOLD_SAMPLE,
+    SHADOW_OVERFLOW,
+    CompareStats,
+    HoldSummary,
+    HoldWindow,
+    ReasonCounts,
+)
 from hybridft_common.vocabulary import Mode
 
 __all__ = [
@@ -715,10 +722,11 @@ class Comparator:
             "malformed_secondary": self._malformed_s,
         }
 
-    def signals(self) -> CompareStats:
-        """The controller's signals (colo_compare.signals); O(reasons), cheap at any rate.
+    def signals(self, now: float | None = None) -> CompareStats:
+        """The controller's signals (colo_compare.signals); O(reasons) plus one bounded sort.
 
-        Hold latency is left empty: the shell, which owns the clock, fills it in.
+        ``now`` (the clock the feeds are given) ends the shadow's hold window (None: every sample
+        kept).  The live hold latency is left empty: the shell, which sees releases leave, fills it.
         """
         shadow = self._shadow
         totals = self._retired if shadow is None else self._retired.plus(shadow)
@@ -745,6 +753,7 @@ class Comparator:
             shadow_held_bytes=shadow.held_bytes() if shadow is not None else 0,
             shadow_epochs=self._shadow_epochs,
             shadow_epochs_diverged=self._shadow_epochs_diverged,
+            shadow_hold=shadow.hold.summary(now) if shadow is not None else HoldSummary(),
         )
 
     def flows(self) -> list[FlowReport]:
@@ -1509,8 +1518,12 @@ class _Shadow(Comparator):
         self._shed: set[bytes | tuple] = set()
         self.overflows = 0
         self._counted_at_seal = 0
+        # COLO's would-be hold latency: every HOLD_SAMPLE-th primary frame, id -> (frame, arrival)
+        self.hold = HoldWindow()
+        self._hold_pending: dict[int, tuple[bytes, float]] = {}
 
     def feed_primary(self, frames: Sequence[bytes | memoryview], now: float) -> list[Action]:
+        """The shadowed core's frames (``bytes``: it converted them), hold samples taken."""
         if self._shed:
             kept: list[bytes | memoryview] = []
             for frame in frames:
@@ -1519,12 +1532,28 @@ class _Shadow(Comparator):
                 else:
                     kept.append(frame)
             frames = kept
-        return super().feed_primary(frames, now)
+        pending = self._hold_pending
+        if len(pending) > 1 << 16:  # frames a shed or a commit took never leave by _settle: bound it
+            pending.clear()
+        for frame in frames[::HOLD_SAMPLE]:
+            pending[id(frame)] = (frame, now)  # type: ignore[assignment]
+        return self._sample_holds(super().feed_primary(frames, now), now)
 
     def feed_secondary(self, frames: Sequence[bytes | memoryview], now: float) -> list[Action]:
         if self._shed:
             frames = [f for f in frames if _flow_key(f) not in self._shed]
-        return super().feed_secondary(frames, now)
+        return self._sample_holds(super().feed_secondary(frames, now), now)
+
+    def _sample_holds(self, actions: list[Action], now: float) -> list[Action]:
+        """Hold samples of the frames COLO would have released now (the entry keeps a sampled frame
+        alive, so an id found among released frames is that very frame)."""
+        pending = self._hold_pending
+        if pending:
+            for action in actions:
+                if type(action) is Release:
+                    for fid in pending.keys() & set(map(id, action.frames)):
+                        self.hold.add(now, (now - pending.pop(fid)[1]) * 1e6)
+        return actions
 
     def requests_this_epoch(self) -> int:
         """Requests and overflows counted since the previous ``new_epoch``."""
@@ -1543,7 +1572,11 @@ class _Shadow(Comparator):
                 break
             last = sealed.epoch
         if last is not None:
-            self.commit(last)
+            pending = self._hold_pending
+            for action in self.commit(last):
+                if type(action) is Release and pending:  # released at the commit: no hold time
+                    for fid in pending.keys() & set(map(id, action.frames)):
+                        del pending[fid]
             # frames set aside during the seal were just fed: the budget holds after every call
             if self._held_bytes + self._sec_bytes > self.queue_budget_bytes:
                 self._shed_flows()
@@ -1573,6 +1606,8 @@ class _Shadow(Comparator):
                 break
             if type(key) is bytes:
                 flow = self._tcp.pop(key)
+                for item in flow.held:
+                    self._hold_pending.pop(id(item[2]), None)
                 self._held_bytes -= sum(len(item[2]) for item in flow.held)
                 self._sec_bytes -= _stored(flow.s)
                 # a sealed epoch may still name this flow: it finds nothing left to release
@@ -1580,6 +1615,8 @@ class _Shadow(Comparator):
                 flow.p, flow.s = _Side(), _Side()
             else:
                 dflow = self._dgram.pop(key)
+                for item in dflow.p_pending:
+                    self._hold_pending.pop(id(item[0]), None)
                 self._held_bytes -= sum(len(item[0]) for item in dflow.p_pending)
                 self._sec_bytes -= sum(map(len, dflow.s_pending))
                 dflow.p_pending.clear()

@@ -68,7 +68,7 @@ from typing import Any, Protocol
 import click
 
 from colo_compare.core import CheckpointRequest, Comparator, DropSecondary, Release
-from colo_compare.signals import CompareStats, HoldWindow
+from colo_compare.signals import HOLD_SAMPLE, CompareStats, HoldWindow
 from colo_compare.transport import (
     FrameDecoder,
     FrameSocketReader,
@@ -85,9 +85,6 @@ log = logging.getLogger("hybridft.compare")
 
 ROLES = ("primary", "secondary", "out")
 MAX_PENDING_REQUESTS = 4096  # beyond this (no daemon polling) requests are only counted
-HOLD_SAMPLE = 16  # one hold-latency sample per this many primary frames of a batch
-HOLD_RING = 8192  # hold-latency samples kept (the transport figures summarise all of them)
-HOLD_WINDOW_S = 1.0  # the signals' hold latency: samples released in the last second
 
 
 class Core(Protocol):
@@ -165,7 +162,7 @@ class CompareService:
         self._vnet: dict[int, tuple[bytes, bytes]] = {}  # id(frame) -> (frame, virtio header)
         # hold latency, sampled (every HOLD_SAMPLE-th frame of a batch): id -> (frame, arrival)
         self._hold_pending: dict[int, tuple[bytes, float]] = {}
-        self._hold = HoldWindow(HOLD_RING, HOLD_WINDOW_S)
+        self._hold = HoldWindow()  # the transport figures summarise all of it, the signals a window
         self._requests: list[PendingRequest] = []
         self._requests_overflow = 0
         self._request_event = asyncio.Event()
@@ -594,7 +591,8 @@ class CompareService:
         core_signals = getattr(self.core, "signals", None)
         if core_signals is None:
             return None
-        return dataclasses.replace(core_signals(), hold=self._hold.summary(self.clock()))
+        now = self.clock()
+        return dataclasses.replace(core_signals(now), hold=self._hold.summary(now))
 
     def stats(self) -> dict[str, Any]:
         c = self.counters

@@ -22,7 +22,10 @@ Why each figure is what it is:
   flow where both sides stream at once counts a turn for each guest segment that acknowledges new
   client bytes: an upper bound there, exact for request/response.
 * **Hold latency** (a primary frame's arrival -> its release) is measured by the shell, which
-  owns the clock (the core releases MC epochs at ``commit``, which has no time); p50/p99 over the
+  owns the clock (the core releases MC epochs at ``commit``, which has no time); in MC the shadow
+  measures what COLO's would have been (``shadow_hold``: arrival -> the feed that verified the
+  frame; frames only a checkpoint would have released are not in it, so it is COLO's hold
+  without divergences).  Both sample every ``HOLD_SAMPLE``-th frame of a batch; p50/p99 over the
   samples of the last ``window_s`` seconds of a bounded ring, so a 4 Hz reader sorts at most
   ``capacity`` numbers (in C) and an idle comparator reports no samples rather than stale figures.
 * **Divergences by reason** count checkpoint requests (live, in COLO epochs) and the requests COLO
@@ -44,13 +47,28 @@ from typing import Any
 from hybridft_common.stats import percentile
 from hybridft_common.vocabulary import Mode
 
-__all__ = ["REASONS", "SHADOW_OVERFLOW", "CompareStats", "HoldSummary", "HoldWindow", "ReasonCounts"]
+__all__ = [
+    "HOLD_CAPACITY",
+    "HOLD_SAMPLE",
+    "HOLD_WINDOW_S",
+    "REASONS",
+    "SHADOW_OVERFLOW",
+    "CompareStats",
+    "HoldSummary",
+    "HoldWindow",
+    "ReasonCounts",
+]
 
 #: The reasons of ``CheckpointRequest`` (colo_compare.core's module docstring), in wire spelling.
 REASONS: tuple[str, ...] = ("payload", "fin", "rst", "datagram", "other", "timeout", "ack", "queue-full")
 #: Shadow only: a flow whose shadow state outgrew the queue budget and was dropped until the next
 #: checkpoint (COLO would have asked for a ``queue-full`` checkpoint about there).
 SHADOW_OVERFLOW = "shadow-overflow"
+#: Hold latency: one sample per this many primary frames of a batch, the samples kept, and the
+#: window the signals summarise (the daemon samples every 250 ms: a second is recent and has samples).
+HOLD_SAMPLE = 16
+HOLD_CAPACITY = 8192
+HOLD_WINDOW_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +124,7 @@ class HoldWindow:
     4 Hz reader costs the same however busy the comparator is.
     """
 
-    def __init__(self, capacity: int = 8192, window_s: float = 1.0) -> None:
+    def __init__(self, capacity: int = HOLD_CAPACITY, window_s: float = HOLD_WINDOW_S) -> None:
         if capacity < 1 or window_s <= 0:
             raise ValueError("HoldWindow needs capacity >= 1 and window_s > 0")
         self.window_s = window_s
@@ -161,6 +179,7 @@ class CompareStats:
     shadow_epochs: int  # MC epochs sealed while shadow-comparing
     shadow_epochs_diverged: int  # ... of which COLO would have requested at least one checkpoint
     hold: HoldSummary = HoldSummary()  # filled in by the shell (it owns the clock)
+    shadow_hold: HoldSummary = HoldSummary()  # what COLO's hold would be (the shadow's early releases)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -181,7 +200,7 @@ class CompareStats:
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
             if f.name not in data:
-                if f.name == "hold":
+                if f.name in ("hold", "shadow_hold"):
                     continue
                 raise ValueError(f"CompareStats: missing field {f.name!r}")
             value = data[f.name]
@@ -191,9 +210,9 @@ class CompareStats:
                 if not isinstance(value, Mapping):
                     raise ValueError(f"CompareStats: {f.name} must be a mapping, got {value!r}")
                 value = ReasonCounts.from_counts(value)
-            elif f.name == "hold":
+            elif f.name in ("hold", "shadow_hold"):
                 if not isinstance(value, Mapping):
-                    raise ValueError(f"CompareStats: hold must be a mapping, got {value!r}")
+                    raise ValueError(f"CompareStats: {f.name} must be a mapping, got {value!r}")
                 value = HoldSummary(**value)
             elif f.name == "shadow":
                 if not isinstance(value, bool):

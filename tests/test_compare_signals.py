@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from colo_compare.core import CheckpointRequest, Comparator, Release
 from colo_compare.packet import classify
-from colo_compare.serve import HOLD_SAMPLE, CompareService
-from colo_compare.signals import CompareStats, HoldSummary, HoldWindow, ReasonCounts
+from colo_compare.serve import CompareService
+from colo_compare.signals import HOLD_SAMPLE, CompareStats, HoldSummary, HoldWindow, ReasonCounts
 from hybridft_common.endpoints import parse_endpoint
 from hybridft_common.vocabulary import Mode
 from tests.helpers.frames import CLIENT6, VM6, arp_reply, stream_frames, tcp_frame, udp_frame
@@ -442,6 +442,27 @@ def test_hold_window_is_bounded() -> None:
     for i in range(10):
         w.add(float(i), float(i))
     assert len(w) == 3 and w.summary(9.0) == HoldSummary(3, 8.0, 9.0, 9.0)
+
+
+def test_shadow_hold_latency_is_what_colo_would_have_held() -> None:
+    """Arrival -> the feed that verified the frame, for the frames COLO would have released early."""
+    t = Twin()
+    p = stream_frames(DATA[:4000], [1000], isn=10, fin=False)  # SYN + 4 segments
+    t.primary(p[:2], 0.6)  # one batch: only its first frame (the SYN) is sampled
+    for k, at in ((2, 0.7), (3, 0.8), (4, 0.9)):
+        t.primary([p[k]], at)
+    t.secondary(stream_frames(DATA[:4000], [4000], isn=10, fin=False), 1.0)
+    # holds 0.4 (SYN), 0.3, 0.2, 0.1 s: sorted, p50 = index 2, p99 = index 3
+    hold = t.on.signals(1.05).shadow_hold
+    assert hold.samples == 4 and hold.max_us == pytest.approx(400_000)
+    assert hold.p50_us == pytest.approx(300_000) and hold.p99_us == pytest.approx(400_000)
+    assert t.on.signals(2.5).shadow_hold == HoldSummary()  # released more than a second ago
+    # a frame only the checkpoint releases has no COLO hold time: no sample
+    t.primary([tcp_frame(11 + 4000, b"AAAA")], 3.0)
+    t.secondary([tcp_frame(11 + 4000, b"AABA")], 3.1)
+    t.checkpoint()
+    assert t.on.signals().shadow_hold.samples == 4
+    assert t.off.signals(1.05).shadow_hold == HoldSummary()
 
 
 def test_service_hold_latency_from_arrival_to_release() -> None:
