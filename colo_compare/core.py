@@ -72,20 +72,22 @@ Holding, budgets, checkpoints
 * COLO commit re-anchors every flow known at the seal: the secondary's stream restarts at the
   primary's sealed end (same ISN, same ACK, same FIN/RST state, same datagram counts) and the old
   secondary bytes are dropped.  Flows opened after the seal start fresh.
-* MC mode holds all primary frames, unparsed, until their epoch commits; secondary frames are
-  discarded for release purposes (``DropSecondary``).  Beside that, unless ``shadow=False`` (a
-  passive secondary: nothing to compare), a *shadow* comparator runs: a COLO core of its own,
-  fed the same primary and secondary frames, applying exactly the rules above (reassembly,
-  divergences, ACK rule, timeouts, seal/commit re-anchoring) whose releases are only counted and
-  whose checkpoint requests are only counted.  So a policy learns what COLO would cost (requests
-  by reason, bytes COLO would have released early, what COLO would hold) without switching, and
-  nothing the shadow does can reach MC's output: it holds references to the MC frames, never
-  moves them.  Its memory (held + buffered secondary bytes, as COLO counts them) is bounded by
-  the same ``queue_budget_bytes``: past it, the flows holding the most are dropped from the shadow
-  (largest first, down to half the budget) and ignored until the next seal, each counted as a
-  ``shadow-overflow``.  A shadow starts with the first MC epoch (fresh: flows already open are
-  anchored as when first seen) and ends at the seal into COLO or at ``release_all``;
-  ``set_shadow`` turns it on or off from the next seal, like ``set_mode``.
+* MC mode holds every primary frame until its epoch commits (releases never depend on parsing
+  it); secondary frames are discarded for release purposes (``DropSecondary``).
+* Shadow comparison in MC: unless ``shadow=False`` (a passive secondary, which sends nothing), a
+  *shadow* runs beside each MC epoch: a COLO core of its own (``_Shadow``), fed the same primary
+  and secondary frames, applying exactly the rules above (reassembly, divergences, ACK rule,
+  timeouts, seal/commit re-anchoring), whose releases and checkpoint requests are only counted.
+  So a policy learns what COLO would cost (requests by reason, frames and bytes COLO would have
+  released early, what it would hold and for how long) without switching, and nothing the shadow
+  does can reach MC's output: it holds references to the MC frames and never moves them.  Its
+  memory (held + buffered secondary bytes, as COLO counts them) is bounded by the same
+  ``queue_budget_bytes``: past it, the flows holding the most are dropped from the shadow
+  (largest first, down to half the budget), each counted as a ``shadow-overflow``, and ignored
+  until the next seal -- not the commit: the primary's frames after the seal are what a flow
+  re-enters with, anchored where the secondary resumes.  A shadow starts with an MC epoch
+  (fresh after COLO: flows already open are anchored as when first seen) and ends at the seal
+  into COLO or at ``release_all``; ``set_shadow`` turns it on or off from the next seal.
 * ``set_mode`` takes effect at the next ``seal`` so every epoch has exactly one mode.
 * ``release_all()`` (the secondary is lost) releases everything held and switches to pass-through
   (primary frames are released as they come) until the next ``seal()``, which starts a new,
