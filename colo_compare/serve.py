@@ -586,7 +586,7 @@ class CompareService:
         }
 
     def signals(self) -> CompareStats | None:
-        """The controller's signals: the core's, with the hold latency of the last HOLD_WINDOW_S
+        """The controller's signals: the core's, with the hold latency of the last signals.HOLD_WINDOW_S
         seconds; None for a core that compares nothing (the forward-only relay)."""
         core_signals = getattr(self.core, "signals", None)
         if core_signals is None:
