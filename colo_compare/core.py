@@ -72,12 +72,33 @@ Holding, budgets, checkpoints
 * COLO commit re-anchors every flow known at the seal: the secondary's stream restarts at the
   primary's sealed end (same ISN, same ACK, same FIN/RST state, same datagram counts) and the old
   secondary bytes are dropped.  Flows opened after the seal start fresh.
-* MC mode is a trivial append path (no parsing): all primary frames are held until their epoch
-  commits; secondary frames are discarded uncompared (``DropSecondary``).
+* MC mode holds every primary frame until its epoch commits (releases never depend on parsing
+  it); secondary frames are discarded for release purposes (``DropSecondary``).
+* Shadow comparison in MC: unless ``shadow=False`` (a passive secondary, which sends nothing), a
+  *shadow* runs beside each MC epoch: a COLO core of its own (``_Shadow``), fed the same primary
+  and secondary frames, applying exactly the rules above (reassembly, divergences, ACK rule,
+  timeouts, seal/commit re-anchoring), whose releases and checkpoint requests are only counted.
+  So a policy learns what COLO would cost (requests by reason, frames and bytes COLO would have
+  released early, what it would hold and for how long) without switching, and nothing the shadow
+  does can reach MC's output: it holds references to the MC frames and never moves them.  Its
+  memory (held + buffered secondary bytes, as COLO counts them) is bounded by the same
+  ``queue_budget_bytes``: past it, the flows holding the most are dropped from the shadow
+  (largest first, down to half the budget), each counted as a ``shadow-overflow``, and ignored
+  until the next seal -- not the commit: the primary's frames after the seal are what a flow
+  re-enters with, anchored where the secondary resumes.  A shadow starts with an MC epoch
+  (fresh after COLO: flows already open are anchored as when first seen) and ends at the seal
+  into COLO or at ``release_all``; ``set_shadow`` turns it on or off from the next seal.
 * ``set_mode`` takes effect at the next ``seal`` so every epoch has exactly one mode.
 * ``release_all()`` (the secondary is lost) releases everything held and switches to pass-through
   (primary frames are released as they come) until the next ``seal()``, which starts a new,
   protected epoch in the current mode.
+
+Signals
+-------
+``signals()`` returns :class:`~colo_compare.signals.CompareStats` (see that module for why each
+figure is what it is): traffic each way, request/response turns (from the primary's ACK numbers,
+tracked for every primary frame in every mode), checkpoint requests by reason, and the shadow's
+figures.
 
 Released frames are the very objects that were fed (``bytes`` are kept, other buffers are copied
 once), so a shell can map them back to per-frame metadata such as virtio headers.
@@ -88,7 +109,7 @@ from __future__ import annotations
 import struct
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import itemgetter
 
 from colo_compare.packet import (
@@ -101,12 +122,21 @@ from colo_compare.packet import (
     flow_name,
     proto_of,
 )
+from colo_compare.signals import (
+    HOLD_SAMPLE,
+    SHADOW_OVERFLOW,
+    CompareStats,
+    HoldSummary,
+    HoldWindow,
+    ReasonCounts,
+)
 from hybridft_common.vocabulary import Mode
 
 __all__ = [
     "Action",
     "CheckpointRequest",
     "Comparator",
+    "CompareStats",
     "DropSecondary",
     "FlowReport",
     "Mode",
@@ -180,6 +210,113 @@ _FAST6 = struct.Struct(">14xB3xHBx36sIIH")
 # TCP data offset|flags & 0xF007 of a run's segment: a valid header length, no SYN/FIN/RST
 _PLAIN_OFFFLAGS = frozenset(off << 12 for off in range(5, 16))
 _FRAME_OF = itemgetter(2)  # the frame of a held (end, ack, frame, arrival) entry
+# Ethernet + IPv4 (IHL 5) + TCP, what the client tracker needs: as _FAST4 minus the sequence number
+_KEY_ACK4 = struct.Struct(">26x12s4xI")  # the flow key and ACK number (at the IPv4/TCP fast offsets)
+_ACK4 = struct.Struct(">12xIH2xI22xH")  # the rest of what the client tracker checks, as in _FAST4
+_MAX_CLIENT_FLOWS = 1 << 16  # flows whose ACK baseline the client tracker keeps (then it forgets all)
+
+
+class _ClientTracker:
+    """What the primary guest's ACK numbers say about the client -> guest direction.
+
+    The rules (bytes acknowledged, ACK advances, turns) are colo_compare.signals' module docstring.
+    Per TCP flow it keeps two numbers: the highest ACK number seen and the one the flow's last
+    turn was counted at.  The first segment of a flow (or a SYN) only sets the baseline; a FIN or
+    RST from the guest ends the flow (it sends no more payload).  One tracker per core, kept
+    across mode switches and shared with the shadow, so the figures are the same in every mode.
+
+    Where the core parses primary frames anyway (COLO, and MC's shadow) its loop calls ``one``
+    itself, and only when a frame's ACK number differs from the flow's settled one (``one``'s
+    return value): a frame with the settled ACK number changes nothing, and in a stream that is
+    nearly every frame.  Elsewhere (MC without a shadow, pass-through) ``feed`` does the parsing,
+    with the same shortcut.
+    """
+
+    __slots__ = ("acked_bytes", "advances", "flows", "turns")
+
+    def __init__(self) -> None:
+        self.flows: dict[bytes, list[int]] = {}  # key -> [highest ACK, ACK at the last turn]
+        self.acked_bytes = 0
+        self.advances = 0
+        self.turns = 0
+
+    def one(self, key: bytes, ack: int, flags: int, payload: bool) -> int:
+        """One TCP frame of the primary (``flags``: its TCP flags, maybe with the data offset).
+
+        Returns the flow's settled ACK number after it (another frame with that number would
+        change nothing), or -1.
+        """
+        if not flags & _ACKF:
+            return -1
+        flows = self.flows
+        st = flows.get(key)
+        if st is None or flags & _SYN:
+            if len(flows) >= _MAX_CLIENT_FLOWS:
+                flows.clear()  # bounded memory: at most one turn per flow is missed
+            flows[key] = [ack, ack]
+            return ack
+        hi = st[0]
+        if ack != hi:
+            d = (ack - hi) & _M
+            if d < _H:
+                self.acked_bytes += d
+                self.advances += 1
+                st[0] = hi = ack
+        if payload and st[1] != hi:
+            self.turns += 1
+            st[1] = hi
+        if flags & (_FIN | _RST):
+            del flows[key]
+            return -1
+        return ack if ack == hi == st[1] else -1
+
+    def feed(self, frames: Iterable[bytes]) -> None:
+        """Primary frames the core does not parse itself."""
+        key_ack = _KEY_ACK4.unpack_from
+        unpack = _ACK4.unpack_from
+        one = self.one
+        # the previous TCP frame's key and settled ACK number: a frame with both and no SYN, FIN
+        # or RST (byte 47: the IPv4/TCP flags) is skipped after one small unpack (a non-TCP frame
+        # with those bytes there would be skipped anyway)
+        skey: bytes | None = None
+        sack = -1
+        for frame in frames:
+            if len(frame) < 54:
+                continue
+            key, ack = key_ack(frame)
+            if ack == sack and key == skey and not frame[47] & 7:
+                continue
+            w1, tot, w2, offflags = unpack(frame)
+            if w1 & 0xFFFFFF00 == 0x08004500:  # IPv4 without options
+                if w2 & 0x3FFF00FF != 6:
+                    continue  # not TCP, or a fragment
+                payload = tot > 20 + ((offflags >> 10) & 0x3C)
+            else:
+                parsed = _tcp_ack_slow(frame)
+                if parsed is None:
+                    continue
+                key, ack, offflags, payload = parsed
+            sack = one(key, ack, offflags, payload)
+            skey = key
+
+
+def _tcp_ack_slow(frame: bytes) -> tuple[bytes, int, int, bool] | None:
+    """(key, ack, flags, carries payload) of a TCP frame off the IPv4 fast path, else None."""
+    ethertype = frame[12:14]
+    if ethertype == b"\x86\xdd":
+        if len(frame) >= 74:
+            vtc, plen, nh, key, _seq, ack, offflags = _FAST6.unpack_from(frame)
+            if vtc >> 4 == 6 and nh == 6 and offflags >= 0x5000:
+                return key, ack, offflags, plen > ((offflags >> 10) & 0x3C)
+            if nh in (17, 58):
+                return None  # UDP, ICMPv6
+    elif ethertype != b"\x08\x00" or frame[23] != 6:
+        return None  # not IPv4/IPv6 (ARP...), or IPv4 but not TCP: spare the classifier
+    cls = classify(frame)
+    if cls[0] != KIND_TCP:
+        return None
+    _kind, key, _seq, ack, flags, pstart, ip_end = cls
+    return key, ack, flags, ip_end > pstart
 
 
 class _Side:
@@ -266,7 +403,12 @@ class Comparator:
     """See the module docstring.  Not thread-safe; one instance per VM pair."""
 
     def __init__(
-        self, mode: Mode = Mode.COLO, *, compare_timeout: float = 3.0, queue_budget_bytes: int = 64 << 20
+        self,
+        mode: Mode = Mode.COLO,
+        *,
+        compare_timeout: float = 3.0,
+        queue_budget_bytes: int = 64 << 20,
+        shadow: bool = True,
     ) -> None:
         self._mode = Mode(mode)  # mode of the open epoch
         self._next_mode = self._mode
@@ -290,6 +432,16 @@ class Comparator:
         self._requests = 0
         self._timeouts = 0
         self._checkpoints = 0
+        self._reasons: dict[str, int] = {}  # checkpoint requests by reason
+        self._client = _ClientTracker()
+        # shadow comparison of MC epochs (module docstring)
+        self._shadow_on = shadow  # for the open epoch
+        self._next_shadow_on = shadow  # from the next seal on
+        self._shadow: _Shadow | None = None
+        self._retired = _ShadowTotals()  # what shadows already ended counted
+        self._shadow_epochs = self._shadow_epochs_diverged = 0
+        if shadow and self._mode is Mode.MC:
+            self._start_shadow()
 
     # ------------------------------------------------------------------ public API
 
@@ -311,6 +463,17 @@ class Comparator:
     def set_mode(self, mode: Mode) -> None:
         self._next_mode = Mode(mode)
 
+    @property
+    def shadow_enabled(self) -> bool:
+        """Whether MC epochs are shadow-compared (``set_shadow`` shows here after the next seal)."""
+        return self._shadow_on
+
+    def set_shadow(self, enabled: bool) -> None:
+        """Shadow-compare MC epochs from the next ``seal`` on, like ``set_mode``: off for a passive
+        secondary (stopped after each checkpoint, it sends nothing, and a shadow would only see
+        timeouts)."""
+        self._next_shadow_on = bool(enabled)
+
     def feed_primary(self, frames: Sequence[bytes | memoryview], now: float) -> list[Action]:
         """Feed a batch of primary frames (arrival order); returns the actions they cause."""
         nframes = len(frames)
@@ -322,12 +485,18 @@ class Comparator:
         self._p_frames += nframes
         self._p_bytes += nbytes
         if self._passthrough:
+            self._client.feed(frames)
             self._out_frames += nframes
             self._out_bytes += nbytes
             return [Release(list(frames))]
         if self._mode is Mode.MC:
             self._mc_frames.extend(frames)
             self._held_bytes += nbytes
+            if self._shadow is not None:
+                # it only counts (its actions go nowhere); its parsing feeds the client tracker
+                self._shadow.feed_primary(frames, now)
+            else:
+                self._client.feed(frames)
             if self._held_bytes + self._sec_bytes > self.queue_budget_bytes:
                 return self._queue_full()
             return []
@@ -350,6 +519,8 @@ class Comparator:
         self._s_bytes += nbytes
         if self._passthrough or self._mode is Mode.MC:
             self._dropped_secondary += nframes
+            if self._shadow is not None:  # never set while passing through
+                self._shadow.feed_secondary(frames, now)
             return [DropSecondary(nframes)]
         if type(frames) is not list or set(map(type, frames)) != _ONLY_BYTES:
             # stored payload slices must not alias a buffer the caller reuses
@@ -370,6 +541,8 @@ class Comparator:
     def poll(self, now: float) -> list[Action]:
         """Hold timeouts: a primary frame held longer than ``compare_timeout`` asks for a checkpoint."""
         if self._passthrough or self._pending or self._mode is Mode.MC:
+            if self._shadow is not None:
+                self._shadow.poll(now)  # the timeouts COLO would have had
             return []
         limit = now - self.compare_timeout
         actions: list[Action] = []
@@ -431,6 +604,19 @@ class Comparator:
         self._pending.append(sealed)
         self._epoch += 1
         self._mode = self._next_mode
+        self._shadow_on = self._next_shadow_on
+        shadow = self._shadow
+        if shadow is not None:  # the epoch just sealed was MC, shadow-compared
+            shadow.seal()
+            self._shadow_epochs += 1
+            if shadow.requests_this_epoch():
+                self._shadow_epochs_diverged += 1
+            if self._mode is Mode.MC and self._shadow_on:
+                shadow.new_epoch()
+            else:
+                self._retire_shadow()
+        elif self._shadow_on and self._mode is Mode.MC:
+            self._start_shadow()
         return n
 
     def commit(self, epoch: int) -> list[Action]:
@@ -447,7 +633,10 @@ class Comparator:
         actions: list[Action] = []
         while self._pending[0].epoch != epoch:
             actions += self._commit_oldest()
-        return actions + self._commit_oldest()
+        actions += self._commit_oldest()
+        if self._shadow is not None:
+            self._shadow.commit_through(epoch)
+        return actions
 
     def _commit_oldest(self) -> list[Action]:
         sealed = self._pending.popleft()
@@ -481,6 +670,7 @@ class Comparator:
 
     def release_all(self) -> list[Action]:
         """The secondary is lost: release everything held, in order, and stop comparing."""
+        self._retire_shadow()
         out: list[bytes] = []
         while self._pending:
             out.extend(self._release_sealed(self._pending.popleft()))
@@ -534,6 +724,40 @@ class Comparator:
             "malformed_secondary": self._malformed_s,
         }
 
+    def signals(self, now: float | None = None) -> CompareStats:
+        """The controller's signals (colo_compare.signals); O(reasons) plus one bounded sort.
+
+        ``now`` (the clock the feeds are given) ends the shadow's hold window (None: every sample
+        kept).  The live hold latency is left empty: the shell, which sees releases leave, fills it.
+        """
+        shadow = self._shadow
+        totals = self._retired if shadow is None else self._retired.plus(shadow)
+        client = self._client
+        return CompareStats(
+            mode=self._mode,
+            epoch=self._epoch,
+            shadow=shadow is not None,
+            guest_frames=self._p_frames,
+            guest_bytes=self._p_bytes,
+            secondary_frames=self._s_frames,
+            secondary_bytes=self._s_bytes,
+            client_bytes_acked=client.acked_bytes,
+            client_ack_advances=client.advances,
+            turns=client.turns,
+            released_frames=self._out_frames,
+            released_bytes=self._out_bytes,
+            held_bytes=self._held_bytes,
+            checkpoints=self._checkpoints,
+            divergences=ReasonCounts.from_counts(self._reasons),
+            shadow_divergences=ReasonCounts.from_counts(totals.reasons),
+            shadow_early_frames=totals.early_frames,
+            shadow_early_bytes=totals.early_bytes,
+            shadow_held_bytes=shadow.held_bytes() if shadow is not None else 0,
+            shadow_epochs=self._shadow_epochs,
+            shadow_epochs_diverged=self._shadow_epochs_diverged,
+            shadow_hold=shadow.hold.summary(now) if shadow is not None else HoldSummary(),
+        )
+
     def flows(self) -> list[FlowReport]:
         """Every flow the core knows, with per-side progress and the first divergence if any."""
         reports: list[FlowReport] = []
@@ -582,6 +806,18 @@ class Comparator:
         pp = dflow.p_pending[i][1] if 0 <= i < len(dflow.p_pending) else b""
         sp = dflow.s_pending[i] if 0 <= i < len(dflow.s_pending) else b""
         return pp[:length], sp[:length]
+
+    # ------------------------------------------------------------------ shadow
+
+    def _start_shadow(self) -> None:
+        """A fresh shadow for the open MC epoch, numbering its epochs as this core does."""
+        self._shadow = _Shadow(self._epoch, self.compare_timeout, self.queue_budget_bytes, self._client)
+
+    def _retire_shadow(self) -> None:
+        """End the shadow (the open epoch is not MC, or the secondary is lost); keep its counts."""
+        if self._shadow is not None:
+            self._retired = self._retired.plus(self._shadow)
+            self._shadow = None
 
     # ------------------------------------------------------------------ COLO internals
 
@@ -637,6 +873,8 @@ class Comparator:
         parts: list[bytes] = []
         rack = -1
         held_append = None
+        track = self._client.one
+        cack = -1  # the open run's flow's settled ACK number (client tracker), -1: none
         for frame in frames:
             n = len(frame)
             if n >= 54:
@@ -655,6 +893,8 @@ class Comparator:
                         rnxt = (seq + plen) & 0xFFFFFFFF
                     if offflags & 0x10:
                         rack = ack
+                        if ack != cack:
+                            cack = track(key, ack, offflags, plen > 0)
                         held_append((rend, ack, frame, now))  # type: ignore[misc]
                     else:
                         held_append((rend, -1, frame, now))  # type: ignore[misc]
@@ -694,9 +934,10 @@ class Comparator:
                 held_append = flow.held.append
                 if offflags & 0x10:
                     rack = ack
+                    cack = track(key, ack, offflags, plen > 0)
                     held_append((rend, ack, frame, now))
                 else:
-                    rack = -1
+                    rack = cack = -1
                     held_append((rend, -1, frame, now))
                 continue
             end = self._tcp_segment(flow, side, True, seq, offflags & 0x3F, frame, pstart, plen)
@@ -704,6 +945,7 @@ class Comparator:
             touched[flow] = None
             if offflags & 0x10:
                 flow.p.ack = ack
+                track(key, ack, offflags, plen > 0)
                 flow.held.append((end, ack, frame, now))
             else:
                 flow.held.append((end, -1, frame, now))
@@ -1170,6 +1412,7 @@ class Comparator:
                  ) -> CheckpointRequest:
         flow.requested = True
         self._requests += 1
+        self._reasons[reason] = self._reasons.get(reason, 0) + 1
         return CheckpointRequest(reason, proto, flow_name(flow.key), offset)
 
     def _queue_full(self) -> list[Action]:
@@ -1177,6 +1420,7 @@ class Comparator:
             return []
         self._queue_full_requested = True
         self._requests += 1
+        self._reasons["queue-full"] = self._reasons.get("queue-full", 0) + 1
         return [CheckpointRequest("queue-full", "other", None, None)]
 
     def _reanchor(self, sealed: _Sealed) -> None:
@@ -1234,6 +1478,169 @@ class Comparator:
         self._out_frames += len(out)
         self._out_bytes += sum(map(len, out))
 
+
+
+@dataclass(frozen=True, slots=True)
+class _ShadowTotals:
+    """What shadows counted: would-be requests by reason (with overflows), early releases."""
+
+    reasons: dict[str, int] = field(default_factory=dict)
+    early_frames: int = 0
+    early_bytes: int = 0
+
+    def plus(self, shadow: _Shadow) -> _ShadowTotals:
+        reasons = dict(self.reasons)
+        for reason, count in shadow._reasons.items():
+            reasons[reason] = reasons.get(reason, 0) + count
+        if shadow.overflows:
+            reasons[SHADOW_OVERFLOW] = reasons.get(SHADOW_OVERFLOW, 0) + shadow.overflows
+        return _ShadowTotals(
+            reasons, self.early_frames + shadow._out_frames, self.early_bytes + shadow._out_bytes
+        )
+
+
+class _Shadow(Comparator):
+    """The COLO core run beside an MC epoch (module docstring, MC mode).
+
+    It is a Comparator in COLO mode whose outputs are counted, never acted on: ``_out_frames`` /
+    ``_out_bytes`` count only what ``_settle`` released (COLO's early releases: a checkpoint's
+    releases are not counted, see ``_count_out``), ``_reasons`` the requests COLO would have made.
+    Its epochs carry the numbers of the core it shadows.  A full queue sheds flows instead of
+    asking for a checkpoint; a shed flow's frames are filtered out until the next seal.
+    """
+
+    def __init__(
+        self, epoch: int, compare_timeout: float, queue_budget_bytes: int, client: _ClientTracker
+    ) -> None:
+        super().__init__(
+            Mode.COLO, compare_timeout=compare_timeout, queue_budget_bytes=queue_budget_bytes, shadow=False
+        )
+        self._epoch = epoch
+        self._client = client  # the shadowed core's: this core's parsing feeds it
+        self._shed: set[bytes | tuple] = set()
+        self.overflows = 0
+        self._counted_at_seal = 0
+        # COLO's would-be hold latency: every HOLD_SAMPLE-th primary frame, id -> (frame, arrival)
+        self.hold = HoldWindow()
+        self._hold_pending: dict[int, tuple[bytes, float]] = {}
+
+    def feed_primary(self, frames: Sequence[bytes | memoryview], now: float) -> list[Action]:
+        """The shadowed core's frames (``bytes``: it converted them), hold samples taken."""
+        if self._shed:
+            kept: list[bytes | memoryview] = []
+            for frame in frames:
+                if _flow_key(frame) in self._shed:
+                    self._client.feed((bytes(frame),))  # not compared, still counted
+                else:
+                    kept.append(frame)
+            frames = kept
+        pending = self._hold_pending
+        if len(pending) > 1 << 16:  # frames a shed or a commit took never leave by _settle: bound it
+            pending.clear()
+        for frame in frames[::HOLD_SAMPLE]:
+            pending[id(frame)] = (frame, now)  # type: ignore[assignment]
+        return self._sample_holds(super().feed_primary(frames, now), now)
+
+    def feed_secondary(self, frames: Sequence[bytes | memoryview], now: float) -> list[Action]:
+        if self._shed:
+            frames = [f for f in frames if _flow_key(f) not in self._shed]
+        return self._sample_holds(super().feed_secondary(frames, now), now)
+
+    def _sample_holds(self, actions: list[Action], now: float) -> list[Action]:
+        """Hold samples of the frames COLO would have released now (the entry keeps a sampled frame
+        alive, so an id found among released frames is that very frame)."""
+        pending = self._hold_pending
+        if pending:
+            for action in actions:
+                if type(action) is Release:
+                    for fid in pending.keys() & set(map(id, action.frames)):
+                        self.hold.add(now, (now - pending.pop(fid)[1]) * 1e6)
+        return actions
+
+    def requests_this_epoch(self) -> int:
+        """Requests and overflows counted since the previous ``new_epoch``."""
+        return self._requests + self.overflows - self._counted_at_seal
+
+    def new_epoch(self) -> None:
+        """Called after ``seal``: shed flows come back (anchored afresh after the re-anchor)."""
+        self._counted_at_seal = self._requests + self.overflows
+        self._shed.clear()
+
+    def commit_through(self, epoch: int) -> None:
+        """Commit the newest sealed epoch not after ``epoch`` (and so every older one)."""
+        last = None
+        for sealed in self._pending:
+            if sealed.epoch > epoch:
+                break
+            last = sealed.epoch
+        if last is not None:
+            pending = self._hold_pending
+            for action in self.commit(last):
+                if type(action) is Release and pending:  # released at the commit: no hold time
+                    for fid in pending.keys() & set(map(id, action.frames)):
+                        del pending[fid]
+            # frames set aside during the seal were just fed: the budget holds after every call
+            if self._held_bytes + self._sec_bytes > self.queue_budget_bytes:
+                self._shed_flows()
+
+    def held_bytes(self) -> int:
+        return self._held_bytes
+
+    def _count_out(self, out: list[bytes]) -> None:
+        pass  # released by a checkpoint: COLO would not have released these early
+
+    def _queue_full(self) -> list[Action]:
+        self._shed_flows()
+        return []
+
+    def _shed_flows(self) -> None:
+        """Drop the flows holding the most until the shadow holds at most half its budget."""
+        sizes: list[tuple[int, bytes | tuple]] = []
+        for key, flow in self._tcp.items():
+            sizes.append((sum(len(item[2]) for item in flow.held) + _stored(flow.s), key))
+        for dkey, dflow in self._dgram.items():
+            held = sum(len(item[0]) for item in dflow.p_pending)
+            sizes.append((held + sum(map(len, dflow.s_pending)), dkey))
+        sizes.sort(key=itemgetter(0), reverse=True)
+        target = self.queue_budget_bytes // 2
+        for _size, key in sizes:
+            if self._held_bytes + self._sec_bytes <= target:
+                break
+            if type(key) is bytes:
+                flow = self._tcp.pop(key)
+                for item in flow.held:
+                    self._hold_pending.pop(id(item[2]), None)
+                self._held_bytes -= sum(len(item[2]) for item in flow.held)
+                self._sec_bytes -= _stored(flow.s)
+                # a sealed epoch may still name this flow: it finds nothing left to release
+                flow.held.clear()
+                flow.p, flow.s = _Side(), _Side()
+            else:
+                dflow = self._dgram.pop(key)
+                for item in dflow.p_pending:
+                    self._hold_pending.pop(id(item[0]), None)
+                self._held_bytes -= sum(len(item[0]) for item in dflow.p_pending)
+                self._sec_bytes -= sum(map(len, dflow.s_pending))
+                dflow.p_pending.clear()
+                dflow.s_pending.clear()
+            self._shed.add(key)
+            self.overflows += 1
+        self._sec_bytes = max(self._sec_bytes, 0)
+
+
+def _flow_key(frame: bytes | memoryview) -> bytes | tuple:
+    """The key the core files this frame under (the shadow's filter for shed flows)."""
+    n = len(frame)
+    if n >= 54:
+        w1, tot, w2, key, _seq, _ack, offflags = _FAST4.unpack_from(frame)
+        ip_end = 14 + tot
+        pstart = 34 + ((offflags >> 10) & 0x3C)
+        if (
+            w1 & 0xFFFFFF00 == 0x08004500 and w2 & 0x3FFF00FF == 6 and offflags >= 0x5000
+            and pstart <= ip_end <= n
+        ):  # fmt: skip
+            return key
+    return classify(bytes(frame))[1]
 
 def _event(side: _Side, v: int) -> int:
     """What this side has at sequence-space offset ``v`` once data is verified up to ``v``."""

@@ -39,6 +39,11 @@ Why these choices
   restart or after we closed a connection for bad framing).  Bad framing closes only that
   connection and is logged; the core and the other connections carry on.  Released frames with no
   ``--out`` connection wait (bounded by the same ceiling) and are written when QEMU reconnects.
+* **stats** answers at the daemon's sampling rate (4 Hz): besides the human-oriented ``core`` and
+  ``transport`` parts, ``signals`` is :class:`~colo_compare.signals.CompareStats` (``as_dict``),
+  built from the core's counters plus the hold latency this shell measures (it owns the clock).
+  Nothing in it grows with traffic: hold samples live in a bounded ring.  ``stats`` with
+  ``signals_only: true`` answers that part alone (no per-flow sums, one bounded sort).
 * **next-request** is a long-poll: the daemon keeps one control connection parked on it and learns
   of a divergence within a loop iteration.  Requests are coalesced (one answer carries the first
   request and how many followed), and a ``seal`` clears them: checkpoint N resolves every request
@@ -50,11 +55,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -62,6 +68,7 @@ from typing import Any, Protocol
 import click
 
 from colo_compare.core import CheckpointRequest, Comparator, DropSecondary, Release
+from colo_compare.signals import HOLD_SAMPLE, CompareStats, HoldWindow
 from colo_compare.transport import (
     FrameDecoder,
     FrameSocketReader,
@@ -78,7 +85,6 @@ log = logging.getLogger("hybridft.compare")
 
 ROLES = ("primary", "secondary", "out")
 MAX_PENDING_REQUESTS = 4096  # beyond this (no daemon polling) requests are only counted
-HOLD_SAMPLE = 16  # one hold-latency sample per this many primary frames of a batch
 
 
 class Core(Protocol):
@@ -156,7 +162,7 @@ class CompareService:
         self._vnet: dict[int, tuple[bytes, bytes]] = {}  # id(frame) -> (frame, virtio header)
         # hold latency, sampled (every HOLD_SAMPLE-th frame of a batch): id -> (frame, arrival)
         self._hold_pending: dict[int, tuple[bytes, float]] = {}
-        self._hold_us: deque[float] = deque(maxlen=8192)
+        self._hold = HoldWindow()  # the transport figures summarise all of it, the signals a window
         self._requests: list[PendingRequest] = []
         self._requests_overflow = 0
         self._request_event = asyncio.Event()
@@ -363,9 +369,9 @@ class CompareService:
             # matching id in ``frames`` is the very same object)
             if sampled:
                 now = self.clock()
-                hold_us = self._hold_us
+                hold = self._hold
                 for fid in sampled:
-                    hold_us.append((now - pending.pop(fid)[1]) * 1e6)
+                    hold.add(now, (now - pending.pop(fid)[1]) * 1e6)
         if self.vnet_hdr:
             headers = []
             vnet = self._vnet
@@ -483,6 +489,12 @@ class CompareService:
             self._check_pressure()
             return {"released_frames": self.counters.released_frames - before}
         if verb == "stats":
+            only = args.get("signals_only", False)
+            if not isinstance(only, bool):
+                raise ControlError(f"'signals_only' must be true or false, got {only!r}", "bad-args")
+            if only:  # the daemon's 4 Hz sample: the typed part alone, cheapest
+                signals = self.signals()
+                return {"signals": signals.as_dict() if signals is not None else None}
             return self.stats()
         if verb == "next-request":
             return await self._verb_next_request(args)
@@ -496,9 +508,21 @@ class CompareService:
             mode = Mode(raw)
         except ValueError:
             raise ControlError(f"mode must be 'colo' or 'mc', not {raw!r}", "bad-args") from None
+        shadow = args.get("shadow")
+        set_shadow = getattr(self.core, "set_shadow", None)
+        if shadow is not None:  # optional: shadow-compare MC epochs (off for a passive secondary)
+            if not isinstance(shadow, bool):
+                raise ControlError(f"'shadow' must be true or false, got {shadow!r}", "bad-args")
+            if set_shadow is None:
+                raise ControlError("this core compares nothing: no shadow to set", "bad-args")
         self.core.set_mode(mode)
-        log.info("mode %s requested (takes effect at the next seal)", mode)
-        return {"mode": str(self.core.mode), "next_mode": str(mode)}
+        reply: dict[str, Any] = {"mode": str(self.core.mode), "next_mode": str(mode)}
+        if shadow is not None:
+            set_shadow(shadow)  # type: ignore[misc]
+            reply["next_shadow"] = shadow
+        log.info("mode %s%s requested (takes effect at the next seal)", mode,
+                 "" if shadow is None else f", shadow {'on' if shadow else 'off'}")  # fmt: skip
+        return reply
 
     def _verb_seal(self) -> dict[str, Any]:
         # both VMs are stopped: everything they sent is in our socket buffers; read it all first
@@ -551,15 +575,24 @@ class CompareService:
 
     def _hold_summary(self) -> dict[str, float | int]:
         """Hold latency (arrival of a primary frame -> its release) over the latest samples."""
-        ordered = sorted(self._hold_us)
-        if not ordered:
+        held = self._hold.summary()
+        if not held.samples:
             return {"samples": 0}
         return {
-            "samples": len(ordered),
-            "p50": round(_percentile(ordered, 0.5), 1),
-            "p99": round(_percentile(ordered, 0.99), 1),
-            "max": round(ordered[-1], 1),
+            "samples": held.samples,
+            "p50": round(held.p50_us or 0.0, 1),
+            "p99": round(held.p99_us or 0.0, 1),
+            "max": round(held.max_us or 0.0, 1),
         }
+
+    def signals(self) -> CompareStats | None:
+        """The controller's signals: the core's, with the hold latency of the last signals.HOLD_WINDOW_S
+        seconds; None for a core that compares nothing (the forward-only relay)."""
+        core_signals = getattr(self.core, "signals", None)
+        if core_signals is None:
+            return None
+        now = self.clock()
+        return dataclasses.replace(core_signals(now), hold=self._hold.summary(now))
 
     def stats(self) -> dict[str, Any]:
         c = self.counters
@@ -568,7 +601,9 @@ class CompareService:
             reader = self.readers[role]
             connected[role] = reader is not None and not reader.closed
         connected["out"] = self.writer is not None and not self.writer.closed
+        signals = self.signals()
         return {
+            "signals": signals.as_dict() if signals is not None else None,
             "core": self.core.stats(),
             "transport": {
                 "connected": connected,
@@ -594,10 +629,6 @@ class CompareService:
                 "vnet_hdr_len": c.vnet_hdr_len,
             },
         }
-
-
-def _percentile(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
 async def run_service(service: CompareService, ready: Callable[[], None] | None = None) -> None:
@@ -651,6 +682,9 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Seconds a primary frame may wait before a checkpoint is requested.")  # fmt: skip
 @click.option("--queue-budget", type=click.IntRange(1), default=64, show_default=True,
               help="MiB of held frames before a queue-full checkpoint is requested.")  # fmt: skip
+@click.option("--shadow/--no-shadow", default=True, show_default=True,
+              help="In MC epochs, compare the secondary's output as COLO would, only counting "
+                   "(--no-shadow for a passive secondary).")  # fmt: skip
 def serve_command(
     primary_in: Endpoint,
     secondary_in: Endpoint,
@@ -663,6 +697,7 @@ def serve_command(
     mode: str,
     compare_timeout: float,
     queue_budget: int,
+    shadow: bool,
 ) -> None:
     """Listen for QEMU's filter chardevs and compare the primary's output with the secondary's.
 
@@ -675,7 +710,9 @@ def serve_command(
     (declare the indev redirector first: rx filters run in reverse order)
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    core = Comparator(Mode(mode), compare_timeout=compare_timeout, queue_budget_bytes=queue_budget << 20)
+    core = Comparator(
+        Mode(mode), compare_timeout=compare_timeout, queue_budget_bytes=queue_budget << 20, shadow=shadow
+    )
     service = CompareService(
         core,
         primary_in=primary_in,

@@ -6,7 +6,9 @@ commit ``REFERENCE_COMMIT`` (before that work), loaded from git, so it cannot dr
 get the same random operations (multi-flow TCP with different segmentations, reordering,
 duplicates, changed bytes, FIN/RST, pure ACKs with moving ACK numbers, UDP, malformed frames,
 random batch sizes, polls, seals, commits, mode switches, release_all) and must return identical
-action sequences, statistics and per-flow reports after every operation.
+action sequences, statistics and per-flow reports after every operation.  The reference predates
+the shadow comparison of MC epochs, so the same holds with the shadow on (the default) and off:
+the shadow only counts.  Its memory stays within the queue budget after every operation.
 """
 
 from __future__ import annotations
@@ -188,16 +190,29 @@ def test_fast_core_matches_reference(work: tuple, mode: str, budget: int) -> Non
     p, s, ops = work
     frames = {"p": p, "s": s}
     fast = fast_core.Comparator(fast_core.Mode(mode), compare_timeout=2.0, queue_budget_bytes=budget)
+    quiet = fast_core.Comparator(fast_core.Mode(mode), compare_timeout=2.0, queue_budget_bytes=budget,
+                                 shadow=False)  # fmt: skip
     ref = ref_core.Comparator(ref_core.Mode(mode), compare_timeout=2.0, queue_budget_bytes=budget)
-    pos_f, pos_r = {"p": 0, "s": 0}, {"p": 0, "s": 0}
+    pos_f, pos_q, pos_r = {"p": 0, "s": 0}, {"p": 0, "s": 0}, {"p": 0, "s": 0}
     sealed_f: list[int] = []
+    sealed_q: list[int] = []
     sealed_r: list[int] = []
     for i, op in enumerate(ops):
         got = _apply(fast, op, frames, pos_f, sealed_f, float(i))
+        without_shadow = _apply(quiet, op, frames, pos_q, sealed_q, float(i))
         want = _apply(ref, op, frames, pos_r, sealed_r, float(i))
         assert got == want, f"operation {i} {op}"
-        assert fast.stats() == ref.stats(), f"stats after operation {i} {op}"
-        assert _flows(fast) == _flows(ref), f"flows after operation {i} {op}"
+        assert without_shadow == want, f"operation {i} {op}, shadow off"
+        assert fast.stats() == quiet.stats() == ref.stats(), f"stats after operation {i} {op}"
+        assert _flows(fast) == _flows(quiet) == _flows(ref), f"flows after operation {i} {op}"
+        shadow = fast._shadow
+        assert (shadow is not None) == (fast.mode is fast_core.Mode.MC and not fast.stats()["passthrough"])
+        if shadow is not None:
+            assert shadow._held_bytes >= 0 and shadow._sec_bytes >= 0
+            assert shadow._held_bytes + shadow._sec_bytes <= budget, f"shadow memory after operation {i} {op}"
+        sig = fast.signals()
+        assert sig.shadow_divergences.total >= 0 and sig.shadow_early_frames >= 0
+        assert not quiet.signals().shadow and quiet.signals().shadow_divergences.total == 0
 
 
 def test_reference_is_the_unoptimised_core() -> None:

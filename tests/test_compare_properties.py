@@ -5,7 +5,8 @@
 * one byte changed at k -> a divergence exactly at k;
 * fuzzed malformed frames -> no exception, nothing lost;
 * any sequence of feeds, seals, commits, mode switches and release_all -> every primary frame is
-  released exactly once, per-flow order kept.
+  released exactly once, per-flow order kept, with the shadow comparison of MC epochs on or off;
+  and the shadow changes no action at all and stays within the queue budget.
 """
 
 from __future__ import annotations
@@ -177,17 +178,17 @@ _op = st.one_of(
     st.just(("seal",)),
     st.just(("commit",)),
     st.tuples(st.just("mode"), st.sampled_from([Mode.COLO, Mode.MC])),
+    st.tuples(st.just("shadow"), st.booleans()),  # a passive secondary from the next seal, or not
     st.just(("poll",)),
     st.just(("release_all",)),
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(_op, max_size=40), st.sampled_from([Mode.COLO, Mode.MC]))
-def test_every_primary_frame_is_released_exactly_once_in_flow_order(ops, mode) -> None:
-    c = Comparator(mode, compare_timeout=1.0)
+def run_schedule(c: Comparator, ops: list[tuple]) -> tuple[list[list], dict[int, list[bytes]]]:
+    """Apply a schedule of ``_op`` operations; returns the actions of each and the primary frames fed
+    per flow (TCP flows 0-2, UDP flows 10-11).  The secondary's TCP flows use their own ISNs."""
     fed: dict[int, list[bytes]] = {}
-    out: list[bytes] = []
+    per_op: list[list] = []
     p_off = [0, 0, 0]
     s_off = [0, 0, 0]
     sent = [False, False, False]
@@ -197,6 +198,7 @@ def test_every_primary_frame_is_released_exactly_once_in_flow_order(ops, mode) -
     for op in ops:
         t += 0.3
         kind = op[0]
+        acts: list = []
         if kind == "p":
             flow, nseg = op[1], op[2]
             frames = []
@@ -210,14 +212,14 @@ def test_every_primary_frame_is_released_exactly_once_in_flow_order(ops, mode) -
                 frames.append(tcp4(seq, b"x" * 100, ip_id=ip_id, dport=40000 + flow))
                 p_off[flow] += 100
             fed.setdefault(flow, []).extend(frames)
-            out += released(c.feed_primary(frames, t))
+            acts = c.feed_primary(frames, t)
         elif kind == "s":
             flow, nseg = op[1], op[2]
             frames = [tcp4(77 + flow, flags=0x12, dport=40000 + flow)] if s_off[flow] == 0 else []
             for _ in range(nseg):
                 frames.append(tcp4(77 + flow + 1 + s_off[flow], b"x" * 100, dport=40000 + flow))
                 s_off[flow] += 100
-            out += released(c.feed_secondary(frames, t))
+            acts = c.feed_secondary(frames, t)
         elif kind == "u":
             flow, n = op[1], op[2]
             frames = []
@@ -228,26 +230,76 @@ def test_every_primary_frame_is_released_exactly_once_in_flow_order(ops, mode) -
                                  bytes([10, 0, 0, 2]), bytes([10, 0, 0, 1]))
                 frames.append(ETH_VM_TO_CLIENT + ip + udp)
             fed.setdefault(10 + flow, []).extend(frames)
-            out += released(c.feed_primary(frames, t))
+            acts = c.feed_primary(frames, t)
         elif kind == "seal":
             pending.append(c.seal())
         elif kind == "commit":
             if pending:
-                out += released(c.commit(pending.pop(0)))
+                acts = c.commit(pending.pop(0))
         elif kind == "mode":
             c.set_mode(op[1])
+        elif kind == "shadow":
+            c.set_shadow(op[1])
         elif kind == "poll":
-            c.poll(t)
+            acts = c.poll(t)
         else:
-            out += released(c.release_all())
+            acts = c.release_all()
             pending.clear()
-    out += released(c.release_all())
+        per_op.append(acts)
+    per_op.append(c.release_all())
+    return per_op, fed
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_op, max_size=40), st.sampled_from([Mode.COLO, Mode.MC]), st.booleans())
+def test_every_primary_frame_is_released_exactly_once_in_flow_order(ops, mode, shadow) -> None:
+    c = Comparator(mode, compare_timeout=1.0, shadow=shadow)
+    per_op, fed = run_schedule(c, ops)
+    out = [f for acts in per_op for f in released(acts)]
     all_fed = [f for frames in fed.values() for f in frames]
     assert sorted(out) == sorted(all_fed) and len(out) == len(all_fed)
     for frames in fed.values():
         positions = [out.index(f) for f in frames]
         assert positions == sorted(positions)
     assert c.stats()["held_bytes"] == 0
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_op, max_size=40), st.sampled_from([Mode.COLO, Mode.MC]), st.integers(200, 4000))
+def test_shadow_changes_no_action_and_stays_within_the_budget(ops, mode, budget) -> None:
+    """Shadow on or off, every operation returns the same actions (so the same releases, in the same
+    order); the shadow's held plus buffered bytes never exceed the queue budget."""
+    on = Comparator(mode, compare_timeout=1.0, queue_budget_bytes=budget)
+    off = Comparator(mode, compare_timeout=1.0, queue_budget_bytes=budget, shadow=False)
+    budget_kept: list[bool] = []
+    per_op_on, _fed = run_schedule(_Watch(on, budget_kept), ops)  # type: ignore[arg-type]
+    per_op_off, _fed = run_schedule(off, ops)
+    assert per_op_on == per_op_off
+    assert all(budget_kept), "the shadow went over the queue budget"
+    assert on.stats() == off.stats()
+
+
+class _Watch:
+    """Forwards to a Comparator and records, after every call, whether its shadow is within budget."""
+
+    def __init__(self, core: Comparator, log: list[bool]) -> None:
+        self.core = core
+        self.log = log
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        attr = getattr(self.core, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args):  # type: ignore[no-untyped-def]
+            result = attr(*args)
+            shadow = self.core._shadow
+            if shadow is not None:
+                used = shadow._held_bytes + shadow._sec_bytes
+                self.log.append(0 <= used <= self.core.queue_budget_bytes)
+            return result
+
+        return call
 
 
 # a secondary that follows the checkpoint protocol never causes a false divergence

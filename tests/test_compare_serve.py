@@ -18,6 +18,7 @@ import pytest
 
 from bench.frames import Look, payload_bytes, stream
 from colo_compare.serve import ROLES
+from colo_compare.signals import CompareStats, ReasonCounts
 from colo_compare.transport import FrameDecoder, encode_frame, encode_frames
 from hybridft_common.cli import hybridft_command
 from hybridft_common.control import ControlError, call, decode_reply, encode_request
@@ -117,7 +118,7 @@ def test_mc_mode_holds_until_commit_and_releases_exactly_the_sealed_epoch(tmp_pa
     with served(tmp_path, "--mode", "mc") as s:
         epoch1 = stream_frames(DATA, [1448], isn=5000)
         s.send("primary", epoch1)
-        s.send("secondary", stream_frames(DATA, [700], isn=9))  # discarded uncompared
+        s.send("secondary", stream_frames(DATA, [700], isn=9))  # shadow-compared, released on nothing
         s.wait_stats(lambda st: st["transport"]["primary_frames"] == len(epoch1))
         assert s.nothing_released()
         assert s.ctl("seal") == {"epoch": 1, "requests_cleared": 0}
@@ -134,6 +135,74 @@ def test_mc_mode_holds_until_commit_and_releases_exactly_the_sealed_epoch(tmp_pa
         assert s.ctl("seal")["epoch"] == 2
         s.ctl("commit", epoch=2)
         assert s.released(1) == epoch2
+
+
+def _request_response(data: bytes, sizes: list[int]) -> list[bytes]:
+    """The guest's SYN/ACK to a client whose SYN was sequence 1000, then its answer to a 100-byte
+    request (ACK 1101): one request/response turn."""
+    return [tcp_frame(5000, flags="SA", ack=1001),
+            *stream_frames(data, sizes, isn=5000, ack=1101, syn=False, fin=False)]  # fmt: skip
+
+
+@pytest.mark.parametrize("shadow", [True, False])
+def test_stats_signals_in_mc_with_and_without_the_shadow(tmp_path: Path, shadow: bool) -> None:
+    primary = _request_response(DATA[:5000], [1000])
+    bad = bytearray(DATA[:5000])
+    bad[3210] ^= 1
+    secondary = _request_response(bytes(bad), [700])  # the primary's ISN: as after a checkpoint
+    with served(tmp_path, "--mode", "mc", *([] if shadow else ["--no-shadow"])) as s:
+        s.send("primary", primary)
+        s.send("secondary", secondary)
+        stats = s.wait_stats(lambda st: st["signals"]["guest_frames"] == len(primary)
+                             and st["signals"]["secondary_frames"] == len(secondary))  # fmt: skip
+        sig = CompareStats.from_dict(stats["signals"])
+        assert sig.mode == "mc" and sig.epoch == 1 and sig.shadow is shadow
+        assert sig.guest_bytes == sum(map(len, primary))
+        assert sig.secondary_bytes == sum(map(len, secondary))
+        assert (sig.turns, sig.client_bytes_acked, sig.client_ack_advances) == (1, 100, 1)
+        assert sig.held_bytes == sig.guest_bytes and sig.released_frames == 0 and sig.hold.samples == 0
+        assert sig.divergences.total == 0
+        if shadow:  # COLO would have released the SYN/ACK and [0, 3000), then asked for a checkpoint
+            assert sig.shadow_divergences == ReasonCounts(payload=1)
+            assert (sig.shadow_early_frames, sig.shadow_early_bytes) == (4, sum(map(len, primary[:4])))
+            assert sig.shadow_held_bytes == sum(map(len, primary[4:]))
+        else:
+            assert sig.shadow_divergences == ReasonCounts()
+            assert (sig.shadow_early_frames, sig.shadow_held_bytes) == (0, 0)
+        assert s.nothing_released()
+        assert s.ctl("next-request", timeout=0) == {"request": None}  # the shadow asks for nothing
+        time.sleep(0.2)
+        s.ctl("commit", epoch=s.ctl("seal")["epoch"])
+        assert s.released(len(primary)) == primary
+        reply = s.ctl("stats", signals_only=True)
+        assert list(reply) == ["signals"]
+        sig = CompareStats.from_dict(reply["signals"])
+        assert (sig.checkpoints, sig.held_bytes, sig.released_frames) == (1, 0, len(primary))
+        assert sig.hold.samples >= 1 and 200_000 <= sig.hold.p50_us <= sig.hold.p99_us  # type: ignore[operator]
+        assert (sig.shadow_epochs, sig.shadow_epochs_diverged) == ((1, 1) if shadow else (0, 0))
+
+
+def test_stats_signals_count_live_divergences_in_colo(tmp_path: Path) -> None:
+    primary = _request_response(DATA[:5000], [1000])
+    bad = bytearray(DATA[:5000])
+    bad[3210] ^= 1
+    with served(tmp_path, "--mode", "colo") as s:
+        s.send("primary", primary)
+        s.send("secondary", _request_response(bytes(bad), [700]))
+        assert s.released(4) == primary[:4]
+        assert s.ctl("next-request", timeout=5)["request"]["reason"] == "payload"
+        sig = CompareStats.from_dict(s.ctl("stats")["signals"])
+        assert sig.mode == "colo" and not sig.shadow and sig.turns == 1
+        assert sig.divergences == ReasonCounts(payload=1) and sig.shadow_divergences == ReasonCounts()
+        assert sig.released_frames == 4 and sig.held_bytes == sum(map(len, primary[4:]))
+        assert sig.hold.samples >= 1
+
+
+def test_relay_has_no_signals(tmp_path: Path) -> None:
+    with served(tmp_path, relay=True) as s:
+        assert s.ctl("stats")["signals"] is None
+        with pytest.raises(ControlError, match="no shadow"):
+            s.ctl("mode", mode="mc", shadow=True)
 
 
 def test_colo_releases_matching_streams_and_reports_a_divergence(tmp_path: Path) -> None:
@@ -231,6 +300,7 @@ def test_control_errors_change_nothing(tmp_path: Path) -> None:
             ("commit", {"epoch": "one"}, "bad-args"),
             ("commit", {"epoch": 1}, "bad-epoch"),
             ("next-request", {"timeout": -1}, "bad-args"),
+            ("stats", {"signals_only": "yes"}, "bad-args"),
             ("launch", {}, "bad-verb"),
         ]:
             with pytest.raises(ControlError) as info:
@@ -239,6 +309,15 @@ def test_control_errors_change_nothing(tmp_path: Path) -> None:
         assert s.ctl("mode", mode="mc") == {"mode": "colo", "next_mode": "mc"}
         assert s.ctl("seal")["epoch"] == 1
         assert s.ctl("stats")["core"]["mode"] == "mc"
+        assert s.ctl("stats", signals_only=True)["signals"]["shadow"] is True
+        with pytest.raises(ControlError) as info:
+            s.ctl("mode", mode="mc", shadow="off")
+        assert info.value.code == "bad-args"
+        passive = s.ctl("mode", mode="mc", shadow=False)  # the secondary goes passive
+        assert passive == {"mode": "mc", "next_mode": "mc", "next_shadow": False}
+        assert s.ctl("stats", signals_only=True)["signals"]["shadow"] is True  # until the seal
+        s.ctl("seal")
+        assert s.ctl("stats", signals_only=True)["signals"]["shadow"] is False
 
 
 def test_relay_forwards_everything_at_once(tmp_path: Path) -> None:
