@@ -170,7 +170,7 @@ class DirtyRateProbe:
     sample once QEMU says ``measured``, and starts the next.  Measured here to run during COLO.
     """
 
-    def __init__(self, session: QmpLike, calc_time: int = 1, sample_pages: int = 512) -> None:
+    def __init__(self, session: QmpLike, calc_time: int = 1, sample_pages: int = 4096) -> None:
         self.session = session
         self.calc_time = calc_time
         self.sample_pages = sample_pages
