@@ -7,7 +7,8 @@ module is the shell around it:
 * **when** -- :class:`~controller.epoch.CheckpointScheduler`: MC every ``epoch_ms``; COLO on comparator
   requests (a long-poll on ``next-request`` over its own connection) and the safety interval; operator
   requests; all coalesced: triggers that arrive while a checkpoint runs are answered by one next
-  checkpoint.  Mode switches (``mode`` verb) land at the next checkpoint boundary.
+  checkpoint.  Operating point changes (``mode`` verb: mode, epoch length, passive secondary, stop
+  way) are the protocol's pending point and land at the next checkpoint boundary.
 * **heartbeat** -- JSON lines to the agent every 100 ms and at each protocol step; ``{"primary_lost":
   true}`` the moment the primary's QEMU exits or its QMP connection drops; ``{"failover": true}`` for a
   planned failover.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -51,6 +53,7 @@ from controller.epoch import (
     run_checkpoint,
 )
 from controller.metrics import DaemonMetrics
+from controller.operating_point import OperatingPoint, PointRequest
 from hybridft_common.control import AsyncControlClient, ControlError, serve_control
 from hybridft_common.endpoints import parse_endpoint
 from hybridft_common.vocabulary import (
@@ -266,7 +269,10 @@ class Daemon:
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        self.protocol = EpochProtocol(config.mode, config.epoch_ms)
+        # the stop way is resolved at start (``auto`` depends on the QEMUs): QMP until then
+        self.protocol = EpochProtocol(
+            OperatingPoint(config.mode, config.epoch_ms, config.passive_secondary, StopVia.QMP)
+        )
         self.scheduler = CheckpointScheduler(config.safety_interval_ms)
         self.metrics = DaemonMetrics()
         self.metrics.set_mode(str(config.mode))
@@ -276,7 +282,6 @@ class Daemon:
         self.disk: ServiceClient | None = None
         self.heartbeat = HeartbeatSender(config.heartbeat, self._beat)
         self.state = "starting"  # starting | protected | unprotected | primary-lost | failed-over | stopped
-        self.stop_via = StopVia.QMP  # resolved from config.stop_via at start
         self.seal_hook = False  # both QEMUs have x-colo-checkpoint / x-colo-expect-seal (patch 0005)
         self.state_reason = ""
         self.records: deque[EpochRecord] = deque(maxlen=RECENT)
@@ -321,7 +326,7 @@ class Daemon:
             await self.disk.call("commit", epoch=int(sealed["epoch"]))
             self.protocol.next_number = int(sealed["epoch"]) + 1
         if self.compare is not None:
-            await self.compare.call("mode", mode=str(self.protocol.mode))
+            await self.compare.call("mode", mode=str(self.protocol.point.mode))
             sealed = await self.compare.call("seal")
             await self.compare.call("commit", epoch=int(sealed["epoch"]))
             self.scheduler.last_sealed_compare_epoch = int(sealed["epoch"])
@@ -357,7 +362,10 @@ class Daemon:
             commands = await session.execute("query-commands")
             found.append(any(entry.get("name") == SEAL_HOOK_COMMAND for entry in commands))
         self.seal_hook = all(found)
-        self.stop_via = self._stop_via_from(self.config.stop_via)
+        # the point the first epoch starts with, not a change of it: no checkpoint has run yet
+        self.protocol.point = dataclasses.replace(
+            self.protocol.point, stop_via=self._stop_via_from(self.config.stop_via)
+        )
 
     def _stop_via_from(self, wanted: Any) -> StopVia:
         if wanted == "auto":
@@ -504,8 +512,6 @@ class Daemon:
                     self.compare,
                     self.disk,
                     heartbeat=self.heartbeat.send,
-                    passive_secondary=self.config.passive_secondary,
-                    stop_via=self.stop_via,
                     timeout=self.config.checkpoint_timeout,
                     primary_alive=self._primary_ok,
                 )
@@ -550,7 +556,7 @@ class Daemon:
         if record.primary_pause is not None:
             self.metrics.pause.observe(record.primary_pause)
         self.metrics.epoch.set(record.number)
-        self.metrics.set_mode(str(self.protocol.mode))
+        self.metrics.set_mode(str(self.protocol.point.mode))
         for number, future in list(self._waiters):
             if self.checkpoints_started >= number and not future.done():
                 future.set_result(record)
@@ -562,9 +568,10 @@ class Daemon:
                 await asyncio.sleep(0.05)
                 continue
             now = time.monotonic()
-            reasons = self.scheduler.take(self.protocol.mode, self.protocol.epoch_ms, now)
+            point = self.protocol.point
+            reasons = self.scheduler.take(point.mode, point.epoch_ms, now)
             if reasons is None:
-                due = self.scheduler.due_at(self.protocol.mode, self.protocol.epoch_ms)
+                due = self.scheduler.due_at(point.mode, point.epoch_ms)
                 wait = 0.05 if due is None else max(0.0, due - now)
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -750,15 +757,22 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         pauses = sorted(r.primary_pause for r in self.records if r.primary_pause is not None)
         last = self.records[-1].as_dict() if self.records else None
+        point, pending = self.protocol.point, self.protocol.pending
+        changes = self.protocol.changes
         return {
             "state": self.state,
             "state_reason": self.state_reason,
             "protected": self.state == "protected",
-            "mode": str(self.protocol.mode),
-            "epoch_ms": self.protocol.epoch_ms,
-            "pending_mode": None if self.protocol.pending_mode is None else str(self.protocol.pending_mode),
-            "passive_secondary": self.config.passive_secondary,
-            "stop_via": str(self.stop_via),
+            # the operating point in force, field by field (tools read these), then the pending one
+            "mode": str(point.mode),
+            "epoch_ms": point.epoch_ms,
+            "pending_mode": None if pending is None else str(pending.mode),
+            "passive_secondary": point.passive_secondary,
+            "stop_via": str(point.stop_via),
+            "pending": None
+            if pending is None
+            else pending.as_dict() | {"source": str(self.protocol.pending_source)},
+            "last_point_change": changes[-1].as_dict() if changes else None,
             "seal_hook": self.seal_hook,
             "nice": os.getpriority(os.PRIO_PROCESS, 0),
             "last_committed_epoch": self.protocol.last_committed,
@@ -836,19 +850,16 @@ class Daemon:
                     stop_via = self._stop_via_from(args["stop_via"])
                 except DaemonError as exc:
                     raise ControlError(str(exc), "bad-args") from None
-            self.protocol.request_mode(mode, epoch_ms)
-            if passive is not None:
-                self.config.passive_secondary = passive  # the next checkpoint's end honours it
-            if stop_via is not None:
-                self.stop_via = stop_via  # checkpoints are serialised: the next one uses it
-            if self.protocol.switch_pending:
+            self.protocol.request(PointRequest(mode, epoch_ms, passive, stop_via))
+            pending = self.protocol.pending
+            if pending is not None:  # it applies when a checkpoint closes: ask for one
                 self.scheduler.request("mode-switch")
                 self._wake.set()
-            pending = self.protocol.pending_mode
             return {
-                "mode": str(self.protocol.mode),
-                "pending_mode": None if pending is None else str(pending),
-                "epoch_ms": epoch_ms or self.protocol.epoch_ms,
+                "mode": str(self.protocol.point.mode),
+                "pending_mode": None if pending is None else str(pending.mode),
+                "epoch_ms": self.protocol.next_point().epoch_ms,
+                "pending": None if pending is None else pending.as_dict(),
                 "applies": "at the next checkpoint" if pending is not None else "now (already so)",
             }
         if verb == "checkpoint":
@@ -950,7 +961,7 @@ def daemon_command(
 
     def ready(daemon: Daemon) -> None:
         print(
-            json.dumps({"ready": True, "control": config.control, "mode": str(daemon.protocol.mode)}),
+            json.dumps({"ready": True, "control": config.control, "mode": str(daemon.protocol.point.mode)}),
             flush=True,
         )
 

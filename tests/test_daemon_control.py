@@ -65,7 +65,11 @@ def test_mode_is_pending_until_a_checkpoint(served: tuple[str, Daemon], tmp_path
     assert result.output == "mode colo (epoch 200 ms) at the next checkpoint\n"
     status = call(endpoint, "status")
     assert status["mode"] == "mc" and status["pending_mode"] == "colo"
-    assert daemon.protocol.pending_mode is Mode.COLO and daemon.scheduler.pending["mode-switch"] == 1
+    assert status["pending"] == {
+        "mode": "colo", "epoch_ms": 200, "passive_secondary": False, "stop_via": "qmp", "source": "operator"
+    }
+    assert daemon.protocol.pending is not None and daemon.protocol.pending.mode is Mode.COLO
+    assert daemon.scheduler.pending["mode-switch"] == 1
 
 
 def test_refused_requests_are_clear_and_change_nothing(served: tuple[str, Daemon]) -> None:
@@ -84,8 +88,8 @@ def test_refused_requests_are_clear_and_change_nothing(served: tuple[str, Daemon
         with pytest.raises(ControlError) as info:
             call(endpoint, verb, **args)
         assert info.value.code == code, (verb, args, info.value.message)
-    assert daemon.protocol.pending_mode is None and not daemon.scheduler.pending
-    assert daemon.stop_via is StopVia.QMP
+    assert daemon.protocol.pending is None and not daemon.scheduler.pending
+    assert daemon.protocol.point.stop_via is StopVia.QMP
     with pytest.raises(ControlError, match="needs QEMUs with x-colo-expect-seal"):
         call(endpoint, "mode", mode="mc", stop_via="qemu")
     failover = CliRunner().invoke(failover_command, ["--control", endpoint])
@@ -100,11 +104,17 @@ def test_stop_via_is_chosen_by_what_the_primary_offers_and_switchable(served: tu
     assert daemon._stop_via_from("auto") is StopVia.QMP  # stock QEMU: no seal hook
     daemon.seal_hook = True  # what _resolve_stop_via finds on the patched build
     assert daemon._stop_via_from("auto") is StopVia.QEMU
-    call(endpoint, "mode", mode="mc", stop_via="qemu")
-    assert daemon.stop_via is StopVia.QEMU and call(endpoint, "status")["stop_via"] == "qemu"
+    reply = call(endpoint, "mode", mode="mc", stop_via="qemu")
+    assert reply["applies"] == "at the next checkpoint" and reply["pending"]["stop_via"] == "qemu"
+    # like every part of the operating point it waits for a checkpoint boundary (one is asked for)
+    status = call(endpoint, "status")
+    assert status["stop_via"] == "qmp" and status["pending"]["stop_via"] == "qemu"
+    assert daemon.protocol.pending is not None and daemon.protocol.pending.stop_via is StopVia.QEMU
+    assert daemon.scheduler.pending["mode-switch"] == 1
     result = CliRunner().invoke(mode_command, ["mc", "--stop-via", "qmp", "--control", endpoint])
     assert result.exit_code == 0, result.output
-    assert daemon.stop_via is StopVia.QMP
+    assert result.output == "mode mc (epoch 50 ms) now (already so)\n"  # the request is withdrawn
+    assert daemon.protocol.pending is None and daemon.protocol.point.stop_via is StopVia.QMP
     text = CliRunner().invoke(status_command, ["--control", endpoint]).output
     assert "checkpoint stops via qmp (QEMU can wait for the seal)" in text
     with pytest.raises(DaemonError, match="must be 'auto', 'qemu' or 'qmp'"):
