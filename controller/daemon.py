@@ -38,6 +38,7 @@ import statistics
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ from controller.epoch import (
 )
 from controller.metrics import DaemonMetrics
 from controller.operating_point import OperatingPoint, PointRequest
+from controller.requests import parse_checkpoint_request, parse_mode_request, resolve_stop_via
 from hybridft_common.control import AsyncControlClient, ControlError, serve_control
 from hybridft_common.endpoints import parse_endpoint
 from hybridft_common.vocabulary import (
@@ -61,7 +63,6 @@ from hybridft_common.vocabulary import (
     SEAL_HOOK_COMMAND,
     Mode,
     StopVia,
-    check_epoch_ms,
     epoch_ms_range,
     mode_choice,
 )
@@ -298,6 +299,15 @@ class Daemon:
         self._tasks: list[asyncio.Task[Any]] = []
         self._server: asyncio.Server | None = None
         self._lock = asyncio.Lock()
+        # the control verbs, in the order the bad-verb reply lists them
+        self._verbs: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+            "status": self._verb_status,
+            "mode": self._verb_mode,
+            "checkpoint": self._verb_checkpoint,
+            "failover": self._verb_failover,
+            "metrics": self._verb_metrics,
+            "history": self._verb_history,
+        }
 
     # ------------------------------------------------------------------------------ start / stop
     async def connect(self) -> None:
@@ -362,24 +372,12 @@ class Daemon:
             commands = await session.execute("query-commands")
             found.append(any(entry.get("name") == SEAL_HOOK_COMMAND for entry in commands))
         self.seal_hook = all(found)
-        # the point the first epoch starts with, not a change of it: no checkpoint has run yet
-        self.protocol.point = dataclasses.replace(
-            self.protocol.point, stop_via=self._stop_via_from(self.config.stop_via)
-        )
-
-    def _stop_via_from(self, wanted: Any) -> StopVia:
-        if wanted == "auto":
-            return StopVia.QEMU if self.seal_hook else StopVia.QMP
         try:
-            via = StopVia(wanted)
-        except ValueError:
-            raise DaemonError(f"stop_via must be 'auto', 'qemu' or 'qmp', not {wanted!r}") from None
-        if via is StopVia.QEMU and not self.seal_hook:
-            raise DaemonError(
-                f"stop_via 'qemu' needs QEMUs with {SEAL_HOOK_COMMAND} (hybridft's patched build,"
-                " patch 0005); this pair's have none: use 'qmp' or 'auto'"
-            )
-        return via
+            stop_via = resolve_stop_via(self.config.stop_via, self.seal_hook)
+        except ValueError as exc:
+            raise DaemonError(str(exc)) from None
+        # the point the first epoch starts with, not a change of it: no checkpoint has run yet
+        self.protocol.point = dataclasses.replace(self.protocol.point, stop_via=stop_via)
 
     def attach(self, primary: QmpSession, secondary: QmpSession) -> None:
         """Use sessions opened elsewhere (tests drive a ColoPair already in COLO)."""
@@ -825,68 +823,59 @@ class Daemon:
             "agent_told": self.heartbeat.connected,
         }
 
+    def request_point(self, request: PointRequest) -> dict[str, Any]:
+        """Ask for an operating point change; it lands at the next checkpoint boundary, which is
+        asked for at once.  Returns the ``mode`` verb's reply."""
+        self.protocol.request(request)
+        pending = self.protocol.pending
+        if pending is not None:  # it applies when a checkpoint closes: ask for one
+            self.scheduler.request("mode-switch")
+            self._wake.set()
+        return {
+            "mode": str(self.protocol.point.mode),
+            "pending_mode": None if pending is None else str(pending.mode),
+            "epoch_ms": self.protocol.next_point().epoch_ms,
+            "pending": None if pending is None else pending.as_dict(),
+            "applies": "at the next checkpoint" if pending is not None else "now (already so)",
+        }
+
+    # ------------------------------------------------------------------------------ control verbs
     async def dispatch(self, verb: str, args: dict[str, Any]) -> dict[str, Any]:
-        if verb == "status":
-            return self.status()
-        if verb == "mode":
-            try:
-                mode = Mode(args.get("mode"))
-            except ValueError:
-                raise ControlError(
-                    f"mode must be 'mc' or 'colo', not {args.get('mode')!r}", "bad-args"
-                ) from None
-            epoch_ms = args.get("epoch_ms")
-            if epoch_ms is not None:
-                try:
-                    check_epoch_ms(epoch_ms)
-                except ValueError as exc:
-                    raise ControlError(str(exc), "bad-args") from None
-            passive = args.get("passive_secondary")
-            if passive is not None and not isinstance(passive, bool):
-                raise ControlError(f"passive_secondary must be true or false, got {passive!r}", "bad-args")
-            stop_via = None
-            if args.get("stop_via") is not None:
-                try:
-                    stop_via = self._stop_via_from(args["stop_via"])
-                except DaemonError as exc:
-                    raise ControlError(str(exc), "bad-args") from None
-            self.protocol.request(PointRequest(mode, epoch_ms, passive, stop_via))
-            pending = self.protocol.pending
-            if pending is not None:  # it applies when a checkpoint closes: ask for one
-                self.scheduler.request("mode-switch")
-                self._wake.set()
-            return {
-                "mode": str(self.protocol.point.mode),
-                "pending_mode": None if pending is None else str(pending.mode),
-                "epoch_ms": self.protocol.next_point().epoch_ms,
-                "pending": None if pending is None else pending.as_dict(),
-                "applies": "at the next checkpoint" if pending is not None else "now (already so)",
-            }
-        if verb == "checkpoint":
-            timeout = args.get("timeout", 30.0)
-            if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not 0 < timeout <= 600:
-                raise ControlError(f"timeout must be seconds in (0, 600], got {timeout!r}", "bad-args")
-            if self.state != "protected":
-                raise ControlError(f"the pair is {self.state}: no checkpoint possible", "not-protected")
-            try:
-                record = await self.request_checkpoint("operator", float(timeout))
-            except TimeoutError:
-                raise ControlError("no checkpoint completed in time", "timeout") from None
-            return record.as_dict()
-        if verb == "failover":
-            if self.state != "protected":
-                raise ControlError(f"the pair is {self.state}: nothing to fail over to", "not-protected")
-            try:
-                return await self.planned_failover()
-            except TimeoutError:
-                raise ControlError("the final checkpoint did not complete", "timeout") from None
-        if verb == "metrics":
-            return {"text": self.metrics.render()}
-        if verb == "history":
-            return {"checkpoints": [r.as_dict() for r in self.records]}
-        raise ControlError(
-            f"unknown verb {verb!r} (status, mode, checkpoint, failover, metrics, history)", "bad-verb"
-        )
+        """One control request: arguments are checked (controller.requests) before anything changes."""
+        handler = self._verbs.get(verb)
+        if handler is None:
+            raise ControlError(f"unknown verb {verb!r} ({', '.join(self._verbs)})", "bad-verb")
+        return await handler(args)
+
+    async def _verb_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.status()
+
+    async def _verb_mode(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.request_point(parse_mode_request(args, seal_hook=self.seal_hook))
+
+    async def _verb_checkpoint(self, args: dict[str, Any]) -> dict[str, Any]:
+        request = parse_checkpoint_request(args)
+        if self.state != "protected":
+            raise ControlError(f"the pair is {self.state}: no checkpoint possible", "not-protected")
+        try:
+            record = await self.request_checkpoint("operator", request.timeout)
+        except TimeoutError:
+            raise ControlError("no checkpoint completed in time", "timeout") from None
+        return record.as_dict()
+
+    async def _verb_failover(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.state != "protected":
+            raise ControlError(f"the pair is {self.state}: nothing to fail over to", "not-protected")
+        try:
+            return await self.planned_failover()
+        except TimeoutError:
+            raise ControlError("the final checkpoint did not complete", "timeout") from None
+
+    async def _verb_metrics(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"text": self.metrics.render()}
+
+    async def _verb_history(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"checkpoints": [r.as_dict() for r in self.records]}
 
 
 async def run_daemon(config: DaemonConfig, ready: Any = None) -> None:

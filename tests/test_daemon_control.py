@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from controller.daemon import Daemon, DaemonConfig, DaemonError
 from controller.ops import failover_command, mode_command, status_command
+from controller.requests import resolve_stop_via
 from hybridft_common.control import ControlError, call, serve_control
 from hybridft_common.vocabulary import Mode, StopVia
 from mc_driver.qmp import Event
@@ -101,9 +102,9 @@ def test_refused_requests_are_clear_and_change_nothing(served: tuple[str, Daemon
 
 def test_stop_via_is_chosen_by_what_the_primary_offers_and_switchable(served: tuple[str, Daemon]) -> None:
     endpoint, daemon = served
-    assert daemon._stop_via_from("auto") is StopVia.QMP  # stock QEMU: no seal hook
+    assert resolve_stop_via("auto", daemon.seal_hook) is StopVia.QMP  # stock QEMU: no seal hook
     daemon.seal_hook = True  # what _resolve_stop_via finds on the patched build
-    assert daemon._stop_via_from("auto") is StopVia.QEMU
+    assert resolve_stop_via("auto", daemon.seal_hook) is StopVia.QEMU
     reply = call(endpoint, "mode", mode="mc", stop_via="qemu")
     assert reply["applies"] == "at the next checkpoint" and reply["pending"]["stop_via"] == "qemu"
     # like every part of the operating point it waits for a checkpoint boundary (one is asked for)
@@ -117,8 +118,8 @@ def test_stop_via_is_chosen_by_what_the_primary_offers_and_switchable(served: tu
     assert daemon.protocol.pending is None and daemon.protocol.point.stop_via is StopVia.QMP
     text = CliRunner().invoke(status_command, ["--control", endpoint]).output
     assert "checkpoint stops via qmp (QEMU can wait for the seal)" in text
-    with pytest.raises(DaemonError, match="must be 'auto', 'qemu' or 'qmp'"):
-        daemon._stop_via_from("fast")
+    with pytest.raises(ValueError, match="must be 'auto', 'qemu' or 'qmp'"):
+        resolve_stop_via("fast", daemon.seal_hook)
 
 
 def test_metrics_exposition(served: tuple[str, Daemon]) -> None:

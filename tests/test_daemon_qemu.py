@@ -29,6 +29,7 @@ import pytest
 
 from controller.daemon import Daemon, DaemonConfig
 from controller.operating_point import PointRequest
+from controller.requests import resolve_stop_via
 from hybridft_common.cli import hybridft_command
 from hybridft_common.control import ControlError, call
 from hybridft_common.vocabulary import Mode, StopVia
@@ -272,7 +273,7 @@ def test_checkpoint_delay_fires_one_checkpoint_at_once(harness: Harness) -> None
 
 def test_protocol_order_seen_from_qemu_and_the_services(harness: Harness, daemon: Daemon) -> None:
     assert daemon.seal_hook is True and daemon.protocol.point.stop_via is harness.stop_via
-    assert daemon._stop_via_from("auto") is StopVia.QEMU  # what auto picks on the patched build
+    assert resolve_stop_via("auto", daemon.seal_hook) is StopVia.QEMU  # what auto picks on the patched build
     harness.run(_protocol_order(harness, daemon))
 
 
