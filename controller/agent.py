@@ -1,6 +1,7 @@
 """``hybridft agent``: the secondary side's watchdog; it fails the pair over to the secondary.
 
-The agent listens on the heartbeat socket (the daemon connects and sends JSON lines) and watches the
+The agent listens on the heartbeat socket (the daemon connects and sends
+:class:`~controller.heartbeat.Heartbeat` lines) and watches the
 secondary QEMU over its own QMP monitor.  It fails over when
 
 * the heartbeat connection closes, or stays silent longer than ``--silence-ms`` (default 500),
@@ -44,6 +45,7 @@ from typing import Any
 
 import click
 
+from controller.heartbeat import Heartbeat, HeartbeatError
 from hybridft_common.control import AsyncControlClient, ControlError
 from hybridft_common.endpoints import Endpoint, parse_endpoint, start_server
 
@@ -94,23 +96,19 @@ class FailoverDecider:
         if self.armed:
             self._fire("heartbeat connection closed")
 
-    def message(self, msg: Any, now: float) -> None:
-        """One decoded heartbeat line."""
-        if not isinstance(msg, dict):
-            self.bad_messages += 1
-            return
+    def message(self, msg: Heartbeat, now: float) -> None:
+        """One heartbeat (a line that did not decode is counted in ``bad_messages`` instead)."""
         self.last_heard = now
         self.armed = True
-        if msg.get("failover") is True:
+        if msg.failover:
             self._fire("planned failover")
-        if msg.get("primary_lost") is True:
+        if msg.primary_lost:
             self._fire("primary lost (daemon)")
-        epoch, state = msg.get("epoch"), msg.get("state")
-        if isinstance(epoch, int) and not isinstance(epoch, bool) and isinstance(state, str):
+        epoch, state = msg.epoch, msg.state
+        if epoch is not None and state is not None:
             self.epoch, self.state = epoch, state
-            t = msg.get("t")
             if state == "sealed" and epoch not in self.seal_times:
-                self.seal_times[epoch] = float(t) if isinstance(t, int | float) else time.time()
+                self.seal_times[epoch] = msg.t
             elif state == "committed":
                 self.committed.add(epoch)
 
@@ -418,10 +416,10 @@ class Agent:
                 if not line:
                     break
                 try:
-                    msg = json.loads(line)
-                except ValueError:
+                    msg = Heartbeat.decode(line)
+                except HeartbeatError as exc:
                     self.decider.bad_messages += 1
-                    log.warning("ignoring a malformed heartbeat line %r", line[:200])
+                    log.warning("ignoring a malformed heartbeat line %r: %s", line[:200], exc)
                     continue
                 self.decider.message(msg, time.monotonic())
                 if self.decider.trigger:

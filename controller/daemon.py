@@ -9,9 +9,9 @@ module is the shell around it:
   requests; all coalesced: triggers that arrive while a checkpoint runs are answered by one next
   checkpoint.  Operating point changes (``mode`` verb: mode, epoch length, passive secondary, stop
   way) are the protocol's pending point and land at the next checkpoint boundary.
-* **heartbeat** -- JSON lines to the agent every 100 ms and at each protocol step; ``{"primary_lost":
-  true}`` the moment the primary's QEMU exits or its QMP connection drops; ``{"failover": true}`` for a
-  planned failover.
+* **heartbeat** -- :class:`~controller.heartbeat.Heartbeat` lines to the agent every 100 ms and at each
+  protocol step; ``primary_lost`` the moment the primary's QEMU exits or its QMP connection drops;
+  ``failover`` for a planned failover.
 * **loss handling** (ARCHITECTURE.md §5) -- primary lost: say so and stop (the agent fails over).
   Secondary lost (its QEMU, its QMP, the disk server, a mirror job error, or a failed checkpoint while
   the primary is fine): release the held output, ``x-colo-lost-heartbeat`` on the primary, cancel the
@@ -33,9 +33,7 @@ import json
 import logging
 import os
 import signal
-import socket
 import statistics
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -53,6 +51,7 @@ from controller.epoch import (
     PairLinks,
     run_checkpoint,
 )
+from controller.heartbeat import Heartbeat, HeartbeatSender
 from controller.metrics import DaemonMetrics
 from controller.operating_point import OperatingPoint, PointRequest
 from controller.requests import parse_checkpoint_request, parse_mode_request, resolve_stop_via
@@ -70,7 +69,6 @@ from mc_driver.qmp import QmpError, QmpSession
 
 log = logging.getLogger("hybridft.daemon")
 
-HEARTBEAT_INTERVAL = 0.1
 WATCH_INTERVAL = 0.02
 DISK_POLL_INTERVAL = 0.05  # how often the disk server's checkpoint_needed is read
 RECENT = 512  # checkpoint records kept for status/percentiles
@@ -175,93 +173,6 @@ class ServiceClient(AsyncControlClient):
         except BaseException:
             await self.close()
             raise
-
-
-class HeartbeatSender:
-    """JSON lines to the agent: a beat every 100 ms plus immediate messages; reconnects.
-
-    Why a thread and not a task: a beat must not wait behind anything the event loop is doing (a slow
-    QMP reply, a burst of events, a status request); a missed 500 ms makes the agent fail over.  The
-    thread only formats and writes small lines on a blocking socket with a short send timeout.
-    ``max_gap`` is the longest interval between two beats (> 100 ms: this process was starved).
-    """
-
-    def __init__(self, endpoint: str | None, beat: Any) -> None:
-        self.endpoint = endpoint
-        self.beat = beat  # () -> dict, the periodic message
-        self.sent = 0
-        self.connects = 0
-        self.max_gap = 0.0
-        self._sock: socket.socket | None = None
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def connected(self) -> bool:
-        return self._sock is not None
-
-    def _connect(self) -> None:
-        assert self.endpoint is not None
-        sock, target = parse_endpoint(self.endpoint).new_socket()
-        sock.settimeout(0.5)
-        try:
-            sock.connect(target)
-        except OSError:
-            sock.close()
-            return
-        sock.settimeout(0.2)
-        self._sock = sock
-        self.connects += 1
-
-    def send(self, message: dict[str, Any]) -> None:
-        line = (json.dumps(message, separators=(",", ":")) + "\n").encode()
-        with self._lock:
-            if self._sock is None:
-                return
-            try:
-                self._sock.sendall(line)
-                self.sent += 1
-            except OSError:
-                self._sock.close()
-                self._sock = None
-
-    def _run(self) -> None:
-        last = time.monotonic()
-        while not self._stop.is_set():
-            now = time.monotonic()
-            self.max_gap = max(self.max_gap, now - last)
-            last = now
-            if self._sock is None:
-                with self._lock:
-                    self._connect()
-            try:
-                self.send(self.beat())
-            except Exception:  # a beat must never kill the sender
-                log.exception("heartbeat message failed")
-            self._stop.wait(HEARTBEAT_INTERVAL)
-
-    async def run(self) -> None:
-        if self.endpoint is None:
-            return
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-        self._thread.start()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            self.close()
-
-    async def flush(self) -> None:
-        """Lines are written synchronously: nothing to wait for."""
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(2)
-        with self._lock:
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
 
 
 class Daemon:
@@ -453,10 +364,10 @@ class Daemon:
         return self.primary, self.secondary
 
     # ------------------------------------------------------------------------------ checkpoints
-    def _beat(self) -> dict[str, Any]:
+    def _beat(self) -> Heartbeat:
         message = self.protocol.heartbeat()
-        if self.state == "primary-lost":
-            message["primary_lost"] = True
+        if self.state == "primary-lost":  # repeated in every beat: the agent may have missed the first
+            message = dataclasses.replace(message, primary_lost=True)
         return message
 
     def _count_events(self, session: QmpSession, events: list[Any]) -> None:
@@ -637,9 +548,7 @@ class Daemon:
         if side == "primary":
             self.state, self.state_reason = "primary-lost", why
             self.metrics.protected.set(0)
-            self.heartbeat.send(
-                {"t": time.time(), "primary_lost": True, "epoch": self.protocol.last_committed}
-            )
+            self.heartbeat.send(Heartbeat(time.time(), self.protocol.last_committed, None, primary_lost=True))
             await self.heartbeat.flush()
             self.timeline.append(("primary lost: agent told", 0.0))
             log.error("primary lost (%s): the agent fails over", why)
@@ -813,9 +722,7 @@ class Daemon:
             await primary.execute("stop")
             self.state, self.state_reason = "failed-over", "planned failover"
             self.metrics.protected.set(0)
-            self.heartbeat.send(
-                {"t": time.time(), "epoch": record.number, "state": "committed", "failover": True}
-            )
+            self.heartbeat.send(Heartbeat(time.time(), record.number, "committed", failover=True))
             await self.heartbeat.flush()
         return {
             "epoch": record.number,

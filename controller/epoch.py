@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from controller.heartbeat import Heartbeat
 from controller.operating_point import OperatingPoint, PointChange, PointRequest, PointSource
 from hybridft_common.vocabulary import HUGE_CHECKPOINT_DELAY_MS, Mode, StopVia
 
@@ -217,7 +218,7 @@ class EpochProtocol:
     def step_done(self, step: Step, seconds: float) -> None:
         self._record().steps.append((str(step), seconds))
 
-    def sealed(self, *, disk_epoch: int | None = None, compare_epoch: int | None = None) -> dict[str, Any]:
+    def sealed(self, *, disk_epoch: int | None = None, compare_epoch: int | None = None) -> Heartbeat:
         """Services sealed; returns the heartbeat message.  The disk's number becomes N."""
         record = self._record()
         if disk_epoch is not None:
@@ -228,14 +229,14 @@ class EpochProtocol:
         record.phase = Phase.SEALED
         return self.heartbeat()
 
-    def loaded(self) -> dict[str, Any]:
+    def loaded(self) -> Heartbeat:
         record = self._record()
         if record.phase is not Phase.SEALED:
             raise RuntimeError(f"checkpoint {record.number} loaded while {record.phase}")
         record.phase = Phase.LOADED
         return self.heartbeat()
 
-    def committed_step(self) -> tuple[EpochRecord, dict[str, Any]]:
+    def committed_step(self) -> tuple[EpochRecord, Heartbeat]:
         """Both services committed N: the epoch is closed; a pending operating point takes effect now."""
         record = self._record()
         if record.phase is not Phase.LOADED:
@@ -285,13 +286,13 @@ class EpochProtocol:
         self.next_number = max(self.next_number, base + 1)
         self.current = None
 
-    def heartbeat(self, now: float | None = None) -> dict[str, Any]:
+    def heartbeat(self, now: float | None = None) -> Heartbeat:
         """The heartbeat message for the current state (``t`` is wall-clock seconds)."""
         t = time.time() if now is None else now
         current = self.current  # read once: the heartbeat thread calls this too
         if current is not None:
-            return {"t": t, "epoch": current.number, "state": str(current.phase)}
-        return {"t": t, "epoch": self.last_committed, "state": "committed"}
+            return Heartbeat(t, current.number, str(current.phase))
+        return Heartbeat(t, self.last_committed, str(Phase.COMMITTED))
 
 
 class CheckpointScheduler:
@@ -384,7 +385,7 @@ class PairLinks:
     secondary: QmpLike
     compare: ControlLike | None
     disk: ControlLike | None
-    heartbeat: Callable[[dict[str, Any]], None] = lambda message: None
+    heartbeat: Callable[[Heartbeat], None] = lambda message: None
     timeout: float = 30.0
     # False once the primary is gone: the agent then owns the disk (it sees what the secondary really
     # loaded); a recovery from here would race it, e.g. roll back an epoch the secondary resumed from

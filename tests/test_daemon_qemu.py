@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import pytest
 
 from controller.daemon import Daemon, DaemonConfig
+from controller.heartbeat import Heartbeat
 from controller.operating_point import PointRequest
 from controller.requests import resolve_stop_via
 from hybridft_common.cli import hybridft_command
@@ -433,11 +434,11 @@ async def _secondary_lost(harness: Harness, daemon: Daemon) -> None:
     killed: list[object] = []
     killed_at: list[float] = []
 
-    def send_and_kill(message: dict[str, object]) -> None:
+    def send_and_kill(message: Heartbeat) -> None:
         original_send(message)
-        if message.get("state") == "sealed" and not killed:
+        if message.state == "sealed" and not killed:
             secondary.send_signal(signal.SIGKILL)
-            killed.append(message["epoch"])
+            killed.append(message.epoch)
             killed_at.append(time.monotonic())
 
     try:

@@ -25,6 +25,7 @@ from controller.epoch import (
     Step,
     run_checkpoint,
 )
+from controller.heartbeat import Heartbeat
 from controller.operating_point import OperatingPoint, PointRequest, PointSource
 from hybridft_common.vocabulary import Mode, StopVia
 
@@ -107,18 +108,18 @@ class RecordingService:
         return {"released_frames": 3} if verb == "commit" else {}
 
 
-def _links(log: list[str], *, fail: dict[str, str] | None = None) -> tuple[PairLinks, list[dict[str, Any]]]:
+def _links(log: list[str], *, fail: dict[str, str] | None = None) -> tuple[PairLinks, list[Heartbeat]]:
     fail = fail or {}
     primary = RecordingQmp("primary", log, fail.get("primary"))
     secondary = RecordingQmp("secondary", log, fail.get("secondary"))
     primary.peers = [primary, secondary]  # type: ignore[attr-defined]
     secondary.peers = []  # type: ignore[attr-defined]
     secondary.primary = primary  # type: ignore[attr-defined]
-    beats: list[dict[str, Any]] = []
+    beats: list[Heartbeat] = []
 
-    def heartbeat(message: dict[str, Any]) -> None:
+    def heartbeat(message: Heartbeat) -> None:
         beats.append(message)
-        log.append(f"heartbeat:{message['state']}")
+        log.append(f"heartbeat:{message.state}")
 
     links = PairLinks(
         primary,
@@ -159,7 +160,7 @@ def test_checkpoint_runs_the_steps_in_protocol_order() -> None:
     assert log[5:] == ["heartbeat:sealed", "primary:migrate-set-parameters", *AFTER_THE_LOAD]
     # N is the disk's epoch number (the agent's `disk ctl commit N` must name it)
     assert record.number == 101 and record.compare_epoch == 1 and record.disk_epoch == 101
-    assert [b["epoch"] for b in beats] == [101, 101, 101]
+    assert [b.epoch for b in beats] == [101, 101, 101]
     assert record.outcome == "committed" and record.released_frames == 3
     assert record.primary_pause is not None and record.primary_pause > 0
     assert [name for name, _ in record.steps][:2] == [str(Step.STOP_SECONDARY), str(Step.STOP_PRIMARY)]
@@ -184,7 +185,7 @@ def test_stop_via_qemu_fires_first_and_seals_while_qemu_holds_both_stopped() -> 
         str(Step.STOPPED),
     ]
     assert record.stop_events == (1, 1) and record.primary_pause is not None
-    assert record.outcome == "committed" and [b["state"] for b in beats] == ["sealed", "loaded", "committed"]
+    assert record.outcome == "committed" and [b.state for b in beats] == ["sealed", "loaded", "committed"]
 
 
 ROLLED_BACK = ["disk:prepare-checkpoint", "disk:seal", "disk:rollback"]
@@ -303,7 +304,7 @@ def test_failure_recovery_depends_on_whether_the_secondary_loaded(
     else:
         assert protocol.last_committed is None
         assert "compare:commit 1" not in log  # sealed output is never released unless loaded
-    assert beats[-1]["state"] == "committed"
+    assert beats[-1].state == "committed"
 
 
 def test_mode_switch_applies_only_at_a_checkpoint_boundary() -> None:
@@ -420,14 +421,14 @@ def test_scheduler_mc_timer_colo_safety_interval_and_coalescing() -> None:
 
 def test_heartbeat_messages_follow_the_phase() -> None:
     protocol = EpochProtocol()
-    assert protocol.heartbeat(5.0) == {"t": 5.0, "epoch": None, "state": "committed"}
+    assert protocol.heartbeat(5.0) == Heartbeat(5.0, None, "committed")
     protocol.begin({}, 0.0)
-    assert protocol.heartbeat(6.0)["state"] == str(Phase.OPEN)
-    assert protocol.sealed(disk_epoch=3)["state"] == "sealed"
+    assert protocol.heartbeat(6.0).state == str(Phase.OPEN)
+    assert protocol.sealed(disk_epoch=3).state == "sealed"
     loaded = protocol.loaded()
-    assert (loaded["epoch"], loaded["state"]) == (3, "loaded")
+    assert (loaded.epoch, loaded.state) == (3, "loaded")
     protocol.committed_step()
-    assert protocol.heartbeat(7.0) == {"t": 7.0, "epoch": 3, "state": "committed"}
+    assert protocol.heartbeat(7.0).encode() == b'{"t":7.0,"epoch":3,"state":"committed"}\n'
 
 
 def test_a_lost_primary_leaves_the_disk_to_the_agent() -> None:
