@@ -37,7 +37,7 @@ import statistics
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ from controller.operating_point import OperatingPoint, PointRequest
 from controller.requests import parse_checkpoint_request, parse_mode_request, resolve_stop_via
 from hybridft_common.control import AsyncControlClient, ControlError, serve_control
 from hybridft_common.endpoints import parse_endpoint
+from hybridft_common.manifest import ManifestError, PairManifest
 from hybridft_common.vocabulary import (
     HUGE_CHECKPOINT_DELAY_MS,
     SEAL_HOOK_COMMAND,
@@ -99,41 +100,37 @@ class DaemonConfig:
     checkpoint_timeout: float = 30.0
     metrics_port: int | None = None
     stop_via: str = "auto"  # auto | qemu | qmp: who stops the VMs for a checkpoint (epoch.StopVia)
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_manifest(cls, manifest: PairManifest) -> DaemonConfig:
+        """The daemon's settings from the pair's manifest (ValueError for a QMP endpoint not on unix:)."""
+        return cls(
+            primary_qmp=_unix_path(manifest.qmp.primary.daemon),
+            secondary_qmp=_unix_path(manifest.qmp.secondary.daemon),
+            control=manifest.daemon_control,
+            compare_control=manifest.compare_control,
+            disk_control=manifest.disk_control,
+            heartbeat=manifest.heartbeat,
+            mode=manifest.mode,
+            epoch_ms=manifest.epoch_ms,
+            safety_interval_ms=manifest.safety_interval_ms,
+            mirror_job=manifest.mirror_job,
+            primary_pid=manifest.pids.primary or None,
+            secondary_pid=manifest.pids.secondary or None,
+            passive_secondary=manifest.passive_secondary,
+            stop_via=manifest.stop_via,
+            migrate_uri=manifest.migrate_uri,
+        )
 
     @classmethod
     def from_pair_json(cls, path: Path) -> DaemonConfig:
         """Read ``pair.json`` (written by ``pair up``); a missing or wrong field is a clear error."""
         try:
-            data = json.loads(path.read_text())
-        except OSError as exc:
-            raise DaemonError(f"cannot read {path}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
-            raise DaemonError(f"{path} is not JSON: {exc}") from None
-        try:
-            qmp = data["qmp"]
-            pids = data.get("pids") or {}
-            workdir = Path(data.get("workdir") or path.parent)
-            return cls(
-                primary_qmp=_unix_path(qmp["primary"]["daemon"]),
-                secondary_qmp=_unix_path(qmp["secondary"]["daemon"]),
-                control=data["daemon_control"],
-                compare_control=data.get("compare_control"),
-                disk_control=data.get("disk_control"),
-                heartbeat=data.get("heartbeat"),
-                mode=Mode(data.get("mode", "mc")),
-                epoch_ms=int(data.get("epoch_ms", 50)),
-                safety_interval_ms=int(data.get("safety_interval_ms", 10_000)),
-                mirror_job=data.get("mirror_job"),
-                primary_pid=int(pids["primary"]) if pids.get("primary") else None,
-                secondary_pid=int(pids["secondary"]) if pids.get("secondary") else None,
-                passive_secondary=bool(data.get("passive_secondary", False)),
-                stop_via=str(data.get("stop_via", "auto")),
-                migrate_uri=data.get("migrate_uri") or f"unix:{workdir / 'migrate.sock'}",
-                extra=data,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DaemonError(f"{path}: missing or invalid field: {exc!r}") from None
+            return cls.from_manifest(PairManifest.load(path))
+        except ManifestError as exc:
+            raise DaemonError(str(exc)) from None
+        except ValueError as exc:
+            raise DaemonError(f"{path}: {exc}") from None
 
 
 def _unix_path(endpoint: str) -> str:

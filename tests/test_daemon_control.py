@@ -5,6 +5,7 @@ plus pair.json errors.  No QEMU: the daemon object serves its control verbs befo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -21,6 +22,7 @@ from controller.requests import resolve_stop_via
 from hybridft_common.control import ControlError, call, serve_control
 from hybridft_common.vocabulary import Mode, StopVia
 from mc_driver.qmp import Event
+from tests.test_manifest import manifest_for
 
 
 @pytest.fixture
@@ -40,7 +42,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Daemon]]:
     thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
     thread.start()
     assert ready.wait(10)
-    (tmp_path / "pair.json").write_text(json.dumps({"daemon_control": endpoint}))
+    manifest_for(tmp_path, daemon_control=endpoint).write(tmp_path / "pair.json")
     yield endpoint, daemon
     loop.call_soon_threadsafe(stop.set)
     thread.join(5)
@@ -135,31 +137,28 @@ def test_pair_json_errors_are_clear(tmp_path: Path) -> None:
         DaemonConfig.from_pair_json(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{nope")
-    with pytest.raises(DaemonError, match="is not JSON"):
+    with pytest.raises(DaemonError, match="is not valid JSON"):
         DaemonConfig.from_pair_json(bad)
-    bad.write_text(json.dumps({"qmp": {"primary": {"daemon": "unix:/p"}}}))
-    with pytest.raises(DaemonError, match="missing or invalid field"):
+    bad.write_text(json.dumps({"workdir": str(tmp_path), "qmp": {"primary": {"daemon": "unix:/p"}}}))
+    with pytest.raises(DaemonError, match="has no 'netns'"):
         DaemonConfig.from_pair_json(bad)
-    bad.write_text(json.dumps({"qmp": {"primary": {"daemon": "tcp:h:1"}, "secondary": {"daemon": "unix:/s"}},
-                               "daemon_control": "unix:/d"}))  # fmt: skip
+    manifest = manifest_for(tmp_path)
+    monitors = dataclasses.replace(manifest.qmp.primary, daemon="tcp:h:1")
+    dataclasses.replace(manifest, qmp=dataclasses.replace(manifest.qmp, primary=monitors)).write(bad)
     with pytest.raises(DaemonError, match="unix:PATH"):
         DaemonConfig.from_pair_json(bad)
     good = tmp_path / "pair.json"
-    pair = {
-        "workdir": str(tmp_path),
-        "qmp": {"primary": {"daemon": "unix:/p"}, "secondary": {"daemon": "unix:/s"}},
-        "daemon_control": "unix:/d",
-        "mode": "colo",
-        "epoch_ms": 30,
-        "pids": {"primary": 5, "secondary": 0},
-    }
-    good.write_text(json.dumps(pair))
+    manifest = dataclasses.replace(
+        manifest, mode=Mode.COLO, epoch_ms=30, pids=dataclasses.replace(manifest.pids, primary=5)
+    )
+    manifest.write(good)
     config = DaemonConfig.from_pair_json(good)
-    assert (config.primary_qmp, config.mode, config.epoch_ms) == ("/p", Mode.COLO, 30)
+    assert config.primary_qmp == str(tmp_path / "primary-daemon.qmp")
+    assert (config.mode, config.epoch_ms) == (Mode.COLO, 30)
     assert config.primary_pid == 5 and config.secondary_pid is None
     assert config.migrate_uri == f"unix:{tmp_path / 'migrate.sock'}"
-    assert config.stop_via == "auto"
-    good.write_text(json.dumps(pair | {"stop_via": "qmp"}))
+    assert config.stop_via == "auto" and config.heartbeat == manifest.heartbeat
+    dataclasses.replace(manifest, stop_via="qmp").write(good)
     assert DaemonConfig.from_pair_json(good).stop_via == "qmp"
 
 

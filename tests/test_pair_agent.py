@@ -34,6 +34,7 @@ from controller.agent import (
 from controller.heartbeat import Heartbeat
 from hybridft_common.control import serve_control
 from mc_driver.qmp import Event, QmpTimeout
+from tests.test_manifest import manifest_for
 
 
 def sealed_then(decider: FailoverDecider, epoch: int, t: float, now: float = 0.0) -> None:
@@ -89,7 +90,7 @@ def test_malformed_heartbeat_lines_are_counted_not_fatal() -> None:
             pass
 
     async def scenario() -> FailoverDecider:
-        agent = Agent({}, 0.5)  # type: ignore[arg-type]  (the reader needs no pair config)
+        agent = Agent(manifest_for(Path("/run/hft-pair")), 0.5)
         reader = asyncio.StreamReader()
         malformed = (
             b"[1, 2]",
@@ -196,7 +197,7 @@ def test_agent_cli_refuses_a_bad_config(tmp_path: Path) -> None:
     partial = tmp_path / "partial.json"
     partial.write_text(json.dumps({"workdir": str(tmp_path)}))
     result = runner.invoke(agent_command, ["--config", str(partial)])
-    assert result.exit_code == 1 and "has no 'heartbeat'" in result.output
+    assert result.exit_code == 1 and "has no 'netns'" in result.output
 
 
 def test_silence_is_not_judged_right_after_the_agent_itself_stalled() -> None:
@@ -237,7 +238,7 @@ def test_the_watcher_stops_when_an_event_lands_with_the_cancellation() -> None:
     async def scenario() -> tuple[bool, bool, float]:
         # first show that the race is real with the plain cancel (on this Python)
         plain = QueueBackedSecondary()
-        old_agent = Agent({}, 0.5)
+        old_agent = Agent(manifest_for(Path("/run/hft-pair")), 0.5)
         old_style = asyncio.create_task(old_agent._watch_secondary(plain))
         await asyncio.sleep(0.01)
         plain.events.put_nowait(Event("RESUME", {}, 1.0, 1.0))
@@ -248,7 +249,7 @@ def test_the_watcher_stops_when_an_event_lands_with_the_cancellation() -> None:
         await asyncio.wait({old_style}, timeout=1.0)
 
         secondary = QueueBackedSecondary()
-        agent = Agent({}, 0.5)
+        agent = Agent(manifest_for(Path("/run/hft-pair")), 0.5)
         watcher = asyncio.create_task(agent._watch_secondary(secondary))
         await asyncio.sleep(0.01)
         secondary.events.put_nowait(Event("RESUME", {}, 2.0, 2.0))
