@@ -1,8 +1,8 @@
-"""``hybridft daemon``: the controller of one protected pair -- when checkpoints happen, and what then.
+"""The daemon: the controller of one protected pair -- when checkpoints happen, and what then.
 
 The daemon is the only thing that fires checkpoints (``x-checkpoint-delay`` stays huge; one fires
 per ``migrate-set-parameters``).  Each checkpoint is :func:`controller.epoch.run_checkpoint`; this
-module is the shell around it:
+module is the asyncio shell around it and around the other sans-I/O parts, which decide:
 
 * **when** -- :class:`~controller.epoch.CheckpointScheduler`: MC every ``epoch_ms``; COLO on comparator
   requests (a long-poll on ``next-request`` over its own connection) and the safety interval; operator
@@ -13,15 +13,22 @@ module is the shell around it:
   protocol step; ``primary_lost`` the moment the primary's QEMU exits or its QMP connection drops;
   ``failover`` for a planned failover.
 * **loss handling** (ARCHITECTURE.md §5) -- primary lost: say so and stop (the agent fails over).
-  Secondary lost (its QEMU, its QMP, the disk server, a mirror job error, or a failed checkpoint while
-  the primary is fine): release the held output, ``x-colo-lost-heartbeat`` on the primary, cancel the
-  mirror, make sure the primary runs, and carry on unprotected; ``status`` says so.
-* **accounting** -- every STOP event on the primary is counted against the checkpoints the daemon
-  started, so a checkpoint QEMU fired on its own shows up as ``unrequested_stops`` (must stay 0).
+  COLO ended or a checkpoint failed while the primary is fine: did the secondary take over
+  (:class:`~controller.pair_state.ReplicationEndDecider`)?  Then the primary stays stopped.  Else the
+  secondary is lost (so too for its QEMU, its QMP, the disk server, a mirror job error): release the
+  held output, ``x-colo-lost-heartbeat`` on the primary, cancel the mirror, make sure the primary
+  runs, and carry on unprotected; ``status`` says so (:class:`~controller.pair_state.PairState`).
+* **accounting** -- :class:`~controller.accounting.EventAccounting`: every STOP event on the primary
+  is counted against the checkpoints the daemon started, so a checkpoint QEMU fired on its own shows
+  up as ``unrequested_stops`` (must stay 0).
+* **requests** -- :mod:`controller.requests` checks every control request before anything changes.
 
 Watching events: the checkpoint function consumes RESUME/STOP events while it runs; between
 checkpoints a watcher task takes the events (so they are never stale for the next checkpoint) and
 reacts to COLO_EXIT, SHUTDOWN, BLOCK_JOB_ERROR and the mirror job's state.
+
+Its settings are :mod:`controller.daemon_config`; the ``hybridft daemon`` command is
+:mod:`controller.daemon_cli`.
 """
 
 from __future__ import annotations
@@ -29,20 +36,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import signal
-import statistics
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
-
+from controller.accounting import EventAccounting
+from controller.daemon_config import DaemonConfig, DaemonError
 from controller.epoch import (
     CheckpointError,
     CheckpointScheduler,
@@ -54,17 +58,22 @@ from controller.epoch import (
 from controller.heartbeat import Heartbeat, HeartbeatSender
 from controller.metrics import DaemonMetrics
 from controller.operating_point import OperatingPoint, PointRequest
+from controller.pair_state import (
+    NO_ANSWER,
+    ColoStatus,
+    NoAnswer,
+    PairState,
+    ReplicationEnd,
+    ReplicationEndDecider,
+)
 from controller.requests import parse_checkpoint_request, parse_mode_request, resolve_stop_via
 from hybridft_common.control import AsyncControlClient, ControlError, serve_control
 from hybridft_common.endpoints import parse_endpoint
-from hybridft_common.manifest import ManifestError, PairManifest
+from hybridft_common.stats import percentile
 from hybridft_common.vocabulary import (
     HUGE_CHECKPOINT_DELAY_MS,
     SEAL_HOOK_COMMAND,
-    Mode,
     StopVia,
-    epoch_ms_range,
-    mode_choice,
 )
 from mc_driver.qmp import QmpError, QmpSession
 
@@ -73,71 +82,6 @@ log = logging.getLogger("hybridft.daemon")
 WATCH_INTERVAL = 0.02
 DISK_POLL_INTERVAL = 0.05  # how often the disk server's checkpoint_needed is read
 RECENT = 512  # checkpoint records kept for status/percentiles
-DAEMON_NICE = -10
-
-
-class DaemonError(Exception):
-    """The daemon cannot start (config, connections, COLO start); the message says what."""
-
-
-@dataclass(slots=True)
-class DaemonConfig:
-    primary_qmp: str
-    secondary_qmp: str
-    control: str
-    compare_control: str | None = None
-    disk_control: str | None = None
-    heartbeat: str | None = None
-    mode: Mode = Mode.MC
-    epoch_ms: int = 50
-    safety_interval_ms: int = 10_000
-    mirror_job: str | None = None
-    primary_pid: int | None = None
-    secondary_pid: int | None = None
-    passive_secondary: bool = False
-    start_colo: bool = True
-    migrate_uri: str | None = None
-    checkpoint_timeout: float = 30.0
-    metrics_port: int | None = None
-    stop_via: str = "auto"  # auto | qemu | qmp: who stops the VMs for a checkpoint (epoch.StopVia)
-
-    @classmethod
-    def from_manifest(cls, manifest: PairManifest) -> DaemonConfig:
-        """The daemon's settings from the pair's manifest (ValueError for a QMP endpoint not on unix:)."""
-        return cls(
-            primary_qmp=_unix_path(manifest.qmp.primary.daemon),
-            secondary_qmp=_unix_path(manifest.qmp.secondary.daemon),
-            control=manifest.daemon_control,
-            compare_control=manifest.compare_control,
-            disk_control=manifest.disk_control,
-            heartbeat=manifest.heartbeat,
-            mode=manifest.mode,
-            epoch_ms=manifest.epoch_ms,
-            safety_interval_ms=manifest.safety_interval_ms,
-            mirror_job=manifest.mirror_job,
-            primary_pid=manifest.pids.primary or None,
-            secondary_pid=manifest.pids.secondary or None,
-            passive_secondary=manifest.passive_secondary,
-            stop_via=manifest.stop_via,
-            migrate_uri=manifest.migrate_uri,
-        )
-
-    @classmethod
-    def from_pair_json(cls, path: Path) -> DaemonConfig:
-        """Read ``pair.json`` (written by ``pair up``); a missing or wrong field is a clear error."""
-        try:
-            return cls.from_manifest(PairManifest.load(path))
-        except ManifestError as exc:
-            raise DaemonError(str(exc)) from None
-        except ValueError as exc:
-            raise DaemonError(f"{path}: {exc}") from None
-
-
-def _unix_path(endpoint: str) -> str:
-    ep = parse_endpoint(endpoint)
-    if ep.kind != "unix" or not ep.path:
-        raise ValueError(f"QMP endpoints must be unix:PATH, got {endpoint!r}")
-    return ep.path
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -148,10 +92,6 @@ def _pid_alive(pid: int | None) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
-
-
-def _percentile(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
 class ServiceClient(AsyncControlClient):
@@ -173,8 +113,9 @@ class ServiceClient(AsyncControlClient):
 
 
 class Daemon:
-    """One pair's controller.  ``await Daemon(config).run(stop_event)``; or, in tests, ``attach`` to
-    already-open QMP sessions with :meth:`start_with` and drive it directly."""
+    """One pair's controller: ``await daemon.start()``, later ``await daemon.close()`` (:func:`run_daemon`
+    does both around a signal); tests may :meth:`attach` already-open QMP sessions first and start with
+    ``connect=False``, or drive its parts directly."""
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
@@ -190,14 +131,14 @@ class Daemon:
         self.compare: ServiceClient | None = None
         self.disk: ServiceClient | None = None
         self.heartbeat = HeartbeatSender(config.heartbeat, self._beat)
-        self.state = "starting"  # starting | protected | unprotected | primary-lost | failed-over | stopped
+        self.state = PairState.STARTING
         self.seal_hook = False  # both QEMUs have x-colo-checkpoint / x-colo-expect-seal (patch 0005)
         self.state_reason = ""
         self.records: deque[EpochRecord] = deque(maxlen=RECENT)
-        self.checkpoints_started = 0
+        self.accounting = EventAccounting()
+        self.replication_end = ReplicationEndDecider()
         self.reasons: Counter[str] = Counter()
         self.divergences: Counter[str] = Counter()
-        self.events: dict[str, Counter[str]] = {"primary": Counter(), "secondary": Counter()}
         self.failures: list[dict[str, Any]] = []
         self.timeline: list[tuple[str, float]] = []
         self._in_checkpoint = False
@@ -307,7 +248,7 @@ class Daemon:
             await self.start_colo()
         for session in self._sessions():
             self._count_events(session, session.events())
-        self.state = "protected"
+        self.state = PairState.PROTECTED
         self.metrics.protected.set(1)
         self.scheduler.ended(time.monotonic())
         self._server = await serve_control(self.config.control, self.dispatch)
@@ -352,8 +293,8 @@ class Daemon:
         for client in (self.compare, self.disk):
             if client is not None:
                 await client.close()
-        if self.state not in ("primary-lost", "failed-over"):
-            self.state = "stopped"
+        if self.state not in (PairState.PRIMARY_LOST, PairState.FAILED_OVER):
+            self.state = PairState.STOPPED
 
     def _sessions(self) -> tuple[QmpSession, QmpSession]:
         if self.primary is None or self.secondary is None:
@@ -363,28 +304,25 @@ class Daemon:
     # ------------------------------------------------------------------------------ checkpoints
     def _beat(self) -> Heartbeat:
         message = self.protocol.heartbeat()
-        if self.state == "primary-lost":  # repeated in every beat: the agent may have missed the first
+        if self.state == PairState.PRIMARY_LOST:  # in every beat: the agent may have missed the first
             message = dataclasses.replace(message, primary_lost=True)
         return message
 
     def _count_events(self, session: QmpSession, events: list[Any]) -> None:
+        """Count events taken between checkpoints and react to the ones that end replication."""
         side = session.name
+        self.accounting.seen(side, (event.name for event in events))
         for event in events:
-            self.events[side][event.name] += 1
             if event.name in ("BLOCK_JOB_ERROR", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
                 if self.config.mirror_job and event.data.get("device") == self.config.mirror_job:
                     self._lost_later("secondary", f"mirror job {event.name}")
-            elif event.name == "COLO_EXIT" and self.state == "protected" and not self._in_checkpoint:
+            elif event.name == "COLO_EXIT" and self.state == PairState.PROTECTED and not self._in_checkpoint:
                 # the primary leaves COLO when its peer is gone *or* has taken over: decide which
                 why = f"COLO_EXIT on the {side}: {dict(event.data)}"
                 self._tasks.append(asyncio.create_task(self._replication_ended(why)))
-            elif event.name == "SHUTDOWN" and self.state == "protected":
+            elif event.name == "SHUTDOWN" and self.state == PairState.PROTECTED:
                 self._lost_later(side, f"{side} QEMU shut down")
-        self.metrics.unrequested_stops.set(self.unrequested_stops)
-
-    @property
-    def unrequested_stops(self) -> int:
-        return max(0, self.events["primary"]["STOP"] - self.checkpoints_started)
+        self.metrics.unrequested_stops.set(self.accounting.unrequested_stops)
 
     def _lost_later(self, side: str, why: str) -> None:
         self._tasks.append(asyncio.create_task(self._side_lost(side, why)))
@@ -393,7 +331,7 @@ class Daemon:
         """Run one checkpoint now (serialised with every other); loss handling on failure."""
         async with self._lock:
             primary, secondary = self._sessions()
-            if self.state != "protected":
+            if self.state != PairState.PROTECTED:
                 raise ControlError(f"the pair is {self.state}: no checkpoint possible", "not-protected")
             # Events that came since the last look, taken before the checkpoint counts as started: a
             # COLO_EXIT among them (the pair broke between checkpoints) must end replication, not be
@@ -410,7 +348,7 @@ class Daemon:
                 raise error
             self._in_checkpoint = True
             try:
-                self.checkpoints_started += 1
+                self.accounting.checkpoint_started()
                 self.scheduler.begun(time.monotonic())
                 links = PairLinks(
                     primary,
@@ -426,10 +364,7 @@ class Daemon:
                 except CheckpointError as exc:
                     self._record_failure(exc)
                     raise
-                self.events["primary"]["STOP"] += record.stop_events[0]
-                self.events["secondary"]["STOP"] += record.stop_events[1]
-                self.events["primary"]["RESUME"] += 1
-                self.events["secondary"]["RESUME"] += 1
+                self.accounting.checkpoint_completed(record.stop_events)
             finally:
                 self._in_checkpoint = False
             self._checkpoint_done(record, reasons)
@@ -449,7 +384,7 @@ class Daemon:
         self.records.append(exc.record)
         log.error("%s", exc)
         for number, future in self._waiters:
-            if self.checkpoints_started >= number and not future.done():
+            if self.accounting.checkpoints_started >= number and not future.done():
                 future.set_exception(ControlError(str(exc), "checkpoint-failed"))
         self._waiters = [(n, f) for n, f in self._waiters if not f.done()]
 
@@ -464,13 +399,13 @@ class Daemon:
         self.metrics.epoch.set(record.number)
         self.metrics.set_mode(str(self.protocol.point.mode))
         for number, future in list(self._waiters):
-            if self.checkpoints_started >= number and not future.done():
+            if self.accounting.checkpoints_started >= number and not future.done():
                 future.set_result(record)
         self._waiters = [(n, f) for n, f in self._waiters if not f.done()]
 
     async def _epoch_loop(self) -> None:
         while not self._closing:
-            if self.state != "protected":
+            if self.state != PairState.PROTECTED:
                 await asyncio.sleep(0.05)
                 continue
             now = time.monotonic()
@@ -498,32 +433,36 @@ class Daemon:
         else:
             await self._replication_ended(why)
 
-    async def _secondary_took_over(self) -> bool:
-        """True if the secondary is alive and has left COLO as the secondary: the agent failed over."""
-        if not self._secondary_ok() or self.secondary is None:
-            return False
+    async def _secondary_colo_status(self) -> ColoStatus | NoAnswer:
+        """The secondary's ``query-colo-status``, bounded at 2 s, or NO_ANSWER."""
+        secondary = self.secondary
+        if secondary is None or not secondary.connected:
+            return NO_ANSWER
         try:
-            colo = await asyncio.wait_for(self.secondary.execute("query-colo-status"), 2.0)
+            reply = await asyncio.wait_for(secondary.execute("query-colo-status"), 2.0)
         except (QmpError, TimeoutError):
-            return False
-        return colo.get("mode") == "none" and colo.get("last-mode") == "secondary"
+            return NO_ANSWER
+        return ColoStatus.from_reply(reply)
 
     async def _replication_ended(self, why: str) -> None:
-        """COLO ended or a checkpoint failed while the primary lives.  If the secondary took over (the agent
-        failed over, e.g. after a heartbeat gap), the primary must stay stopped -- resuming it would give
-        two live copies of the guest; otherwise the secondary is lost and the primary runs unprotected."""
-        if self.state != "protected":
+        """COLO ended or a checkpoint failed while the primary lives: took over or lost
+        (:class:`~controller.pair_state.ReplicationEndDecider`).  Taken over (the agent failed over,
+        e.g. after a heartbeat gap): the primary must stay stopped -- resuming it would give two live
+        copies of the guest.  Lost: the primary runs on unprotected."""
+        if self.state != PairState.PROTECTED:
             return
-        if await self._secondary_took_over():
-            self.state, self.state_reason = "failed-over", f"the secondary took over ({why})"
-            self.metrics.protected.set(0)
-            log.error("the secondary took over (%s): keeping the primary stopped", why)
-            if self.primary is not None:
-                with contextlib.suppress(QmpError, TimeoutError):
-                    await asyncio.wait_for(self.primary.execute("stop"), 5.0)
-                    self.timeline.append(("primary fenced (stopped): the secondary took over", 0.0))
+        alive = _pid_alive(self.config.secondary_pid)
+        colo_status = await self._secondary_colo_status() if alive else NO_ANSWER
+        if self.replication_end.decide(secondary_alive=alive, colo_status=colo_status) is ReplicationEnd.LOST:
+            await self._side_lost("secondary", why)
             return
-        await self._side_lost("secondary", why)
+        self.state, self.state_reason = PairState.FAILED_OVER, f"the secondary took over ({why})"
+        self.metrics.protected.set(0)
+        log.error("the secondary took over (%s): keeping the primary stopped", why)
+        if self.primary is not None:
+            with contextlib.suppress(QmpError, TimeoutError):
+                await asyncio.wait_for(self.primary.execute("stop"), 5.0)
+                self.timeline.append(("primary fenced (stopped): the secondary took over", 0.0))
 
     def _primary_ok(self) -> bool:
         return _pid_alive(self.config.primary_pid) and self._session_up(self.primary)
@@ -533,24 +472,21 @@ class Daemon:
 
     @staticmethod
     def _session_up(session: QmpSession | None) -> bool:
-        if session is None:
-            return False
-        runstate = session._client.runstate  # qemu.qmp's own state: RUNNING while connected
-        return runstate is not None and runstate.name == "RUNNING"
+        return session is not None and session.connected
 
     async def _side_lost(self, side: str, why: str) -> None:
-        if self.state not in ("protected", "starting"):
+        if self.state not in (PairState.PROTECTED, PairState.STARTING):
             return
         started = time.monotonic()
         if side == "primary":
-            self.state, self.state_reason = "primary-lost", why
+            self.state, self.state_reason = PairState.PRIMARY_LOST, why
             self.metrics.protected.set(0)
             self.heartbeat.send(Heartbeat(time.time(), self.protocol.last_committed, None, primary_lost=True))
             await self.heartbeat.flush()
             self.timeline.append(("primary lost: agent told", 0.0))
             log.error("primary lost (%s): the agent fails over", why)
             return
-        self.state, self.state_reason = "unprotected", why
+        self.state, self.state_reason = PairState.UNPROTECTED, why
         self.metrics.protected.set(0)
         log.error("secondary lost (%s): releasing held output, continuing unprotected", why)
         primary = self.primary
@@ -581,7 +517,7 @@ class Daemon:
     async def _watch_loop(self) -> None:
         while not self._closing:
             await asyncio.sleep(WATCH_INTERVAL)
-            if self.state != "protected":
+            if self.state != PairState.PROTECTED:
                 continue
             if not self._primary_ok():
                 await self._side_lost("primary", "the primary QEMU exited or its QMP connection dropped")
@@ -600,7 +536,7 @@ class Daemon:
                 try:
                     reply = await client.call("next-request", timeout=1.0)
                 except (ControlError, OSError) as exc:
-                    if self.state == "protected" and self.compare is not None:
+                    if self.state == PairState.PROTECTED and self.compare is not None:
                         log.warning("comparator request poll failed: %s", exc)
                     await client.close()
                     await asyncio.sleep(0.2)
@@ -631,7 +567,7 @@ class Daemon:
         try:
             while not self._closing:
                 await asyncio.sleep(DISK_POLL_INTERVAL)
-                if self.state != "protected" or self._in_checkpoint:
+                if self.state != PairState.PROTECTED or self._in_checkpoint:
                     continue
                 try:
                     status = await client.call("status")
@@ -653,20 +589,21 @@ class Daemon:
     async def request_checkpoint(self, reason: str = "operator", timeout: float = 30.0) -> EpochRecord:
         """Ask for a checkpoint and wait for the first one that starts after this request."""
         future: asyncio.Future[EpochRecord] = asyncio.get_running_loop().create_future()
-        self._waiters.append((self.checkpoints_started + 1, future))
+        self._waiters.append((self.accounting.checkpoints_started + 1, future))
         self.scheduler.request(reason)
         self._wake.set()
         return await asyncio.wait_for(future, timeout)
 
     def status(self) -> dict[str, Any]:
-        pauses = sorted(r.primary_pause for r in self.records if r.primary_pause is not None)
+        pauses = [r.primary_pause for r in self.records if r.primary_pause is not None]
+        p50, p99 = percentile(pauses, 0.5), percentile(pauses, 0.99)
         last = self.records[-1].as_dict() if self.records else None
         point, pending = self.protocol.point, self.protocol.pending
         changes = self.protocol.changes
         return {
-            "state": self.state,
+            "state": str(self.state),
             "state_reason": self.state_reason,
-            "protected": self.state == "protected",
+            "protected": self.state == PairState.PROTECTED,
             # the operating point in force, field by field (tools read these), then the pending one
             "mode": str(point.mode),
             "epoch_ms": point.epoch_ms,
@@ -681,7 +618,7 @@ class Daemon:
             "nice": os.getpriority(os.PRIO_PROCESS, 0),
             "last_committed_epoch": self.protocol.last_committed,
             "checkpoints": {
-                "daemon_started": self.checkpoints_started,
+                "daemon_started": self.accounting.checkpoints_started,
                 "committed": self.protocol.committed,
                 "rolled_back": self.protocol.rolled_back,
                 "failed": self.protocol.failed,
@@ -690,14 +627,14 @@ class Daemon:
                 "coalesced": self.scheduler.coalesced,
                 "stale_requests_dropped": self.scheduler.stale_dropped,
             },
-            "qemu_events": {side: dict(counter) for side, counter in self.events.items()},
-            "primary_stop_events": self.events["primary"]["STOP"],
-            "unrequested_stops": self.unrequested_stops,
+            "qemu_events": self.accounting.as_dict(),
+            "primary_stop_events": self.accounting.primary_stops,
+            "unrequested_stops": self.accounting.unrequested_stops,
             "divergences": dict(self.divergences),
             "pause_ms": {
                 "samples": len(pauses),
-                "p50": round(_percentile(pauses, 0.5) * 1000, 2) if pauses else None,
-                "p99": round(_percentile(pauses, 0.99) * 1000, 2) if pauses else None,
+                "p50": None if p50 is None else round(p50 * 1000, 2),
+                "p99": None if p99 is None else round(p99 * 1000, 2),
             },
             "last_checkpoint": last,
             "failures": self.failures[-10:],
@@ -717,7 +654,7 @@ class Daemon:
         primary, _ = self._sessions()
         async with self._lock:
             await primary.execute("stop")
-            self.state, self.state_reason = "failed-over", "planned failover"
+            self.state, self.state_reason = PairState.FAILED_OVER, "planned failover"
             self.metrics.protected.set(0)
             self.heartbeat.send(Heartbeat(time.time(), record.number, "committed", failover=True))
             await self.heartbeat.flush()
@@ -759,7 +696,7 @@ class Daemon:
 
     async def _verb_checkpoint(self, args: dict[str, Any]) -> dict[str, Any]:
         request = parse_checkpoint_request(args)
-        if self.state != "protected":
+        if self.state != PairState.PROTECTED:
             raise ControlError(f"the pair is {self.state}: no checkpoint possible", "not-protected")
         try:
             record = await self.request_checkpoint("operator", request.timeout)
@@ -768,7 +705,7 @@ class Daemon:
         return record.as_dict()
 
     async def _verb_failover(self, args: dict[str, Any]) -> dict[str, Any]:
-        if self.state != "protected":
+        if self.state != PairState.PROTECTED:
             raise ControlError(f"the pair is {self.state}: nothing to fail over to", "not-protected")
         try:
             return await self.planned_failover()
@@ -782,7 +719,8 @@ class Daemon:
         return {"checkpoints": [r.as_dict() for r in self.records]}
 
 
-async def run_daemon(config: DaemonConfig, ready: Any = None) -> None:
+async def run_daemon(config: DaemonConfig, ready: Callable[[Daemon], None] | None = None) -> None:
+    """Run a daemon until SIGINT/SIGTERM; ``ready`` is called once it protects the pair."""
     daemon = Daemon(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -799,79 +737,3 @@ async def run_daemon(config: DaemonConfig, ready: Any = None) -> None:
         for session in (daemon.primary, daemon.secondary):
             if session is not None:
                 await session.close()
-
-
-@click.command("daemon")
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="pair.json written by `hybridft pair up`.",
-)
-@click.option("--mode", type=mode_choice(), default=None, help="Override pair.json's mode.")
-@click.option(
-    "--epoch-ms", type=epoch_ms_range(), default=None, help="Override pair.json's epoch_ms."
-)
-@click.option(
-    "--passive-secondary/--active-secondary",
-    default=None,
-    help="MC: stop the secondary right after each checkpoint (saves its CPU).",
-)
-@click.option("--no-start", is_flag=True, help="The pair is already in COLO: do not migrate.")
-@click.option(
-    "--metrics-port", type=click.IntRange(1, 65535), default=None, help="Serve /metrics on 127.0.0.1."
-)
-@click.option(
-    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
-)
-def daemon_command(
-    config_path: Path,
-    mode: str | None,
-    epoch_ms: int | None,
-    passive_secondary: bool | None,
-    no_start: bool,
-    metrics_port: int | None,
-    log_level: str,
-) -> None:
-    """Run the epoch protocol for the pair in CONFIG (foreground; SIGTERM stops it)."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        config = DaemonConfig.from_pair_json(config_path)
-    except DaemonError as exc:
-        raise click.ClickException(str(exc)) from None
-    if mode is not None:
-        config.mode = Mode(mode)
-    if epoch_ms is not None:
-        config.epoch_ms = epoch_ms
-    if passive_secondary is not None:
-        config.passive_secondary = passive_secondary
-    config.start_colo = not no_start
-    config.metrics_port = metrics_port
-    with contextlib.suppress(OSError):
-        # heartbeats and checkpoint steps are latency-critical and cheap: ahead of the CPU-bound QEMUs
-        os.setpriority(os.PRIO_PROCESS, 0, DAEMON_NICE)
-
-    def ready(daemon: Daemon) -> None:
-        print(
-            json.dumps({"ready": True, "control": config.control, "mode": str(daemon.protocol.point.mode)}),
-            flush=True,
-        )
-
-    try:
-        asyncio.run(run_daemon(config, ready))
-    except (DaemonError, QmpError, ControlError, OSError) as exc:
-        raise click.ClickException(f"daemon: {exc}") from None
-
-
-def summarize_pauses(records: list[EpochRecord]) -> dict[str, float | int | None]:
-    """p50/p99/mean of the primary pauses of ``records`` in milliseconds (for benches and tests)."""
-    pauses = sorted(r.primary_pause * 1000 for r in records if r.primary_pause is not None)
-    if not pauses:
-        return {"samples": 0, "p50": None, "p99": None, "mean": None}
-    return {
-        "samples": len(pauses),
-        "p50": round(_percentile(pauses, 0.5), 2),
-        "p99": round(_percentile(pauses, 0.99), 2),
-        "mean": round(statistics.fmean(pauses), 2),
-    }

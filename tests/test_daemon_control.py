@@ -11,13 +11,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 
-from controller.daemon import Daemon, DaemonConfig, DaemonError
+from controller.daemon import Daemon
+from controller.daemon_config import DaemonConfig, DaemonError
 from controller.ops import failover_command, mode_command, status_command
+from controller.pair_state import PairState
 from controller.requests import resolve_stop_via
 from hybridft_common.control import ControlError, call, serve_control
 from hybridft_common.vocabulary import Mode, StopVia
@@ -201,7 +202,7 @@ class FakeSession:
         self.name = name
         self.queued = events
         self.commands: list[str] = []
-        self._client = SimpleNamespace(runstate=SimpleNamespace(name="RUNNING"))
+        self.connected = True
 
     def events(self) -> list[Event]:
         taken, self.queued = self.queued, []
@@ -225,7 +226,7 @@ def test_a_colo_exit_seen_as_a_checkpoint_starts_ends_replication_instead(tmp_pa
         colo_exit = Event("COLO_EXIT", {"mode": "primary", "reason": "error"}, time.time(), time.time())
         primary = FakeSession("primary", [colo_exit])
         daemon.attach(primary, FakeSession("secondary", []))  # type: ignore[arg-type]
-        daemon.state = "protected"
+        daemon.state = PairState.PROTECTED
         waiter = asyncio.ensure_future(daemon.request_checkpoint("operator", timeout=5))
         await asyncio.sleep(0)  # the request is registered
         with pytest.raises(ControlError, match="COLO ended before this checkpoint could start"):
@@ -236,7 +237,7 @@ def test_a_colo_exit_seen_as_a_checkpoint_starts_ends_replication_instead(tmp_pa
         return daemon, primary
 
     daemon, primary = asyncio.run(scenario())
-    assert daemon.checkpoints_started == 0 and daemon.state == "unprotected"
+    assert daemon.accounting.checkpoints_started == 0 and daemon.state is PairState.UNPROTECTED
     assert "x-colo-lost-heartbeat" in primary.commands and "migrate-set-parameters" not in primary.commands
 
 
@@ -249,7 +250,7 @@ def test_close_lets_a_checkpoint_in_flight_finish(tmp_path: Path) -> None:
             primary_qmp="/nonexistent", secondary_qmp="/nonexistent", control=f"unix:{tmp_path / 'd.ctl'}"
         )
         daemon = Daemon(config)
-        daemon.state = "protected"
+        daemon.state = PairState.PROTECTED
         log: list[str] = []
 
         async def slow_checkpoint(reasons: object) -> None:

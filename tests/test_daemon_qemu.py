@@ -27,7 +27,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from controller.daemon import Daemon, DaemonConfig
+from controller.daemon import Daemon
+from controller.daemon_config import DaemonConfig
 from controller.heartbeat import Heartbeat
 from controller.operating_point import PointRequest
 from controller.requests import resolve_stop_via
@@ -381,7 +382,7 @@ async def _colo(harness: Harness, daemon: Daemon) -> None:
     assert call(harness.compare_ctl, "stats")["core"]["mode"] == "colo"
     echo = await _connect_echo(harness, daemon)
     try:
-        before = daemon.checkpoints_started
+        before = daemon.accounting.checkpoints_started
         rtts = []
         for _ in range(20):
             payload = os.urandom(256)
@@ -389,7 +390,7 @@ async def _colo(harness: Harness, daemon: Daemon) -> None:
             data, received = await echo.recv_exact(len(payload), timeout=15)
             assert data == payload
             rtts.append(received - sent)
-        during = daemon.checkpoints_started - before
+        during = daemon.accounting.checkpoints_started - before
     finally:
         echo.close()
     rtts.sort()
@@ -405,13 +406,13 @@ def test_every_primary_stop_is_a_daemon_checkpoint(harness: Harness, daemon: Dae
         observer = harness.pair.primary
         assert observer is not None
         observer.discard_events()
-        before = daemon.checkpoints_started
+        before = daemon.accounting.checkpoints_started
         await daemon.dispatch("mode", {"mode": "mc", "epoch_ms": 50})
         await asyncio.sleep(3.0)
         await daemon.dispatch("mode", {"mode": "mc", "epoch_ms": 60_000})
         await daemon.request_checkpoint("test", timeout=30)  # the long epoch is in force after this one
         await asyncio.sleep(1.0)
-        return len(observer.take("STOP")), daemon.checkpoints_started - before
+        return len(observer.take("STOP")), daemon.accounting.checkpoints_started - before
 
     stops, checkpoints = harness.run(run(), timeout=120)
     assert checkpoints >= 10  # the 50 ms timer ran
