@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from controller.daemon import Daemon
 from controller.daemon_config import DaemonConfig, DaemonError
-from controller.ops import failover_command, mode_command, status_command
+from controller.operator_cli import failover_command, mode_command, status_command
 from controller.pair_state import PairState
 from controller.requests import resolve_stop_via
 from hybridft_common.control import ControlError, call, serve_control

@@ -3,8 +3,8 @@
 Each is one request on the daemon's control socket (``hybridft_common.control``), found from
 ``--control`` or from the pair's ``pair.json`` (``--workdir DIR`` or ``--config DIR/pair.json``, read
 as a ``hybridft_common.manifest.PairManifest``).  They import only the ground floor, so they start
-fast and work while the pair is under load.  A refused request
-prints the daemon's reason and exits 1; an unreachable daemon exits 2.
+fast and work while the pair is under load.  A refused request prints the daemon's reason and exits
+1; an unreachable daemon exits 2.
 """
 
 from __future__ import annotations
