@@ -5,13 +5,13 @@ Why it is split in two:
 * :class:`EpochProtocol` is sans-I/O.  It owns every *decision* of the protocol and nothing else:
   which epoch number comes next, the operating point the next epoch runs under
   (:mod:`controller.operating_point`: a change requested at any time lands exactly at a checkpoint
-  boundary), what the heartbeat says at each step, and -- the part that
-  must never be wrong -- what to do when a step fails: before the seal nothing is undone, after the
-  seal but before the secondary loaded the checkpoint the disk epoch is rolled back, once the
-  secondary loaded it the epoch is committed whatever else failed (the secondary holds that state,
-  so a failover must see it).  :class:`CheckpointScheduler` decides *when*: the MC timer, the COLO
-  safety interval and comparator requests, coalesced into one checkpoint.  Both are unit-tested
-  without QEMU.
+  boundary), what the heartbeat says at each step (:class:`~controller.heartbeat.Heartbeat`), and --
+  the part that must never be wrong -- what to do when a step fails: before the seal nothing is
+  undone, after the seal but before the secondary loaded the checkpoint the disk epoch is rolled
+  back, once the secondary loaded it the epoch is committed whatever else failed (the secondary
+  holds that state, so a failover must see it).  :class:`CheckpointScheduler` decides *when*: the
+  MC timer, the COLO safety interval and comparator requests, coalesced into one checkpoint.  Both
+  are unit-tested without QEMU.
 * :func:`run_checkpoint` is the one function that talks to QEMU and the two services in the exact
   order of §2.  It asks the protocol object what to do and reports each step's outcome back.
 
