@@ -1,6 +1,7 @@
 """``hybridft agent``: the secondary side's watchdog; it fails the pair over to the secondary.
 
-The agent listens on the heartbeat socket (the daemon connects and sends JSON lines) and watches the
+The agent listens on the heartbeat socket (the daemon connects and sends
+:class:`~controller.heartbeat.Heartbeat` lines) and watches the
 secondary QEMU over its own QMP monitor.  It fails over when
 
 * the heartbeat connection closes, or stays silent longer than ``--silence-ms`` (default 500),
@@ -44,8 +45,10 @@ from typing import Any
 
 import click
 
+from controller.heartbeat import Heartbeat, HeartbeatError
 from hybridft_common.control import AsyncControlClient, ControlError
 from hybridft_common.endpoints import Endpoint, parse_endpoint, start_server
+from hybridft_common.manifest import ManifestError, PairManifest
 
 log = logging.getLogger("hybridft.agent")
 
@@ -94,23 +97,19 @@ class FailoverDecider:
         if self.armed:
             self._fire("heartbeat connection closed")
 
-    def message(self, msg: Any, now: float) -> None:
-        """One decoded heartbeat line."""
-        if not isinstance(msg, dict):
-            self.bad_messages += 1
-            return
+    def message(self, msg: Heartbeat, now: float) -> None:
+        """One heartbeat (a line that did not decode is counted in ``bad_messages`` instead)."""
         self.last_heard = now
         self.armed = True
-        if msg.get("failover") is True:
+        if msg.failover:
             self._fire("planned failover")
-        if msg.get("primary_lost") is True:
+        if msg.primary_lost:
             self._fire("primary lost (daemon)")
-        epoch, state = msg.get("epoch"), msg.get("state")
-        if isinstance(epoch, int) and not isinstance(epoch, bool) and isinstance(state, str):
+        epoch, state = msg.epoch, msg.state
+        if epoch is not None and state is not None:
             self.epoch, self.state = epoch, state
-            t = msg.get("t")
             if state == "sealed" and epoch not in self.seal_times:
-                self.seal_times[epoch] = float(t) if isinstance(t, int | float) else time.time()
+                self.seal_times[epoch] = msg.t
             elif state == "committed":
                 self.committed.add(epoch)
 
@@ -235,13 +234,13 @@ def _process_alive(pid: int) -> bool:
     return not stat.rsplit(") ", 1)[-1].startswith(("Z", "X"))
 
 
-async def _fence_primary(config: dict[str, Any], timeline: Timeline) -> None:
+async def _fence_primary(config: PairManifest, timeline: Timeline) -> None:
     """Best effort: a primary that still runs (daemon crash) must stop talking through its tap."""
     from mc_driver.qmp import QmpError, QmpSession
 
-    path = parse_endpoint(config["qmp"]["primary"]["ops"]).path or ""
-    pid = (config.get("pids") or {}).get("primary")
-    if (isinstance(pid, int) and pid > 0 and not _process_alive(pid)) or not _listening(path):
+    path = parse_endpoint(config.qmp.primary.ops).path or ""
+    pid = config.pids.primary
+    if (pid > 0 and not _process_alive(pid)) or not _listening(path):
         # a dead QEMU (same host: its pid; else its refusing socket): no retry loop on the hot path
         timeline.mark("primary gone (nothing to fence)")
         return
@@ -343,12 +342,12 @@ async def _settle_disk(
 
 
 async def fail_over(
-    config: dict[str, Any], decider: FailoverDecider, secondary: Any, timeline: Timeline
+    config: PairManifest, decider: FailoverDecider, secondary: Any, timeline: Timeline
 ) -> dict[str, Any]:
     """Make the secondary the running, network-facing VM (steps in the module docstring)."""
     # fencing runs beside the disk steps; it must be over before the taps are swapped
     fence = asyncio.create_task(_fence_primary(config, timeline))
-    disk = config["disk_control"]
+    disk = config.disk_control
     decision, disk_errors = await _settle_disk(disk, decider, timeline)
     try:  # even when the decision step failed: a disk left un-failed-over is never right
         await _disk_call(disk, "failover")
@@ -366,11 +365,11 @@ async def fail_over(
         await asyncio.wait_for(fence, timeout=1.0)
     except TimeoutError:
         timeline.mark("fencing the primary timed out")
-    netns, bridge, taps = config["netns"], config["bridge"], config["taps"]
+    netns, bridge, taps = config.netns, config.bridge, config.taps
     try:
-        _ip("-n", netns, "link", "set", taps["primary"], "nomaster")
-        _ip("-n", netns, "link", "set", taps["secondary"], "master", bridge)
-        _ip("-n", netns, "link", "set", taps["secondary"], "up")
+        _ip("-n", netns, "link", "set", taps.primary, "nomaster")
+        _ip("-n", netns, "link", "set", taps.secondary, "master", bridge)
+        _ip("-n", netns, "link", "set", taps.secondary, "up")
         timeline.mark("taps swapped")
     except AgentError as exc:
         errors.append(str(exc))
@@ -400,7 +399,7 @@ async def fail_over(
 class Agent:
     """The agent process: heartbeat listener + secondary QMP watcher + the decider."""
 
-    def __init__(self, config: dict[str, Any], silence_limit: float) -> None:
+    def __init__(self, config: PairManifest, silence_limit: float) -> None:
         self.config = config
         self.decider = FailoverDecider(silence_limit=silence_limit)
         self.wake = asyncio.Event()
@@ -418,10 +417,10 @@ class Agent:
                 if not line:
                     break
                 try:
-                    msg = json.loads(line)
-                except ValueError:
+                    msg = Heartbeat.decode(line)
+                except HeartbeatError as exc:
                     self.decider.bad_messages += 1
-                    log.warning("ignoring a malformed heartbeat line %r", line[:200])
+                    log.warning("ignoring a malformed heartbeat line %r: %s", line[:200], exc)
                     continue
                 self.decider.message(msg, time.monotonic())
                 if self.decider.trigger:
@@ -486,12 +485,12 @@ class Agent:
     async def run(self) -> dict[str, Any] | None:
         from mc_driver.qmp import QmpDisconnected, QmpError, QmpSession
 
-        qmp_path = parse_endpoint(self.config["qmp"]["secondary"]["agent"]).path or ""
+        qmp_path = parse_endpoint(self.config.qmp.secondary.agent).path or ""
         try:
             secondary = await QmpSession.connect(qmp_path, name="secondary", timeout=30)
         except QmpError as exc:
             raise AgentError(f"cannot reach the secondary's QMP monitor: {exc}") from exc
-        hb: Endpoint = parse_endpoint(self.config["heartbeat"])
+        hb: Endpoint = parse_endpoint(self.config.heartbeat)
         if hb.kind == "unix" and hb.path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(hb.path)
@@ -536,8 +535,8 @@ class Agent:
                     os.unlink(hb.path)
 
 
-def _write_report(config: dict[str, Any], report: dict[str, Any]) -> None:
-    path = Path(config.get("failover_report") or Path(config["workdir"]) / "failover.json")
+def _write_report(config: PairManifest, report: dict[str, Any]) -> None:
+    path = config.failover_report
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")
     os.replace(tmp, path)
@@ -567,20 +566,15 @@ def agent_command_args(config: Path) -> list[str]:
 )
 def agent_command(config_path: Path, silence_ms: int, log_level: str) -> None:
     """Watch the heartbeat and the secondary; fail over to the secondary when the primary is gone."""
-    from mc_driver.pair import PairError, load_pair
-
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        config = load_pair(config_path)
-        for key in ("heartbeat", "disk_control", "netns", "bridge", "taps", "qmp"):
-            if key not in config:
-                raise PairError(f"{config_path} has no {key!r}")
+        config = PairManifest.load(config_path)
         try:  # as the daemon does: heartbeats must be read on time on a busy host (root only)
             os.setpriority(os.PRIO_PROCESS, 0, AGENT_NICE)
         except OSError as exc:
             log.warning("cannot renice the agent to %d: %s", AGENT_NICE, exc)
         report = asyncio.run(Agent(config, silence_ms / 1000).run())
-    except (PairError, AgentError) as exc:
+    except (ManifestError, AgentError) as exc:
         raise click.ClickException(str(exc)) from None
     if report is not None:
         click.echo(json.dumps(report))

@@ -18,11 +18,14 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "guest": ("mc_driver.cli:guest", "The protected guest: build it, run workloads in it."),
     "qemu": ("mc_driver.cli:qemu", "The QEMU build and accelerator choice."),
     "pair": ("mc_driver.pair_cli:pair", "Start or stop a protected VM pair on this machine."),
-    "daemon": ("controller.daemon:daemon_command", "The controller daemon (started by `pair up`)."),
+    "daemon": ("controller.daemon_cli:daemon_command", "The controller daemon (started by `pair up`)."),
     "agent": ("controller.agent:agent_command", "The secondary's failover agent (started by `pair up`)."),
-    "mode": ("controller.ops:mode_command", "Switch a running pair to MC or COLO at the next checkpoint."),
-    "status": ("controller.ops:status_command", "Show a running pair's status."),
-    "failover": ("controller.ops:failover_command", "Planned failover to the secondary."),
+    "mode": (
+        "controller.operator_cli:mode_command",
+        "Switch a running pair to MC or COLO at the next checkpoint.",
+    ),
+    "status": ("controller.operator_cli:status_command", "Show a running pair's status."),
+    "failover": ("controller.operator_cli:failover_command", "Planned failover to the secondary."),
     "verify-checkpoint": ("mc_driver.verify:verify_checkpoint_command", "Prove a checkpoint's RAM identity."),
 }
 

@@ -1,47 +1,52 @@
-"""``hybridft daemon``: the controller of one protected pair -- when checkpoints happen, and what then.
+"""The daemon: the controller of one protected pair -- when checkpoints happen, and what then.
 
 The daemon is the only thing that fires checkpoints (``x-checkpoint-delay`` stays huge; one fires
 per ``migrate-set-parameters``).  Each checkpoint is :func:`controller.epoch.run_checkpoint`; this
-module is the shell around it:
+module is the asyncio shell around it and around the other sans-I/O parts, which decide:
 
 * **when** -- :class:`~controller.epoch.CheckpointScheduler`: MC every ``epoch_ms``; COLO on comparator
   requests (a long-poll on ``next-request`` over its own connection) and the safety interval; operator
   requests; all coalesced: triggers that arrive while a checkpoint runs are answered by one next
-  checkpoint.  Mode switches (``mode`` verb) land at the next checkpoint boundary.
-* **heartbeat** -- JSON lines to the agent every 100 ms and at each protocol step; ``{"primary_lost":
-  true}`` the moment the primary's QEMU exits or its QMP connection drops; ``{"failover": true}`` for a
-  planned failover.
+  checkpoint.  Operating point changes (``mode`` verb: mode, epoch length, passive secondary, stop
+  way) are the protocol's pending point and land at the next checkpoint boundary.
+* **heartbeat** -- :class:`~controller.heartbeat.Heartbeat` lines to the agent every 100 ms and at each
+  protocol step; ``primary_lost`` the moment the primary's QEMU exits or its QMP connection drops;
+  ``failover`` for a planned failover.
 * **loss handling** (ARCHITECTURE.md §5) -- primary lost: say so and stop (the agent fails over).
-  Secondary lost (its QEMU, its QMP, the disk server, a mirror job error, or a failed checkpoint while
-  the primary is fine): release the held output, ``x-colo-lost-heartbeat`` on the primary, cancel the
-  mirror, make sure the primary runs, and carry on unprotected; ``status`` says so.
-* **accounting** -- every STOP event on the primary is counted against the checkpoints the daemon
-  started, so a checkpoint QEMU fired on its own shows up as ``unrequested_stops`` (must stay 0).
+  COLO ended or a checkpoint failed while the primary is fine: did the secondary take over
+  (:class:`~controller.pair_state.ReplicationEndDecider`)?  Then the primary stays stopped.  Else the
+  secondary is lost (so too for its QEMU, its QMP, the disk server, a mirror job error): release the
+  held output, ``x-colo-lost-heartbeat`` on the primary, cancel the mirror, make sure the primary
+  runs, and carry on unprotected; ``status`` says so (:class:`~controller.pair_state.PairState`).
+* **accounting** -- :class:`~controller.accounting.EventAccounting`: every STOP event on the primary
+  is counted against the checkpoints the daemon started, so a checkpoint QEMU fired on its own shows
+  up as ``unrequested_stops`` (must stay 0).
+* **requests** -- :mod:`controller.requests` checks every control request before anything changes.
 
 Watching events: the checkpoint function consumes RESUME/STOP events while it runs; between
 checkpoints a watcher task takes the events (so they are never stale for the next checkpoint) and
 reacts to COLO_EXIT, SHUTDOWN, BLOCK_JOB_ERROR and the mirror job's state.
+
+Its settings are :mod:`controller.daemon_config`; the ``hybridft daemon`` command is
+:mod:`controller.daemon_cli`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import dataclasses
 import logging
 import os
 import signal
-import socket
-import statistics
-import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import click
-
+from controller.accounting import EventAccounting
+from controller.daemon_config import DaemonConfig, DaemonError
 from controller.epoch import (
     CheckpointError,
     CheckpointScheduler,
@@ -50,95 +55,33 @@ from controller.epoch import (
     PairLinks,
     run_checkpoint,
 )
+from controller.heartbeat import Heartbeat, HeartbeatSender
 from controller.metrics import DaemonMetrics
+from controller.operating_point import OperatingPoint, PointRequest
+from controller.pair_state import (
+    NO_ANSWER,
+    ColoStatus,
+    NoAnswer,
+    PairState,
+    ReplicationEnd,
+    ReplicationEndDecider,
+)
+from controller.requests import parse_checkpoint_request, parse_mode_request, resolve_stop_via
 from hybridft_common.control import AsyncControlClient, ControlError, serve_control
 from hybridft_common.endpoints import parse_endpoint
+from hybridft_common.stats import percentile
 from hybridft_common.vocabulary import (
     HUGE_CHECKPOINT_DELAY_MS,
     SEAL_HOOK_COMMAND,
-    Mode,
     StopVia,
-    check_epoch_ms,
-    epoch_ms_range,
-    mode_choice,
 )
 from mc_driver.qmp import QmpError, QmpSession
 
 log = logging.getLogger("hybridft.daemon")
 
-HEARTBEAT_INTERVAL = 0.1
 WATCH_INTERVAL = 0.02
 DISK_POLL_INTERVAL = 0.05  # how often the disk server's checkpoint_needed is read
 RECENT = 512  # checkpoint records kept for status/percentiles
-DAEMON_NICE = -10
-
-
-class DaemonError(Exception):
-    """The daemon cannot start (config, connections, COLO start); the message says what."""
-
-
-@dataclass(slots=True)
-class DaemonConfig:
-    primary_qmp: str
-    secondary_qmp: str
-    control: str
-    compare_control: str | None = None
-    disk_control: str | None = None
-    heartbeat: str | None = None
-    mode: Mode = Mode.MC
-    epoch_ms: int = 50
-    safety_interval_ms: int = 10_000
-    mirror_job: str | None = None
-    primary_pid: int | None = None
-    secondary_pid: int | None = None
-    passive_secondary: bool = False
-    start_colo: bool = True
-    migrate_uri: str | None = None
-    checkpoint_timeout: float = 30.0
-    metrics_port: int | None = None
-    stop_via: str = "auto"  # auto | qemu | qmp: who stops the VMs for a checkpoint (epoch.StopVia)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_pair_json(cls, path: Path) -> DaemonConfig:
-        """Read ``pair.json`` (written by ``pair up``); a missing or wrong field is a clear error."""
-        try:
-            data = json.loads(path.read_text())
-        except OSError as exc:
-            raise DaemonError(f"cannot read {path}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
-            raise DaemonError(f"{path} is not JSON: {exc}") from None
-        try:
-            qmp = data["qmp"]
-            pids = data.get("pids") or {}
-            workdir = Path(data.get("workdir") or path.parent)
-            return cls(
-                primary_qmp=_unix_path(qmp["primary"]["daemon"]),
-                secondary_qmp=_unix_path(qmp["secondary"]["daemon"]),
-                control=data["daemon_control"],
-                compare_control=data.get("compare_control"),
-                disk_control=data.get("disk_control"),
-                heartbeat=data.get("heartbeat"),
-                mode=Mode(data.get("mode", "mc")),
-                epoch_ms=int(data.get("epoch_ms", 50)),
-                safety_interval_ms=int(data.get("safety_interval_ms", 10_000)),
-                mirror_job=data.get("mirror_job"),
-                primary_pid=int(pids["primary"]) if pids.get("primary") else None,
-                secondary_pid=int(pids["secondary"]) if pids.get("secondary") else None,
-                passive_secondary=bool(data.get("passive_secondary", False)),
-                stop_via=str(data.get("stop_via", "auto")),
-                migrate_uri=data.get("migrate_uri") or f"unix:{workdir / 'migrate.sock'}",
-                extra=data,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DaemonError(f"{path}: missing or invalid field: {exc!r}") from None
-
-
-def _unix_path(endpoint: str) -> str:
-    ep = parse_endpoint(endpoint)
-    if ep.kind != "unix" or not ep.path:
-        raise ValueError(f"QMP endpoints must be unix:PATH, got {endpoint!r}")
-    return ep.path
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -149,10 +92,6 @@ def _pid_alive(pid: int | None) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
-
-
-def _percentile(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
 class ServiceClient(AsyncControlClient):
@@ -173,100 +112,17 @@ class ServiceClient(AsyncControlClient):
             raise
 
 
-class HeartbeatSender:
-    """JSON lines to the agent: a beat every 100 ms plus immediate messages; reconnects.
-
-    Why a thread and not a task: a beat must not wait behind anything the event loop is doing (a slow
-    QMP reply, a burst of events, a status request); a missed 500 ms makes the agent fail over.  The
-    thread only formats and writes small lines on a blocking socket with a short send timeout.
-    ``max_gap`` is the longest interval between two beats (> 100 ms: this process was starved).
-    """
-
-    def __init__(self, endpoint: str | None, beat: Any) -> None:
-        self.endpoint = endpoint
-        self.beat = beat  # () -> dict, the periodic message
-        self.sent = 0
-        self.connects = 0
-        self.max_gap = 0.0
-        self._sock: socket.socket | None = None
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def connected(self) -> bool:
-        return self._sock is not None
-
-    def _connect(self) -> None:
-        assert self.endpoint is not None
-        sock, target = parse_endpoint(self.endpoint).new_socket()
-        sock.settimeout(0.5)
-        try:
-            sock.connect(target)
-        except OSError:
-            sock.close()
-            return
-        sock.settimeout(0.2)
-        self._sock = sock
-        self.connects += 1
-
-    def send(self, message: dict[str, Any]) -> None:
-        line = (json.dumps(message, separators=(",", ":")) + "\n").encode()
-        with self._lock:
-            if self._sock is None:
-                return
-            try:
-                self._sock.sendall(line)
-                self.sent += 1
-            except OSError:
-                self._sock.close()
-                self._sock = None
-
-    def _run(self) -> None:
-        last = time.monotonic()
-        while not self._stop.is_set():
-            now = time.monotonic()
-            self.max_gap = max(self.max_gap, now - last)
-            last = now
-            if self._sock is None:
-                with self._lock:
-                    self._connect()
-            try:
-                self.send(self.beat())
-            except Exception:  # a beat must never kill the sender
-                log.exception("heartbeat message failed")
-            self._stop.wait(HEARTBEAT_INTERVAL)
-
-    async def run(self) -> None:
-        if self.endpoint is None:
-            return
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-        self._thread.start()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            self.close()
-
-    async def flush(self) -> None:
-        """Lines are written synchronously: nothing to wait for."""
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(2)
-        with self._lock:
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
-
-
 class Daemon:
-    """One pair's controller.  ``await Daemon(config).run(stop_event)``; or, in tests, ``attach`` to
-    already-open QMP sessions with :meth:`start_with` and drive it directly."""
+    """One pair's controller: ``await daemon.start()``, later ``await daemon.close()`` (:func:`run_daemon`
+    does both around a signal); tests may :meth:`attach` already-open QMP sessions first and start with
+    ``connect=False``, or drive its parts directly."""
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        self.protocol = EpochProtocol(config.mode, config.epoch_ms)
+        # the stop way is resolved at start (``auto`` depends on the QEMUs): QMP until then
+        self.protocol = EpochProtocol(
+            OperatingPoint(config.mode, config.epoch_ms, config.passive_secondary, StopVia.QMP)
+        )
         self.scheduler = CheckpointScheduler(config.safety_interval_ms)
         self.metrics = DaemonMetrics()
         self.metrics.set_mode(str(config.mode))
@@ -275,15 +131,14 @@ class Daemon:
         self.compare: ServiceClient | None = None
         self.disk: ServiceClient | None = None
         self.heartbeat = HeartbeatSender(config.heartbeat, self._beat)
-        self.state = "starting"  # starting | protected | unprotected | primary-lost | failed-over | stopped
-        self.stop_via = StopVia.QMP  # resolved from config.stop_via at start
+        self.state = PairState.STARTING
         self.seal_hook = False  # both QEMUs have x-colo-checkpoint / x-colo-expect-seal (patch 0005)
         self.state_reason = ""
         self.records: deque[EpochRecord] = deque(maxlen=RECENT)
-        self.checkpoints_started = 0
+        self.accounting = EventAccounting()
+        self.replication_end = ReplicationEndDecider()
         self.reasons: Counter[str] = Counter()
         self.divergences: Counter[str] = Counter()
-        self.events: dict[str, Counter[str]] = {"primary": Counter(), "secondary": Counter()}
         self.failures: list[dict[str, Any]] = []
         self.timeline: list[tuple[str, float]] = []
         self._in_checkpoint = False
@@ -293,6 +148,15 @@ class Daemon:
         self._tasks: list[asyncio.Task[Any]] = []
         self._server: asyncio.Server | None = None
         self._lock = asyncio.Lock()
+        # the control verbs, in the order the bad-verb reply lists them
+        self._verbs: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+            "status": self._verb_status,
+            "mode": self._verb_mode,
+            "checkpoint": self._verb_checkpoint,
+            "failover": self._verb_failover,
+            "metrics": self._verb_metrics,
+            "history": self._verb_history,
+        }
 
     # ------------------------------------------------------------------------------ start / stop
     async def connect(self) -> None:
@@ -321,7 +185,7 @@ class Daemon:
             await self.disk.call("commit", epoch=int(sealed["epoch"]))
             self.protocol.next_number = int(sealed["epoch"]) + 1
         if self.compare is not None:
-            await self.compare.call("mode", mode=str(self.protocol.mode))
+            await self.compare.call("mode", mode=str(self.protocol.point.mode))
             sealed = await self.compare.call("seal")
             await self.compare.call("commit", epoch=int(sealed["epoch"]))
             self.scheduler.last_sealed_compare_epoch = int(sealed["epoch"])
@@ -357,21 +221,12 @@ class Daemon:
             commands = await session.execute("query-commands")
             found.append(any(entry.get("name") == SEAL_HOOK_COMMAND for entry in commands))
         self.seal_hook = all(found)
-        self.stop_via = self._stop_via_from(self.config.stop_via)
-
-    def _stop_via_from(self, wanted: Any) -> StopVia:
-        if wanted == "auto":
-            return StopVia.QEMU if self.seal_hook else StopVia.QMP
         try:
-            via = StopVia(wanted)
-        except ValueError:
-            raise DaemonError(f"stop_via must be 'auto', 'qemu' or 'qmp', not {wanted!r}") from None
-        if via is StopVia.QEMU and not self.seal_hook:
-            raise DaemonError(
-                f"stop_via 'qemu' needs QEMUs with {SEAL_HOOK_COMMAND} (hybridft's patched build,"
-                " patch 0005); this pair's have none: use 'qmp' or 'auto'"
-            )
-        return via
+            stop_via = resolve_stop_via(self.config.stop_via, self.seal_hook)
+        except ValueError as exc:
+            raise DaemonError(str(exc)) from None
+        # the point the first epoch starts with, not a change of it: no checkpoint has run yet
+        self.protocol.point = dataclasses.replace(self.protocol.point, stop_via=stop_via)
 
     def attach(self, primary: QmpSession, secondary: QmpSession) -> None:
         """Use sessions opened elsewhere (tests drive a ColoPair already in COLO)."""
@@ -393,7 +248,7 @@ class Daemon:
             await self.start_colo()
         for session in self._sessions():
             self._count_events(session, session.events())
-        self.state = "protected"
+        self.state = PairState.PROTECTED
         self.metrics.protected.set(1)
         self.scheduler.ended(time.monotonic())
         self._server = await serve_control(self.config.control, self.dispatch)
@@ -438,8 +293,8 @@ class Daemon:
         for client in (self.compare, self.disk):
             if client is not None:
                 await client.close()
-        if self.state not in ("primary-lost", "failed-over"):
-            self.state = "stopped"
+        if self.state not in (PairState.PRIMARY_LOST, PairState.FAILED_OVER):
+            self.state = PairState.STOPPED
 
     def _sessions(self) -> tuple[QmpSession, QmpSession]:
         if self.primary is None or self.secondary is None:
@@ -447,30 +302,27 @@ class Daemon:
         return self.primary, self.secondary
 
     # ------------------------------------------------------------------------------ checkpoints
-    def _beat(self) -> dict[str, Any]:
+    def _beat(self) -> Heartbeat:
         message = self.protocol.heartbeat()
-        if self.state == "primary-lost":
-            message["primary_lost"] = True
+        if self.state == PairState.PRIMARY_LOST:  # in every beat: the agent may have missed the first
+            message = dataclasses.replace(message, primary_lost=True)
         return message
 
     def _count_events(self, session: QmpSession, events: list[Any]) -> None:
+        """Count events taken between checkpoints and react to the ones that end replication."""
         side = session.name
+        self.accounting.seen(side, (event.name for event in events))
         for event in events:
-            self.events[side][event.name] += 1
             if event.name in ("BLOCK_JOB_ERROR", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
                 if self.config.mirror_job and event.data.get("device") == self.config.mirror_job:
                     self._lost_later("secondary", f"mirror job {event.name}")
-            elif event.name == "COLO_EXIT" and self.state == "protected" and not self._in_checkpoint:
+            elif event.name == "COLO_EXIT" and self.state == PairState.PROTECTED and not self._in_checkpoint:
                 # the primary leaves COLO when its peer is gone *or* has taken over: decide which
                 why = f"COLO_EXIT on the {side}: {dict(event.data)}"
                 self._tasks.append(asyncio.create_task(self._replication_ended(why)))
-            elif event.name == "SHUTDOWN" and self.state == "protected":
+            elif event.name == "SHUTDOWN" and self.state == PairState.PROTECTED:
                 self._lost_later(side, f"{side} QEMU shut down")
-        self.metrics.unrequested_stops.set(self.unrequested_stops)
-
-    @property
-    def unrequested_stops(self) -> int:
-        return max(0, self.events["primary"]["STOP"] - self.checkpoints_started)
+        self.metrics.unrequested_stops.set(self.accounting.unrequested_stops)
 
     def _lost_later(self, side: str, why: str) -> None:
         self._tasks.append(asyncio.create_task(self._side_lost(side, why)))
@@ -479,7 +331,7 @@ class Daemon:
         """Run one checkpoint now (serialised with every other); loss handling on failure."""
         async with self._lock:
             primary, secondary = self._sessions()
-            if self.state != "protected":
+            if self.state != PairState.PROTECTED:
                 raise ControlError(f"the pair is {self.state}: no checkpoint possible", "not-protected")
             # Events that came since the last look, taken before the checkpoint counts as started: a
             # COLO_EXIT among them (the pair broke between checkpoints) must end replication, not be
@@ -496,7 +348,7 @@ class Daemon:
                 raise error
             self._in_checkpoint = True
             try:
-                self.checkpoints_started += 1
+                self.accounting.checkpoint_started()
                 self.scheduler.begun(time.monotonic())
                 links = PairLinks(
                     primary,
@@ -504,8 +356,6 @@ class Daemon:
                     self.compare,
                     self.disk,
                     heartbeat=self.heartbeat.send,
-                    passive_secondary=self.config.passive_secondary,
-                    stop_via=self.stop_via,
                     timeout=self.config.checkpoint_timeout,
                     primary_alive=self._primary_ok,
                 )
@@ -514,10 +364,7 @@ class Daemon:
                 except CheckpointError as exc:
                     self._record_failure(exc)
                     raise
-                self.events["primary"]["STOP"] += record.stop_events[0]
-                self.events["secondary"]["STOP"] += record.stop_events[1]
-                self.events["primary"]["RESUME"] += 1
-                self.events["secondary"]["RESUME"] += 1
+                self.accounting.checkpoint_completed(record.stop_events)
             finally:
                 self._in_checkpoint = False
             self._checkpoint_done(record, reasons)
@@ -537,7 +384,7 @@ class Daemon:
         self.records.append(exc.record)
         log.error("%s", exc)
         for number, future in self._waiters:
-            if self.checkpoints_started >= number and not future.done():
+            if self.accounting.checkpoints_started >= number and not future.done():
                 future.set_exception(ControlError(str(exc), "checkpoint-failed"))
         self._waiters = [(n, f) for n, f in self._waiters if not f.done()]
 
@@ -550,21 +397,22 @@ class Daemon:
         if record.primary_pause is not None:
             self.metrics.pause.observe(record.primary_pause)
         self.metrics.epoch.set(record.number)
-        self.metrics.set_mode(str(self.protocol.mode))
+        self.metrics.set_mode(str(self.protocol.point.mode))
         for number, future in list(self._waiters):
-            if self.checkpoints_started >= number and not future.done():
+            if self.accounting.checkpoints_started >= number and not future.done():
                 future.set_result(record)
         self._waiters = [(n, f) for n, f in self._waiters if not f.done()]
 
     async def _epoch_loop(self) -> None:
         while not self._closing:
-            if self.state != "protected":
+            if self.state != PairState.PROTECTED:
                 await asyncio.sleep(0.05)
                 continue
             now = time.monotonic()
-            reasons = self.scheduler.take(self.protocol.mode, self.protocol.epoch_ms, now)
+            point = self.protocol.point
+            reasons = self.scheduler.take(point.mode, point.epoch_ms, now)
             if reasons is None:
-                due = self.scheduler.due_at(self.protocol.mode, self.protocol.epoch_ms)
+                due = self.scheduler.due_at(point.mode, point.epoch_ms)
                 wait = 0.05 if due is None else max(0.0, due - now)
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -585,32 +433,36 @@ class Daemon:
         else:
             await self._replication_ended(why)
 
-    async def _secondary_took_over(self) -> bool:
-        """True if the secondary is alive and has left COLO as the secondary: the agent failed over."""
-        if not self._secondary_ok() or self.secondary is None:
-            return False
+    async def _secondary_colo_status(self) -> ColoStatus | NoAnswer:
+        """The secondary's ``query-colo-status``, bounded at 2 s, or NO_ANSWER."""
+        secondary = self.secondary
+        if secondary is None or not secondary.connected:
+            return NO_ANSWER
         try:
-            colo = await asyncio.wait_for(self.secondary.execute("query-colo-status"), 2.0)
+            reply = await asyncio.wait_for(secondary.execute("query-colo-status"), 2.0)
         except (QmpError, TimeoutError):
-            return False
-        return colo.get("mode") == "none" and colo.get("last-mode") == "secondary"
+            return NO_ANSWER
+        return ColoStatus.from_reply(reply)
 
     async def _replication_ended(self, why: str) -> None:
-        """COLO ended or a checkpoint failed while the primary lives.  If the secondary took over (the agent
-        failed over, e.g. after a heartbeat gap), the primary must stay stopped -- resuming it would give
-        two live copies of the guest; otherwise the secondary is lost and the primary runs unprotected."""
-        if self.state != "protected":
+        """COLO ended or a checkpoint failed while the primary lives: took over or lost
+        (:class:`~controller.pair_state.ReplicationEndDecider`).  Taken over (the agent failed over,
+        e.g. after a heartbeat gap): the primary must stay stopped -- resuming it would give two live
+        copies of the guest.  Lost: the primary runs on unprotected."""
+        if self.state != PairState.PROTECTED:
             return
-        if await self._secondary_took_over():
-            self.state, self.state_reason = "failed-over", f"the secondary took over ({why})"
-            self.metrics.protected.set(0)
-            log.error("the secondary took over (%s): keeping the primary stopped", why)
-            if self.primary is not None:
-                with contextlib.suppress(QmpError, TimeoutError):
-                    await asyncio.wait_for(self.primary.execute("stop"), 5.0)
-                    self.timeline.append(("primary fenced (stopped): the secondary took over", 0.0))
+        alive = _pid_alive(self.config.secondary_pid)
+        colo_status = await self._secondary_colo_status() if alive else NO_ANSWER
+        if self.replication_end.decide(secondary_alive=alive, colo_status=colo_status) is ReplicationEnd.LOST:
+            await self._side_lost("secondary", why)
             return
-        await self._side_lost("secondary", why)
+        self.state, self.state_reason = PairState.FAILED_OVER, f"the secondary took over ({why})"
+        self.metrics.protected.set(0)
+        log.error("the secondary took over (%s): keeping the primary stopped", why)
+        if self.primary is not None:
+            with contextlib.suppress(QmpError, TimeoutError):
+                await asyncio.wait_for(self.primary.execute("stop"), 5.0)
+                self.timeline.append(("primary fenced (stopped): the secondary took over", 0.0))
 
     def _primary_ok(self) -> bool:
         return _pid_alive(self.config.primary_pid) and self._session_up(self.primary)
@@ -620,26 +472,21 @@ class Daemon:
 
     @staticmethod
     def _session_up(session: QmpSession | None) -> bool:
-        if session is None:
-            return False
-        runstate = session._client.runstate  # qemu.qmp's own state: RUNNING while connected
-        return runstate is not None and runstate.name == "RUNNING"
+        return session is not None and session.connected
 
     async def _side_lost(self, side: str, why: str) -> None:
-        if self.state not in ("protected", "starting"):
+        if self.state not in (PairState.PROTECTED, PairState.STARTING):
             return
         started = time.monotonic()
         if side == "primary":
-            self.state, self.state_reason = "primary-lost", why
+            self.state, self.state_reason = PairState.PRIMARY_LOST, why
             self.metrics.protected.set(0)
-            self.heartbeat.send(
-                {"t": time.time(), "primary_lost": True, "epoch": self.protocol.last_committed}
-            )
+            self.heartbeat.send(Heartbeat(time.time(), self.protocol.last_committed, None, primary_lost=True))
             await self.heartbeat.flush()
             self.timeline.append(("primary lost: agent told", 0.0))
             log.error("primary lost (%s): the agent fails over", why)
             return
-        self.state, self.state_reason = "unprotected", why
+        self.state, self.state_reason = PairState.UNPROTECTED, why
         self.metrics.protected.set(0)
         log.error("secondary lost (%s): releasing held output, continuing unprotected", why)
         primary = self.primary
@@ -670,7 +517,7 @@ class Daemon:
     async def _watch_loop(self) -> None:
         while not self._closing:
             await asyncio.sleep(WATCH_INTERVAL)
-            if self.state != "protected":
+            if self.state != PairState.PROTECTED:
                 continue
             if not self._primary_ok():
                 await self._side_lost("primary", "the primary QEMU exited or its QMP connection dropped")
@@ -689,7 +536,7 @@ class Daemon:
                 try:
                     reply = await client.call("next-request", timeout=1.0)
                 except (ControlError, OSError) as exc:
-                    if self.state == "protected" and self.compare is not None:
+                    if self.state == PairState.PROTECTED and self.compare is not None:
                         log.warning("comparator request poll failed: %s", exc)
                     await client.close()
                     await asyncio.sleep(0.2)
@@ -720,7 +567,7 @@ class Daemon:
         try:
             while not self._closing:
                 await asyncio.sleep(DISK_POLL_INTERVAL)
-                if self.state != "protected" or self._in_checkpoint:
+                if self.state != PairState.PROTECTED or self._in_checkpoint:
                     continue
                 try:
                     status = await client.call("status")
@@ -742,28 +589,36 @@ class Daemon:
     async def request_checkpoint(self, reason: str = "operator", timeout: float = 30.0) -> EpochRecord:
         """Ask for a checkpoint and wait for the first one that starts after this request."""
         future: asyncio.Future[EpochRecord] = asyncio.get_running_loop().create_future()
-        self._waiters.append((self.checkpoints_started + 1, future))
+        self._waiters.append((self.accounting.checkpoints_started + 1, future))
         self.scheduler.request(reason)
         self._wake.set()
         return await asyncio.wait_for(future, timeout)
 
     def status(self) -> dict[str, Any]:
-        pauses = sorted(r.primary_pause for r in self.records if r.primary_pause is not None)
+        pauses = [r.primary_pause for r in self.records if r.primary_pause is not None]
+        p50, p99 = percentile(pauses, 0.5), percentile(pauses, 0.99)
         last = self.records[-1].as_dict() if self.records else None
+        point, pending = self.protocol.point, self.protocol.pending
+        changes = self.protocol.changes
         return {
-            "state": self.state,
+            "state": str(self.state),
             "state_reason": self.state_reason,
-            "protected": self.state == "protected",
-            "mode": str(self.protocol.mode),
-            "epoch_ms": self.protocol.epoch_ms,
-            "pending_mode": None if self.protocol.pending_mode is None else str(self.protocol.pending_mode),
-            "passive_secondary": self.config.passive_secondary,
-            "stop_via": str(self.stop_via),
+            "protected": self.state == PairState.PROTECTED,
+            # the operating point in force, field by field (tools read these), then the pending one
+            "mode": str(point.mode),
+            "epoch_ms": point.epoch_ms,
+            "pending_mode": None if pending is None else str(pending.mode),
+            "passive_secondary": point.passive_secondary,
+            "stop_via": str(point.stop_via),
+            "pending": None
+            if pending is None
+            else pending.as_dict() | {"source": str(self.protocol.pending_source)},
+            "last_point_change": changes[-1].as_dict() if changes else None,
             "seal_hook": self.seal_hook,
             "nice": os.getpriority(os.PRIO_PROCESS, 0),
             "last_committed_epoch": self.protocol.last_committed,
             "checkpoints": {
-                "daemon_started": self.checkpoints_started,
+                "daemon_started": self.accounting.checkpoints_started,
                 "committed": self.protocol.committed,
                 "rolled_back": self.protocol.rolled_back,
                 "failed": self.protocol.failed,
@@ -772,14 +627,14 @@ class Daemon:
                 "coalesced": self.scheduler.coalesced,
                 "stale_requests_dropped": self.scheduler.stale_dropped,
             },
-            "qemu_events": {side: dict(counter) for side, counter in self.events.items()},
-            "primary_stop_events": self.events["primary"]["STOP"],
-            "unrequested_stops": self.unrequested_stops,
+            "qemu_events": self.accounting.as_dict(),
+            "primary_stop_events": self.accounting.primary_stops,
+            "unrequested_stops": self.accounting.unrequested_stops,
             "divergences": dict(self.divergences),
             "pause_ms": {
                 "samples": len(pauses),
-                "p50": round(_percentile(pauses, 0.5) * 1000, 2) if pauses else None,
-                "p99": round(_percentile(pauses, 0.99) * 1000, 2) if pauses else None,
+                "p50": None if p50 is None else round(p50 * 1000, 2),
+                "p99": None if p99 is None else round(p99 * 1000, 2),
             },
             "last_checkpoint": last,
             "failures": self.failures[-10:],
@@ -799,11 +654,9 @@ class Daemon:
         primary, _ = self._sessions()
         async with self._lock:
             await primary.execute("stop")
-            self.state, self.state_reason = "failed-over", "planned failover"
+            self.state, self.state_reason = PairState.FAILED_OVER, "planned failover"
             self.metrics.protected.set(0)
-            self.heartbeat.send(
-                {"t": time.time(), "epoch": record.number, "state": "committed", "failover": True}
-            )
+            self.heartbeat.send(Heartbeat(time.time(), record.number, "committed", failover=True))
             await self.heartbeat.flush()
         return {
             "epoch": record.number,
@@ -811,74 +664,63 @@ class Daemon:
             "agent_told": self.heartbeat.connected,
         }
 
+    def request_point(self, request: PointRequest) -> dict[str, Any]:
+        """Ask for an operating point change; it lands at the next checkpoint boundary, which is
+        asked for at once.  Returns the ``mode`` verb's reply."""
+        self.protocol.request(request)
+        pending = self.protocol.pending
+        if pending is not None:  # it applies when a checkpoint closes: ask for one
+            self.scheduler.request("mode-switch")
+            self._wake.set()
+        return {
+            "mode": str(self.protocol.point.mode),
+            "pending_mode": None if pending is None else str(pending.mode),
+            "epoch_ms": self.protocol.next_point().epoch_ms,
+            "pending": None if pending is None else pending.as_dict(),
+            "applies": "at the next checkpoint" if pending is not None else "now (already so)",
+        }
+
+    # ------------------------------------------------------------------------------ control verbs
     async def dispatch(self, verb: str, args: dict[str, Any]) -> dict[str, Any]:
-        if verb == "status":
-            return self.status()
-        if verb == "mode":
-            try:
-                mode = Mode(args.get("mode"))
-            except ValueError:
-                raise ControlError(
-                    f"mode must be 'mc' or 'colo', not {args.get('mode')!r}", "bad-args"
-                ) from None
-            epoch_ms = args.get("epoch_ms")
-            if epoch_ms is not None:
-                try:
-                    check_epoch_ms(epoch_ms)
-                except ValueError as exc:
-                    raise ControlError(str(exc), "bad-args") from None
-            passive = args.get("passive_secondary")
-            if passive is not None and not isinstance(passive, bool):
-                raise ControlError(f"passive_secondary must be true or false, got {passive!r}", "bad-args")
-            stop_via = None
-            if args.get("stop_via") is not None:
-                try:
-                    stop_via = self._stop_via_from(args["stop_via"])
-                except DaemonError as exc:
-                    raise ControlError(str(exc), "bad-args") from None
-            self.protocol.request_mode(mode, epoch_ms)
-            if passive is not None:
-                self.config.passive_secondary = passive  # the next checkpoint's end honours it
-            if stop_via is not None:
-                self.stop_via = stop_via  # checkpoints are serialised: the next one uses it
-            if self.protocol.switch_pending:
-                self.scheduler.request("mode-switch")
-                self._wake.set()
-            pending = self.protocol.pending_mode
-            return {
-                "mode": str(self.protocol.mode),
-                "pending_mode": None if pending is None else str(pending),
-                "epoch_ms": epoch_ms or self.protocol.epoch_ms,
-                "applies": "at the next checkpoint" if pending is not None else "now (already so)",
-            }
-        if verb == "checkpoint":
-            timeout = args.get("timeout", 30.0)
-            if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not 0 < timeout <= 600:
-                raise ControlError(f"timeout must be seconds in (0, 600], got {timeout!r}", "bad-args")
-            if self.state != "protected":
-                raise ControlError(f"the pair is {self.state}: no checkpoint possible", "not-protected")
-            try:
-                record = await self.request_checkpoint("operator", float(timeout))
-            except TimeoutError:
-                raise ControlError("no checkpoint completed in time", "timeout") from None
-            return record.as_dict()
-        if verb == "failover":
-            if self.state != "protected":
-                raise ControlError(f"the pair is {self.state}: nothing to fail over to", "not-protected")
-            try:
-                return await self.planned_failover()
-            except TimeoutError:
-                raise ControlError("the final checkpoint did not complete", "timeout") from None
-        if verb == "metrics":
-            return {"text": self.metrics.render()}
-        if verb == "history":
-            return {"checkpoints": [r.as_dict() for r in self.records]}
-        raise ControlError(
-            f"unknown verb {verb!r} (status, mode, checkpoint, failover, metrics, history)", "bad-verb"
-        )
+        """One control request: arguments are checked (controller.requests) before anything changes."""
+        handler = self._verbs.get(verb)
+        if handler is None:
+            raise ControlError(f"unknown verb {verb!r} ({', '.join(self._verbs)})", "bad-verb")
+        return await handler(args)
+
+    async def _verb_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.status()
+
+    async def _verb_mode(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.request_point(parse_mode_request(args, seal_hook=self.seal_hook))
+
+    async def _verb_checkpoint(self, args: dict[str, Any]) -> dict[str, Any]:
+        request = parse_checkpoint_request(args)
+        if self.state != PairState.PROTECTED:
+            raise ControlError(f"the pair is {self.state}: no checkpoint possible", "not-protected")
+        try:
+            record = await self.request_checkpoint("operator", request.timeout)
+        except TimeoutError:
+            raise ControlError("no checkpoint completed in time", "timeout") from None
+        return record.as_dict()
+
+    async def _verb_failover(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.state != PairState.PROTECTED:
+            raise ControlError(f"the pair is {self.state}: nothing to fail over to", "not-protected")
+        try:
+            return await self.planned_failover()
+        except TimeoutError:
+            raise ControlError("the final checkpoint did not complete", "timeout") from None
+
+    async def _verb_metrics(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"text": self.metrics.render()}
+
+    async def _verb_history(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"checkpoints": [r.as_dict() for r in self.records]}
 
 
-async def run_daemon(config: DaemonConfig, ready: Any = None) -> None:
+async def run_daemon(config: DaemonConfig, ready: Callable[[Daemon], None] | None = None) -> None:
+    """Run a daemon until SIGINT/SIGTERM; ``ready`` is called once it protects the pair."""
     daemon = Daemon(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -895,79 +737,3 @@ async def run_daemon(config: DaemonConfig, ready: Any = None) -> None:
         for session in (daemon.primary, daemon.secondary):
             if session is not None:
                 await session.close()
-
-
-@click.command("daemon")
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="pair.json written by `hybridft pair up`.",
-)
-@click.option("--mode", type=mode_choice(), default=None, help="Override pair.json's mode.")
-@click.option(
-    "--epoch-ms", type=epoch_ms_range(), default=None, help="Override pair.json's epoch_ms."
-)
-@click.option(
-    "--passive-secondary/--active-secondary",
-    default=None,
-    help="MC: stop the secondary right after each checkpoint (saves its CPU).",
-)
-@click.option("--no-start", is_flag=True, help="The pair is already in COLO: do not migrate.")
-@click.option(
-    "--metrics-port", type=click.IntRange(1, 65535), default=None, help="Serve /metrics on 127.0.0.1."
-)
-@click.option(
-    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
-)
-def daemon_command(
-    config_path: Path,
-    mode: str | None,
-    epoch_ms: int | None,
-    passive_secondary: bool | None,
-    no_start: bool,
-    metrics_port: int | None,
-    log_level: str,
-) -> None:
-    """Run the epoch protocol for the pair in CONFIG (foreground; SIGTERM stops it)."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        config = DaemonConfig.from_pair_json(config_path)
-    except DaemonError as exc:
-        raise click.ClickException(str(exc)) from None
-    if mode is not None:
-        config.mode = Mode(mode)
-    if epoch_ms is not None:
-        config.epoch_ms = epoch_ms
-    if passive_secondary is not None:
-        config.passive_secondary = passive_secondary
-    config.start_colo = not no_start
-    config.metrics_port = metrics_port
-    with contextlib.suppress(OSError):
-        # heartbeats and checkpoint steps are latency-critical and cheap: ahead of the CPU-bound QEMUs
-        os.setpriority(os.PRIO_PROCESS, 0, DAEMON_NICE)
-
-    def ready(daemon: Daemon) -> None:
-        print(
-            json.dumps({"ready": True, "control": config.control, "mode": str(daemon.protocol.mode)}),
-            flush=True,
-        )
-
-    try:
-        asyncio.run(run_daemon(config, ready))
-    except (DaemonError, QmpError, ControlError, OSError) as exc:
-        raise click.ClickException(f"daemon: {exc}") from None
-
-
-def summarize_pauses(records: list[EpochRecord]) -> dict[str, float | int | None]:
-    """p50/p99/mean of the primary pauses of ``records`` in milliseconds (for benches and tests)."""
-    pauses = sorted(r.primary_pause * 1000 for r in records if r.primary_pause is not None)
-    if not pauses:
-        return {"samples": 0, "p50": None, "p99": None, "mean": None}
-    return {
-        "samples": len(pauses),
-        "p50": round(_percentile(pauses, 0.5), 2),
-        "p99": round(_percentile(pauses, 0.99), 2),
-        "mean": round(statistics.fmean(pauses), 2),
-    }

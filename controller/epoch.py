@@ -3,14 +3,15 @@
 Why it is split in two:
 
 * :class:`EpochProtocol` is sans-I/O.  It owns every *decision* of the protocol and nothing else:
-  which epoch number comes next, which mode the next epoch runs in (a switch requested at any time
-  lands exactly at a checkpoint boundary), what the heartbeat says at each step, and -- the part that
-  must never be wrong -- what to do when a step fails: before the seal nothing is undone, after the
-  seal but before the secondary loaded the checkpoint the disk epoch is rolled back, once the
-  secondary loaded it the epoch is committed whatever else failed (the secondary holds that state,
-  so a failover must see it).  :class:`CheckpointScheduler` decides *when*: the MC timer, the COLO
-  safety interval and comparator requests, coalesced into one checkpoint.  Both are unit-tested
-  without QEMU.
+  which epoch number comes next, the operating point the next epoch runs under
+  (:mod:`controller.operating_point`: a change requested at any time lands exactly at a checkpoint
+  boundary), what the heartbeat says at each step (:class:`~controller.heartbeat.Heartbeat`), and --
+  the part that must never be wrong -- what to do when a step fails: before the seal nothing is
+  undone, after the seal but before the secondary loaded the checkpoint the disk epoch is rolled
+  back, once the secondary loaded it the epoch is committed whatever else failed (the secondary
+  holds that state, so a failover must see it).  :class:`CheckpointScheduler` decides *when*: the
+  MC timer, the COLO safety interval and comparator requests, coalesced into one checkpoint.  Both
+  are unit-tested without QEMU.
 * :func:`run_checkpoint` is the one function that talks to QEMU and the two services in the exact
   order of §2.  It asks the protocol object what to do and reports each step's outcome back.
 
@@ -18,7 +19,7 @@ The order (N = the epoch being closed)::
 
     1 stop secondary
     2 stop primary          (QMP returns once its I/O drained)
-    3 comparator mode (if a switch is pending) + seal, disk seal; heartbeat {"epoch": N, "state": "sealed"}
+    3 comparator mode (at a mode switch) + seal, disk seal; heartbeat {"epoch": N, "state": "sealed"}
     4 migrate-set-parameters x-checkpoint-delay (fires one checkpoint at once); RESUME on both QEMUs
       (the secondary's RESUME means it loaded N); heartbeat "loaded"
     5 disk commit N, comparator commit; heartbeat "committed"
@@ -55,13 +56,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from controller.heartbeat import Heartbeat
+from controller.operating_point import OperatingPoint, PointChange, PointRequest, PointSource
 from hybridft_common.vocabulary import HUGE_CHECKPOINT_DELAY_MS, Mode, StopVia
+
+POINT_CHANGES_KEPT = 64  # applied operating point changes kept for status
 
 
 class Step(StrEnum):
@@ -157,16 +162,18 @@ class EpochRecord:
 
 
 class EpochProtocol:
-    """The sans-I/O decisions of the epoch protocol (see the module docstring)."""
+    """The sans-I/O decisions of the epoch protocol (see the module docstring).
 
-    def __init__(self, mode: Mode = Mode.MC, epoch_ms: int = 50, *, first_epoch: int = 1) -> None:
-        if epoch_ms <= 0:
-            raise ValueError(f"epoch_ms must be positive, got {epoch_ms}")
-        self.mode = mode
-        self.epoch_ms = epoch_ms
+    ``point`` is the operating point of the epoch now open; ``pending`` the one requested for the next
+    epochs, applied when a checkpoint closes (:meth:`_close`), or None.
+    """
+
+    def __init__(self, point: OperatingPoint | None = None, *, first_epoch: int = 1) -> None:
+        self.point = point if point is not None else OperatingPoint()
+        self.pending: OperatingPoint | None = None
+        self.pending_source = PointSource.OPERATOR
+        self.changes: deque[PointChange] = deque(maxlen=POINT_CHANGES_KEPT)
         self.next_number = first_epoch
-        self.pending_mode: Mode | None = None
-        self.pending_epoch_ms: int | None = None
         self.current: EpochRecord | None = None
         self.last_committed: int | None = None
         self.committed = 0
@@ -174,31 +181,33 @@ class EpochProtocol:
         self.failed = 0
         self.mode_switches = 0
 
-    # -- mode switches: requested any time, applied at the next checkpoint's seal ---------------
-    def request_mode(self, mode: Mode, epoch_ms: int | None = None) -> None:
-        if epoch_ms is not None and epoch_ms <= 0:
-            raise ValueError(f"epoch_ms must be positive, got {epoch_ms}")
-        if mode == self.mode and epoch_ms in (None, self.epoch_ms):
-            # already so (and any other pending request is withdrawn): nothing waits for a checkpoint
-            self.pending_mode = self.pending_epoch_ms = None
+    # -- the operating point: requested any time, applied at the next checkpoint's close ----------
+    def request(self, change: PointRequest) -> None:
+        """Make the current point with ``change``'s fields the pending one (replacing any other).
+
+        A request for what already runs withdraws a pending one: nothing waits for a checkpoint.
+        Raises ValueError for a field out of range (nothing changes then).
+        """
+        wanted = self.point.changed_by(change)
+        if wanted == self.point:
+            self.pending = None
             return
-        self.pending_mode = mode
-        self.pending_epoch_ms = epoch_ms
+        self.pending, self.pending_source = wanted, change.source
 
     @property
-    def switch_pending(self) -> bool:
-        # request_mode keeps only requests that change something, and _close clears them
-        return self.pending_mode is not None
+    def mode_switch_pending(self) -> bool:
+        """A pending point changes the epochs themselves (mode or length): the comparator must be told."""
+        return self.pending is not None and self.pending.switches_mode_from(self.point)
 
-    def mode_for_next_epoch(self) -> Mode:
-        """The mode of the epoch the current checkpoint opens (the comparator gets it before seal)."""
-        return self.pending_mode if self.pending_mode is not None else self.mode
+    def next_point(self) -> OperatingPoint:
+        """The point of the epoch the current checkpoint opens (the comparator gets its mode before seal)."""
+        return self.pending if self.pending is not None else self.point
 
     # -- one checkpoint --------------------------------------------------------------------------
     def begin(self, reasons: Counter[str] | dict[str, int], now: float) -> EpochRecord:
         if self.current is not None:
             raise RuntimeError(f"checkpoint {self.current.number} is still running")
-        self.current = EpochRecord(self.next_number, self.mode, dict(reasons), now)
+        self.current = EpochRecord(self.next_number, self.point.mode, dict(reasons), now)
         return self.current
 
     def _record(self) -> EpochRecord:
@@ -209,7 +218,7 @@ class EpochProtocol:
     def step_done(self, step: Step, seconds: float) -> None:
         self._record().steps.append((str(step), seconds))
 
-    def sealed(self, *, disk_epoch: int | None = None, compare_epoch: int | None = None) -> dict[str, Any]:
+    def sealed(self, *, disk_epoch: int | None = None, compare_epoch: int | None = None) -> Heartbeat:
         """Services sealed; returns the heartbeat message.  The disk's number becomes N."""
         record = self._record()
         if disk_epoch is not None:
@@ -220,15 +229,15 @@ class EpochProtocol:
         record.phase = Phase.SEALED
         return self.heartbeat()
 
-    def loaded(self) -> dict[str, Any]:
+    def loaded(self) -> Heartbeat:
         record = self._record()
         if record.phase is not Phase.SEALED:
             raise RuntimeError(f"checkpoint {record.number} loaded while {record.phase}")
         record.phase = Phase.LOADED
         return self.heartbeat()
 
-    def committed_step(self) -> tuple[EpochRecord, dict[str, Any]]:
-        """Both services committed N: the epoch is closed; a pending mode switch takes effect now."""
+    def committed_step(self) -> tuple[EpochRecord, Heartbeat]:
+        """Both services committed N: the epoch is closed; a pending operating point takes effect now."""
         record = self._record()
         if record.phase is not Phase.LOADED:
             raise RuntimeError(f"checkpoint {record.number} committed while {record.phase}")
@@ -264,26 +273,26 @@ class EpochProtocol:
         return record
 
     def _close(self, record: EpochRecord) -> None:
-        # The boundary: the epoch that follows runs in the requested mode, whether the comparator
-        # got the mode at this seal (sealed) or not at all (nothing sealed: it still is in the old one
-        # and the daemon re-sends it at the next seal).
-        if record.phase in (Phase.COMMITTED, Phase.LOADED, Phase.SEALED) and self.pending_mode is not None:
-            self.mode_switches += 1  # a pending request always changes the mode or the epoch
-            self.mode = self.pending_mode
-            if self.pending_epoch_ms is not None:
-                self.epoch_ms = self.pending_epoch_ms
-            self.pending_mode = self.pending_epoch_ms = None
+        # The boundary: the epoch that follows runs under the pending point once the comparator got
+        # its mode at this seal (sealed or later); with nothing sealed the comparator still is in the
+        # old mode, so the change stays pending and the daemon re-sends the mode at the next seal.
+        pending = self.pending
+        if record.phase in (Phase.COMMITTED, Phase.LOADED, Phase.SEALED) and pending is not None:
+            if pending.switches_mode_from(self.point):
+                self.mode_switches += 1
+            self.changes.append(PointChange(record.number, self.point, pending, self.pending_source))
+            self.point, self.pending = pending, None
         base = record.disk_epoch if record.disk_epoch is not None else record.number
         self.next_number = max(self.next_number, base + 1)
         self.current = None
 
-    def heartbeat(self, now: float | None = None) -> dict[str, Any]:
+    def heartbeat(self, now: float | None = None) -> Heartbeat:
         """The heartbeat message for the current state (``t`` is wall-clock seconds)."""
         t = time.time() if now is None else now
         current = self.current  # read once: the heartbeat thread calls this too
         if current is not None:
-            return {"t": t, "epoch": current.number, "state": str(current.phase)}
-        return {"t": t, "epoch": self.last_committed, "state": "committed"}
+            return Heartbeat(t, current.number, str(current.phase))
+        return Heartbeat(t, self.last_committed, str(Phase.COMMITTED))
 
 
 class CheckpointScheduler:
@@ -366,15 +375,17 @@ class ControlLike(Protocol):
 
 @dataclass(slots=True)
 class PairLinks:
-    """What one checkpoint talks to.  ``compare``/``disk`` may be None (not wired: the step is skipped)."""
+    """What one checkpoint talks to.  ``compare``/``disk`` may be None (not wired: the step is skipped).
+
+    How it stops the VMs and whether it stops a passive secondary again come from the protocol's
+    operating point, not from here: they change only at a checkpoint boundary.
+    """
 
     primary: QmpLike
     secondary: QmpLike
     compare: ControlLike | None
     disk: ControlLike | None
-    heartbeat: Callable[[dict[str, Any]], None] = lambda message: None
-    passive_secondary: bool = False  # MC: stop the secondary again right after it loaded
-    stop_via: StopVia = StopVia.QMP
+    heartbeat: Callable[[Heartbeat], None] = lambda message: None
     timeout: float = 30.0
     # False once the primary is gone: the agent then owns the disk (it sees what the secondary really
     # loaded); a recovery from here would race it, e.g. roll back an epoch the secondary resumed from
@@ -388,6 +399,8 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
     decides which side was lost.  Stale STOP/RESUME events must have been taken off the sessions
     before calling (the caller counts them).
     """
+    # the stop way in force when the checkpoint begins: one that applies a change still runs as begun
+    stop_via = protocol.point.stop_via
     record = protocol.begin(reasons, time.time())
     step = Step.STOP_SECONDARY
     disk_committed = False
@@ -422,7 +435,7 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
         return event
 
     try:
-        if links.stop_via is StopVia.QEMU:
+        if stop_via is StopVia.QEMU:
             await timed(Step.EXPECT_SEAL, with_disk_prepared(links.secondary.execute("x-colo-expect-seal")))
             await timed(Step.FIRE, links.primary.execute("x-colo-checkpoint"))
             await timed(Step.STOPPED, primary_event("X_COLO_CHECKPOINT_STOPPED"))
@@ -434,8 +447,8 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
 
         async def seal_compare() -> int:
             assert compare is not None
-            if protocol.switch_pending:
-                await timed(Step.COMPARE_MODE, compare.call("mode", mode=str(protocol.mode_for_next_epoch())))
+            if protocol.mode_switch_pending:
+                await timed(Step.COMPARE_MODE, compare.call("mode", mode=str(protocol.next_point().mode)))
             return int((await timed(Step.COMPARE_SEAL, compare.call("seal")))["epoch"])
 
         async def seal_disk() -> int:
@@ -460,7 +473,7 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
                 step = failed_step
                 raise value
         links.heartbeat(message)
-        if links.stop_via is StopVia.QEMU:
+        if stop_via is StopVia.QEMU:
             await timed(Step.SEALED, links.secondary.execute("x-colo-sealed"))
         else:
             await timed(
@@ -488,7 +501,8 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
             record.released_frames = int(committed.get("released_frames", 0))
         done, message = protocol.committed_step()
         links.heartbeat(message)
-        if links.passive_secondary and protocol.mode is Mode.MC:
+        # the point in force after the close: the epoch now open decides whether the secondary rests
+        if protocol.point.passive_secondary and protocol.point.mode is Mode.MC:
             await timed(Step.PASSIVE_STOP, links.secondary.execute("stop"))
         return done
     except (Exception, asyncio.CancelledError) as exc:

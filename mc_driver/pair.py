@@ -60,6 +60,7 @@ from pathlib import Path
 from subprocess import SubprocessError
 from typing import Any
 
+from hybridft_common import manifest
 from hybridft_common.cli import hybridft_command
 from hybridft_common.vocabulary import Mode
 from mc_driver.accel import NoUsableQemu, QemuChoice, choose_qemu
@@ -238,41 +239,54 @@ def secondary_args(config: PairConfig, files: PairFiles, image: GuestImage, qemu
     ]  # fmt: skip
 
 
-def pair_json(config: PairConfig, files: PairFiles, qemu: QemuChoice, pids: dict[str, int]) -> dict[str, Any]:
+def pair_json(
+    config: PairConfig, files: PairFiles, qemu: QemuChoice, pids: dict[str, int]
+) -> manifest.PairManifest:
     """The contents of ``pair.json`` (the contract with the daemon and the agent)."""
-    return {
-        "workdir": str(files.workdir),
-        "netns": files.netns,
-        "bridge": BRIDGE,
-        "guest_ip": GUEST_IP,
-        "client_ip": CLIENT_IP,
-        "guest_mac": DEFAULT_MAC,
-        "taps": {"primary": PRIMARY_TAP, "secondary": SECONDARY_TAP},
-        "accel": qemu.accel,
-        "qemu_binary": str(qemu.binary),
-        "accel_reason": qemu.reason,
-        "qmp": {
-            side: {user: f"unix:{files.qmp(side, user)}" for user in users}
-            for side, users in QMP_USERS.items()
-        },
-        "compare_control": files.endpoint("compare-ctl"),
-        "disk_control": files.endpoint("disk-ctl"),
-        "disk_nbd": files.endpoint("disk-nbd"),
-        "daemon_control": files.endpoint("daemon-ctl"),
-        "heartbeat": files.endpoint("heartbeat"),
-        "migrate_uri": f"unix:{files.sock('migrate')}",
-        "guest_control": {side: files.endpoint(f"{side}-guestctl") for side in ("primary", "secondary")},
-        "consoles": {side: str(files.console(side)) for side in ("primary", "secondary")},
-        "failover_report": str(files.failover_report),
-        "mode": config.mode,
-        "epoch_ms": config.epoch_ms,
-        "compare_timeout_ms": config.compare_timeout_ms,
-        "safety_interval_ms": config.safety_interval_ms,
-        "mirror_job": MIRROR_JOB,
-        "passive_secondary": config.passive_secondary,
-        "stop_via": config.stop_via,
-        "pids": {role: pids.get(role, 0) for role in PID_ROLES},
-    }
+
+    def monitor(side: str, user: str) -> str:
+        return f"unix:{files.qmp(side, user)}"
+
+    return manifest.PairManifest(
+        workdir=files.workdir,
+        netns=files.netns,
+        bridge=BRIDGE,
+        guest_ip=GUEST_IP,
+        client_ip=CLIENT_IP,
+        guest_mac=DEFAULT_MAC,
+        taps=manifest.Sides(PRIMARY_TAP, SECONDARY_TAP),
+        accel=qemu.accel,
+        qemu_binary=qemu.binary,
+        accel_reason=qemu.reason,
+        qmp=manifest.QmpMonitors(  # one monitor per user: QMP_USERS
+            manifest.PrimaryMonitors(daemon=monitor("primary", "daemon"), ops=monitor("primary", "ops")),
+            manifest.SecondaryMonitors(
+                daemon=monitor("secondary", "daemon"),
+                agent=monitor("secondary", "agent"),
+                ops=monitor("secondary", "ops"),
+            ),
+        ),
+        compare_control=files.endpoint("compare-ctl"),
+        disk_control=files.endpoint("disk-ctl"),
+        disk_nbd=files.endpoint("disk-nbd"),
+        daemon_control=files.endpoint("daemon-ctl"),
+        heartbeat=files.endpoint("heartbeat"),
+        migrate_uri=f"unix:{files.sock('migrate')}",
+        guest_control=manifest.Sides(
+            files.endpoint("primary-guestctl"),
+            files.endpoint("secondary-guestctl"),
+        ),
+        consoles=manifest.Sides(str(files.console("primary")), str(files.console("secondary"))),
+        failover_report=files.failover_report,
+        mode=Mode(config.mode),
+        epoch_ms=config.epoch_ms,
+        compare_timeout_ms=config.compare_timeout_ms,
+        safety_interval_ms=config.safety_interval_ms,
+        mirror_job=MIRROR_JOB,
+        passive_secondary=config.passive_secondary,
+        stop_via=config.stop_via,
+        pids=manifest.Pids(**{role: pids.get(role, 0) for role in PID_ROLES}),
+    )
 
 
 @dataclass
@@ -294,10 +308,7 @@ class PairLauncher:
 
     def write_config(self) -> None:
         assert self.qemu is not None
-        data = pair_json(self.config, self.files, self.qemu, self.pids)
-        tmp = self.files.config.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, self.files.config)
+        pair_json(self.config, self.files, self.qemu, self.pids).write(self.files.config)
 
     def spawn(self, role: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
         assert self.ns is not None

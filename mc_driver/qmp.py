@@ -113,6 +113,12 @@ class QmpSession:
                 raise QmpConnectError(f"{name}: cannot connect to QMP at {path}: {last}")
             await asyncio.sleep(0.05)
 
+    @property
+    def connected(self) -> bool:
+        """The connection to QEMU is up (qemu.qmp's own state; False once QEMU went away or it closed)."""
+        runstate = self._client.runstate
+        return runstate is not None and runstate.name == "RUNNING"
+
     async def execute(self, command: str, arguments: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
         """Run ``command``; ``arguments`` or keyword arguments (``_`` in names stays ``_``).
 

@@ -5,21 +5,25 @@ plus pair.json errors.  No QEMU: the daemon object serves its control verbs befo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 
-from controller.daemon import Daemon, DaemonConfig, DaemonError
-from controller.ops import failover_command, mode_command, status_command
+from controller.daemon import Daemon
+from controller.daemon_config import DaemonConfig, DaemonError
+from controller.operator_cli import failover_command, mode_command, status_command
+from controller.pair_state import PairState
+from controller.requests import resolve_stop_via
 from hybridft_common.control import ControlError, call, serve_control
 from hybridft_common.vocabulary import Mode, StopVia
 from mc_driver.qmp import Event
+from tests.test_manifest import manifest_for
 
 
 @pytest.fixture
@@ -39,7 +43,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Daemon]]:
     thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
     thread.start()
     assert ready.wait(10)
-    (tmp_path / "pair.json").write_text(json.dumps({"daemon_control": endpoint}))
+    manifest_for(tmp_path, daemon_control=endpoint).write(tmp_path / "pair.json")
     yield endpoint, daemon
     loop.call_soon_threadsafe(stop.set)
     thread.join(5)
@@ -65,7 +69,11 @@ def test_mode_is_pending_until_a_checkpoint(served: tuple[str, Daemon], tmp_path
     assert result.output == "mode colo (epoch 200 ms) at the next checkpoint\n"
     status = call(endpoint, "status")
     assert status["mode"] == "mc" and status["pending_mode"] == "colo"
-    assert daemon.protocol.pending_mode is Mode.COLO and daemon.scheduler.pending["mode-switch"] == 1
+    assert status["pending"] == {
+        "mode": "colo", "epoch_ms": 200, "passive_secondary": False, "stop_via": "qmp", "source": "operator"
+    }
+    assert daemon.protocol.pending is not None and daemon.protocol.pending.mode is Mode.COLO
+    assert daemon.scheduler.pending["mode-switch"] == 1
 
 
 def test_refused_requests_are_clear_and_change_nothing(served: tuple[str, Daemon]) -> None:
@@ -84,8 +92,8 @@ def test_refused_requests_are_clear_and_change_nothing(served: tuple[str, Daemon
         with pytest.raises(ControlError) as info:
             call(endpoint, verb, **args)
         assert info.value.code == code, (verb, args, info.value.message)
-    assert daemon.protocol.pending_mode is None and not daemon.scheduler.pending
-    assert daemon.stop_via is StopVia.QMP
+    assert daemon.protocol.pending is None and not daemon.scheduler.pending
+    assert daemon.protocol.point.stop_via is StopVia.QMP
     with pytest.raises(ControlError, match="needs QEMUs with x-colo-expect-seal"):
         call(endpoint, "mode", mode="mc", stop_via="qemu")
     failover = CliRunner().invoke(failover_command, ["--control", endpoint])
@@ -97,18 +105,24 @@ def test_refused_requests_are_clear_and_change_nothing(served: tuple[str, Daemon
 
 def test_stop_via_is_chosen_by_what_the_primary_offers_and_switchable(served: tuple[str, Daemon]) -> None:
     endpoint, daemon = served
-    assert daemon._stop_via_from("auto") is StopVia.QMP  # stock QEMU: no seal hook
+    assert resolve_stop_via("auto", daemon.seal_hook) is StopVia.QMP  # stock QEMU: no seal hook
     daemon.seal_hook = True  # what _resolve_stop_via finds on the patched build
-    assert daemon._stop_via_from("auto") is StopVia.QEMU
-    call(endpoint, "mode", mode="mc", stop_via="qemu")
-    assert daemon.stop_via is StopVia.QEMU and call(endpoint, "status")["stop_via"] == "qemu"
+    assert resolve_stop_via("auto", daemon.seal_hook) is StopVia.QEMU
+    reply = call(endpoint, "mode", mode="mc", stop_via="qemu")
+    assert reply["applies"] == "at the next checkpoint" and reply["pending"]["stop_via"] == "qemu"
+    # like every part of the operating point it waits for a checkpoint boundary (one is asked for)
+    status = call(endpoint, "status")
+    assert status["stop_via"] == "qmp" and status["pending"]["stop_via"] == "qemu"
+    assert daemon.protocol.pending is not None and daemon.protocol.pending.stop_via is StopVia.QEMU
+    assert daemon.scheduler.pending["mode-switch"] == 1
     result = CliRunner().invoke(mode_command, ["mc", "--stop-via", "qmp", "--control", endpoint])
     assert result.exit_code == 0, result.output
-    assert daemon.stop_via is StopVia.QMP
+    assert result.output == "mode mc (epoch 50 ms) now (already so)\n"  # the request is withdrawn
+    assert daemon.protocol.pending is None and daemon.protocol.point.stop_via is StopVia.QMP
     text = CliRunner().invoke(status_command, ["--control", endpoint]).output
     assert "checkpoint stops via qmp (QEMU can wait for the seal)" in text
-    with pytest.raises(DaemonError, match="must be 'auto', 'qemu' or 'qmp'"):
-        daemon._stop_via_from("fast")
+    with pytest.raises(ValueError, match="must be 'auto', 'qemu' or 'qmp'"):
+        resolve_stop_via("fast", daemon.seal_hook)
 
 
 def test_metrics_exposition(served: tuple[str, Daemon]) -> None:
@@ -124,31 +138,28 @@ def test_pair_json_errors_are_clear(tmp_path: Path) -> None:
         DaemonConfig.from_pair_json(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{nope")
-    with pytest.raises(DaemonError, match="is not JSON"):
+    with pytest.raises(DaemonError, match="is not valid JSON"):
         DaemonConfig.from_pair_json(bad)
-    bad.write_text(json.dumps({"qmp": {"primary": {"daemon": "unix:/p"}}}))
-    with pytest.raises(DaemonError, match="missing or invalid field"):
+    bad.write_text(json.dumps({"workdir": str(tmp_path), "qmp": {"primary": {"daemon": "unix:/p"}}}))
+    with pytest.raises(DaemonError, match="has no 'netns'"):
         DaemonConfig.from_pair_json(bad)
-    bad.write_text(json.dumps({"qmp": {"primary": {"daemon": "tcp:h:1"}, "secondary": {"daemon": "unix:/s"}},
-                               "daemon_control": "unix:/d"}))  # fmt: skip
+    manifest = manifest_for(tmp_path)
+    monitors = dataclasses.replace(manifest.qmp.primary, daemon="tcp:h:1")
+    dataclasses.replace(manifest, qmp=dataclasses.replace(manifest.qmp, primary=monitors)).write(bad)
     with pytest.raises(DaemonError, match="unix:PATH"):
         DaemonConfig.from_pair_json(bad)
     good = tmp_path / "pair.json"
-    pair = {
-        "workdir": str(tmp_path),
-        "qmp": {"primary": {"daemon": "unix:/p"}, "secondary": {"daemon": "unix:/s"}},
-        "daemon_control": "unix:/d",
-        "mode": "colo",
-        "epoch_ms": 30,
-        "pids": {"primary": 5, "secondary": 0},
-    }
-    good.write_text(json.dumps(pair))
+    manifest = dataclasses.replace(
+        manifest, mode=Mode.COLO, epoch_ms=30, pids=dataclasses.replace(manifest.pids, primary=5)
+    )
+    manifest.write(good)
     config = DaemonConfig.from_pair_json(good)
-    assert (config.primary_qmp, config.mode, config.epoch_ms) == ("/p", Mode.COLO, 30)
+    assert config.primary_qmp == str(tmp_path / "primary-daemon.qmp")
+    assert (config.mode, config.epoch_ms) == (Mode.COLO, 30)
     assert config.primary_pid == 5 and config.secondary_pid is None
     assert config.migrate_uri == f"unix:{tmp_path / 'migrate.sock'}"
-    assert config.stop_via == "auto"
-    good.write_text(json.dumps(pair | {"stop_via": "qmp"}))
+    assert config.stop_via == "auto" and config.heartbeat == manifest.heartbeat
+    dataclasses.replace(manifest, stop_via="qmp").write(good)
     assert DaemonConfig.from_pair_json(good).stop_via == "qmp"
 
 
@@ -191,7 +202,7 @@ class FakeSession:
         self.name = name
         self.queued = events
         self.commands: list[str] = []
-        self._client = SimpleNamespace(runstate=SimpleNamespace(name="RUNNING"))
+        self.connected = True
 
     def events(self) -> list[Event]:
         taken, self.queued = self.queued, []
@@ -215,7 +226,7 @@ def test_a_colo_exit_seen_as_a_checkpoint_starts_ends_replication_instead(tmp_pa
         colo_exit = Event("COLO_EXIT", {"mode": "primary", "reason": "error"}, time.time(), time.time())
         primary = FakeSession("primary", [colo_exit])
         daemon.attach(primary, FakeSession("secondary", []))  # type: ignore[arg-type]
-        daemon.state = "protected"
+        daemon.state = PairState.PROTECTED
         waiter = asyncio.ensure_future(daemon.request_checkpoint("operator", timeout=5))
         await asyncio.sleep(0)  # the request is registered
         with pytest.raises(ControlError, match="COLO ended before this checkpoint could start"):
@@ -226,7 +237,7 @@ def test_a_colo_exit_seen_as_a_checkpoint_starts_ends_replication_instead(tmp_pa
         return daemon, primary
 
     daemon, primary = asyncio.run(scenario())
-    assert daemon.checkpoints_started == 0 and daemon.state == "unprotected"
+    assert daemon.accounting.checkpoints_started == 0 and daemon.state is PairState.UNPROTECTED
     assert "x-colo-lost-heartbeat" in primary.commands and "migrate-set-parameters" not in primary.commands
 
 
@@ -239,7 +250,7 @@ def test_close_lets_a_checkpoint_in_flight_finish(tmp_path: Path) -> None:
             primary_qmp="/nonexistent", secondary_qmp="/nonexistent", control=f"unix:{tmp_path / 'd.ctl'}"
         )
         daemon = Daemon(config)
-        daemon.state = "protected"
+        daemon.state = PairState.PROTECTED
         log: list[str] = []
 
         async def slow_checkpoint(reasons: object) -> None:

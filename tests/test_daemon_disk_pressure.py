@@ -14,7 +14,9 @@ from pathlib import Path
 
 import nbd
 
-from controller.daemon import Daemon, DaemonConfig
+from controller.daemon import Daemon
+from controller.daemon_config import DaemonConfig
+from controller.pair_state import PairState
 from hybridft_common.control import call
 from tests.helpers.disk_server import DiskServerProcess
 
@@ -40,7 +42,7 @@ def test_daemon_requests_a_checkpoint_at_the_disk_mark(tmp_path: Path) -> None:
 
         async def run() -> tuple[bool, bool]:
             daemon = Daemon(config)
-            daemon.state = "protected"
+            daemon.state = PairState.PROTECTED
             loop_task = asyncio.create_task(daemon._disk_pressure_loop())
             try:
                 await asyncio.sleep(0.4)

@@ -23,6 +23,9 @@ import time
 import pytest
 
 from controller.daemon import Daemon
+from controller.heartbeat import Heartbeat
+from controller.operating_point import PointRequest
+from controller.requests import resolve_stop_via
 from hybridft_common.control import ControlError, call
 from hybridft_common.vocabulary import Mode, StopVia
 from mc_driver.guest import DEFAULT_GUEST_IP, ECHO_PORT
@@ -110,8 +113,8 @@ def test_checkpoint_delay_fires_one_checkpoint_at_once(harness: Harness) -> None
 
 
 def test_protocol_order_seen_from_qemu_and_the_services(harness: Harness, daemon: Daemon) -> None:
-    assert daemon.seal_hook is True and daemon.stop_via is harness.stop_via
-    assert daemon._stop_via_from("auto") is StopVia.QEMU  # what auto picks on the patched build
+    assert daemon.seal_hook is True and daemon.protocol.point.stop_via is harness.stop_via
+    assert resolve_stop_via("auto", daemon.seal_hook) is StopVia.QEMU  # what auto picks on the patched build
     harness.run(_protocol_order(harness, daemon))
 
 
@@ -130,7 +133,8 @@ async def _protocol_order(harness: Harness, daemon: Daemon) -> None:
     assert s_events[0][1] <= p_events[0][1] <= s_events[1][1]
     assert p_events[0][1] <= p_events[1][1]
     steps = [name for name, _ in record.steps]
-    if daemon.stop_via is StopVia.QEMU:  # QEMU stops both and says so; the secondary's load awaits the seal
+    # stopping via QEMU, QEMU stops both and says so; the secondary's load awaits the seal
+    if daemon.protocol.point.stop_via is StopVia.QEMU:
         assert steps[:3] == ["expect-seal", "fire", "stopped"], steps
         release = "sealed"
     else:
@@ -172,7 +176,7 @@ async def _mc_visibility(harness: Harness, daemon: Daemon) -> None:
             assert data == payload
             assert record.secondary_resume is not None and sent < record.secondary_resume < received
         # now with the timer: every reply still comes after a load that followed its request
-        daemon.protocol.request_mode(Mode.MC, 100)
+        daemon.protocol.request(PointRequest(mode=Mode.MC, epoch_ms=100))
         await daemon.request_checkpoint("mode-switch", timeout=30)
         for _ in range(10):
             payload = os.urandom(64)
@@ -191,7 +195,7 @@ async def _connect_echo(harness: Harness, daemon: Daemon) -> EchoClient:
     echo = EchoClient(harness.netns)
     connecting = asyncio.create_task(echo.wait_connected(30))
     while not connecting.done():  # in MC the SYN-ACK waits for a checkpoint; in COLO it does not
-        if daemon.protocol.mode is Mode.MC:
+        if daemon.protocol.point.mode is Mode.MC:
             await daemon.request_checkpoint("test", timeout=30)
         await asyncio.sleep(0.05)
     await connecting
@@ -209,7 +213,7 @@ async def _colo(harness: Harness, daemon: Daemon) -> None:
     assert reply["pending_mode"] == "colo"
     assert daemon.status()["mode"] == "mc"  # not before the checkpoint boundary
     deadline = time.monotonic() + 30
-    while daemon.protocol.mode is not Mode.COLO:
+    while daemon.protocol.point.mode is not Mode.COLO:
         assert time.monotonic() < deadline, "the mode switch did not happen at the next checkpoint"
         await asyncio.sleep(0.05)
     switch = [r for r in daemon.records if "mode-switch" in r.reasons][-1]
@@ -217,7 +221,7 @@ async def _colo(harness: Harness, daemon: Daemon) -> None:
     assert call(harness.compare_ctl, "stats")["core"]["mode"] == "colo"
     echo = await _connect_echo(harness, daemon)
     try:
-        before = daemon.checkpoints_started
+        before = daemon.accounting.checkpoints_started
         rtts = []
         for _ in range(20):
             payload = os.urandom(256)
@@ -225,7 +229,7 @@ async def _colo(harness: Harness, daemon: Daemon) -> None:
             data, received = await echo.recv_exact(len(payload), timeout=15)
             assert data == payload
             rtts.append(received - sent)
-        during = daemon.checkpoints_started - before
+        during = daemon.accounting.checkpoints_started - before
     finally:
         echo.close()
     rtts.sort()
@@ -241,13 +245,13 @@ def test_every_primary_stop_is_a_daemon_checkpoint(harness: Harness, daemon: Dae
         observer = harness.pair.primary
         assert observer is not None
         observer.discard_events()
-        before = daemon.checkpoints_started
+        before = daemon.accounting.checkpoints_started
         await daemon.dispatch("mode", {"mode": "mc", "epoch_ms": 50})
         await asyncio.sleep(3.0)
         await daemon.dispatch("mode", {"mode": "mc", "epoch_ms": 60_000})
         await daemon.request_checkpoint("test", timeout=30)  # the long epoch is in force after this one
         await asyncio.sleep(1.0)
-        return len(observer.take("STOP")), daemon.checkpoints_started - before
+        return len(observer.take("STOP")), daemon.accounting.checkpoints_started - before
 
     stops, checkpoints = harness.run(run(), timeout=120)
     assert checkpoints >= 10  # the 50 ms timer ran
@@ -270,11 +274,11 @@ async def _secondary_lost(harness: Harness, daemon: Daemon) -> None:
     killed: list[object] = []
     killed_at: list[float] = []
 
-    def send_and_kill(message: dict[str, object]) -> None:
+    def send_and_kill(message: Heartbeat) -> None:
         original_send(message)
-        if message.get("state") == "sealed" and not killed:
+        if message.state == "sealed" and not killed:
             secondary.send_signal(signal.SIGKILL)
-            killed.append(message["epoch"])
+            killed.append(message.epoch)
             killed_at.append(time.monotonic())
 
     try:
@@ -300,7 +304,7 @@ async def _secondary_lost(harness: Harness, daemon: Daemon) -> None:
         # ends the wait for a RESUME that cannot come (15 s before that was handled)
         assert time.monotonic() - killed_at[0] < 3.0, daemon.status()["loss_timeline"]
         failure = daemon.failures[-1]
-        if daemon.stop_via is StopVia.QEMU:
+        if daemon.protocol.point.stop_via is StopVia.QEMU:
             assert failure["step"] == "sealed", failure
         else:
             assert failure["step"] == "resume-primary" and "left COLO" in failure["cause"], failure

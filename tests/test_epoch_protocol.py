@@ -25,6 +25,8 @@ from controller.epoch import (
     Step,
     run_checkpoint,
 )
+from controller.heartbeat import Heartbeat
+from controller.operating_point import OperatingPoint, PointRequest, PointSource
 from hybridft_common.vocabulary import Mode, StopVia
 
 
@@ -106,24 +108,18 @@ class RecordingService:
         return {"released_frames": 3} if verb == "commit" else {}
 
 
-def _links(
-    log: list[str],
-    *,
-    fail: dict[str, str] | None = None,
-    passive: bool = False,
-    stop_via: StopVia = StopVia.QMP,
-) -> tuple[PairLinks, list[dict[str, Any]]]:
+def _links(log: list[str], *, fail: dict[str, str] | None = None) -> tuple[PairLinks, list[Heartbeat]]:
     fail = fail or {}
     primary = RecordingQmp("primary", log, fail.get("primary"))
     secondary = RecordingQmp("secondary", log, fail.get("secondary"))
     primary.peers = [primary, secondary]  # type: ignore[attr-defined]
     secondary.peers = []  # type: ignore[attr-defined]
     secondary.primary = primary  # type: ignore[attr-defined]
-    beats: list[dict[str, Any]] = []
+    beats: list[Heartbeat] = []
 
-    def heartbeat(message: dict[str, Any]) -> None:
+    def heartbeat(message: Heartbeat) -> None:
         beats.append(message)
-        log.append(f"heartbeat:{message['state']}")
+        log.append(f"heartbeat:{message.state}")
 
     links = PairLinks(
         primary,
@@ -131,11 +127,13 @@ def _links(
         RecordingService("compare", log, fail.get("compare")),
         RecordingService("disk", log, fail.get("disk")),
         heartbeat=heartbeat,
-        passive_secondary=passive,
-        stop_via=stop_via,
         timeout=1.0,
     )
     return links, beats
+
+
+def mc50(stop_via: StopVia = StopVia.QMP, passive: bool = False) -> EpochProtocol:
+    return EpochProtocol(OperatingPoint(Mode.MC, 50, passive, stop_via))
 
 
 # both ways of stopping the VMs end alike: both resume (the secondary's RESUME = it loaded N), commit
@@ -152,7 +150,7 @@ AFTER_THE_LOAD = [
 def test_checkpoint_runs_the_steps_in_protocol_order() -> None:
     log: list[str] = []
     links, beats = _links(log)
-    protocol = EpochProtocol(Mode.MC, 50)
+    protocol = mc50()
     record = asyncio.run(run_checkpoint(links, protocol, {"timer": 1}))
     # the secondary first (its stop stays outside the primary's client-visible pause), with
     # prepare-checkpoint beside it: a budget-paused disk server would otherwise block either stop
@@ -162,7 +160,7 @@ def test_checkpoint_runs_the_steps_in_protocol_order() -> None:
     assert log[5:] == ["heartbeat:sealed", "primary:migrate-set-parameters", *AFTER_THE_LOAD]
     # N is the disk's epoch number (the agent's `disk ctl commit N` must name it)
     assert record.number == 101 and record.compare_epoch == 1 and record.disk_epoch == 101
-    assert [b["epoch"] for b in beats] == [101, 101, 101]
+    assert [b.epoch for b in beats] == [101, 101, 101]
     assert record.outcome == "committed" and record.released_frames == 3
     assert record.primary_pause is not None and record.primary_pause > 0
     assert [name for name, _ in record.steps][:2] == [str(Step.STOP_SECONDARY), str(Step.STOP_PRIMARY)]
@@ -173,8 +171,8 @@ def test_stop_via_qemu_fires_first_and_seals_while_qemu_holds_both_stopped() -> 
     """Patch 0005's order: expect-seal ‖ prepare, fire, QEMU stops both and says so, seal, the
     secondary's x-colo-sealed, resume."""
     log: list[str] = []
-    links, beats = _links(log, stop_via=StopVia.QEMU)
-    protocol = EpochProtocol(Mode.MC, 50)
+    links, beats = _links(log)
+    protocol = mc50(StopVia.QEMU)
     record = asyncio.run(run_checkpoint(links, protocol, {"timer": 1}))
     assert sorted(log[:2]) == ["disk:prepare-checkpoint", "secondary:x-colo-expect-seal"]
     assert log[2:4] == ["primary:x-colo-checkpoint", "primary:X_COLO_CHECKPOINT_STOPPED"]
@@ -187,7 +185,7 @@ def test_stop_via_qemu_fires_first_and_seals_while_qemu_holds_both_stopped() -> 
         str(Step.STOPPED),
     ]
     assert record.stop_events == (1, 1) and record.primary_pause is not None
-    assert record.outcome == "committed" and [b["state"] for b in beats] == ["sealed", "loaded", "committed"]
+    assert record.outcome == "committed" and [b.state for b in beats] == ["sealed", "loaded", "committed"]
 
 
 ROLLED_BACK = ["disk:prepare-checkpoint", "disk:seal", "disk:rollback"]
@@ -198,8 +196,8 @@ def test_colo_exit_while_waiting_for_the_checkpoint_fails_it_at_once(stop_via: S
     """The secondary died (or took over) mid-checkpoint: the primary's COLO_EXIT ends the wait (not the
     timeout, which would keep the primary paused), and the sealed epoch is rolled back."""
     log: list[str] = []
-    links, _ = _links(log, fail={"secondary": "exit"}, stop_via=stop_via)
-    protocol = EpochProtocol(Mode.MC, 50)
+    links, _ = _links(log, fail={"secondary": "exit"})
+    protocol = mc50(stop_via)
     with pytest.raises(CheckpointError) as info:
         asyncio.run(run_checkpoint(links, protocol, {"timer": 1}))
     assert info.value.step is Step.RESUME_PRIMARY and isinstance(info.value.cause, ColoExited)
@@ -222,8 +220,8 @@ def test_stop_via_qemu_recovers_like_the_qmp_order(
     fail: dict[str, str], step: Step, recovery: Recovery, disk_calls: list[str]
 ) -> None:
     log: list[str] = []
-    links, _ = _links(log, fail=fail, stop_via=StopVia.QEMU)
-    protocol = EpochProtocol(Mode.MC, 50)
+    links, _ = _links(log, fail=fail)
+    protocol = mc50(StopVia.QEMU)
     with pytest.raises(CheckpointError) as info:
         asyncio.run(run_checkpoint(links, protocol, {"timer": 1}))
     assert info.value.step is step and info.value.recovery is recovery
@@ -235,14 +233,42 @@ def test_stop_via_qemu_recovers_like_the_qmp_order(
 
 def test_passive_secondary_is_stopped_again_after_the_commit_in_mc_only() -> None:
     log: list[str] = []
-    links, _ = _links(log, passive=True)
-    protocol = EpochProtocol(Mode.MC, 50)
+    links, _ = _links(log)
+    protocol = mc50(passive=True)
     asyncio.run(run_checkpoint(links, protocol, {"timer": 1}))
     assert log[-1] == "secondary:stop" and log[-2] == "heartbeat:committed"
     log.clear()
-    protocol.request_mode(Mode.COLO)
+    protocol.request(PointRequest(mode=Mode.COLO))
     asyncio.run(run_checkpoint(links, protocol, {"mode-switch": 1}))
     assert log[-1] == "heartbeat:committed"  # the epoch now open is COLO: the secondary must run
+
+
+def test_passive_secondary_requested_applies_at_the_close_of_the_next_checkpoint() -> None:
+    """The passive stop after the commit honours the point in force after that checkpoint's close."""
+    log: list[str] = []
+    links, _ = _links(log)
+    protocol = mc50()
+    protocol.request(PointRequest(passive_secondary=True))
+    assert protocol.point.passive_secondary is False and protocol.pending is not None
+    assert not protocol.mode_switch_pending  # nothing for the comparator: the epochs stay as they are
+    asyncio.run(run_checkpoint(links, protocol, {"mode-switch": 1}))
+    assert "compare:mode" not in log
+    assert log[-1] == "secondary:stop" and protocol.point.passive_secondary is True
+    assert protocol.mode_switches == 0 and protocol.pending is None
+
+
+def test_a_stop_way_change_applies_after_the_checkpoint_that_carries_it() -> None:
+    """The checkpoint that applies a new stop way still stops the VMs the way it began with."""
+    log: list[str] = []
+    links, _ = _links(log)
+    protocol = mc50(StopVia.QMP)
+    protocol.request(PointRequest(stop_via=StopVia.QEMU))
+    asyncio.run(run_checkpoint(links, protocol, {"mode-switch": 1}))
+    assert "secondary:stop" in log and "primary:x-colo-checkpoint" not in log
+    assert protocol.point.stop_via is StopVia.QEMU
+    log.clear()
+    asyncio.run(run_checkpoint(links, protocol, {"timer": 1}))
+    assert "primary:x-colo-checkpoint" in log and "secondary:stop" not in log
 
 
 @pytest.mark.parametrize(
@@ -267,7 +293,7 @@ def test_failure_recovery_depends_on_whether_the_secondary_loaded(
 ) -> None:
     log: list[str] = []
     links, beats = _links(log, fail=fail)
-    protocol = EpochProtocol(Mode.MC, 50)
+    protocol = mc50()
     with pytest.raises(CheckpointError) as info:
         asyncio.run(run_checkpoint(links, protocol, {"timer": 1}))
     assert info.value.recovery is recovery
@@ -278,35 +304,61 @@ def test_failure_recovery_depends_on_whether_the_secondary_loaded(
     else:
         assert protocol.last_committed is None
         assert "compare:commit 1" not in log  # sealed output is never released unless loaded
-    assert beats[-1]["state"] == "committed"
+    assert beats[-1].state == "committed"
 
 
 def test_mode_switch_applies_only_at_a_checkpoint_boundary() -> None:
-    protocol = EpochProtocol(Mode.MC, 50)
-    protocol.request_mode(Mode.COLO, 200)
-    assert protocol.mode is Mode.MC and protocol.switch_pending
-    assert protocol.mode_for_next_epoch() is Mode.COLO
+    protocol = mc50()
+    protocol.request(PointRequest(mode=Mode.COLO, epoch_ms=200))
+    assert protocol.point.mode is Mode.MC and protocol.mode_switch_pending
+    assert protocol.next_point() == OperatingPoint(Mode.COLO, 200)
     record = protocol.begin({"mode-switch": 1}, 0.0)
-    assert protocol.mode is Mode.MC and record.mode is Mode.MC  # the closing epoch was MC
+    assert protocol.point.mode is Mode.MC and record.mode is Mode.MC  # the closing epoch was MC
     protocol.sealed(disk_epoch=7)
     protocol.loaded()
     protocol.committed_step()
-    assert protocol.mode is Mode.COLO and protocol.epoch_ms == 200 and protocol.mode_switches == 1
+    assert protocol.point == OperatingPoint(Mode.COLO, 200) and protocol.mode_switches == 1
+    change = protocol.changes[-1]
+    assert (change.epoch, change.before, change.after) == (7, OperatingPoint(Mode.MC, 50), protocol.point)
+    assert change.source is PointSource.OPERATOR
     # nothing sealed: the comparator never got the new mode, so the switch stays pending
-    protocol.request_mode(Mode.MC)
+    protocol.request(PointRequest(mode=Mode.MC, source=PointSource.POLICY))
     protocol.begin({"mode-switch": 1}, 0.0)
     protocol.failed_step(protocol.recovery_for_failure())
-    assert protocol.mode is Mode.COLO and protocol.pending_mode is Mode.MC
+    assert protocol.point.mode is Mode.COLO and protocol.pending == OperatingPoint(Mode.MC, 200)
+    assert len(protocol.changes) == 1
+    # ... and lands, with its source, at the next boundary that sealed
+    protocol.begin({"mode-switch": 1}, 0.0)
+    protocol.sealed(disk_epoch=8)
+    protocol.failed_step(protocol.recovery_for_failure())  # rolled back after the seal: still a boundary
+    assert protocol.point == OperatingPoint(Mode.MC, 200)
+    assert protocol.changes[-1].source is PointSource.POLICY
     # asking for what already runs withdraws the pending request: nothing waits for a checkpoint
-    protocol.request_mode(Mode.COLO, 200)
-    assert protocol.pending_mode is None and not protocol.switch_pending
+    protocol.request(PointRequest(mode=Mode.COLO, stop_via=StopVia.QEMU))
+    assert protocol.pending is not None
+    protocol.request(PointRequest(mode=Mode.MC, epoch_ms=200))
+    assert protocol.pending is None and not protocol.mode_switch_pending
+
+
+def test_a_request_is_partial_and_replaces_the_pending_one() -> None:
+    protocol = EpochProtocol(OperatingPoint(Mode.COLO, 80, True, StopVia.QEMU))
+    protocol.request(PointRequest(epoch_ms=30))
+    assert protocol.pending == OperatingPoint(Mode.COLO, 30, True, StopVia.QEMU)
+    # a new request starts from the point in force, not from the pending one
+    protocol.request(PointRequest(passive_secondary=False))
+    assert protocol.pending == OperatingPoint(Mode.COLO, 80, False, StopVia.QEMU)
+    assert not protocol.mode_switch_pending
+    # a refused request changes nothing
+    with pytest.raises(ValueError):
+        protocol.request(PointRequest(epoch_ms=600_001))
+    assert protocol.pending == OperatingPoint(Mode.COLO, 80, False, StopVia.QEMU)
 
 
 def test_comparator_gets_the_new_mode_just_before_its_seal() -> None:
     log: list[str] = []
     links, _ = _links(log)
-    protocol = EpochProtocol(Mode.MC, 50)
-    protocol.request_mode(Mode.COLO)
+    protocol = mc50()
+    protocol.request(PointRequest(mode=Mode.COLO))
     asyncio.run(run_checkpoint(links, protocol, {"mode-switch": 1}))
     compare_calls = [entry for entry in log if entry.startswith("compare:")]
     assert compare_calls[:2] == ["compare:mode", "compare:seal"]  # the new mode, then at once the seal
@@ -330,9 +382,9 @@ def test_protocol_refuses_out_of_order_steps() -> None:
     with pytest.raises(RuntimeError):
         protocol.loaded()  # not sealed
     with pytest.raises(ValueError):
-        protocol.request_mode(Mode.MC, 0)
+        protocol.request(PointRequest(mode=Mode.MC, epoch_ms=0))
     with pytest.raises(ValueError):
-        EpochProtocol(Mode.MC, -1)
+        EpochProtocol(OperatingPoint(Mode.MC, -1))
 
 
 def test_scheduler_mc_timer_colo_safety_interval_and_coalescing() -> None:
@@ -369,14 +421,14 @@ def test_scheduler_mc_timer_colo_safety_interval_and_coalescing() -> None:
 
 def test_heartbeat_messages_follow_the_phase() -> None:
     protocol = EpochProtocol()
-    assert protocol.heartbeat(5.0) == {"t": 5.0, "epoch": None, "state": "committed"}
+    assert protocol.heartbeat(5.0) == Heartbeat(5.0, None, "committed")
     protocol.begin({}, 0.0)
-    assert protocol.heartbeat(6.0)["state"] == str(Phase.OPEN)
-    assert protocol.sealed(disk_epoch=3)["state"] == "sealed"
+    assert protocol.heartbeat(6.0).state == str(Phase.OPEN)
+    assert protocol.sealed(disk_epoch=3).state == "sealed"
     loaded = protocol.loaded()
-    assert (loaded["epoch"], loaded["state"]) == (3, "loaded")
+    assert (loaded.epoch, loaded.state) == (3, "loaded")
     protocol.committed_step()
-    assert protocol.heartbeat(7.0) == {"t": 7.0, "epoch": 3, "state": "committed"}
+    assert protocol.heartbeat(7.0).encode() == b'{"t":7.0,"epoch":3,"state":"committed"}\n'
 
 
 def test_a_lost_primary_leaves_the_disk_to_the_agent() -> None:
@@ -391,7 +443,7 @@ def test_a_lost_primary_leaves_the_disk_to_the_agent() -> None:
         log: list[str] = []
         links, _ = _links(log, fail={"primary": "load"})
         links.primary_alive = lambda alive=primary_alive: alive
-        protocol = EpochProtocol(Mode.MC, 50)
+        protocol = mc50()
         with pytest.raises(CheckpointError) as info:
             asyncio.run(run_checkpoint(links, protocol, {"timer": 1}))
         assert info.value.recovery is recovery

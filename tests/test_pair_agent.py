@@ -31,12 +31,14 @@ from controller.agent import (
     agent_command,
     disk_settled,
 )
+from controller.heartbeat import Heartbeat
 from hybridft_common.control import serve_control
 from mc_driver.qmp import Event, QmpTimeout
+from tests.test_manifest import manifest_for
 
 
 def sealed_then(decider: FailoverDecider, epoch: int, t: float, now: float = 0.0) -> None:
-    decider.message({"t": t, "epoch": epoch, "state": "sealed"}, now)
+    decider.message(Heartbeat(t, epoch, "sealed"), now)
 
 
 def test_nothing_fires_before_the_first_heartbeat() -> None:
@@ -51,39 +53,65 @@ def test_nothing_fires_before_the_first_heartbeat() -> None:
 
 def test_silence_fires_only_after_the_limit() -> None:
     d = FailoverDecider(silence_limit=0.5)
-    d.message({"t": 1.0, "epoch": 1, "state": "committed"}, 10.0)
+    d.message(Heartbeat(1.0, 1, "committed"), 10.0)
     assert d.check(10.4) is None
-    d.message({"t": 1.4, "epoch": 1, "state": "committed"}, 10.4)
+    d.message(Heartbeat(1.4, 1, "committed"), 10.4)
     assert d.check(10.85) is None
     reason = d.check(10.91)
     assert reason is not None and "silent" in reason
 
 
 def test_each_trigger_names_itself_and_the_first_one_wins() -> None:
-    for message, expected in (({"primary_lost": True}, "primary lost"), ({"failover": True}, "planned")):
+    for message, expected in (
+        (Heartbeat(0.1, 0, None, primary_lost=True), "primary lost"),
+        (Heartbeat(0.1, 0, "committed", failover=True), "planned"),
+    ):
         d = FailoverDecider()
-        d.message({"t": 0.0, "epoch": 0, "state": "committed"}, 0.0)
+        d.message(Heartbeat(0.0, 0, "committed"), 0.0)
         d.message(message, 0.1)
         assert expected in (d.check(0.1) or "")
         d.connection_closed(0.2)
         assert expected in (d.check(5.0) or "")
     d = FailoverDecider()
-    d.message({"t": 0.0, "epoch": 0, "state": "committed"}, 0.0)
+    d.message(Heartbeat(0.0, 0, "committed"), 0.0)
     d.connection_closed(0.1)
     assert "closed" in (d.check(0.1) or "")
     d = FailoverDecider()
-    d.message({"t": 0.0, "epoch": 0, "state": "committed"}, 0.0)
+    d.message(Heartbeat(0.0, 0, "committed"), 0.0)
     d.secondary_event("COLO_EXIT", 0.05)
     assert "COLO_EXIT" in (d.check(0.1) or "")
 
 
-def test_malformed_heartbeats_are_counted_not_fatal() -> None:
-    d = FailoverDecider()
-    for bad in ([1, 2], "x", None, {"epoch": "3", "state": 7}, {"epoch": True, "state": "sealed"}):
-        d.message(bad, 0.0)
-    assert d.bad_messages == 3
-    assert d.seal_times == {}
-    assert d.check(0.1) is None
+def test_malformed_heartbeat_lines_are_counted_not_fatal() -> None:
+    """The agent's reader: a line that is no heartbeat is counted and skipped, the next one counts."""
+
+    class Writer:
+        def close(self) -> None:
+            pass
+
+    async def scenario() -> FailoverDecider:
+        agent = Agent(manifest_for(Path("/run/hft-pair")), 0.5)
+        reader = asyncio.StreamReader()
+        malformed = (
+            b"[1, 2]",
+            b'"x"',
+            b"null",
+            b"{nope",
+            b'{"t": 1, "epoch": "3", "state": 7}',
+            b'{"t": 1, "epoch": true, "state": "sealed"}',
+            b'{"epoch": 3, "state": "sealed"}',
+        )
+        for bad in malformed:
+            reader.feed_data(bad + b"\n")
+        reader.feed_data(Heartbeat(2.0, 4, "sealed").encode())
+        reader.feed_eof()
+        await agent._on_heartbeat(reader, Writer())  # type: ignore[arg-type]
+        return agent.decider
+
+    d = asyncio.run(scenario())
+    assert d.bad_messages == 7
+    assert d.seal_times == {4: 2.0} and (d.epoch, d.state) == (4, "sealed")
+    assert d.armed and "closed" in (d.check(0.1) or "")  # the connection ended after the good line
 
 
 def test_loaded_epoch_is_committed() -> None:
@@ -115,7 +143,7 @@ def test_a_seal_the_agent_never_heard_of_is_rolled_back() -> None:
     # the daemon sealed the disk and died before its "sealed" heartbeat: it never fired the checkpoint
     d = FailoverDecider()
     sealed_then(d, 4, t=10.0)
-    d.message({"t": 10.2, "epoch": 4, "state": "committed"}, 0.0)
+    d.message(Heartbeat(10.2, 4, "committed"), 0.0)
     d.secondary_event("RESUME", 10.1)
     decision = d.disk_decision({"sealed": [5], "committed": 4, "committing": None})
     assert (decision.action, decision.epoch) == ("rollback", 5)
@@ -169,16 +197,16 @@ def test_agent_cli_refuses_a_bad_config(tmp_path: Path) -> None:
     partial = tmp_path / "partial.json"
     partial.write_text(json.dumps({"workdir": str(tmp_path)}))
     result = runner.invoke(agent_command, ["--config", str(partial)])
-    assert result.exit_code == 1 and "has no 'heartbeat'" in result.output
+    assert result.exit_code == 1 and "has no 'netns'" in result.output
 
 
 def test_silence_is_not_judged_right_after_the_agent_itself_stalled() -> None:
     d = FailoverDecider(silence_limit=0.5)
-    d.message({"t": 1.0, "epoch": 1, "state": "committed"}, 10.0)
+    d.message(Heartbeat(1.0, 1, "committed"), 10.0)
     assert d.check(10.05) is None
     # the agent was descheduled for 2 s: the heartbeats of that time are still unread in its socket
     assert d.check(12.05) is None
-    d.message({"t": 3.0, "epoch": 1, "state": "committed"}, 12.06)
+    d.message(Heartbeat(3.0, 1, "committed"), 12.06)
     assert d.check(12.1) is None
     # a real silence still fires once the agent runs normally again
     assert d.check(12.4) is None
@@ -210,7 +238,7 @@ def test_the_watcher_stops_when_an_event_lands_with_the_cancellation() -> None:
     async def scenario() -> tuple[bool, bool, float]:
         # first show that the race is real with the plain cancel (on this Python)
         plain = QueueBackedSecondary()
-        old_agent = Agent({}, 0.5)
+        old_agent = Agent(manifest_for(Path("/run/hft-pair")), 0.5)
         old_style = asyncio.create_task(old_agent._watch_secondary(plain))
         await asyncio.sleep(0.01)
         plain.events.put_nowait(Event("RESUME", {}, 1.0, 1.0))
@@ -221,7 +249,7 @@ def test_the_watcher_stops_when_an_event_lands_with_the_cancellation() -> None:
         await asyncio.wait({old_style}, timeout=1.0)
 
         secondary = QueueBackedSecondary()
-        agent = Agent({}, 0.5)
+        agent = Agent(manifest_for(Path("/run/hft-pair")), 0.5)
         watcher = asyncio.create_task(agent._watch_secondary(secondary))
         await asyncio.sleep(0.01)
         secondary.events.put_nowait(Event("RESUME", {}, 2.0, 2.0))
@@ -296,7 +324,7 @@ def test_the_agent_and_the_daemon_rolling_back_the_same_epoch_is_not_an_error(tm
         endpoint = f"unix:{tmp_path / 'disk-ctl.sock'}"
         server = await serve_control(endpoint, daemon_first)
         decider = FailoverDecider()
-        decider.message({"t": 1.0, "epoch": epoch, "state": "sealed"}, 0.0)  # sealed, never loaded
+        decider.message(Heartbeat(1.0, epoch, "sealed"), 0.0)  # sealed, never loaded
         timeline = Timeline()
         try:
             decision, errors = await _settle_disk(endpoint, decider, timeline)

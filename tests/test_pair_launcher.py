@@ -75,7 +75,7 @@ def test_secondary_wiring(tmp_path: Path) -> None:
 
 def test_pair_json_has_the_contract_fields(tmp_path: Path) -> None:
     files = PairFiles(tmp_path)
-    data = pair_json(PairConfig(tmp_path, mode="colo", epoch_ms=20), files, QEMU, {"primary": 5})
+    data = pair_json(PairConfig(tmp_path, mode="colo", epoch_ms=20), files, QEMU, {"primary": 5}).to_dict()
     contract = ("workdir netns bridge guest_ip client_ip taps accel qemu_binary accel_reason qmp "
                 "compare_control disk_control daemon_control heartbeat mode epoch_ms compare_timeout_ms "
                 "safety_interval_ms mirror_job pids")  # fmt: skip

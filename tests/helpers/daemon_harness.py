@@ -34,7 +34,8 @@ from hybridft_common.vocabulary import Mode, StopVia
 from tests.helpers.disk_server import start_disk_serve
 
 if TYPE_CHECKING:
-    from controller.daemon import Daemon, DaemonConfig
+    from controller.daemon import Daemon
+    from controller.daemon_config import DaemonConfig
     from mc_driver.accel import QemuChoice
     from mc_driver.colo_pair import ColoPair
     from mc_driver.netns import NetNamespace
@@ -161,7 +162,7 @@ def harness(
 
 
 def daemon_config(h: Harness, **overrides: object) -> DaemonConfig:
-    from controller.daemon import DaemonConfig
+    from controller.daemon_config import DaemonConfig
 
     pair = h.pair
     assert pair.primary_proc is not None and pair.secondary_proc is not None

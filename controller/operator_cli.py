@@ -1,9 +1,10 @@
 """Operator commands for a running pair: ``hybridft mode``, ``hybridft status``, ``hybridft failover``.
 
-Each is one request on the daemon's control socket (controller/control.py), found from ``--control``
-or from the pair's ``pair.json`` (``--workdir DIR`` or ``--config DIR/pair.json``).  They import only
-the control client, so they start fast and work while the pair is under load.  A refused request
-prints the daemon's reason and exits 1; an unreachable daemon exits 2.
+Each is one request on the daemon's control socket (``hybridft_common.control``), found from
+``--control`` or from the pair's ``pair.json`` (``--workdir DIR`` or ``--config DIR/pair.json``, read
+as a ``hybridft_common.manifest.PairManifest``).  They import only the ground floor, so they start
+fast and work while the pair is under load.  A refused request prints the daemon's reason and exits
+1; an unreachable daemon exits 2.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import click
 
 from hybridft_common.control import ControlError, call
 from hybridft_common.endpoints import parse_endpoint
+from hybridft_common.manifest import ManifestError, PairManifest
 from hybridft_common.vocabulary import STOP_VIA_CHOICES, epoch_ms_range, mode_choice
 
 
@@ -32,12 +34,10 @@ def resolve_control(control: str | None, workdir: Path | None, config: Path | No
     if path is None:
         raise click.UsageError("say which pair: --workdir DIR, --config DIR/pair.json or --control ENDPOINT")
     try:
-        data = json.loads(path.read_text())
-        return str(data["daemon_control"])
-    except OSError as exc:
-        raise click.ClickException(f"cannot read {path}: {exc.strerror} (is the pair up?)") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise click.ClickException(f"{path} has no usable daemon_control: {exc!r}") from None
+        return PairManifest.load(path).daemon_control
+    except ManifestError as exc:
+        hint = "" if path.exists() else " (is the pair up?)"
+        raise click.ClickException(f"{exc}{hint}") from None
 
 
 def _request(endpoint: str, verb: str, timeout: float, **args: Any) -> dict[str, Any]:

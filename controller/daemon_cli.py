@@ -1,0 +1,88 @@
+"""``hybridft daemon``: the command line of :mod:`controller.daemon` (started by ``hybridft pair up``).
+
+Why apart from the daemon: the daemon is an object tests and benchmarks drive in-process; what is
+only the process's concern -- reading pair.json and the overrides, logging, the scheduling priority,
+the ready line ``pair up`` waits for, the exit on SIGTERM -- lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import click
+
+from controller.daemon import Daemon, run_daemon
+from controller.daemon_config import DaemonConfig, DaemonError
+from hybridft_common.control import ControlError
+from hybridft_common.vocabulary import Mode, epoch_ms_range, mode_choice
+from mc_driver.qmp import QmpError
+
+DAEMON_NICE = -10
+
+
+@click.command("daemon")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="pair.json written by `hybridft pair up`.",
+)
+@click.option("--mode", type=mode_choice(), default=None, help="Override pair.json's mode.")
+@click.option(
+    "--epoch-ms", type=epoch_ms_range(), default=None, help="Override pair.json's epoch_ms."
+)
+@click.option(
+    "--passive-secondary/--active-secondary",
+    default=None,
+    help="MC: stop the secondary right after each checkpoint (saves its CPU).",
+)
+@click.option("--no-start", is_flag=True, help="The pair is already in COLO: do not migrate.")
+@click.option(
+    "--metrics-port", type=click.IntRange(1, 65535), default=None, help="Serve /metrics on 127.0.0.1."
+)
+@click.option(
+    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+)
+def daemon_command(
+    config_path: Path,
+    mode: str | None,
+    epoch_ms: int | None,
+    passive_secondary: bool | None,
+    no_start: bool,
+    metrics_port: int | None,
+    log_level: str,
+) -> None:
+    """Run the epoch protocol for the pair in CONFIG (foreground; SIGTERM stops it)."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = DaemonConfig.from_pair_json(config_path)
+    except DaemonError as exc:
+        raise click.ClickException(str(exc)) from None
+    if mode is not None:
+        config.mode = Mode(mode)
+    if epoch_ms is not None:
+        config.epoch_ms = epoch_ms
+    if passive_secondary is not None:
+        config.passive_secondary = passive_secondary
+    config.start_colo = not no_start
+    config.metrics_port = metrics_port
+    with contextlib.suppress(OSError):
+        # heartbeats and checkpoint steps are latency-critical and cheap: ahead of the CPU-bound QEMUs
+        os.setpriority(os.PRIO_PROCESS, 0, DAEMON_NICE)
+
+    def ready(daemon: Daemon) -> None:
+        print(
+            json.dumps({"ready": True, "control": config.control, "mode": str(daemon.protocol.point.mode)}),
+            flush=True,
+        )
+
+    try:
+        asyncio.run(run_daemon(config, ready))
+    except (DaemonError, QmpError, ControlError, OSError) as exc:
+        raise click.ClickException(f"daemon: {exc}") from None

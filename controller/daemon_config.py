@@ -1,0 +1,84 @@
+"""The daemon's settings: what it connects to and how the pair starts out.
+
+Why a module of its own: the settings come from the pair's manifest (``pair.json``, written by
+``hybridft pair up``), from command-line overrides (:mod:`controller.daemon_cli`) and, in tests,
+straight from code; none of that is the daemon's business once it runs.  The operating point it
+starts with (mode, epoch length, passive secondary, stop way) is read from here once and from then on
+belongs to the epoch protocol (:mod:`controller.operating_point`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from hybridft_common.endpoints import parse_endpoint
+from hybridft_common.manifest import ManifestError, PairManifest
+from hybridft_common.vocabulary import DEFAULT_EPOCH_MS, Mode
+
+
+class DaemonError(Exception):
+    """The daemon cannot start (config, connections, COLO start); the message says what."""
+
+
+@dataclass(slots=True)
+class DaemonConfig:
+    """Endpoints are ``unix:PATH``/``tcp:HOST:PORT`` strings, except the two QMP monitors (paths); a
+    service left None is not wired (its checkpoint steps are skipped)."""
+
+    primary_qmp: str
+    secondary_qmp: str
+    control: str
+    compare_control: str | None = None
+    disk_control: str | None = None
+    heartbeat: str | None = None
+    mode: Mode = Mode.MC
+    epoch_ms: int = DEFAULT_EPOCH_MS
+    safety_interval_ms: int = 10_000
+    mirror_job: str | None = None
+    primary_pid: int | None = None
+    secondary_pid: int | None = None
+    passive_secondary: bool = False
+    start_colo: bool = True
+    migrate_uri: str | None = None
+    checkpoint_timeout: float = 30.0
+    metrics_port: int | None = None
+    stop_via: str = "auto"  # auto | qemu | qmp: who stops the VMs for a checkpoint (epoch.StopVia)
+
+    @classmethod
+    def from_manifest(cls, manifest: PairManifest) -> DaemonConfig:
+        """The daemon's settings from the pair's manifest (ValueError for a QMP endpoint not on unix:)."""
+        return cls(
+            primary_qmp=_unix_path(manifest.qmp.primary.daemon),
+            secondary_qmp=_unix_path(manifest.qmp.secondary.daemon),
+            control=manifest.daemon_control,
+            compare_control=manifest.compare_control,
+            disk_control=manifest.disk_control,
+            heartbeat=manifest.heartbeat,
+            mode=manifest.mode,
+            epoch_ms=manifest.epoch_ms,
+            safety_interval_ms=manifest.safety_interval_ms,
+            mirror_job=manifest.mirror_job,
+            primary_pid=manifest.pids.primary or None,
+            secondary_pid=manifest.pids.secondary or None,
+            passive_secondary=manifest.passive_secondary,
+            stop_via=manifest.stop_via,
+            migrate_uri=manifest.migrate_uri,
+        )
+
+    @classmethod
+    def from_pair_json(cls, path: Path) -> DaemonConfig:
+        """Read ``pair.json`` (written by ``pair up``); a missing or wrong field is a clear error."""
+        try:
+            return cls.from_manifest(PairManifest.load(path))
+        except ManifestError as exc:
+            raise DaemonError(str(exc)) from None
+        except ValueError as exc:
+            raise DaemonError(f"{path}: {exc}") from None
+
+
+def _unix_path(endpoint: str) -> str:
+    ep = parse_endpoint(endpoint)
+    if ep.kind != "unix" or not ep.path:
+        raise ValueError(f"QMP endpoints must be unix:PATH, got {endpoint!r}")
+    return ep.path
