@@ -16,20 +16,20 @@ from policies.base import Decision, Failure, Policy, PolicyConfigError, PolicyEr
 from policies.guard import GuardConfig, GuardVerdict, PolicyGuard, VerdictKind
 from policies.registry import PolicyInfo, list_policies, load_policy
 from policies.trace import TraceRecord, make_record, read_trace, replay
-from policies.window import OperatingPoint, SignalRing, Window
+from policies.window import ProtectionPoint, SignalRing, Window
 
 __all__ = [
     "Decision",
     "Failure",
     "GuardConfig",
     "GuardVerdict",
-    "OperatingPoint",
     "Policy",
     "PolicyConfigError",
     "PolicyError",
     "PolicyGuard",
     "PolicyInfo",
     "PolicyLike",
+    "ProtectionPoint",
     "SignalRing",
     "TraceRecord",
     "VerdictKind",

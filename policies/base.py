@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 from hybridft_common.errors import HybridftError
 from hybridft_common.vocabulary import EPOCH_MS_MAX, EPOCH_MS_MIN, MODE_CHOICES, Mode
-from policies.window import OperatingPoint, Window
+from policies.window import ProtectionPoint, Window
 
 __all__ = [
     "Decision",
@@ -121,8 +121,8 @@ class Decision:
             raise ValueError("bad decision: " + "; ".join(problems))
 
     @property
-    def point(self) -> OperatingPoint:
-        return OperatingPoint(self.mode, self.epoch_ms, self.passive_secondary)
+    def point(self) -> ProtectionPoint:
+        return ProtectionPoint(self.mode, self.epoch_ms, self.passive_secondary)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -44,7 +44,7 @@ from typing import Any
 
 from hybridft_common.vocabulary import EPOCH_MS_MAX, EPOCH_MS_MIN, Mode
 from policies.base import Decision, Failure, describe_outcome
-from policies.window import OperatingPoint, Window
+from policies.window import ProtectionPoint, Window
 
 __all__ = ["GuardConfig", "GuardVerdict", "PolicyGuard", "VerdictKind", "same_point"]
 
@@ -102,7 +102,7 @@ class GuardConfig:
         return cls(**data)
 
 
-def same_point(a: OperatingPoint, b: OperatingPoint, epoch_tolerance: float = 0.0) -> bool:
+def same_point(a: ProtectionPoint, b: ProtectionPoint, epoch_tolerance: float = 0.0) -> bool:
     """Whether running ``a`` or ``b`` is the same protection (see the module docstring)."""
     if a.mode is not b.mode:
         return False
@@ -119,7 +119,7 @@ class GuardVerdict:
     ``apply``, else the one running (or requested and not yet shown)."""
 
     kind: VerdictKind
-    point: OperatingPoint
+    point: ProtectionPoint
     why: str
     decision: Decision | None = None
     error: str | None = None
@@ -143,7 +143,7 @@ class GuardVerdict:
             decision = data.get("decision")
             return cls(
                 VerdictKind(data["kind"]),
-                OperatingPoint.from_json(data["point"]),
+                ProtectionPoint.from_json(data["point"]),
                 data["why"],
                 None if decision is None else Decision.from_json(decision),
                 data.get("error"),
@@ -156,7 +156,7 @@ class GuardVerdict:
 
 @dataclass(slots=True)
 class _Pending:
-    target: OperatingPoint
+    target: ProtectionPoint
     first_t: float
     windows: int
 
@@ -171,9 +171,9 @@ class PolicyGuard:
     def reset(self) -> None:
         self.failures = 0
         self.consecutive_failures = 0
-        self._running: OperatingPoint | None = None  # the point the last window showed
+        self._running: ProtectionPoint | None = None  # the point the last window showed
         self._since = 0.0  # when the running point was first shown or applied
-        self._requested: tuple[OperatingPoint, float] | None = None  # applied, not yet shown
+        self._requested: tuple[ProtectionPoint, float] | None = None  # applied, not yet shown
         self._pending: _Pending | None = None  # a switch being confirmed
         self._switches: deque[float] = deque()  # times of applied switches, last 60 s
 
@@ -199,7 +199,7 @@ class PolicyGuard:
     def _verdict(
         self,
         kind: VerdictKind,
-        point: OperatingPoint,
+        point: ProtectionPoint,
         why: str,
         decision: Decision | None = None,
         error: str | None = None,
@@ -215,7 +215,7 @@ class PolicyGuard:
         )
 
     def _reject(
-        self, current: OperatingPoint, why: str, decision: Decision | None, error: str
+        self, current: ProtectionPoint, why: str, decision: Decision | None, error: str
     ) -> GuardVerdict:
         self.failures += 1
         self.consecutive_failures += 1
@@ -249,7 +249,7 @@ class PolicyGuard:
         self.consecutive_failures = 0
         target = decision.point
         if target.mode is Mode.COLO:  # the MC epoch in force waits for the next MC
-            target = OperatingPoint(Mode.COLO, current.epoch_ms, current.passive_secondary)
+            target = ProtectionPoint(Mode.COLO, current.epoch_ms, current.passive_secondary)
         if same_point(target, current, cfg.epoch_tolerance):
             self._pending = None
             why = "already requested" if self._requested is not None else "already running"

@@ -23,7 +23,7 @@ from typing import Any
 
 from policies.base import Decision, Failure, PolicyError, PolicyLike, describe_outcome, params_to_json
 from policies.guard import GuardConfig, GuardVerdict, PolicyGuard
-from policies.window import OperatingPoint, Window
+from policies.window import ProtectionPoint, Window
 
 __all__ = [
     "TRACE_VERSION",
@@ -58,7 +58,7 @@ class TraceRecord:
     params: Mapping[str, Any] = field(default_factory=dict)
 
     @property
-    def applied(self) -> OperatingPoint:
+    def applied(self) -> ProtectionPoint:
         """The point the pair runs, or was asked to run, after this decision."""
         return self.verdict.point
 

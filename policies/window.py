@@ -53,7 +53,7 @@ Checkpoints (the daemon's epoch records)
     ``ckpt.length_ms``                      COLO: ms the guest ran between the previous checkpoint's
                                             end and this one's start (what Gilbert's mean averages);
                                             mean over the checkpoints of the interval
-The operating point per sample (the daemon; the window's :class:`OperatingPoint` is the one now)
+The operating point per sample (the daemon; the window's :class:`ProtectionPoint` is the one now)
     ``op.colo``                             1 if the sample's interval ran in COLO, 0 in MC, the
                                             fraction in COLO for an interval that switched
     ``op.epoch_ms``                         the MC epoch length in force, ms
@@ -77,7 +77,7 @@ from hybridft_common.vocabulary import Mode, check_epoch_ms
 
 __all__ = [
     "SIGNALS",
-    "OperatingPoint",
+    "ProtectionPoint",
     "SignalRing",
     "SignalSpec",
     "Window",
@@ -154,8 +154,9 @@ def _check_name(name: object) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class OperatingPoint:
-    """The protection a pair runs with, as a policy sees it (the daemon also owns the stop way).
+class ProtectionPoint:
+    """The protection a pair runs with, as a policy sees and chooses it: the daemon's
+    :class:`controller.operating_point.OperatingPoint` without the stop way, which is the operator's.
 
     ``epoch_ms`` is MC's epoch (kept while in COLO, for the next MC epoch); ``passive_secondary`` only
     matters in MC (a passive secondary is stopped after each checkpoint).
@@ -185,7 +186,7 @@ class OperatingPoint:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> OperatingPoint:
+    def from_json(cls, data: Mapping[str, Any]) -> ProtectionPoint:
         try:
             return cls(Mode(data["mode"]), data["epoch_ms"], data.get("passive_secondary", False))
         except (KeyError, TypeError) as exc:
@@ -212,7 +213,7 @@ class Window:
     """
 
     t: np.ndarray
-    point: OperatingPoint
+    point: ProtectionPoint
     signals: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -224,8 +225,8 @@ class Window:
         if t.size > 1 and not (np.diff(t) > 0).all():
             raise ValueError("sample times must be strictly increasing, oldest first")
         t.flags.writeable = False
-        if not isinstance(self.point, OperatingPoint):
-            raise ValueError(f"point must be an OperatingPoint, got {self.point!r}")
+        if not isinstance(self.point, ProtectionPoint):
+            raise ValueError(f"point must be an ProtectionPoint, got {self.point!r}")
         series = {
             _check_name(name): _frozen_series(values, t.size, name)
             for name, values in sorted(dict(self.signals).items())
@@ -372,7 +373,7 @@ class Window:
                 name: [math.nan if v is None else _number(v) for v in values]
                 for name, values in data.get("signals", {}).items()
             }
-            return cls([_number(v) for v in data["t"]], OperatingPoint.from_json(data["point"]), signals)
+            return cls([_number(v) for v in data["t"]], ProtectionPoint.from_json(data["point"]), signals)
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"not a window: {exc}") from exc
 
@@ -470,7 +471,7 @@ class SignalRing:
         return np.concatenate((array[self._next :], array[: self._next]))
 
     def window(
-        self, point: OperatingPoint, *, span_s: float | None = None, max_samples: int | None = None
+        self, point: ProtectionPoint, *, span_s: float | None = None, max_samples: int | None = None
     ) -> Window:
         """A frozen copy of the newest samples: at most ``max_samples``, none older than ``span_s``.
 

@@ -14,7 +14,7 @@ from policies.gilbert import Gilbert
 from policies.guard import GuardConfig
 from policies.static import StaticColo, StaticMC
 from policies.threshold import Threshold
-from policies.window import OperatingPoint, Window
+from policies.window import ProtectionPoint, Window
 from tests.helpers.policy_windows import point, simulate, steady
 
 MIB = 1024 * 1024
@@ -38,7 +38,7 @@ def test_static_policies_ignore_the_signals() -> None:
 def gilbert_pair(colo_length_ms: float | None, pause_ms: float = 5.0, passive_rate: float = 4.0):
     """COLO checkpoints every ``colo_length_ms`` (+ pause); passive MC at 250 ms (4/s)."""
 
-    def scenario(t: float, now: OperatingPoint) -> dict[str, float | None]:
+    def scenario(t: float, now: ProtectionPoint) -> dict[str, float | None]:
         if now.mode is Mode.MC:
             return {"ckpt.per_s": passive_rate}
         if colo_length_ms is None:

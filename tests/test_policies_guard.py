@@ -7,14 +7,14 @@ import pytest
 from hybridft_common.vocabulary import Mode
 from policies.base import Decision
 from policies.guard import GuardConfig, GuardVerdict, PolicyGuard, VerdictKind, same_point
-from policies.window import OperatingPoint, Window
+from policies.window import ProtectionPoint, Window
 from tests.helpers.policy_windows import point
 
 COLO = point(Mode.COLO, 50)
 MC40 = point(Mode.MC, 40)
 
 
-def at(t: float, p: OperatingPoint = COLO) -> Window:
+def at(t: float, p: ProtectionPoint = COLO) -> Window:
     return Window([t - 0.5, t], p, {})
 
 

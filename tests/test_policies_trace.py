@@ -18,7 +18,7 @@ from policies.cli import policy as policy_group
 from policies.guard import GuardConfig
 from policies.registry import BUILTINS, load_policy
 from policies.trace import TraceError, TraceRecord, read_trace, replay, replay_guarded
-from policies.window import OperatingPoint
+from policies.window import ProtectionPoint
 from tests.helpers.policy_windows import simulate
 
 SIGNAL_RANGES = {
@@ -49,7 +49,7 @@ def scenarios(draw: st.DrawFn):
         seed = draw(st.integers(0, 2**16))
         shapes[name] = (kind, a, b, seed)
 
-    def scenario(t: float, now: OperatingPoint) -> dict[str, float | None]:
+    def scenario(t: float, now: ProtectionPoint) -> dict[str, float | None]:
         step = round(t * 2)
         values: dict[str, float | None] = {}
         for name, (kind, a, b, seed) in shapes.items():
@@ -75,7 +75,7 @@ def test_replay_reproduces_the_recorded_decisions(
     name: str, scenario, start: Mode, steps: int, confirm: int
 ) -> None:
     guard = GuardConfig(min_dwell_s=2.0, confirm_windows=confirm, switches_per_minute=6)
-    run = simulate(load_policy(name), scenario, steps, start=OperatingPoint(start, 50), guard=guard)
+    run = simulate(load_policy(name), scenario, steps, start=ProtectionPoint(start, 50), guard=guard)
     lines = [record.to_line() for record in run.records]
     assert all(json.loads(line) for line in lines)  # strict JSON, one object per line
 
@@ -95,7 +95,7 @@ def test_replay_reproduces_the_recorded_decisions(
 
 
 def test_replay_twice_with_one_instance_resets_it() -> None:
-    def scenario(t: float, now: OperatingPoint) -> dict[str, float | None]:
+    def scenario(t: float, now: ProtectionPoint) -> dict[str, float | None]:
         return {"ckpt.per_s": 9.5, "ckpt.length_ms": 100.0} if now.mode is Mode.COLO else {"ckpt.per_s": 4.0}
 
     run = simulate(load_policy("gilbert"), scenario, 60)
@@ -180,7 +180,7 @@ def test_record_line_is_strict_json_with_the_applied_point() -> None:
 
 
 def write_trace(path: Path, policy_name: str, params: dict | None = None) -> list[TraceRecord]:
-    def scenario(t: float, now: OperatingPoint) -> dict[str, float | None]:
+    def scenario(t: float, now: ProtectionPoint) -> dict[str, float | None]:
         return {"div.per_s": 3.0 if int(t) % 20 < 10 else 0.1, "net.turns_per_s": 60.0}
 
     run = simulate(load_policy(policy_name, params), scenario, 40)

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hybridft_common.vocabulary import Mode
-from policies.window import SIGNALS, OperatingPoint, SignalRing, Window, is_signal_name
+from policies.window import SIGNALS, ProtectionPoint, SignalRing, Window, is_signal_name
 from tests.helpers.policy_windows import point, steady
 
 
@@ -110,12 +110,12 @@ def test_samples_after() -> None:
 
 def test_operating_point_validation() -> None:
     with pytest.raises(ValueError):
-        OperatingPoint("mc", 50)  # type: ignore[arg-type]
+        ProtectionPoint("mc", 50)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        OperatingPoint(Mode.MC, 0)
+        ProtectionPoint(Mode.MC, 0)
     with pytest.raises(ValueError):
-        OperatingPoint(Mode.MC, 50, 1)  # type: ignore[arg-type]
-    assert OperatingPoint.from_json(point(Mode.MC, 20, True).to_json()) == point(Mode.MC, 20, True)
+        ProtectionPoint(Mode.MC, 50, 1)  # type: ignore[arg-type]
+    assert ProtectionPoint.from_json(point(Mode.MC, 20, True).to_json()) == point(Mode.MC, 20, True)
 
 
 def test_json_round_trip_keeps_nan_negative_zero_and_every_bit() -> None:
@@ -164,7 +164,7 @@ finite = st.floats(allow_nan=False, allow_infinity=False)
 def test_json_round_trip_property(times, signals, mode, epoch, passive) -> None:
     t = sorted(times)
     n = len(t)
-    w = Window(t, OperatingPoint(mode, epoch, passive), {k: v[:n] for k, v in signals.items()})
+    w = Window(t, ProtectionPoint(mode, epoch, passive), {k: v[:n] for k, v in signals.items()})
     line = json.dumps(w.to_json(), allow_nan=False)
     back = Window.from_json(json.loads(line))
     assert back == w

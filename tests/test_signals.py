@@ -20,7 +20,7 @@ from controller.signals import (
     compare_reading,
 )
 from hybridft_common.vocabulary import Mode
-from policies.window import OperatingPoint, SignalRing, is_signal_name
+from policies.window import ProtectionPoint, SignalRing, is_signal_name
 from tests.helpers.frames import stream_frames, tcp_frame
 
 
@@ -104,7 +104,7 @@ def test_a_live_sample_of_this_process_fits_a_window_and_is_cheap() -> None:
             sum(range(200_000))  # some CPU between samples
 
     asyncio.run(run())
-    window = ring.window(OperatingPoint(Mode.MC, 50, False))
+    window = ring.window(ProtectionPoint(Mode.MC, 50, False))
     cpu = window.mean("cpu.primary")
     assert cpu is not None and cpu > 0
     host = window.latest("cpu.host")

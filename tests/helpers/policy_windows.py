@@ -16,13 +16,13 @@ from hybridft_common.vocabulary import Mode
 from policies.base import PolicyLike
 from policies.guard import GuardConfig, GuardVerdict, PolicyGuard, VerdictKind
 from policies.trace import TraceRecord, make_record
-from policies.window import OperatingPoint, SignalRing, Window
+from policies.window import ProtectionPoint, SignalRing, Window
 
-Scenario = Callable[[float, OperatingPoint], Mapping[str, float | None]]
+Scenario = Callable[[float, ProtectionPoint], Mapping[str, float | None]]
 
 
-def point(mode: Mode | str = Mode.COLO, epoch_ms: int = 50, passive: bool = False) -> OperatingPoint:
-    return OperatingPoint(Mode(mode), epoch_ms, passive)
+def point(mode: Mode | str = Mode.COLO, epoch_ms: int = 50, passive: bool = False) -> ProtectionPoint:
+    return ProtectionPoint(Mode(mode), epoch_ms, passive)
 
 
 def steady(
@@ -48,7 +48,7 @@ class Run:
     records: list[TraceRecord] = field(default_factory=list)
 
     @property
-    def points(self) -> list[OperatingPoint]:
+    def points(self) -> list[ProtectionPoint]:
         return [w.point for w in self.windows]
 
 
@@ -57,7 +57,7 @@ def simulate(
     scenario: Scenario,
     steps: int,
     *,
-    start: OperatingPoint | None = None,
+    start: ProtectionPoint | None = None,
     dt: float = 0.5,
     guard: GuardConfig | None = None,
     span_s: float = 5.0,
