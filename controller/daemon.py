@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.accounting import EventAccounting
+from controller.autopilot import Autopilot, AutopilotConfig
 from controller.daemon_config import DaemonConfig, DaemonError
 from controller.epoch import (
     CheckpointError,
@@ -67,15 +68,19 @@ from controller.pair_state import (
     ReplicationEndDecider,
 )
 from controller.requests import parse_checkpoint_request, parse_mode_request, resolve_stop_via
+from controller.signals import CheckpointFigures, SamplerLinks, SignalSampler
 from hybridft_common.control import AsyncControlClient, ControlError, serve_control
 from hybridft_common.endpoints import parse_endpoint
+from hybridft_common.settings import AUTO, DEFAULT_POLICY
 from hybridft_common.stats import percentile
 from hybridft_common.vocabulary import (
     HUGE_CHECKPOINT_DELAY_MS,
     SEAL_HOOK_COMMAND,
     StopVia,
 )
+from mc_driver.ckpt_stats import DONE_EVENT, CheckpointStats, CheckpointStatsError
 from mc_driver.qmp import QmpError, QmpSession
+from policies.base import PolicyError, params_to_json
 
 log = logging.getLogger("hybridft.daemon")
 
@@ -135,6 +140,10 @@ class Daemon:
         self.seal_hook = False  # both QEMUs have x-colo-checkpoint / x-colo-expect-seal (patch 0005)
         self.state_reason = ""
         self.records: deque[EpochRecord] = deque(maxlen=RECENT)
+        self.figures: deque[CheckpointFigures] = deque(maxlen=RECENT)  # what the sampler reads
+        self.autopilot: Autopilot | None = None
+        self._sampler_clients: list[ServiceClient] = []
+        self._checkpoint_began = 0.0
         self.accounting = EventAccounting()
         self.replication_end = ReplicationEndDecider()
         self.reasons: Counter[str] = Counter()
@@ -156,6 +165,7 @@ class Daemon:
             "failover": self._verb_failover,
             "metrics": self._verb_metrics,
             "history": self._verb_history,
+            "policy": self._verb_policy,
         }
 
     # ------------------------------------------------------------------------------ start / stop
@@ -261,8 +271,43 @@ class Daemon:
             self._tasks.append(asyncio.create_task(self._request_loop(), name="requests"))
         if self.config.disk_control:
             self._tasks.append(asyncio.create_task(self._disk_pressure_loop(), name="disk-pressure"))
+        self.autopilot = self._make_autopilot()
+        if self.config.policy:
+            try:
+                self.autopilot.engage(self.config.policy, self.config.policy_params)
+            except PolicyError as exc:
+                raise DaemonError(f"policy {self.config.policy!r}: {exc.message}") from None
+        self._tasks.append(asyncio.create_task(self.autopilot.run(), name="autopilot"))
         if self.config.metrics_port:
             self.metrics.serve_http(self.config.metrics_port)
+
+    def _make_autopilot(self) -> Autopilot:
+        """Signals from their own connections (a sample never queues behind a checkpoint's seal)."""
+        cfg = self.config
+        compare = ServiceClient(cfg.compare_control) if cfg.compare_control else None
+        disk = ServiceClient(cfg.disk_control) if cfg.disk_control else None
+        self._sampler_clients = [client for client in (compare, disk) if client is not None]
+        links = SamplerLinks(
+            primary=self.primary,
+            secondary=self.secondary,
+            compare=compare,
+            disk=disk,
+            primary_pid=cfg.primary_pid,
+            secondary_pid=cfg.secondary_pid,
+            drive=cfg.drive,
+            checkpoints=lambda: self.figures,
+            dirty_rate_fallback=not self.seal_hook,  # stock QEMU: no per-checkpoint RAM figures
+        )
+        return Autopilot(
+            SignalSampler(links),
+            AutopilotConfig(
+                period_s=cfg.sample_period_ms / 1000,
+                trace_path=Path(cfg.trace_path) if cfg.trace_path else None,
+            ),
+            point=lambda: self.protocol.point,
+            request=self.request_point,
+            active=lambda: self.state == PairState.PROTECTED and not self._closing,
+        )
 
     async def close(self) -> None:
         # One cancellation (a checkpoint it interrupts still runs its recovery to the end), and the loops
@@ -282,6 +327,10 @@ class Daemon:
             for task in stuck:
                 log.error("task %s did not stop: %s", task.get_name(), task.get_stack())
         self._tasks = []
+        if self.autopilot is not None:
+            self.autopilot.close()
+        for client in self._sampler_clients:
+            await client.close()
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -322,7 +371,23 @@ class Daemon:
                 self._tasks.append(asyncio.create_task(self._replication_ended(why)))
             elif event.name == "SHUTDOWN" and self.state == PairState.PROTECTED:
                 self._lost_later(side, f"{side} QEMU shut down")
+            elif event.name == DONE_EVENT and self.figures:
+                self._attach_ram_figures(event)
         self.metrics.unrequested_stops.set(self.accounting.unrequested_stops)
+
+    def _attach_ram_figures(self, event: Any) -> None:
+        """Patch 0006's per-checkpoint RAM figures go on the newest checkpoint's figures (they come
+        after its RESUME, so after or just before the daemon closed it)."""
+        try:
+            stats = CheckpointStats.from_data(event.data)
+        except CheckpointStatsError as exc:
+            log.warning("ignoring a malformed %s: %s", DONE_EVENT, exc)
+            return
+        latest = self.figures[-1]
+        if latest.ram_bytes is None:
+            self.figures[-1] = dataclasses.replace(
+                latest, ram_bytes=stats.ram_bytes, ram_pages=stats.ram_pages
+            )
 
     def _lost_later(self, side: str, why: str) -> None:
         self._tasks.append(asyncio.create_task(self._side_lost(side, why)))
@@ -349,7 +414,8 @@ class Daemon:
             self._in_checkpoint = True
             try:
                 self.accounting.checkpoint_started()
-                self.scheduler.begun(time.monotonic())
+                self._checkpoint_began = time.monotonic()
+                self.scheduler.begun(self._checkpoint_began)
                 links = PairLinks(
                     primary,
                     secondary,
@@ -390,7 +456,19 @@ class Daemon:
 
     def _checkpoint_done(self, record: EpochRecord, reasons: Counter[str] | dict[str, int]) -> None:
         self.records.append(record)
-        self.scheduler.ended(time.monotonic(), record.compare_epoch)
+        previous_end = self.scheduler.last_end
+        ended = time.monotonic()
+        self.scheduler.ended(ended, record.compare_epoch)
+        self.figures.append(
+            CheckpointFigures(
+                ended=ended,
+                reasons=dict(reasons),
+                pause_s=record.primary_pause,
+                ran_before_s=None
+                if previous_end is None
+                else max(0.0, self._checkpoint_began - previous_end),
+            )
+        )
         for reason, count in reasons.items():
             self.reasons[reason] += count
             self.metrics.checkpoints.labels(reason=reason).inc(count)
@@ -645,7 +723,14 @@ class Daemon:
                 "connected": self.heartbeat.connected,
                 "max_gap_ms": round(self.heartbeat.max_gap * 1000, 1),
             },
+            "policy": self._policy_status(),
+            "signals": {} if self.autopilot is None else self.autopilot.signals(),
         }
+
+    def _policy_status(self) -> dict[str, Any]:
+        if self.autopilot is None:
+            return {"name": None, "auto": False, "last_decision": None}
+        return self.autopilot.status()
 
     async def planned_failover(self) -> dict[str, Any]:
         """A checkpoint, then stop the primary, then tell the agent to fail over."""
@@ -692,7 +777,34 @@ class Daemon:
         return self.status()
 
     async def _verb_mode(self, args: dict[str, Any]) -> dict[str, Any]:
-        return self.request_point(parse_mode_request(args, seal_hook=self.seal_hook))
+        if args.get("mode") == AUTO:
+            return self._engage_policy(args)
+        request = parse_mode_request(args, seal_hook=self.seal_hook)  # checked before auto goes off
+        if self.autopilot is not None:
+            self.autopilot.disengage()  # a forced mode stays until `mode auto`
+        return self.request_point(request)
+
+    def _engage_policy(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = args.get("policy") or self.config.policy or DEFAULT_POLICY
+        params = args.get("params") or {}
+        if not isinstance(name, str) or not isinstance(params, dict):
+            raise ControlError("auto takes 'policy' (a name) and 'params' (an object)", "bad-args")
+        if self.autopilot is None:
+            raise ControlError("the daemon has not started its autopilot yet", "not-ready")
+        try:
+            self.autopilot.engage(name, params)
+        except PolicyError as exc:
+            raise ControlError(exc.message, "bad-policy") from None
+        return {"mode": str(self.protocol.point.mode), "auto": True, "policy": name}
+
+    async def _verb_policy(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The policy in charge, its parameters and its recent decisions (``hybridft policy show``)."""
+        status = self._policy_status()
+        autopilot = self.autopilot
+        policy = None if autopilot is None else autopilot.policy
+        status["params"] = None if policy is None else params_to_json(policy.params)
+        status["description"] = None if policy is None else policy.description
+        return status
 
     async def _verb_checkpoint(self, args: dict[str, Any]) -> dict[str, Any]:
         request = parse_checkpoint_request(args)

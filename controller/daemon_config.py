@@ -9,7 +9,7 @@ belongs to the epoch protocol (:mod:`controller.operating_point`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hybridft_common.endpoints import parse_endpoint
@@ -44,6 +44,11 @@ class DaemonConfig:
     checkpoint_timeout: float = 30.0
     metrics_port: int | None = None
     stop_via: str = "auto"  # auto | qemu | qmp: who stops the VMs for a checkpoint (epoch.StopVia)
+    policy: str | None = None  # start in auto with this policy (None: the mode above stays forced)
+    policy_params: dict[str, object] = field(default_factory=dict)
+    sample_period_ms: int = 250  # the autopilot's signal sampling period
+    drive: str = "disk0"  # the guest disk's device on the primary (query-blockstats), as pair up names it
+    trace_path: str | None = None  # the policy decision trace (JSON lines); None: not written
 
     @classmethod
     def from_manifest(cls, manifest: PairManifest) -> DaemonConfig:
@@ -64,6 +69,7 @@ class DaemonConfig:
             passive_secondary=manifest.passive_secondary,
             stop_via=manifest.stop_via,
             migrate_uri=manifest.migrate_uri,
+            trace_path=str(Path(manifest.workdir) / "decisions.jsonl"),
         )
 
     @classmethod

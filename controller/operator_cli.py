@@ -16,10 +16,12 @@ from typing import Any
 
 import click
 
+from hybridft_common.cli import parse_param_options
 from hybridft_common.control import ControlError, call
 from hybridft_common.endpoints import parse_endpoint
 from hybridft_common.manifest import ManifestError, PairManifest
-from hybridft_common.vocabulary import STOP_VIA_CHOICES, epoch_ms_range, mode_choice
+from hybridft_common.settings import AUTO, PROTECTION_MODES
+from hybridft_common.vocabulary import STOP_VIA_CHOICES, epoch_ms_range
 
 
 def resolve_control(control: str | None, workdir: Path | None, config: Path | None) -> str:
@@ -40,7 +42,7 @@ def resolve_control(control: str | None, workdir: Path | None, config: Path | No
         raise click.ClickException(f"{exc}{hint}") from None
 
 
-def _request(endpoint: str, verb: str, timeout: float, **args: Any) -> dict[str, Any]:
+def request(endpoint: str, verb: str, timeout: float, **args: Any) -> dict[str, Any]:
     try:
         return call(endpoint, verb, io_timeout=timeout, **args)
     except ControlError as exc:
@@ -72,8 +74,12 @@ def pair_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @click.command("mode")
-@click.argument("mode", type=mode_choice())
+@click.argument("mode", type=click.Choice(PROTECTION_MODES))
 @click.option("--epoch-ms", type=epoch_ms_range(), default=None, help="MC epoch length.")
+@click.option(
+    "--policy", default=None, help="With auto: the policy that decides (default: the pair's, or cost-model)."
+)
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="With auto: a policy parameter.")
 @click.option(
     "--stop-via",
     type=click.Choice(STOP_VIA_CHOICES),
@@ -84,20 +90,33 @@ def pair_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def mode_command(
     mode: str,
     epoch_ms: int | None,
+    policy: str | None,
+    params: tuple[str, ...],
     stop_via: str | None,
     workdir: Path | None,
     config: Path | None,
     control: str | None,
     as_json: bool,
 ) -> None:
-    """Switch the pair to MC or COLO at the next checkpoint."""
+    """Force MC or COLO (from the next checkpoint, until `auto`), or hand control to a policy (auto)."""
     endpoint = resolve_control(control, workdir, config)
+    if mode == AUTO:
+        if epoch_ms is not None or stop_via is not None:
+            raise click.UsageError("auto lets the policy choose: --epoch-ms and --stop-via go with mc|colo")
+        auto_args: dict[str, Any] = {"mode": AUTO, "params": parse_param_options(params)}
+        if policy is not None:
+            auto_args["policy"] = policy
+        result = request(endpoint, "mode", 10.0, **auto_args)
+        click.echo(json.dumps(result) if as_json else f"auto: policy {result['policy']} decides")
+        return
+    if policy is not None or params:
+        raise click.UsageError("--policy and --param go with auto")
     args: dict[str, Any] = {"mode": mode}
     if epoch_ms is not None:
         args["epoch_ms"] = epoch_ms
     if stop_via is not None:
         args["stop_via"] = stop_via
-    result = _request(endpoint, "mode", 10.0, **args)
+    result = request(endpoint, "mode", 10.0, **args)
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -126,6 +145,16 @@ def format_status(status: dict[str, Any]) -> str:
         f"divergences      {json.dumps(status['divergences'], sort_keys=True)}",
         f"last checkpoint  {json.dumps(last.get('steps_ms', {}))}",
     ]
+    policy = status.get("policy") or {}
+    if policy.get("auto"):
+        last_decision = policy.get("last_decision") or {}
+        lines.append(
+            f"policy           {policy['name']} (auto): {last_decision.get('reason', 'no decision yet')}"
+        )
+        if policy.get("last_error"):
+            lines.append(f"policy errors    {policy['failures']}: {policy['last_error']}")
+    else:
+        lines.append("policy           none (mode forced)")
     if status.get("loss_timeline"):
         lines.append(f"loss timeline    {json.dumps(status['loss_timeline'])}")
     return "\n".join(lines)
@@ -136,7 +165,7 @@ def format_status(status: dict[str, Any]) -> str:
 def status_command(workdir: Path | None, config: Path | None, control: str | None, as_json: bool) -> None:
     """Show the pair's state, mode, checkpoint counts and pauses."""
     endpoint = resolve_control(control, workdir, config)
-    result = _request(endpoint, "status", 10.0)
+    result = request(endpoint, "status", 10.0)
     click.echo(json.dumps(result, sort_keys=True) if as_json else format_status(result))
 
 
@@ -145,7 +174,7 @@ def status_command(workdir: Path | None, config: Path | None, control: str | Non
 def failover_command(workdir: Path | None, config: Path | None, control: str | None, as_json: bool) -> None:
     """Planned failover: a last checkpoint, stop the primary, the agent takes over on the secondary."""
     endpoint = resolve_control(control, workdir, config)
-    result = _request(endpoint, "failover", 60.0)
+    result = request(endpoint, "failover", 60.0)
     if as_json:
         click.echo(json.dumps(result))
     else:

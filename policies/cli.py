@@ -9,28 +9,17 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import click
 
+from hybridft_common.cli import parse_param_options
 from policies.base import Decision, Failure, PolicyError, PolicyLike, param_infos
 from policies.registry import list_policies, load_policy
 from policies.trace import TraceRecord, load_trace, replay, replay_guarded
 
-__all__ = ["format_policy", "list_command", "parse_param_options", "policy", "replay_command"]
-
-
-def parse_param_options(values: Iterable[str]) -> dict[str, str]:
-    """``["k=v", ...]`` as a mapping (the policy converts and validates the values)."""
-    params: dict[str, str] = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--param")
-        params[key] = value.strip()
-    return params
+__all__ = ["format_policy", "list_command", "replay_command"]
 
 
 def _outcome_text(outcome: Decision | Failure) -> str:
@@ -184,12 +173,3 @@ def replay_command(
         )
     if check and differ:
         sys.exit(1)
-
-
-@click.group("policy")
-def policy() -> None:
-    """Mode-selection policies: list them, replay a decision trace."""
-
-
-policy.add_command(list_command)
-policy.add_command(replay_command)

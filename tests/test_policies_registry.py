@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from controller.policy_cli import policy as policy_group
 from hybridft_common.vocabulary import Mode
 from policies.base import PolicyConfigError, PolicyNotFound
-from policies.cli import policy as policy_group
 from policies.gilbert import Gilbert
 from policies.registry import BUILTINS, ENTRY_POINT_GROUP, PolicyLoadError, list_policies, load_policy
 from tests.helpers.policy_windows import steady

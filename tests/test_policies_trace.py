@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from controller.policy_cli import policy as policy_group
 from hybridft_common.vocabulary import Mode
 from policies.base import Decision, Failure, Policy
 from policies.cli import format_policy
-from policies.cli import policy as policy_group
 from policies.guard import GuardConfig
 from policies.registry import BUILTINS, load_policy
 from policies.trace import TraceError, TraceRecord, read_trace, replay, replay_guarded
