@@ -18,6 +18,7 @@ import click
 
 from controller.daemon import Daemon, run_daemon
 from controller.daemon_config import DaemonConfig, DaemonError
+from hybridft_common.cli import parse_param_options
 from hybridft_common.control import ControlError
 from hybridft_common.vocabulary import Mode, epoch_ms_range, mode_choice
 from mc_driver.qmp import QmpError
@@ -34,13 +35,18 @@ DAEMON_NICE = -10
     help="pair.json written by `hybridft pair up`.",
 )
 @click.option("--mode", type=mode_choice(), default=None, help="Override pair.json's mode.")
-@click.option(
-    "--epoch-ms", type=epoch_ms_range(), default=None, help="Override pair.json's epoch_ms."
-)
+@click.option("--epoch-ms", type=epoch_ms_range(), default=None, help="Override pair.json's epoch_ms.")
 @click.option(
     "--passive-secondary/--active-secondary",
     default=None,
     help="MC: stop the secondary right after each checkpoint (saves its CPU).",
+)
+@click.option(
+    "--policy", default=None, help="Start in auto: this policy picks the mode (hybridft policy list)."
+)
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="A parameter of --policy.")
+@click.option(
+    "--sample-period-ms", type=click.IntRange(100, 2000), default=None, help="Signal sampling period [250]."
 )
 @click.option("--no-start", is_flag=True, help="The pair is already in COLO: do not migrate.")
 @click.option(
@@ -54,6 +60,9 @@ def daemon_command(
     mode: str | None,
     epoch_ms: int | None,
     passive_secondary: bool | None,
+    policy: str | None,
+    params: tuple[str, ...],
+    sample_period_ms: int | None,
     no_start: bool,
     metrics_port: int | None,
     log_level: str,
@@ -70,6 +79,12 @@ def daemon_command(
         config.epoch_ms = epoch_ms
     if passive_secondary is not None:
         config.passive_secondary = passive_secondary
+    if policy is not None:
+        config.policy, config.policy_params = policy, dict(parse_param_options(params))
+    elif params:
+        raise click.UsageError("--param goes with --policy")
+    if sample_period_ms is not None:
+        config.sample_period_ms = sample_period_ms
     config.start_colo = not no_start
     config.metrics_port = metrics_port
     with contextlib.suppress(OSError):

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from hybridft_common.vocabulary import DEFAULT_EPOCH_MS, STOP_VIA_CHOICES, Mode, epoch_ms_range, mode_choice
+from hybridft_common.settings import AUTO, PROTECTION_MODES, Settings, SettingsError, load_settings
+from hybridft_common.vocabulary import DEFAULT_EPOCH_MS, STOP_VIA_CHOICES, Mode, epoch_ms_range
 from mc_driver.pair import PairConfig, PairError, down, up
 
 
@@ -38,10 +39,18 @@ def pair() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Directory for images, sockets, logs and pair.json.",
 )
-@click.option("--mode", type=mode_choice(), default="mc", show_default=True)
 @click.option(
-    "--epoch-ms", type=epoch_ms_range(), default=DEFAULT_EPOCH_MS, show_default=True, help="MC epoch length."
+    "--config",
+    "settings_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="A TOML settings file (README: 'One settings file'); the flags below override it.",
 )
+@click.option("--mode", type=click.Choice(PROTECTION_MODES), default=None, help="mc | colo | auto [mc].")
+@click.option(
+    "--epoch-ms", type=epoch_ms_range(), default=None, help=f"MC epoch length [{DEFAULT_EPOCH_MS}]."
+)
+@click.option("--policy", default=None, help="Start in auto with this policy (hybridft policy list).")
 @click.option(
     "--accel",
     type=click.Choice(["kvm", "tcg"]),
@@ -49,18 +58,11 @@ def pair() -> None:
     help="Force the accelerator (default: detect; see `hybridft qemu which`).",
 )
 @click.option(
-    "--memory",
-    "memory_mib",
-    type=click.IntRange(min=64),
-    default=256,
-    show_default=True,
-    help="Guest RAM in MiB.",
+    "--memory", "memory_mib", type=click.IntRange(min=64), default=None, help="Guest RAM in MiB [256]."
 )
-@click.option(
-    "--disk-mib", type=click.IntRange(min=1), default=64, show_default=True, help="Guest disk size."
-)
-@click.option("--compare-timeout-ms", type=click.IntRange(min=1), default=3000, show_default=True)
-@click.option("--safety-interval-ms", type=click.IntRange(min=1), default=10000, show_default=True)
+@click.option("--disk-mib", type=click.IntRange(min=1), default=None, help="Guest disk size [64].")
+@click.option("--compare-timeout-ms", type=click.IntRange(min=1), default=None, help="[3000]")
+@click.option("--safety-interval-ms", type=click.IntRange(min=1), default=None, help="[10000]")
 @click.option(
     "--guest-run",
     "guest_run",
@@ -72,15 +74,15 @@ def pair() -> None:
 @click.option(
     "--passive-secondary",
     is_flag=True,
+    default=None,
     help="MC: keep the secondary stopped between checkpoints (saves its CPU; resumed at failover).",
 )
 @click.option(
     "--stop-via",
     type=click.Choice(STOP_VIA_CHOICES),
-    default="auto",
-    show_default=True,
+    default=None,
     help="Who stops the VMs for a checkpoint: QEMU itself, waiting for the daemon's seal (patched build,"
-    " patch 0005), or the daemon over QMP (any QEMU); auto picks qemu when the build has it.",
+    " patch 0005), or the daemon over QMP (any QEMU); auto (the default) picks qemu when the build has it.",
 )
 @click.option(
     "--no-daemon",
@@ -90,26 +92,41 @@ def pair() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line once the guest answers.")
 def up_command(
     workdir: Path,
-    mode: str,
-    epoch_ms: int,
+    settings_path: Path | None,
+    mode: str | None,
+    epoch_ms: int | None,
+    policy: str | None,
     accel: str | None,
-    memory_mib: int,
-    disk_mib: int,
-    compare_timeout_ms: int,
-    safety_interval_ms: int,
+    memory_mib: int | None,
+    disk_mib: int | None,
+    compare_timeout_ms: int | None,
+    safety_interval_ms: int | None,
     guest_run: tuple[tuple[str, ...], ...],
-    passive_secondary: bool,
-    stop_via: str,
+    passive_secondary: bool | None,
+    stop_via: str | None,
     no_daemon: bool,
     as_json: bool,
 ) -> None:
     """Start the pair in the background; return once the guest answers through the comparator."""
-    config = PairConfig(
-        workdir=workdir, mode=Mode(mode), epoch_ms=epoch_ms, accel=accel,  # type: ignore[arg-type]
-        memory_mib=memory_mib, disk_mib=disk_mib, compare_timeout_ms=compare_timeout_ms,
-        safety_interval_ms=safety_interval_ms, guest_run=guest_run, start_daemon=not no_daemon,
-        passive_secondary=passive_secondary, stop_via=stop_via,
-    )  # fmt: skip
+    try:
+        settings = load_settings(settings_path)
+        settings = settings.with_overrides(
+            "pair",
+            accel=accel,
+            memory_mib=memory_mib,
+            disk_mib=disk_mib,
+            compare_timeout_ms=compare_timeout_ms,
+            safety_interval_ms=safety_interval_ms,
+            passive_secondary=passive_secondary,
+            stop_via=stop_via,
+            guest_run=guest_run or None,
+        )
+        if policy is not None and mode is None:
+            mode = AUTO  # naming a policy means handing it control
+        settings = settings.with_overrides("protection", mode=mode, epoch_ms=epoch_ms, policy=policy)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    config = pair_config(workdir, settings, start_daemon=not no_daemon)
     try:
         result = up(config)
     except PairError as exc:
@@ -130,6 +147,32 @@ def up_command(
     ):
         click.echo(f"  {key:<14} {result[key]}")
     click.echo(f"  clients: ip netns exec {result['client_netns']} curl http://{result['guest_ip']}/blob")
+
+
+def pair_config(workdir: Path, settings: Settings, *, start_daemon: bool = True) -> PairConfig:
+    """What ``pair up`` starts, from validated settings.  ``auto`` starts in MC (the policy's first
+    decision moves it); the policy and the sampling period travel to the daemon as its flags."""
+    pair_settings, protection = settings.pair, settings.protection
+    daemon_args: list[str] = ["--sample-period-ms", str(settings.controller.sample_period_ms)]
+    if protection.mode == AUTO:
+        daemon_args += ["--policy", protection.policy]
+        for key, value in sorted(settings.policy_params.items()):
+            daemon_args += ["--param", f"{key}={value}"]
+    return PairConfig(
+        workdir=workdir,
+        mode=Mode.MC if protection.mode == AUTO else Mode(protection.mode),
+        epoch_ms=protection.epoch_ms,
+        accel=pair_settings.accel,
+        memory_mib=pair_settings.memory_mib,
+        disk_mib=pair_settings.disk_mib,
+        compare_timeout_ms=pair_settings.compare_timeout_ms,
+        safety_interval_ms=pair_settings.safety_interval_ms,
+        guest_run=pair_settings.guest_run,
+        start_daemon=start_daemon,
+        passive_secondary=pair_settings.passive_secondary,
+        stop_via=pair_settings.stop_via,
+        daemon_args=tuple(daemon_args),
+    )
 
 
 @pair.command("down")
