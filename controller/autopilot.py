@@ -147,7 +147,11 @@ class Autopilot:
         else:
             started = time.monotonic()
             future = self._worker.submit(policy.decide, window)
-            done, _ = await asyncio.wait({asyncio.wrap_future(future)}, timeout=limit * 2 + 0.05)
+            waiting = asyncio.wrap_future(future)
+            # whatever the policy raises is read from `future` below (or never, if it hangs): mark it
+            # retrieved so asyncio does not report it again as an unhandled error
+            waiting.add_done_callback(lambda done: done.cancelled() or done.exception())
+            done, _ = await asyncio.wait({waiting}, timeout=limit * 2 + 0.05)
             elapsed = time.monotonic() - started
             if done:
                 self._busy = None
