@@ -61,7 +61,7 @@ import click
 
 from hybridft_common.endpoints import parse_endpoint
 
-SRC_DIR = Path(__file__).with_name("guest_src")
+SRC_DIR = Path(__file__).parent.with_name("guest_src")
 PROGRAMS = ("memdirty", "cpuburn", "diskwriter", "echod", "rrserver", "blobgen", "blobd")
 # The modules the guest needs; each one's dependencies are read from its modinfo and loaded first.
 MODULES = (
