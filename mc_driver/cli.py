@@ -7,8 +7,8 @@ import click
 from hybridft_common.cli import LazyGroup
 
 _GUEST: dict[str, tuple[str, str]] = {
-    "build": ("mc_driver.guest:build_command", "Build the tiny guest from Debian packages (cached)."),
-    "run": ("mc_driver.guest:run_command", "Start a workload in the running primary guest."),
+    "build": ("mc_driver.guest.cli:build_command", "Build the tiny guest from Debian packages (cached)."),
+    "run": ("mc_driver.guest.cli:run_command", "Start a workload in the running primary guest."),
 }
 
 _QEMU: dict[str, tuple[str, str]] = {

@@ -47,7 +47,9 @@ from pathlib import Path
 from typing import Literal
 
 from mc_driver.accel import QemuChoice
-from mc_driver.guest import READY_LINE, GuestImage, guest_cmdline, qemu_args
+from mc_driver.guest.control import READY_LINE
+from mc_driver.guest.image import GuestImage
+from mc_driver.guest.qemu_args import guest_cmdline, qemu_args
 from mc_driver.netns import NetNamespace
 from mc_driver.qmp import QmpCommandError, QmpError, QmpSession, QmpTimeout
 

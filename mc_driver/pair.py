@@ -63,17 +63,11 @@ from typing import Any
 from hybridft_common.cli import hybridft_command
 from hybridft_common.vocabulary import Mode
 from mc_driver.accel import NoUsableQemu, QemuChoice, choose_qemu
-from mc_driver.guest import (
-    DEFAULT_MAC,
-    ECHO_PORT,
-    FAILED_LINE,
-    READY_LINE,
-    GuestError,
-    GuestImage,
-    build_guest,
-    guest_cmdline,
-    qemu_args,
-)
+from mc_driver.guest.control import FAILED_LINE, READY_LINE
+from mc_driver.guest.errors import GuestError
+from mc_driver.guest.expected import ECHO_PORT
+from mc_driver.guest.image import GuestImage, build_guest
+from mc_driver.guest.qemu_args import DEFAULT_MAC, guest_cmdline, qemu_args
 from mc_driver.netns import NetNamespace, NetnsError, list_namespaces, pid_alive
 from mc_driver.qmp import QmpError, QmpSession
 

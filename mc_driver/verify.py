@@ -273,7 +273,9 @@ async def _verify_main(
     traffic: bool, workdir: Path,
 ) -> VerifyReport:  # fmt: skip
     from mc_driver.accel import choose_qemu
-    from mc_driver.guest import DEFAULT_GUEST_IP, ECHO_PORT, build_guest, guest_cmdline
+    from mc_driver.guest.expected import ECHO_PORT
+    from mc_driver.guest.image import build_guest
+    from mc_driver.guest.qemu_args import DEFAULT_GUEST_IP, guest_cmdline
 
     choice = choose_qemu(build=True)
     if not choice.patched:

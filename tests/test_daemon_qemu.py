@@ -25,7 +25,8 @@ import pytest
 from controller.daemon import Daemon
 from hybridft_common.control import ControlError, call
 from hybridft_common.vocabulary import Mode, StopVia
-from mc_driver.guest import DEFAULT_GUEST_IP, ECHO_PORT
+from mc_driver.guest.expected import ECHO_PORT
+from mc_driver.guest.qemu_args import DEFAULT_GUEST_IP
 from mc_driver.netns import NetNamespace
 from tests.helpers.daemon_harness import Harness
 

@@ -22,24 +22,21 @@ from pathlib import Path
 import pytest
 from qemu.qmp import QMPClient
 
-from mc_driver.guest import (
+from mc_driver.guest.control import GuestControl, wait_for_ready
+from mc_driver.guest.errors import GuestControlTimeout, GuestError
+from mc_driver.guest.expected import (
     BLOB_SIZE,
     BLOBD_PORT,
     DISKWRITER_PORT,
     ECHO_PORT,
     RR_PORT,
     DiskWriterReports,
-    GuestControl,
-    GuestControlTimeout,
-    GuestError,
     blob_bytes,
-    build_guest,
-    guest_cmdline,
-    qemu_args,
     read_disk_records,
     stream_bytes,
-    wait_for_ready,
 )
+from mc_driver.guest.image import build_guest
+from mc_driver.guest.qemu_args import guest_cmdline, qemu_args
 from mc_driver.netns import NetNamespace
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns, pytest.mark.slow]

@@ -11,25 +11,20 @@ import pytest
 from click.testing import CliRunner
 
 from controller.cli import main
-from mc_driver.guest import (
+from mc_driver.guest.control import ControlReply, ControlReplyParser, encode_command, wait_for_ready
+from mc_driver.guest.errors import GuestBuildError, GuestControlError, GuestError
+from mc_driver.guest.image import (
     BASE_APPEND,
     MODULES,
-    ControlReply,
-    ControlReplyParser,
-    GuestBuildError,
-    GuestControlError,
-    GuestError,
     GuestImage,
     build_guest,
-    encode_command,
     find_kernel_package,
-    guest_cmdline,
     modinfo_depends,
     module_load_order,
     newest_kernel_package,
     prune_cache,
-    wait_for_ready,
 )
+from mc_driver.guest.qemu_args import guest_cmdline
 
 
 def test_newest_kernel_package_compares_abi_numbers_not_strings() -> None:
@@ -201,7 +196,7 @@ def test_kernel_package_answer_is_remembered_only_for_the_same_apt_state(
 def test_compressed_modules_are_read_through(tmp_path: Path) -> None:
     import lzma
 
-    from mc_driver.guest import _module_bytes, _module_name
+    from mc_driver.guest.image import _module_bytes, _module_name
 
     raw = b"\x7fELF\x00depends=virtio_ring\x00"
     (tmp_path / "virtio.ko.xz").write_bytes(lzma.compress(raw, format=lzma.FORMAT_XZ))

@@ -16,15 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from mc_driver.guest import (
-    PROGRAMS,
-    SRC_DIR,
-    DiskWriterReports,
-    GuestError,
-    disk_record,
-    read_disk_records,
-    stream_bytes,
-)
+from mc_driver.guest.errors import GuestError
+from mc_driver.guest.expected import DiskWriterReports, disk_record, read_disk_records, stream_bytes
+from mc_driver.guest.image import PROGRAMS, SRC_DIR
 from mc_driver.netns import NetNamespace
 
 

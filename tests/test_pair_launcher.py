@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from mc_driver.accel import QemuChoice
-from mc_driver.guest import GuestImage
+from mc_driver.guest.image import GuestImage
 from mc_driver.netns import list_namespaces
 from mc_driver.pair import (
     GUEST_TCP_TIMESTAMPS_OFF,

@@ -32,7 +32,7 @@ import pytest
 
 from hybridft_common.cli import hybridft_command
 from hybridft_common.control import call
-from mc_driver.guest import (
+from mc_driver.guest.expected import (
     BLOB_SIZE,
     BLOBD_PORT,
     DISK_RECORD_SIZE,

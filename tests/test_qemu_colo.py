@@ -48,16 +48,10 @@ from mc_driver.colo_pair import (
     secondary_args,
     wait_for_line,
 )
-from mc_driver.guest import (
-    DEFAULT_GUEST_IP,
-    ECHO_PORT,
-    HTTP_PORT,
-    READY_LINE,
-    GuestImage,
-    build_guest,
-    guest_cmdline,
-    stream_bytes,
-)
+from mc_driver.guest.control import READY_LINE
+from mc_driver.guest.expected import ECHO_PORT, HTTP_PORT, stream_bytes
+from mc_driver.guest.image import GuestImage, build_guest
+from mc_driver.guest.qemu_args import DEFAULT_GUEST_IP, guest_cmdline
 from mc_driver.netns import NetNamespace
 from mc_driver.qmp import QmpCommandError, QmpSession
 from mc_driver.traffic import EchoTraffic

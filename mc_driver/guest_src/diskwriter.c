@@ -10,8 +10,8 @@
  * Record layout (little-endian): "HFTDWREC" | u64 S | u64 RUN | 509 x u64 (S ^ RUN ^ 0x5555555555555555).
  * RUN is CLOCK_REALTIME in ns at start, announced to the client first as "RUN <hex>\n".  Every byte
  * is implied by (S, RUN), so a torn or stale record never verifies.  The host side reads records
- * back with mc_driver.guest.read_disk_records.  When the device is full it sends "FULL\n" and stops;
- * if the client goes away it waits for the next one and continues the numbering.
+ * back with mc_driver.guest.expected.read_disk_records.  When the device is full it sends "FULL\n"
+ * and stops; if the client goes away it waits for the next one and continues the numbering.
  */
 #define _GNU_SOURCE
 #include <errno.h>

@@ -1,7 +1,7 @@
 #!/bin/sh
-# /init of the hybridft test guest (busybox sh, PID 1).  Built into the initramfs by mc_driver/guest.py.
+# /init of the hybridft test guest (busybox sh, PID 1).  Built into the initramfs by mc_driver/guest/image.py.
 #
-# Kernel command line (read from /proc/cmdline; see mc_driver.guest.guest_cmdline):
+# Kernel command line (read from /proc/cmdline; see mc_driver.guest.qemu_args.guest_cmdline):
 #   hft.ip=ADDR/PREFIX   eth0 address (default 10.77.0.2/24)
 #   hft.gw=ADDR          default route (optional)
 #   hft.services=LIST    comma list of services to start (default echod,rrserver,httpd,blobd; "none")

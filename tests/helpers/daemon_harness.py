@@ -116,7 +116,8 @@ def harness(
     tmp_path_factory: pytest.TempPathFactory, tcg_qemu: QemuChoice, stop_via: StopVia
 ) -> Iterator[Harness]:
     from mc_driver.colo_pair import ColoPair, ColoPairConfig
-    from mc_driver.guest import build_guest, guest_cmdline
+    from mc_driver.guest.image import build_guest
+    from mc_driver.guest.qemu_args import guest_cmdline
     from mc_driver.netns import NetNamespace
 
     work = tmp_path_factory.mktemp("daemon")
