@@ -31,8 +31,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from mc_driver.colo_pair import RAM_BACKEND_ID, ColoPair, ColoPairConfig
 from mc_driver.netns import NetNamespace
+from mc_driver.qemu_pair import RAM_BACKEND_ID, ColoPair, ColoPairConfig
 from mc_driver.traffic import EchoTraffic
 
 PAGE_SIZE = 4096
@@ -324,7 +324,7 @@ def verify_checkpoint_command(
     Exit status 1 if any checkpoint differed or the echo traffic saw a wrong byte.
     """
     from mc_driver.accel import NoUsableQemu
-    from mc_driver.colo_pair import ColoPairError
+    from mc_driver.qemu_pair import ColoPairError
     from mc_driver.qmp import QmpError
 
     with contextlib.ExitStack() as stack:

@@ -2,7 +2,7 @@
 
 One pair for the module (boot + initial COLO migration cost most of the time; the ``harness`` and
 ``daemon`` fixtures of tests/helpers/daemon_harness.py): two QEMUs from
-:class:`mc_driver.colo_pair.ColoPair` with ``compare="none"`` plus the external comparator's wiring
+:class:`mc_driver.qemu_pair.ColoPair` with ``compare="none"`` plus the external comparator's wiring
 (filter-mirror, redirectors, rewriter) to a real ``hybridft compare serve`` process, and a real
 ``hybridft disk serve`` process whose epochs the daemon seals/commits/rolls back.  (The disk server
 here is not the secondary's disk: the pair's own launcher, ``pair up``, wires that; these tests prove

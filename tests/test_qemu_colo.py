@@ -40,7 +40,12 @@ import pytest
 from hybridft_common.cli import hybridft_command
 from hybridft_common.stats import summarize
 from mc_driver.accel import QemuChoice, choose_qemu
-from mc_driver.colo_pair import (
+from mc_driver.guest.control import READY_LINE
+from mc_driver.guest.expected import ECHO_PORT, HTTP_PORT, stream_bytes
+from mc_driver.guest.image import GuestImage, build_guest
+from mc_driver.guest.qemu_args import DEFAULT_GUEST_IP, guest_cmdline
+from mc_driver.netns import NetNamespace
+from mc_driver.qemu_pair import (
     ColoPair,
     ColoPairConfig,
     PairPaths,
@@ -48,11 +53,6 @@ from mc_driver.colo_pair import (
     secondary_args,
     wait_for_line,
 )
-from mc_driver.guest.control import READY_LINE
-from mc_driver.guest.expected import ECHO_PORT, HTTP_PORT, stream_bytes
-from mc_driver.guest.image import GuestImage, build_guest
-from mc_driver.guest.qemu_args import DEFAULT_GUEST_IP, guest_cmdline
-from mc_driver.netns import NetNamespace
 from mc_driver.qmp import QmpCommandError, QmpSession
 from mc_driver.traffic import EchoTraffic
 from mc_driver.verify import VerifyReport, differing_pages, verify_checkpoints

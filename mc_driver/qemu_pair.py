@@ -1,7 +1,10 @@
-"""A daemon-free COLO pair on one host: two QEMUs, QEMU's own COLO, checkpoints fired on demand.
+"""Two QEMUs in COLO on one host, and nothing else: no daemon, no agent, no disk buffer, no comparator.
 
-This is the smallest correct building block the project's launcher (and the fidelity tests) stand on:
-it knows the QEMU 7.2 command lines and QMP sequences, and nothing about epochs, disks or policies.
+Used by the fidelity tests (``tests/test_qemu_colo.py``, ``tests/test_daemon_qemu.py``) and by
+``hybridft verify-checkpoint``: QEMU's own COLO, checkpoints fired on demand, RAM files to compare.  The
+product's launcher is :mod:`mc_driver.pair` (``hybridft pair up``: every process of the architecture);
+both build their QEMU command lines from the same pieces, but this one knows nothing about epochs, disks
+or policies, which is what a test of QEMU's COLO alone needs.
 
 Wiring (per QEMU's docs/COLO-FT.txt, all sockets are unix sockets in ``workdir`` so parallel pairs
 never collide on ports)::
