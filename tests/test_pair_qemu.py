@@ -42,8 +42,9 @@ from mc_driver.guest.expected import (
     blob_bytes,
     read_disk_records,
 )
+from mc_driver.launch import PairFiles
 from mc_driver.netns import NetNamespace, list_namespaces
-from mc_driver.pair import GUEST_IP, PairConfig, PairError, PairFiles, down, up
+from mc_driver.pair import GUEST_IP, PairConfig, PairError, down, up
 from mc_driver.traffic import recv_exact
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns, pytest.mark.slow]
