@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 
 from mc_driver.guest.errors import GuestError
-from mc_driver.guest.expected import DiskWriterReports, disk_record, read_disk_records, stream_bytes
+from mc_driver.guest.expected import (
+    DISKWRITER_PORT,
+    DiskWriterReports,
+    disk_record,
+    read_disk_records,
+    stream_bytes,
+)
 from mc_driver.guest.image import PROGRAMS, SRC_DIR
 from mc_driver.netns import NetNamespace
 
@@ -271,6 +277,21 @@ def test_diskwriter_stops_when_the_device_is_full(
     assert reports.finished == "FULL"
     assert read_disk_records(dev.read_bytes(), reports.run or 0) >= set(reports.durable)
     assert reports.durable == list(range(1, 9))
+
+
+@pytest.mark.netns
+def test_diskwriter_reports_on_its_default_port_when_none_is_given(
+    bins: dict[str, Path], ns: NetNamespace, tmp_path: Path
+) -> None:
+    """`pair up --guest-run diskwriter,/dev/vda` gives no port: clients connect to DISKWRITER_PORT."""
+    dev = tmp_path / "disk.img"
+    dev.write_bytes(b"\0" * (4 * 4096))
+    proc = ns.popen([str(bins["diskwriter"]), str(dev)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert f" port={DISKWRITER_PORT}" in proc.stdout.readline()
+    c = _connect(ns, DISKWRITER_PORT)
+    assert _read_reports(c).finished == "FULL"
+    c.close()
 
 
 def test_diskwriter_rejects_bad_arguments(bins: dict[str, Path], tmp_path: Path) -> None:

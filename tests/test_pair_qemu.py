@@ -8,7 +8,7 @@ The clients run in the pair's namespace (the calling thread enters it to create 
 * ``GET /blob`` (TCP 8080, blobd: no time-dependent header) downloaded again and again, each on a fresh
   connection (so connections opened since the last checkpoint cross a failover too), every byte
   compared with :func:`mc_driver.guest.blob_bytes`;
-* the guest's diskwriter (started at boot) reporting every fsynced record over TCP 9000.
+* the guest's diskwriter (started at boot) reporting every fsynced record over TCP 9100.
 
 These tests need QEMU and fail (never skip) without it.  They print measured failover times; speed goals
 live in `hybridft bench pair`, so the only time bounds here are generous "it recovered at all" limits.

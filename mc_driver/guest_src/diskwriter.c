@@ -1,7 +1,7 @@
 /*
  * diskwriter DEV [--port P] [--rate RECORDS_PER_S] [--count N]
  *
- * The durability probe for failover tests.  It waits for one TCP client on port P (default 9000),
+ * The durability probe for failover tests.  It waits for one TCP client on port P (default 9100),
  * then writes numbered 4 KiB records to the raw block device DEV (e.g. /dev/vda), record number S
  * (from 1) at byte offset (S - 1) * 4096, with O_DIRECT and fdatasync() after each write.  Only after
  * fdatasync returned does it send "S\n" to the client: a number the client has seen is a write the
@@ -51,7 +51,7 @@ static void usage(void) {
 int main(int argc, char **argv) {
     if (argc < 2 || argv[1][0] == '-') usage();
     const char *dev = argv[1];
-    long port = 9000;
+    long port = 9100;
     double rate = 0;
     unsigned long long count = 0;
     for (int i = 2; i < argc; i++) {
