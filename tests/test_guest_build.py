@@ -11,7 +11,14 @@ import pytest
 from click.testing import CliRunner
 
 from controller.cli import main
-from mc_driver.guest.control import ControlReply, ControlReplyParser, encode_command, wait_for_ready
+from mc_driver.guest.control import (
+    ControlReply,
+    ControlReplyParser,
+    ServiceState,
+    encode_command,
+    parse_services,
+    wait_for_ready,
+)
 from mc_driver.guest.errors import GuestBuildError, GuestControlError, GuestError
 from mc_driver.guest.image import (
     BASE_APPEND,
@@ -72,6 +79,7 @@ def test_guest_cmdline_builds_and_validates() -> None:
     assert "hft.ip=10.0.0.5/16" in line and "hft.gw=10.0.0.1" in line
     assert "hft.services=echod" in line and "hft.run=memdirty,32,64" in line
     assert "hft.services=none" in guest_cmdline(services=[])
+    assert "hft.services=tokend,rrserver" in guest_cmdline(services=["tokend", "rrserver"])
     with pytest.raises(ValueError, match="unknown services"):
         guest_cmdline(services=["sshd"])
     with pytest.raises(ValueError, match="blanks"):
@@ -204,3 +212,12 @@ def test_compressed_modules_are_read_through(tmp_path: Path) -> None:
     assert modinfo_depends(_module_bytes(tmp_path / "virtio.ko.xz")) == ["virtio_ring"]
     assert _module_name(tmp_path / "virtio.ko.xz") == "virtio"
     assert _module_name(tmp_path / "net-failover.ko") == "net_failover"
+
+
+def test_services_reply_is_parsed_into_states() -> None:
+    states = parse_services(("echod 7 running 112", "tokend 9000 stopped"))
+    assert states == {"echod": ServiceState("echod", 7, 112), "tokend": ServiceState("tokend", 9000, None)}
+    assert states["echod"].running and not states["tokend"].running
+    for bad in ("echod 7 running", "echod seven stopped", "echod 7 sleeping 3"):
+        with pytest.raises(GuestControlError, match="unexpected services line"):
+            parse_services([bad])

@@ -1,4 +1,4 @@
-"""``hybridft guest build`` and ``hybridft guest run``: thin click shells over the image and control.
+"""``hybridft guest build|run|start|stop|services``: thin click shells over the image and the control loop.
 
 Why a module of its own: the seams below hold no CLI code, so importing one of them never imports click.
 """
@@ -6,13 +6,33 @@ Why a module of its own: the seams below hold no CLI code, so importing one of t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import click
 
 from mc_driver.guest.control import GuestControl
 from mc_driver.guest.errors import GuestError
+from mc_driver.guest.expected import SERVICE_PORTS
 from mc_driver.guest.image import build_guest, prune_cache
+
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def _control_options(command: F) -> F:
+    """--control, --timeout and --json: every command that talks to a running guest."""
+    command = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(command)
+    command = click.option(
+        "--timeout", default=30.0, show_default=True, help="Seconds to wait for the guest."
+    )(command)
+    return click.option(
+        "--control",
+        "--console",
+        "control",
+        required=True,
+        help="The guest's control chardev (ttyS1): unix:PATH or tcp:HOST:PORT.",
+    )(command)
 
 
 @click.command("build")
@@ -42,15 +62,7 @@ def build_command(out: Path | None, prune: bool, as_json: bool) -> None:
 @click.command("run", context_settings={"ignore_unknown_options": True})
 @click.argument("workload")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@click.option(
-    "--control",
-    "--console",
-    "control",
-    required=True,
-    help="The guest's control chardev (ttyS1): unix:PATH or tcp:HOST:PORT.",
-)
-@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the guest.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_control_options
 def run_command(workload: str, args: tuple[str, ...], control: str, timeout: float, as_json: bool) -> None:
     """Start WORKLOAD [ARGS...] in the running guest, in the background.
 
@@ -67,3 +79,56 @@ def run_command(workload: str, args: tuple[str, ...], control: str, timeout: flo
         click.echo(json.dumps({"workload": workload, "args": list(args), "pid": pid}))
     else:
         click.echo(f"started {workload} in the guest: pid {pid}, log /tmp/{workload}.{pid}.log")
+
+
+_SERVICE = click.argument("service", type=click.Choice(list(SERVICE_PORTS)))
+
+
+@click.command("start")
+@_SERVICE
+@_control_options
+def start_command(service: str, control: str, timeout: float, as_json: bool) -> None:
+    """Start SERVICE in the running guest; returns once it listens (a running service is left alone)."""
+    try:
+        with GuestControl(control, timeout=timeout) as ctl:
+            pid = ctl.start_service(service)
+    except GuestError as exc:
+        raise click.ClickException(str(exc)) from None
+    port = SERVICE_PORTS[service]
+    if as_json:
+        click.echo(json.dumps({"service": service, "port": port, "pid": pid}))
+    else:
+        click.echo(f"{service} listens on port {port} in the guest: pid {pid}")
+
+
+@click.command("stop")
+@_SERVICE
+@_control_options
+def stop_command(service: str, control: str, timeout: float, as_json: bool) -> None:
+    """Stop SERVICE in the running guest, open connections included; returns once its port refuses."""
+    try:
+        with GuestControl(control, timeout=timeout) as ctl:
+            ctl.stop_service(service)
+    except GuestError as exc:
+        raise click.ClickException(str(exc)) from None
+    port = SERVICE_PORTS[service]
+    if as_json:
+        click.echo(json.dumps({"service": service, "port": port, "stopped": True}))
+    else:
+        click.echo(f"{service} stopped in the guest: port {port} refuses connections")
+
+
+@click.command("services")
+@_control_options
+def services_command(control: str, timeout: float, as_json: bool) -> None:
+    """List the guest's services: port, running or stopped, pid."""
+    try:
+        with GuestControl(control, timeout=timeout) as ctl:
+            states = ctl.services()
+    except GuestError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps({s.name: {"port": s.port, "pid": s.pid} for s in states.values()}))
+        return
+    for s in states.values():
+        click.echo(f"{s.name:10} {s.port:>5}  " + (f"running  pid {s.pid}" if s.running else "stopped"))

@@ -5,7 +5,9 @@ ttyS1, never through the guest's network, so starting a workload adds no packets
 compares.  The same device set is used for the COLO secondary (whose ttyS1 nobody reads).  The protocol
 (see ``mc_driver/guest_src/init.sh``): one command a line, every reply ended by ``HFT-END <rc>``; the
 parser is sans-I/O (:class:`ControlReplyParser`), :class:`GuestControl` is its blocking socket shell.
-:func:`wait_for_ready` reads the other channel, the console (ttyS0), for the boot's verdict.
+:func:`wait_for_ready` reads the other channel, the console (ttyS0), for the boot's verdict.  Besides
+one-off workloads (``run``) the loop starts and stops the guest's services (``start``/``stop``), so a host
+script can change what the guest serves while a pair runs.
 """
 
 from __future__ import annotations
@@ -57,6 +59,33 @@ class ControlReplyParser:
             else:
                 self._lines.append(line)
         return replies
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServiceState:
+    """One of the guest's services as the ``services`` command reports it."""
+
+    name: str
+    port: int
+    pid: int | None  # None: stopped
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+
+def parse_services(lines: tuple[str, ...] | list[str]) -> dict[str, ServiceState]:
+    """The ``services`` reply: ``<name> <port> running <pid>`` or ``<name> <port> stopped`` per line."""
+    states: dict[str, ServiceState] = {}
+    for line in lines:
+        words = line.split()
+        if len(words) == 4 and words[2] == "running" and words[1].isdigit() and words[3].isdigit():
+            states[words[0]] = ServiceState(words[0], int(words[1]), int(words[3]))
+        elif len(words) == 3 and words[2] == "stopped" and words[1].isdigit():
+            states[words[0]] = ServiceState(words[0], int(words[1]), None)
+        else:
+            raise GuestControlError(f"unexpected services line {line!r}")
+    return states
 
 
 def encode_command(verb: str, *args: str) -> bytes:
@@ -194,6 +223,29 @@ class GuestControl:
             pid, state, cmd = line.split(" ", 2)
             out.append((int(pid), state, cmd))
         return out
+
+    def start_service(self, name: str) -> int:
+        """Start one of the guest's services (see ``init.sh``); returns its pid once it listens.
+
+        A service that already runs is left alone (its pid is returned).
+        """
+        reply = self.command("start", name)
+        if reply.rc != 0 or not reply.lines or not reply.lines[-1].startswith("PID "):
+            raise GuestControlError(f"guest could not start {name}: {reply.text or reply.rc}")
+        return int(reply.lines[-1][4:])
+
+    def stop_service(self, name: str) -> None:
+        """Stop a service and every connection it serves; returns once its port refuses connections."""
+        reply = self.command("stop", name)
+        if reply.rc != 0:
+            raise GuestControlError(f"guest could not stop {name}: {reply.text or reply.rc}")
+
+    def services(self) -> dict[str, ServiceState]:
+        """Every service the guest knows, running or not."""
+        reply = self.command("services")
+        if reply.rc != 0:
+            raise GuestControlError(f"guest could not list its services: {reply.text or reply.rc}")
+        return parse_services(reply.lines)
 
 
 def wait_for_ready(

@@ -3,9 +3,10 @@
 Why this seam exists: the COLO tests and the benchmark clients check every byte the guest sends, so the
 guest's workloads are deterministic and their output is derivable here without a guest: ``GET /blob`` and
 ``rrserver`` answers are prefixes of one counter-based stream (:func:`stream_bytes`), and every diskwriter
-record is implied by its number (:func:`read_disk_records`).  The ports say where each service listens.
-Nothing here builds, boots or talks to a guest, so a client can import it without the image build's
-machinery.
+record is implied by its number (:func:`read_disk_records`).  The one deliberate exception is ``tokend``,
+whose answers carry the guest's clock so that two replicas never answer alike (:class:`TokenReplies`
+checks their form and order, not their value).  The ports say where each service listens.  Nothing here
+builds, boots or talks to a guest, so a client can import it without the image build's machinery.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ ECHO_PORT = 7
 RR_PORT = 8000
 HTTP_PORT = 80
 BLOBD_PORT = 8080
+TOKEN_PORT = 9000
 DISKWRITER_PORT = 9100
+# The guest's services (started at boot unless hft.services= says otherwise; see init.sh's service_port)
+SERVICE_PORTS = {"echod": ECHO_PORT, "rrserver": RR_PORT, "httpd": HTTP_PORT, "blobd": BLOBD_PORT,
+                 "tokend": TOKEN_PORT}  # fmt: skip
 BLOB_SIZE = 8 * 1024 * 1024
 STREAM_SEED = 0x4859425249444654  # "HYBRIDFT"; must match blobgen.c and rrserver.c
 
@@ -98,4 +103,41 @@ class DiskWriterReports:
                 new.append(n)
             else:
                 raise GuestError(f"unexpected diskwriter line {line!r}")
+        return new
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Token:
+    """One answer of the guest's token service: ``TOKEN <seq> <ns>``."""
+
+    seq: int  # the service's answer number, from 1, across all its connections
+    ns: int  # the guest's CLOCK_REALTIME when it answered
+
+
+@dataclasses.dataclass
+class TokenReplies:
+    """Sans-I/O parser of one ``tokend`` connection: one ``TOKEN <seq> <ns>`` line per request line.
+
+    Within a connection both numbers only grow (one process answers it in order): anything else is a
+    :class:`GuestError`, as is a malformed line.
+    """
+
+    tokens: list[Token] = dataclasses.field(default_factory=list)
+    _buf: bytes = b""
+
+    def feed(self, data: bytes) -> list[Token]:
+        """Take received bytes; return the tokens completed by them."""
+        self._buf += data
+        new: list[Token] = []
+        while b"\n" in self._buf:
+            raw, self._buf = self._buf.split(b"\n", 1)
+            words = raw.decode("ascii", errors="replace").split(" ")
+            if len(words) != 3 or words[0] != "TOKEN" or not (words[1].isdigit() and words[2].isdigit()):
+                raise GuestError(f"unexpected tokend line {raw!r}")
+            token = Token(int(words[1]), int(words[2]))
+            last = self.tokens[-1] if self.tokens else None
+            if last is not None and (token.seq <= last.seq or token.ns < last.ns):
+                raise GuestError(f"tokend answered {token} after {last}")
+            self.tokens.append(token)
+            new.append(token)
         return new

@@ -17,8 +17,9 @@ Why this shape:
 The guest (``init.sh``) loads the virtio modules, sets ``eth0`` from ``hft.ip=``, writes the 8 MiB blob,
 starts ``echod`` (TCP 7), ``rrserver`` (TCP 8000), busybox ``httpd`` (TCP 80; it sends a ``Date:``
 header, so two replicas answering the same request in different seconds differ: expected COLO
-divergences) and ``blobd`` (TCP 8080: the same ``/blob`` with no time-dependent header, keep-alive),
-prints ``HYBRIDFT-GUEST-READY`` on ttyS0 and serves the control loop on ttyS1.
+divergences), ``blobd`` (TCP 8080: the same ``/blob`` with no time-dependent header, keep-alive) and
+``tokend`` (TCP 9000: one line with the guest's clock per request line, so that replicas differ on every
+answer), prints ``HYBRIDFT-GUEST-READY`` on ttyS0 and serves the control loop on ttyS1.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from pathlib import Path
 from mc_driver.guest.errors import GuestBuildError
 
 SRC_DIR = Path(__file__).parent.with_name("guest_src")
-PROGRAMS = ("memdirty", "cpuburn", "diskwriter", "echod", "rrserver", "blobgen", "blobd")
+PROGRAMS = ("memdirty", "cpuburn", "diskwriter", "echod", "rrserver", "blobgen", "blobd", "tokend")
 # The modules the guest needs; each one's dependencies are read from its modinfo and loaded first.
 MODULES = (
     "virtio",

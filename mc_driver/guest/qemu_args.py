@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from mc_driver.guest.expected import SERVICE_PORTS
 from mc_driver.guest.image import BASE_APPEND, GuestImage
 
 DEFAULT_GUEST_IP = "10.77.0.2/24"
@@ -42,7 +43,8 @@ def guest_cmdline(
 ) -> str:
     """The kernel command line for one guest: the base plus the ``hft.*`` parameters ``init.sh`` reads.
 
-    ``services`` defaults to echod, rrserver, httpd and blobd (``[]`` starts none); each ``run`` entry is a
+    ``services`` defaults to all of them (:data:`~mc_driver.guest.expected.SERVICE_PORTS`; ``[]`` starts
+    none; any can be started and stopped later over the control channel); each ``run`` entry is a
     program with arguments started at boot (e.g. ``[("memdirty", "32", "64")]``).
     """
     for value, what in ((ip, "ip"), (gateway or "", "gateway")):
@@ -52,7 +54,7 @@ def guest_cmdline(
     if gateway:
         parts.append(f"hft.gw={gateway}")
     if services is not None:
-        allowed = {"echod", "rrserver", "httpd", "blobd"}
+        allowed = set(SERVICE_PORTS)
         unknown = [s for s in services if s not in allowed]
         if unknown:
             raise ValueError(f"unknown services {unknown}; known: {sorted(allowed)}")
