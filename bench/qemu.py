@@ -17,8 +17,8 @@ from typing import Any
 import click
 
 from hybridft_common.stats import ratio, summarize
-from mc_driver.colo_pair import ColoPair, ColoPairConfig
 from mc_driver.netns import NetNamespace
+from mc_driver.qemu_pair import ColoPair, ColoPairConfig
 
 
 def _pause_summary(values: list[float]) -> dict[str, float | int | None]:

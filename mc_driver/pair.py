@@ -46,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -64,16 +63,24 @@ from hybridft_common import manifest
 from hybridft_common.cli import hybridft_command
 from hybridft_common.vocabulary import Mode
 from mc_driver.accel import NoUsableQemu, QemuChoice, choose_qemu
-from mc_driver.guest import (
-    DEFAULT_MAC,
-    ECHO_PORT,
-    FAILED_LINE,
-    READY_LINE,
-    GuestError,
-    GuestImage,
-    build_guest,
-    guest_cmdline,
-    qemu_args,
+from mc_driver.guest.control import FAILED_LINE, READY_LINE
+from mc_driver.guest.errors import GuestError
+from mc_driver.guest.expected import ECHO_PORT
+from mc_driver.guest.image import GuestImage, build_guest
+from mc_driver.guest.qemu_args import DEFAULT_MAC, guest_cmdline
+from mc_driver.launch import (
+    PRIMARY_MIRROR_CHARDEV,
+    PRIMARY_TAP,
+    SECONDARY_TAP,
+    PairFiles,
+    add_pair_taps,
+    chardev_client,
+    chardev_server,
+    filter_mirror,
+    filter_redirector,
+    guest_qemu_args,
+    monitor_args,
+    secondary_filter_args,
 )
 from mc_driver.netns import NetNamespace, NetnsError, list_namespaces, pid_alive
 from mc_driver.qmp import QmpError, QmpSession
@@ -81,12 +88,9 @@ from mc_driver.qmp import QmpError, QmpSession
 GUEST_IP = "10.77.0.2"
 CLIENT_IP = "10.77.0.1"
 BRIDGE = "hftbr0"
-PRIMARY_TAP = "hftp0"
-SECONDARY_TAP = "hfts0"
 MIRROR_JOB = "hft-mirror"
 MIRROR_TARGET_NODE = "hft-replica"
 PRIMARY_DRIVE = "disk0"
-NETNS_PREFIX = "hftpair-"
 # In COLO the client sees the primary's segments, whose TCP timestamp (TSval) is the primary's clock plus a
 # per-connection offset hashed from a secret the kernel draws at first use.  For a connection opened since
 # the last checkpoint the secondary computed its own TSvals (its own clock; and, when the secret was first
@@ -130,60 +134,13 @@ class PairConfig:
     daemon_args: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class PairFiles:
-    """Every file and socket of a pair, all under one absolute work directory."""
-
-    workdir: Path
-
-    @property
-    def config(self) -> Path:
-        return self.workdir / "pair.json"
-
-    @property
-    def netns(self) -> str:
-        digest = hashlib.sha256(str(self.workdir).encode()).hexdigest()[:8]
-        return f"{NETNS_PREFIX}{digest}"
-
-    def sock(self, name: str) -> Path:
-        return self.workdir / f"{name}.sock"
-
-    def endpoint(self, name: str) -> str:
-        return f"unix:{self.sock(name)}"
-
-    def log(self, name: str) -> Path:
-        return self.workdir / f"{name}.log"
-
-    def console(self, side: str) -> Path:
-        return self.workdir / f"{side}.console"
-
-    def image(self, side: str) -> Path:
-        return self.workdir / ("primary.img" if side == "primary" else "replica.img")
-
-    @property
-    def disk_state(self) -> Path:
-        return self.workdir / "disk-state"
-
-    @property
-    def failover_report(self) -> Path:
-        return self.workdir / "failover.json"
-
-    def qmp(self, side: str, user: str) -> Path:
-        return self.workdir / f"{side}-{user}.qmp"
-
-    def all_sockets(self) -> list[Path]:
-        return sorted(self.workdir.glob("*.sock")) + sorted(self.workdir.glob("*.qmp"))
-
-
 QMP_USERS = {"primary": ("daemon", "ops"), "secondary": ("daemon", "agent", "ops")}
 
 
 def _monitor_args(files: PairFiles, side: str) -> list[str]:
     args: list[str] = []
     for user in QMP_USERS[side]:
-        chardev = f"qmp-{user}"
-        args += ["-chardev", f"socket,id={chardev},path={files.qmp(side, user)},server=on,wait=off",
-                 "-mon", f"chardev={chardev},mode=control"]  # fmt: skip
+        args += monitor_args(f"qmp-{user}", files.qmp(side, user))
     return args
 
 
@@ -194,35 +151,32 @@ def _guest_args(
     if side == "secondary":
         disk = f"nbd+unix:///view?socket={files.sock('disk-nbd')}"
     extra = "" if config.guest_tcp_timestamps else GUEST_TCP_TIMESTAMPS_OFF
-    cmdline = guest_cmdline(f"{GUEST_IP}/24", run=config.guest_run, extra=extra)
-    args = qemu_args(
+    args = guest_qemu_args(
+        qemu,
         image,
         tap=PRIMARY_TAP if side == "primary" else SECONDARY_TAP,
         disk=disk,
-        console_log=files.console(side),
-        control_socket=files.sock(f"{side}-guestctl"),
-        cmdline=cmdline,
-        mac=DEFAULT_MAC,
+        console=files.console(side),
+        control=files.sock(f"{side}-guestctl"),
+        cmdline=guest_cmdline(f"{GUEST_IP}/24", run=config.guest_run, extra=extra),
         memory_mib=config.memory_mib,
-        accel=qemu.accel,
-        cpu=qemu.cpu,
     )
     # timestamped log lines (errors, and trace events enabled over QMP) line up with failover.json
     stamp = ["-msg", "timestamp=on"]
-    return [str(qemu.binary), *qemu.firmware_args, *args, *stamp, "-name", side, *_monitor_args(files, side)]
+    return [*args, *stamp, "-name", side, *_monitor_args(files, side)]
 
 
 def primary_args(config: PairConfig, files: PairFiles, image: GuestImage, qemu: QemuChoice) -> list[str]:
     """The primary QEMU (binary first): paused at ``-S`` until the mirror runs; output to the comparator."""
     return [
         *_guest_args(config, files, image, qemu, "primary"), "-S",
-        "-chardev", f"socket,id=mirror0,path={files.sock('mirror')},server=on,wait=off",
-        "-chardev", f"socket,id=cmp_out,path={files.sock('compare-out')},reconnect=1",
-        "-chardev", f"socket,id=cmp_pri,path={files.sock('compare-primary')},reconnect=1",
-        "-object", "filter-mirror,id=m0,netdev=hn0,queue=tx,outdev=mirror0",
+        *chardev_server(PRIMARY_MIRROR_CHARDEV, files.mirror),
+        *chardev_client("cmp_out", files.sock("compare-out")),
+        *chardev_client("cmp_pri", files.sock("compare-primary")),
+        *filter_mirror("m0", PRIMARY_MIRROR_CHARDEV),
         # rx filters run in reverse order of declaration: the indev redirector comes first
-        "-object", "filter-redirector,id=rin,netdev=hn0,queue=rx,indev=cmp_out",
-        "-object", "filter-redirector,id=rout,netdev=hn0,queue=rx,outdev=cmp_pri",
+        *filter_redirector("rin", "rx", indev="cmp_out"),
+        *filter_redirector("rout", "rx", outdev="cmp_pri"),
     ]  # fmt: skip
 
 
@@ -230,12 +184,8 @@ def secondary_args(config: PairConfig, files: PairFiles, image: GuestImage, qemu
     """The secondary QEMU (binary first): waits on ``-incoming``; disk = the `view` export."""
     return [
         *_guest_args(config, files, image, qemu, "secondary"),
-        "-chardev", f"socket,id=red0,path={files.sock('mirror')},reconnect=1",
-        "-chardev", f"socket,id=red1,path={files.sock('compare-secondary')},reconnect=1",
-        "-object", "filter-redirector,id=f1,netdev=hn0,queue=tx,indev=red0",
-        "-object", "filter-redirector,id=f2,netdev=hn0,queue=rx,outdev=red1",
-        "-object", "filter-rewriter,id=rew0,netdev=hn0,queue=all",
-        "-incoming", f"unix:{files.sock('migrate')}",
+        *secondary_filter_args(files.mirror, files.sock("compare-secondary")),
+        "-incoming", f"unix:{files.migrate}",
     ]  # fmt: skip
 
 
@@ -502,9 +452,7 @@ def _up(launcher: PairLauncher) -> dict[str, Any]:
     ns = NetNamespace(files.netns, bridge=BRIDGE, bridge_ip=f"{CLIENT_IP}/24")
     ns.create()
     launcher.ns = ns
-    ns.add_tap(PRIMARY_TAP)
-    ns.add_tap(SECONDARY_TAP)
-    ns.detach_tap(SECONDARY_TAP)  # the secondary's own output reaches clients only through the comparator
+    add_pair_taps(ns, PRIMARY_TAP, SECONDARY_TAP)
     launcher.mark("network")
 
     primary_img = files.image("primary")

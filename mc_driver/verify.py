@@ -31,8 +31,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from mc_driver.colo_pair import RAM_BACKEND_ID, ColoPair, ColoPairConfig
 from mc_driver.netns import NetNamespace
+from mc_driver.qemu_pair import RAM_BACKEND_ID, ColoPair, ColoPairConfig
 from mc_driver.traffic import EchoTraffic
 
 PAGE_SIZE = 4096
@@ -273,7 +273,9 @@ async def _verify_main(
     traffic: bool, workdir: Path,
 ) -> VerifyReport:  # fmt: skip
     from mc_driver.accel import choose_qemu
-    from mc_driver.guest import DEFAULT_GUEST_IP, ECHO_PORT, build_guest, guest_cmdline
+    from mc_driver.guest.expected import ECHO_PORT
+    from mc_driver.guest.image import build_guest
+    from mc_driver.guest.qemu_args import DEFAULT_GUEST_IP, guest_cmdline
 
     choice = choose_qemu(build=True)
     if not choice.patched:
@@ -322,7 +324,7 @@ def verify_checkpoint_command(
     Exit status 1 if any checkpoint differed or the echo traffic saw a wrong byte.
     """
     from mc_driver.accel import NoUsableQemu
-    from mc_driver.colo_pair import ColoPairError
+    from mc_driver.qemu_pair import ColoPairError
     from mc_driver.qmp import QmpError
 
     with contextlib.ExitStack() as stack:

@@ -49,6 +49,6 @@ done
 # The patched QEMU 7.2 (issue "Exact COLO checkpoints without usable KVM") and the guest image:
 # both cached outside the repo and rebuilt only when their inputs change.
 if [[ -f mc_driver/qemu_build.py ]]; then .venv/bin/hybridft qemu build; fi
-if [[ -f mc_driver/guest.py ]]; then .venv/bin/hybridft guest build; fi
+if [[ -f mc_driver/guest/image.py ]]; then .venv/bin/hybridft guest build; fi
 
 echo "setup: host ready ($(qemu-system-x86_64 --version | head -1))"

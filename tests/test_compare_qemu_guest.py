@@ -27,7 +27,10 @@ import pytest
 
 from hybridft_common.cli import hybridft_command
 from hybridft_common.control import call
-from mc_driver.guest import BLOB_SIZE, blob_bytes, build_guest, guest_cmdline, qemu_args, wait_for_ready
+from mc_driver.guest.control import wait_for_ready
+from mc_driver.guest.expected import BLOB_SIZE, blob_bytes
+from mc_driver.guest.image import build_guest
+from mc_driver.guest.qemu_args import guest_cmdline, qemu_args
 from mc_driver.netns import NetNamespace
 from tests.helpers.qmp import qmp_commands
 

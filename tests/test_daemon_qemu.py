@@ -2,7 +2,7 @@
 
 One pair for the module (boot + initial COLO migration cost most of the time; the ``harness`` and
 ``daemon`` fixtures of tests/helpers/daemon_harness.py): two QEMUs from
-:class:`mc_driver.colo_pair.ColoPair` with ``compare="none"`` plus the external comparator's wiring
+:class:`mc_driver.qemu_pair.ColoPair` with ``compare="none"`` plus the external comparator's wiring
 (filter-mirror, redirectors, rewriter) to a real ``hybridft compare serve`` process, and a real
 ``hybridft disk serve`` process whose epochs the daemon seals/commits/rolls back.  (The disk server
 here is not the secondary's disk: the pair's own launcher, ``pair up``, wires that; these tests prove
@@ -28,7 +28,8 @@ from controller.operating_point import PointRequest
 from controller.requests import resolve_stop_via
 from hybridft_common.control import ControlError, call
 from hybridft_common.vocabulary import Mode, StopVia
-from mc_driver.guest import DEFAULT_GUEST_IP, ECHO_PORT
+from mc_driver.guest.expected import ECHO_PORT
+from mc_driver.guest.qemu_args import DEFAULT_GUEST_IP
 from mc_driver.netns import NetNamespace
 from tests.helpers.daemon_harness import Harness
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import itertools
 import json
 import os
 import shutil
@@ -22,24 +23,25 @@ from pathlib import Path
 import pytest
 from qemu.qmp import QMPClient
 
-from mc_driver.guest import (
+from mc_driver.guest.control import GuestControl, wait_for_ready
+from mc_driver.guest.errors import GuestControlTimeout, GuestError
+from mc_driver.guest.expected import (
     BLOB_SIZE,
     BLOBD_PORT,
     DISKWRITER_PORT,
     ECHO_PORT,
     RR_PORT,
+    SERVICE_PORTS,
+    TOKEN_PORT,
     DiskWriterReports,
-    GuestControl,
-    GuestControlTimeout,
-    GuestError,
+    Token,
+    TokenReplies,
     blob_bytes,
-    build_guest,
-    guest_cmdline,
-    qemu_args,
     read_disk_records,
     stream_bytes,
-    wait_for_ready,
 )
+from mc_driver.guest.image import build_guest
+from mc_driver.guest.qemu_args import guest_cmdline, qemu_args
 from mc_driver.netns import NetNamespace
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns, pytest.mark.slow]
@@ -99,7 +101,8 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
 
 
 def test_guest_boots_and_reports_ready(guest: Guest) -> None:
-    assert guest.ready_line == f"HYBRIDFT-GUEST-READY ip={GUEST_IP}/24 services=echod,rrserver,httpd,blobd"
+    services = "echod,rrserver,httpd,blobd,tokend"
+    assert guest.ready_line == f"HYBRIDFT-GUEST-READY ip={GUEST_IP}/24 services={services}"
     assert guest.proc.poll() is None
 
 
@@ -211,6 +214,81 @@ def test_rrserver_answers(guest: Guest) -> None:
             data += chunk
         assert data == stream_bytes(n)
     c.close()
+
+
+def _tokens(sock: socket.socket, replies: TokenReplies, n: int) -> list[Token]:
+    got: list[Token] = []
+    while len(got) < n:
+        data = sock.recv(4096)
+        assert data, "tokend closed the connection"
+        got += replies.feed(data)
+    return got
+
+
+def _refused(guest: Guest, port: int) -> bool:
+    try:
+        guest.connect(port, timeout=10).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_token_service_answers_each_request_with_a_distinct_growing_token(guest: Guest) -> None:
+    replies = TokenReplies()  # checks the form, and that seq and clock never go back
+    with guest.connect(TOKEN_PORT) as c:
+        tokens = []
+        for _ in range(20):
+            c.sendall(b"token please\n")
+            tokens += _tokens(c, replies, 1)
+    assert len(set(tokens)) == 20
+    assert all(a.seq < b.seq and a.ns < b.ns for a, b in itertools.pairwise(tokens))
+
+
+def test_services_stop_and_start_on_command(guest: Guest) -> None:
+    with GuestControl(f"unix:{guest.control}") as ctl:
+        states = ctl.services()
+        assert {name: s.port for name, s in states.items()} == SERVICE_PORTS  # init.sh agrees with the host
+        assert all(s.running for s in states.values())
+        busy = guest.connect(TOKEN_PORT)
+        busy.sendall(b"\n")
+        first = _tokens(busy, TokenReplies(), 1)[0]
+        ctl.stop_service("tokend")
+        try:
+            assert busy.recv(4096) == b""  # stopping ends the open connections too
+        except ConnectionResetError:
+            pass
+        busy.close()
+        assert _refused(guest, TOKEN_PORT)
+        assert not ctl.services()["tokend"].running
+        ctl.stop_service("tokend")  # already stopped: nothing to do
+        pid = ctl.start_service("tokend")
+        assert ctl.start_service("tokend") == pid  # already running: left alone
+        with guest.connect(TOKEN_PORT) as c:
+            c.sendall(b"\n")
+            again = _tokens(c, TokenReplies(), 1)[0]
+        assert again.seq == 1 and again.ns > first.ns  # a fresh service, the same clock
+        assert ctl.command("start", "sshd").rc == 2 and ctl.command("stop").rc == 2
+
+    # rrserver through the CLI, as a host script would change the workload while a pair runs
+    def cli(verb: str) -> dict[str, object]:
+        out = subprocess.run(
+            [str(HYBRIDFT), "guest", verb, "rrserver", "--control", f"unix:{guest.control}", "--json"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return dict(json.loads(out.stdout))
+
+    assert cli("stop") == {"service": "rrserver", "port": RR_PORT, "stopped": True}
+    assert _refused(guest, RR_PORT)
+    assert cli("start")["port"] == RR_PORT
+    with guest.connect(RR_PORT) as c:
+        c.sendall(b"100\n")
+        data = b""
+        while len(data) < 100:
+            chunk = c.recv(100 - len(data))
+            assert chunk
+            data += chunk
+    assert data == stream_bytes(100)
 
 
 def _dirty_rate_mb_s(qmp_path: Path) -> float:

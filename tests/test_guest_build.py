@@ -11,25 +11,27 @@ import pytest
 from click.testing import CliRunner
 
 from controller.cli import main
-from mc_driver.guest import (
-    BASE_APPEND,
-    MODULES,
+from mc_driver.guest.control import (
     ControlReply,
     ControlReplyParser,
-    GuestBuildError,
-    GuestControlError,
-    GuestError,
+    ServiceState,
+    encode_command,
+    parse_services,
+    wait_for_ready,
+)
+from mc_driver.guest.errors import GuestBuildError, GuestControlError, GuestError
+from mc_driver.guest.image import (
+    BASE_APPEND,
+    MODULES,
     GuestImage,
     build_guest,
-    encode_command,
     find_kernel_package,
-    guest_cmdline,
     modinfo_depends,
     module_load_order,
     newest_kernel_package,
     prune_cache,
-    wait_for_ready,
 )
+from mc_driver.guest.qemu_args import guest_cmdline
 
 
 def test_newest_kernel_package_compares_abi_numbers_not_strings() -> None:
@@ -77,6 +79,7 @@ def test_guest_cmdline_builds_and_validates() -> None:
     assert "hft.ip=10.0.0.5/16" in line and "hft.gw=10.0.0.1" in line
     assert "hft.services=echod" in line and "hft.run=memdirty,32,64" in line
     assert "hft.services=none" in guest_cmdline(services=[])
+    assert "hft.services=tokend,rrserver" in guest_cmdline(services=["tokend", "rrserver"])
     with pytest.raises(ValueError, match="unknown services"):
         guest_cmdline(services=["sshd"])
     with pytest.raises(ValueError, match="blanks"):
@@ -201,7 +204,7 @@ def test_kernel_package_answer_is_remembered_only_for_the_same_apt_state(
 def test_compressed_modules_are_read_through(tmp_path: Path) -> None:
     import lzma
 
-    from mc_driver.guest import _module_bytes, _module_name
+    from mc_driver.guest.image import _module_bytes, _module_name
 
     raw = b"\x7fELF\x00depends=virtio_ring\x00"
     (tmp_path / "virtio.ko.xz").write_bytes(lzma.compress(raw, format=lzma.FORMAT_XZ))
@@ -209,3 +212,12 @@ def test_compressed_modules_are_read_through(tmp_path: Path) -> None:
     assert modinfo_depends(_module_bytes(tmp_path / "virtio.ko.xz")) == ["virtio_ring"]
     assert _module_name(tmp_path / "virtio.ko.xz") == "virtio"
     assert _module_name(tmp_path / "net-failover.ko") == "net_failover"
+
+
+def test_services_reply_is_parsed_into_states() -> None:
+    states = parse_services(("echod 7 running 112", "tokend 9000 stopped"))
+    assert states == {"echod": ServiceState("echod", 7, 112), "tokend": ServiceState("tokend", 9000, None)}
+    assert states["echod"].running and not states["tokend"].running
+    for bad in ("echod 7 running", "echod seven stopped", "echod 7 sleeping 3"):
+        with pytest.raises(GuestControlError, match="unexpected services line"):
+            parse_services([bad])

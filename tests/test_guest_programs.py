@@ -6,6 +6,7 @@ network namespace (loopback only, no port conflicts). The in-guest behaviour is 
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import subprocess
@@ -16,15 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from mc_driver.guest import (
-    PROGRAMS,
-    SRC_DIR,
+from mc_driver.guest.errors import GuestError
+from mc_driver.guest.expected import (
+    DISKWRITER_PORT,
     DiskWriterReports,
-    GuestError,
+    Token,
+    TokenReplies,
     disk_record,
     read_disk_records,
     stream_bytes,
 )
+from mc_driver.guest.image import PROGRAMS, SRC_DIR
 from mc_driver.netns import NetNamespace
 
 
@@ -148,6 +151,89 @@ def test_rrserver_answers_prefixes_of_the_stream_and_rejects_bad_requests(
     huge.shutdown(socket.SHUT_WR)
     assert _recv_exactly(huge, 100) == b"ERR\n"
     huge.close()
+
+
+def _tokens(s: socket.socket, replies: TokenReplies, n: int) -> list[Token]:
+    got: list[Token] = []
+    while len(got) < n:
+        data = s.recv(65536)
+        assert data, f"tokend closed the connection after {len(got)} of {n} tokens"
+        got += replies.feed(data)
+    return got
+
+
+@pytest.mark.netns
+def test_tokend_answers_every_request_line_with_a_new_token_from_the_clock(
+    bins: dict[str, Path], ns: NetNamespace
+) -> None:
+    ns.popen([str(bins["tokend"]), "9090"])
+    _wait_port(ns, 9090)
+    c = _connect(ns, 9090)
+    replies = TokenReplies()
+    one_by_one = []
+    for i in range(20):
+        c.sendall(f"request {i}\n".encode())
+        one_by_one += _tokens(c, replies, 1)
+    assert [t.seq for t in one_by_one] == list(range(1, 21))
+    assert all(a.ns < b.ns for a, b in itertools.pairwise(one_by_one))  # a round trip apart
+    assert abs(one_by_one[-1].ns - time.time_ns()) < 5e9  # CLOCK_REALTIME, the host's clock here
+    # pipelined lines (any content, empty too) are each answered, in order; a partial line waits
+    c.sendall(b"x\n" * 999 + b"\n" + b"no newline yet")
+    assert [t.seq for t in _tokens(c, replies, 1000)] == list(range(21, 1021))
+    c.sendall(b"... now\n")
+    assert [t.seq for t in _tokens(c, replies, 1)] == [1021]
+    # every connection draws from the same sequence: no two answers of the service are alike
+    other = _connect(ns, 9090)
+    other.sendall(b"\n")
+    assert [t.seq for t in _tokens(other, TokenReplies(), 1)] == [1022]
+    c.close()
+    other.close()
+
+
+SERVICE_REQUESTS = {  # a request, and how its whole answer ends
+    "tokend": (b"\n", b"\n"),
+    "rrserver": (b"8\n", stream_bytes(8)),
+    "blobd": (b"GET /bytes/8 HTTP/1.1\r\nHost: x\r\n\r\n", stream_bytes(8)),
+}
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("program", SERVICE_REQUESTS)
+def test_a_terminated_service_closes_its_open_connections_and_refuses_new_ones(
+    bins: dict[str, Path], ns: NetNamespace, program: str
+) -> None:
+    """What the guest's ``stop SERVICE`` relies on: SIGTERM to the listener ends the whole service."""
+    proc = ns.popen([str(bins[program]), "9091"])
+    _wait_port(ns, 9091)
+    c = _connect(ns, 9091)
+    # a whole answer proves the connection has its own process, which must end too
+    request, answer_end = SERVICE_REQUESTS[program]
+    c.sendall(request)
+    answer = b""
+    while not answer.endswith(answer_end):
+        data = c.recv(4096)
+        assert data
+        answer += data
+    proc.terminate()
+    assert proc.wait(timeout=5) == 0
+    try:
+        assert c.recv(4096) == b""  # the connection's process ended with the listener
+    except ConnectionResetError:
+        pass
+    c.close()
+    with pytest.raises(ConnectionRefusedError), ns.entered():
+        socket.create_connection(("127.0.0.1", 9091), timeout=5)
+
+
+def test_token_reply_parser() -> None:
+    r = TokenReplies()
+    assert r.feed(b"TOKEN 1 100\nTOKEN 2 1") == [Token(1, 100)]
+    assert r.feed(b"00\n") == [Token(2, 100)]  # the same nanosecond is possible on a coarse clock
+    for bad, match in ((b"TOKEN 2 200\n", "after"), (b"TOKEN 3 99\n", "after"),
+                       (b"TOKEN x 1\n", "unexpected"), (b"TOKEN 3 1 2\n", "unexpected"),
+                       (b"3 1\n", "unexpected")):  # fmt: skip
+        with pytest.raises(GuestError, match=match):
+            TokenReplies(list(r.tokens)).feed(bad)
 
 
 def _start_diskwriter(ns: NetNamespace, binary: Path, *args: str) -> None:
@@ -277,6 +363,21 @@ def test_diskwriter_stops_when_the_device_is_full(
     assert reports.finished == "FULL"
     assert read_disk_records(dev.read_bytes(), reports.run or 0) >= set(reports.durable)
     assert reports.durable == list(range(1, 9))
+
+
+@pytest.mark.netns
+def test_diskwriter_reports_on_its_default_port_when_none_is_given(
+    bins: dict[str, Path], ns: NetNamespace, tmp_path: Path
+) -> None:
+    """`pair up --guest-run diskwriter,/dev/vda` gives no port: clients connect to DISKWRITER_PORT."""
+    dev = tmp_path / "disk.img"
+    dev.write_bytes(b"\0" * (4 * 4096))
+    proc = ns.popen([str(bins["diskwriter"]), str(dev)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert f" port={DISKWRITER_PORT}" in proc.stdout.readline()
+    c = _connect(ns, DISKWRITER_PORT)
+    assert _read_reports(c).finished == "FULL"
+    c.close()
 
 
 def test_diskwriter_rejects_bad_arguments(bins: dict[str, Path], tmp_path: Path) -> None:

@@ -11,13 +11,13 @@ import pytest
 from click.testing import CliRunner
 
 from mc_driver.accel import QemuChoice
-from mc_driver.guest import GuestImage
+from mc_driver.guest.image import GuestImage
+from mc_driver.launch import REWRITER, PairFiles, secondary_filter_args, secondary_filter_teardown
 from mc_driver.netns import list_namespaces
 from mc_driver.pair import (
     GUEST_TCP_TIMESTAMPS_OFF,
     PairConfig,
     PairError,
-    PairFiles,
     down,
     load_pair,
     pair_json,
@@ -71,6 +71,20 @@ def test_secondary_wiring(tmp_path: Path) -> None:
     assert {o.split(",")[1] for o in opts["-object"]} == {"id=f1", "id=f2", "id=rew0"}
     assert len(opts["-mon"]) == 3  # daemon, agent, ops
     assert GUEST_TCP_TIMESTAMPS_OFF not in opts["-append"][0]
+
+
+def test_failover_removes_exactly_the_secondary_filters_objects_first(tmp_path: Path) -> None:
+    args = secondary_filter_args(tmp_path / "mirror.sock", tmp_path / "out.sock")
+    opts = options(args)
+    objects = {o.split("id=", 1)[1].split(",", 1)[0] for o in opts["-object"]}
+    chardevs = {c.split("id=", 1)[1].split(",", 1)[0] for c in opts["-chardev"]}
+    steps = secondary_filter_teardown(keep_rewriter=False)
+    assert {i for c, i in steps if c == "object-del"} == objects
+    assert {i for c, i in steps if c == "chardev-remove"} == chardevs
+    # a chardev still used by a redirector cannot be removed: the redirectors go first
+    last_redirector = max(n for n, (c, i) in enumerate(steps) if c == "object-del" and i != REWRITER)
+    assert last_redirector < min(n for n, (c, _) in enumerate(steps) if c == "chardev-remove")
+    assert ("object-del", REWRITER) not in secondary_filter_teardown(keep_rewriter=True)
 
 
 def test_pair_json_has_the_contract_fields(tmp_path: Path) -> None:

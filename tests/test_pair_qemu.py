@@ -8,7 +8,7 @@ The clients run in the pair's namespace (the calling thread enters it to create 
 * ``GET /blob`` (TCP 8080, blobd: no time-dependent header) downloaded again and again, each on a fresh
   connection (so connections opened since the last checkpoint cross a failover too), every byte
   compared with :func:`mc_driver.guest.blob_bytes`;
-* the guest's diskwriter (started at boot) reporting every fsynced record over TCP 9000.
+* the guest's diskwriter (started at boot) reporting every fsynced record over TCP 9100.
 
 These tests need QEMU and fail (never skip) without it.  They print measured failover times; speed goals
 live in `hybridft bench pair`, so the only time bounds here are generous "it recovered at all" limits.
@@ -32,7 +32,7 @@ import pytest
 
 from hybridft_common.cli import hybridft_command
 from hybridft_common.control import call
-from mc_driver.guest import (
+from mc_driver.guest.expected import (
     BLOB_SIZE,
     BLOBD_PORT,
     DISK_RECORD_SIZE,
@@ -42,8 +42,9 @@ from mc_driver.guest import (
     blob_bytes,
     read_disk_records,
 )
+from mc_driver.launch import PairFiles
 from mc_driver.netns import NetNamespace, list_namespaces
-from mc_driver.pair import GUEST_IP, PairConfig, PairError, PairFiles, down, up
+from mc_driver.pair import GUEST_IP, PairConfig, PairError, down, up
 from mc_driver.traffic import recv_exact
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns, pytest.mark.slow]

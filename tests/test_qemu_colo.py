@@ -40,25 +40,13 @@ import pytest
 from hybridft_common.cli import hybridft_command
 from hybridft_common.stats import summarize
 from mc_driver.accel import QemuChoice, choose_qemu
-from mc_driver.colo_pair import (
-    ColoPair,
-    ColoPairConfig,
-    PairPaths,
-    primary_args,
-    secondary_args,
-    wait_for_line,
-)
-from mc_driver.guest import (
-    DEFAULT_GUEST_IP,
-    ECHO_PORT,
-    HTTP_PORT,
-    READY_LINE,
-    GuestImage,
-    build_guest,
-    guest_cmdline,
-    stream_bytes,
-)
+from mc_driver.guest.control import READY_LINE
+from mc_driver.guest.expected import ECHO_PORT, HTTP_PORT, stream_bytes
+from mc_driver.guest.image import GuestImage, build_guest
+from mc_driver.guest.qemu_args import DEFAULT_GUEST_IP, guest_cmdline
+from mc_driver.launch import PairFiles
 from mc_driver.netns import NetNamespace
+from mc_driver.qemu_pair import ColoPair, ColoPairConfig, primary_args, secondary_args, wait_for_line
 from mc_driver.qmp import QmpCommandError, QmpSession
 from mc_driver.traffic import EchoTraffic
 from mc_driver.verify import VerifyReport, differing_pages, verify_checkpoints
@@ -426,7 +414,7 @@ def test_precopy_migration_under_tcg_leaves_identical_ram(
             cmdline=guest_cmdline(run=[DIRTY_WORKLOAD], services=[]),
             primary_tap="v4p0", secondary_tap="v4s0",
         )  # fmt: skip
-        paths = PairPaths(tmp_path, Path(f"/dev/shm/hybridft-{os.getpid()}-precopy"))
+        paths = PairFiles(tmp_path, Path(f"/dev/shm/hybridft-{os.getpid()}-precopy"))
         paths.shm_dir.mkdir(parents=True, exist_ok=True)
         try:
             with NetNamespace() as netns:

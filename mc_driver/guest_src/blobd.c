@@ -24,6 +24,7 @@
 #include <strings.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #define SEED 0x4859425249444654ULL
@@ -120,12 +121,27 @@ static void serve(int fd) {
     }
 }
 
+/* The service is its own process group: one SIGTERM to the listener (the control loop's "stop") ends
+ * every connection too, so a stopped service leaves nothing answering. */
+static void stop_all(int sig) {
+    (void)sig;
+    signal(SIGTERM, SIG_IGN);
+    kill(0, SIGTERM);
+    /* Exit only after every connection's process (SIGCHLD is ignored: wait() returns once none is
+     * left): a child that had not yet closed its copy of the listening socket would still accept. */
+    while (wait(NULL) != -1 || errno == EINTR) {
+    }
+    _exit(0);
+}
+
 int main(int argc, char **argv) {
     int port = argc > 1 ? atoi(argv[1]) : 8080;
     if (argc > 2 || port <= 0 || port > 65535) {
         fprintf(stderr, "usage: blobd [PORT]\n");
         return 2;
     }
+    setpgid(0, 0);
+    signal(SIGTERM, stop_all);
     signal(SIGCHLD, SIG_IGN);
     signal(SIGPIPE, SIG_IGN);
     int ls = socket(AF_INET, SOCK_STREAM, 0), one = 1;
@@ -140,6 +156,7 @@ int main(int argc, char **argv) {
         if (fd < 0) continue;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         if (fork() == 0) {
+            signal(SIGTERM, SIG_DFL);
             close(ls);
             serve(fd);
             /* close gracefully: unread request bytes would otherwise turn close() into a reset */

@@ -3,9 +3,9 @@
  *
  * Writes BYTES bytes of the project's deterministic pseudo-random stream to stdout: 64-bit word i
  * (from 0) is splitmix64's output function applied to SEED + (i + 1) * 0x9E3779B97F4A7C15, stored
- * little-endian.  It is counter-based, so the host side (mc_driver.guest.stream_bytes) computes the
- * same bytes vectorised with numpy, and rrserver can answer any prefix without state.  The init
- * script uses it to create the 8 MiB /www/blob the HTTP server serves.
+ * little-endian.  It is counter-based, so the host side (mc_driver.guest.expected.stream_bytes)
+ * computes the same bytes vectorised with numpy, and rrserver can answer any prefix without state.
+ * The init script uses it to create the 8 MiB /www/blob the HTTP server serves.
  */
 #include <stdint.h>
 #include <stdio.h>

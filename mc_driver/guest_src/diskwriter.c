@@ -1,7 +1,7 @@
 /*
  * diskwriter DEV [--port P] [--rate RECORDS_PER_S] [--count N]
  *
- * The durability probe for failover tests.  It waits for one TCP client on port P (default 9000),
+ * The durability probe for failover tests.  It waits for one TCP client on port P (default 9100),
  * then writes numbered 4 KiB records to the raw block device DEV (e.g. /dev/vda), record number S
  * (from 1) at byte offset (S - 1) * 4096, with O_DIRECT and fdatasync() after each write.  Only after
  * fdatasync returned does it send "S\n" to the client: a number the client has seen is a write the
@@ -10,8 +10,8 @@
  * Record layout (little-endian): "HFTDWREC" | u64 S | u64 RUN | 509 x u64 (S ^ RUN ^ 0x5555555555555555).
  * RUN is CLOCK_REALTIME in ns at start, announced to the client first as "RUN <hex>\n".  Every byte
  * is implied by (S, RUN), so a torn or stale record never verifies.  The host side reads records
- * back with mc_driver.guest.read_disk_records.  When the device is full it sends "FULL\n" and stops;
- * if the client goes away it waits for the next one and continues the numbering.
+ * back with mc_driver.guest.expected.read_disk_records.  When the device is full it sends "FULL\n"
+ * and stops; if the client goes away it waits for the next one and continues the numbering.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -51,7 +51,7 @@ static void usage(void) {
 int main(int argc, char **argv) {
     if (argc < 2 || argv[1][0] == '-') usage();
     const char *dev = argv[1];
-    long port = 9000;
+    long port = 9100;
     double rate = 0;
     unsigned long long count = 0;
     for (int i = 2; i < argc; i++) {

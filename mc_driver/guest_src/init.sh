@@ -1,10 +1,11 @@
 #!/bin/sh
-# /init of the hybridft test guest (busybox sh, PID 1).  Built into the initramfs by mc_driver/guest.py.
+# /init of the hybridft test guest (busybox sh, PID 1).  Built into the initramfs by mc_driver/guest/image.py.
 #
-# Kernel command line (read from /proc/cmdline; see mc_driver.guest.guest_cmdline):
+# Kernel command line (read from /proc/cmdline; see mc_driver.guest.qemu_args.guest_cmdline):
 #   hft.ip=ADDR/PREFIX   eth0 address (default 10.77.0.2/24)
 #   hft.gw=ADDR          default route (optional)
-#   hft.services=LIST    comma list of services to start (default echod,rrserver,httpd,blobd; "none")
+#   hft.services=LIST    comma list of services to start (default echod,rrserver,httpd,blobd,tokend;
+#                        "none")
 #   hft.run=PROG,ARG,..  extra workload started at boot (commas become spaces); may repeat
 #   hft.ipv6=1           keep IPv6 on (default off: router solicitations and MLD reports are spontaneous,
 #                        timing-dependent guest output that would only add noise to COLO comparison)
@@ -19,6 +20,11 @@
 #                                                        newlines dropped, one added)
 #   kill PID [SIGNAL]     -> nothing                     rc is kill's
 #   jobs                  -> "<pid> <state> <cmd>" lines for every "run" job
+#   start SERVICE         -> "PID <pid>"                 once it listens (already running: its pid)
+#   stop SERVICE          -> "STOPPED SERVICE"           once its port refuses connections; its open
+#                                                        connections end too (not running: the same)
+#   services              -> "<name> <port> running <pid>" or "<name> <port> stopped", every service
+# Services (name: TCP port): echod 7, rrserver 8000, httpd 80, blobd 8080, tokend 9000 (see service_port).
 # Arguments are split on blanks; there is no quoting and no globbing.  One host client at a time (QEMU's
 # socket chardev serves one connection); a host client resynchronises with a fresh ping token.
 
@@ -38,7 +44,7 @@ log() { echo "hft-init: $*"; ERRORS="$ERRORS${ERRORS:+; }$*"; }
 
 IP=10.77.0.2/24
 GW=
-SERVICES=echod,rrserver,httpd,blobd
+SERVICES=echod,rrserver,httpd,blobd,tokend
 IPV6=0
 RUNS=
 for word in $(cat /proc/cmdline); do
@@ -78,26 +84,83 @@ fi
 
 blobgen 8388608 > /www/blob || log "blobgen failed"
 
+# Services.  Each runs in the foreground of its own process (httpd with -f), so its pid is the server's:
+# /run/service.NAME holds it and "stop" ends it by that pid.  Like a "run" job, a service is started from
+# a command substitution that exits at once, so it becomes init's child (see start_job).
+service_port() {
+    case "$1" in
+        echod) echo 7 ;;
+        rrserver) echo 8000 ;;
+        httpd) echo 80 ;;
+        blobd) echo 8080 ;;
+        tokend) echo 9000 ;;
+        *) return 1 ;;
+    esac
+}
+ALL_SERVICES="echod rrserver httpd blobd tokend"
+# true when something listens on TCP port $1, on any address, IPv4 or IPv6 (busybox httpd takes an IPv6 one)
+listening() {
+    cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -q ":$(printf '%04X' "$1") 0*:0000 0A"
+}
+# the pid of service $1 if it runs (a zombie or a reused pid does not count)
+service_pid() {
+    local spid
+    spid=$(cat "/run/service.$1" 2>/dev/null) || return 1
+    [ "$(cat "/proc/$spid/comm" 2>/dev/null)" = "$1" ] || return 1
+    set -- $(cat "/proc/$spid/stat" 2>/dev/null)
+    [ -n "$3" ] && [ "$3" != Z ] && echo "$spid"
+}
+launch_service() {
+    local port spid
+    port=$(service_port "$1") || return 2
+    if [ "$1" = httpd ]; then set -- httpd -f -p "$port" -h /www; else set -- "$1" "$port"; fi
+    spid=$("$@" < /dev/null >> "/tmp/$1.log" 2>&1 & echo $!)
+    echo "$spid" > "/run/service.$1"
+}
+# ready means serving: wait (up to 3 s) until service $1 listens on its port
+await_service() {
+    local port i
+    port=$(service_port "$1")
+    i=0
+    while ! listening "$port" && [ $i -lt 30 ]; do sleep 0.1; i=$((i + 1)); done
+    listening "$port"
+}
+start_service() {
+    local spid
+    service_port "$1" > /dev/null || { echo "ERR unknown service: $1"; return 2; }
+    if ! spid=$(service_pid "$1"); then
+        launch_service "$1"
+        await_service "$1" || { echo "ERR $1 is not listening on port $(service_port "$1")"; return 1; }
+        spid=$(service_pid "$1") || { echo "ERR $1 exited"; return 1; }
+    fi
+    echo "PID $spid"
+}
+# stopped means refused: wait (up to 3 s) until the process is gone and nothing listens on its port
+stop_service() {
+    local port spid i
+    port=$(service_port "$1") || { echo "ERR unknown service: $1"; return 2; }
+    if spid=$(service_pid "$1"); then
+        kill "$spid"
+        i=0
+        while { service_pid "$1" > /dev/null || listening "$port"; } && [ $i -lt 30 ]; do
+            sleep 0.1; i=$((i + 1))
+        done
+        if service_pid "$1" > /dev/null || listening "$port"; then echo "ERR $1 did not stop"; return 1; fi
+    fi
+    rm -f "/run/service.$1"
+    echo "STOPPED $1"
+}
+
 for s in $(echo "$SERVICES" | tr , ' '); do
     case "$s" in
-        echod) echod 7 > /tmp/echod.log 2>&1 & ;;
-        rrserver) rrserver 8000 > /tmp/rrserver.log 2>&1 & ;;
-        httpd) httpd -p 80 -h /www || log "httpd failed" ;;
-        blobd) blobd 8080 > /tmp/blobd.log 2>&1 & ;;
         none) ;;
-        *) log "unknown service $s" ;;
+        *) launch_service "$s" || log "unknown service $s" ;;
     esac
 done
-# ready means serving: wait (up to 3 s each) until every service listens on its port
+# ready means serving: every service listens before the guest says READY
 for s in $(echo "$SERVICES" | tr , ' '); do
-    case "$s" in echod) port=7 ;; rrserver) port=8000 ;; httpd) port=80 ;; blobd) port=8080 ;; *) continue ;; esac
-    # a listening socket on any address, IPv4 or IPv6 (busybox httpd takes an IPv6 one)
-    pattern=":$(printf '%04X' "$port") 0*:0000 0A"
-    i=0
-    while ! cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -q "$pattern" && [ $i -lt 30 ]; do
-        sleep 0.1; i=$((i + 1))
-    done
-    cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -q "$pattern" || log "$s is not listening on port $port"
+    port=$(service_port "$s") || continue
+    await_service "$s" || log "$s is not listening on port $port"
 done
 
 : > /run/jobs
@@ -151,6 +214,20 @@ control_loop() {
             kill)
                 if [ -n "$2" ]; then kill -"$2" "$1" 2>&1; else kill "$1" 2>&1; fi
                 rc=$? ;;
+            start)
+                if [ $# -ne 1 ]; then echo "ERR start needs one service"; rc=2
+                else start_service "$1"; rc=$?
+                fi ;;
+            stop)
+                if [ $# -ne 1 ]; then echo "ERR stop needs one service"; rc=2
+                else stop_service "$1"; rc=$?
+                fi ;;
+            services)
+                for s in $ALL_SERVICES; do
+                    if spid=$(service_pid "$s"); then echo "$s $(service_port "$s") running $spid"
+                    else echo "$s $(service_port "$s") stopped"
+                    fi
+                done ;;
             jobs)
                 while read -r jpid jcmd; do
                     # a zombie not yet reaped by init has exited too

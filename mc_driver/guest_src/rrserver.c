@@ -18,6 +18,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #define SEED 0x4859425249444654ULL
@@ -90,12 +91,27 @@ static void serve(int fd) {
     }
 }
 
+/* The service is its own process group: one SIGTERM to the listener (the control loop's "stop") ends
+ * every connection too, so a stopped service leaves nothing answering. */
+static void stop_all(int sig) {
+    (void)sig;
+    signal(SIGTERM, SIG_IGN);
+    kill(0, SIGTERM);
+    /* Exit only after every connection's process (SIGCHLD is ignored: wait() returns once none is
+     * left): a child that had not yet closed its copy of the listening socket would still accept. */
+    while (wait(NULL) != -1 || errno == EINTR) {
+    }
+    _exit(0);
+}
+
 int main(int argc, char **argv) {
     int port = argc > 1 ? atoi(argv[1]) : 8000;
     if (argc > 2 || port <= 0 || port > 65535) {
         fprintf(stderr, "usage: rrserver [PORT]\n");
         return 2;
     }
+    setpgid(0, 0);
+    signal(SIGTERM, stop_all);
     signal(SIGCHLD, SIG_IGN); /* children are reaped automatically */
     signal(SIGPIPE, SIG_IGN);
     int ls = socket(AF_INET, SOCK_STREAM, 0), one = 1;
@@ -111,6 +127,7 @@ int main(int argc, char **argv) {
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         pid_t pid = fork();
         if (pid == 0) {
+            signal(SIGTERM, SIG_DFL);
             close(ls);
             serve(fd);
             _exit(0);

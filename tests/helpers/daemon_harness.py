@@ -6,7 +6,7 @@ test_daemon_takeover.py, whose takeover ends the pair's protection).  A module u
 must define the ``stop_via`` fixture: which way of stopping the VMs its pair uses is the module's
 choice (test_daemon_qemu.py runs every test for both).
 
-One pair per module: two QEMUs from :class:`mc_driver.colo_pair.ColoPair` with ``compare="none"``
+One pair per module: two QEMUs from :class:`mc_driver.qemu_pair.ColoPair` with ``compare="none"``
 plus the external comparator's wiring (filter-mirror, redirectors, rewriter) to a real
 ``hybridft compare serve`` process, and a real ``hybridft disk serve`` process whose epochs the
 daemon seals/commits/rolls back.  The daemon runs in the harness's event loop on its own QMP
@@ -37,8 +37,8 @@ if TYPE_CHECKING:
     from controller.daemon import Daemon
     from controller.daemon_config import DaemonConfig
     from mc_driver.accel import QemuChoice
-    from mc_driver.colo_pair import ColoPair
     from mc_driver.netns import NetNamespace
+    from mc_driver.qemu_pair import ColoPair
 
 T = TypeVar("T")
 
@@ -116,9 +116,10 @@ def tcg_qemu() -> QemuChoice:
 def harness(
     tmp_path_factory: pytest.TempPathFactory, tcg_qemu: QemuChoice, stop_via: StopVia
 ) -> Iterator[Harness]:
-    from mc_driver.colo_pair import ColoPair, ColoPairConfig
-    from mc_driver.guest import build_guest, guest_cmdline
+    from mc_driver.guest.image import build_guest
+    from mc_driver.guest.qemu_args import guest_cmdline
     from mc_driver.netns import NetNamespace
+    from mc_driver.qemu_pair import ColoPair, ColoPairConfig
 
     work = tmp_path_factory.mktemp("daemon")
     image = build_guest()

@@ -1,7 +1,10 @@
-"""A daemon-free COLO pair on one host: two QEMUs, QEMU's own COLO, checkpoints fired on demand.
+"""Two QEMUs in COLO on one host, and nothing else: no daemon, no agent, no disk buffer, no comparator.
 
-This is the smallest correct building block the project's launcher (and the fidelity tests) stand on:
-it knows the QEMU 7.2 command lines and QMP sequences, and nothing about epochs, disks or policies.
+Used by the fidelity tests (``tests/test_qemu_colo.py``, ``tests/test_daemon_qemu.py``) and by
+``hybridft verify-checkpoint``: QEMU's own COLO, checkpoints fired on demand, RAM files to compare.  The
+product's launcher is :mod:`mc_driver.pair` (``hybridft pair up``: every process of the architecture);
+both build their QEMU command lines from the same pieces, but this one knows nothing about epochs, disks
+or policies, which is what a test of QEMU's COLO alone needs.
 
 Wiring (per QEMU's docs/COLO-FT.txt, all sockets are unix sockets in ``workdir`` so parallel pairs
 never collide on ports)::
@@ -47,7 +50,25 @@ from pathlib import Path
 from typing import Literal
 
 from mc_driver.accel import QemuChoice
-from mc_driver.guest import READY_LINE, GuestImage, guest_cmdline, qemu_args
+from mc_driver.guest.control import READY_LINE
+from mc_driver.guest.image import GuestImage
+from mc_driver.guest.qemu_args import guest_cmdline
+from mc_driver.launch import (
+    PRIMARY_MIRROR_CHARDEV,
+    PRIMARY_TAP,
+    SECONDARY_TAP,
+    PairFiles,
+    add_pair_taps,
+    chardev_client,
+    chardev_server,
+    filter_mirror,
+    filter_redirector,
+    guest_qemu_args,
+    monitor_args,
+    qmp_option_args,
+    secondary_filter_args,
+    secondary_filter_teardown,
+)
 from mc_driver.netns import NetNamespace
 from mc_driver.qmp import QmpCommandError, QmpError, QmpSession, QmpTimeout
 
@@ -55,64 +76,11 @@ HUGE_CHECKPOINT_DELAY_MS = 200_000
 HOLD_ENV = "QEMU_COLO_HOLD_AFTER_CHECKPOINT"
 HELD_EVENT = "X_COLO_CHECKPOINT_HELD"
 RAM_BACKEND_ID = "pc.ram"
-GUEST_MAC = "52:54:00:12:34:56"
 CompareMode = Literal["qemu", "none"]
 
 
 class ColoPairError(Exception):
     """The pair could not start, checkpoint or fail over; the message says which step and why."""
-
-
-@dataclass(frozen=True, slots=True)
-class PairPaths:
-    """Every file and socket of one pair, under ``workdir`` (RAM files under ``shm_dir``)."""
-
-    workdir: Path
-    shm_dir: Path
-
-    def qmp(self, side: str) -> Path:
-        return self.workdir / f"{side}.qmp"
-
-    def qmp_aux(self, side: str) -> Path:
-        return self.workdir / f"{side}.qmp-aux"
-
-    def console(self, side: str) -> Path:
-        return self.workdir / f"{side}.console"
-
-    def control(self, side: str) -> Path:
-        return self.workdir / f"{side}.control"
-
-    def disk(self, side: str) -> Path:
-        return self.workdir / f"{side}.disk"
-
-    def ram(self, side: str) -> Path:
-        return self.shm_dir / f"{side}.ram"
-
-    def log(self, side: str) -> Path:
-        return self.workdir / f"{side}.log"
-
-    def trace(self, side: str) -> Path:
-        return self.workdir / f"{side}.trace"
-
-    @property
-    def migrate(self) -> Path:
-        return self.workdir / "migrate.sock"
-
-    @property
-    def mirror(self) -> Path:
-        return self.workdir / "mirror.sock"
-
-    @property
-    def secondary_out(self) -> Path:
-        return self.workdir / "secondary-out.sock"
-
-    @property
-    def primary_out(self) -> Path:
-        return self.workdir / "primary-out.sock"
-
-    @property
-    def released(self) -> Path:
-        return self.workdir / "released.sock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +92,8 @@ class ColoPairConfig:
     memory_mib: int = 256
     cmdline: str | None = None  # default: guest_cmdline()
     hold_after_checkpoint: bool = False
-    primary_tap: str = "hftp0"
-    secondary_tap: str = "hfts0"
+    primary_tap: str = PRIMARY_TAP
+    secondary_tap: str = SECONDARY_TAP
     trace_events: tuple[str, ...] = ()
     extra_primary_args: tuple[str, ...] = ()
     extra_secondary_args: tuple[str, ...] = ()
@@ -163,76 +131,68 @@ class FailoverReport:
     total_seconds: float = 0.0
 
 
-def primary_args(config: ColoPairConfig, paths: PairPaths) -> list[str]:
+def primary_args(config: ColoPairConfig, paths: PairFiles) -> list[str]:
     """The primary QEMU's command line (binary first)."""
-    return [str(config.qemu.binary), *config.qemu.firmware_args, *_common_args(config, paths, "primary"),
-            *_primary_filter_args(config, paths), *config.extra_primary_args]  # fmt: skip
+    return [*_common_args(config, paths, "primary"), *_primary_filter_args(config, paths),
+            *config.extra_primary_args]  # fmt: skip
 
 
-def secondary_args(config: ColoPairConfig, paths: PairPaths) -> list[str]:
+def secondary_args(config: ColoPairConfig, paths: PairFiles) -> list[str]:
     """The secondary QEMU's command line (binary first); it waits on ``-incoming``."""
-    return [str(config.qemu.binary), *config.qemu.firmware_args, *_common_args(config, paths, "secondary"),
-            *_secondary_filter_args(config, paths), "-incoming", f"unix:{paths.migrate}",
-            *config.extra_secondary_args]  # fmt: skip
+    return [*_common_args(config, paths, "secondary"), *_secondary_filter_args(config, paths),
+            "-incoming", f"unix:{paths.migrate}", *config.extra_secondary_args]  # fmt: skip
 
 
-def _common_args(config: ColoPairConfig, paths: PairPaths, side: str) -> list[str]:
-    tap = config.primary_tap if side == "primary" else config.secondary_tap
-    args = qemu_args(
+def _common_args(config: ColoPairConfig, paths: PairFiles, side: str) -> list[str]:
+    args = guest_qemu_args(
+        config.qemu,
         config.image,
-        tap=tap,
+        tap=config.primary_tap if side == "primary" else config.secondary_tap,
         disk=paths.disk(side),
-        console_log=paths.console(side),
-        control_socket=paths.control(side),
+        console=paths.console(side),
+        control=paths.control(side),
         cmdline=config.cmdline if config.cmdline is not None else guest_cmdline(),
-        mac=GUEST_MAC,
         memory_mib=config.memory_mib,
-        accel=config.qemu.accel,
-        cpu=config.qemu.cpu,
     )
     args += [
         "-name", side,
         "-object", f"memory-backend-file,id={RAM_BACKEND_ID},size={config.memory_mib}M,"
                    f"mem-path={paths.ram(side)},share=on",
         "-machine", f"memory-backend={RAM_BACKEND_ID}",
-        "-qmp", f"unix:{paths.qmp(side)},server=on,wait=off",
-        "-chardev", f"socket,id=qmpaux,path={paths.qmp_aux(side)},server=on,wait=off",
-        "-mon", "chardev=qmpaux,mode=control",
+        *qmp_option_args(paths.qmp(side)),
+        *monitor_args("qmpaux", paths.qmp_aux(side)),
     ]  # fmt: skip
     for event in config.trace_events:
         args += ["-trace", f"{event},file={paths.trace(side)}"]
     return args
 
 
-def _primary_filter_args(config: ColoPairConfig, paths: PairPaths) -> list[str]:
+def _primary_filter_args(config: ColoPairConfig, paths: PairFiles) -> list[str]:
     if config.compare == "none":
         return []
+    primary_out = paths.sock("primary-out")  # the primary guest's output -> colo-compare
+    secondary_out = paths.sock("secondary-out")  # the secondary guest's output -> colo-compare
+    released = paths.sock("released")  # colo-compare's released frames -> back into the netdev
     return [
-        "-chardev", f"socket,id=mirror0,path={paths.mirror},server=on,wait=off",
-        "-chardev", f"socket,id=compare1,path={paths.secondary_out},server=on,wait=off",
-        "-chardev", f"socket,id=compare0,path={paths.primary_out},server=on,wait=off",
-        "-chardev", f"socket,id=compare0-0,path={paths.primary_out},reconnect=1",
-        "-chardev", f"socket,id=compare_out,path={paths.released},server=on,wait=off",
-        "-chardev", f"socket,id=compare_out0,path={paths.released},reconnect=1",
-        "-object", "filter-mirror,id=m0,netdev=hn0,queue=tx,outdev=mirror0",
-        "-object", "filter-redirector,id=redire0,netdev=hn0,queue=rx,indev=compare_out",
-        "-object", "filter-redirector,id=redire1,netdev=hn0,queue=rx,outdev=compare0",
+        *chardev_server(PRIMARY_MIRROR_CHARDEV, paths.mirror),
+        *chardev_server("compare1", secondary_out),
+        *chardev_server("compare0", primary_out),
+        *chardev_client("compare0-0", primary_out),
+        *chardev_server("compare_out", released),
+        *chardev_client("compare_out0", released),
+        *filter_mirror("m0", PRIMARY_MIRROR_CHARDEV),
+        *filter_redirector("redire0", "rx", indev="compare_out"),
+        *filter_redirector("redire1", "rx", outdev="compare0"),
         "-object", "iothread,id=iothread1",
         "-object", "colo-compare,id=comp0,primary_in=compare0-0,secondary_in=compare1,"
                    "outdev=compare_out0,iothread=iothread1",
     ]  # fmt: skip
 
 
-def _secondary_filter_args(config: ColoPairConfig, paths: PairPaths) -> list[str]:
+def _secondary_filter_args(config: ColoPairConfig, paths: PairFiles) -> list[str]:
     if config.compare == "none":
         return []
-    return [
-        "-chardev", f"socket,id=red0,path={paths.mirror},reconnect=1",
-        "-chardev", f"socket,id=red1,path={paths.secondary_out},reconnect=1",
-        "-object", "filter-redirector,id=f1,netdev=hn0,queue=tx,indev=red0",
-        "-object", "filter-redirector,id=f2,netdev=hn0,queue=rx,outdev=red1",
-        "-object", "filter-rewriter,id=rew0,netdev=hn0,queue=all",
-    ]  # fmt: skip
+    return secondary_filter_args(paths.mirror, paths.sock("secondary-out"))
 
 
 async def wait_for_line(
@@ -258,7 +218,8 @@ class ColoPair:
         self.config = config
         self.netns = netns
         shm = config.shm_dir or Path("/dev/shm") / f"hybridft-{os.getpid()}-{config.workdir.name}"
-        self.paths = PairPaths(config.workdir, shm)
+        self.shm_dir = shm
+        self.paths = PairFiles(config.workdir, shm)
         self.primary_proc: subprocess.Popen[bytes] | None = None
         self.secondary_proc: subprocess.Popen[bytes] | None = None
         self.primary: QmpSession | None = None
@@ -301,7 +262,7 @@ class ColoPair:
     async def _start(self, boot_timeout: float) -> None:
         cfg, paths = self.config, self.paths
         cfg.workdir.mkdir(parents=True, exist_ok=True)
-        paths.shm_dir.mkdir(parents=True, exist_ok=True)
+        self.shm_dir.mkdir(parents=True, exist_ok=True)
         if cfg.hold_after_checkpoint and not cfg.qemu.patched:
             raise ColoPairError("hold_after_checkpoint needs the patched QEMU (X_COLO_CHECKPOINT_HELD)")
         for side in ("primary", "secondary"):
@@ -309,10 +270,7 @@ class ColoPair:
                 disk.truncate(1 << 20)
             for stale in (paths.qmp(side), paths.qmp_aux(side), paths.control(side), paths.console(side)):
                 stale.unlink(missing_ok=True)
-        self.netns.add_tap(cfg.primary_tap)
-        self.netns.add_tap(cfg.secondary_tap)
-        # The secondary's own output must reach clients only through colo-compare.
-        self.netns.detach_tap(cfg.secondary_tap)
+        add_pair_taps(self.netns, cfg.primary_tap, cfg.secondary_tap)
 
         self.primary_proc = self._spawn("primary", primary_args(cfg, paths))
         self.secondary_proc = self._spawn("secondary", secondary_args(cfg, paths))
@@ -463,11 +421,7 @@ class ColoPair:
         except QmpTimeout:
             mark("no COLO_EXIT within 5 s")
         if self.config.compare == "qemu":
-            victims = [("object-del", "f2"), ("object-del", "f1"), ("chardev-remove", "red1"),
-                       ("chardev-remove", "red0")]  # fmt: skip
-            if not keep_rewriter:
-                victims.append(("object-del", "rew0"))
-            for command, ident in victims:
+            for command, ident in secondary_filter_teardown(keep_rewriter=keep_rewriter):
                 try:
                     await secondary.execute(command, id=ident)
                 except QmpCommandError as exc:
@@ -502,7 +456,7 @@ class ColoPair:
         for log in self._logs:
             with contextlib.suppress(Exception):
                 log.close()  # type: ignore[attr-defined]
-        shutil.rmtree(self.paths.shm_dir, ignore_errors=True)
+        shutil.rmtree(self.shm_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------- helpers
     def console_text(self, side: str) -> str:
