@@ -37,7 +37,7 @@ from mc_driver.ckpt_stats import (
     CheckpointStatsTotals,
     SecondaryCheckpointStats,
 )
-from mc_driver.colo_pair import ColoPair, ColoPairConfig
+from mc_driver.qemu_pair import ColoPair, ColoPairConfig
 from mc_driver.guest import GuestControl, GuestImage, build_guest, guest_cmdline
 from mc_driver.netns import NetNamespace
 
