@@ -37,9 +37,11 @@ from mc_driver.ckpt_stats import (
     CheckpointStatsTotals,
     SecondaryCheckpointStats,
 )
-from mc_driver.qemu_pair import ColoPair, ColoPairConfig
-from mc_driver.guest import GuestControl, GuestImage, build_guest, guest_cmdline
+from mc_driver.guest.control import GuestControl
+from mc_driver.guest.image import GuestImage, build_guest
+from mc_driver.guest.qemu_args import guest_cmdline
 from mc_driver.netns import NetNamespace
+from mc_driver.qemu_pair import ColoPair, ColoPairConfig
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns]
 
