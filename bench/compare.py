@@ -433,7 +433,10 @@ def core_colo_throughput(frames_total: int) -> dict[str, Any]:
                         released += len(frames_out)
     elapsed = time.perf_counter() - start
     return {
-        "frames": n, "released": released, "seconds": round(elapsed, 4), "frames_per_s": round(n / elapsed)
+        "frames": n,
+        "released": released,
+        "seconds": round(elapsed, 4),
+        "frames_per_s": round(n / elapsed),
     }
 
 

@@ -62,15 +62,28 @@ def _connect(socket_path: str, export: str) -> Any:
     return h
 
 
-def _run_io(h: Any, *, write: bool, block: int, qd: int, count: int, region: int, sequential: bool,
-            rate: float | None = None, seed: int = 1) -> dict[str, Any]:
+def _run_io(
+    h: Any,
+    *,
+    write: bool,
+    block: int,
+    qd: int,
+    count: int,
+    region: int,
+    sequential: bool,
+    rate: float | None = None,
+    seed: int = 1,
+) -> dict[str, Any]:
     """Issue ``count`` requests keeping ``qd`` in flight; optional pacing to ``rate`` bytes/s."""
     import nbd as libnbd
 
     rng = random.Random(seed)
     blocks = region // block
-    offsets = ([(i % blocks) * block for i in range(count)] if sequential
-               else [rng.randrange(blocks) * block for _ in range(count)])
+    offsets = (
+        [(i % blocks) * block for i in range(count)]
+        if sequential
+        else [rng.randrange(blocks) * block for _ in range(count)]
+    )
     buffers = [libnbd.Buffer.from_bytearray(bytearray(os.urandom(block))) for _ in range(qd)]
     latencies: list[float] = []
     started: dict[int, float] = {}
@@ -106,9 +119,13 @@ def _run_io(h: Any, *, write: bool, block: int, qd: int, count: int, region: int
     elapsed = time.perf_counter() - t0
     latency_us = summarize(latencies, scale=1e6, digits=None)
     return {
-        "ops": count, "errors": errors, "seconds": elapsed, "iops": count / elapsed,
+        "ops": count,
+        "errors": errors,
+        "seconds": elapsed,
+        "iops": count / elapsed,
         "mb_s": count * block / elapsed / 1e6,
-        "lat_p50_us": latency_us["p50"], "lat_p99_us": latency_us["p99"],
+        "lat_p50_us": latency_us["p50"],
+        "lat_p99_us": latency_us["p99"],
     }
 
 
@@ -146,9 +163,26 @@ def _qemu_nbd(image: Path, sock: Path) -> Iterator[None]:
     exe = shutil.which("qemu-nbd")
     if exe is None:
         raise click.ClickException("qemu-nbd is not installed (the baseline); run scripts/setup-host.sh")
-    proc = subprocess.Popen([exe, "-f", "raw", "-x", "replica", "--socket", str(sock), "--persistent",
-                             "--shared", "4", "--cache", "writeback", "--aio", "threads", str(image)],
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            exe,
+            "-f",
+            "raw",
+            "-x",
+            "replica",
+            "--socket",
+            str(sock),
+            "--persistent",
+            "--shared",
+            "4",
+            "--cache",
+            "writeback",
+            "--aio",
+            "threads",
+            str(image),
+        ],
+        stderr=subprocess.PIPE,
+    )
     try:
         _wait_for_socket(sock, proc)
         yield
@@ -166,10 +200,25 @@ def _disk_serve(image: Path, directory: Path, budget: int) -> Iterator[tuple[Pat
     state = directory / "state"
     shutil.rmtree(state, ignore_errors=True)
     proc = subprocess.Popen(
-        [*hybridft_command(), "disk", "serve", "--image",
-         str(image), "--state-dir", str(state), "--nbd", f"unix:{sock}", "--control", control,
-         "--speculation-budget", str(budget), "--writeout-budget", str(budget)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            *hybridft_command(),
+            "disk",
+            "serve",
+            "--image",
+            str(image),
+            "--state-dir",
+            str(state),
+            "--nbd",
+            f"unix:{sock}",
+            "--control",
+            control,
+            "--speculation-budget",
+            str(budget),
+            "--writeout-budget",
+            str(budget),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -183,8 +232,12 @@ def _disk_serve(image: Path, directory: Path, budget: int) -> Iterator[tuple[Pat
 
 
 def _worker(sock: Path, export: str, **spec: Any) -> dict[str, Any]:
-    result = subprocess.run([sys.executable, "-m", "bench.disk", str(sock), export, json.dumps(spec)],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.disk", str(sock), export, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if result.returncode != 0:
         raise click.ClickException(f"benchmark client failed: {result.stderr[-2000:]}")
     return json.loads(result.stdout)
@@ -193,14 +246,18 @@ def _worker(sock: Path, export: str, **spec: Any) -> dict[str, Any]:
 def _io_workloads(quick: bool, region: int) -> dict[str, dict[str, Any]]:
     scale = 0.1 if quick else 1.0
     return {
-        "randwrite_4k_qd1": dict(write=True, block=4 * KIB, qd=1, count=int(20000 * scale),
-                                 region=region, sequential=False),
-        "randwrite_4k_qd16": dict(write=True, block=4 * KIB, qd=16, count=int(100000 * scale),
-                                  region=region, sequential=False),
-        "seqwrite_1m_qd4": dict(write=True, block=MIB, qd=4, count=int(1000 * scale), region=region,
-                                sequential=True),
-        "randread_4k_qd16": dict(write=False, block=4 * KIB, qd=16, count=int(100000 * scale),
-                                 region=region, sequential=False),
+        "randwrite_4k_qd1": dict(
+            write=True, block=4 * KIB, qd=1, count=int(20000 * scale), region=region, sequential=False
+        ),
+        "randwrite_4k_qd16": dict(
+            write=True, block=4 * KIB, qd=16, count=int(100000 * scale), region=region, sequential=False
+        ),
+        "seqwrite_1m_qd4": dict(
+            write=True, block=MIB, qd=4, count=int(1000 * scale), region=region, sequential=True
+        ),
+        "randread_4k_qd16": dict(
+            write=False, block=4 * KIB, qd=16, count=int(100000 * scale), region=region, sequential=False
+        ),
     }
 
 
@@ -225,8 +282,12 @@ def _commit_latency(sock: Path, control: str, epochs: int) -> dict[str, Any]:
     finally:
         h.shutdown()
     commit, seal = summarize(commit_ms, digits=None), summarize(seal_ms, digits=None)
-    return {"epochs": epochs, "commit_p50_ms": commit["p50"], "commit_p99_ms": commit["p99"],
-            "seal_p50_ms": seal["p50"]}
+    return {
+        "epochs": epochs,
+        "commit_p50_ms": commit["p50"],
+        "commit_p99_ms": commit["p99"],
+        "seal_p50_ms": seal["p50"],
+    }
 
 
 def _fdatasync_baseline(directory: Path, epochs: int) -> dict[str, Any]:
@@ -252,8 +313,12 @@ def _writeout(sock: Path, control: str, seconds: float, rate: float, region: int
     """Paced random 4 KiB writes in a client process; this process seals+commits every 100 ms."""
     count = int(seconds * rate / (4 * KIB))
     spec = dict(write=True, block=4 * KIB, qd=16, count=count, region=region, sequential=False, rate=rate)
-    client = subprocess.Popen([sys.executable, "-m", "bench.disk", str(sock), "replica",
-                               json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = subprocess.Popen(
+        [sys.executable, "-m", "bench.disk", str(sock), "replica", json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     max_backlog = 0
     commits = 0
     checkpoint_needed_seen = False
@@ -279,9 +344,16 @@ def _writeout(sock: Path, control: str, seconds: float, rate: float, region: int
             drain_s = time.perf_counter() - t0
             break
         time.sleep(0.01)
-    return {"target_mb_s": rate / 1e6, "achieved_mb_s": result["mb_s"], "seconds": result["seconds"],
-            "commits": commits, "max_writeout_backlog_bytes": max_backlog, "drain_after_s": drain_s,
-            "checkpoint_needed_seen": checkpoint_needed_seen, "status_keys": sorted(status)}
+    return {
+        "target_mb_s": rate / 1e6,
+        "achieved_mb_s": result["mb_s"],
+        "seconds": result["seconds"],
+        "commits": commits,
+        "max_writeout_backlog_bytes": max_backlog,
+        "drain_after_s": drain_s,
+        "checkpoint_needed_seen": checkpoint_needed_seen,
+        "status_keys": sorted(status),
+    }
 
 
 def _settle(control: str) -> None:
@@ -343,8 +415,13 @@ def run_bench(quick: bool, epoch_ms: int = 100, rounds: int | None = None) -> di
     rounds = rounds or (1 if quick else 3)
     with tempfile.TemporaryDirectory(prefix="hybridft-bench-disk-", dir=os.environ.get("TMPDIR")) as tmp:
         directory = Path(tmp)
-        results: dict[str, Any] = {"quick": quick, "region_bytes": region, "epoch_ms": epoch_ms,
-                                   "rounds": rounds, "workloads": {}}
+        results: dict[str, Any] = {
+            "quick": quick,
+            "region_bytes": region,
+            "epoch_ms": epoch_ms,
+            "rounds": rounds,
+            "workloads": {},
+        }
         workloads = _io_workloads(quick, region)
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {
             name: {"qemu_nbd": [], "hybridft": [], "hybridft_sustained": []} for name in workloads
@@ -379,7 +456,9 @@ def run_bench(quick: bool, epoch_ms: int = 100, rounds: int | None = None) -> di
         for name in workloads:
             base_iops = baseline[name]["iops"]
             results["workloads"][name] = {
-                "hybridft": ours[name], "hybridft_sustained": sustained[name], "qemu_nbd": baseline[name],
+                "hybridft": ours[name],
+                "hybridft_sustained": sustained[name],
+                "qemu_nbd": baseline[name],
                 "ratio": ratio(ours[name]["iops"], base_iops, digits=None),
                 "ratio_sustained": ratio(sustained[name]["iops"], base_iops, digits=None),
             }
@@ -392,7 +471,8 @@ def run_bench(quick: bool, epoch_ms: int = 100, rounds: int | None = None) -> di
             "commit_p50_ms<=2": commit["commit_p50_ms"] <= 2,
             "commit_p99_ms<=5": commit["commit_p99_ms"] <= 5,
             "writeout_keeps_up_50mb_s": writeout["achieved_mb_s"] >= 0.95 * 50
-            and writeout["drain_after_s"] is not None and writeout["drain_after_s"] < 1.0,
+            and writeout["drain_after_s"] is not None
+            and writeout["drain_after_s"] < 1.0,
         }
         return results
 
@@ -402,25 +482,33 @@ def _ge(value: float | None, bound: float) -> bool:
 
 
 def render_table(results: dict[str, Any]) -> str:
-    lines = [f"{'workload':<18} {'hybridft burst':>15} {'sustained':>15} {'qemu-nbd':>15} {'ratio':>6}"
-             f" {'ratio sust':>10}  p50/p99 us (burst)"]
+    lines = [
+        f"{'workload':<18} {'hybridft burst':>15} {'sustained':>15} {'qemu-nbd':>15} {'ratio':>6}"
+        f" {'ratio sust':>10}  p50/p99 us (burst)"
+    ]
     for name, row in results["workloads"].items():
         ours, sus, base = row["hybridft"], row["hybridft_sustained"], row["qemu_nbd"]
         unit = "MB/s" if name.startswith("seq") else "IOPS"
         key = "mb_s" if unit == "MB/s" else "iops"
-        lines.append(f"{name:<18} {ours[key]:>10.0f} {unit:<4} {sus[key]:>10.0f} {unit:<4}"
-                     f" {base[key]:>10.0f} {unit:<4} {row['ratio']:>6.2f} {row['ratio_sustained']:>10.2f}"
-                     f"  {ours['lat_p50_us']:.0f}/{ours['lat_p99_us']:.0f}")
+        lines.append(
+            f"{name:<18} {ours[key]:>10.0f} {unit:<4} {sus[key]:>10.0f} {unit:<4}"
+            f" {base[key]:>10.0f} {unit:<4} {row['ratio']:>6.2f} {row['ratio_sustained']:>10.2f}"
+            f"  {ours['lat_p50_us']:.0f}/{ours['lat_p99_us']:.0f}"
+        )
     commit = results["commit"]
-    lines.append(f"{'epoch commit 1000x4K':<20} p50 {commit['hybridft']['commit_p50_ms']:.2f} ms"
-                 f" p99 {commit['hybridft']['commit_p99_ms']:.2f} ms (seal p50"
-                 f" {commit['hybridft']['seal_p50_ms']:.2f} ms); baseline 4 MB+fdatasync p50"
-                 f" {commit['fdatasync_4mb']['commit_p50_ms']:.2f} ms p99"
-                 f" {commit['fdatasync_4mb']['commit_p99_ms']:.2f} ms")
+    lines.append(
+        f"{'epoch commit 1000x4K':<20} p50 {commit['hybridft']['commit_p50_ms']:.2f} ms"
+        f" p99 {commit['hybridft']['commit_p99_ms']:.2f} ms (seal p50"
+        f" {commit['hybridft']['seal_p50_ms']:.2f} ms); baseline 4 MB+fdatasync p50"
+        f" {commit['fdatasync_4mb']['commit_p50_ms']:.2f} ms p99"
+        f" {commit['fdatasync_4mb']['commit_p99_ms']:.2f} ms"
+    )
     w = results["writeout"]
     drain = "never" if w["drain_after_s"] is None else f"{w['drain_after_s']:.2f} s"
-    lines.append(f"{'write-out @50 MB/s':<20} achieved {w['achieved_mb_s']:.1f} MB/s, {w['commits']} commits,"
-                 f" max backlog {w['max_writeout_backlog_bytes'] / MIB:.1f} MiB, drained in {drain}")
+    lines.append(
+        f"{'write-out @50 MB/s':<20} achieved {w['achieved_mb_s']:.1f} MB/s, {w['commits']} commits,"
+        f" max backlog {w['max_writeout_backlog_bytes'] / MIB:.1f} MiB, drained in {drain}"
+    )
     lines.append("goals: " + ", ".join(f"{k} {'OK' if v else 'MISSED'}" for k, v in results["goals"].items()))
     return "\n".join(lines)
 
@@ -428,8 +516,13 @@ def render_table(results: dict[str, Any]) -> str:
 @click.command("disk")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--quick", is_flag=True, help="A short run (seconds) for tests; numbers are not meaningful.")
-@click.option("--epoch-ms", type=click.IntRange(min=10), default=100, show_default=True,
-              help="Seal+commit interval while the I/O workloads run against hybridft.")
+@click.option(
+    "--epoch-ms",
+    type=click.IntRange(min=10),
+    default=100,
+    show_default=True,
+    help="Seal+commit interval while the I/O workloads run against hybridft.",
+)
 def bench_disk(as_json: bool, quick: bool, epoch_ms: int) -> None:
     """NBD disk buffer vs qemu-nbd on the same image (same run): IOPS, MB/s, commit latency, write-out."""
     results = run_bench(quick, epoch_ms)

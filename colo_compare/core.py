@@ -779,8 +779,18 @@ class Comparator:
             )
         for dflow in self._dgram.values():
             reports.append(
-                FlowReport(dflow.key, proto_of(dflow.key), dflow.p_count > 0, dflow.s_count > 0,
-                           dflow.p_count, dflow.s_count, dflow.diverged, False, False, 0)
+                FlowReport(
+                    dflow.key,
+                    proto_of(dflow.key),
+                    dflow.p_count > 0,
+                    dflow.s_count > 0,
+                    dflow.p_count,
+                    dflow.s_count,
+                    dflow.diverged,
+                    False,
+                    False,
+                    0,
+                )
             )
         return reports
 
@@ -1159,7 +1169,14 @@ class Comparator:
         return key, seq, ack, flags | 0x5000, pstart, ip_end
 
     def _tcp_segment(
-        self, flow: _TcpFlow, side: _Side, primary: bool, seq: int, flags: int, frame: bytes, pstart: int,
+        self,
+        flow: _TcpFlow,
+        side: _Side,
+        primary: bool,
+        seq: int,
+        flags: int,
+        frame: bytes,
+        pstart: int,
         plen: int,
     ) -> int:
         """The general TCP path: anchoring, SYN/FIN/RST, out-of-order and overlapping data.
@@ -1401,15 +1418,17 @@ class Comparator:
             out.append(frame)  # its bytes leave _held_bytes in _settle
             dflow.released += 1
 
-    def _diverge(self, flow: _TcpFlow | _DgramFlow, reason: str, proto: str, offset: int,
-                 actions: list[Action]) -> None:
+    def _diverge(
+        self, flow: _TcpFlow | _DgramFlow, reason: str, proto: str, offset: int, actions: list[Action]
+    ) -> None:
         flow.diverged = (reason, offset)
         self._divergences += 1
         if not flow.requested:
             actions.append(self._request(flow, reason, proto, offset))
 
-    def _request(self, flow: _TcpFlow | _DgramFlow, reason: str, proto: str, offset: int | None
-                 ) -> CheckpointRequest:
+    def _request(
+        self, flow: _TcpFlow | _DgramFlow, reason: str, proto: str, offset: int | None
+    ) -> CheckpointRequest:
         flow.requested = True
         self._requests += 1
         self._reasons[reason] = self._reasons.get(reason, 0) + 1
@@ -1477,7 +1496,6 @@ class Comparator:
     def _count_out(self, out: list[bytes]) -> None:
         self._out_frames += len(out)
         self._out_bytes += sum(map(len, out))
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -1642,6 +1660,7 @@ def _flow_key(frame: bytes | memoryview) -> bytes | tuple:
             return key
     return classify(bytes(frame))[1]
 
+
 def _event(side: _Side, v: int) -> int:
     """What this side has at sequence-space offset ``v`` once data is verified up to ``v``."""
     if side.end > v:
@@ -1665,6 +1684,7 @@ def _drop_until(side: _Side, offset: int) -> None:
     _ensure(side, min(offset, side.end))
     side.off += min(offset, side.end) - side.start
     side.start = offset
+
 
 def _ensure(side: _Side, upto: int) -> None:
     """Make ``side.cur`` cover stream offsets [start, upto) by joining *all* pending chunks.

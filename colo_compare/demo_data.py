@@ -33,8 +33,9 @@ class DemoPair:
 
 
 def http_response(body_len: int, date: str) -> bytes:
-    body = b"".join(b"line %05d of a page both VMs render identically....\n" % i
-                    for i in range(body_len // 53 + 1))[:body_len]
+    body = b"".join(
+        b"line %05d of a page both VMs render identically....\n" % i for i in range(body_len // 53 + 1)
+    )[:body_len]
     return (
         b"HTTP/1.1 200 OK\r\nServer: demo/1.0\r\nDate: " + date.encode() + b"\r\n"
         b"Content-Type: text/plain\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
@@ -62,19 +63,52 @@ class _Vm:
             return IPv6(src=src, dst=dst, hlim=self.ttl)
         return IP(src=src, dst=dst, id=self.ip_id, ttl=self.ttl)
 
-    def tcp(self, t: float, seq: int, ack: int, flags: str, payload: bytes = b"", *, src: str = VM,
-            dst: str = CLIENT, sport: int = 80, dport: int = 40001) -> None:
+    def tcp(
+        self,
+        t: float,
+        seq: int,
+        ack: int,
+        flags: str,
+        payload: bytes = b"",
+        *,
+        src: str = VM,
+        dst: str = CLIENT,
+        sport: int = 80,
+        dport: int = 40001,
+    ) -> None:
         from scapy.layers.inet import TCP
         from scapy.layers.l2 import Ether
 
         opts = [("Timestamp", (int(t * 1000) + self.ip_id, 4242))] if self.timestamps else []
-        pkt = (Ether(src=VM_MAC, dst=CLIENT_MAC) / self.ip(src, dst)
-               / TCP(sport=sport, dport=dport, seq=seq & 0xFFFFFFFF, ack=ack & 0xFFFFFFFF, flags=flags,
-                     window=64240 if self.timestamps else 65160, options=opts) / payload)
+        pkt = (
+            Ether(src=VM_MAC, dst=CLIENT_MAC)
+            / self.ip(src, dst)
+            / TCP(
+                sport=sport,
+                dport=dport,
+                seq=seq & 0xFFFFFFFF,
+                ack=ack & 0xFFFFFFFF,
+                flags=flags,
+                window=64240 if self.timestamps else 65160,
+                options=opts,
+            )
+            / payload
+        )
         self.emit(t, pkt)
 
-    def stream(self, t: float, step: float, isn: int, ack: int, data: bytes, sizes: list[int], *,
-               order: list[int] | None = None, retransmit: int | None = None, **kw: Any) -> float:
+    def stream(
+        self,
+        t: float,
+        step: float,
+        isn: int,
+        ack: int,
+        data: bytes,
+        sizes: list[int],
+        *,
+        order: list[int] | None = None,
+        retransmit: int | None = None,
+        **kw: Any,
+    ) -> float:
         """Send ``data`` after a SYN/ACK sent at ``t``; returns the time after the FIN."""
         self.tcp(t, isn, ack, "SA", **kw)
         t += step
@@ -109,8 +143,11 @@ def demo_pair() -> DemoPair:
 
     # ARP
     for vm, dt in zip(both, (0.0, 0.0003), strict=True):
-        vm.emit(dt, Ether(src=VM_MAC, dst=CLIENT_MAC) / ARP(op=2, hwsrc=VM_MAC, psrc=VM, hwdst=CLIENT_MAC,
-                                                              pdst=CLIENT))
+        vm.emit(
+            dt,
+            Ether(src=VM_MAC, dst=CLIENT_MAC)
+            / ARP(op=2, hwsrc=VM_MAC, psrc=VM, hwdst=CLIENT_MAC, pdst=CLIENT),
+        )
 
     # HTTP connection A: identical page, different packets
     page = http_response(12000, "Thu, 26 Nov 2026 01:02:03 GMT")
@@ -159,12 +196,19 @@ def demo_pair() -> DemoPair:
     for n in range(3):
         answer = b"\x12\x34\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00\x07example\x03org\x00" + bytes([n])
         for vm, dt in zip(both, (0.0, 0.0004), strict=True):
-            vm.emit(0.5 + n * 0.01 + dt, Ether(src=VM_MAC, dst=CLIENT_MAC) / vm.ip(VM, CLIENT)
-                    / UDP(sport=53, dport=5353) / answer)
+            vm.emit(
+                0.5 + n * 0.01 + dt,
+                Ether(src=VM_MAC, dst=CLIENT_MAC) / vm.ip(VM, CLIENT) / UDP(sport=53, dport=5353) / answer,
+            )
     for n in range(1, 5):
         for vm, dt in zip(both, (0.0, 0.0002), strict=True):
-            vm.emit(0.6 + n * 0.1 + dt, Ether(src=VM_MAC, dst=CLIENT_MAC) / vm.ip(VM, CLIENT)
-                    / ICMP(type=0, id=0x1234, seq=n) / (b"ping-payload-%02d" % n))
+            vm.emit(
+                0.6 + n * 0.1 + dt,
+                Ether(src=VM_MAC, dst=CLIENT_MAC)
+                / vm.ip(VM, CLIENT)
+                / ICMP(type=0, id=0x1234, seq=n)
+                / (b"ping-payload-%02d" % n),
+            )
 
     # IPv6: an SSH banner and key exchange bytes
     ssh = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n" + bytes((i * 31) & 0xFF for i in range(3000))
@@ -172,7 +216,15 @@ def demo_pair() -> DemoPair:
     primary.stream(1.2, 0.0002, 123_456, 777_001, ssh, [1428], **kw6)
     secondary.stream(1.2003, 0.0002, 3_999_999_000, 777_001, ssh, [500, 1000], retransmit=1, **kw6)
 
-    expected = {"proto": "tcp", "src": VM, "sport": 80, "dst": CLIENT, "dport": 40002, "offset": diff_at,
-                "reason": "payload"}
-    return DemoPair(sorted(primary.frames, key=lambda x: x[0]), sorted(secondary.frames, key=lambda x: x[0]),
-                    expected)
+    expected = {
+        "proto": "tcp",
+        "src": VM,
+        "sport": 80,
+        "dst": CLIENT,
+        "dport": 40002,
+        "offset": diff_at,
+        "reason": "payload",
+    }
+    return DemoPair(
+        sorted(primary.frames, key=lambda x: x[0]), sorted(secondary.frames, key=lambda x: x[0]), expected
+    )

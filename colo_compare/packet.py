@@ -198,16 +198,31 @@ def describe(key: bytes | tuple) -> dict[str, object]:
     if kind == "icmp":
         addrs = key[1]
         half = len(addrs) // 2
-        return {"proto": "icmp", "src": _addr(addrs[:half]), "sport": None, "dst": _addr(addrs[half:]),
-                "dport": None}
+        return {
+            "proto": "icmp",
+            "src": _addr(addrs[:half]),
+            "sport": None,
+            "dst": _addr(addrs[half:]),
+            "dport": None,
+        }
     if kind == "other":
         macs, ethertype, extra = key[1], key[2], key[3]
         if ethertype in (ETH_IPV4, ETH_IPV6) and len(extra) in (9, 33):
             half = (len(extra) - 1) // 2
-            return {"proto": "other", "src": _addr(extra[1 : 1 + half]), "sport": None,
-                    "dst": _addr(extra[1 + half :]), "dport": None}
-        return {"proto": "other", "src": _mac(macs[6:12]), "sport": None, "dst": _mac(macs[0:6]),
-                "dport": None}
+            return {
+                "proto": "other",
+                "src": _addr(extra[1 : 1 + half]),
+                "sport": None,
+                "dst": _addr(extra[1 + half :]),
+                "dport": None,
+            }
+        return {
+            "proto": "other",
+            "src": _mac(macs[6:12]),
+            "sport": None,
+            "dst": _mac(macs[0:6]),
+            "dport": None,
+        }
     return {"proto": "other", "src": "?", "sport": None, "dst": "?", "dport": None}
 
 

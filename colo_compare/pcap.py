@@ -54,9 +54,7 @@ def read_frames(path: str | Path) -> list[tuple[float, bytes]]:
         sec, frac, incl, orig = rec.unpack_from(data, pos)
         pos += 16
         if pos + incl > n:
-            raise PcapError(
-                f"{path}: record {len(frames) + 1} claims {incl} bytes but only {n - pos} remain"
-            )
+            raise PcapError(f"{path}: record {len(frames) + 1} claims {incl} bytes but only {n - pos} remain")
         if incl < orig:
             raise PcapError(
                 f"{path}: record {len(frames) + 1} was cut by the capture's snap length ({incl} of "

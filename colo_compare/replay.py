@@ -118,8 +118,11 @@ def _status(r: FlowReport) -> tuple[str, str | None, int | None]:
     if r.divergence is not None:
         reason, offset = r.divergence
         return "diverged", reason, offset
-    if r.proto == "tcp" and r.verified < 0 and (r.primary_units or r.secondary_units or
-                                                 r.primary_closed or r.secondary_closed):
+    if (
+        r.proto == "tcp"
+        and r.verified < 0
+        and (r.primary_units or r.secondary_units or r.primary_closed or r.secondary_closed)
+    ):
         return "diverged", "syn", 0
     if r.primary_units == r.secondary_units and r.primary_closed == r.secondary_closed:
         return "match", None, None
@@ -144,9 +147,11 @@ def format_report(result: ReplayResult, primary: str = "primary", secondary: str
     lines: list[str] = []
     n = len(result.divergences)
     head = "MATCH" if result.verdict == "match" else f"DIVERGED ({n} divergence{'s' if n != 1 else ''})"
-    lines.append(f"verdict: {head}    flows: {len(result.flows)}    "
-                 f"frames: {primary} {result.stats.get('primary_frames', 0)}, "
-                 f"{secondary} {result.stats.get('secondary_frames', 0)}")
+    lines.append(
+        f"verdict: {head}    flows: {len(result.flows)}    "
+        f"frames: {primary} {result.stats.get('primary_frames', 0)}, "
+        f"{secondary} {result.stats.get('secondary_frames', 0)}"
+    )
     lines.append("")
     width = max([len(f["flow"]) for f in result.flows] + [4])
     lines.append(f"{'PROTO':<6} {'FLOW':<{width}} {'PRIMARY':>17} {'SECONDARY':>17}  STATUS")
@@ -161,16 +166,20 @@ def format_report(result: ReplayResult, primary: str = "primary", secondary: str
         for d, (pb, sb) in zip(result.divergences, result.excerpts, strict=True):
             where = "stream offset" if d["proto"] == "tcp" else "datagram index"
             port = lambda p: "" if p is None else f":{p}"  # noqa: E731
-            lines.append(f"  {d['proto']} {d['src']}{port(d['sport'])} -> {d['dst']}{port(d['dport'])}: "
-                         f"{d['reason']} at {where} {d['offset']}")
+            lines.append(
+                f"  {d['proto']} {d['src']}{port(d['sport'])} -> {d['dst']}{port(d['dport'])}: "
+                f"{d['reason']} at {where} {d['offset']}"
+            )
             if pb or sb:
                 lines.append(f"      primary:   {_printable(pb)!s}")
                 lines.append(f"      secondary: {_printable(sb)!s}")
     malformed = result.stats.get("malformed_primary", 0), result.stats.get("malformed_secondary", 0)
     if any(malformed):
         lines.append("")
-        lines.append(f"malformed frames: primary {malformed[0]}, secondary {malformed[1]} "
-                     "(compared whole, byte for byte)")
+        lines.append(
+            f"malformed frames: primary {malformed[0]}, secondary {malformed[1]} "
+            "(compared whole, byte for byte)"
+        )
     return "\n".join(lines)
 
 
@@ -200,8 +209,14 @@ def replay_command(primary: str, secondary: str, as_json: bool) -> None:
 
 
 @click.command("demo")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="build/demo", show_default=True,
-              help="Where PRIMARY.pcap and SECONDARY.pcap are written.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default="build/demo",
+    show_default=True,
+    help="Where PRIMARY.pcap and SECONDARY.pcap are written.",
+)
 def demo_command(out_dir: str) -> None:
     """Generate a capture pair, replay it through the comparator and print the report."""
     pair = make_demo_pair()
@@ -210,21 +225,28 @@ def demo_command(out_dir: str) -> None:
     write_frames(out / "PRIMARY.pcap", pair.primary)
     write_frames(out / "SECONDARY.pcap", pair.secondary)
     result = replay_files(out / "PRIMARY.pcap", out / "SECONDARY.pcap")
-    click.echo(f"wrote {out / 'PRIMARY.pcap'} ({len(pair.primary)} frames) and "
-               f"{out / 'SECONDARY.pcap'} ({len(pair.secondary)} frames)")
+    click.echo(
+        f"wrote {out / 'PRIMARY.pcap'} ({len(pair.primary)} frames) and "
+        f"{out / 'SECONDARY.pcap'} ({len(pair.secondary)} frames)"
+    )
     click.echo("The two VMs answered the same requests: same bytes, different packets (ISNs, segment sizes,")
     click.echo("IP IDs, TCP timestamps, a retransmission, reordering, ACK timing) and one real difference.")
     click.echo("")
     click.echo(format_report(result, "PRIMARY.pcap", "SECONDARY.pcap"))
     click.echo("")
-    click.echo(f"replay it yourself: hybridft compare replay {out / 'PRIMARY.pcap'} "
-               f"{out / 'SECONDARY.pcap'} [--json]")
+    click.echo(
+        f"replay it yourself: hybridft compare replay {out / 'PRIMARY.pcap'} "
+        f"{out / 'SECONDARY.pcap'} [--json]"
+    )
     if result.divergences != [pair.expected]:
-        click.echo(f"demo self-check FAILED: expected exactly {pair.expected}, got {result.divergences}",
-                   err=True)
+        click.echo(
+            f"demo self-check FAILED: expected exactly {pair.expected}, got {result.divergences}", err=True
+        )
         sys.exit(1)
-    click.echo("demo self-check: the planted divergence (HTTP Date header) was found at its exact offset, "
-               "nothing else diverged.")
+    click.echo(
+        "demo self-check: the planted divergence (HTTP Date header) was found at its exact offset, "
+        "nothing else diverged."
+    )
 
 
 def make_demo_pair() -> DemoPair:

@@ -204,9 +204,7 @@ def encode_frame(frame: bytes | memoryview, vnet_header: bytes | None = None) ->
     return _U32x2.pack(len(vnet_header) + len(frame), len(vnet_header)) + vnet_header + bytes(frame)
 
 
-def encode_frames(
-    frames: Sequence[bytes | memoryview], vnet_headers: Sequence[bytes] | None = None
-) -> bytes:
+def encode_frames(frames: Sequence[bytes | memoryview], vnet_headers: Sequence[bytes] | None = None) -> bytes:
     """Many records in one buffer (one ``send`` for a whole batch)."""
     pack = _U32.pack
     parts: list[bytes | memoryview] = []

@@ -306,8 +306,9 @@ class ServerHandshake:
             return option_reply(option, Rep.ERR_UNKNOWN, f"no export named {name!r}".encode()[:MAX_NAME])
         requested = {_U16.unpack_from(data, 6 + name_length + 2 * i)[0] for i in range(count)}
         out = bytearray()
-        out += option_reply(option, Rep.INFO, _U16.pack(Info.EXPORT) + _U64.pack(export.size)
-                            + _U16.pack(export.flags))
+        out += option_reply(
+            option, Rep.INFO, _U16.pack(Info.EXPORT) + _U64.pack(export.size) + _U16.pack(export.flags)
+        )
         if Info.NAME in requested:
             out += option_reply(option, Rep.INFO, _U16.pack(Info.NAME) + export.name.encode())
         if Info.DESCRIPTION in requested and export.description:

@@ -141,8 +141,11 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.peer = str(transport.get_extra_info("peername") or "unix")
         server = self.server
         if len(server.connections) >= server.max_connections:
-            log.warning("NBD client %s refused: %d connections already (--max-connections)",
-                        self.peer, len(server.connections))
+            log.warning(
+                "NBD client %s refused: %d connections already (--max-connections)",
+                self.peer,
+                len(server.connections),
+            )
             self._closing = True
             transport.close()
             return
@@ -163,8 +166,11 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._handshake_timer = None
         if self.handshake is None or self._closing or self.transport is None:
             return
-        log.warning("NBD client %s did not finish the handshake in %g s; dropping it",
-                    self.peer, self.server.handshake_timeout)
+        log.warning(
+            "NBD client %s did not finish the handshake in %g s; dropping it",
+            self.peer,
+            self.server.handshake_timeout,
+        )
         self._closing = True
         self.transport.abort()
 
@@ -317,8 +323,9 @@ class NbdConnection(asyncio.BufferedProtocol):
                 except Exception as exc:
                     error = _error_for(exc, command)
                     if not isinstance(exc, HybridftError):
-                        log.exception("NBD %s at %d+%d failed", Cmd(command).name, request.offset,
-                                      request.length)
+                        log.exception(
+                            "NBD %s at %d+%d failed", Cmd(command).name, request.offset, request.length
+                        )
                     append(nbd.simple_reply(request.cookie, error))
         except nbd.TransmissionError as exc:
             log.warning("NBD client %s sent an unparsable request (%s); disconnecting", self.peer, exc)
@@ -475,8 +482,14 @@ async def run_server(
             loop.add_signal_handler(signum, stop.set)
         status = buffer.status()
         nbd_bound, control_bound = _bound(servers[0], nbd_ep), _bound(servers[1], control_ep)
-        log.info("serving %s (%d bytes) on %s, control on %s; committed epoch %s",
-                 image, buffer.size, nbd_bound, control_bound, status.get("committed"))
+        log.info(
+            "serving %s (%d bytes) on %s, control on %s; committed epoch %s",
+            image,
+            buffer.size,
+            nbd_bound,
+            control_bound,
+            status.get("committed"),
+        )
         print(f"ready nbd={nbd_bound} control={control_bound}", flush=True)
         await stop.wait()
         log.info("shutting down")
@@ -513,39 +526,98 @@ def _endpoint_option(ctx: click.Context, param: click.Parameter, value: str) -> 
 
 
 @click.command("serve")
-@click.option("--image", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The replica image (raw).")
-@click.option("--state-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Directory for the journal and state.")
-@click.option("--nbd", "nbd_endpoint", required=True, callback=_endpoint_option,
-              help="NBD listen address: unix:PATH or tcp:HOST:PORT.")
-@click.option("--control", "control_endpoint", required=True, callback=_endpoint_option,
-              help="Control socket: unix:PATH or tcp:HOST:PORT.")
-@click.option("--speculation-budget", type=click.IntRange(min=1), default=256 << 20, show_default=True,
-              help="Bytes of unsealed+sealed primary writes before reading from clients pauses.")
-@click.option("--writeout-budget", type=click.IntRange(min=1), default=256 << 20, show_default=True,
-              help="Bytes committed but not yet applied to IMG before reading pauses.")
-@click.option("--reply-budget", type=click.IntRange(min=1), default=DEFAULT_REPLY_BUDGET, show_default=True,
-              help="Bytes of read replies one NBD connection may queue before it waits for its client.")
-@click.option("--handshake-timeout", type=click.FloatRange(min=0, min_open=True),
-              default=DEFAULT_HANDSHAKE_TIMEOUT, show_default=True,
-              help="Seconds a client may take to finish the NBD handshake before it is dropped.")
-@click.option("--max-connections", type=click.IntRange(min=1), default=DEFAULT_MAX_CONNECTIONS,
-              show_default=True, help="NBD connections served at once; more are closed on accept.")
+@click.option(
+    "--image", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The replica image (raw)."
+)
+@click.option(
+    "--state-dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for the journal and state.",
+)
+@click.option(
+    "--nbd",
+    "nbd_endpoint",
+    required=True,
+    callback=_endpoint_option,
+    help="NBD listen address: unix:PATH or tcp:HOST:PORT.",
+)
+@click.option(
+    "--control",
+    "control_endpoint",
+    required=True,
+    callback=_endpoint_option,
+    help="Control socket: unix:PATH or tcp:HOST:PORT.",
+)
+@click.option(
+    "--speculation-budget",
+    type=click.IntRange(min=1),
+    default=256 << 20,
+    show_default=True,
+    help="Bytes of unsealed+sealed primary writes before reading from clients pauses.",
+)
+@click.option(
+    "--writeout-budget",
+    type=click.IntRange(min=1),
+    default=256 << 20,
+    show_default=True,
+    help="Bytes committed but not yet applied to IMG before reading pauses.",
+)
+@click.option(
+    "--reply-budget",
+    type=click.IntRange(min=1),
+    default=DEFAULT_REPLY_BUDGET,
+    show_default=True,
+    help="Bytes of read replies one NBD connection may queue before it waits for its client.",
+)
+@click.option(
+    "--handshake-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_HANDSHAKE_TIMEOUT,
+    show_default=True,
+    help="Seconds a client may take to finish the NBD handshake before it is dropped.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_CONNECTIONS,
+    show_default=True,
+    help="NBD connections served at once; more are closed on accept.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every connection and recovery step.")
-def serve_command(image: Path, state_dir: Path, nbd_endpoint: str, control_endpoint: str,
-                  speculation_budget: int, writeout_budget: int, reply_budget: int,
-                  handshake_timeout: float, max_connections: int, verbose: bool) -> None:
+def serve_command(
+    image: Path,
+    state_dir: Path,
+    nbd_endpoint: str,
+    control_endpoint: str,
+    speculation_budget: int,
+    writeout_budget: int,
+    reply_budget: int,
+    handshake_timeout: float,
+    max_connections: int,
+    verbose: bool,
+) -> None:
     """Serve the `replica` and `view` NBD exports of IMG (foreground; SIGTERM/SIGINT stop it cleanly)."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     if not image.is_file():
         raise click.ClickException(f"image {image} does not exist or is not a regular file")
     try:
-        asyncio.run(run_server(image, state_dir, nbd_endpoint, control_endpoint,
-                               speculation_budget=speculation_budget, writeout_budget=writeout_budget,
-                               reply_budget=reply_budget, handshake_timeout=handshake_timeout,
-                               max_connections=max_connections))
+        asyncio.run(
+            run_server(
+                image,
+                state_dir,
+                nbd_endpoint,
+                control_endpoint,
+                speculation_budget=speculation_budget,
+                writeout_budget=writeout_budget,
+                reply_budget=reply_budget,
+                handshake_timeout=handshake_timeout,
+                max_connections=max_connections,
+            )
+        )
     except HybridftError as exc:
         raise click.ClickException(f"{exc.message} ({exc.code})") from None
     except OSError as exc:

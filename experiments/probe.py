@@ -37,8 +37,14 @@ def blob(host: str, port: int, count: int, timeout: float) -> None:
         start = time.monotonic()
         body = _http_get(host, port, "/blob", timeout)
         seconds = time.monotonic() - start
-        results.append({"bytes": len(body), "ok": hashlib.sha256(body).hexdigest() == expected,
-                        "seconds": round(seconds, 3), "mbit_s": round(len(body) * 8 / seconds / 1e6, 1)})
+        results.append(
+            {
+                "bytes": len(body),
+                "ok": hashlib.sha256(body).hexdigest() == expected,
+                "seconds": round(seconds, 3),
+                "mbit_s": round(len(body) * 8 / seconds / 1e6, 1),
+            }
+        )
     ok = all(r["ok"] for r in results)
     click.echo(json.dumps({"probe": "blob", "ok": ok, "runs": results}))
     sys.exit(0 if ok else 1)
@@ -69,9 +75,17 @@ def echo(host: str, port: int, rounds: int, size: int, timeout: float) -> None:
                 click.echo(json.dumps({"probe": "echo", "ok": False, "error": "mismatch"}))
                 sys.exit(1)
     latencies.sort()
-    click.echo(json.dumps({"probe": "echo", "ok": True, "rounds": rounds,
-                           "p50_ms": round(latencies[len(latencies) // 2] * 1e3, 2),
-                           "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1e3, 2)}))
+    click.echo(
+        json.dumps(
+            {
+                "probe": "echo",
+                "ok": True,
+                "rounds": rounds,
+                "p50_ms": round(latencies[len(latencies) // 2] * 1e3, 2),
+                "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1e3, 2),
+            }
+        )
+    )
 
 
 def _http_get(host: str, port: int, path: str, timeout: float) -> bytes:
@@ -102,6 +116,7 @@ def _http_get(host: str, port: int, path: str, timeout: float) -> bytes:
     if length is not None and len(body) != length:
         raise click.ClickException(f"body has {len(body)} bytes, Content-Length says {length}")
     return bytes(body)
+
 
 if __name__ == "__main__":
     main()

@@ -509,8 +509,11 @@ def test_colo_to_mc_to_colo_with_overlapping_seals_starts_flows_afresh() -> None
     assert released(c.commit(n1)) == first
     assert released(c.commit(n2)) == mc_frames
     # the secondary, having loaded checkpoint n2, continues the same connection in the same space
-    out = released(c.feed_secondary([tcp_frame(10 + 1 + 3000, DATA[3000:3500]),
-                                     tcp_frame(10 + 1 + 3500, DATA[3500:4000])], 1.0))
+    out = released(
+        c.feed_secondary(
+            [tcp_frame(10 + 1 + 3000, DATA[3000:3500]), tcp_frame(10 + 1 + 3500, DATA[3500:4000])], 1.0
+        )
+    )
     assert out == later
     assert c.stats()["held_frames"] == 0
 
@@ -565,8 +568,12 @@ def test_ipv4_options_ipv6_extension_headers_and_ethernet_padding_are_transparen
     from scapy.layers.l2 import Ether
 
     def v4_opts(seq: int, payload: bytes, flags: str = "PA") -> bytes:
-        return bytes(Ether() / IP(src="10.0.0.2", dst="10.0.0.1", options=[IPOption_NOP()] * 4)
-                     / TCP(sport=80, dport=40001, seq=seq, ack=1000, flags=flags) / payload)
+        return bytes(
+            Ether()
+            / IP(src="10.0.0.2", dst="10.0.0.1", options=[IPOption_NOP()] * 4)
+            / TCP(sport=80, dport=40001, seq=seq, ack=1000, flags=flags)
+            / payload
+        )
 
     p = [v4_opts(10, b"", "SA"), v4_opts(11, DATA[:700]), v4_opts(711, DATA[700:1000])]
     s = [tcp_frame(50, flags="SA"), tcp_frame(51, DATA[:1000])]
@@ -574,8 +581,13 @@ def test_ipv4_options_ipv6_extension_headers_and_ethernet_padding_are_transparen
     assert reqs == [] and out == p
 
     def v6_hbh(seq: int, payload: bytes, flags: str = "PA") -> bytes:
-        return bytes(Ether() / IPv6(src=VM6, dst=CLIENT6) / IPv6ExtHdrHopByHop()
-                     / TCP(sport=80, dport=40001, seq=seq, ack=1000, flags=flags) / payload)
+        return bytes(
+            Ether()
+            / IPv6(src=VM6, dst=CLIENT6)
+            / IPv6ExtHdrHopByHop()
+            / TCP(sport=80, dport=40001, seq=seq, ack=1000, flags=flags)
+            / payload
+        )
 
     p6 = [v6_hbh(10, b"", "SA"), v6_hbh(11, DATA[:500])]
     s6 = stream_frames(DATA[:500], [250], isn=99, fin=False, src=VM6, dst=CLIENT6)

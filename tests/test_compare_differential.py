@@ -156,8 +156,9 @@ def _flows(c: object) -> list[tuple]:
     return [tuple(getattr(r, f) for f in r.__slots__) for r in c.flows()]  # type: ignore[attr-defined]
 
 
-def _apply(c: object, op: tuple, frames: dict[str, list[bytes]], pos: dict[str, int], sealed: list[int],
-           t: float) -> list[tuple]:
+def _apply(
+    c: object, op: tuple, frames: dict[str, list[bytes]], pos: dict[str, int], sealed: list[int], t: float
+) -> list[tuple]:
     kind = op[0]
     if kind in ("p", "s"):
         batch = frames[kind][pos[kind] : pos[kind] + op[1]]

@@ -23,8 +23,9 @@ from hybridft_common.vocabulary import Mode
 from tests.helpers.raw_frames import ETH_VM_TO_CLIENT, tcp4
 
 
-def side_frames(data: bytes, cuts: list[int], isn: int, order: list[int], dups: list[int], ip_id: int,
-                fin: bool = True) -> list[bytes]:
+def side_frames(
+    data: bytes, cuts: list[int], isn: int, order: list[int], dups: list[int], ip_id: int, fin: bool = True
+) -> list[bytes]:
     """SYN first, then the segments (cut at ``cuts``) in ``order`` with ``dups`` re-sent, then FIN."""
     bounds = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
     segs = [(a, data[a:b]) for a, b in itertools.pairwise(bounds) if b > a]
@@ -62,14 +63,16 @@ def requests(actions: list) -> list[CheckpointRequest]:
 stream_data = st.binary(min_size=0, max_size=3000)
 cuts = st.lists(st.integers(min_value=0, max_value=3000), max_size=12)
 orders = st.lists(st.integers(min_value=0, max_value=30), max_size=12)
-isns = st.integers(min_value=0, max_value=0xFFFFFFFF) | st.integers(min_value=0xFFFFF000,
-                                                                   max_value=0xFFFFFFFF)
+isns = st.integers(min_value=0, max_value=0xFFFFFFFF) | st.integers(
+    min_value=0xFFFFF000, max_value=0xFFFFFFFF
+)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stream_data, cuts, cuts, orders, orders, orders, orders, isns, isns, st.integers(1, 8))
-def test_any_two_packetisations_of_a_stream_match(data, cuts_p, cuts_s, order_p, order_s, dups_p, dups_s,
-                                                   isn_p, isn_s, batch) -> None:
+def test_any_two_packetisations_of_a_stream_match(
+    data, cuts_p, cuts_s, order_p, order_s, dups_p, dups_s, isn_p, isn_s, batch
+) -> None:
     # The filter-rewriter heuristic (core docstring) re-anchors a secondary whose first post-SYN
     # segment carries the primary's offset-0 sequence number.  When the secondary's own ISN puts one
     # of its out-of-order segments exactly there (probability ~len/2^32 with real ISNs) the heuristic
@@ -105,10 +108,21 @@ def test_rewriter_alias_costs_a_checkpoint_never_a_byte() -> None:
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.binary(min_size=1, max_size=3000), st.data(), cuts, cuts, orders, orders, isns, isns,
-       st.integers(1, 8), st.booleans())
-def test_one_changed_byte_is_found_exactly(data, draw, cuts_p, cuts_s, order_p, order_s, isn_p, isn_s,
-                                           batch, primary_changed) -> None:
+@given(
+    st.binary(min_size=1, max_size=3000),
+    st.data(),
+    cuts,
+    cuts,
+    orders,
+    orders,
+    isns,
+    isns,
+    st.integers(1, 8),
+    st.booleans(),
+)
+def test_one_changed_byte_is_found_exactly(
+    data, draw, cuts_p, cuts_s, order_p, order_s, isn_p, isn_s, batch, primary_changed
+) -> None:
     assume(not rewriter_alias(isn_p, isn_s, len(data)))  # see the packetisation property
     k = draw.draw(st.integers(min_value=0, max_value=len(data) - 1))
     other = bytearray(data)
@@ -142,19 +156,26 @@ def _mutations(base: bytes) -> st.SearchStrategy[bytes]:
 
 _BASES = [
     tcp4(100, b"hello world", ip_id=7),
-    bytes.fromhex("525400abcdef52540012345686dd6000000000140640") + bytes(32)
+    bytes.fromhex("525400abcdef52540012345686dd6000000000140640")
+    + bytes(32)
     + struct.pack(">HHIIBBHHH", 80, 4000, 1, 1, 0x50, 0x18, 1, 0, 0),
-    bytes.fromhex("525400abcdef5254001234560800450000240001000040110000") + bytes(8)
-    + struct.pack(">HHHH", 53, 99, 16, 0) + b"answer!!",
-    bytes.fromhex("525400abcdef5254001234560800450000200001000040010000") + bytes(8)
-    + b"\x00\x00\x00\x00\x12\x34\x00\x01" + b"ping",
+    bytes.fromhex("525400abcdef5254001234560800450000240001000040110000")
+    + bytes(8)
+    + struct.pack(">HHHH", 53, 99, 16, 0)
+    + b"answer!!",
+    bytes.fromhex("525400abcdef5254001234560800450000200001000040010000")
+    + bytes(8)
+    + b"\x00\x00\x00\x00\x12\x34\x00\x01"
+    + b"ping",
 ]
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(st.sampled_from(_BASES).flatmap(_mutations), max_size=20),
-       st.lists(st.sampled_from(_BASES).flatmap(_mutations), max_size=20),
-       st.sampled_from([Mode.COLO, Mode.MC]))
+@given(
+    st.lists(st.sampled_from(_BASES).flatmap(_mutations), max_size=20),
+    st.lists(st.sampled_from(_BASES).flatmap(_mutations), max_size=20),
+    st.sampled_from([Mode.COLO, Mode.MC]),
+)
 def test_fuzzed_frames_never_raise_and_nothing_is_lost(p, s, mode) -> None:
     for frame in p + s:
         classify(frame)
@@ -226,8 +247,19 @@ def run_schedule(c: Comparator, ops: list[tuple]) -> tuple[list[list], dict[int,
             for _ in range(n):
                 ip_id += 1
                 udp = struct.pack(">HHHH", 53, 5000 + flow, 8 + 4, 0) + b"dns!"
-                ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), ip_id, 0, 64, 17, 0,
-                                 bytes([10, 0, 0, 2]), bytes([10, 0, 0, 1]))
+                ip = struct.pack(
+                    ">BBHHHBBH4s4s",
+                    0x45,
+                    0,
+                    20 + len(udp),
+                    ip_id,
+                    0,
+                    64,
+                    17,
+                    0,
+                    bytes([10, 0, 0, 2]),
+                    bytes([10, 0, 0, 1]),
+                )
                 frames.append(ETH_VM_TO_CLIENT + ip + udp)
             fed.setdefault(10 + flow, []).extend(frames)
             acts = c.feed_primary(frames, t)

@@ -74,8 +74,15 @@ def test_divergence_json_is_exact(tmp_path: Path) -> None:
     assert code == 1
     assert out["verdict"] == "diverged"
     assert out["divergences"] == [
-        {"proto": "tcp", "src": "10.0.0.2", "sport": 80, "dst": "10.0.0.1", "dport": 40001, "offset": 12345,
-         "reason": "payload"}
+        {
+            "proto": "tcp",
+            "src": "10.0.0.2",
+            "sport": 80,
+            "dst": "10.0.0.1",
+            "dport": 40001,
+            "offset": 12345,
+            "reason": "payload",
+        }
     ]
 
 
@@ -83,11 +90,23 @@ def test_ipv6_divergence(tmp_path: Path) -> None:
     kw = {"src": VM6, "dst": CLIENT6, "sport": 443, "dport": 51000}
     changed = bytearray(PAGE[:3000])
     changed[0] = 0
-    code, out = run_json(tmp_path, stream_frames(PAGE[:3000], [1440], isn=5, **kw),
-                         stream_frames(bytes(changed), [700], isn=6, **kw))
+    code, out = run_json(
+        tmp_path,
+        stream_frames(PAGE[:3000], [1440], isn=5, **kw),
+        stream_frames(bytes(changed), [700], isn=6, **kw),
+    )
     assert code == 1
-    assert out["divergences"] == [{"proto": "tcp", "src": "fd00::2", "sport": 443, "dst": "fd00::1",
-                                   "dport": 51000, "offset": 0, "reason": "payload"}]
+    assert out["divergences"] == [
+        {
+            "proto": "tcp",
+            "src": "fd00::2",
+            "sport": 443,
+            "dst": "fd00::1",
+            "dport": 51000,
+            "offset": 0,
+            "reason": "payload",
+        }
+    ]
 
 
 def test_fin_rst_offsets_and_merely_behind(tmp_path: Path) -> None:
@@ -116,8 +135,11 @@ def test_datagram_index_and_one_sided_flows(tmp_path: Path) -> None:
     code, out = run_json(tmp_path, p, s)
     assert code == 1
     got = sorted((d["proto"], d["dport"], d["offset"], d["reason"]) for d in out["divergences"])
-    assert got == [("tcp", 40001, 0, "only-secondary"), ("udp", 7, 0, "only-primary"),
-                   ("udp", 40002, 1, "datagram")]
+    assert got == [
+        ("tcp", 40001, 0, "only-secondary"),
+        ("udp", 7, 0, "only-primary"),
+        ("udp", 40002, 1, "datagram"),
+    ]
 
 
 def test_table_output_and_exit_status(tmp_path: Path) -> None:
@@ -146,10 +168,18 @@ def test_pcapng_is_read_too(tmp_path: Path) -> None:
         (b"hello world, definitely not a capture", "not a pcap"),
         (bytes.fromhex("d4c3b2a1020004000000000000000000ffff0000" + "65000000"), "link type 101"),
         (bytes.fromhex("d4c3b2a1020004000000000000000000ffff0000" + "01000000") + bytes(10), "truncated"),
-        (bytes.fromhex("d4c3b2a1020004000000000000000000ffff0000" + "01000000")
-         + bytes.fromhex("00000000000000000010000000100000") + b"short", "claims 4096 bytes"),
-        (bytes.fromhex("d4c3b2a1020004000000000000000000ffff0000" + "01000000")
-         + bytes.fromhex("00000000000000000e000000dc050000") + bytes(14), "snap length"),
+        (
+            bytes.fromhex("d4c3b2a1020004000000000000000000ffff0000" + "01000000")
+            + bytes.fromhex("00000000000000000010000000100000")
+            + b"short",
+            "claims 4096 bytes",
+        ),
+        (
+            bytes.fromhex("d4c3b2a1020004000000000000000000ffff0000" + "01000000")
+            + bytes.fromhex("00000000000000000e000000dc050000")
+            + bytes(14),
+            "snap length",
+        ),
     ],
 )
 def test_bad_captures_get_a_clear_error(tmp_path: Path, content: bytes, message: str) -> None:
@@ -179,9 +209,17 @@ def test_demo_finds_exactly_the_planted_divergence(tmp_path: Path) -> None:
     assert "self-check" in result.output
     # the installed console script, as a user runs it
     code = subprocess.run(
-        [str(Path(sys.executable).parent / "hybridft"), "compare", "replay", str(tmp_path / "PRIMARY.pcap"),
-         str(tmp_path / "SECONDARY.pcap"), "--json"],
-        capture_output=True, text=True, check=False,
+        [
+            str(Path(sys.executable).parent / "hybridft"),
+            "compare",
+            "replay",
+            str(tmp_path / "PRIMARY.pcap"),
+            str(tmp_path / "SECONDARY.pcap"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert code.returncode == 1, code.stderr
     out = json.loads(code.stdout)

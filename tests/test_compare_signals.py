@@ -357,8 +357,12 @@ _event = st.one_of(
     st.tuples(st.just("data"), st.integers(1, 300), st.sampled_from([0, 0, 0, 1, 40, 0x7FFFFFF0])),
     st.tuples(st.just("ack"), st.sampled_from([0, 1, 40])),  # a pure ACK
     st.tuples(st.just("old"), st.integers(1, 300)),  # a retransmission with an older ACK number
-    st.tuples(st.just("reorder"),),  # the next data segment before this one
-    st.tuples(st.just("fin"),),
+    st.tuples(
+        st.just("reorder"),
+    ),  # the next data segment before this one
+    st.tuples(
+        st.just("fin"),
+    ),
     st.tuples(st.just("syn"), st.integers(0, 0xFFFFFFFF)),  # a new connection on the same ports
 )
 

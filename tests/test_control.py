@@ -69,8 +69,10 @@ def test_control_malformed_lines_tcp() -> None:
 
         def raw() -> list[dict[str, Any]]:
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-                s.sendall(b"not json\n[1,2]\n{\"verb\": 3}\n{\"verb\":\"echo\",\"args\":[]}\n"
-                          b"{\"verb\":\"echo\",\"args\":{\"a\":1}}\n")
+                s.sendall(
+                    b'not json\n[1,2]\n{"verb": 3}\n{"verb":"echo","args":[]}\n'
+                    b'{"verb":"echo","args":{"a":1}}\n'
+                )
                 f = s.makefile("rb")
                 return [json.loads(f.readline()) for _ in range(5)]
 

@@ -70,7 +70,11 @@ def test_mode_is_pending_until_a_checkpoint(served: tuple[str, Daemon], tmp_path
     status = call(endpoint, "status")
     assert status["mode"] == "mc" and status["pending_mode"] == "colo"
     assert status["pending"] == {
-        "mode": "colo", "epoch_ms": 200, "passive_secondary": False, "stop_via": "qmp", "source": "operator"
+        "mode": "colo",
+        "epoch_ms": 200,
+        "passive_secondary": False,
+        "stop_via": "qmp",
+        "source": "operator",
     }
     assert daemon.protocol.pending is not None and daemon.protocol.pending.mode is Mode.COLO
     assert daemon.scheduler.pending["mode-switch"] == 1
@@ -161,7 +165,6 @@ def test_pair_json_errors_are_clear(tmp_path: Path) -> None:
     assert config.stop_via == "auto" and config.heartbeat == manifest.heartbeat
     dataclasses.replace(manifest, stop_via="qmp").write(good)
     assert DaemonConfig.from_pair_json(good).stop_via == "qmp"
-
 
 
 def test_close_ends_the_loops_even_when_their_cancellation_is_lost(tmp_path: Path) -> None:

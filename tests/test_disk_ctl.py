@@ -147,8 +147,9 @@ def test_tcp_endpoints_and_sigint(tmp_path: Path) -> None:
     image = tmp_path / "tcp.raw"
     with open(image, "wb") as f:
         f.truncate(IMAGE_SIZE)
-    proc, ready = start_disk_serve(image, tmp_path / "st", nbd="tcp:127.0.0.1:0", control="tcp:127.0.0.1:0",
-                                   stderr=subprocess.PIPE)
+    proc, ready = start_disk_serve(
+        image, tmp_path / "st", nbd="tcp:127.0.0.1:0", control="tcp:127.0.0.1:0", stderr=subprocess.PIPE
+    )
     try:
         nbd_addr, control = ready.nbd, ready.control
         host, port = nbd_addr.removeprefix("tcp:").rsplit(":", 1)
@@ -157,8 +158,12 @@ def test_tcp_endpoints_and_sigint(tmp_path: Path) -> None:
         h.set_export_name("replica")
         h.connect_tcp(host, port)
         h.pwrite(b"\x77" * 4096, 0)
-        result = subprocess.run([HYBRIDFT, "disk", "ctl", "--control", control, "seal", "--json"],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [HYBRIDFT, "disk", "ctl", "--control", control, "seal", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert json.loads(result.stdout)["epoch"] >= 1
         h.shutdown()
     finally:
@@ -168,8 +173,9 @@ def test_tcp_endpoints_and_sigint(tmp_path: Path) -> None:
 
 
 def test_second_server_on_the_same_state_dir_is_refused(server: DiskServerProcess, tmp_path: Path) -> None:
-    argv = disk_serve_argv(server.image, server.state_dir, nbd=f"unix:{tmp_path}/o.sock",
-                           control=f"unix:{tmp_path}/oc.sock")
+    argv = disk_serve_argv(
+        server.image, server.state_dir, nbd=f"unix:{tmp_path}/o.sock", control=f"unix:{tmp_path}/oc.sock"
+    )
     other = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert other.returncode != 0 and other.stderr.startswith("Error:"), other.stderr
     assert "Traceback" not in other.stderr

@@ -43,8 +43,12 @@ def qemu_io(uri: str, *commands: str) -> str:
 
 
 def qemu_img_compare(a: str, b: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([tool("qemu-img"), "compare", "-f", "raw", "-F", "raw", a, b],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [tool("qemu-img"), "compare", "-f", "raw", "-F", "raw", a, b],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -63,8 +67,12 @@ def test_qemu_io_on_both_exports(server: DiskServerProcess) -> None:
     qemu_io(view, "read -P 0xab 0 1M", "read -P 0xcd 2M 64k", "read -P 0 4M 64k")
     server.ctl("commit", str(epoch))
     qemu_io(view, "read -P 0xab 0 1M", "read -P 0xcd 2M 64k")
-    bad = subprocess.run([tool("qemu-io"), "-f", "raw", "-c", f"write 0 {IMAGE_SIZE + 4096}", replica],
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [tool("qemu-io"), "-f", "raw", "-c", f"write 0 {IMAGE_SIZE + 4096}", replica],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "failed" in bad.stdout + bad.stderr or bad.returncode != 0
 
 
@@ -76,15 +84,23 @@ def test_qemu_img_convert_into_replica_then_compare(server: DiskServerProcess, t
         offset = rng.randrange(0, IMAGE_SIZE // 4096) * 4096
         content[offset : offset + 4096] = rng.randbytes(4096)
     source.write_bytes(content)
-    result = subprocess.run([tool("qemu-img"), "convert", "-n", "-f", "raw", "-O", "raw", str(source),
-                             server.uri("replica")], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [tool("qemu-img"), "convert", "-n", "-f", "raw", "-O", "raw", str(source), server.uri("replica")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert qemu_img_compare(str(source), server.uri("replica")).returncode == 0
     assert qemu_img_compare(str(source), server.uri("view")).returncode == 1  # not sealed yet
     server.ctl("commit", str(server.ctl_json("seal")["epoch"]))
     assert qemu_img_compare(str(source), server.uri("view")).returncode == 0
-    info = subprocess.run([tool("qemu-img"), "info", "--output=json", server.uri("view")],
-                          capture_output=True, text=True, timeout=60)
+    info = subprocess.run(
+        [tool("qemu-img"), "info", "--output=json", server.uri("view")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert f'"virtual-size": {IMAGE_SIZE}' in info.stdout
 
 
@@ -97,15 +113,25 @@ class StorageDaemon:
             f.truncate(size)
         self.nbd_socket = directory / "qsd-nbd.sock"
         qmp_socket = directory / "qsd-qmp.sock"
-        self.proc = subprocess.Popen([
-            tool("qemu-storage-daemon"),
-            "--blockdev", f"driver=file,filename={self.image},node-name=source-file,cache.direct=off",
-            "--blockdev", "driver=raw,file=source-file,node-name=source",
-            "--nbd-server", f"addr.type=unix,addr.path={self.nbd_socket}",
-            "--export", "type=nbd,id=source-export,node-name=source,name=source,writable=on",
-            "--chardev", f"socket,id=qmp,path={qmp_socket},server=on,wait=off",
-            "--monitor", "chardev=qmp",
-        ], stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [
+                tool("qemu-storage-daemon"),
+                "--blockdev",
+                f"driver=file,filename={self.image},node-name=source-file,cache.direct=off",
+                "--blockdev",
+                "driver=raw,file=source-file,node-name=source",
+                "--nbd-server",
+                f"addr.type=unix,addr.path={self.nbd_socket}",
+                "--export",
+                "type=nbd,id=source-export,node-name=source,name=source,writable=on",
+                "--chardev",
+                f"socket,id=qmp,path={qmp_socket},server=on,wait=off",
+                "--monitor",
+                "chardev=qmp",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 20
         while not qmp_socket.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -134,11 +160,20 @@ class StorageDaemon:
 def test_blockdev_mirror_write_blocking_into_replica(server: DiskServerProcess, tmp_path: Path) -> None:
     qsd = StorageDaemon(tmp_path, IMAGE_SIZE)
     try:
-        qsd.qmp.cmd("blockdev-add", driver="nbd", **{"node-name": "replica"},
-                    server={"type": "unix", "path": str(server.nbd_socket)}, export="replica")
-        qsd.qmp.cmd("blockdev-mirror", **{"job-id": "mirror0", "copy-mode": "write-blocking",
-                                          "auto-dismiss": False},
-                    device="source", target="replica", sync="none")
+        qsd.qmp.cmd(
+            "blockdev-add",
+            driver="nbd",
+            **{"node-name": "replica"},
+            server={"type": "unix", "path": str(server.nbd_socket)},
+            export="replica",
+        )
+        qsd.qmp.cmd(
+            "blockdev-mirror",
+            **{"job-id": "mirror0", "copy-mode": "write-blocking", "auto-dismiss": False},
+            device="source",
+            target="replica",
+            sync="none",
+        )
         qsd.wait_event("BLOCK_JOB_READY")
         rng = random.Random(7)
         for round_ in range(3):

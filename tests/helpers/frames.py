@@ -47,8 +47,15 @@ def tcp_frame(
     """One TCP frame from the VM; ``ack=None`` clears the ACK flag."""
     if ack is None:
         flags = flags.replace("A", "")
-    tcp = TCP(sport=sport, dport=dport, seq=seq & 0xFFFFFFFF, ack=(ack or 0) & 0xFFFFFFFF, flags=flags,
-              window=window, options=options or [])
+    tcp = TCP(
+        sport=sport,
+        dport=dport,
+        seq=seq & 0xFFFFFFFF,
+        ack=(ack or 0) & 0xFFFFFFFF,
+        flags=flags,
+        window=window,
+        options=options or [],
+    )
     if zero_checksum:
         tcp.chksum = 0
     pkt = Ether(src=VM_MAC, dst=CLIENT_MAC) / _ip(src, dst, ip_id=ip_id, ttl=ttl) / tcp / payload
@@ -95,21 +102,42 @@ def stream_frames(
     return frames
 
 
-def udp_frame(payload: bytes, *, src: str = VM, dst: str = CLIENT, sport: int = 53, dport: int = 40002,
-              ip_id: int = 1, ttl: int = 64, zero_checksum: bool = False) -> bytes:
+def udp_frame(
+    payload: bytes,
+    *,
+    src: str = VM,
+    dst: str = CLIENT,
+    sport: int = 53,
+    dport: int = 40002,
+    ip_id: int = 1,
+    ttl: int = 64,
+    zero_checksum: bool = False,
+) -> bytes:
     udp = UDP(sport=sport, dport=dport)
     if zero_checksum:
         udp.chksum = 0
     return bytes(Ether(src=VM_MAC, dst=CLIENT_MAC) / _ip(src, dst, ip_id=ip_id, ttl=ttl) / udp / payload)
 
 
-def icmp_echo_reply(ident: int, seqno: int, payload: bytes = b"ping", *, src: str = VM, dst: str = CLIENT,
-                    ip_id: int = 1, ttl: int = 64) -> bytes:
+def icmp_echo_reply(
+    ident: int,
+    seqno: int,
+    payload: bytes = b"ping",
+    *,
+    src: str = VM,
+    dst: str = CLIENT,
+    ip_id: int = 1,
+    ttl: int = 64,
+) -> bytes:
     if ":" in src:
         icmp = ICMPv6EchoReply(id=ident, seq=seqno, data=payload)
         return bytes(Ether(src=VM_MAC, dst=CLIENT_MAC) / IPv6(src=src, dst=dst, hlim=ttl) / icmp)
-    return bytes(Ether(src=VM_MAC, dst=CLIENT_MAC) / IP(src=src, dst=dst, id=ip_id, ttl=ttl)
-                 / ICMP(type=0, id=ident, seq=seqno) / payload)
+    return bytes(
+        Ether(src=VM_MAC, dst=CLIENT_MAC)
+        / IP(src=src, dst=dst, id=ip_id, ttl=ttl)
+        / ICMP(type=0, id=ident, seq=seqno)
+        / payload
+    )
 
 
 def arp_reply(*, ip: str = VM, to_ip: str = CLIENT) -> bytes:
