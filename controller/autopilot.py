@@ -215,6 +215,10 @@ class Autopilot:
             "consecutive_failures": self.guard.consecutive_failures,
             "failing": bool(verdict and verdict.policy_failing),
             "last_error": self.last_error,
+            # CPU this process spent per sample (an upper bound: other tasks run while a sample awaits)
+            "sample_cpu_ms": round(self.sampler.cpu_cost_s / self.samples * 1000, 3)
+            if self.samples
+            else None,
         }
 
     def signals(self) -> dict[str, float | None]:

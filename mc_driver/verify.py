@@ -31,6 +31,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from hybridft_common.stats import percentile
 from mc_driver.netns import NetNamespace
 from mc_driver.qemu_pair import RAM_BACKEND_ID, ColoPair, ColoPairConfig
 from mc_driver.traffic import EchoTraffic
@@ -168,9 +169,8 @@ class VerifyReport:
 
     def summary(self) -> dict[str, object]:
         def pct(values: list[float], q: float) -> float | None:
-            if not values:
-                return None
-            return round(float(np.percentile(values, q)), 2)
+            value = percentile(values, q / 100)  # nearest rank, as every figure of the project
+            return None if value is None else round(value, 2)
 
         return {
             "ok": self.ok,

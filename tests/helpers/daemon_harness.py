@@ -19,6 +19,7 @@ test run, and most runs (the fast lane, one unit-test file) never build a pair.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import threading
@@ -186,11 +187,12 @@ def daemon_config(h: Harness, **overrides: object) -> DaemonConfig:
     return config
 
 
-@pytest.fixture
-def daemon(harness: Harness) -> Iterator[Daemon]:
+@contextlib.contextmanager
+def running_daemon(harness: Harness, **overrides: object) -> Iterator[Daemon]:
+    """A started daemon on the harness's pair (``daemon_config`` with ``overrides``), closed afterwards."""
     from controller.daemon import Daemon
 
-    d = Daemon(daemon_config(harness))
+    d = Daemon(daemon_config(harness, **overrides))
     harness.run(d.start())
     try:
         yield d
@@ -203,3 +205,9 @@ def daemon(harness: Harness) -> Iterator[Daemon]:
                     await session.close()
 
         harness.run(close())
+
+
+@pytest.fixture
+def daemon(harness: Harness) -> Iterator[Daemon]:
+    with running_daemon(harness) as d:
+        yield d
