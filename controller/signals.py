@@ -38,20 +38,16 @@ from typing import Any, Protocol
 import psutil
 
 from colo_compare.signals import CompareStats
+from controller.epoch import ControlLike
 from hybridft_common.stats import percentile
 
 log = logging.getLogger("hybridft.signals")
 
 SOURCE_TIMEOUT = 0.2  # a source slower than this is left out of the sample (it never delays the next one)
-PAGE_SIZE = 4096
 
 
 class QmpLike(Protocol):
     async def execute(self, command: str, arguments: Any = None, **kwargs: Any) -> Any: ...
-
-
-class ControlLike(Protocol):
-    async def call(self, verb: str, **args: Any) -> dict[str, Any]: ...
 
 
 # ------------------------------------------------------------------------------------------- pure
