@@ -281,6 +281,8 @@ class Daemon:
         self.state = PairState.PROTECTED
         self.metrics.protected.set(1)
         self.scheduler.ended(time.monotonic())
+        # the per-mode window counts protected time only (not the initial migration)
+        self.by_mode = CheckpointsByMode(time.monotonic(), str(self.protocol.point.mode))
         self._server = await serve_control(self.config.control, self.dispatch)
         self._tasks = [
             asyncio.create_task(self._epoch_loop(), name="epochs"),
