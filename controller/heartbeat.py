@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from hybridft_common.endpoints import parse_endpoint
+from hybridft_common.endpoints import connect_blocking, parse_endpoint
 
 log = logging.getLogger("hybridft.daemon")
 
@@ -123,12 +123,9 @@ class HeartbeatSender:
 
     def _connect(self) -> None:
         assert self.endpoint is not None
-        sock, target = parse_endpoint(self.endpoint).new_socket()
-        sock.settimeout(0.5)
-        try:
-            sock.connect(target)
+        try:  # mutual TLS on tcp (the agent accepts only the pair's certificates)
+            sock = connect_blocking(parse_endpoint(self.endpoint), 0.5)
         except OSError:
-            sock.close()
             return
         sock.settimeout(0.2)
         self._sock = sock

@@ -29,6 +29,11 @@ is allocated.  A peer that connects and does not finish the handshake within
 ``--handshake-timeout`` seconds is dropped, and connections beyond ``--max-connections`` are
 closed at once (before the greeting), leaving the others untouched.
 
+Who may connect: on a unix address (a 0600 socket) only peers of our uid or root (``SO_PEERCRED``); on a
+``tcp:`` address TLS is required (``NBD_OPT_STARTTLS``, as QEMU's NBD client does with ``tls-creds``) and
+the client must present a certificate of the pair's CA, so only the authenticated primary's mirror can
+write `replica`.  The control socket follows the same rules (:mod:`hybridft_common.endpoints`).
+
 Errors never take the server down: a broken handshake or an unparsable request stream closes that
 connection only; a request the buffer refuses gets an NBD error reply; anything unexpected is logged
 and answered with ``EIO``.
@@ -42,6 +47,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -64,6 +70,7 @@ from disk_buffer.nbd import (
 from hybridft_common.control import ControlError, Dispatch, serve_control
 from hybridft_common.endpoints import Endpoint, parse_endpoint
 from hybridft_common.errors import HybridftError
+from hybridft_common.secure import ChannelError, check_peer, unix_listener
 
 log = logging.getLogger("hybridft.disk.server")
 
@@ -115,8 +122,12 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.handshake: nbd.ServerHandshake | None = nbd.ServerHandshake(
-            server.export_infos, min_block=server.min_block, max_payload=server.max_payload
+            server.export_infos,
+            min_block=server.min_block,
+            max_payload=server.max_payload,
+            tls=server.tls is not None,
         )
+        self._tls_task: asyncio.Task[None] | None = None
         self._handshake_buffer = bytearray(4096)
         self.parser = nbd.RequestParser(server.max_payload)
         self.export: Any = None
@@ -140,6 +151,13 @@ class NbdConnection(asyncio.BufferedProtocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.peer = str(transport.get_extra_info("peername") or "unix")
         server = self.server
+        try:
+            check_peer(sock)
+        except ChannelError as exc:
+            log.warning("NBD client refused: %s", exc.message)
+            self._closing = True
+            transport.close()
+            return
         if len(server.connections) >= server.max_connections:
             log.warning(
                 "NBD client %s refused: %d connections already (--max-connections)",
@@ -160,6 +178,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self._room_wait is not None:
             self._room_wait.cancel()
         self._end_handshake_timer()
+        if self._tls_task is not None:
+            self._tls_task.cancel()
         self._closing = True
 
     def _handshake_expired(self) -> None:
@@ -220,6 +240,9 @@ class NbdConnection(asyncio.BufferedProtocol):
             return b""
         if out:
             transport.write(out)
+        if handshake.starttls:
+            self._tls_task = asyncio.get_running_loop().create_task(self._start_tls())
+            return b""
         if handshake.aborted:
             self._closing = True
             transport.close()
@@ -232,6 +255,27 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.handshake = None
         log.info("NBD client %s attached to export %r", self.peer, handshake.export.name)
         return handshake.leftover
+
+    async def _start_tls(self) -> None:
+        """After the ACK to NBD_OPT_STARTTLS: the TLS handshake (the peer must present a certificate
+        of the pair's CA), then the option haggling goes on inside TLS."""
+        transport, handshake, tls = self.transport, self.handshake, self.server.tls
+        assert transport is not None and handshake is not None and tls is not None
+        try:
+            new = await asyncio.get_running_loop().start_tls(
+                transport, self, tls, server_side=True, ssl_handshake_timeout=self.server.handshake_timeout
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            log.warning("NBD client %s: TLS handshake failed (%s); closing that connection", self.peer, exc)
+            self._closing = True
+            transport.abort()
+            return
+        if new is None or self._closing:
+            return
+        assert isinstance(new, asyncio.Transport)
+        self.transport = new
+        handshake.tls_started()
+        log.info("NBD client %s: TLS established", self.peer)
 
     # -- transmission -------------------------------------------------------------------------
     def _process(self) -> None:
@@ -377,6 +421,7 @@ class NbdServer:
         reply_budget: int = DEFAULT_REPLY_BUDGET,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if reply_budget < 1 or handshake_timeout <= 0 or max_connections < 1:
             raise ValueError("reply_budget, handshake_timeout and max_connections must be positive")
@@ -391,15 +436,19 @@ class NbdServer:
             name: nbd.ExportInfo(name, backend.size, nbd.DEFAULT_TRANSMISSION_FLAGS) for name in self.exports
         }
         self.connections: set[NbdConnection] = set()
+        #: the server context of a tcp listener: every connection must then go through STARTTLS
+        self.tls = tls
 
     async def listen(self, endpoint: Endpoint | str) -> asyncio.Server:
+        """Listen on ``endpoint``: a 0600 unix socket, or tcp with TLS required (refused without
+        credentials, see :mod:`hybridft_common.tls`)."""
         ep = parse_endpoint(endpoint) if isinstance(endpoint, str) else endpoint
         loop = asyncio.get_running_loop()
         if ep.kind == "unix":
             assert ep.path is not None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(ep.path)
-            return await loop.create_unix_server(lambda: NbdConnection(self), path=ep.path)
+            sock = unix_listener(ep.path)
+            return await loop.create_unix_server(lambda: NbdConnection(self), sock=sock)
+        self.tls = ep.creds().server_context()
         return await loop.create_server(lambda: NbdConnection(self), host=ep.host, port=ep.port)
 
     def close_connections(self) -> None:
@@ -584,12 +633,19 @@ def _endpoint_option(ctx: click.Context, param: click.Parameter, value: str) -> 
     show_default=True,
     help="NBD connections served at once; more are closed on accept.",
 )
+@click.option(
+    "--tls-creds",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="TLS credentials directory (QEMU tls-creds-x509 layout) for tcp: addresses; see `hybridft certs`.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every connection and recovery step.")
 def serve_command(
     image: Path,
     state_dir: Path,
     nbd_endpoint: str,
     control_endpoint: str,
+    tls_creds: str | None,
     speculation_budget: int,
     writeout_budget: int,
     reply_budget: int,
@@ -604,6 +660,8 @@ def serve_command(
     )
     if not image.is_file():
         raise click.ClickException(f"image {image} does not exist or is not a regular file")
+    nbd_endpoint = str(parse_endpoint(nbd_endpoint, tls_creds))
+    control_endpoint = str(parse_endpoint(control_endpoint, tls_creds))
     try:
         asyncio.run(
             run_server(
