@@ -128,6 +128,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             tls=server.tls is not None,
         )
         self._tls_task: asyncio.Task[None] | None = None
+        self._tls_early = bytearray()  # options that came through TLS before start_tls returned
         self._handshake_buffer = bytearray(4096)
         self.parser = nbd.RequestParser(server.max_payload)
         self.export: Any = None
@@ -208,7 +209,13 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self._closing:
             return
         if self.handshake is not None:
-            leftover = self._negotiate(bytes(self._handshake_buffer[:nbytes]))
+            data = bytes(self._handshake_buffer[:nbytes])
+            if self._tls_task is not None and not self._tls_task.done():
+                # the TLS layer delivered options before start_tls returned its transport: they are
+                # answered (on that transport) once it has
+                self._tls_early += data
+                return
+            leftover = self._negotiate(data)
             if not leftover:
                 return
             self.parser.feed(leftover)
@@ -241,6 +248,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         if out:
             transport.write(out)
         if handshake.starttls:
+            transport.pause_reading()  # nothing more in clear: start_tls takes the socket over
             self._tls_task = asyncio.get_running_loop().create_task(self._start_tls())
             return b""
         if handshake.aborted:
@@ -276,6 +284,12 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.transport = new
         handshake.tls_started()
         log.info("NBD client %s: TLS established", self.peer)
+        early, self._tls_early = bytes(self._tls_early), bytearray()
+        if early:
+            leftover = self._negotiate(early)
+            if leftover:
+                self.parser.feed(leftover)
+                self._process()
 
     # -- transmission -------------------------------------------------------------------------
     def _process(self) -> None:
