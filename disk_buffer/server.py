@@ -577,7 +577,7 @@ def _bound(server: asyncio.Server, requested: Endpoint) -> Endpoint:
     if requested.kind != "tcp" or not server.sockets:
         return requested
     host, port = server.sockets[0].getsockname()[:2]
-    return Endpoint("tcp", host=host, port=port)
+    return Endpoint("tcp", host=host, port=port, tls_creds=requested.tls_creds)
 
 
 def _endpoint_option(ctx: click.Context, param: click.Parameter, value: str) -> str:

@@ -220,7 +220,7 @@ def test_a_heartbeat_over_tcp_needs_the_pairs_client_certificate(creds: Creds) -
                 hostname = "127.0.0.1" if ctx else None
                 _, writer = await asyncio.open_connection(
                     "127.0.0.1", port, ssl=ctx, server_hostname=hostname
-                )  # noqa: E501
+                )
                 writer.write(FORGED_FAILOVER)
                 await writer.drain()
                 await asyncio.sleep(0.2)
