@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import ssl
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -76,10 +78,22 @@ def as_other_user(action: Callable[[], bytes], uid: int = NOBODY) -> bytes:
     return b"".join(chunks)
 
 
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory every uid can reach (pytest's own tmp directories are 0700 all the way up)."""
+    path = Path(tempfile.mkdtemp(prefix="hft-channels-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def open_to_everyone(path: Path) -> None:
     """Make the socket reachable by any uid (directory 0755, socket 0666): only SO_PEERCRED is left."""
     os.chmod(path.parent, 0o755)
     os.chmod(path, 0o666)
+    probe = as_other_user(lambda: b"reachable" if os.access(path, os.W_OK) else b"unreachable")
+    assert probe == b"reachable", f"the test cannot reach {path} as another user: {probe!r}"
 
 
 def unix_exchange(path: Path, payload: bytes, timeout: float = 3.0) -> Callable[[], bytes]:
@@ -158,8 +172,8 @@ async def listening_agent(endpoint: str) -> Any:
 FORGED_FAILOVER = b'{"t": 1, "failover": true}\n'
 
 
-def test_a_heartbeat_from_another_uid_cannot_order_a_failover(tmp_path: Path) -> None:
-    path = tmp_path / "hb.sock"
+def test_a_heartbeat_from_another_uid_cannot_order_a_failover(open_dir: Path) -> None:
+    path = open_dir / "hb.sock"
 
     async def scenario() -> Agent:
         async with listening_agent(f"unix:{path}") as agent:
@@ -313,8 +327,8 @@ def test_a_second_out_connection_cannot_steal_the_clients_output(tmp_path: Path)
             sock.close()
 
 
-def test_comparator_inputs_refuse_another_uid(tmp_path: Path) -> None:
-    with comparator(tmp_path) as socks:
+def test_comparator_inputs_refuse_another_uid(open_dir: Path) -> None:
+    with comparator(open_dir) as socks:
         open_to_everyone(socks["primary"])
         frames = encode_frames([tcp_frame(1, b"x" * 10)])
         as_other_user(unix_exchange(socks["primary"], frames, timeout=1.0))
@@ -377,9 +391,9 @@ def test_disk_ctl_failover_over_tcp_needs_the_pairs_certificate(tmp_path: Path, 
         assert not status.get("failed_over"), f"the disk failed over: {status}"
 
 
-def test_disk_control_refuses_another_uid(tmp_path: Path) -> None:
-    ctl = tmp_path / "ctl.sock"
-    with disk_server(tmp_path, nbd_ep=f"unix:{tmp_path / 'nbd.sock'}", control=f"unix:{ctl}"):
+def test_disk_control_refuses_another_uid(open_dir: Path) -> None:
+    ctl = open_dir / "ctl.sock"
+    with disk_server(open_dir, nbd_ep=f"unix:{open_dir / 'nbd.sock'}", control=f"unix:{ctl}"):
         assert stat.S_IMODE(ctl.stat().st_mode) == 0o600
         open_to_everyone(ctl)
         reply = as_other_user(unix_exchange(ctl, encode_request("failover")))
@@ -415,9 +429,9 @@ def test_an_nbd_write_to_replica_needs_the_pairs_certificate_over_tcp(tmp_path: 
         h.shutdown()
 
 
-def test_an_nbd_write_to_replica_from_another_uid_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "nbd.sock"
-    with disk_server(tmp_path, nbd_ep=f"unix:{path}", control=f"unix:{tmp_path / 'ctl.sock'}"):
+def test_an_nbd_write_to_replica_from_another_uid_is_refused(open_dir: Path) -> None:
+    path = open_dir / "nbd.sock"
+    with disk_server(open_dir, nbd_ep=f"unix:{path}", control=f"unix:{open_dir / 'ctl.sock'}"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         open_to_everyone(path)
 
