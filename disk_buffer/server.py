@@ -48,7 +48,7 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -118,14 +118,15 @@ class NbdConnection(asyncio.BufferedProtocol):
     A ``BufferedProtocol``: the event loop receives straight into the request parser's buffer.
     """
 
-    def __init__(self, server: NbdServer) -> None:
+    def __init__(self, server: NbdServer, tls: ssl.SSLContext | None = None) -> None:
         self.server = server
+        self.tls = tls  # the listener's server context: TLS is then required (STARTTLS)
         self.transport: asyncio.Transport | None = None
         self.handshake: nbd.ServerHandshake | None = nbd.ServerHandshake(
             server.export_infos,
             min_block=server.min_block,
             max_payload=server.max_payload,
-            tls=server.tls is not None,
+            tls=tls is not None,
         )
         self._tls_task: asyncio.Task[None] | None = None
         self._tls_early = bytearray()  # options that came through TLS before start_tls returned
@@ -267,7 +268,7 @@ class NbdConnection(asyncio.BufferedProtocol):
     async def _start_tls(self) -> None:
         """After the ACK to NBD_OPT_STARTTLS: the TLS handshake (the peer must present a certificate
         of the pair's CA), then the option haggling goes on inside TLS."""
-        transport, handshake, tls = self.transport, self.handshake, self.server.tls
+        transport, handshake, tls = self.transport, self.handshake, self.tls
         assert transport is not None and handshake is not None and tls is not None
         try:
             new = await asyncio.get_running_loop().start_tls(
@@ -435,7 +436,6 @@ class NbdServer:
         reply_budget: int = DEFAULT_REPLY_BUDGET,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
-        tls: ssl.SSLContext | None = None,
     ) -> None:
         if reply_budget < 1 or handshake_timeout <= 0 or max_connections < 1:
             raise ValueError("reply_budget, handshake_timeout and max_connections must be positive")
@@ -450,8 +450,6 @@ class NbdServer:
             name: nbd.ExportInfo(name, backend.size, nbd.DEFAULT_TRANSMISSION_FLAGS) for name in self.exports
         }
         self.connections: set[NbdConnection] = set()
-        #: the server context of a tcp listener: every connection must then go through STARTTLS
-        self.tls = tls
 
     async def listen(self, endpoint: Endpoint | str) -> asyncio.Server:
         """Listen on ``endpoint``: a 0600 unix socket, or tcp with TLS required (refused without
@@ -462,8 +460,8 @@ class NbdServer:
             assert ep.path is not None
             sock = unix_listener(ep.path)
             return await loop.create_unix_server(lambda: NbdConnection(self), sock=sock)
-        self.tls = ep.creds().server_context()
-        return await loop.create_server(lambda: NbdConnection(self), host=ep.host, port=ep.port)
+        tls = ep.creds().server_context()  # every connection of this listener goes through STARTTLS
+        return await loop.create_server(lambda: NbdConnection(self, tls), host=ep.host, port=ep.port)
 
     def close_connections(self) -> None:
         for connection in list(self.connections):
@@ -510,7 +508,7 @@ def make_control_dispatch(buffer: Any) -> Dispatch:
 async def run_server(
     image: str | Path,
     state_dir: str | Path,
-    nbd_endpoint: str,
+    nbd_endpoint: str | Sequence[str],
     control_endpoint: str,
     *,
     speculation_budget: int = 256 << 20,
@@ -523,7 +521,11 @@ async def run_server(
     """Recover the buffer, serve NBD and control until ``stop`` is set (or SIGTERM/SIGINT)."""
     from disk_buffer.buffer import DiskBuffer, Export
 
-    nbd_ep = parse_endpoint(nbd_endpoint)
+    # several NBD addresses: on two hosts the secondary's `view` is local (unix) while the primary's
+    # mirror reaches `replica` over tcp (TLS)
+    nbd_eps = [
+        parse_endpoint(text) for text in ([nbd_endpoint] if isinstance(nbd_endpoint, str) else nbd_endpoint)
+    ]
     control_ep = parse_endpoint(control_endpoint)
     buffer = DiskBuffer.open(
         image, state_dir, speculation_budget=speculation_budget, writeout_budget=writeout_budget
@@ -539,21 +541,26 @@ async def run_server(
         max_connections=max_connections,
     )
     try:
-        servers.append(await nbd_server.listen(nbd_ep))
-        servers.append(await serve_control(control_ep, make_control_dispatch(buffer)))
+        control_server = await serve_control(control_ep, make_control_dispatch(buffer))
+        servers.append(control_server)
+        nbd_bound = []
+        for nbd_ep in nbd_eps:
+            servers.append(await nbd_server.listen(nbd_ep))
+            nbd_bound.append(_bound(servers[-1], nbd_ep))
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         status = buffer.status()
-        nbd_bound, control_bound = _bound(servers[0], nbd_ep), _bound(servers[1], control_ep)
+        control_bound = _bound(control_server, control_ep)
         log.info(
             "serving %s (%d bytes) on %s, control on %s; committed epoch %s",
             image,
             buffer.size,
-            nbd_bound,
+            ", ".join(map(str, nbd_bound)),
             control_bound,
             status.get("committed"),
         )
-        print(f"ready nbd={nbd_bound} control={control_bound}", flush=True)
+        also = "".join(f" nbd-also={ep}" for ep in nbd_bound[1:])
+        print(f"ready nbd={nbd_bound[0]} control={control_bound}{also}", flush=True)
         await stop.wait()
         log.info("shutting down")
     finally:
@@ -566,7 +573,7 @@ async def run_server(
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 5)
         await buffer.aclose()
-        for ep in (nbd_ep, control_ep):
+        for ep in (*nbd_eps, control_ep):
             if ep.kind == "unix" and ep.path:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(ep.path)
@@ -580,9 +587,10 @@ def _bound(server: asyncio.Server, requested: Endpoint) -> Endpoint:
     return Endpoint("tcp", host=host, port=port, tls_creds=requested.tls_creds)
 
 
-def _endpoint_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
+def _endpoint_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     try:
-        parse_endpoint(value)
+        for text in [value] if isinstance(value, str) else value:
+            parse_endpoint(text)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     return value
@@ -600,10 +608,11 @@ def _endpoint_option(ctx: click.Context, param: click.Parameter, value: str) -> 
 )
 @click.option(
     "--nbd",
-    "nbd_endpoint",
+    "nbd_endpoints",
     required=True,
+    multiple=True,
     callback=_endpoint_option,
-    help="NBD listen address: unix:PATH or tcp:HOST:PORT.",
+    help="NBD listen address: unix:PATH or tcp:HOST:PORT (repeatable: the same exports on each).",
 )
 @click.option(
     "--control",
@@ -657,7 +666,7 @@ def _endpoint_option(ctx: click.Context, param: click.Parameter, value: str) -> 
 def serve_command(
     image: Path,
     state_dir: Path,
-    nbd_endpoint: str,
+    nbd_endpoints: tuple[str, ...],
     control_endpoint: str,
     tls_creds: str | None,
     speculation_budget: int,
@@ -674,14 +683,14 @@ def serve_command(
     )
     if not image.is_file():
         raise click.ClickException(f"image {image} does not exist or is not a regular file")
-    nbd_endpoint = str(parse_endpoint(nbd_endpoint, tls_creds))
+    nbd_endpoints = tuple(str(parse_endpoint(text, tls_creds)) for text in nbd_endpoints)
     control_endpoint = str(parse_endpoint(control_endpoint, tls_creds))
     try:
         asyncio.run(
             run_server(
                 image,
                 state_dir,
-                nbd_endpoint,
+                nbd_endpoints,
                 control_endpoint,
                 speculation_budget=speculation_budget,
                 writeout_budget=writeout_budget,
