@@ -72,7 +72,7 @@ from typing import Any
 from hybridft_common import manifest
 from hybridft_common.cli import hybridft_command
 from hybridft_common.endpoints import Endpoint
-from hybridft_common.secure import ChannelError, ensure_private_dir
+from hybridft_common.secure import ChannelError, ensure_private_dir, open_nofollow
 from hybridft_common.tls import HOW_TO, TlsCreds
 from hybridft_common.vocabulary import Mode
 from mc_driver.accel import NoUsableQemu, QemuChoice, choose_qemu
@@ -379,7 +379,8 @@ class PairLauncher:
 
     def spawn(self, role: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
         assert self.ns is not None
-        with self.files.log(role).open("ab") as log:
+        log_fd = open_nofollow(self.files.log(role), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(log_fd, "ab") as log:
             proc = subprocess.Popen(
                 [*self.ns.exec_prefix, *args],
                 stdin=subprocess.DEVNULL,

@@ -570,3 +570,35 @@ def test_certs_cli_makes_a_qemu_layout_of_private_files(tmp_path: Path) -> None:
     assert [str(a) for a in sans.get_values_for_type(x509.IPAddress)] == ["10.0.0.2"]
     again = subprocess.run([*hybridft_command(), "certs", "init", str(ca)], capture_output=True, text=True)
     assert again.returncode != 0 and "already exists" in again.stderr
+
+
+def test_the_disk_state_dir_is_private_and_its_files_are_not_symlinks(tmp_path: Path) -> None:
+    from disk_buffer.buffer import DiskBuffer
+    from disk_buffer.store import DiskBufferError
+
+    image = tmp_path / "replica.img"
+    image.write_bytes(bytes(1 << 20))
+    shared = tmp_path / "shared-state"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(DiskBufferError, match="group- or world-writable"):
+        DiskBuffer.open(image, shared)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (state / "journal.0").symlink_to(victim)
+    with pytest.raises(ChannelError, match="symlink"):
+        DiskBuffer.open(image, state)
+    assert victim.read_bytes() == b"precious"
+
+
+def test_pair_json_is_not_written_through_a_symlink(tmp_path: Path) -> None:
+    from tests.test_manifest import manifest_for
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "pair.json.tmp").symlink_to(victim)
+    with pytest.raises(ChannelError, match="symlink"):
+        manifest_for(tmp_path).write(tmp_path / "pair.json")
+    assert victim.read_text() == "precious"
