@@ -10,6 +10,12 @@ is wrong with it.  The wire format is unchanged -- one compact JSON object per l
 message that has none).
 
 :class:`HeartbeatSender` is the daemon's side of the connection.
+
+Who may speak: only the pair's daemon.  The agent's listener accepts a unix peer of its own uid or root
+(``SO_PEERCRED``) or a tcp peer with the pair's client certificate (mutual TLS), and refuses a second
+connection while the daemon's lives.  That is also why a heartbeat may still *order* a failover
+(``failover``, ``primary_lost``): whoever can write on this connection is the daemon, and the daemon can
+force a failover anyway by falling silent; the order only makes a planned failover fast.
 """
 
 from __future__ import annotations
