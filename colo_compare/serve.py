@@ -301,7 +301,7 @@ class CompareService:
                 )  # fmt: skip
             except (OSError, ssl.SSLError, TimeoutError) as exc:
                 self.counters.refused[role] += 1
-                log.warning("%s: TLS connection refused: %s", role, exc)
+                log.warning("%s: TLS connection refused: %r", role, exc)
                 conn.close()
                 return
             writer = asyncio.StreamWriter(transport, protocol, reader, loop)

@@ -602,3 +602,49 @@ def test_pair_json_is_not_written_through_a_symlink(tmp_path: Path) -> None:
     with pytest.raises(ChannelError, match="symlink"):
         manifest_for(tmp_path).write(tmp_path / "pair.json")
     assert victim.read_text() == "precious"
+
+
+# ----------------------------------------------------------------------------- QEMU's side of TLS
+def test_qemu_chardevs_over_tcp_name_their_tls_creds_object() -> None:
+    from hybridft_common.tls import TlsError
+    from mc_driver.launch import chardev_client, chardev_server, migration_tls_args, tls_creds_object
+
+    ep = parse_endpoint("tcp:10.0.0.2:7001,tls-creds=/etc/hft/b")
+    assert chardev_client("red0", ep) == [
+        "-chardev", "socket,id=red0,host=10.0.0.2,port=7001,tls-creds=hft-tls-client,reconnect=1",
+    ]  # fmt: skip
+    assert chardev_server("mirror0", ep) == [
+        "-chardev", "socket,id=mirror0,host=10.0.0.2,port=7001,tls-creds=hft-tls-server,server=on,wait=off",
+    ]  # fmt: skip
+    assert chardev_client("c", Path("/w/x.sock")) == ["-chardev", "socket,id=c,path=/w/x.sock,reconnect=1"]
+    assert tls_creds_object("hft-tls-server", "/etc/hft/b", "server") == [
+        "-object", "tls-creds-x509,id=hft-tls-server,dir=/etc/hft/b,endpoint=server,verify-peer=on",
+    ]  # fmt: skip
+    assert migration_tls_args("hft-tls-client") == ["-global", "migration.tls-creds=hft-tls-client"]
+    with pytest.raises(TlsError, match="hybridft certs init"):
+        chardev_client("red0", parse_endpoint("tcp:10.0.0.2:7001"))
+
+
+def test_the_two_host_layout_puts_every_cross_host_channel_on_tls(tmp_path: Path) -> None:
+    from mc_driver.launch import PairFiles
+    from mc_driver.pair import TCP_CHANNELS, PairConfig, PairError, pair_channels
+
+    files = PairFiles(tmp_path)
+    one_host = pair_channels(PairConfig(tmp_path), files)
+    assert not one_host.tcp and one_host.heartbeat.startswith("unix:")
+    ports = {name: 7000 + i for i, name in enumerate(TCP_CHANNELS)}
+    config = PairConfig(tmp_path, tcp_host="127.0.0.1", tls_creds=Path("/c"))
+    two = pair_channels(config, files, ports)
+    for address in (
+        two.disk_control,
+        two.heartbeat,
+        str(two.replica),
+        str(two.mirror),
+        str(two.compare_secondary),
+    ):
+        ep = parse_endpoint(address)
+        assert ep.kind == "tcp" and ep.tls_creds == "/c", address
+    assert two.migrate == f"tcp:127.0.0.1:{ports['migrate']}"
+    assert two.disk_nbd[0] == f"unix:{two.view}"  # the secondary's own disk stays on its host
+    with pytest.raises(PairError, match="hybridft certs init"):
+        pair_channels(PairConfig(tmp_path, tcp_host="127.0.0.1"), files, ports)
