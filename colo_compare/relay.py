@@ -89,6 +89,7 @@ def relay_command(
     secondary_in: Endpoint,
     out: Endpoint,
     control: Endpoint,
+    tls_creds: str | None,
     vnet_hdr: bool,
     max_buffer: int,
     out_high_water: int,
@@ -98,10 +99,10 @@ def relay_command(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     service = CompareService(
         ForwardRelay(),  # type: ignore[arg-type]
-        primary_in=primary_in,
-        secondary_in=secondary_in,
-        out=out,
-        control=control,
+        primary_in=primary_in.with_creds(tls_creds),
+        secondary_in=secondary_in.with_creds(tls_creds),
+        out=out.with_creds(tls_creds),
+        control=control.with_creds(tls_creds),
         vnet_hdr=vnet_hdr,
         max_buffer=max_buffer << 20,
         out_high_water=out_high_water << 20,

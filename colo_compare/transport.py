@@ -39,7 +39,6 @@ import errno
 import fcntl
 import itertools
 import logging
-import os
 import socket
 import struct
 import termios
@@ -47,6 +46,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from hybridft_common.endpoints import Endpoint
+from hybridft_common.secure import unix_listener
 
 log = logging.getLogger(__name__)
 
@@ -230,13 +230,15 @@ def encode_frames(frames: Sequence[bytes | memoryview], vnet_headers: Sequence[b
 
 
 def listen_socket(endpoint: Endpoint, backlog: int = 16) -> socket.socket:
-    """A non-blocking listening socket for ``endpoint`` (a stale unix socket file is removed)."""
-    sock, address = endpoint.new_socket()
+    """A non-blocking listening socket for ``endpoint`` (a stale unix socket file is replaced; a tcp one
+    is plain: the caller wraps each accepted connection in TLS)."""
     if endpoint.kind == "unix":
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(address)
-    else:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        assert endpoint.path is not None
+        sock = unix_listener(endpoint.path, backlog)  # mode 0600 (the peers are checked on accept)
+        sock.setblocking(False)
+        return sock
+    sock, address = endpoint.new_socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(address)
     sock.listen(backlog)
     sock.setblocking(False)

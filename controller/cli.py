@@ -13,6 +13,7 @@ from hybridft_common.cli import LazyGroup
 # name -> "module:attribute" of a click command or group
 _COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("colo_compare.cli:compare", "Compare VM outputs: replay captures, serve a QEMU pair."),
+    "certs": ("hybridft_common.certs:certs", "TLS credentials for tcp: channels: a CA, host directories."),
     "disk": ("disk_buffer.cli:disk", "The disk buffer: NBD server for the replica and view, control."),
     "bench": ("bench.cli:bench", "Benchmarks (JSON and a table, each with its same-run baseline)."),
     "guest": ("mc_driver.cli:guest", "The protected guest: build it, run workloads in it."),

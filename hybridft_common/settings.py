@@ -17,6 +17,8 @@ Layout (every section and key optional)::
     passive_secondary = false
     stop_via = "auto"             # auto | qemu | qmp
     guest_run = [["diskwriter", "/dev/vda"]]
+    tcp_host = "127.0.0.1"        # the two-host layout: cross-host channels on tcp (needs tls_creds)
+    tls_creds = "/etc/hybridft/pair-ca/hosta"   # a directory from `hybridft certs issue`
 
     [protection]                  # how the pair is protected
     mode = "auto"                 # mc | colo | auto (a policy decides)
@@ -87,6 +89,12 @@ class PairSettings:
     stop_via: str = _spec("auto", choices=STOP_VIA_CHOICES, help="who stops the VMs for a checkpoint")
     guest_run: tuple[tuple[str, ...], ...] = _spec(
         (), help="workloads the guest starts at boot: [[prog, arg, ...], ...]"
+    )
+    tcp_host: str | None = _spec(
+        None, optional=True, help="the two-host layout: cross-host channels on tcp at this address"
+    )
+    tls_creds: str | None = _spec(
+        None, optional=True, help="TLS credentials directory for tcp channels (hybridft certs issue)"
     )
 
 

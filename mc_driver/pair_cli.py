@@ -85,6 +85,17 @@ def pair() -> None:
     " patch 0005), or the daemon over QMP (any QEMU); auto (the default) picks qemu when the build has it.",
 )
 @click.option(
+    "--tcp-host",
+    default=None,
+    help="The two-host layout: every channel between the hosts on tcp at this address, mutual TLS.",
+)
+@click.option(
+    "--tls-creds",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="TLS credentials directory for the tcp channels (`hybridft certs init` / `issue`).",
+)
+@click.option(
     "--no-daemon",
     is_flag=True,
     help="Start everything but the daemon (COLO not started): for debugging the launcher.",
@@ -104,6 +115,8 @@ def up_command(
     guest_run: tuple[tuple[str, ...], ...],
     passive_secondary: bool | None,
     stop_via: str | None,
+    tcp_host: str | None,
+    tls_creds: str | None,
     no_daemon: bool,
     as_json: bool,
 ) -> None:
@@ -120,6 +133,8 @@ def up_command(
             passive_secondary=passive_secondary,
             stop_via=stop_via,
             guest_run=guest_run or None,
+            tcp_host=tcp_host,
+            tls_creds=tls_creds,
         )
         if policy is not None and mode is None:
             mode = AUTO  # naming a policy means handing it control
@@ -172,6 +187,8 @@ def pair_config(workdir: Path, settings: Settings, *, start_daemon: bool = True)
         passive_secondary=pair_settings.passive_secondary,
         stop_via=pair_settings.stop_via,
         daemon_args=tuple(daemon_args),
+        tcp_host=pair_settings.tcp_host,
+        tls_creds=Path(pair_settings.tls_creds) if pair_settings.tls_creds else None,
     )
 
 
