@@ -48,6 +48,7 @@ TRACE_MAX_BYTES = 64 << 20  # the trace rotates to <name>.1 past this (bounded d
 class AutopilotConfig:
     period_s: float = 0.25
     window_s: float = 5.0
+    decide_every_samples: int = 1  # a policy decision every N samples (the window still moves every one)
     guard: GuardConfig = field(default_factory=GuardConfig)
     trace_path: Path | None = None
 
@@ -127,7 +128,7 @@ class Autopilot:
         self.ring.append(now, values)
         self.latest = values
         self.samples += 1
-        if self.policy is None or not self._active():
+        if self.policy is None or not self._active() or self.samples % self.config.decide_every_samples:
             return None
         return await self._decide(point)
 
