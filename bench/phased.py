@@ -1,0 +1,439 @@
+"""``hybridft bench phased``: the phased workload under every policy on one pair, in one run.
+
+Why one run on one pair: the question is whether a policy puts the pair, after each change of the
+workload's character, in the mode that serves that phase better -- and "better" is only meaningful against
+the static modes measured on the same machine at the same time (this machine's load moves every figure).
+So the same schedule (:class:`experiments.phased.Phased`: deterministic RPCs and divergent token answers in
+turn, memory dirtying under both) runs under ``static-mc``, ``static-colo``, ``cost-model`` and ``gilbert``
+one after another on one pair, the policy handed over through the daemon's ``mode`` verb between runs.
+
+Per run it records the phase changes (``on_phase``), the pair's mode polled from ``status`` every
+``poll_s`` and the applied decisions from the daemon's decision trace (time, reason, the signal that drove
+it).  From the static runs, per phase, the better mode is the one whose client completed more requests per
+second; every other policy is then judged per phase: time from the phase change until the pair was in
+that mode, switches in the phase, the mode it ended in, and the client's rate and latency p50/p99.
+
+The guard settings are the ``[controller]`` values in :data:`OPERATOR_SETTINGS` (why each value is
+defensible for an operator is written beside it); ``tests/test_phased_auto.py`` runs the short version of
+the same code with the same settings and asserts the bounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from experiments.phased import Phased
+from experiments.workload import PhaseResult, WorkloadTarget
+from hybridft_common.control import call
+from hybridft_common.stats import percentile
+
+__all__ = [
+    "OPERATOR_SETTINGS",
+    "PhaseRow",
+    "PolicyRun",
+    "better_modes",
+    "format_table",
+    "mode_at",
+    "mode_changes",
+    "phase_rows",
+    "run_bench",
+    "run_policy",
+    "time_to_mode",
+]
+
+POLICIES = ("static-mc", "static-colo", "cost-model", "gilbert")
+PATTERN = ("rr", "divergent", "rr", "divergent", "rr")
+STATIC_MC_EPOCH_MS = 50  # static-mc's default epoch (hybridft_common.vocabulary.DEFAULT_EPOCH_MS)
+
+#: The [controller] settings of the phased runs (DaemonConfig fields; see hybridft_common.settings).
+#: They are the schema's defaults except where said, and each is defensible for an operator:
+OPERATOR_SETTINGS: Mapping[str, float | int] = {
+    # 4 Hz: the issue's default; the sampling costs < 1 % of a core (test_daemon_auto measures it)
+    "sample_period_ms": 250,
+    # what a policy sees: cost-model averages 3 s of it (average_s), gilbert integrates all of it
+    "window_s": 5.0,
+    "decide_every_samples": 1,
+    # a policy is pure arithmetic on a window: cost-model decides in ~1 ms; 100 ms only catches a hang
+    "policy_timeout_ms": 100,
+    # at least 5 s in a mode: at most 12 switches a minute even if a policy wanted to flap, and every
+    # switch costs a checkpoint -- shorter would let a flapping policy spend more time switching than
+    # protecting; longer could not follow workloads that change every ~10 s
+    "min_dwell_s": 5.0,
+    # 6 a minute: one switch per phase change for phases down to 10 s
+    "switch_budget_per_min": 6,
+    # a switch must be asked 2 windows running (0.25-0.5 s): one noisy window cannot flip the mode
+    "hysteresis_windows": 2,
+}
+
+
+# --- what a run recorded --------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModeSample:
+    t: float  # monotonic (the same clock as the daemon's trace)
+    mode: str
+    epoch_ms: int
+    passive: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AppliedDecision:
+    """A decision the guard applied (a switch asked for), from the decision trace."""
+
+    t: float
+    mode: str
+    epoch_ms: int
+    passive: bool
+    reason: str
+    signal: str | None
+
+
+@dataclasses.dataclass
+class PolicyRun:
+    policy: str
+    phases: list[PhaseResult]
+    phase_t: list[float]  # monotonic time of each phase's start (on_phase)
+    end_t: float
+    timeline: list[ModeSample]
+    applied: list[AppliedDecision]
+    errors: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "errors": self.errors,
+            "applied": [dataclasses.asdict(a) for a in self.applied],
+        }
+
+
+# --- pure evaluation -----------------------------------------------------------------------------------
+def mode_at(timeline: Sequence[ModeSample], t: float) -> str | None:
+    """The mode last polled at or before ``t`` (None before the first sample)."""
+    found = None
+    for sample in timeline:
+        if sample.t > t:
+            break
+        found = sample.mode
+    return found
+
+
+def mode_changes(timeline: Sequence[ModeSample], start: float, end: float) -> list[tuple[float, str, str]]:
+    """``(t, before, after)`` for every mode change polled in ``[start, end)``."""
+    out = []
+    for a, b in itertools.pairwise(timeline):
+        if a.mode != b.mode and start <= b.t < end:
+            out.append((b.t, a.mode, b.mode))
+    return out
+
+
+def time_to_mode(timeline: Sequence[ModeSample], mode: str, start: float, end: float) -> float | None:
+    """Seconds from ``start`` until the pair was first polled in ``mode`` (0: already there); None: not
+    before ``end``."""
+    if mode_at(timeline, start) == mode:
+        return 0.0
+    for sample in timeline:
+        if start <= sample.t < end and sample.mode == mode:
+            return sample.t - start
+    return None
+
+
+def better_modes(static_mc: PolicyRun, static_colo: PolicyRun) -> list[str]:
+    """Per phase, the mode whose static run served the client more requests per second."""
+    return [
+        "mc" if mc.score >= colo.score else "colo"
+        for mc, colo in zip(static_mc.phases, static_colo.phases, strict=True)
+    ]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PhaseRow:
+    policy: str
+    index: int
+    phase: str
+    better: str  # the better mode from the static runs
+    rate_per_s: float
+    p50_ms: float | None
+    p99_ms: float | None
+    time_to_better_s: float | None  # from the phase change; None: never in the phase
+    switches: int
+    mode_at_end: str | None
+    colo_share: float  # of the phase's polled samples
+    reasons: tuple[str, ...]  # of the switches applied in the phase
+    signals: tuple[str | None, ...]
+    errors: int
+
+
+def phase_rows(run: PolicyRun, better: Sequence[str]) -> list[PhaseRow]:
+    rows = []
+    bounds = [*run.phase_t, run.end_t]
+    for k, phase in enumerate(run.phases):
+        start, end = bounds[k], bounds[k + 1]
+        inside = [s for s in run.timeline if start <= s.t < end]
+        applied = [a for a in run.applied if start <= a.t < end]
+        rows.append(
+            PhaseRow(
+                run.policy,
+                k,
+                phase.name,
+                better[k],
+                phase.score,
+                percentile(phase.latencies_ms, 0.5),
+                percentile(phase.latencies_ms, 0.99),
+                time_to_mode(run.timeline, better[k], start, end),
+                len(mode_changes(run.timeline, start, end)),
+                mode_at(run.timeline, end),
+                sum(s.mode == "colo" for s in inside) / len(inside) if inside else math.nan,
+                tuple(a.reason for a in applied),
+                tuple(a.signal for a in applied),
+                len(phase.errors),
+            )
+        )
+    return rows
+
+
+def format_table(rows: Sequence[PhaseRow]) -> str:
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    lines = [
+        f"{'policy':<12} {'#':>1} {'phase':<14} {'better':<6} {'to better s':>11} {'switches':>8} "
+        f"{'mode at end':<11} {'colo %':>6} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
+    ]
+    for r in rows:
+        share = "-" if math.isnan(r.colo_share) else f"{100 * r.colo_share:.0f}"
+        lines.append(
+            f"{r.policy:<12} {r.index:>1} {r.phase:<14} {r.better:<6} {ms(r.time_to_better_s):>11} "
+            f"{r.switches:>8} {r.mode_at_end or '-':<11} {share:>6} {r.rate_per_s:>8.1f} {ms(r.p50_ms):>8} "
+            f"{ms(r.p99_ms):>8} {r.errors:>6}"
+        )
+    return "\n".join(lines)
+
+
+# --- driving a daemon through its control socket --------------------------------------------------------
+class ModePoller(threading.Thread):
+    """Polls the daemon's ``status`` every ``period_s``: the pair's mode over time."""
+
+    def __init__(self, control: str, period_s: float) -> None:
+        super().__init__(name="mode-poller", daemon=True)
+        self.control, self.period_s = control, period_s
+        self.samples: list[ModeSample] = []
+        self.failures = 0
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                status = call(self.control, "status", io_timeout=5.0)
+                self.samples.append(
+                    ModeSample(
+                        time.monotonic(), status["mode"], status["epoch_ms"], status["passive_secondary"]
+                    )
+                )
+            except (OSError, ValueError, KeyError):
+                self.failures += 1
+            self._stop.wait(self.period_s)
+
+    def stop(self) -> list[ModeSample]:
+        self._stop.set()
+        self.join(10)
+        return self.samples
+
+
+def _force(control: str, mode: str, epoch_ms: int | None = None, timeout_s: float = 60.0) -> None:
+    """Force ``mode`` (this ends auto) and wait until the pair runs it."""
+    args: dict[str, Any] = {"mode": mode}
+    if epoch_ms is not None:
+        args["epoch_ms"] = epoch_ms
+    call(control, "mode", **args)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = call(control, "status")
+        if status["mode"] == mode and status["pending_mode"] is None:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the pair did not reach {mode} in {timeout_s:g} s: {status['state']}")
+        time.sleep(0.1)
+
+
+def applied_decisions(trace: Path, policy: str, since: float) -> list[AppliedDecision]:
+    """The switches ``policy`` asked for (guard verdict ``apply``) after ``since``, from the trace."""
+    out = []
+    if not trace.exists():
+        return out
+    for line in trace.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a crash is not a decision
+        verdict, decision = record.get("verdict") or {}, record.get("decision") or {}
+        if record.get("policy") != policy or record.get("t", 0) < since or verdict.get("kind") != "apply":
+            continue
+        point = verdict["point"]
+        out.append(
+            AppliedDecision(
+                record["t"],
+                point["mode"],
+                point["epoch_ms"],
+                point.get("passive_secondary", False),
+                decision.get("reason", ""),
+                decision.get("signal"),
+            )
+        )
+    return out
+
+
+def start_point(policy: str) -> tuple[str, int]:
+    """Where a policy's run starts: static-colo and gilbert (a COLO hybrid) in COLO, the rest in MC at
+    the default epoch -- so a static run measures its mode from the first request."""
+    return (
+        ("colo", STATIC_MC_EPOCH_MS) if policy in ("static-colo", "gilbert") else ("mc", STATIC_MC_EPOCH_MS)
+    )
+
+
+def run_policy(
+    control: str,
+    target: WorkloadTarget,
+    workload: Phased,
+    seconds: float,
+    policy: str,
+    trace: Path,
+    *,
+    poll_s: float = 0.1,
+    progress: Callable[[str], None] | None = None,
+) -> PolicyRun:
+    """One run of ``workload`` with ``policy`` in auto (see the module docstring)."""
+    mode, epoch_ms = start_point(policy)
+    _force(control, mode, epoch_ms if mode == "mc" else None)
+    if mode == "colo":
+        call(control, "mode", mode="mc", epoch_ms=epoch_ms)  # the MC epoch a later MC starts with
+        _force(control, "colo")
+    engaged_at = time.monotonic()
+    reply = call(control, "mode", mode="auto", policy=policy)
+    if not reply.get("auto"):
+        raise RuntimeError(f"the daemon did not hand control to {policy}: {reply}")
+    poller = ModePoller(control, poll_s)
+    poller.start()
+    phase_t: list[float] = []
+
+    def on_phase(index: int, name: str, at_s: float) -> None:
+        phase_t.append(time.monotonic())
+        if progress is not None:
+            progress(f"{policy}: phase {index} {name}")
+
+    try:
+        result = workload.run(target, seconds, on_phase)
+        end_t = time.monotonic()
+    finally:
+        timeline = poller.stop()
+        _force(control, "mc", STATIC_MC_EPOCH_MS)  # auto off between runs
+    errors = list(result.errors) + [f"phase {p.name}: {e}" for p in result.phases for e in p.errors]
+    if poller.failures:
+        errors.append(f"{poller.failures} status polls failed")
+    return PolicyRun(
+        policy,
+        list(result.phases),
+        phase_t,
+        end_t,
+        timeline,
+        applied_decisions(trace, policy, engaged_at),
+        errors,
+    )
+
+
+@dataclasses.dataclass
+class BenchResult:
+    runs: dict[str, PolicyRun]
+    better: list[str]
+    rows: list[PhaseRow]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "better": self.better,
+            "phases": [dataclasses.asdict(r) for r in self.rows],
+            "runs": {name: run.to_json() for name, run in self.runs.items()},
+        }
+
+
+def run_bench(
+    control: str,
+    target: WorkloadTarget,
+    workload: Phased,
+    seconds: float,
+    trace: Path,
+    policies: Sequence[str] = POLICIES,
+    progress: Callable[[str], None] | None = None,
+) -> BenchResult:
+    """Every policy on the same schedule; the static ones must come first (they define "better")."""
+    if list(policies[:2]) != ["static-mc", "static-colo"]:
+        raise ValueError("the static runs come first: policies must start with static-mc, static-colo")
+    runs = {p: run_policy(control, target, workload, seconds, p, trace, progress=progress) for p in policies}
+    better = better_modes(runs["static-mc"], runs["static-colo"])
+    rows = [row for run in runs.values() for row in phase_rows(run, better)]
+    return BenchResult(runs, better, rows)
+
+
+# --- the command ---------------------------------------------------------------------------------------
+@click.command("phased")
+@click.option("--phase-s", default=15.0, show_default=True, help="Seconds per phase.")
+@click.option("--pattern", default=",".join(PATTERN), show_default=True, help="Phases, in order.")
+@click.option("--dirty-mib-s", default=8.0, show_default=True, help="memdirty under every phase, MiB/s.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the pair runs (default: a new temporary directory).")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Only the JSON document.")
+def bench_phased(
+    phase_s: float, pattern: str, dirty_mib_s: float, workdir: Path | None, as_json: bool
+) -> None:
+    """The phased workload under static-mc, static-colo, cost-model and gilbert on one pair."""
+    import os
+    import tempfile
+
+    from hybridft_common.manifest import PairManifest
+    from hybridft_common.settings import parse_settings
+    from mc_driver.pair import down, up
+    from mc_driver.pair_cli import pair_config
+
+    names = [w.strip() for w in pattern.split(",")]
+    workload = Phased(names, phase_s, dirty_mib_s)
+    seconds = phase_s * len(names)
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="hft-phased-"))
+    controller = {k: v for k, v in OPERATOR_SETTINGS.items()}
+    settings = parse_settings({"protection": {"mode": "mc", "epoch_ms": STATIC_MC_EPOCH_MS},
+                               "controller": controller})  # fmt: skip
+
+    def progress(text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+    progress(f"pair up in {workdir}")
+    up(pair_config(workdir, settings))
+    try:
+        manifest = PairManifest.load(workdir / "pair.json")
+        target = WorkloadTarget(manifest.netns, manifest.guest_ip, manifest.guest_control.primary)
+        load_before = os.getloadavg()
+        result = run_bench(
+            manifest.daemon_control, target, workload, seconds, workdir / "decisions.jsonl", progress=progress
+        )
+        load_after = os.getloadavg()
+    finally:
+        down(workdir)
+    document = result.to_json() | {
+        "phase_s": phase_s,
+        "pattern": names,
+        "dirty_mib_s": dirty_mib_s,
+        "controller": controller,
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+    }
+    click.echo(json.dumps(document, indent=None if as_json else 1, default=str))
+    if not as_json:
+        click.echo(format_table(result.rows))
+        click.echo(f"load average before {load_before}, after {load_after}")
