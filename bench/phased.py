@@ -42,6 +42,7 @@ __all__ = [
     "OPERATOR_SETTINGS",
     "PhaseRow",
     "PolicyRun",
+    "TracedDecision",
     "better_modes",
     "format_table",
     "mode_at",
@@ -50,6 +51,7 @@ __all__ = [
     "run_bench",
     "run_policy",
     "time_to_mode",
+    "traced_decisions",
 ]
 
 POLICIES = ("static-mc", "static-colo", "cost-model", "gilbert")
@@ -87,12 +89,13 @@ class ModeSample:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class AppliedDecision:
-    """A decision the guard applied (a switch asked for), from the decision trace."""
+class TracedDecision:
+    """One decision of the policy and the guard's verdict on it, from the decision trace."""
 
     t: float
-    mode: str
-    epoch_ms: int
+    kind: str  # the guard's verdict: apply (a switch asked for), keep, hold, reject
+    mode: str | None  # what the policy asked for (None: it failed)
+    epoch_ms: int | None
     passive: bool
     reason: str
     signal: str | None
@@ -105,15 +108,33 @@ class PolicyRun:
     phase_t: list[float]  # monotonic time of each phase's start (on_phase)
     end_t: float
     timeline: list[ModeSample]
-    applied: list[AppliedDecision]
+    decisions: list[TracedDecision]
     errors: list[str]
 
+    @property
+    def applied(self) -> list[TracedDecision]:
+        """The decisions the guard applied: the switches the policy asked for."""
+        return [d for d in self.decisions if d.kind == "apply"]
+
     def to_json(self) -> dict[str, Any]:
+        t0 = self.phase_t[0] if self.phase_t else 0.0
         return {
             "policy": self.policy,
             "errors": self.errors,
-            "applied": [dataclasses.asdict(a) for a in self.applied],
+            "phase_start_s": [round(t - t0, 3) for t in self.phase_t],
+            "modes": [
+                [round(s.t - t0, 2), s.mode, s.epoch_ms, s.passive] for s in _changes_only(self.timeline)
+            ],
+            "decisions": [
+                [round(d.t - t0, 2), d.kind, d.mode, d.epoch_ms, d.reason]
+                for d in self.decisions
+                if d.kind != "keep"  # a policy content with the running point is most of the trace
+            ],
         }
+
+
+def _changes_only(timeline: Sequence[ModeSample]) -> list[ModeSample]:
+    return [s for k, s in enumerate(timeline) if k == 0 or timeline[k - 1].mode != s.mode]
 
 
 # --- pure evaluation -----------------------------------------------------------------------------------
@@ -228,10 +249,10 @@ class ModePoller(threading.Thread):
         self.control, self.period_s = control, period_s
         self.samples: list[ModeSample] = []
         self.failures = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 status = call(self.control, "status", io_timeout=5.0)
                 self.samples.append(
@@ -241,33 +262,65 @@ class ModePoller(threading.Thread):
                 )
             except (OSError, ValueError, KeyError):
                 self.failures += 1
-            self._stop.wait(self.period_s)
+            self._halt.wait(self.period_s)
 
     def stop(self) -> list[ModeSample]:
-        self._stop.set()
+        self._halt.set()
         self.join(10)
         return self.samples
 
 
-def _force(control: str, mode: str, epoch_ms: int | None = None, timeout_s: float = 60.0) -> None:
-    """Force ``mode`` (this ends auto) and wait until the pair runs it."""
-    args: dict[str, Any] = {"mode": mode}
-    if epoch_ms is not None:
-        args["epoch_ms"] = epoch_ms
-    call(control, "mode", **args)
+def _status(control: str) -> dict[str, Any]:
+    return call(control, "status")
+
+
+def _settle(control: str, timeout_s: float = 30.0) -> None:
+    """Wait until no point change is pending (the daemon applies one at its next checkpoint)."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        status = call(control, "status")
-        if status["mode"] == mode and status["pending_mode"] is None:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the pair did not reach {mode} in {timeout_s:g} s: {status['state']}")
+    while _status(control)["pending_mode"] is not None and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
-def applied_decisions(trace: Path, policy: str, since: float) -> list[AppliedDecision]:
-    """The switches ``policy`` asked for (guard verdict ``apply``) after ``since``, from the trace."""
-    out = []
+def _force(
+    control: str,
+    mode: str,
+    epoch_ms: int | None = None,
+    *,
+    compare: str | None = None,
+    timeout_s: float = 60.0,
+) -> None:
+    """Force ``mode`` (this ends auto) and wait until the pair runs it, and the comparator with it.
+
+    One request at a time, each waited for: a request that replaces or withdraws a pending one while a
+    checkpoint is between its seal and its commit leaves the comparator in the withdrawn mode
+    (controller/epoch.py tells the comparator the pending mode at the seal), so the comparator's mode is
+    checked too.
+    """
+    _settle(control)
+    args: dict[str, Any] = {"mode": mode}
+    if mode == "mc":
+        args["epoch_ms"] = epoch_ms or STATIC_MC_EPOCH_MS
+        args["passive_secondary"] = False
+    call(control, "mode", **args)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = _status(control)
+        compare_mode = None
+        if compare is not None:
+            compare_mode = (call(compare, "stats", signals_only=True).get("signals") or {}).get("mode")
+        if status["mode"] == mode and status["pending_mode"] is None and compare_mode in (None, mode):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"the pair did not reach {mode} in {timeout_s:g} s: daemon {status['mode']} "
+                f"(pending {status['pending_mode']}), comparator {compare_mode}"
+            )
+        time.sleep(0.1)
+
+
+def traced_decisions(trace: Path, policy: str, since: float) -> list[TracedDecision]:
+    """Every decision of ``policy`` after ``since`` with the guard's verdict, from the trace."""
+    out: list[TracedDecision] = []
     if not trace.exists():
         return out
     for line in trace.read_text().splitlines():
@@ -276,16 +329,17 @@ def applied_decisions(trace: Path, policy: str, since: float) -> list[AppliedDec
         except ValueError:
             continue  # a line cut by a crash is not a decision
         verdict, decision = record.get("verdict") or {}, record.get("decision") or {}
-        if record.get("policy") != policy or record.get("t", 0) < since or verdict.get("kind") != "apply":
+        if record.get("policy") != policy or record.get("t", 0) < since:
             continue
-        point = verdict["point"]
+        asked = verdict.get("point") if verdict.get("kind") == "apply" else decision
         out.append(
-            AppliedDecision(
+            TracedDecision(
                 record["t"],
-                point["mode"],
-                point["epoch_ms"],
-                point.get("passive_secondary", False),
-                decision.get("reason", ""),
+                str(verdict.get("kind")),
+                (asked or {}).get("mode"),
+                (asked or {}).get("epoch_ms"),
+                bool((asked or {}).get("passive_secondary", False)),
+                decision.get("reason") or verdict.get("why", ""),
                 decision.get("signal"),
             )
         )
@@ -308,15 +362,15 @@ def run_policy(
     policy: str,
     trace: Path,
     *,
+    compare: str | None = None,
     poll_s: float = 0.1,
     progress: Callable[[str], None] | None = None,
 ) -> PolicyRun:
     """One run of ``workload`` with ``policy`` in auto (see the module docstring)."""
     mode, epoch_ms = start_point(policy)
-    _force(control, mode, epoch_ms if mode == "mc" else None)
+    _force(control, "mc", epoch_ms, compare=compare)  # also the MC epoch a later MC starts with
     if mode == "colo":
-        call(control, "mode", mode="mc", epoch_ms=epoch_ms)  # the MC epoch a later MC starts with
-        _force(control, "colo")
+        _force(control, "colo", compare=compare)
     engaged_at = time.monotonic()
     reply = call(control, "mode", mode="auto", policy=policy)
     if not reply.get("auto"):
@@ -335,7 +389,7 @@ def run_policy(
         end_t = time.monotonic()
     finally:
         timeline = poller.stop()
-        _force(control, "mc", STATIC_MC_EPOCH_MS)  # auto off between runs
+        _force(control, "mc", STATIC_MC_EPOCH_MS, compare=compare)  # auto off between runs
     errors = list(result.errors) + [f"phase {p.name}: {e}" for p in result.phases for e in p.errors]
     if poller.failures:
         errors.append(f"{poller.failures} status polls failed")
@@ -345,7 +399,7 @@ def run_policy(
         phase_t,
         end_t,
         timeline,
-        applied_decisions(trace, policy, engaged_at),
+        traced_decisions(trace, policy, engaged_at),
         errors,
     )
 
@@ -371,12 +425,17 @@ def run_bench(
     seconds: float,
     trace: Path,
     policies: Sequence[str] = POLICIES,
+    *,
+    compare: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> BenchResult:
     """Every policy on the same schedule; the static ones must come first (they define "better")."""
     if list(policies[:2]) != ["static-mc", "static-colo"]:
         raise ValueError("the static runs come first: policies must start with static-mc, static-colo")
-    runs = {p: run_policy(control, target, workload, seconds, p, trace, progress=progress) for p in policies}
+    runs = {
+        p: run_policy(control, target, workload, seconds, p, trace, compare=compare, progress=progress)
+        for p in policies
+    }
     better = better_modes(runs["static-mc"], runs["static-colo"])
     rows = [row for run in runs.values() for row in phase_rows(run, better)]
     return BenchResult(runs, better, rows)
@@ -420,7 +479,13 @@ def bench_phased(
         target = WorkloadTarget(manifest.netns, manifest.guest_ip, manifest.guest_control.primary)
         load_before = os.getloadavg()
         result = run_bench(
-            manifest.daemon_control, target, workload, seconds, workdir / "decisions.jsonl", progress=progress
+            manifest.daemon_control,
+            target,
+            workload,
+            seconds,
+            workdir / "decisions.jsonl",
+            compare=manifest.compare_control,
+            progress=progress,
         )
         load_after = os.getloadavg()
     finally:

@@ -13,7 +13,6 @@ from bench.cli import bench
 from bench.phased import (
     ModeSample,
     PolicyRun,
-    applied_decisions,
     better_modes,
     format_table,
     mode_at,
@@ -21,6 +20,7 @@ from bench.phased import (
     phase_rows,
     start_point,
     time_to_mode,
+    traced_decisions,
 )
 from experiments.workload import PhaseResult
 
@@ -96,10 +96,12 @@ def test_switches_are_read_back_from_the_trace(tmp_path: Path) -> None:
             ]
         )
     )
-    (applied,) = applied_decisions(trace, "cost-model", since=10.0)
+    decisions = traced_decisions(trace, "cost-model", since=10.0)
+    assert [(d.t, d.kind) for d in decisions] == [(11.0, "hold"), (12.0, "apply")]
+    (applied,) = PolicyRun("cost-model", [], [], 0.0, [], decisions, []).applied
     assert (applied.t, applied.mode, applied.signal) == (12.0, "colo", "div.per_s")
     assert applied.reason.startswith("div.per_s=3")
-    assert applied_decisions(tmp_path / "absent.jsonl", "cost-model", 0.0) == []
+    assert traced_decisions(tmp_path / "absent.jsonl", "cost-model", 0.0) == []
 
 
 def test_the_bench_is_registered() -> None:
