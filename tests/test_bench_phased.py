@@ -10,7 +10,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from bench.cli import bench
-from bench.phased import (
+from experiments.phased_bench import (
     ModeSample,
     PolicyRun,
     better_modes,
