@@ -14,10 +14,14 @@ the run's ``seconds``: ``round(seconds / phase_s)`` phases (at least one), the l
 
 Under every phase the guest dirties memory at ``dirty_mib_s`` MiB/s (``memdirty``, started over the control
 channel once for the whole run and killed at its end; 0 = none): a checkpoint then has real pages to copy
-in either mode, as a real service's heap would.  At each change the previous phase's service is stopped
-and the next one started (the guest changes what it serves, as a host script would make it), then
-``on_phase`` is called and the new clients start; a phase's ``start_s`` is that moment, its ``end_s`` when
-its clients finished (the last request in flight at the planned end is completed and counted).
+in either mode, as a real service's heap would.  Every service the schedule uses is started before the
+first phase and stopped after the last, so a change of character is a change of the clients, as when a
+service's users change what they ask: a service started over the control channel mid-run would run on
+the primary only until the next checkpoint, and in COLO the secondary's refused connection would hold
+the new clients' first answers for the comparator's timeout (3 s, measured) -- a stall of the harness,
+not of the workload.  At each change ``on_phase`` is called and the new clients start; a phase's
+``start_s`` is that moment, its ``end_s`` when its clients finished (the last request in flight at the
+planned end is completed and counted).
 Every phase is driven by the same :class:`experiments.net_workloads.NetPhaseDriver` the steady workloads
 use, so a phase's rate means exactly what the steady workload's score means.
 """
@@ -28,7 +32,7 @@ import dataclasses
 import time
 from collections.abc import Sequence
 
-from experiments.net_workloads import NetDivergent, NetPhaseDriver, NetRR, NetStream
+from experiments.net_workloads import NetDivergent, NetRR, NetStream
 from experiments.workload import PhaseListener, PhaseResult, WorkloadResult, WorkloadTarget
 from mc_driver.guest import GuestControl, GuestError
 
@@ -124,21 +128,19 @@ class Phased:
         try:
             with GuestControl(target.guest_control) as ctl:
                 dirty_pid: int | None = None
-                serving: str | None = None
+                serving: list[str] = []
+                drivers = [self.workloads[planned.name].driver() for planned in plan]
                 try:
+                    for driver in drivers:
+                        if driver.service not in serving:
+                            ctl.start_service(driver.service)
+                            serving.append(driver.service)
                     if self.dirty_mib_s > 0:
                         # report period 0: memdirty's own output is not needed and would only fill /tmp
                         dirty_pid = ctl.run(
                             "memdirty", f"{self.dirty_mib_s:g}", str(self.working_set_mib), "0"
                         )
-                    for planned in plan:
-                        driver: NetPhaseDriver = self.workloads[planned.name].driver()
-                        if serving != driver.service:
-                            if serving is not None:
-                                ctl.stop_service(serving)
-                                serving = None
-                            ctl.start_service(driver.service)
-                            serving = driver.service
+                    for planned, driver in zip(plan, drivers, strict=True):
                         start_s = time.monotonic() - clock0
                         if on_phase is not None:
                             on_phase(planned.index, planned.name, start_s)
@@ -146,8 +148,8 @@ class Phased:
                 finally:
                     # the next cell starts from an idle guest, whatever happened
                     try:
-                        if serving is not None:
-                            ctl.stop_service(serving)
+                        for service in serving:
+                            ctl.stop_service(service)
                     finally:
                         if dirty_pid is not None:
                             ctl.kill(dirty_pid)
