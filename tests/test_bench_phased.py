@@ -45,7 +45,7 @@ def test_the_timeline_says_when_the_mode_changed() -> None:
     assert time_to_mode(TIMELINE, "colo", 10.5, 20.0) == 1.5
     assert time_to_mode(TIMELINE, "colo", 12.5, 20.0) == 0.0  # already there
     assert time_to_mode(TIMELINE, "mc", 13.0, 21.0) is None  # not before the end
-    assert start_point("static-colo")[0] == "colo" and start_point("cost-model") == ("mc", 50)
+    assert start_point("static-colo")[0] == "colo" and start_point("cost-model") == ("mc", 10)
 
 
 def _run(policy: str, rates: list[float], timeline: list[ModeSample]) -> PolicyRun:
