@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.accounting import CheckpointsByMode, EventAccounting
-from controller.autopilot import Autopilot, AutopilotConfig
+from controller.autopilot import Autopilot
 from controller.daemon_config import DaemonConfig, DaemonError
 from controller.epoch import (
     CheckpointError,
@@ -264,6 +264,7 @@ class Daemon:
 
     async def start(self, *, connect: bool = True) -> None:
         """Connect (unless attached), start COLO if configured, then the loops and the control socket."""
+        self.config.autopilot_config()  # a bad [controller] value fails here, before the pair is touched
         if connect:
             await self.connect()
         elif self.config.compare_control or self.config.disk_control:
@@ -322,10 +323,7 @@ class Daemon:
         )
         return Autopilot(
             SignalSampler(links),
-            AutopilotConfig(
-                period_s=cfg.sample_period_ms / 1000,
-                trace_path=Path(cfg.trace_path) if cfg.trace_path else None,
-            ),
+            cfg.autopilot_config(),
             point=lambda: self.protocol.point,
             request=self.request_point,
             active=lambda: self.state == PairState.PROTECTED and not self._closing,

@@ -118,6 +118,20 @@ class ControllerSettings:
     metrics_port: int | None = _spec(None, lo=1, hi=65535, optional=True, help="serve /metrics on 127.0.0.1")
 
 
+#: the [controller] keys ``pair up`` hands the daemon as flags (``--min-dwell-s``...); ``metrics_port`` is
+#: the daemon's ``--metrics-port``
+DAEMON_CONTROLLER_KEYS = (
+    "sample_period_ms",
+    "window_s",
+    "decide_every_samples",
+    "policy_timeout_ms",
+    "min_dwell_s",
+    "switch_budget_per_min",
+    "hysteresis_windows",
+    "checkpoint_timeout_s",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     pair: PairSettings = field(default_factory=PairSettings)

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import click
 
-from hybridft_common.settings import AUTO, PROTECTION_MODES, Settings, SettingsError, load_settings
+from hybridft_common.settings import (
+    AUTO,
+    DAEMON_CONTROLLER_KEYS,
+    PROTECTION_MODES,
+    Settings,
+    SettingsError,
+    load_settings,
+)
 from hybridft_common.vocabulary import DEFAULT_EPOCH_MS, STOP_VIA_CHOICES, Mode, epoch_ms_range
 from mc_driver.pair import PairConfig, PairError, down, up
 
@@ -166,9 +173,11 @@ def up_command(
 
 def pair_config(workdir: Path, settings: Settings, *, start_daemon: bool = True) -> PairConfig:
     """What ``pair up`` starts, from validated settings.  ``auto`` starts in MC (the policy's first
-    decision moves it); the policy and the sampling period travel to the daemon as its flags."""
+    decision moves it); the policy and the ``[controller]`` settings travel to the daemon as its flags."""
     pair_settings, protection = settings.pair, settings.protection
-    daemon_args: list[str] = ["--sample-period-ms", str(settings.controller.sample_period_ms)]
+    daemon_args: list[str] = []
+    for key in DAEMON_CONTROLLER_KEYS:  # each [controller] setting the daemon takes, as its flag
+        daemon_args += [f"--{key.replace('_', '-')}", str(getattr(settings.controller, key))]
     if protection.mode == AUTO:
         daemon_args += ["--policy", protection.policy]
         for key, value in sorted(settings.policy_params.items()):
