@@ -98,8 +98,14 @@ class CellRecord:
 def append_cell(directory: Path, record: CellRecord) -> None:
     """Append one cell's line, durably (a kill right after must not lose a finished cell)."""
     line = json.dumps(record.to_json(), allow_nan=False, separators=(",", ":")) + "\n"
-    with (directory / CELLS_JSONL).open("a") as out:
-        out.write(line)
+    path = directory / CELLS_JSONL
+    with path.open("a+b") as out:
+        out.seek(0, os.SEEK_END)
+        if out.tell() > 0:
+            out.seek(-1, os.SEEK_END)
+            if out.read(1) != b"\n":  # a torn line from a killed run: never append to it
+                line = "\n" + line
+        out.write(line.encode())
         out.flush()
         os.fsync(out.fileno())
 

@@ -20,16 +20,20 @@ A pair is reused by the cells of one group (``reuse_pair = true``, the default):
 after the other on the same pair, each from an idle guest (a workload stops its guest program).  It is
 fair because every mode gets the same treatment; a failed cell's pair is replaced before the next cell.
 
-Ctrl-C (or SIGTERM) stops at once: the pair is torn down (no QEMU, namespace or socket is left), the
-interrupted cell is not recorded, and ``run`` on the same directory continues with it.
+Ctrl-C (or SIGTERM) stops the run: the pair is torn down (no QEMU, namespace or socket is left), the
+interrupted cell is not recorded, and ``run`` on the same directory continues with it.  While a pair
+comes up or goes down the signal is held until that step ends (:func:`signals_deferred`), so a
+teardown is never cut short and a pair coming up is never lost before the runner can stop it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -102,10 +106,34 @@ def pair_up(workdir: Path, spec: ModeSpec) -> LivePair:
     return live
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C / SIGTERM during the block are held and raised as KeyboardInterrupt after it: a teardown
+    cut short would leave the namespace (or a QEMU) behind."""
+    pending: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        pending.append(signum)
+
+    try:
+        previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: nothing to defer
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pending:
+            raise KeyboardInterrupt
+
+
 def pair_down(live: LivePair) -> None:
     from mc_driver.pair import down
 
-    down(live.workdir)
+    with signals_deferred():
+        down(live.workdir)
     for image in live.workdir.glob("*.img"):  # sparse, but nobody reads them again
         image.unlink(missing_ok=True)
     shutil.rmtree(live.workdir / "disk-state", ignore_errors=True)
@@ -316,6 +344,13 @@ def check_directory(out: Path, config: ExperimentConfig, config_path: Path | Non
     )
 
 
+def pair_root(out: Path) -> Path:
+    """Where the run's pairs live: a short path derived from ``out`` (unix socket paths are limited to
+    107 bytes, and a killed run's pair is found again from it by the next run's ``pair down``)."""
+    digest = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"hftx-{digest}"
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM tears down like Ctrl-C (the handler raises KeyboardInterrupt in the main thread)."""
@@ -358,7 +393,7 @@ def run_experiment(
     with _sigterm_as_interrupt():
         for group in pair_groups(todo, config.reuse_pair):
             spec = group[0].spec
-            pair_dir = out / "pairs" / f"{spec.label}__rep{group[0].rep}"
+            pair_dir = pair_root(out) / f"{spec.label}-r{group[0].rep}"
             live: LivePair | None = None
             try:
                 for cell in group:
@@ -374,7 +409,8 @@ def run_experiment(
                     try:
                         if workload is not None:
                             if live is None:
-                                live = pair_up(pair_dir, spec)
+                                with signals_deferred():  # Ctrl-C lands once the pair is ours to stop
+                                    live = pair_up(pair_dir, spec)
                             record = run_cell(live, cell, workload, config, cell_dir)
                             live.cells_served += 1
                     except KeyboardInterrupt:
