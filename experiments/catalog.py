@@ -64,7 +64,8 @@ def _load(module: str, attribute: str) -> Callable[..., Any]:
 
 
 def build(name: str, *, phase_seconds: float) -> Workload:
-    """The workload called ``name``; ``phase_seconds`` reaches a phased workload that takes it."""
+    """The workload called ``name``; ``phase_seconds`` reaches a phased workload that takes it (as
+    ``phase_s`` or ``phase_seconds``)."""
     problem = name_problem(name)
     if problem:
         raise CatalogError(problem)
@@ -78,8 +79,9 @@ def build(name: str, *, phase_seconds: float) -> Workload:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         params = {}  # type: ignore[assignment]
-    if "phase_seconds" in params:
-        kwargs["phase_seconds"] = phase_seconds
+    for keyword in ("phase_s", "phase_seconds"):  # experiments.phased.Phased takes phase_s
+        if keyword in params:
+            kwargs[keyword] = phase_seconds
     try:
         workload = factory(**kwargs)
     except Exception as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,25 @@ def test_catalog_names_and_a_missing_module_is_an_error_for_that_workload(monkey
     monkeypatch.setitem(catalog.FIXED, "net-rr", ("experiments.no_such_module", "NetRR"))
     with pytest.raises(catalog.CatalogError, match="not available in this checkout"):
         catalog.build("net-rr", phase_seconds=5)
+
+
+def test_catalog_hands_the_phase_length_to_a_phased_workload(monkeypatch: Any) -> None:
+    import types
+
+    class FakePhased:
+        name, unit = "phased", "requests"
+
+        def __init__(self, phase_s: float = 15.0) -> None:
+            self.phase_s = phase_s
+
+        def run(self, target: Any, seconds: float, on_phase: Any = None) -> Any:
+            raise NotImplementedError
+
+    module = types.ModuleType("fake_phased")
+    module.Phased = FakePhased  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fake_phased", module)
+    monkeypatch.setitem(catalog.FIXED, "phased", ("fake_phased", "Phased"))
+    assert catalog.build("phased", phase_seconds=7.5).phase_s == 7.5  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------- guest parsers
