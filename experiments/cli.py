@@ -33,7 +33,8 @@ def run_command(config_path: Path, out: Path | None, no_report: bool) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from experiments.config import ConfigError, load_config
+    from experiments.config import Cell, ConfigError, load_config
+    from experiments.results import CellRecord
     from experiments.runner import Progress as RunProgress
     from experiments.runner import RunnerError, run_experiment
 
@@ -58,10 +59,10 @@ def run_command(config_path: Path, out: Path | None, no_report: bool) -> None:
     with bar:
         task = bar.add_task("starting", total=len(config.cells()), left="?")
 
-        def on_start(cell, done, total, eta):  # type: ignore[no-untyped-def]
+        def on_start(cell: Cell, done: int, total: int, eta: float) -> None:
             bar.update(task, description=f"[bold]{cell.id}", total=total, completed=done, left=left(eta))
 
-        def on_done(record, done, total):  # type: ignore[no-untyped-def]
+        def on_done(record: CellRecord, done: int, total: int) -> None:
             verdict = (
                 f"score {record.score:.4g} {record.unit}/s" if record.ok else f"[red]FAILED: {record.error}"
             )
