@@ -139,6 +139,18 @@ def pair_down(live: LivePair) -> None:
     shutil.rmtree(live.workdir / "disk-state", ignore_errors=True)
 
 
+def keep_evidence(live: LivePair, cell_dir: Path) -> None:
+    """Before a failed cell's pair goes down: the daemon's status and the pair's logs into the cell's
+    directory (the next pair in the same directory starts with fresh logs)."""
+    with contextlib.suppress(Exception):
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        logs = cell_dir / "pair-logs"
+        logs.mkdir(exist_ok=True)
+        for log in live.workdir.glob("*.log"):
+            shutil.copyfile(log, logs / log.name)
+        (cell_dir / "status-at-failure.json").write_text(json.dumps(live.handle.daemon("status"), indent=1))
+
+
 def start_point(live: LivePair, spec: ModeSpec) -> None:
     """Put the pair at the cell's starting point (see the module docstring)."""
     if spec.mode == "unreplicated":
@@ -419,6 +431,7 @@ def run_experiment(
                         reused = live is not None and live.cells_served > 0
                         record = failed_record(cell, f"{type(exc).__name__}: {exc}", reused=reused)
                     if not record.ok and live is not None:
+                        keep_evidence(live, cell_dir)
                         pair_down(live)  # a failed cell's pair is not trusted for the next cell
                         live = None
                     append_cell(out, record)

@@ -350,6 +350,7 @@ class FakePairs:
         self.ups: list[str] = []
         self.downs = 0
         self.ran: list[str] = []
+        self.evidence: list[str] = []
         self.fail = fail or set()
         self.interrupt_at = interrupt_at
 
@@ -357,6 +358,7 @@ class FakePairs:
         monkeypatch.setattr(runner, "pair_up", self.pair_up)
         monkeypatch.setattr(runner, "pair_down", self.pair_down)
         monkeypatch.setattr(runner, "run_cell", self.run_cell)
+        monkeypatch.setattr(runner, "keep_evidence", self.keep_evidence)
 
     def pair_up(self, workdir: Path, spec: ModeSpec) -> runner.LivePair:
         self.ups.append(spec.label)
@@ -364,6 +366,9 @@ class FakePairs:
 
     def pair_down(self, live: runner.LivePair) -> None:
         self.downs += 1
+
+    def keep_evidence(self, live: runner.LivePair, cell_dir: Path) -> None:
+        self.evidence.append(cell_dir.name)
 
     def run_cell(
         self, live: runner.LivePair, c: Cell, workload: Any, config: Any, cell_dir: Path
@@ -411,6 +416,7 @@ def test_a_failed_cell_is_recorded_its_pair_replaced_and_the_matrix_goes_on(
     fake.install(monkeypatch)
     assert runner.run_experiment(config, tmp_path) == (4, 1)
     assert fake.ups == ["unreplicated", "unreplicated", "colo"]  # a fresh pair after the failure
+    assert fake.evidence == ["cpu__unreplicated__rep1"]  # its logs kept before it went down
     failed = {r.id: r for r in load_cells(tmp_path)}["cpu__unreplicated__rep1"]
     assert not failed.ok and failed.error == "RuntimeError: the guest did not answer"
     retry = FakePairs()
