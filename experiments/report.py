@@ -225,12 +225,18 @@ def plot_timeline(cell_dir: Path, title: str, path: Path) -> bool:
     if modes:
         top.step([m["t"] - t0 for m in modes], [level.get(m["mode"], -1) for m in modes], where="post")
     top.set_yticks([-1, 0, 1], ["none", "MC", "COLO"])
-    top.set_title(title)
+    top.set_title(title, pad=18)
     for phase in timeline.get("phases") or []:
         x = phase["t"] - t0
         for ax in (top, bottom):
             ax.axvline(x, color="grey", linestyle=":", linewidth=0.8)
-        top.annotate(phase["name"], (x, 1.15), fontsize="x-small", annotation_clip=False)
+        top.annotate(
+            phase["name"],
+            (x, 1.02),
+            xycoords=("data", "axes fraction"),
+            fontsize="x-small",
+            annotation_clip=False,
+        )
     signals = sorted({p["signal"] for p in points if p["signal"]})
     for name in signals:
         xs = [p["t"] - t0 for p in points if p["signal"] == name and p["value"] is not None]
