@@ -270,7 +270,10 @@ def _client_socket(target: WorkloadTarget, port: int, timeout: float) -> Iterato
 
 @dataclass
 class Disk:
-    """Guest diskwriter, fsync-heavy: durable 4 KiB records per second, each acknowledged over TCP."""
+    """Guest diskwriter, fsync-heavy: durable 4 KiB records per second, each acknowledged over TCP.
+
+    Its "latencies" are the gaps between consecutive acknowledgements as the client receives them (the
+    client sends no requests): 0 for acknowledgements that arrive together, as MC releases a commit's."""
 
     name: str = "disk"
     unit: str = "records"

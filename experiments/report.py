@@ -76,7 +76,9 @@ def markdown(records: list[CellRecord], plots: list[str], headline_rows: list[di
     lines = ["# Experiment results", ""]
     lines.append(
         "Scores are the workload's own units per second (higher is better), mean over successful "
-        "repetitions; *normalised* divides by the same workload's unreplicated mean."
+        "repetitions; *normalised* divides by the same workload's unreplicated mean.  Latencies are per "
+        "request; for `disk` they are the gaps between consecutive durable-write acknowledgements (0 when "
+        "several arrive together, as MC releases them at a commit)."
     )
     lines += ["", "| workload | mode | ok | score | unit/s | normalised | lat p50 ms | lat p99 ms | ckpt/s "
               "| pause p50 ms | pause p99 ms | switches | errors |",
