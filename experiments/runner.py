@@ -151,6 +151,21 @@ def keep_evidence(live: LivePair, cell_dir: Path) -> None:
         (cell_dir / "status-at-failure.json").write_text(json.dumps(live.handle.daemon("status"), indent=1))
 
 
+def sweep_pairs(out: Path) -> list[str]:
+    """``pair down`` every pair directory of this run: a run killed with -9 may have left one up, also
+    one whose cells are all done (so no later group would come back to its directory)."""
+    from mc_driver.pair import down
+
+    stopped = []
+    root = pair_root(out)
+    if root.is_dir():
+        with signals_deferred():
+            for workdir in sorted(p for p in root.iterdir() if p.is_dir()):
+                if down(workdir)["stopped"]:
+                    stopped.append(workdir.name)
+    return stopped
+
+
 def start_point(live: LivePair, spec: ModeSpec) -> None:
     """Put the pair at the cell's starting point (see the module docstring)."""
     if spec.mode == "unreplicated":
@@ -400,6 +415,7 @@ def run_experiment(
     todo = [c for c in cells if c.id not in done]
     if len(todo) < len(cells):
         progress.on_note(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already done")
+    sweep_pairs(out)
     total, ran = len(todo), 0
     durations: list[float] = []
     with _sigterm_as_interrupt():

@@ -2,8 +2,9 @@
 
 One flow, to keep the QEMU time short: run the matrix (cpu x unreplicated / MC / COLO / auto gilbert),
 interrupt it with SIGINT once the first cell is recorded (exit 130, nothing of the pair left: no QEMU,
-no namespace, no socket), run it again on the same directory (it continues and finishes: exit 0,
-cells.csv and headline.json complete), and once more (nothing runs).
+no namespace, no socket), run it again and kill it with -9 after one more cell, run it again on the
+same directory (it cleans up after the killed run, continues and finishes: exit 0, cells.csv and
+headline.json complete, nothing left behind), and once more (nothing runs).
 """
 
 from __future__ import annotations
@@ -66,23 +67,35 @@ def leftovers(out: Path) -> list[str]:
     return found
 
 
-def test_tiny_matrix_interrupted_resumed_and_finished(tmp_path: Path) -> None:
+def wait_for_cells(out: Path, count: int, proc: subprocess.Popen[str]) -> None:
+    path = out / "cells.jsonl"
+    deadline = time.monotonic() + 120
+    while not path.exists() or len(path.read_text().splitlines()) < count:
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, f"{count} cells not finished within 120 s"
+        time.sleep(0.2)
+
+
+def test_tiny_matrix_interrupted_killed_resumed_and_finished(tmp_path: Path) -> None:
     config = tmp_path / "tiny.toml"
     config.write_text(TINY)
     out = tmp_path / "out"
 
     first = experiment("run", str(config), "--out", str(out), "--no-report")
-    deadline = time.monotonic() + 120
-    while not (out / "cells.jsonl").exists() or not (out / "cells.jsonl").read_text().strip():
-        assert first.poll() is None, first.communicate()[0]
-        assert time.monotonic() < deadline, "no cell finished within 120 s"
-        time.sleep(0.2)
+    wait_for_cells(out, 1, first)
     os.kill(first.pid, signal.SIGINT)
     output, _ = first.communicate(timeout=60)
     assert first.returncode == 130, output
     assert leftovers(out) == []
     done_before = len((out / "cells.jsonl").read_text().splitlines())
     assert 1 <= done_before < 4
+
+    killed = experiment("run", str(config), "--out", str(out), "--no-report")
+    wait_for_cells(out, done_before + 1, killed)
+    killed.kill()  # -9: nothing tears down; the next run must
+    killed.communicate(timeout=30)
+    done_before = len((out / "cells.jsonl").read_text().splitlines())
+    assert done_before < 4
 
     second = experiment("run", str(config), "--out", str(out))
     output, _ = second.communicate(timeout=240)
