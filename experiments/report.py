@@ -183,14 +183,12 @@ def plot_latency_cdfs(directory: Path, records: list[CellRecord], path: Path) ->
     return True
 
 
-def load_trace_points(cell_dir: Path) -> list[dict[str, Any]]:
-    """Per decision: time, applied mode, the decision (mode, reason, signal) and that signal's value."""
+def trace_points(lines: Iterable[str]) -> list[dict[str, Any]]:
+    """Per decision-trace line: time, applied mode, the decision's reason and signal, and that signal's
+    last value in the window the policy saw (what the timeline plot shows; a few dozen bytes a line,
+    where the raw line holds the whole window)."""
     points = []
-    try:
-        text = (cell_dir / "decisions.jsonl").read_text()
-    except OSError:
-        return []
-    for line in text.splitlines():
+    for line in lines:
         try:
             data = json.loads(line)
         except ValueError:
@@ -211,6 +209,15 @@ def load_trace_points(cell_dir: Path) -> list[dict[str, Any]]:
     return points
 
 
+def load_trace_points(cell_dir: Path, timeline: dict[str, Any]) -> list[dict[str, Any]]:
+    """The cell's decision points: from its raw ``decisions.jsonl`` when kept, else the compact copy
+    the runner put in ``timeline.json`` (raw traces are too big to commit)."""
+    try:
+        return trace_points((cell_dir / "decisions.jsonl").read_text().splitlines())
+    except OSError:
+        return list(timeline.get("decisions") or [])
+
+
 def plot_timeline(cell_dir: Path, title: str, path: Path) -> bool:
     try:
         timeline = json.loads((cell_dir / "timeline.json").read_text())
@@ -218,7 +225,7 @@ def plot_timeline(cell_dir: Path, title: str, path: Path) -> bool:
         return False
     t0 = float(timeline["t0"])
     modes = timeline.get("modes") or []
-    points = load_trace_points(cell_dir)
+    points = load_trace_points(cell_dir, timeline)
     if not modes and not points:
         return False
     plt = _pyplot()

@@ -215,7 +215,7 @@ def _cpu_seconds(pid: int) -> float | None:
     return float(times.user + times.system)
 
 
-def _copy_trace(live: LivePair, cell_dir: Path, t0: float, t1: float) -> int:
+def _copy_trace(live: LivePair, cell_dir: Path, t0: float, t1: float) -> list[str]:
     """The decision-trace lines of the cell (monotonic ``t`` in [t0, t1]) into the cell's directory."""
     source = live.workdir / "decisions.jsonl"
     lines = []
@@ -229,7 +229,7 @@ def _copy_trace(live: LivePair, cell_dir: Path, t0: float, t1: float) -> int:
                 lines.append(line)
     if lines:
         (cell_dir / "decisions.jsonl").write_text("\n".join(lines) + "\n")
-    return len(lines)
+    return lines
 
 
 def run_cell(
@@ -274,17 +274,32 @@ def _write_cell_files(
     meter: PairMeter,
     marks: list[tuple[int, str, float]],
     t0: float,
-    trace_lines: int,
+    trace_lines: list[str],
 ) -> None:
+    from experiments.report import trace_points
+
     latencies = [v for p in result.phases for v in p.latencies_ms]
-    (cell_dir / "latencies.json").write_text(json.dumps([round(v, 3) for v in latencies]))
+    (cell_dir / "latencies.json").write_text(json.dumps(latency_sample(latencies)))
     timeline = {
         "t0": t0,  # monotonic, like the decision trace's t
         "phases": [{"index": i, "name": name, "t": t} for i, name, t in marks],
         "modes": [{"t": t, "mode": mode, "epoch_ms": epoch} for t, mode, epoch in meter.mode_samples],
-        "trace_lines": trace_lines,
+        "decisions": trace_points(trace_lines),
     }
     (cell_dir / "timeline.json").write_text(json.dumps(timeline))
+
+
+LATENCIES_KEPT = 5000
+
+
+def latency_sample(latencies: list[float], keep: int = LATENCIES_KEPT) -> list[float]:
+    """What ``latencies.json`` keeps for the CDF plot: every value, or ``keep`` evenly spaced order
+    statistics of them (the CDF's shape survives; the cell's p50/p99 are computed from all values)."""
+    ordered = sorted(latencies)
+    if len(ordered) > keep:
+        step = (len(ordered) - 1) / (keep - 1)
+        ordered = [ordered[round(i * step)] for i in range(keep)]
+    return [round(v, 3) for v in ordered]
 
 
 def _record(

@@ -342,6 +342,39 @@ def test_report_renders_markdown_and_pngs_from_a_results_directory(tmp_path: Pat
     assert (tmp_path / "cells.csv").exists() and (tmp_path / "headline.json").exists()
 
 
+def test_latency_sample_keeps_the_cdf_shape_within_its_bound() -> None:
+    values = [float(v) for v in range(100_000, 0, -1)]
+    kept = runner.latency_sample(values, keep=1001)
+    assert len(kept) == 1001 and kept == sorted(kept)
+    assert (kept[0], kept[500], kept[-1]) == (1.0, 50_001.0, 100_000.0)  # rank round(500 * 99.999)
+    assert runner.latency_sample([3.0, 1.0]) == [1.0, 3.0]
+
+
+def test_the_timeline_plot_works_from_the_compact_decisions_when_the_raw_trace_is_gone(
+    tmp_path: Path,
+) -> None:
+    from experiments.report import plot_timeline, trace_points
+
+    line = json.dumps({
+        "t": 105.0,
+        "window": {"t": [104.0, 105.0], "signals": {"div.per_s": [1.0, None]}},
+        "decision": {"mode": "colo", "epoch_ms": 20, "reason": "few divergences", "signal": "div.per_s"},
+        "applied": {"mode": "colo", "epoch_ms": 20, "passive_secondary": False},
+    })  # fmt: skip
+    points = trace_points([line, line.replace('"t": 105.0', '"t": 106.0')])
+    assert points[0] == {
+        "t": 105.0,
+        "applied": "colo",
+        "reason": "few divergences",
+        "signal": "div.per_s",
+        "value": 1.0,
+    }
+    timeline = {"t0": 100.0, "phases": [], "modes": [{"t": 100.0, "mode": "mc"}], "decisions": points}
+    (tmp_path / "timeline.json").write_text(json.dumps(timeline))
+    assert plot_timeline(tmp_path, "compact", tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # ---------------------------------------------------------------------- runner (pair and cells faked)
 class FakePairs:
     """Stands in for pair_up/pair_down/run_cell: records what ran; can fail or be interrupted."""
