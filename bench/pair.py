@@ -106,6 +106,17 @@ class PairHandle:
                 raise BenchError(f"the daemon did not switch to {mode} {epoch_ms} ms: {status['state']}")
             time.sleep(0.05)
 
+    def go_unreplicated(self, timeout: float = 30.0) -> None:
+        """Make this pair the unreplicated baseline: the same primary QEMU (build, accelerator, guest)
+        with its secondary killed; returns once the daemon runs unprotected (it has released all held
+        output, cancelled the disk mirror, and the comparator passes frames straight through)."""
+        os.kill(self.config["pids"]["secondary"], signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while self.daemon("status")["state"] != "unprotected":
+            if time.monotonic() > deadline:
+                raise BenchError("the daemon did not go unprotected after the secondary was killed")
+            time.sleep(0.05)
+
     def connect(self, port: int, timeout: float = 30.0) -> socket.socket:
         with self.netns.entered():
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -329,12 +340,7 @@ def run_main_pair(workdir: Path, opts: dict[str, Any]) -> dict[str, Any]:
             divergences[server] = _divergences(before, after, time.monotonic() - started)
         result["colo_divergences"] = divergences
         result["daemon_status"] = {k: after[k] for k in ("checkpoints", "unrequested_stops", "pause_ms")}
-        os.kill(pair.config["pids"]["secondary"], signal.SIGKILL)  # unreplicated from here on
-        deadline = time.monotonic() + 30
-        while pair.daemon("status")["state"] != "unprotected":
-            if time.monotonic() > deadline:
-                raise BenchError("the daemon did not go unprotected after the secondary was killed")
-            time.sleep(0.05)
+        pair.go_unreplicated()
         progress("traffic: unreplicated (secondary killed)")
         traffic["unreplicated"] = traffic_phase(pair, opts["echo_count"], opts["downloads"])
         base = traffic["unreplicated"]
