@@ -130,7 +130,7 @@ from colo_compare.signals import (
     HoldWindow,
     ReasonCounts,
 )
-from hybridft_common.fastpath import speedups
+from hybridft_common.fastpath import available, speedups
 from hybridft_common.vocabulary import Mode
 
 __all__ = [
@@ -214,10 +214,10 @@ _FRAME_OF = itemgetter(2)  # the frame of a held (end, ack, frame, arrival) entr
 # Ethernet + IPv4 (IHL 5) + TCP, what the client tracker needs: as _FAST4 minus the sequence number
 _KEY_ACK4 = struct.Struct(">26x12s4xI")  # the flow key and ACK number (at the IPv4/TCP fast offsets)
 _ACK4 = struct.Struct(">12xIH2xI22xH")  # the rest of what the client tracker checks, as in _FAST4
-if speedups is not None:
-    _scan_primary_run = speedups.scan_primary_run
-    _scan_secondary_run = speedups.scan_secondary_run
-    _releasable = speedups.releasable
+if available is not None:  # bound whenever built: tests run both implementations
+    _scan_primary_run = available.scan_primary_run
+    _scan_secondary_run = available.scan_secondary_run
+    _releasable = available.releasable
 _MAX_CLIENT_FLOWS = 1 << 16  # flows whose ACK baseline the client tracker keeps (then it forgets all)
 
 

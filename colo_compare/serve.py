@@ -77,6 +77,7 @@ from colo_compare.transport import (
     listen_socket,
     tune_socket,
 )
+from hybridft_common import eventloop, fastpath
 from hybridft_common.control import ControlError, serve_control
 from hybridft_common.endpoints import Endpoint, parse_endpoint
 from hybridft_common.vocabulary import Mode
@@ -173,10 +174,12 @@ class CompareService:
         self._secondary_paused_for_memory = False
         self._primary_paused_for_memory = False
         self._closed = asyncio.Event()
+        self._loop_name = "not started"
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self._loop_name = eventloop.running_loop_name()
         for role in ROLES:
             lsock = listen_socket(self.endpoints[role])
             self._listeners.append(lsock)
@@ -628,6 +631,7 @@ class CompareService:
                 "hold_us": self._hold_summary(),
                 "vnet_hdr_len": c.vnet_hdr_len,
             },
+            "runtime": {"event_loop": self._loop_name, "fastpath": fastpath.describe()},
         }
 
 
@@ -724,4 +728,4 @@ def serve_command(
         max_buffer=max_buffer << 20,
         out_high_water=out_high_water << 20,
     )
-    asyncio.run(run_service(service, ready=lambda: print("ready", flush=True)))
+    eventloop.run(run_service(service, ready=lambda: print("ready", flush=True)))

@@ -9,7 +9,8 @@ missing or unloadable extension (an install without a compiler) falls back to th
 and says so in :func:`describe` (``hybridft --version`` and status show it).
 
 Only this module imports ``_speedups``; everything else asks :data:`speedups` (``None`` = use
-the reference).
+the reference) and binds the compiled functions from :data:`available`, so a test can run both
+implementations side by side whatever the environment says.
 """
 
 from __future__ import annotations
@@ -24,25 +25,22 @@ def _pure_requested() -> bool:
     return os.environ.get(PURE_PYTHON_ENV, "").strip().lower() not in ("", "0", "no", "false")
 
 
-def _load() -> tuple[ModuleType | None, str]:
-    if _pure_requested():
-        return None, f"pure-python ({PURE_PYTHON_ENV}=1)"
+def _load() -> tuple[ModuleType | None, ModuleType | None, str]:
     try:
         from hybridft_common import _speedups  # type: ignore[attr-defined]
     except ImportError as exc:
-        return None, f"pure-python (extension not built: {exc})"
-    return _speedups, "compiled"
+        return None, None, f"pure-python (extension not built: {exc})"
+    if _pure_requested():
+        return _speedups, None, f"pure-python ({PURE_PYTHON_ENV}=1)"
+    return _speedups, _speedups, "compiled"
 
 
-speedups, _description = _load()
-
-
-def load_compiled() -> ModuleType:
-    """The extension regardless of the environment variable (the differential tests run both);
-    raises ImportError when it is not built."""
-    from hybridft_common import _speedups  # type: ignore[attr-defined]
-
-    return _speedups
+#: the extension if it is built (whatever the environment says): the differential tests run it
+#: beside the reference in one process
+available: ModuleType | None
+#: the extension if it is built *and* selected, else None: the hot paths use this
+speedups: ModuleType | None
+available, speedups, _description = _load()
 
 
 def describe() -> str:
