@@ -7,7 +7,6 @@ the ready line ``pair up`` waits for, the exit on SIGTERM -- lives here.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -18,6 +17,7 @@ import click
 
 from controller.daemon import Daemon, run_daemon
 from controller.daemon_config import DaemonConfig, DaemonError
+from hybridft_common import eventloop
 from hybridft_common.cli import parse_param_options
 from hybridft_common.control import ControlError
 from hybridft_common.vocabulary import Mode, epoch_ms_range, mode_choice
@@ -98,6 +98,6 @@ def daemon_command(
         )
 
     try:
-        asyncio.run(run_daemon(config, ready))
+        eventloop.run(run_daemon(config, ready))
     except (DaemonError, QmpError, ControlError, OSError) as exc:
         raise click.ClickException(f"daemon: {exc}") from None

@@ -61,6 +61,7 @@ from disk_buffer.nbd import (
     check_request,
     ok_reply,
 )
+from hybridft_common import eventloop
 from hybridft_common.control import ControlError, Dispatch, serve_control
 from hybridft_common.endpoints import Endpoint, parse_endpoint
 from hybridft_common.errors import HybridftError
@@ -605,7 +606,7 @@ def serve_command(
     if not image.is_file():
         raise click.ClickException(f"image {image} does not exist or is not a regular file")
     try:
-        asyncio.run(
+        eventloop.run(
             run_server(
                 image,
                 state_dir,

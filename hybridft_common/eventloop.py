@@ -52,6 +52,16 @@ def run(main: Coroutine[Any, Any, T]) -> T:
 
 
 def running_loop_name() -> str:
-    """The loop actually running this coroutine's thread (for stats)."""
-    loop = asyncio.get_running_loop()
+    """The loop actually running in this thread (for stats); :func:`loop_name` outside a loop."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return loop_name()
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+def runtime_summary() -> str:
+    """One line for ``--version``: the data plane's implementation and the services' event loop."""
+    from hybridft_common import fastpath
+
+    return f"data plane: {fastpath.describe()}; event loop: {loop_name()}"
