@@ -106,7 +106,7 @@ def relay_command(
         max_buffer=max_buffer << 20,
         out_high_water=out_high_water << 20,
     )
-    eventloop.run(run_service(service, ready=lambda: print("ready", flush=True)))
+    eventloop.run(run_service(service, ready=lambda: print("ready", flush=True)), "compare")
 
 
 if __name__ == "__main__":

@@ -728,4 +728,4 @@ def serve_command(
         max_buffer=max_buffer << 20,
         out_high_water=out_high_water << 20,
     )
-    eventloop.run(run_service(service, ready=lambda: print("ready", flush=True)))
+    eventloop.run(run_service(service, ready=lambda: print("ready", flush=True)), "compare")

@@ -574,7 +574,7 @@ def agent_command(config_path: Path, silence_ms: int, log_level: str) -> None:
             os.setpriority(os.PRIO_PROCESS, 0, AGENT_NICE)
         except OSError as exc:
             log.warning("cannot renice the agent to %d: %s", AGENT_NICE, exc)
-        report = eventloop.run(Agent(config, silence_ms / 1000).run())
+        report = eventloop.run(Agent(config, silence_ms / 1000).run(), "agent")
     except (ManifestError, AgentError) as exc:
         raise click.ClickException(str(exc)) from None
     if report is not None:

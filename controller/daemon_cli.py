@@ -98,6 +98,6 @@ def daemon_command(
         )
 
     try:
-        eventloop.run(run_daemon(config, ready))
+        eventloop.run(run_daemon(config, ready), "daemon")
     except (DaemonError, QmpError, ControlError, OSError) as exc:
         raise click.ClickException(f"daemon: {exc}") from None

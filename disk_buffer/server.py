@@ -61,7 +61,7 @@ from disk_buffer.nbd import (
     check_request,
     ok_reply,
 )
-from hybridft_common import eventloop
+from hybridft_common import eventloop, fastpath
 from hybridft_common.control import ControlError, Dispatch, serve_control
 from hybridft_common.endpoints import Endpoint, parse_endpoint
 from hybridft_common.errors import HybridftError
@@ -433,7 +433,8 @@ def make_control_dispatch(buffer: Any) -> Dispatch:
             await buffer.failover()
             return buffer.status()
         if verb == "status":
-            return buffer.status()
+            runtime = {"event_loop": eventloop.running_loop_name(), "fastpath": fastpath.describe()}
+            return buffer.status() | {"runtime": runtime}
         if verb == "prepare-checkpoint":
             buffer.prepare_checkpoint()
             return {"checkpoint_in_progress": True}
@@ -617,7 +618,8 @@ def serve_command(
                 reply_budget=reply_budget,
                 handshake_timeout=handshake_timeout,
                 max_connections=max_connections,
-            )
+            ),
+            "disk",
         )
     except HybridftError as exc:
         raise click.ClickException(f"{exc.message} ({exc.code})") from None
