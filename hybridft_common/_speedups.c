@@ -234,7 +234,7 @@ static inline int continues_run(const unsigned char *p, Py_ssize_t n, const unsi
            h->pstart <= h->ip_end && h->ip_end <= n;
 }
 
-static int append_payload(PyObject *parts, const unsigned char *p, run_hdr *h)
+static int append_payload(PyObject *parts, const unsigned char *p, const run_hdr *h)
 {
     PyObject *part = PyBytes_FromStringAndSize((const char *)p + h->pstart, h->ip_end - h->pstart);
     if (part == NULL)
@@ -251,6 +251,61 @@ static int get_run_key(PyObject *rkey, const unsigned char **key)
         return -1;
     }
     *key = (const unsigned char *)PyBytes_AS_STRING(rkey);
+    return 0;
+}
+
+/* One frame of the primary's run (already known to continue it): payload, tracker, held entry. */
+static int scan_primary_one(PyObject *frame, const unsigned char *p, const run_hdr *h, PyObject *key,
+                            PyObject *parts, PyObject *held_append, PyObject *now, PyObject *track,
+                            PyObject *minus_one, long long *rnxt, long long *rend, long long *rack,
+                            long long *cack)
+{
+    Py_ssize_t plen = h->ip_end - h->pstart;
+    if (plen) {
+        if (append_payload(parts, p, h) < 0)
+            return -1;
+        *rend += plen;
+        *rnxt = (h->seq + (uint32_t)plen) & 0xFFFFFFFFu;
+    }
+    PyObject *ackobj;
+    if (h->offflags & 0x10) {
+        *rack = h->ack;
+        if ((long long)h->ack != *cack) {
+            PyObject *r = PyObject_CallFunction(track, "OkkO", key, (unsigned long)h->ack,
+                                                (unsigned long)h->offflags, plen > 0 ? Py_True : Py_False);
+            if (r == NULL)
+                return -1;
+            *cack = PyLong_AsLongLong(r);
+            Py_DECREF(r);
+            if (*cack == -1 && PyErr_Occurred())
+                return -1;
+        }
+        ackobj = PyLong_FromUnsignedLong(h->ack);
+        if (ackobj == NULL)
+            return -1;
+    } else {
+        ackobj = Py_NewRef(minus_one);
+    }
+    PyObject *endobj = PyLong_FromLongLong(*rend);
+    if (endobj == NULL) {
+        Py_DECREF(ackobj);
+        return -1;
+    }
+    PyObject *entry = PyTuple_New(4);
+    if (entry == NULL) {
+        Py_DECREF(ackobj);
+        Py_DECREF(endobj);
+        return -1;
+    }
+    PyTuple_SET_ITEM(entry, 0, endobj);
+    PyTuple_SET_ITEM(entry, 1, ackobj);
+    PyTuple_SET_ITEM(entry, 2, Py_NewRef(frame));
+    PyTuple_SET_ITEM(entry, 3, Py_NewRef(now));
+    PyObject *r = PyObject_CallOneArg(held_append, entry);
+    Py_DECREF(entry);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
     return 0;
 }
 
@@ -292,52 +347,13 @@ static PyObject *scan_primary_run(PyObject *self, PyObject *const *args, Py_ssiz
         run_hdr h;
         if (!continues_run(p, PyBytes_GET_SIZE(frame), rkey, rnxt, &h))
             break;
-        Py_ssize_t plen = h.ip_end - h.pstart;
-        if (plen) {
-            if (append_payload(parts, p, &h) < 0)
-                goto fail;
-            rend += plen;
-            rnxt = (h.seq + (uint32_t)plen) & 0xFFFFFFFFu;
-        }
-        PyObject *ackobj;
-        if (h.offflags & 0x10) {
-            rack = h.ack;
-            if ((long long)h.ack != cack) {
-                PyObject *r = PyObject_CallFunction(track, "OkkO", args[2], (unsigned long)h.ack,
-                                                    (unsigned long)h.offflags, plen > 0 ? Py_True : Py_False);
-                if (r == NULL)
-                    goto fail;
-                cack = PyLong_AsLongLong(r);
-                Py_DECREF(r);
-                if (cack == -1 && PyErr_Occurred())
-                    goto fail;
-            }
-            ackobj = PyLong_FromUnsignedLong(h.ack);
-            if (ackobj == NULL)
-                goto fail;
-        } else {
-            ackobj = Py_NewRef(minus_one);
-        }
-        PyObject *endobj = PyLong_FromLongLong(rend);
-        if (endobj == NULL) {
-            Py_DECREF(ackobj);
+        /* a strong reference while the tracker and held_append (Python code) run */
+        Py_INCREF(frame);
+        int rc = scan_primary_one(frame, p, &h, args[2], parts, held_append, now, track, minus_one, &rnxt,
+                                  &rend, &rack, &cack);
+        Py_DECREF(frame);
+        if (rc < 0)
             goto fail;
-        }
-        PyObject *entry = PyTuple_New(4);
-        if (entry == NULL) {
-            Py_DECREF(ackobj);
-            Py_DECREF(endobj);
-            goto fail;
-        }
-        PyTuple_SET_ITEM(entry, 0, endobj);
-        PyTuple_SET_ITEM(entry, 1, ackobj);
-        PyTuple_SET_ITEM(entry, 2, Py_NewRef(frame));
-        PyTuple_SET_ITEM(entry, 3, Py_NewRef(now));
-        PyObject *r = PyObject_CallOneArg(held_append, entry);
-        Py_DECREF(entry);
-        if (r == NULL)
-            goto fail;
-        Py_DECREF(r);
     }
     Py_DECREF(minus_one);
     return Py_BuildValue("(nLLLL)", i, rnxt, rend, rack, cack);
