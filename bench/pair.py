@@ -559,7 +559,7 @@ def render_table(result: dict[str, Any]) -> str:
         lines.append("CPU during the HTTP downloads (% of one core)")
         for mode, row in traffic.items():
             cpu = row.get("http_cpu_percent") or {}
-            lines.append(f"  {mode:<16}" + ", ".join(f"{role} {pct}" for role, pct in cpu.items()))
+            lines.append(f"  {mode:<18}" + ", ".join(f"{role} {pct}" for role, pct in cpu.items()))
         lines.append("")
     for server, div in (result.get("colo_divergences") or {}).items():
         lines.append(
