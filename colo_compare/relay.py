@@ -11,7 +11,6 @@ Run it with ``python -m colo_compare.relay`` and the address options of ``compar
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 
@@ -19,6 +18,7 @@ import click
 
 from colo_compare.core import Action, DropSecondary, Release
 from colo_compare.serve import CompareService, common_options, run_service
+from hybridft_common import eventloop
 from hybridft_common.endpoints import Endpoint
 from hybridft_common.vocabulary import Mode
 
@@ -107,7 +107,7 @@ def relay_command(
         max_buffer=max_buffer << 20,
         out_high_water=out_high_water << 20,
     )
-    asyncio.run(run_service(service, ready=lambda: print("ready", flush=True)))
+    eventloop.run(run_service(service, ready=lambda: print("ready", flush=True)), "compare")
 
 
 if __name__ == "__main__":

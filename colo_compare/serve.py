@@ -85,6 +85,7 @@ from colo_compare.transport import (
     listen_socket,
     tune_socket,
 )
+from hybridft_common import eventloop, fastpath
 from hybridft_common.control import ControlError, serve_control
 from hybridft_common.endpoints import HANDSHAKE_TIMEOUT, Endpoint, parse_endpoint
 from hybridft_common.secure import ChannelError, check_peer
@@ -185,6 +186,7 @@ class CompareService:
         self._secondary_paused_for_memory = False
         self._primary_paused_for_memory = False
         self._closed = asyncio.Event()
+        self._loop_name = "not started"
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -195,6 +197,7 @@ class CompareService:
             for role in ROLES
             if self.endpoints[role].kind == "tcp"
         }
+        self._loop_name = eventloop.running_loop_name()
         for role in ROLES:
             lsock = listen_socket(self.endpoints[role])
             self._listeners.append(lsock)
@@ -724,6 +727,7 @@ class CompareService:
                 "hold_us": self._hold_summary(),
                 "vnet_hdr_len": c.vnet_hdr_len,
             },
+            "runtime": {"event_loop": self._loop_name, "fastpath": fastpath.describe()},
         }
 
 
@@ -834,6 +838,6 @@ def serve_command(
         out_high_water=out_high_water << 20,
     )
     try:
-        asyncio.run(run_service(service, ready=lambda: print("ready", flush=True)))
+        eventloop.run(run_service(service, ready=lambda: print("ready", flush=True)), "compare")
     except ChannelError as exc:
         raise click.ClickException(exc.message) from None

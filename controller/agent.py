@@ -46,6 +46,7 @@ from typing import Any
 import click
 
 from controller.heartbeat import Heartbeat, HeartbeatError
+from hybridft_common import eventloop
 from hybridft_common.control import AsyncControlClient, ControlError
 from hybridft_common.endpoints import Endpoint, parse_endpoint, start_server
 from hybridft_common.manifest import ManifestError, PairManifest
@@ -582,7 +583,7 @@ def agent_command(config_path: Path, silence_ms: int, log_level: str) -> None:
             os.setpriority(os.PRIO_PROCESS, 0, AGENT_NICE)
         except OSError as exc:
             log.warning("cannot renice the agent to %d: %s", AGENT_NICE, exc)
-        report = asyncio.run(Agent(config, silence_ms / 1000).run())
+        report = eventloop.run(Agent(config, silence_ms / 1000).run(), "agent")
     except (ManifestError, AgentError) as exc:
         raise click.ClickException(str(exc)) from None
     if report is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from hybridft_common.cli import LazyGroup
+from hybridft_common.eventloop import runtime_summary
 
 # name -> "module:attribute" of a click command or group
 _COMMANDS: dict[str, tuple[str, str]] = {
@@ -34,6 +35,6 @@ _COMMANDS: dict[str, tuple[str, str]] = {
 
 
 @click.group(cls=LazyGroup, lazy=_COMMANDS)
-@click.version_option(package_name="hybridft")
+@click.version_option(package_name="hybridft", message=f"%(prog)s, version %(version)s\n{runtime_summary()}")
 def main() -> None:
     """hybridft: fault tolerance for QEMU/KVM VMs, switching live between MC and COLO."""

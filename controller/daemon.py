@@ -74,6 +74,7 @@ from controller.pair_state import (
 )
 from controller.requests import parse_checkpoint_request, parse_mode_request, resolve_stop_via
 from controller.signals import CheckpointFigures, SamplerLinks, SignalSampler
+from hybridft_common import eventloop, fastpath
 from hybridft_common.control import AsyncControlClient, ControlError, serve_control
 from hybridft_common.endpoints import parse_endpoint
 from hybridft_common.settings import AUTO, DEFAULT_POLICY
@@ -733,6 +734,7 @@ class Daemon:
             "point_changes": list(self.switches),
             "seal_hook": self.seal_hook,
             "nice": os.getpriority(os.PRIO_PROCESS, 0),
+            "runtime": {"event_loop": eventloop.running_loop_name(), "fastpath": fastpath.describe()},
             "last_committed_epoch": self.protocol.last_committed,
             "checkpoints": {
                 "daemon_started": self.accounting.checkpoints_started,

@@ -7,7 +7,6 @@ the ready line ``pair up`` waits for, the exit on SIGTERM -- lives here.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
@@ -20,6 +19,7 @@ import click
 
 from controller.daemon import Daemon, run_daemon
 from controller.daemon_config import CONTROLLER_KEYS, DaemonConfig, DaemonError
+from hybridft_common import eventloop
 from hybridft_common.cli import parse_param_options
 from hybridft_common.control import ControlError
 from hybridft_common.settings import ControllerSettings
@@ -122,6 +122,6 @@ def daemon_command(
         )
 
     try:
-        asyncio.run(run_daemon(config, ready))
+        eventloop.run(run_daemon(config, ready), "daemon")
     except (DaemonError, QmpError, ControlError, OSError) as exc:
         raise click.ClickException(f"daemon: {exc}") from None

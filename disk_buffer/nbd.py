@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
 
+from hybridft_common.fastpath import available, speedups
+
 # --- magics -------------------------------------------------------------------------------------
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
@@ -392,6 +394,8 @@ class Request(NamedTuple):
 
 
 _new_tuple = tuple.__new__
+if available is not None:  # bound whenever built: tests run both implementations
+    _nbd_next_request = available.nbd_next_request
 _KEEP_BUFFER = 8 << 20  # a connection keeps a receive buffer up to this size between requests
 
 
@@ -465,7 +469,29 @@ class RequestParser:
             self.buffer_updated(n)
             view = view[n:]
 
-    def next_request(self) -> Request | None:
+    def next_request_compiled(self) -> Request | None:
+        """:meth:`next_request_python` with the header decode and payload copy in C
+        (``_speedups.nbd_next_request``)."""
+        start = self._start
+        end = self._end
+        if end - start < REQUEST_SIZE:
+            self._need = REQUEST_SIZE
+            if start == end:
+                self._start = self._end = 0
+            return None
+        try:
+            request, self._start, need, discard = _nbd_next_request(
+                self._buf, start, end, self.max_payload, Request
+            )
+        except ValueError as exc:
+            raise TransmissionError(f"bad request magic 0x{exc.args[0]:08x}") from None
+        if need >= 0:
+            self._need = need
+        if discard >= 0:
+            self._discard = discard
+        return request
+
+    def next_request_python(self) -> Request | None:
         """The next complete request, or ``None``.  Raises :class:`TransmissionError` on a bad magic."""
         start = self._start
         avail = self._end - start
@@ -496,6 +522,9 @@ class RequestParser:
         self._start = end
         self._need = REQUEST_SIZE
         return _new_tuple(Request, (flags, command, cookie, offset, length, payload, False))
+
+    # HYBRIDFT_PURE_PYTHON=1 or no extension: the reference
+    next_request = next_request_python if speedups is None else next_request_compiled
 
     def __iter__(self) -> Iterator[Request]:
         while (request := self.next_request()) is not None:

@@ -50,7 +50,7 @@ import socket
 import ssl
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import click
 
@@ -67,6 +67,7 @@ from disk_buffer.nbd import (
     check_request,
     ok_reply,
 )
+from hybridft_common import eventloop, fastpath
 from hybridft_common.control import ControlError, Dispatch, serve_control
 from hybridft_common.endpoints import Endpoint, parse_endpoint
 from hybridft_common.errors import HybridftError
@@ -145,8 +146,8 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport, but not an asyncio.Transport instance under uvloop (its classes are its own)
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -493,7 +494,8 @@ def make_control_dispatch(buffer: Any) -> Dispatch:
             await buffer.failover()
             return buffer.status()
         if verb == "status":
-            return buffer.status()
+            runtime = {"event_loop": eventloop.running_loop_name(), "fastpath": fastpath.describe()}
+            return buffer.status() | {"runtime": runtime}
         if verb == "prepare-checkpoint":
             buffer.prepare_checkpoint()
             return {"checkpoint_in_progress": True}
@@ -686,7 +688,7 @@ def serve_command(
     nbd_endpoints = tuple(str(parse_endpoint(text, tls_creds)) for text in nbd_endpoints)
     control_endpoint = str(parse_endpoint(control_endpoint, tls_creds))
     try:
-        asyncio.run(
+        eventloop.run(
             run_server(
                 image,
                 state_dir,
@@ -697,7 +699,8 @@ def serve_command(
                 reply_budget=reply_budget,
                 handshake_timeout=handshake_timeout,
                 max_connections=max_connections,
-            )
+            ),
+            "disk",
         )
     except HybridftError as exc:
         raise click.ClickException(f"{exc.message} ({exc.code})") from None
