@@ -282,8 +282,8 @@ class NbdConnection(asyncio.BufferedProtocol):
             return
         if new is None or self._closing:
             return
-        assert isinstance(new, asyncio.Transport)
-        self.transport = new
+        # uvloop's TLS transport is not an asyncio.Transport subclass (it has the same methods)
+        self.transport = cast(asyncio.Transport, new)
         handshake.tls_started()
         log.info("NBD client %s: TLS established", self.peer)
         early, self._tls_early = bytes(self._tls_early), bytearray()
