@@ -101,3 +101,37 @@ def report_command(directory: Path) -> None:
     from experiments.report import write_report
 
     click.echo(str(write_report(directory)))
+
+
+@experiment.command("train")
+@click.argument(
+    "directories", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True, path_type=Path)
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("policies/models/learned.skops"),
+    show_default=True,
+    help="The model file (the learned policy's default is the one shown).",
+)
+@click.option(
+    "--settle-s", default=1.0, show_default=True, help="Seconds after a phase change before windows count."
+)
+@click.option("--average-s", default=1.0, show_default=True, help="Seconds each feature is averaged over.")
+def train_command(directories: tuple[Path, ...], out: Path, settle_s: float, average_s: float) -> None:
+    """Fit the learned policy on the auto cells' windows of DIRECTORIES, labelled by the oracle."""
+    from collections import Counter
+
+    from experiments.train import labelled_windows, train
+    from policies.learned import ModelError
+
+    try:
+        model = train(list(directories), out, settle_s=settle_s, average_s=average_s)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    counts = Counter(
+        item.label
+        for d in directories
+        for item in labelled_windows(d, settle_s=settle_s, average_s=average_s)
+    )
+    click.echo(f"{out}: {model.samples} windows, labels {dict(sorted(counts.items()))}")
