@@ -531,6 +531,11 @@ def down(workdir: Path, *, grace: float = 3.0) -> dict[str, Any]:
         pid = pids.get(role)
         if isinstance(pid, int) and pid > 0 and _stop_pid(pid, grace if role != "agent" else 0.5):
             stopped.append(role)
+    for name in secondary_namespaces(netns):  # re-protection's secondaries (mc_driver.reprotect)
+        extra = NetNamespace(name)
+        extra._created = True
+        extra.close()
+        stopped.append(f"netns {name}")
     if netns in list_namespaces():
         ns = NetNamespace(netns, bridge=str(data.get("bridge") or BRIDGE))
         ns._created = True  # adopt it: close() kills what is left inside and deletes it
@@ -543,6 +548,12 @@ def down(workdir: Path, *, grace: float = 3.0) -> dict[str, Any]:
         data["pids"] = {role: 0 for role in PID_ROLES}
         files.config.write_text(json.dumps(data, indent=1) + "\n")
     return {"workdir": str(files.workdir), "stopped": stopped}
+
+
+def secondary_namespaces(pair_netns: str) -> list[str]:
+    """The namespaces ``pair reprotect`` gave new secondaries (``<netns>-s<generation>``)."""
+    prefix = f"{pair_netns}-s"
+    return [name for name in list_namespaces() if name.startswith(prefix) and name[len(prefix) :].isdigit()]
 
 
 def _stop_pid(pid: int, grace: float) -> bool:

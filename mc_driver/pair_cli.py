@@ -185,3 +185,12 @@ def down_command(workdir: Path, as_json: bool) -> None:
         click.echo(json.dumps(result))
     else:
         click.echo(f"stopped: {', '.join(result['stopped']) or 'nothing was running'}")
+
+
+def _add_reprotect() -> None:
+    from mc_driver.reprotect_cli import reprotect_command
+
+    pair.add_command(reprotect_command)
+
+
+_add_reprotect()
