@@ -160,6 +160,7 @@ class ReprotectRecord:
     unprotected_seconds: float | None = None
     initial_migration_pause_ms: float | None = None
     layout: Layout = field(default_factory=Layout)
+    pids: dict[str, int] = field(default_factory=dict)  # the new secondary's processes of this attempt
     history: list[dict[str, Any]] = field(default_factory=list)  # earlier generations, newest last
     updated_at: float = 0.0
 

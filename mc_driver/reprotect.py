@@ -238,6 +238,8 @@ class Reprotector:
                 start_new_session=True, cwd=self.workdir,
             )  # fmt: skip
         self.procs[role] = proc
+        self.record.pids[role] = proc.pid
+        self.save()
         return proc
 
     def check_alive(self, waiting_for: str) -> None:
@@ -299,7 +301,7 @@ class Reprotector:
         record.generation = max(record.generation, self._highest_generation()) + 1
         record.attempt += 1
         record.state, record.reason, record.mode = str(ReprotectState.RUNNING), "", self.mode
-        record.phases, record.progress = [], {}
+        record.phases, record.progress, record.pids = [], {}, {}
         self.phase(Phase.PREPARE)
         try:
             return asyncio.run(self._run(case))
