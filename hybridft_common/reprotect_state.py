@@ -125,6 +125,37 @@ class Backoff:
 
 
 @dataclass
+class AutoReprotect:
+    """When the automatic re-protector (``pair up --auto-reprotect``) starts an attempt: the pair failed
+    over, or the daemon says the secondary is lost, or (no daemon) the last attempt failed -- and the
+    back-off since the last failure has passed.  Fed observations and its caller's clock."""
+
+    backoff: Backoff = field(default_factory=Backoff)
+    next_try: float = 0.0
+
+    def due(self, now: float, *, failed_over: bool, daemon_state: str | None, record_state: str) -> bool:
+        if daemon_state == "protected" and not failed_over:
+            return False
+        needed = (
+            failed_over
+            or daemon_state == "unprotected"
+            or (daemon_state is None and record_state == ReprotectState.FAILED)
+        )
+        return needed and now >= self.next_try
+
+    def attempt_failed(self, now: float) -> float:
+        """Count a failure; returns the delay before the next attempt."""
+        self.backoff.failed()
+        delay = self.backoff.next_delay()
+        self.next_try = now + delay
+        return delay
+
+    def attempt_succeeded(self) -> None:
+        self.backoff.succeeded()
+        self.next_try = 0.0
+
+
+@dataclass
 class PhaseRecord:
     name: str
     started_at: float

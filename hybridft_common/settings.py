@@ -17,6 +17,7 @@ Layout (every section and key optional)::
     passive_secondary = false
     stop_via = "auto"             # auto | qemu | qmp
     guest_run = [["diskwriter", "/dev/vda"]]
+    auto_reprotect = false        # re-protect by itself after a failover or a lost secondary
 
     [protection]                  # how the pair is protected
     mode = "auto"                 # mc | colo | auto (a policy decides)
@@ -88,6 +89,7 @@ class PairSettings:
     guest_run: tuple[tuple[str, ...], ...] = _spec(
         (), help="workloads the guest starts at boot: [[prog, arg, ...], ...]"
     )
+    auto_reprotect: bool = _spec(False, help="re-protect by itself after a failover or a lost secondary")
 
 
 @dataclass(frozen=True, slots=True)

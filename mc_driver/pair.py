@@ -132,6 +132,8 @@ class PairConfig:
     # workloads started at boot, e.g. (("diskwriter", "/dev/vda"),)
     guest_run: tuple[tuple[str, ...], ...] = ()
     daemon_args: tuple[str, ...] = ()
+    auto_reprotect: bool = False  # `pair watch` re-protects after a failover or a lost secondary
+    reprotect_mode: str = "mc"  # the mode it re-protects in (mc | colo | auto)
 
 
 QMP_USERS = {"primary": ("daemon", "ops"), "secondary": ("daemon", "agent", "ops")}
@@ -511,6 +513,17 @@ def _up(launcher: PairLauncher) -> dict[str, Any]:
     _wait_until_guest_answers(launcher, config.answer_timeout)
     result["colo"] = True
     result["startup_seconds"] = launcher.timeline[-1][1]
+    if config.auto_reprotect:
+        # on the host, not in the namespace: it creates the new secondaries' namespaces
+        watch = ("pair", "watch", "--workdir", str(files.workdir), "--mode", config.reprotect_mode)
+        with files.log("reprotector").open("ab") as log:
+            watcher = subprocess.Popen(
+                hybridft_command(*watch),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=files.workdir,
+            )  # fmt: skip
+        files.auto_reprotect_pid.write_text(f"{watcher.pid}\n")
+        result["reprotector_pid"] = watcher.pid
     return result
 
 
@@ -527,6 +540,10 @@ def down(workdir: Path, *, grace: float = 3.0) -> dict[str, Any]:
         data = {}
     pids = data.get("pids") or {}
     netns = data.get("netns") or files.netns
+    with contextlib.suppress(OSError, ValueError):  # first: it would re-protect what is being stopped
+        if _stop_pid(int(files.auto_reprotect_pid.read_text()), 1.0):
+            stopped.append("reprotector")
+        files.auto_reprotect_pid.unlink()
     for role in STOP_ORDER:
         pid = pids.get(role)
         if isinstance(pid, int) and pid > 0 and _stop_pid(pid, grace if role != "agent" else 0.5):

@@ -89,6 +89,12 @@ def pair() -> None:
     is_flag=True,
     help="Start everything but the daemon (COLO not started): for debugging the launcher.",
 )
+@click.option(
+    "--auto-reprotect",
+    is_flag=True,
+    default=None,
+    help="Re-protect by itself after a failover or a lost secondary (with back-off; `pair watch`).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line once the guest answers.")
 def up_command(
     workdir: Path,
@@ -105,6 +111,7 @@ def up_command(
     passive_secondary: bool | None,
     stop_via: str | None,
     no_daemon: bool,
+    auto_reprotect: bool | None,
     as_json: bool,
 ) -> None:
     """Start the pair in the background; return once the guest answers through the comparator."""
@@ -120,6 +127,7 @@ def up_command(
             passive_secondary=passive_secondary,
             stop_via=stop_via,
             guest_run=guest_run or None,
+            auto_reprotect=auto_reprotect,
         )
         if policy is not None and mode is None:
             mode = AUTO  # naming a policy means handing it control
@@ -172,6 +180,8 @@ def pair_config(workdir: Path, settings: Settings, *, start_daemon: bool = True)
         passive_secondary=pair_settings.passive_secondary,
         stop_via=pair_settings.stop_via,
         daemon_args=tuple(daemon_args),
+        auto_reprotect=pair_settings.auto_reprotect,
+        reprotect_mode=protection.mode,
     )
 
 
@@ -188,9 +198,10 @@ def down_command(workdir: Path, as_json: bool) -> None:
 
 
 def _add_reprotect() -> None:
-    from mc_driver.reprotect_cli import reprotect_command
+    from mc_driver.reprotect_cli import reprotect_command, watch_command
 
     pair.add_command(reprotect_command)
+    pair.add_command(watch_command)
 
 
 _add_reprotect()

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from hybridft_common.reprotect_state import (
+    AutoReprotect,
     Backoff,
     Case,
     CaseError,
@@ -94,3 +95,20 @@ def test_a_missing_or_broken_record_reads_as_none(tmp_path: Path) -> None:
     assert ReprotectRecord.load(tmp_path) is None
     (tmp_path / "reprotect.json").write_text("{not json")
     assert ReprotectRecord.load(tmp_path) is None
+
+
+def test_auto_reprotection_is_due_after_a_loss_and_backs_off_after_failures() -> None:
+    auto = AutoReprotect(Backoff(first=5, cap=20))
+    assert not auto.due(0.0, failed_over=False, daemon_state="protected", record_state="")
+    assert not auto.due(0.0, failed_over=False, daemon_state="primary-lost", record_state="")  # agent acts
+    assert not auto.due(0.0, failed_over=False, daemon_state=None, record_state="protected")
+    assert auto.due(0.0, failed_over=True, daemon_state="primary-lost", record_state="")
+    assert auto.due(0.0, failed_over=False, daemon_state="unprotected", record_state="")
+    assert auto.attempt_failed(1.0) == 5
+    assert not auto.due(5.9, failed_over=False, daemon_state=None, record_state="failed")
+    assert auto.due(6.0, failed_over=False, daemon_state=None, record_state="failed")
+    assert (
+        auto.attempt_failed(6.0) == 10 and auto.attempt_failed(16.0) == 20 and auto.attempt_failed(36.0) == 20
+    )
+    auto.attempt_succeeded()
+    assert auto.due(37.0, failed_over=True, daemon_state=None, record_state="protected")
