@@ -333,18 +333,17 @@ class Reprotector:
             return None
 
     def _loss_time(self, case: Case) -> float:
+        """When protection ended: the agent's detection time after a failover; the daemon's log line
+        after a lost secondary (its status has no wall-clock time); else now."""
         if case is Case.FAILED_OVER:
             with contextlib.suppress(OSError, ValueError):
                 report = json.loads(self.manifest.failover_report.read_text())
                 if isinstance(report.get("detected_at"), int | float):
                     return float(report["detected_at"])
-        with contextlib.suppress(Exception):
-            from hybridft_common.control import call
-
-            status = call(self.manifest.daemon_control, "status", io_timeout=5)
-            failures = status.get("failures") or []
-            if failures and isinstance(failures[-1].get("at"), int | float):
-                return float(failures[-1]["at"])
+        with contextlib.suppress(OSError):
+            found = loss_time_from_log(self.files.log("daemon").read_text(errors="replace"))
+            if found is not None:
+                return found
         return time.time()
 
     async def _run(self, case: Case) -> dict[str, Any]:
@@ -360,6 +359,14 @@ class Reprotector:
         result = await self._hand_over(qemu)
         self.phase(Phase.VERIFY)
         await asyncio.to_thread(self._wait_until_guest_answers)
+        from hybridft_common.control import ControlError, call
+
+        try:
+            state = call(self.manifest.daemon_control, "status", io_timeout=10)
+        except (ControlError, OSError) as exc:
+            raise ReprotectError(f"the new daemon does not answer: {exc}") from exc
+        if state.get("state") != "protected":
+            raise ReprotectError(f"the new daemon says {state.get('state')}: {state.get('state_reason')}")
         now = time.time()
         record = self.record
         record.phases[-1].ended_at = now
@@ -775,11 +782,25 @@ class Reprotector:
             with contextlib.suppress(QmpError):
                 await self._clear_mirror(session)
             status = await session.execute("query-status")
-            if not status.get("running") and status.get("status") in ("paused", "postmigrate", "colo"):
+            if not status.get("running") and status.get("status") not in ("inmigrate", "shutdown"):
                 with contextlib.suppress(QmpError):
                     await session.execute("cont")
         finally:
             await session.close()
+
+
+def loss_time_from_log(text: str) -> float | None:
+    """The wall-clock time of the daemon's last "secondary lost" line (its log format: local time,
+    ``%Y-%m-%d %H:%M:%S,mmm`` first), or None."""
+    for line in reversed(text.splitlines()):
+        if "secondary lost (" not in line:
+            continue
+        try:
+            stamp, millis = line[:23].split(",")
+            return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
+        except ValueError:
+            return None
+    return None
 
 
 def _links(netns: str) -> list[str]:

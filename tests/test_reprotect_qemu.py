@@ -100,6 +100,27 @@ def checkpoints_advance(workdir: Path, mode: str) -> dict:
     return after
 
 
+def incoming_status(workdir: Path) -> str | None:
+    """The new secondary's migration status (``query-migrate`` on its ops monitor), None before it runs."""
+    import asyncio
+
+    from mc_driver.qmp import QmpError, QmpSession
+
+    record = json.loads((workdir / "reprotect.json").read_text())
+    if "daemon" not in record.get("pids", {}):
+        return None
+    monitor = workdir / f"g{record['generation']}-secondary-ops.qmp"
+
+    async def query() -> str | None:
+        async with await QmpSession.connect(monitor, timeout=2) as session:
+            return (await session.execute("query-migrate")).get("status")
+
+    try:
+        return asyncio.run(query())
+    except (QmpError, OSError):
+        return None
+
+
 def daemon_checkpoint(workdir: Path) -> dict:
     from hybridft_common.control import call
 
@@ -202,9 +223,23 @@ def test_failover_then_a_failed_reprotection_is_retried_in_colo(workdir: Path) -
     blobs = len(traffic.blobs)
     traffic.wait("a blob from the survivor after the failed attempt", lambda: len(traffic.blobs) > blobs)
 
+    # kill -9 of the new secondary during the initial migration
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until("the initial migration", lambda: incoming_status(workdir) == "active", timeout=180)
+    os.kill(json.loads((workdir / "reprotect.json").read_text())["pids"]["secondary"], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, err
+    failed = status(workdir)
+    assert failed["state"] == "unprotected" and failed["reprotect"]["state"] == "failed", failed
+    assert failed["reprotect"]["reason"].startswith("migration"), failed
+    blobs = len(traffic.blobs)
+    traffic.wait(
+        "a blob from the survivor after the second failed attempt", lambda: len(traffic.blobs) > blobs
+    )
+
     answer = reprotect_json(workdir, "colo")
     assert answer["primary_pid"] == first["pids"]["secondary"], "the survivor is the primary now"
-    assert answer["reprotect"]["attempt"] == 2 and answer["reprotect"]["case"] == "failed-over"
+    assert answer["reprotect"]["attempt"] == 3 and answer["reprotect"]["case"] == "failed-over"
     after = checkpoints_advance(workdir, "colo")
     blobs = len(traffic.blobs)
     traffic.wait("blobs through the comparator in COLO", lambda: len(traffic.blobs) > blobs + 1)

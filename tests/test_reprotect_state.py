@@ -112,3 +112,18 @@ def test_auto_reprotection_is_due_after_a_loss_and_backs_off_after_failures() ->
     )
     auto.attempt_succeeded()
     assert auto.due(37.0, failed_over=True, daemon_state=None, record_state="protected")
+
+
+def test_the_loss_time_is_the_daemons_last_secondary_lost_line() -> None:
+    import time
+
+    from mc_driver.reprotect import loss_time_from_log
+
+    log = (
+        "2026-12-05 20:35:13,026 hybridft.daemon ERROR secondary lost (the secondary QEMU exited): ...\n"
+        "2026-12-05 20:40:01,500 hybridft.daemon ERROR secondary lost (mirror job BLOCK_JOB_ERROR): ...\n"
+        "2026-12-05 20:41:00,000 hybridft.daemon INFO something else\n"
+    )
+    found = loss_time_from_log(log)
+    assert found == time.mktime(time.strptime("2026-12-05 20:40:01", "%Y-%m-%d %H:%M:%S")) + 0.5
+    assert loss_time_from_log("no such line\n") is None
