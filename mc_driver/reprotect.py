@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import json
 import shutil
 import socket
@@ -257,6 +258,19 @@ class Reprotector:
 
     # ---------------------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
+        """One attempt, holding ``reprotect.lock``: the automatic re-protector and an operator must not
+        add two secondaries to the same survivor."""
+        with (self.workdir / "reprotect.lock").open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CaseError("a re-protection of this pair is already running") from None
+            # the record and pair.json as they are now (the holder before us may have changed both)
+            self.record = ReprotectRecord.load(self.workdir) or ReprotectRecord()
+            self.manifest = PairManifest.load(self.files.config)
+            return self._attempt()
+
+    def _attempt(self) -> dict[str, Any]:
         m = self.manifest
         record = self.record
         failed_over = m.failover_report.exists()

@@ -251,3 +251,48 @@ def test_failover_then_a_failed_reprotection_is_retried_in_colo(workdir: Path) -
     size = 1024 << 20
     survivor_disk = read_export(first["disk_nbd"], "view", size)
     assert read_export(new["disk_nbd"], "view", size) == survivor_disk
+
+
+def healed(workdir: Path, generation: int) -> bool:
+    record = workdir / "reprotect.json"
+    if not record.exists():
+        return False
+    data = json.loads(record.read_text())
+    return data["generation"] > generation and data["state"] == "protected" and status(workdir)["protected"]
+
+
+def test_auto_reprotect_heals_a_failover_and_then_a_lost_secondary(workdir: Path) -> None:
+    up = hybridft("pair", "up", "--workdir", str(workdir), "--mode", "mc", "--auto-reprotect", "--json",
+                  timeout=600)  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    answer = json.loads(up.stdout.strip().splitlines()[-1])
+    assert pid_alive(answer["reprotector_pid"])
+    first = pair_json(workdir)
+    traffic = Traffic(NetNamespace(first["netns"])).start()
+    traffic.wait("a blob", lambda: len(traffic.blobs) >= 1)
+
+    os.kill(first["pids"]["primary"], signal.SIGKILL)
+    wait_until("protection again after the failover, by itself", lambda: healed(workdir, 0), timeout=180)
+    second = pair_json(workdir)
+    assert second["pids"]["primary"] == first["pids"]["secondary"]
+    blobs = len(traffic.blobs)
+    traffic.wait("a blob after the automatic re-protection", lambda: len(traffic.blobs) > blobs)
+
+    os.kill(second["pids"]["secondary"], signal.SIGKILL)
+    wait_until(
+        "protection again after the lost secondary, by itself", lambda: healed(workdir, 1), timeout=180
+    )
+    third = pair_json(workdir)
+    assert third["pids"]["primary"] == second["pids"]["primary"], "the primary stays the primary"
+    checkpoints_advance(workdir, "mc")
+    blobs = len(traffic.blobs)
+    traffic.wait("a blob after the second automatic re-protection", lambda: len(traffic.blobs) > blobs)
+    traffic.finish()
+    summary = status(workdir)["reprotect"]
+    print(f"\nauto: {summary['unprotected_seconds']} s unprotected the second time")
+    assert summary["unprotected_seconds"] > 0
+
+    pids = {**{f"first-{k}": v for k, v in first["pids"].items()}, **third["pids"],
+            "reprotector": answer["reprotector_pid"]}  # fmt: skip
+    down(workdir)
+    assert_nothing_left(workdir, pids)
