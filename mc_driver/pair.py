@@ -430,6 +430,12 @@ def up(config: PairConfig) -> dict[str, Any]:
     for stale in [*files.all_sockets(), *workdir.glob("*.log")]:
         stale.unlink(missing_ok=True)
     files.failover_report.unlink(missing_ok=True)
+    # a previous pair's re-protection record and its secondaries' disks (g<N>/) are not this pair's
+    for stale in [workdir / "reprotect.json", *workdir.glob("failover-g*.json")]:
+        stale.unlink(missing_ok=True)
+    for host_dir in workdir.glob("g[0-9]*"):
+        if host_dir.is_dir() and host_dir.name[1:].isdigit():
+            shutil.rmtree(host_dir, ignore_errors=True)
     launcher = PairLauncher(config, files)
     try:
         return _up(launcher)
