@@ -15,6 +15,7 @@ _BENCHES: dict[str, tuple[str, str]] = {
         "experiments.phased_bench:bench_phased",
         "Phased workload: static-mc, static-colo, cost-model, gilbert.",
     ),
+    "reprotect": ("bench.reprotect:bench_reprotect", "Re-protection: time unprotected, pause, copy cost."),
 }
 
 

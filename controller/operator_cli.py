@@ -11,6 +11,7 @@ fast and work while the pair is under load (``status --watch`` loads its live vi
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from hybridft_common.cli import parse_param_options
 from hybridft_common.control import ControlError, call
 from hybridft_common.endpoints import parse_endpoint
 from hybridft_common.manifest import ManifestError, PairManifest
+from hybridft_common.reprotect_state import ReprotectRecord, ReprotectState, format_summary
 from hybridft_common.settings import AUTO, PROTECTION_MODES
 from hybridft_common.vocabulary import STOP_VIA_CHOICES, epoch_ms_range
 
@@ -199,8 +201,31 @@ def status_command(
         raise SystemExit(watch(fetch, endpoint, interval=interval, count=count))
     if count is not None or interval != 1.0:
         raise click.UsageError("--interval and --count go with --watch")
+    pair_dir = workdir or (config.parent if config else None)
+    record = ReprotectRecord.load(pair_dir) if pair_dir is not None else None
+    if record is not None and (record.state == ReprotectState.RUNNING or not _reachable(endpoint)):
+        # no daemon while a re-protection runs (or after one failed): the record is the status
+        summary = record.summary(time.time())
+        why = summary["reason"] or summary["phase"]
+        result = {"state": "unprotected", "protected": False, "reprotect": summary,
+                  "state_reason": f"reprotect {summary['state']}: {why}"}  # fmt: skip
+        click.echo(json.dumps(result, sort_keys=True) if as_json else format_summary(summary))
+        return
     result = request(endpoint, "status", 10.0)
-    click.echo(json.dumps(result, sort_keys=True) if as_json else format_status(result))
+    if record is not None:
+        result["reprotect"] = record.summary(time.time())
+    text = format_status(result)
+    if record is not None:
+        text += "\n" + format_summary(result["reprotect"])
+    click.echo(json.dumps(result, sort_keys=True) if as_json else text)
+
+
+def _reachable(endpoint: str) -> bool:
+    try:
+        call(endpoint, "status", io_timeout=5.0)
+    except (ControlError, OSError):
+        return False
+    return True
 
 
 @click.command("failover")

@@ -19,6 +19,7 @@ Layout (every section and key optional)::
     guest_run = [["diskwriter", "/dev/vda"]]
     tcp_host = "127.0.0.1"        # the two-host layout: cross-host channels on tcp (needs tls_creds)
     tls_creds = "/etc/hybridft/pair-ca/hosta"   # a directory from `hybridft certs issue`
+    auto_reprotect = false        # re-protect by itself after a failover or a lost secondary
 
     [protection]                  # how the pair is protected
     mode = "auto"                 # mc | colo | auto (a policy decides)
@@ -96,6 +97,7 @@ class PairSettings:
     tls_creds: str | None = _spec(
         None, optional=True, help="TLS credentials directory for tcp channels (hybridft certs issue)"
     )
+    auto_reprotect: bool = _spec(False, help="re-protect by itself after a failover or a lost secondary")
 
 
 @dataclass(frozen=True, slots=True)

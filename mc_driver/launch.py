@@ -112,6 +112,10 @@ class PairFiles:
     def failover_report(self) -> Path:
         return self.workdir / "failover.json"
 
+    @property
+    def auto_reprotect_pid(self) -> Path:
+        return self.workdir / "auto-reprotect.pid"
+
     def all_sockets(self) -> list[Path]:
         return sorted(self.workdir.glob("*.sock")) + sorted(self.workdir.glob("*.qmp"))
 

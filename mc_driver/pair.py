@@ -153,6 +153,8 @@ class PairConfig:
     # the two-host layout (module docstring): cross-host channels on tcp at this address, with mutual TLS
     tcp_host: str | None = None
     tls_creds: Path | None = None
+    auto_reprotect: bool = False  # `pair watch` re-protects after a failover or a lost secondary
+    reprotect_mode: str = "mc"  # the mode it re-protects in (mc | colo | auto)
 
 
 # the channels that cross between the two hosts, in the order their ports are drawn
@@ -620,6 +622,12 @@ def up(config: PairConfig) -> dict[str, Any]:
     for stale in [*files.all_sockets(), *workdir.glob("*.log")]:
         stale.unlink(missing_ok=True)
     files.failover_report.unlink(missing_ok=True)
+    # a previous pair's re-protection record and its secondaries' disks (g<N>/) are not this pair's
+    for stale in [workdir / "reprotect.json", *workdir.glob("failover-g*.json")]:
+        stale.unlink(missing_ok=True)
+    for host_dir in workdir.glob("g[0-9]*"):
+        if host_dir.is_dir() and host_dir.name[1:].isdigit():
+            shutil.rmtree(host_dir, ignore_errors=True)
     launcher = PairLauncher(config, files)
     try:
         return _up(launcher)
@@ -708,6 +716,17 @@ def _up(launcher: PairLauncher) -> dict[str, Any]:
     _wait_until_guest_answers(launcher, config.answer_timeout)
     result["colo"] = True
     result["startup_seconds"] = launcher.timeline[-1][1]
+    if config.auto_reprotect:
+        # on the host, not in the namespace: it creates the new secondaries' namespaces
+        watch = ("pair", "watch", "--workdir", str(files.workdir), "--mode", config.reprotect_mode)
+        with files.log("reprotector").open("ab") as log:
+            watcher = subprocess.Popen(
+                hybridft_command(*watch),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=files.workdir,
+            )  # fmt: skip
+        files.auto_reprotect_pid.write_text(f"{watcher.pid}\n")
+        result["reprotector_pid"] = watcher.pid
     return result
 
 
@@ -724,10 +743,19 @@ def down(workdir: Path, *, grace: float = 3.0) -> dict[str, Any]:
         data = {}
     pids = data.get("pids") or {}
     netns = data.get("netns") or files.netns
+    with contextlib.suppress(OSError, ValueError):  # first: it would re-protect what is being stopped
+        if _stop_pid(int(files.auto_reprotect_pid.read_text()), 1.0):
+            stopped.append("reprotector")
+        files.auto_reprotect_pid.unlink()
     for role in STOP_ORDER:
         pid = pids.get(role)
         if isinstance(pid, int) and pid > 0 and _stop_pid(pid, grace if role != "agent" else 0.5):
             stopped.append(role)
+    for name in secondary_namespaces(netns):  # re-protection's secondaries (mc_driver.reprotect)
+        extra = NetNamespace(name)
+        extra._created = True
+        extra.close()
+        stopped.append(f"netns {name}")
     if netns in list_namespaces():
         ns = NetNamespace(netns, bridge=str(data.get("bridge") or BRIDGE))
         ns._created = True  # adopt it: close() kills what is left inside and deletes it
@@ -740,6 +768,12 @@ def down(workdir: Path, *, grace: float = 3.0) -> dict[str, Any]:
         data["pids"] = {role: 0 for role in PID_ROLES}
         files.config.write_text(json.dumps(data, indent=1) + "\n")
     return {"workdir": str(files.workdir), "stopped": stopped}
+
+
+def secondary_namespaces(pair_netns: str) -> list[str]:
+    """The namespaces ``pair reprotect`` gave new secondaries (``<netns>-s<generation>``)."""
+    prefix = f"{pair_netns}-s"
+    return [name for name in list_namespaces() if name.startswith(prefix) and name[len(prefix) :].isdigit()]
 
 
 def _stop_pid(pid: int, grace: float) -> bool:

@@ -107,6 +107,12 @@ def pair() -> None:
     is_flag=True,
     help="Start everything but the daemon (COLO not started): for debugging the launcher.",
 )
+@click.option(
+    "--auto-reprotect",
+    is_flag=True,
+    default=None,
+    help="Re-protect by itself after a failover or a lost secondary (with back-off; `pair watch`).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line once the guest answers.")
 def up_command(
     workdir: Path,
@@ -125,6 +131,7 @@ def up_command(
     tcp_host: str | None,
     tls_creds: str | None,
     no_daemon: bool,
+    auto_reprotect: bool | None,
     as_json: bool,
 ) -> None:
     """Start the pair in the background; return once the guest answers through the comparator."""
@@ -142,6 +149,7 @@ def up_command(
             guest_run=guest_run or None,
             tcp_host=tcp_host,
             tls_creds=tls_creds,
+            auto_reprotect=auto_reprotect,
         )
         if policy is not None and mode is None:
             mode = AUTO  # naming a policy means handing it control
@@ -198,6 +206,8 @@ def pair_config(workdir: Path, settings: Settings, *, start_daemon: bool = True)
         daemon_args=tuple(daemon_args),
         tcp_host=pair_settings.tcp_host,
         tls_creds=Path(pair_settings.tls_creds) if pair_settings.tls_creds else None,
+        auto_reprotect=pair_settings.auto_reprotect,
+        reprotect_mode=protection.mode,
     )
 
 
@@ -211,3 +221,13 @@ def down_command(workdir: Path, as_json: bool) -> None:
         click.echo(json.dumps(result))
     else:
         click.echo(f"stopped: {', '.join(result['stopped']) or 'nothing was running'}")
+
+
+def _add_reprotect() -> None:
+    from mc_driver.reprotect_cli import reprotect_command, watch_command
+
+    pair.add_command(reprotect_command)
+    pair.add_command(watch_command)
+
+
+_add_reprotect()
