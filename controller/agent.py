@@ -628,6 +628,10 @@ class Agent:
                     await asyncio.wait_for(self.wake.wait(), timeout=0.05)
             timeline = Timeline()
             log.warning("failing over: %s", self.decider.trigger)
+            # before any step, durably: the daemon reads "a failover has begun" from this file and
+            # then never resumes the primary (controller.pair_state)
+            began = {"reason": self.decider.trigger, "detected_at": self.decider.triggered_at}
+            write_durably(started_marker(self.config.failover_report), json.dumps(began) + "\n")
             # the events it did not read stay queued in the session: fail_over reads them in order
             await self.stop_watcher(watcher, timeline)
             try:
@@ -650,6 +654,12 @@ class Agent:
             if hb.kind == "unix" and hb.path:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(hb.path)
+
+
+def started_marker(report: Path) -> Path:
+    """``failover-started.json`` beside ``failover.json``: written before the first failover step, so
+    the daemon knows a failover has begun even if the agent dies half-way."""
+    return report.with_name("failover-started.json")
 
 
 def _write_report(config: PairManifest, report: dict[str, Any]) -> None:

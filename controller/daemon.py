@@ -87,6 +87,7 @@ log = logging.getLogger("hybridft.daemon")
 WATCH_INTERVAL = 0.02
 DISK_POLL_INTERVAL = 0.05  # how often the disk server's checkpoint_needed is read
 RECENT = 512  # checkpoint records kept for status/percentiles
+UNDECIDED_RETRY = 1.0  # how often "took over or lost?" is asked again while the answer is "don't know"
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -364,7 +365,10 @@ class Daemon:
         for event in events:
             if event.name in ("BLOCK_JOB_ERROR", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
                 if self.config.mirror_job and event.data.get("device") == self.config.mirror_job:
-                    self._lost_later("secondary", f"mirror job {event.name}")
+                    # the disk server failing over (the agent took over) also ends the mirror job:
+                    # decide, never assume the secondary is the one that is gone
+                    why = f"mirror job {event.name}: {dict(event.data)}"
+                    self._tasks.append(asyncio.create_task(self._replication_ended(why)))
             elif event.name == "COLO_EXIT" and self.state == PairState.PROTECTED and not self._in_checkpoint:
                 # the primary leaves COLO when its peer is gone *or* has taken over: decide which
                 why = f"COLO_EXIT on the {side}: {dict(event.data)}"
@@ -522,25 +526,72 @@ class Daemon:
             return NO_ANSWER
         return ColoStatus.from_reply(reply)
 
-    async def _replication_ended(self, why: str) -> None:
-        """COLO ended or a checkpoint failed while the primary lives: took over or lost
-        (:class:`~controller.pair_state.ReplicationEndDecider`).  Taken over (the agent failed over,
-        e.g. after a heartbeat gap): the primary must stay stopped -- resuming it would give two live
-        copies of the guest.  Lost: the primary runs on unprotected."""
-        if self.state != PairState.PROTECTED:
-            return
+    async def _disk_failed_over(self) -> bool | NoAnswer:
+        """The disk server's ``failed_over`` (a connection of its own, bounded at 2 s), or NO_ANSWER."""
+        if not self.config.disk_control:
+            return False
+        client = ServiceClient(self.config.disk_control)
+        try:
+            await asyncio.wait_for(client.connect(), 2.0)
+            status = await asyncio.wait_for(client.call("status"), 2.0)
+        except (ControlError, OSError, TimeoutError):
+            return NO_ANSWER
+        finally:
+            await client.close()
+        return bool(status.get("failed_over"))
+
+    def _agent_failing_over(self) -> bool:
+        """The agent writes failover-started.json (beside failover.json) before its first failover
+        step (same host only; the disk server's answer covers two hosts)."""
+        report = self.config.failover_report
+        return report is not None and Path(report).with_name("failover-started.json").exists()
+
+    async def _decide_end(self) -> ReplicationEnd:
         alive = _pid_alive(self.config.secondary_pid)
         colo_status = await self._secondary_colo_status() if alive else NO_ANSWER
-        if self.replication_end.decide(secondary_alive=alive, colo_status=colo_status) is ReplicationEnd.LOST:
-            await self._side_lost("secondary", why)
-            return
-        self.state, self.state_reason = PairState.FAILED_OVER, f"the secondary took over ({why})"
-        self.metrics.protected.set(0)
-        log.error("the secondary took over (%s): keeping the primary stopped", why)
+        return self.replication_end.decide(
+            secondary_alive=alive,
+            colo_status=colo_status,
+            disk_failed_over=await self._disk_failed_over(),
+            agent_failing_over=self._agent_failing_over(),
+        )
+
+    async def _fence_own_primary(self, why: str) -> None:
         if self.primary is not None:
             with contextlib.suppress(QmpError, TimeoutError):
                 await asyncio.wait_for(self.primary.execute("stop"), 5.0)
-                self.timeline.append(("primary fenced (stopped): the secondary took over", 0.0))
+                self.timeline.append((f"primary fenced (stopped): {why}", 0.0))
+
+    async def _replication_ended(self, why: str) -> None:
+        """COLO ended or a checkpoint failed while the primary lives: took over, lost or don't know
+        (:class:`~controller.pair_state.ReplicationEndDecider`).  Taken over (the agent failed over,
+        e.g. after a heartbeat gap): the primary must stay stopped -- resuming it would give two live
+        copies of the guest.  Lost: the primary runs on unprotected.  Don't know: the primary stays
+        stopped and its output held until a later answer says which."""
+        if self.state != PairState.PROTECTED:
+            return
+        self.state = PairState.UNDECIDED
+        self.state_reason = f"deciding whether the secondary took over ({why})"
+        self.metrics.protected.set(0)
+        end = await self._decide_end()
+        if end is ReplicationEnd.DONT_KNOW:
+            log.error("replication ended (%s); the secondary does not answer: the primary stays stopped", why)
+            self.state_reason = (
+                f"the secondary does not answer: the primary is kept stopped, its output held, until it is "
+                f"known whether the secondary took over ({why})"
+            )
+            await self._fence_own_primary("the secondary does not answer")
+            while end is ReplicationEnd.DONT_KNOW and not self._closing:
+                await asyncio.sleep(UNDECIDED_RETRY)
+                end = await self._decide_end()
+            if self._closing:
+                return
+        if end is ReplicationEnd.LOST:
+            await self._side_lost("secondary", why)
+            return
+        self.state, self.state_reason = PairState.FAILED_OVER, f"the secondary took over ({why})"
+        log.error("the secondary took over (%s): keeping the primary stopped", why)
+        await self._fence_own_primary("the secondary took over")
 
     def _primary_ok(self) -> bool:
         return _pid_alive(self.config.primary_pid) and self._session_up(self.primary)
@@ -553,7 +604,7 @@ class Daemon:
         return session is not None and session.connected
 
     async def _side_lost(self, side: str, why: str) -> None:
-        if self.state not in (PairState.PROTECTED, PairState.STARTING):
+        if self.state not in (PairState.PROTECTED, PairState.STARTING, PairState.UNDECIDED):
             return
         started = time.monotonic()
         if side == "primary":
@@ -604,7 +655,7 @@ class Daemon:
                 for session in self._sessions():
                     self._count_events(session, session.events())
             if not self._secondary_ok() and not self._in_checkpoint:
-                await self._side_lost("secondary", "the secondary QEMU exited or its QMP connection dropped")
+                await self._replication_ended("the secondary QEMU exited or its QMP connection dropped")
 
     async def _request_loop(self) -> None:
         assert self.config.compare_control is not None

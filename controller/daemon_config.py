@@ -49,6 +49,8 @@ class DaemonConfig:
     sample_period_ms: int = 250  # the autopilot's signal sampling period
     drive: str = "disk0"  # the guest disk's device on the primary (query-blockstats), as pair up names it
     trace_path: str | None = None  # the policy decision trace (JSON lines); None: not written
+    # the agent's failover.json: once it exists the agent has begun a failover (same host only)
+    failover_report: str | None = None
 
     @classmethod
     def from_manifest(cls, manifest: PairManifest) -> DaemonConfig:
@@ -70,6 +72,7 @@ class DaemonConfig:
             stop_via=manifest.stop_via,
             migrate_uri=manifest.migrate_uri,
             trace_path=str(Path(manifest.workdir) / "decisions.jsonl"),
+            failover_report=str(manifest.failover_report),
         )
 
     @classmethod

@@ -428,6 +428,7 @@ def up(config: PairConfig) -> dict[str, Any]:
     for stale in [*files.all_sockets(), *workdir.glob("*.log")]:
         stale.unlink(missing_ok=True)
     files.failover_report.unlink(missing_ok=True)
+    files.failover_report.with_name("failover-started.json").unlink(missing_ok=True)  # controller.agent
     launcher = PairLauncher(config, files)
     try:
         return _up(launcher)
