@@ -34,7 +34,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from disk_buffer.journal import FaultInjector, Journal, JournalCorrupt, libc
+from disk_buffer.journal import FaultInjector, Journal, JournalCorrupt, fsync_dir, libc
 from disk_buffer.store import DiskBufferError, EpochStore, Export, SealedEpoch, resolve
 
 __all__ = ["DiskBuffer", "DiskBufferError", "Export"]
@@ -176,7 +176,10 @@ class DiskBuffer:
             if not os.path.isfile(image):
                 raise DiskBufferError(f"image {image} is not a regular file", "config")
             try:
+                created = not state_dir.exists()
                 state_dir.mkdir(parents=True, exist_ok=True)
+                if created:  # its entry in the parent must outlive a crash
+                    fsync_dir(state_dir.resolve().parent)
                 lock_fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
             except OSError as exc:
                 raise DiskBufferError(f"cannot use state dir {state_dir}: {exc.strerror}", "config") from None
@@ -411,7 +414,15 @@ class DiskBuffer:
         return result
 
     async def failover(self) -> None:
-        """Finish the write-out, drop uncommitted primary writes, merge the overlay into IMG, sync."""
+        """Finish the write-out, drop uncommitted primary writes, merge the overlay into IMG, sync,
+        and only then mark the state directory failed over.
+
+        Why this order: the durable mark makes every restart serve IMG alone, so IMG must hold the
+        overlay (the secondary VM's own writes) -- merged *and* fdatasynced -- before the mark says so.
+        Killed before the mark, the buffer restarts not failed over and the failover is simply asked
+        for again.  The merge, the sync, the mark and the switch run without yielding to the event
+        loop, so no view write can land in the overlay after it was merged (a failover is rare; the
+        NBD connections wait for one fdatasync)."""
         with self._cond:
             self._store.begin_failover()
         self._journal.abandon([self._store.current_seq])
@@ -419,23 +430,20 @@ class DiskBuffer:
         if self.writeout_error is not None:
             raise DiskBufferError(f"failover: write-out failed: {self.writeout_error}", "io")
         try:
-            self._journal.mark_failed_over()
-            # Synchronous on purpose: no view write can slip in between the merge and the switch.
             for start, end, data in self._store.view.overlay.items():
                 if data is None:
                     zero_range(self._fd, start, end - start)
                 else:
                     os.pwrite(self._fd, data, start)
+            os.fdatasync(self._fd)
+            self._faults.hit("failover-synced")
+            self._journal.mark_failed_over()
         except OSError as exc:
             raise _io_error("failover", exc) from None
         with self._cond:
             self._store.finish_failover()
             self._stopping = True
             self._cond.notify_all()
-        try:
-            await asyncio.to_thread(os.fdatasync, self._fd)
-        except OSError as exc:
-            raise _io_error("failover: fdatasync of the image", exc) from None
         self._notify_room()
 
     def _wait_writeout_drained(self) -> None:

@@ -61,6 +61,17 @@ from disk_buffer.journal_codec import (
 from disk_buffer.store import DiskBufferError
 
 FAULT_POINTS = ("journal-written", "journal-synced", "writeout-mid", "image-synced")
+# Reached only by a failover: after the overlay merge and IMG's fdatasync, after the failed-over mark.
+FAILOVER_FAULT_POINTS = ("failover-synced", "failover-marked")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (files created or renamed in it) survive a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class JournalCorrupt(DiskBufferError):
@@ -81,10 +92,9 @@ class FaultInjector:
         if not spec:
             return
         point, _, count = spec.partition(":")
-        if point not in FAULT_POINTS:
-            raise DiskBufferError(
-                f"HYBRIDFT_DISK_FAULT: unknown point {point!r} (known: {FAULT_POINTS})", "config"
-            )
+        if point not in FAULT_POINTS + FAILOVER_FAULT_POINTS:
+            known = FAULT_POINTS + FAILOVER_FAULT_POINTS
+            raise DiskBufferError(f"HYBRIDFT_DISK_FAULT: unknown point {point!r} (known: {known})", "config")
         try:
             self.remaining = int(count) if count else 1
         except ValueError:
@@ -172,8 +182,11 @@ class Journal:
         self.faults = faults
         self._mark_lock = threading.Lock()
         state_dir.mkdir(parents=True, exist_ok=True)
+        created = not all((state_dir / name).exists() for name in ("mark", *self.FILES))
         self._mark_fd = os.open(state_dir / "mark", os.O_RDWR | os.O_CREAT, 0o600)
         self._fds = [os.open(state_dir / name, os.O_RDWR | os.O_CREAT, 0o600) for name in self.FILES]
+        if created:  # the files' directory entries must outlive a crash, like their contents
+            fsync_dir(state_dir)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hybridft-journal")
         # event-loop-thread state
         self._active = 0
@@ -243,7 +256,10 @@ class Journal:
             self._update_mark(applied=epoch)
 
     def mark_failed_over(self) -> None:
+        """Durably: IMG is the failed-over disk.  Only once the overlay is merged into IMG and IMG is
+        fdatasynced (the caller's duty): a restart serves IMG alone from then on."""
         self._update_mark(failed_over=True)
+        self.faults.hit("failover-marked")
 
     # -- recovery ------------------------------------------------------------------------------
 
