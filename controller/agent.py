@@ -63,6 +63,7 @@ import click
 from controller.heartbeat import Heartbeat, HeartbeatError
 from hybridft_common.control import AsyncControlClient, ControlError
 from hybridft_common.endpoints import Endpoint, parse_endpoint, start_server
+from hybridft_common.fencing import GenerationFile
 from hybridft_common.manifest import ManifestError, PairManifest, write_durably
 
 log = logging.getLogger("hybridft.agent")
@@ -269,9 +270,27 @@ def _process_alive(pid: int) -> bool:
     return not stat.rsplit(") ", 1)[-1].startswith(("Z", "X"))
 
 
-async def _fence_primary(config: PairManifest, timeline: Timeline) -> None:
-    """Best effort: a primary that still runs (daemon crash) must stop talking through its tap."""
+async def _fence_comparator(config: PairManifest, timeline: Timeline, generation: int) -> None:
+    """Best effort: the comparator refuses the old daemon and releases no more of the old primary's
+    output (a dead comparator releases nothing anyway)."""
+    client = AsyncControlClient(config.compare_control)
+    try:
+        await asyncio.wait_for(client.connect(), timeout=DISK_CONNECT_TIMEOUT)
+        await asyncio.wait_for(client.call("fence", generation=generation), timeout=2.0)
+        timeline.mark(f"comparator fenced at generation {generation}")
+    except (OSError, ControlError, TimeoutError) as exc:
+        timeline.mark(f"comparator not fenced ({exc or 'timed out'})")
+    finally:
+        await client.close()
+
+
+async def _fence_primary(config: PairManifest, timeline: Timeline, generation: int = 0) -> None:
+    """Best effort: a primary that still runs (daemon crash) must stop talking through its tap; the
+    comparator is fenced at the new generation alongside."""
     from mc_driver.qmp import QmpError, QmpSession
+
+    if generation:
+        await _fence_comparator(config, timeline, generation)
 
     path = parse_endpoint(config.qmp.primary.ops).path or ""
     pid = config.pids.primary
@@ -351,9 +370,14 @@ async def _status_without_commit(disk: str, timeline: Timeline) -> dict[str, Any
     return status
 
 
-async def _disk_step(disk: str, verb: str, done: Any, timeline: Timeline, **args: Any) -> None:
-    """One disk verb; a refusal is fine if the disk is in the wanted state anyway (``done(status)``:
-    the daemon did the same an instant earlier -- the state is what counts, not who got there first)."""
+async def _disk_step(
+    disk: str, verb: str, done: Any, timeline: Timeline, generation: int, **args: Any
+) -> None:
+    """One disk verb of generation ``generation``; a refusal is fine if the disk is in the wanted state
+    anyway (``done(status)``: the daemon did the same an instant earlier -- the state is what counts,
+    not who got there first)."""
+    if generation:
+        args["generation"] = generation
     try:
         await _disk_call(disk, verb, **args)
     except DiskStepError:
@@ -362,8 +386,14 @@ async def _disk_step(disk: str, verb: str, done: Any, timeline: Timeline, **args
         timeline.mark(f"disk {verb} {args.get('epoch', '')} was already done".replace("  ", " "))
 
 
-async def _settle_disk_once(disk: str, decider: FailoverDecider, timeline: Timeline) -> DiskDecision:
-    """Commit the loaded sealed epochs (oldest first) and roll back the rest (§2 step 6)."""
+async def _settle_disk_once(
+    disk: str, decider: FailoverDecider, timeline: Timeline, generation: int = 0
+) -> DiskDecision:
+    """Fence the disk server at ``generation`` (from then on the old daemon's verbs are refused), then
+    commit the loaded sealed epochs (oldest first) and roll back the rest (§2 step 6)."""
+    if generation:
+        await _disk_call(disk, "fence", generation=generation)
+        timeline.mark(f"disk fenced at generation {generation}")
     status = await _status_without_commit(disk, timeline)
     decision = decider.disk_decision(status)
     for epoch in decision.commits:
@@ -371,18 +401,18 @@ async def _settle_disk_once(disk: str, decider: FailoverDecider, timeline: Timel
             continue  # the daemon's own commit got there first
         await _disk_step(
             disk, "commit", lambda st, e=epoch: isinstance(st.get("committed"), int) and st["committed"] >= e,
-            timeline, epoch=epoch,
+            timeline, generation, epoch=epoch,
         )  # fmt: skip
     if decision.action == "rollback" or decision.then_rollback:
         status = await _status_without_commit(disk, timeline)
         if status.get("sealed"):
-            await _disk_step(disk, "rollback", lambda st: not st.get("sealed"), timeline)
+            await _disk_step(disk, "rollback", lambda st: not st.get("sealed"), timeline, generation)
     timeline.mark(f"disk {decision.action} {decision.epoch} ({decision.why})")
     return decision
 
 
-async def _failover_disk_once(disk: str, timeline: Timeline) -> bool:
-    await _disk_step(disk, "failover", lambda st: bool(st.get("failed_over")), timeline)
+async def _failover_disk_once(disk: str, timeline: Timeline, generation: int = 0) -> bool:
+    await _disk_step(disk, "failover", lambda st: bool(st.get("failed_over")), timeline, generation)
     timeline.mark("disk failover")
     return True
 
@@ -403,12 +433,12 @@ async def _with_retries(step: Any, what: str, timeline: Timeline, window: float)
 
 
 async def _settle_disk(
-    disk: str, decider: FailoverDecider, timeline: Timeline, window: float | None = None
+    disk: str, decider: FailoverDecider, timeline: Timeline, window: float | None = None, generation: int = 0
 ) -> tuple[DiskDecision, list[str]]:
     """The disk decision carried out (retried within ``window``); the decision and the errors of the
     last try if it never succeeded, else ``[]``."""
     decision, errors = await _with_retries(
-        lambda: _settle_disk_once(disk, decider, timeline), "disk decision", timeline,
+        lambda: _settle_disk_once(disk, decider, timeline, generation), "disk decision", timeline,
         DISK_RETRY_WINDOW if window is None else window,
     )  # fmt: skip
     if decision is None:
@@ -459,8 +489,13 @@ async def fail_over(
     config: PairManifest, decider: FailoverDecider, secondary: Any, timeline: Timeline
 ) -> dict[str, Any]:
     """Make the secondary the running, network-facing VM (steps and their order: module docstring)."""
+    # a new fencing generation, durable before anyone is told of it (hybridft_common.fencing)
+    record = GenerationFile(config.workdir / "generation")
+    generation = record.load() + 1
+    record.store(generation)
+    timeline.mark(f"generation {generation}")
     # fencing runs beside the other steps; it must be over before the taps are swapped
-    fence = asyncio.create_task(_fence_primary(config, timeline))
+    fence = asyncio.create_task(_fence_primary(config, timeline, generation))
     errors: list[str] = []
     kept_paused: str | None = None
     if decider.colo_exit is None:
@@ -473,10 +508,13 @@ async def fail_over(
     decision = DiskDecision("none", None, "the secondary did not leave COLO: its memory epoch is unknown")
     disk_errors: list[str] = []
     if left_colo:
-        decision, disk_errors = await _settle_disk(disk, decider, timeline)
+        decision, disk_errors = await _settle_disk(disk, decider, timeline, generation=generation)
         if not disk_errors:
             done, tries = await _with_retries(
-                lambda: _failover_disk_once(disk, timeline), "disk failover", timeline, DISK_RETRY_WINDOW
+                lambda: _failover_disk_once(disk, timeline, generation),
+                "disk failover",
+                timeline,
+                DISK_RETRY_WINDOW,
             )
             if done is None:  # _failover_disk_once returns True once it succeeded
                 disk_errors = tries[-1:]
@@ -512,6 +550,7 @@ async def fail_over(
     return {
         "reason": decider.trigger,
         "detected_at": decider.triggered_at,
+        "generation": generation,
         "resumed": kept_paused is None,
         "kept_paused": kept_paused,
         "disk": {

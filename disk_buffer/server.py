@@ -64,6 +64,7 @@ from disk_buffer.nbd import (
 from hybridft_common.control import ControlError, Dispatch, serve_control
 from hybridft_common.endpoints import Endpoint, parse_endpoint
 from hybridft_common.errors import HybridftError
+from hybridft_common.fencing import Fence, GenerationFile, fenced_dispatch
 
 log = logging.getLogger("hybridft.disk.server")
 
@@ -444,6 +445,20 @@ def make_control_dispatch(buffer: Any) -> Dispatch:
     return dispatch
 
 
+def make_fenced_control_dispatch(buffer: Any) -> Dispatch:
+    """:func:`make_control_dispatch` behind the fencing generation (:mod:`hybridft_common.fencing`),
+    recorded durably in the state directory's ``generation`` file: after a failover the old
+    primary's daemon can neither seal, commit nor roll back."""
+    record = GenerationFile(Path(buffer.state_dir) / "generation")
+    from disk_buffer.store import DiskBufferError
+
+    try:
+        fence = Fence(record.load())
+    except ValueError as exc:
+        raise DiskBufferError(str(exc), "corrupt") from None
+    return fenced_dispatch(make_control_dispatch(buffer), fence, record)
+
+
 async def run_server(
     image: str | Path,
     state_dir: str | Path,
@@ -477,7 +492,7 @@ async def run_server(
     )
     try:
         servers.append(await nbd_server.listen(nbd_ep))
-        servers.append(await serve_control(control_ep, make_control_dispatch(buffer)))
+        servers.append(await serve_control(control_ep, make_fenced_control_dispatch(buffer)))
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         status = buffer.status()

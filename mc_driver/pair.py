@@ -428,7 +428,8 @@ def up(config: PairConfig) -> dict[str, Any]:
     for stale in [*files.all_sockets(), *workdir.glob("*.log")]:
         stale.unlink(missing_ok=True)
     files.failover_report.unlink(missing_ok=True)
-    files.failover_report.with_name("failover-started.json").unlink(missing_ok=True)  # controller.agent
+    for fresh in ("failover-started.json", "generation", "compare-generation"):  # a new pair: generation 0
+        (workdir / fresh).unlink(missing_ok=True)
     launcher = PairLauncher(config, files)
     try:
         return _up(launcher)
@@ -472,7 +473,8 @@ def _up(launcher: PairLauncher) -> dict[str, Any]:
         "--compare-timeout", str(config.compare_timeout_ms / 1000),
         "--primary-in", files.endpoint("compare-primary"),
         "--secondary-in", files.endpoint("compare-secondary"),
-        "--out", files.endpoint("compare-out"), "--control", files.endpoint("compare-ctl")))  # fmt: skip
+        "--out", files.endpoint("compare-out"), "--control", files.endpoint("compare-ctl"),
+        "--fence-file", str(files.workdir / "compare-generation")))  # fmt: skip
     for name in ("compare-ctl", "compare-primary", "compare-secondary", "compare-out"):
         launcher.wait_for_socket(files.sock(name))
 

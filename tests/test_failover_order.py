@@ -82,9 +82,9 @@ def _disk_buffer(tmp_path: Path) -> DiskBuffer:
 
 async def _serve(buffer: DiskBuffer, endpoint: str, refuse: dict[str, int] | None = None) -> asyncio.Server:
     """The disk server's control socket; ``refuse`` = how many times each verb is refused first."""
-    from disk_buffer.server import make_control_dispatch
+    from disk_buffer.server import make_fenced_control_dispatch
 
-    real = make_control_dispatch(buffer)
+    real = make_fenced_control_dispatch(buffer)
     left = dict(refuse or {})
 
     async def dispatch(verb: str, args: dict[str, Any]) -> dict[str, Any]:
