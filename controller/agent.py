@@ -108,6 +108,7 @@ class FailoverDecider:
     colo_exit: float | None = None
     bad_messages: int = 0
     triggered_at: float | None = None  # wall clock, for the failover report
+    stood_down: bool = False  # the daemon declared the secondary lost: never fail over to it
     last_check: float | None = None  # monotonic time of the previous check()
 
     def connection_opened(self, now: float) -> None:
@@ -123,6 +124,8 @@ class FailoverDecider:
         """One heartbeat (a line that did not decode is counted in ``bad_messages`` instead)."""
         self.last_heard = now
         self.armed = True
+        if msg.unprotected and self.trigger is None:
+            self.stood_down = True
         if msg.failover:
             self._fire("planned failover")
         if msg.primary_lost:
@@ -158,7 +161,7 @@ class FailoverDecider:
         return self.trigger
 
     def _fire(self, reason: str) -> None:
-        if self.trigger is None:
+        if self.trigger is None and not self.stood_down:
             self.trigger = reason
             self.triggered_at = time.time()
 
@@ -655,6 +658,9 @@ class Agent:
         print("ready", flush=True)
         try:
             while self.decider.check(time.monotonic()) is None:
+                if self.decider.stood_down:
+                    log.warning("the daemon declared the secondary lost: standing down (no failover)")
+                    return None
                 if watcher.done():
                     exc = watcher.exception()
                     if isinstance(exc, QmpDisconnected):

@@ -88,6 +88,7 @@ WATCH_INTERVAL = 0.02
 DISK_POLL_INTERVAL = 0.05  # how often the disk server's checkpoint_needed is read
 RECENT = 512  # checkpoint records kept for status/percentiles
 UNDECIDED_RETRY = 1.0  # how often "took over or lost?" is asked again while the answer is "don't know"
+STAND_DOWN_GRACE = 0.2  # time for the agent to read "unprotected" before the secondary leaves COLO
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -356,6 +357,8 @@ class Daemon:
         message = self.protocol.heartbeat()
         if self.state == PairState.PRIMARY_LOST:  # in every beat: the agent may have missed the first
             message = dataclasses.replace(message, primary_lost=True)
+        elif self.state == PairState.UNPROTECTED:
+            message = dataclasses.replace(message, unprotected=True)
         return message
 
     def _count_events(self, session: QmpSession, events: list[Any]) -> None:
@@ -618,6 +621,12 @@ class Daemon:
         self.state, self.state_reason = PairState.UNPROTECTED, why
         self.metrics.protected.set(0)
         log.error("secondary lost (%s): releasing held output, continuing unprotected", why)
+        # The agent stands down first: x-colo-lost-heartbeat below ends COLO on the secondary too, and
+        # an agent that took its COLO_EXIT for a lost primary would fence the only live copy.
+        self.heartbeat.send(Heartbeat(time.time(), self.protocol.last_committed, None, unprotected=True))
+        if self.heartbeat.connected:
+            await asyncio.sleep(STAND_DOWN_GRACE)
+            self.timeline.append(("agent told to stand down", round(time.monotonic() - started, 4)))
         primary = self.primary
         steps: list[tuple[str, Any]] = []
         if self.compare is not None:
@@ -729,10 +738,16 @@ class Daemon:
         last = self.records[-1].as_dict() if self.records else None
         point, pending = self.protocol.point, self.protocol.pending
         changes = self.protocol.changes
+        # checkpoints alone do not protect: without the agent nobody would fail over
+        agent_missing = self.config.heartbeat is not None and not self.heartbeat.connected
+        reason = self.state_reason
+        if self.state == PairState.PROTECTED and agent_missing:
+            reason = "the agent is not connected (heartbeat): nobody would fail over"
         return {
             "state": str(self.state),
-            "state_reason": self.state_reason,
-            "protected": self.state == PairState.PROTECTED,
+            "state_reason": reason,
+            "protected": self.state == PairState.PROTECTED and not agent_missing,
+            "agent_connected": not agent_missing,
             # the operating point in force, field by field (tools read these), then the pending one
             "mode": str(point.mode),
             "epoch_ms": point.epoch_ms,

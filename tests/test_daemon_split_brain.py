@@ -99,6 +99,7 @@ def test_a_secondary_that_does_not_answer_keeps_the_primary_stopped(
         held_compare = list(daemon.compare.calls)  # type: ignore[union-attr]
         secondary.hung = False  # it answers again: still the secondary, so it did not take over
         await asyncio.wait_for(task, 10)
+        assert daemon._beat().unprotected  # every beat from now on tells the agent to stand down
         return held_state, held_primary, held_compare, str(daemon.state), primary.commands
 
     held_state, held_primary, held_compare, final_state, primary_commands = asyncio.run(scenario())

@@ -194,3 +194,15 @@ def test_a_disk_step_that_fails_once_is_retried_and_the_secondary_resumes(tmp_pa
     report, status, secondary = asyncio.run(scenario())
     assert status["failed_over"], status
     assert report["resumed"] and secondary.running, report
+
+
+def test_the_agent_stands_down_when_the_daemon_runs_the_primary_alone() -> None:
+    """The daemon declared the secondary lost and ends COLO on the primary, which makes the secondary
+    leave COLO too: that COLO_EXIT, and the daemon's later death, must not make the agent fence the only
+    live copy (the primary) for a stale secondary."""
+    d = FailoverDecider(silence_limit=0.5)
+    d.message(Heartbeat(1.0, 4, "committed"), 1.0)
+    d.message(Heartbeat(1.1, 4, None, unprotected=True), 1.1)
+    d.secondary_event("COLO_EXIT", 1.2)
+    d.connection_closed(1.3)
+    assert d.check(5.0) is None and d.stood_down
