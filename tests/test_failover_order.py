@@ -206,3 +206,21 @@ def test_the_agent_stands_down_when_the_daemon_runs_the_primary_alone() -> None:
     d.secondary_event("COLO_EXIT", 1.2)
     d.connection_closed(1.3)
     assert d.check(5.0) is None and d.stood_down
+
+
+def test_status_says_loudly_that_the_secondary_was_kept_paused(tmp_path: Path) -> None:
+    """The daemon is gone with the primary; `hybridft status` still tells the operator what the agent
+    did, above all that it did NOT resume the secondary, and why."""
+    import json
+
+    from click.testing import CliRunner
+
+    from controller.operator_cli import status_command
+
+    manifest = manifest_for(tmp_path)
+    manifest.write(tmp_path / "pair.json")
+    report = {"reason": "primary lost (daemon)", "resumed": False, "kept_paused": "disk step failed: x"}
+    manifest.failover_report.write_text(json.dumps(report))
+    result = CliRunner().invoke(status_command, ["--workdir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "SECONDARY KEPT PAUSED: disk step failed: x" in result.output
