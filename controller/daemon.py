@@ -627,6 +627,15 @@ class Daemon:
         if self.heartbeat.connected:
             await asyncio.sleep(STAND_DOWN_GRACE)
             self.timeline.append(("agent told to stand down", round(time.monotonic() - started, 4)))
+        if self._agent_failing_over():
+            # it fired before it read that (its marker comes before any step): it takes over, so the
+            # primary stays stopped and nothing held is released
+            self.state, self.state_reason = PairState.FAILED_OVER, f"the secondary took over ({why})"
+            log.error(
+                "the agent began a failover as the secondary was declared lost: keeping the primary stopped"
+            )
+            await self._fence_own_primary("the agent took over")
+            return
         primary = self.primary
         steps: list[tuple[str, Any]] = []
         if self.compare is not None:

@@ -151,3 +151,33 @@ def test_the_agents_started_marker_is_a_takeover(tmp_path: Path) -> None:
 
     state, primary_commands = asyncio.run(scenario())
     assert state == "failed-over" and "cont" not in primary_commands
+
+
+def test_an_agent_that_fired_while_the_secondary_was_declared_lost_wins(tmp_path: Path) -> None:
+    """The secondary answers as a COLO secondary (so: lost), but the agent had already begun failing
+    over (its marker appears during the stand-down grace): the primary is not resumed, nothing held
+    is released."""
+
+    async def scenario() -> tuple[str, list[str], list[str]]:
+        daemon, primary = _daemon(tmp_path, FakeQemu("secondary"))
+        daemon.config.heartbeat = f"unix:{tmp_path / 'hb.sock'}"
+        daemon.heartbeat.endpoint = daemon.config.heartbeat
+
+        async def agent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readline()  # the "unprotected" beat, read too late: it had fired already
+            (tmp_path / "failover-started.json").write_text("{}\n")
+            await reader.read()
+
+        server = await asyncio.start_unix_server(agent, path=str(tmp_path / "hb.sock"))
+        daemon.heartbeat._connect()
+        try:
+            await daemon._replication_ended("checkpoint failed at fire")
+        finally:
+            daemon.heartbeat.close()
+            server.close()
+        return str(daemon.state), primary.commands, daemon.compare.calls  # type: ignore[union-attr]
+
+    state, primary_commands, compare_calls = asyncio.run(scenario())
+    assert state == "failed-over"
+    assert "cont" not in primary_commands and "x-colo-lost-heartbeat" not in primary_commands
+    assert "release-all" not in compare_calls
