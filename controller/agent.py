@@ -10,6 +10,9 @@ secondary QEMU over its own QMP monitor.  It fails over when
 * a planned ``{"failover": true}`` arrives (``hybridft failover``).
 
 Nothing arms before the first heartbeat: a daemon that has not started COLO yet is not a lost primary.
+A heartbeat that says ``unprotected`` (the daemon declared the secondary lost and runs the primary
+alone) makes the agent stand down for good: the secondary's COLO_EXIT that follows, or the daemon's
+later death, must not fence the only live copy for a stale one.
 
 Why the disk decision looks the way it does (ARCHITECTURE.md §2 step 6, §5): the daemon announces
 ``{"epoch": N, "state": "sealed", "t": T}`` *before* it fires checkpoint N, so a secondary ``RESUME``
@@ -22,6 +25,9 @@ unit-tested on its own.
 
 Failover itself (:func:`fail_over`), every step timed into ``failover.json``, in this order:
 
+0. ``failover-started.json`` (durable) -- from then on the daemon never resumes the primary -- and a
+   new fencing generation (``generation`` in the workdir, :mod:`hybridft_common.fencing`), handed to
+   the comparator and the disk server, which then refuse the old daemon's requests;
 1. fence the primary (best effort ``stop`` on its ops monitor: after a daemon crash the primary may
    still run), beside the steps below;
 2. ``x-colo-lost-heartbeat`` on the secondary, then wait (bounded) for its ``COLO_EXIT``, reading the
