@@ -224,3 +224,30 @@ def test_status_says_loudly_that_the_secondary_was_kept_paused(tmp_path: Path) -
     result = CliRunner().invoke(status_command, ["--workdir", str(tmp_path)])
     assert result.exit_code == 2
     assert "SECONDARY KEPT PAUSED: disk step failed: x" in result.output
+
+
+def test_failover_json_is_replaced_durably(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """failover.json is what an operator reads after a crash: written to a temporary file, fsynced,
+    renamed, and the directory fsynced (so is pair.json, through the same helper)."""
+    import os
+
+    from controller.agent import _write_report
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    config = manifest_for(tmp_path)
+    _write_report(config, {"reason": "test"})
+    config.write(tmp_path / "pair.json")
+    assert synced == [
+        str(tmp_path / "failover.json.tmp"),
+        str(tmp_path),
+        str(tmp_path / "pair.json.tmp"),
+        str(tmp_path),
+    ]
+    assert (tmp_path / "failover.json").read_text().startswith("{")
