@@ -649,12 +649,27 @@ class Daemon:
                         primary.execute("block-job-cancel", device=self.config.mirror_job, force=True),
                     )
                 )
+        released = False
         for name, action in steps:
             try:
                 await asyncio.wait_for(action, 5.0)
                 self.timeline.append((name, round(time.monotonic() - started, 4)))
+                released = released or name == "compare release-all"
             except (QmpError, ControlError, OSError, TimeoutError) as exc:
                 self.timeline.append((f"{name} failed: {exc}", round(time.monotonic() - started, 4)))
+        if not released and primary is not None:
+            # no comparator to pass the primary's output on: the primary talks to its tap directly
+            # (frames held in the dead comparator are lost in flight; TCP sends them again)
+            for ident in self.config.primary_redirectors:
+                try:
+                    await asyncio.wait_for(primary.execute("object-del", id=ident), 5.0)
+                    self.timeline.append(
+                        (f"primary redirector {ident} removed", round(time.monotonic() - started, 4))
+                    )
+                except (QmpError, TimeoutError) as exc:
+                    self.timeline.append(
+                        (f"object-del {ident} failed: {exc}", round(time.monotonic() - started, 4))
+                    )
         if primary is not None:
             with contextlib.suppress(QmpError, TimeoutError):
                 if not (await asyncio.wait_for(primary.execute("query-status"), 5.0)).get("running"):

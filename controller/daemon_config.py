@@ -15,6 +15,7 @@ from pathlib import Path
 from hybridft_common.endpoints import parse_endpoint
 from hybridft_common.manifest import ManifestError, PairManifest
 from hybridft_common.vocabulary import DEFAULT_EPOCH_MS, Mode
+from mc_driver.launch import PRIMARY_REDIRECTORS
 
 
 class DaemonError(Exception):
@@ -51,6 +52,9 @@ class DaemonConfig:
     trace_path: str | None = None  # the policy decision trace (JSON lines); None: not written
     # the agent's failover.json: once it exists the agent has begun a failover (same host only)
     failover_report: str | None = None
+    # the primary's redirectors to and from the comparator: deleted when the secondary is lost and the
+    # comparator does not answer, or the primary's output would go nowhere
+    primary_redirectors: tuple[str, ...] = ()
 
     @classmethod
     def from_manifest(cls, manifest: PairManifest) -> DaemonConfig:
@@ -73,6 +77,7 @@ class DaemonConfig:
             migrate_uri=manifest.migrate_uri,
             trace_path=str(Path(manifest.workdir) / "decisions.jsonl"),
             failover_report=str(manifest.failover_report),
+            primary_redirectors=PRIMARY_REDIRECTORS,
         )
 
     @classmethod

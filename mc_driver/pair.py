@@ -70,6 +70,7 @@ from mc_driver.guest.image import GuestImage, build_guest
 from mc_driver.guest.qemu_args import DEFAULT_MAC, guest_cmdline
 from mc_driver.launch import (
     PRIMARY_MIRROR_CHARDEV,
+    PRIMARY_REDIRECTORS,
     PRIMARY_TAP,
     SECONDARY_TAP,
     PairFiles,
@@ -175,8 +176,8 @@ def primary_args(config: PairConfig, files: PairFiles, image: GuestImage, qemu: 
         *chardev_client("cmp_pri", files.sock("compare-primary")),
         *filter_mirror("m0", PRIMARY_MIRROR_CHARDEV),
         # rx filters run in reverse order of declaration: the indev redirector comes first
-        *filter_redirector("rin", "rx", indev="cmp_out"),
-        *filter_redirector("rout", "rx", outdev="cmp_pri"),
+        *filter_redirector(PRIMARY_REDIRECTORS[1], "rx", indev="cmp_out"),
+        *filter_redirector(PRIMARY_REDIRECTORS[0], "rx", outdev="cmp_pri"),
     ]  # fmt: skip
 
 

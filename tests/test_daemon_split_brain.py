@@ -181,3 +181,24 @@ def test_an_agent_that_fired_while_the_secondary_was_declared_lost_wins(tmp_path
     assert state == "failed-over"
     assert "cont" not in primary_commands and "x-colo-lost-heartbeat" not in primary_commands
     assert "release-all" not in compare_calls
+
+
+def test_without_a_comparator_the_unprotected_primary_talks_to_its_tap_directly(tmp_path: Path) -> None:
+    """The comparator was killed: the checkpoint failed, the secondary answers as a COLO secondary, so it
+    is lost and the primary runs on alone -- but its output still goes to the dead comparator unless its
+    redirectors are removed (the drill saw every client stall)."""
+
+    class DeadCompare(FakeCompare):
+        async def call(self, verb: str, **args: Any) -> dict[str, Any]:
+            raise ConnectionResetError("Connection lost")
+
+    async def scenario() -> tuple[str, list[str]]:
+        daemon, primary = _daemon(tmp_path, FakeQemu("secondary"))
+        daemon.config.primary_redirectors = ("rout", "rin")
+        daemon.compare = DeadCompare()  # type: ignore[assignment]
+        await daemon._replication_ended("checkpoint failed at compare-commit")
+        return str(daemon.state), primary.commands
+
+    state, commands = asyncio.run(scenario())
+    assert state == "unprotected"
+    assert commands.count("object-del") == 2 and "x-colo-lost-heartbeat" in commands
