@@ -551,8 +551,11 @@ async def fail_over(
     if kept_paused is None:
         status = await _qmp_step(secondary, timeline, errors, "query-status", quiet=True)
         if not (status or {}).get("running"):
+            before = len(errors)
             await _qmp_step(secondary, timeline, errors, "cont")
-    else:
+            if len(errors) > before:  # the report must not claim a VM runs that does not
+                kept_paused = f"cont failed: {errors[-1]}"
+    if kept_paused is not None:
         log.error("NOT resuming the secondary: %s -- the pair is down until an operator acts", kept_paused)
         timeline.mark(f"secondary kept paused: {kept_paused}")
     timeline.mark("done")
