@@ -34,7 +34,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from disk_buffer.journal import FaultInjector, Journal, JournalCorrupt, fsync_dir, libc
+from disk_buffer.journal import FaultInjector, Journal, JournalCorrupt, libc
 from disk_buffer.store import DiskBufferError, EpochStore, Export, SealedEpoch, resolve
 
 __all__ = ["DiskBuffer", "DiskBufferError", "Export"]
@@ -167,6 +167,9 @@ class DiskBuffer:
             raise DiskBufferError("the checkpoint mark must be positive and at most the budget", "config")
         faults = FaultInjector.from_env()
         keep_freed_memory()
+        # what this open creates: the directory entries must outlive a crash like the files' contents
+        new_dir = not state_dir.exists()
+        new_files = new_dir or not all((state_dir / n).exists() for n in ("lock", "mark", *Journal.FILES))
         try:
             img_fd = os.open(image, os.O_RDWR)
         except OSError as exc:
@@ -176,10 +179,7 @@ class DiskBuffer:
             if not os.path.isfile(image):
                 raise DiskBufferError(f"image {image} is not a regular file", "config")
             try:
-                created = not state_dir.exists()
                 state_dir.mkdir(parents=True, exist_ok=True)
-                if created:  # its entry in the parent must outlive a crash
-                    fsync_dir(state_dir.resolve().parent)
                 lock_fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
             except OSError as exc:
                 raise DiskBufferError(f"cannot use state dir {state_dir}: {exc.strerror}", "config") from None
@@ -191,6 +191,12 @@ class DiskBuffer:
                 ) from None
             size = os.fstat(img_fd).st_size
             journal = Journal(state_dir, size, faults)
+            if new_files:
+                from disk_buffer.journal import fsync_dir
+
+                if new_dir:
+                    fsync_dir(state_dir.resolve().parent)
+                fsync_dir(state_dir)
             try:
                 store = cls._recover(img_fd, size, journal)
             except BaseException:

@@ -61,17 +61,6 @@ from disk_buffer.journal_codec import (
 from disk_buffer.store import DiskBufferError
 
 FAULT_POINTS = ("journal-written", "journal-synced", "writeout-mid", "image-synced")
-# Reached only by a failover: after the overlay merge and IMG's fdatasync, after the failed-over mark.
-FAILOVER_FAULT_POINTS = ("failover-synced", "failover-marked")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the entries of directory ``path`` (files created or renamed in it) survive a crash."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class JournalCorrupt(DiskBufferError):
@@ -115,6 +104,18 @@ class FaultInjector:
 
 
 NO_FAULTS = FaultInjector(None)
+
+# Reached only by a failover: after the overlay merge and IMG's fdatasync, after the failed-over mark.
+FAILOVER_FAULT_POINTS = ("failover-synced", "failover-marked")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (files created or renamed in it) survive a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -182,11 +183,8 @@ class Journal:
         self.faults = faults
         self._mark_lock = threading.Lock()
         state_dir.mkdir(parents=True, exist_ok=True)
-        created = not all((state_dir / name).exists() for name in ("mark", *self.FILES))
         self._mark_fd = os.open(state_dir / "mark", os.O_RDWR | os.O_CREAT, 0o600)
         self._fds = [os.open(state_dir / name, os.O_RDWR | os.O_CREAT, 0o600) for name in self.FILES]
-        if created:  # the files' directory entries must outlive a crash, like their contents
-            fsync_dir(state_dir)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hybridft-journal")
         # event-loop-thread state
         self._active = 0

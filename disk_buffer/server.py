@@ -64,7 +64,6 @@ from disk_buffer.nbd import (
 from hybridft_common.control import ControlError, Dispatch, serve_control
 from hybridft_common.endpoints import Endpoint, parse_endpoint
 from hybridft_common.errors import HybridftError
-from hybridft_common.fencing import Fence, GenerationFile, fenced_dispatch
 
 log = logging.getLogger("hybridft.disk.server")
 
@@ -449,9 +448,10 @@ def make_fenced_control_dispatch(buffer: Any) -> Dispatch:
     """:func:`make_control_dispatch` behind the fencing generation (:mod:`hybridft_common.fencing`),
     recorded durably in the state directory's ``generation`` file: after a failover the old
     primary's daemon can neither seal, commit nor roll back."""
-    record = GenerationFile(Path(buffer.state_dir) / "generation")
     from disk_buffer.store import DiskBufferError
+    from hybridft_common.fencing import Fence, GenerationFile, fenced_dispatch
 
+    record = GenerationFile(Path(buffer.state_dir) / "generation")
     try:
         fence = Fence(record.load())
     except ValueError as exc:
