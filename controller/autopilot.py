@@ -15,7 +15,10 @@ cost protection.  So the autopilot runs beside the epochs, on its own period:
 4. every decision, with the window it saw and the verdict, is one JSON line of the decision trace
    (``hybridft policy replay`` and the experiment runner read it).
 
-Forcing a mode (``hybridft mode mc|colo``) turns the autopilot's policy off; sampling goes on.
+Forcing a mode (``hybridft mode mc|colo``) turns the autopilot's policy off; sampling goes on.  So does
+the end of protection (a failover, a lost secondary: :meth:`Autopilot.stand_down`): with one VM left
+there is no mode to choose, and ``status`` says which policy stood down and why (``policy.ended``).
+Every sample also goes to ``on_sample`` (the daemon's Prometheus gauges).
 """
 
 from __future__ import annotations
@@ -68,12 +71,14 @@ class Autopilot:
         point: Callable[[], OperatingPoint],
         request: Callable[[PointRequest], Any],
         active: Callable[[], bool],
+        on_sample: Callable[[Mapping[str, float | None]], None] | None = None,
     ) -> None:
         self.sampler = sampler
         self.config = config
         self._point = point
         self._request = request
         self._active = active
+        self._on_sample = on_sample
         self.ring = SignalRing(capacity=max(16, int(config.window_s / config.period_s) * 4))
         self.guard = PolicyGuard(config.guard)
         self.policy: PolicyLike | None = None
@@ -83,6 +88,7 @@ class Autopilot:
         self.last_verdict: GuardVerdict | None = None
         self.last_decision_at: float | None = None  # wall clock, for people
         self.last_error: str | None = None
+        self.ended: dict[str, Any] | None = None  # the policy that stood down when protection ended
         self._seq = 0
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
         self._busy: concurrent.futures.Future[Any] | None = None
@@ -97,6 +103,7 @@ class Autopilot:
         self.guard.reset()
         self.last_verdict = None
         self.last_error = None
+        self.ended = None
         log.info("auto: policy %s", name)
         return policy
 
@@ -104,6 +111,15 @@ class Autopilot:
         if self.policy is not None:
             log.info("auto off: policy %s no longer decides", self.policy.name)
         self.policy = None
+
+    def stand_down(self, why: str) -> None:
+        """Protection ended: the policy stops deciding (there is one VM left), and status says so."""
+        policy = self.policy
+        if policy is None:
+            return
+        self.ended = {"policy": policy.name, "why": why, "at": time.time()}
+        self.policy = None
+        log.warning("auto off: policy %s stood down (%s)", policy.name, why)
 
     # -- the loop -----------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -127,6 +143,8 @@ class Autopilot:
         self.ring.append(now, values)
         self.latest = values
         self.samples += 1
+        if self._on_sample is not None:
+            self._on_sample(values)
         if self.policy is None or not self._active():
             return None
         return await self._decide(point)
@@ -215,6 +233,7 @@ class Autopilot:
             "consecutive_failures": self.guard.consecutive_failures,
             "failing": bool(verdict and verdict.policy_failing),
             "last_error": self.last_error,
+            "ended": self.ended,
             # CPU this process spent per sample (an upper bound: other tasks run while a sample awaits)
             "sample_cpu_ms": round(self.sampler.cpu_cost_s / self.samples * 1000, 3)
             if self.samples

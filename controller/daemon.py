@@ -20,7 +20,12 @@ module is the asyncio shell around it and around the other sans-I/O parts, which
   runs, and carry on unprotected; ``status`` says so (:class:`~controller.pair_state.PairState`).
 * **accounting** -- :class:`~controller.accounting.EventAccounting`: every STOP event on the primary
   is counted against the checkpoints the daemon started, so a checkpoint QEMU fired on its own shows
-  up as ``unrequested_stops`` (must stay 0).
+  up as ``unrequested_stops`` (must stay 0); :class:`~controller.accounting.CheckpointsByMode`: each
+  mode's checkpoint rate by reason and pause percentiles over the last minute
+  (``status``'s ``checkpoints_by_mode``).
+* **auto** -- :class:`~controller.autopilot.Autopilot` samples the signals (each one also a Prometheus
+  gauge) and, in ``auto``, lets a policy ask for operating points; when protection ends (a failover, a
+  lost secondary) its policy stands down: with one VM there is nothing to choose.
 * **requests** -- :mod:`controller.requests` checks every control request before anything changes.
 
 Watching events: the checkpoint function consumes RESUME/STOP events while it runs; between
@@ -45,7 +50,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from controller.accounting import EventAccounting
+from controller.accounting import CheckpointsByMode, EventAccounting
 from controller.autopilot import Autopilot, AutopilotConfig
 from controller.daemon_config import DaemonConfig, DaemonError
 from controller.epoch import (
@@ -87,6 +92,7 @@ log = logging.getLogger("hybridft.daemon")
 WATCH_INTERVAL = 0.02
 DISK_POLL_INTERVAL = 0.05  # how often the disk server's checkpoint_needed is read
 RECENT = 512  # checkpoint records kept for status/percentiles
+SWITCHES_SHOWN = 8  # applied operating point changes in status (point_changes)
 UNDECIDED_RETRY = 1.0  # how often "took over or lost?" is asked again while the answer is "don't know"
 STAND_DOWN_GRACE = 0.2  # time for the agent to read "unprotected" before the secondary leaves COLO
 
@@ -138,12 +144,16 @@ class Daemon:
         self.compare: ServiceClient | None = None
         self.disk: ServiceClient | None = None
         self.heartbeat = HeartbeatSender(config.heartbeat, self._beat)
+        self.autopilot: Autopilot | None = None
         self.state = PairState.STARTING
         self.seal_hook = False  # both QEMUs have x-colo-checkpoint / x-colo-expect-seal (patch 0005)
         self.state_reason = ""
         self.records: deque[EpochRecord] = deque(maxlen=RECENT)
         self.figures: deque[CheckpointFigures] = deque(maxlen=RECENT)  # what the sampler reads
-        self.autopilot: Autopilot | None = None
+        self.by_mode = CheckpointsByMode(time.monotonic(), str(config.mode))
+        # applied point changes as status shows them: when (wall clock) and, from a policy, its reason
+        self.switches: deque[dict[str, Any]] = deque(maxlen=SWITCHES_SHOWN)
+        self._last_change_seen: object = None
         self._sampler_clients: list[ServiceClient] = []
         self._checkpoint_began = 0.0
         self.accounting = EventAccounting()
@@ -169,6 +179,16 @@ class Daemon:
             "history": self._verb_history,
             "policy": self._verb_policy,
         }
+
+    @property
+    def state(self) -> PairState:
+        return self._state
+
+    @state.setter
+    def state(self, value: PairState) -> None:
+        self._state = value
+        if value not in (PairState.PROTECTED, PairState.STARTING) and self.autopilot is not None:
+            self.autopilot.stand_down(f"the pair is {value}: no mode to choose")
 
     # ------------------------------------------------------------------------------ start / stop
     async def connect(self) -> None:
@@ -263,6 +283,8 @@ class Daemon:
         self.state = PairState.PROTECTED
         self.metrics.protected.set(1)
         self.scheduler.ended(time.monotonic())
+        # the per-mode window counts protected time only (not the initial migration)
+        self.by_mode = CheckpointsByMode(time.monotonic(), str(self.protocol.point.mode))
         self._server = await serve_control(self.config.control, self.dispatch)
         self._tasks = [
             asyncio.create_task(self._epoch_loop(), name="epochs"),
@@ -309,6 +331,7 @@ class Daemon:
             point=lambda: self.protocol.point,
             request=self.request_point,
             active=lambda: self.state == PairState.PROTECTED and not self._closing,
+            on_sample=self.metrics.set_signals,
         )
 
     async def close(self) -> None:
@@ -440,8 +463,23 @@ class Daemon:
                 self.accounting.checkpoint_completed(record.stop_events)
             finally:
                 self._in_checkpoint = False
+                self._note_point_change()
             self._checkpoint_done(record, reasons)
             return record
+
+    def _note_point_change(self) -> None:
+        """A checkpoint closed: if it applied a new operating point, stamp it (time, the policy's
+        reason) for status and the watch view, and start the new mode's share of the window."""
+        changes = self.protocol.changes
+        if not changes or changes[-1] is self._last_change_seen:
+            return
+        change = self._last_change_seen = changes[-1]
+        reason = None
+        if change.source == "policy" and self.autopilot is not None:
+            last = self.autopilot.status()["last_decision"]
+            reason = None if last is None else last["reason"]
+        self.switches.append(change.as_dict() | {"at": time.time(), "reason": reason})
+        self.by_mode.mode_changed(time.monotonic(), str(change.after.mode))
 
     def _record_failure(self, exc: CheckpointError) -> None:
         self.failures.append(
@@ -476,11 +514,13 @@ class Daemon:
                 else max(0.0, self._checkpoint_began - previous_end),
             )
         )
+        mode = str(record.mode)  # the mode it ran under (a switching checkpoint closes the old mode)
+        self.by_mode.checkpoint(ended, mode, reasons, record.primary_pause)
         for reason, count in reasons.items():
             self.reasons[reason] += count
-            self.metrics.checkpoints.labels(reason=reason).inc(count)
+            self.metrics.checkpoints.labels(reason=reason, mode=mode).inc(count)
         if record.primary_pause is not None:
-            self.metrics.pause.observe(record.primary_pause)
+            self.metrics.pause.labels(mode=mode).observe(record.primary_pause)
         self.metrics.epoch.set(record.number)
         self.metrics.set_mode(str(self.protocol.point.mode))
         for number, future in list(self._waiters):
@@ -761,7 +801,6 @@ class Daemon:
         p50, p99 = percentile(pauses, 0.5), percentile(pauses, 0.99)
         last = self.records[-1].as_dict() if self.records else None
         point, pending = self.protocol.point, self.protocol.pending
-        changes = self.protocol.changes
         # checkpoints alone do not protect: without the agent nobody would fail over
         agent_missing = self.config.heartbeat is not None and not self.heartbeat.connected
         reason = self.state_reason
@@ -781,7 +820,9 @@ class Daemon:
             "pending": None
             if pending is None
             else pending.as_dict() | {"source": str(self.protocol.pending_source)},
-            "last_point_change": changes[-1].as_dict() if changes else None,
+            # with `at` (wall clock) and `reason` (a policy's; None from an operator) when it was applied
+            "last_point_change": self._last_point_change(),
+            "point_changes": list(self.switches),
             "seal_hook": self.seal_hook,
             "nice": os.getpriority(os.PRIO_PROCESS, 0),
             "last_committed_epoch": self.protocol.last_committed,
@@ -804,6 +845,7 @@ class Daemon:
                 "p50": None if p50 is None else round(p50 * 1000, 2),
                 "p99": None if p99 is None else round(p99 * 1000, 2),
             },
+            "checkpoints_by_mode": self.by_mode.summary(time.monotonic()),
             "last_checkpoint": last,
             "failures": self.failures[-10:],
             "loss_timeline": self.timeline,
@@ -816,6 +858,13 @@ class Daemon:
             "policy": self._policy_status(),
             "signals": {} if self.autopilot is None else self.autopilot.signals(),
         }
+
+    def _last_point_change(self) -> dict[str, Any] | None:
+        changes = self.protocol.changes
+        if not changes:
+            return None
+        stamped = self.switches[-1] if self.switches and changes[-1] is self._last_change_seen else None
+        return stamped if stamped is not None else changes[-1].as_dict()
 
     def _policy_status(self) -> dict[str, Any]:
         if self.autopilot is None:
@@ -881,6 +930,8 @@ class Daemon:
             raise ControlError("auto takes 'policy' (a name) and 'params' (an object)", "bad-args")
         if self.autopilot is None:
             raise ControlError("the daemon has not started its autopilot yet", "not-ready")
+        if self.state != PairState.PROTECTED:
+            raise ControlError(f"the pair is {self.state}: no mode for a policy to choose", "not-protected")
         try:
             self.autopilot.engage(name, params)
         except PolicyError as exc:

@@ -3,7 +3,8 @@
 Each is one request on the daemon's control socket (``hybridft_common.control``), found from
 ``--control`` or from the pair's ``pair.json`` (``--workdir DIR`` or ``--config DIR/pair.json``, read
 as a ``hybridft_common.manifest.PairManifest``).  They import only the ground floor, so they start
-fast and work while the pair is under load.  A refused request prints the daemon's reason and exits
+fast and work while the pair is under load (``status --watch`` loads its live view,
+:mod:`controller.watch`, only when asked).  A refused request prints the daemon's reason and exits
 1; an unreachable daemon exits 2.
 """
 
@@ -183,10 +184,44 @@ def _failover_report(workdir: Path | None, config: Path | None) -> dict[str, Any
 
 
 @click.command("status")
+@click.option("--watch", "live", is_flag=True, help="A live view (rich), refreshed every --interval seconds.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.1, 60),
+    default=1.0,
+    show_default=True,
+    help="With --watch: seconds between refreshes.",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(1),
+    default=None,
+    help="With --watch: stop after N refreshes (default: Ctrl-C).",
+)
 @pair_options
-def status_command(workdir: Path | None, config: Path | None, control: str | None, as_json: bool) -> None:
-    """Show the pair's state, mode, checkpoint counts and pauses (and the agent's failover, if any)."""
+def status_command(
+    live: bool,
+    interval: float,
+    count: int | None,
+    workdir: Path | None,
+    config: Path | None,
+    control: str | None,
+    as_json: bool,
+) -> None:
+    """Show the pair's state, mode, checkpoint counts and pauses (and the agent's failover, if any;
+    --watch: live, until Ctrl-C)."""
     endpoint = resolve_control(control, workdir, config)
+    if live:
+        if as_json:
+            raise click.UsageError("--watch is a view for people; --json prints one reply")
+        from controller.watch import watch  # rich is loaded only for the live view
+
+        def fetch() -> dict[str, Any]:
+            return call(endpoint, "status", io_timeout=max(2.0, interval * 2))
+
+        raise SystemExit(watch(fetch, endpoint, interval=interval, count=count))
+    if count is not None or interval != 1.0:
+        raise click.UsageError("--interval and --count go with --watch")
     report = _failover_report(workdir, config)
     try:
         result = call(endpoint, "status", io_timeout=10.0)

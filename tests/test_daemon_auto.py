@@ -110,6 +110,18 @@ def test_a_policy_switches_the_mode_and_its_trace_replays(
                      "net.turns_per_s", "op.colo"):  # fmt: skip
             assert name in signals, sorted(signals)
         assert daemon.autopilot is not None and daemon.autopilot.sampler.failures.get("compare", 0) < 3
+        # the switch as status shows it: when, and the policy's reason; each mode's figures apart
+        change = status["last_point_change"]
+        assert change["at"] > 0 and change["reason"] == status["policy"]["last_decision"]["reason"]
+        by_mode = status["checkpoints_by_mode"]
+        assert by_mode["mc"]["pause_ms"]["count"] > 0 and by_mode["mc"]["per_s_by_reason"].get("timer", 0) > 0
+        assert by_mode["colo"]["seconds_in_mode"] > 0 and by_mode["mc"]["seconds_in_mode"] > 0
+        # every signal is a Prometheus gauge too; pauses and checkpoints carry their mode
+        metrics = (await daemon.dispatch("metrics", {}))["text"]
+        for name in ("cpu.primary", "cpu.host", "net.turns_per_s", "op.colo"):
+            assert f'hybridft_signal{{name="{name}"}}' in metrics, name
+        assert 'hybridft_checkpoint_pause_seconds_count{mode="mc"}' in metrics
+        assert 'hybridft_checkpoints_total{mode="mc",reason="timer"}' in metrics
         # the issue's bound: sampling at 4 Hz costs at most 2 % of a core, i.e. 5 ms of CPU per sample
         print("sampling CPU per sample (ms):", status["policy"]["sample_cpu_ms"])
         assert status["policy"]["sample_cpu_ms"] < 5.0

@@ -131,9 +131,9 @@ def test_stop_via_is_chosen_by_what_the_primary_offers_and_switchable(served: tu
 
 def test_metrics_exposition(served: tuple[str, Daemon]) -> None:
     endpoint, daemon = served
-    daemon.metrics.pause.observe(0.05)
+    daemon.metrics.pause.labels(mode="colo").observe(0.05)
     text = call(endpoint, "metrics")["text"]
-    assert "hybridft_checkpoint_pause_seconds_count 1.0" in text
+    assert 'hybridft_checkpoint_pause_seconds_count{mode="colo"} 1.0' in text
     assert 'hybridft_mode{mode="mc"} 1.0' in text
 
 

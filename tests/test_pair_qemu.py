@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -425,6 +426,43 @@ def test_colo_primary_kill_keeps_connections_opened_since_the_last_checkpoint(wo
     traffic = Traffic(ns, diskwriter=True).start()
     traffic.wait("a blob in COLO", lambda: len(traffic.blobs) >= 1)
     kill_primary_and_check(workdir, config, ns, traffic)
+    pids = config["pids"]
+    down(workdir)
+    assert_nothing_left(workdir, pids)
+
+
+def test_failover_during_auto_loses_nothing(workdir: Path) -> None:
+    """``auto`` (static-colo, the guard's default dwell and confirmation) moves the pair to COLO by
+    itself, ``status --watch`` shows it on the live pair, then kill -9 of the primary mid-download: the
+    secondary takes over with every client byte checked, and the policy stands down (one VM left)."""
+    started = hybridft("pair", "up", "--workdir", str(workdir), "--policy", "static-colo",
+                       "--guest-run", "diskwriter,/dev/vda,--rate,20", "--json", timeout=600)  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    config = pair_json(workdir)
+    ns = NetNamespace(config["netns"])
+    traffic = Traffic(ns, diskwriter=True).start()
+    wait_until("the policy to move the pair to COLO", lambda: daemon_status(workdir)["mode"] == "colo")
+    status = daemon_status(workdir)
+    assert status["policy"]["auto"] is True and status["policy"]["name"] == "static-colo"
+    assert status["last_point_change"]["source"] == "policy" and status["protected"] is True
+    traffic.wait("a blob in COLO", lambda: len(traffic.blobs) >= 1)
+
+    watched = hybridft("status", "--workdir", str(workdir), "--watch", "--count", "2", "--interval", "0.5")
+    assert watched.returncode == 0, watched.stdout + watched.stderr
+    assert "static-colo (auto)" in watched.stdout and "why: policy at" in watched.stdout, watched.stdout
+    assert "colo  epoch" in watched.stdout and re.search(r"cpu\.\s+.*primary", watched.stdout), watched.stdout
+    metrics = call(config["daemon_control"], "metrics", io_timeout=30)["text"]
+    assert 'hybridft_signal{name="cpu.primary"}' in metrics
+    assert 'hybridft_signal{name="op.colo"} 1.0' in metrics
+
+    kill_primary_and_check(workdir, config, ns, traffic)
+    status = daemon_status(workdir)
+    assert status["state"] == "primary-lost" and status["protected"] is False, status
+    policy = status["policy"]
+    assert policy["auto"] is False and policy["name"] is None, policy
+    assert policy["ended"]["policy"] == "static-colo" and "primary-lost" in policy["ended"]["why"], policy
+    refused = hybridft("mode", "auto", "--workdir", str(workdir))
+    assert refused.returncode == 1 and "no mode for a policy to choose" in refused.stderr, refused.stderr
     pids = config["pids"]
     down(workdir)
     assert_nothing_left(workdir, pids)
