@@ -146,6 +146,7 @@ class Daemon:
         self.heartbeat = HeartbeatSender(config.heartbeat, self._beat)
         self.autopilot: Autopilot | None = None
         self.state = PairState.STARTING
+        self._started_at = time.time()  # wall clock, compared with the agent's marker's mtime
         self.seal_hook = False  # both QEMUs have x-colo-checkpoint / x-colo-expect-seal (patch 0005)
         self.state_reason = ""
         self.records: deque[EpochRecord] = deque(maxlen=RECENT)
@@ -585,9 +586,16 @@ class Daemon:
 
     def _agent_failing_over(self) -> bool:
         """The agent writes failover-started.json (beside failover.json) before its first failover
-        step (same host only; the disk server's answer covers two hosts)."""
+        step (same host only; the disk server's answer covers two hosts).  Only a marker written since
+        this daemon started counts: one left by an earlier failover (a re-protected pair) is history."""
         report = self.config.failover_report
-        return report is not None and Path(report).with_name("failover-started.json").exists()
+        if report is None:
+            return False
+        try:
+            written = Path(report).with_name("failover-started.json").stat().st_mtime
+        except OSError:
+            return False
+        return written >= self._started_at
 
     async def _decide_end(self) -> ReplicationEnd:
         alive = _pid_alive(self.config.secondary_pid)

@@ -9,6 +9,7 @@ daemon's loss handling (``_replication_ended``, ``_count_events``).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -144,8 +145,8 @@ def test_the_agents_started_marker_is_a_takeover(tmp_path: Path) -> None:
     QEMU does not say so yet: the primary stays stopped."""
 
     async def scenario() -> tuple[str, list[str]]:
-        (tmp_path / "failover-started.json").write_text("{}\n")
         daemon, primary = _daemon(tmp_path, FakeQemu("secondary"))
+        (tmp_path / "failover-started.json").write_text("{}\n")  # the agent of this daemon's pair
         await daemon._replication_ended("COLO_EXIT on the primary")
         return str(daemon.state), primary.commands
 
@@ -202,3 +203,20 @@ def test_without_a_comparator_the_unprotected_primary_talks_to_its_tap_directly(
     state, commands = asyncio.run(scenario())
     assert state == "unprotected"
     assert commands.count("object-del") == 2 and "x-colo-lost-heartbeat" in commands
+
+
+def test_a_marker_left_by_an_earlier_failover_is_history(tmp_path: Path) -> None:
+    """A re-protected pair: failover-started.json is still there from the failover before this daemon
+    started.  It must not make this daemon keep its primary stopped when its new secondary is lost."""
+
+    async def scenario() -> tuple[str, list[str]]:
+        marker = tmp_path / "failover-started.json"
+        marker.write_text("{}\n")
+        old = time.time() - 3600
+        os.utime(marker, (old, old))
+        daemon, primary = _daemon(tmp_path, FakeQemu("secondary"))
+        await daemon._replication_ended("checkpoint failed at fire")
+        return str(daemon.state), primary.commands
+
+    state, commands = asyncio.run(scenario())
+    assert state == "unprotected" and "x-colo-lost-heartbeat" in commands
