@@ -27,7 +27,8 @@ Failover itself (:func:`fail_over`), every step timed into ``failover.json``, in
 
 0. ``failover-started.json`` (durable) -- from then on the daemon never resumes the primary -- and a
    new fencing generation (``generation`` in the workdir, :mod:`hybridft_common.fencing`), handed to
-   the comparator and the disk server, which then refuse the old daemon's requests;
+   the disk server (before its first disk step) and to the comparator (after the tap swap), which
+   then refuse the old daemon's requests;
 1. fence the primary (best effort ``stop`` on its ops monitor: after a daemon crash the primary may
    still run), beside the steps below;
 2. ``x-colo-lost-heartbeat`` on the secondary, then wait (bounded) for its ``COLO_EXIT``, reading the
@@ -293,13 +294,9 @@ async def _fence_comparator(config: PairManifest, timeline: Timeline, generation
         await client.close()
 
 
-async def _fence_primary(config: PairManifest, timeline: Timeline, generation: int = 0) -> None:
-    """Best effort: a primary that still runs (daemon crash) must stop talking through its tap; the
-    comparator is fenced at the new generation alongside."""
+async def _fence_primary(config: PairManifest, timeline: Timeline) -> None:
+    """Best effort: a primary that still runs (daemon crash) must stop talking through its tap."""
     from mc_driver.qmp import QmpError, QmpSession
-
-    if generation:
-        await _fence_comparator(config, timeline, generation)
 
     path = parse_endpoint(config.qmp.primary.ops).path or ""
     pid = config.pids.primary
@@ -504,7 +501,7 @@ async def fail_over(
     record.store(generation)
     timeline.mark(f"generation {generation}")
     # fencing runs beside the other steps; it must be over before the taps are swapped
-    fence = asyncio.create_task(_fence_primary(config, timeline, generation))
+    fence = asyncio.create_task(_fence_primary(config, timeline))
     errors: list[str] = []
     kept_paused: str | None = None
     if decider.colo_exit is None:
@@ -548,6 +545,8 @@ async def fail_over(
     except AgentError as exc:
         errors.append(str(exc))
         timeline.mark(f"tap swap failed: {exc}")
+    # the comparator last: until the taps are swapped its socket work is on the clients' path
+    await _fence_comparator(config, timeline, generation)
     if kept_paused is None:
         status = await _qmp_step(secondary, timeline, errors, "query-status", quiet=True)
         if not (status or {}).get("running"):
