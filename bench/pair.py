@@ -106,6 +106,17 @@ class PairHandle:
                 raise BenchError(f"the daemon did not switch to {mode} {epoch_ms} ms: {status['state']}")
             time.sleep(0.05)
 
+    def go_unreplicated(self, timeout: float = 30.0) -> None:
+        """Make this pair the unreplicated baseline: the same primary QEMU (build, accelerator, guest)
+        with its secondary killed; returns once the daemon runs unprotected (it has released all held
+        output, cancelled the disk mirror, and the comparator passes frames straight through)."""
+        os.kill(self.config["pids"]["secondary"], signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while self.daemon("status")["state"] != "unprotected":
+            if time.monotonic() > deadline:
+                raise BenchError("the daemon did not go unprotected after the secondary was killed")
+            time.sleep(0.05)
+
     def connect(self, port: int, timeout: float = 30.0) -> socket.socket:
         with self.netns.entered():
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -274,8 +285,52 @@ def _divergences(before: dict[str, Any], after: dict[str, Any], seconds: float) 
     }
 
 
+def _process_cpu(pair: PairHandle) -> dict[str, float]:
+    """CPU seconds so far of every process of the pair (and of this benchmark, the client)."""
+    import psutil
+
+    pids = {role: pid for role, pid in (pair.config.get("pids") or {}).items() if pid}
+    pids["bench client"] = os.getpid()
+    out = {}
+    for role, pid in pids.items():
+        with contextlib.suppress(psutil.Error):
+            out[role] = _cpu_seconds(pid)
+    return out
+
+
 def traffic_phase(pair: PairHandle, echo_count: int, downloads: int) -> dict[str, Any]:
-    return {"echo_ms": echo_latency(pair, echo_count), "http": http_throughput(pair, downloads)}
+    """Echo latency, then HTTP throughput with the CPU each process used meanwhile (% of one core)."""
+    row: dict[str, Any] = {"echo_ms": echo_latency(pair, echo_count)}
+    before, started = _process_cpu(pair), time.monotonic()
+    row["http"] = http_throughput(pair, downloads)
+    after, wall = _process_cpu(pair), time.monotonic() - started
+    row["http_cpu_percent"] = {
+        role: round(100 * (after[role] - before[role]) / wall, 1) for role in after if role in before
+    }
+    return row
+
+
+def _cpu_burner(percent: float) -> list[Any]:
+    """Processes that together burn ``percent`` % of a core in 10 ms duty cycles, at the secondary
+    QEMU's priority: the CPU a secondary VM takes from the primary, without a secondary."""
+    import subprocess
+    import sys
+
+    procs = []
+    left = percent
+    while left > 1:
+        duty = min(left, 100.0) / 100
+        code = (
+            "import time\n"
+            f"d={duty}\n"
+            "while True:\n"
+            " t=time.perf_counter()\n"
+            " while time.perf_counter()-t<0.01*d: pass\n"
+            " time.sleep(0.01*(1-d))\n"
+        )
+        procs.append(subprocess.Popen([sys.executable, "-c", code]))
+        left -= 100
+    return procs
 
 
 def _guest_control(pair: PairHandle) -> Any:
@@ -285,6 +340,22 @@ def _guest_control(pair: PairHandle) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- runs
+def pause_phases_run(
+    pair: PairHandle, opts: dict[str, Any], result: dict[str, Any], interval: int, seconds: float, rounds: int
+) -> None:
+    """The checkpoint pause phases, idle and with the guest dirtying memory."""
+    result["pause_idle"] = pause_phases(pair, interval, seconds, rounds, passive_too=True)
+    with _guest_control(pair) as guest:
+        dirtier = guest.run("memdirty", str(opts["dirty_mib_s"]), str(opts["working_set_mib"]))
+        time.sleep(2.0)  # the dirtier reaches its rate
+        try:
+            result["pause_dirty"] = pause_phases(pair, interval, seconds, rounds)
+        finally:
+            pair.set_mode("mc", opts["epoch_ms"][0])
+            guest.kill(dirtier)
+    result["pause_dirty"]["dirty"] = f"{opts['dirty_mib_s']} MiB/s over {opts['working_set_mib']} MiB"
+
+
 def run_main_pair(workdir: Path, opts: dict[str, Any]) -> dict[str, Any]:
     from mc_driver.pair import PairConfig, down, load_pair, up
 
@@ -294,17 +365,8 @@ def run_main_pair(workdir: Path, opts: dict[str, Any]) -> dict[str, Any]:
         pair = PairHandle(workdir, load_pair(workdir / "pair.json"))
         result: dict[str, Any] = {}
         interval, seconds, rounds = opts["interval_ms"], opts["phase_seconds"], opts["rounds"]
-        result["pause_idle"] = pause_phases(pair, interval, seconds, rounds, passive_too=True)
-        with _guest_control(pair) as guest:
-            dirtier = guest.run("memdirty", str(opts["dirty_mib_s"]), str(opts["working_set_mib"]))
-            time.sleep(2.0)  # the dirtier reaches its rate
-            try:
-                result["pause_dirty"] = pause_phases(pair, interval, seconds, rounds)
-            finally:
-                pair.set_mode("mc", opts["epoch_ms"][0])
-                guest.kill(dirtier)
-        result["pause_dirty"]["dirty"] = f"{opts['dirty_mib_s']} MiB/s over {opts['working_set_mib']} MiB"
-
+        if not opts["traffic_only"]:
+            pause_phases_run(pair, opts, result, interval, seconds, rounds)
         traffic: dict[str, Any] = {}
         for epoch_ms in opts["epoch_ms"]:
             pair.set_mode("mc", epoch_ms)
@@ -329,14 +391,22 @@ def run_main_pair(workdir: Path, opts: dict[str, Any]) -> dict[str, Any]:
             divergences[server] = _divergences(before, after, time.monotonic() - started)
         result["colo_divergences"] = divergences
         result["daemon_status"] = {k: after[k] for k in ("checkpoints", "unrequested_stops", "pause_ms")}
-        os.kill(pair.config["pids"]["secondary"], signal.SIGKILL)  # unreplicated from here on
-        deadline = time.monotonic() + 30
-        while pair.daemon("status")["state"] != "unprotected":
-            if time.monotonic() > deadline:
-                raise BenchError("the daemon did not go unprotected after the secondary was killed")
-            time.sleep(0.05)
+        pair.go_unreplicated()
         progress("traffic: unreplicated (secondary killed)")
         traffic["unreplicated"] = traffic_phase(pair, opts["echo_count"], opts["downloads"])
+        # COLO's second VM competes for the CPU: the unreplicated guest again, with that VM's CPU
+        # share (as measured during COLO's HTTP downloads) burnt by a stand-in
+        secondary_share = traffic["colo"]["http_cpu_percent"].get("secondary", 0.0)
+        progress(f"traffic: unreplicated + {secondary_share}% CPU burnt (the secondary's share in COLO)")
+        burners = _cpu_burner(secondary_share)
+        try:
+            traffic["unreplicated+cpu"] = traffic_phase(
+                pair, opts["echo_count"], opts["downloads"]
+            )
+        finally:
+            for proc in burners:
+                proc.kill()
+                proc.wait()
         base = traffic["unreplicated"]
         for row in traffic.values():
             row["echo_p50_ratio"] = ratio(row["echo_ms"]["p50"], base["echo_ms"]["p50"])
@@ -492,6 +562,10 @@ def render_table(result: dict[str, Any]) -> str:
                 f"  {mode:<16}{row['echo_ms']['p50']!s:>10}{row['echo_ms']['p99']!s:>10}"
                 f"{row['echo_p50_ratio']!s:>8}{row['http']['mb_s']!s:>11}{row['http_ratio']!s:>8}"
             )
+        lines.append("CPU during the HTTP downloads (% of one core)")
+        for mode, row in traffic.items():
+            cpu = row.get("http_cpu_percent") or {}
+            lines.append(f"  {mode:<18}" + ", ".join(f"{role} {pct}" for role, pct in cpu.items()))
         lines.append("")
     for server, div in (result.get("colo_divergences") or {}).items():
         lines.append(
@@ -530,16 +604,26 @@ def render_table(result: dict[str, Any]) -> str:
     default=None,
     help="Where the pairs live (default: a temporary directory).",
 )
-def bench_pair(as_json: bool, quick: bool, kills: int | None, interval_ms: int, workdir: Path | None) -> None:
+@click.option(
+    "--traffic-only",
+    is_flag=True,
+    help="Only the traffic phases (MC, COLO, unreplicated, + the secondary's CPU share); no failovers.",
+)
+def bench_pair(
+    as_json: bool, quick: bool, kills: int | None, interval_ms: int, workdir: Path | None, traffic_only: bool
+) -> None:
     """Checkpoint pause (daemon vs QEMU timer), MC/COLO traffic vs unreplicated, divergences, failover."""
+    if traffic_only and kills is None:
+        kills = 0
     opts = {
+        "traffic_only": traffic_only,
         "interval_ms": interval_ms,
         "phase_seconds": 3.0 if quick else 10.0,
         "rounds": 1 if quick else 2,
         "epoch_ms": (20, 100),
         "echo_count": 20 if quick else 200,
         "downloads": 1 if quick else 3,
-        "colo_seconds": 0 if quick else 60,
+        "colo_seconds": 0 if quick or traffic_only else 60,
         "dirty_mib_s": 32,
         "working_set_mib": 64,
     }

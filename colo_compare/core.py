@@ -130,6 +130,7 @@ from colo_compare.signals import (
     HoldWindow,
     ReasonCounts,
 )
+from hybridft_common.fastpath import available, speedups
 from hybridft_common.vocabulary import Mode
 
 __all__ = [
@@ -213,6 +214,10 @@ _FRAME_OF = itemgetter(2)  # the frame of a held (end, ack, frame, arrival) entr
 # Ethernet + IPv4 (IHL 5) + TCP, what the client tracker needs: as _FAST4 minus the sequence number
 _KEY_ACK4 = struct.Struct(">26x12s4xI")  # the flow key and ACK number (at the IPv4/TCP fast offsets)
 _ACK4 = struct.Struct(">12xIH2xI22xH")  # the rest of what the client tracker checks, as in _FAST4
+if available is not None:  # bound whenever built: tests run both implementations
+    _scan_primary_run = available.scan_primary_run
+    _scan_secondary_run = available.scan_secondary_run
+    _releasable = available.releasable
 _MAX_CLIENT_FLOWS = 1 << 16  # flows whose ACK baseline the client tracker keeps (then it forgets all)
 
 
@@ -867,7 +872,7 @@ class Comparator:
     # what feeding the segments one at a time gives.  Everything off that path goes through
     # ``_classify_slow`` and ``_tcp_segment``.
 
-    def _feed_colo_primary(self, frames: Iterable[bytes], now: float) -> list[object]:
+    def _feed_colo_primary_python(self, frames: Iterable[bytes], now: float) -> list[object]:
         """Parse primary frames into their flows and held queues; returns the flows touched."""
         touched: dict[object, None] = {}
         tcp = self._tcp
@@ -963,6 +968,95 @@ class Comparator:
             self._flush_primary_run(rflow, rbegin, rend, rnxt, parts, rack, comparing)
         return list(touched)
 
+    def _feed_colo_primary_compiled(self, frames: Iterable[bytes], now: float) -> list[object]:
+        """:meth:`_feed_colo_primary_python` with the open run continued in C
+        (``_speedups.scan_primary_run``: the "continues the open run" branch, frame by frame,
+        until a frame does not continue it).  Everything else is the same Python."""
+        if type(frames) is not list:
+            frames = list(frames)
+        touched: dict[object, None] = {}
+        tcp = self._tcp
+        fast4 = _FAST4.unpack_from
+        comparing = not self._pending
+        rflow: _TcpFlow | None = None
+        rkey: bytes | None = None
+        rnxt = -1
+        rbegin = rend = 0
+        parts: list[bytes] = []
+        rack = -1
+        held_append = None
+        track = self._client.one
+        cack = -1
+        scan = _scan_primary_run
+        i = 0
+        nframes = len(frames)
+        while i < nframes:
+            if rflow is not None and type(rkey) is bytes and len(rkey) == 12:
+                i, rnxt, rend, rack, cack = scan(
+                    frames, i, rkey, rnxt, rend, rack, cack, parts, held_append, now, track
+                )
+                if i == nframes:
+                    break
+            frame = frames[i]
+            i += 1
+            n = len(frame)
+            if n >= 54:
+                w1, tot, w2, key, seq, ack, offflags = fast4(frame)
+                ip_end = 14 + tot
+                pstart = 34 + ((offflags >> 10) & 0x3C)
+                fast = (
+                    w1 & 0xFFFFFF00 == 0x08004500 and w2 & 0x3FFF00FF == 6 and offflags >= 0x5000
+                    and pstart <= ip_end <= n
+                )  # fmt: skip
+            else:
+                fast = False
+            if rflow is not None:
+                self._flush_primary_run(rflow, rbegin, rend, rnxt, parts, rack, comparing)
+                rflow = rkey = None
+                rnxt = -1
+            if not fast:
+                parsed = self._classify_slow(frame, now, True)
+                if type(parsed) is not tuple:
+                    touched[parsed] = None
+                    continue
+                key, seq, ack, offflags, pstart, ip_end = parsed
+            flow = tcp.get(key)
+            if flow is None:
+                flow = tcp[key] = _TcpFlow(key)
+            side = flow.p
+            touched[flow] = None
+            plen = ip_end - pstart
+            if seq == side.nxt and not offflags & 7:
+                rflow, rkey = flow, key
+                rbegin = rend = side.end
+                rnxt = seq
+                parts = []
+                if plen:
+                    parts.append(frame[pstart:ip_end])
+                    rend += plen
+                    rnxt = (seq + plen) & 0xFFFFFFFF
+                held_append = flow.held.append
+                if offflags & 0x10:
+                    rack = ack
+                    cack = track(key, ack, offflags, plen > 0)
+                    held_append((rend, ack, frame, now))
+                else:
+                    rack = cack = -1
+                    held_append((rend, -1, frame, now))
+                continue
+            end = self._tcp_segment(flow, side, True, seq, offflags & 0x3F, frame, pstart, plen)
+            flow = tcp[key]
+            touched[flow] = None
+            if offflags & 0x10:
+                flow.p.ack = ack
+                track(key, ack, offflags, plen > 0)
+                flow.held.append((end, ack, frame, now))
+            else:
+                flow.held.append((end, -1, frame, now))
+        if rflow is not None:
+            self._flush_primary_run(rflow, rbegin, rend, rnxt, parts, rack, comparing)
+        return list(touched)
+
     def _flush_primary_run(
         self, flow: _TcpFlow, begin: int, end: int, nxt: int, parts: list[bytes], ack: int, comparing: bool
     ) -> None:
@@ -1021,7 +1115,7 @@ class Comparator:
                 side.chunks.append(part)
             e += plen
 
-    def _feed_colo_secondary(self, frames: Iterable[bytes], now: float) -> list[object]:
+    def _feed_colo_secondary_python(self, frames: Iterable[bytes], now: float) -> list[object]:
         """Parse secondary frames into their flows' streams; returns the flows touched."""
         touched: dict[object, None] = {}
         tcp = self._tcp
@@ -1050,6 +1144,77 @@ class Comparator:
                     if offflags & 0x10:
                         rack = ack
                     continue
+                fast = (
+                    w1 & 0xFFFFFF00 == 0x08004500 and w2 & 0x3FFF00FF == 6 and offflags >= 0x5000
+                    and pstart <= ip_end <= n
+                )  # fmt: skip
+            else:
+                fast = False
+            if rflow is not None:
+                self._flush_secondary_run(rflow, rbegin, rend, rnxt, parts, rack)
+                rflow = rkey = None
+                rnxt = -1
+            if not fast:
+                parsed = self._classify_slow(frame, now, False)
+                if type(parsed) is not tuple:
+                    touched[parsed] = None
+                    continue
+                key, seq, ack, offflags, pstart, ip_end = parsed
+            flow = tcp.get(key)
+            if flow is None:
+                flow = tcp[key] = _TcpFlow(key)
+            side = flow.s
+            touched[flow] = None
+            plen = ip_end - pstart
+            if seq == side.nxt and not offflags & 7:
+                rflow, rkey = flow, key
+                rbegin = rend = side.end
+                rnxt = seq
+                parts = []
+                if plen:
+                    parts.append(frame[pstart:ip_end])
+                    rend += plen
+                    rnxt = (seq + plen) & 0xFFFFFFFF
+                rack = ack if offflags & 0x10 else -1
+                continue
+            self._tcp_segment(flow, side, False, seq, offflags & 0x3F, frame, pstart, plen)
+            flow = tcp[key]
+            touched[flow] = None
+            if offflags & 0x10:
+                flow.s.ack = ack
+        if rflow is not None:
+            self._flush_secondary_run(rflow, rbegin, rend, rnxt, parts, rack)
+        return list(touched)
+
+    def _feed_colo_secondary_compiled(self, frames: Iterable[bytes], now: float) -> list[object]:
+        """:meth:`_feed_colo_secondary_python` with the open run continued in C
+        (``_speedups.scan_secondary_run``)."""
+        if type(frames) is not list:
+            frames = list(frames)
+        touched: dict[object, None] = {}
+        tcp = self._tcp
+        fast4 = _FAST4.unpack_from
+        rflow: _TcpFlow | None = None
+        rkey: bytes | None = None
+        rnxt = -1
+        rbegin = rend = 0
+        parts: list[bytes] = []
+        rack = -1
+        scan = _scan_secondary_run
+        i = 0
+        nframes = len(frames)
+        while i < nframes:
+            if rflow is not None and type(rkey) is bytes and len(rkey) == 12:
+                i, rnxt, rend, rack = scan(frames, i, rkey, rnxt, rend, rack, parts)
+                if i == nframes:
+                    break
+            frame = frames[i]
+            i += 1
+            n = len(frame)
+            if n >= 54:
+                w1, tot, w2, key, seq, ack, offflags = fast4(frame)
+                ip_end = 14 + tot
+                pstart = 34 + ((offflags >> 10) & 0x3C)
                 fast = (
                     w1 & 0xFFFFFF00 == 0x08004500 and w2 & 0x3FFF00FF == 6 and offflags >= 0x5000
                     and pstart <= ip_end <= n
@@ -1322,7 +1487,7 @@ class Comparator:
             self._out_bytes += nbytes
             actions.append(Release(out))
 
-    def _advance_tcp(self, flow: _TcpFlow, out: list[bytes], actions: list[Action]) -> None:
+    def _advance_tcp_python(self, flow: _TcpFlow, out: list[bytes], actions: list[Action]) -> None:
         v = flow.v
         if v is None:
             return
@@ -1355,6 +1520,38 @@ class Comparator:
                     for _ in range(n):
                         append(popleft()[2])
                 flow.released += n
+
+    def _advance_tcp_compiled(self, flow: _TcpFlow, out: list[bytes], actions: list[Action]) -> None:
+        """:meth:`_advance_tcp_python` with the release count in C (``_speedups.releasable``)."""
+        v = flow.v
+        if v is None:
+            return
+        if flow.diverged is None:
+            v = self._verify_tcp(flow, v, actions)
+            flow.v = v
+        held = flow.held
+        if held:
+            n = _releasable(held, v, flow.s.ack)
+            if n:
+                if n == len(held):
+                    out.extend(map(_FRAME_OF, held))
+                    held.clear()
+                else:
+                    popleft = held.popleft
+                    append = out.append
+                    for _ in range(n):
+                        append(popleft()[2])
+                flow.released += n
+
+    # HYBRIDFT_PURE_PYTHON=1 or no extension: the reference loops
+    if speedups is None:
+        _feed_colo_primary = _feed_colo_primary_python
+        _feed_colo_secondary = _feed_colo_secondary_python
+        _advance_tcp = _advance_tcp_python
+    else:
+        _feed_colo_primary = _feed_colo_primary_compiled
+        _feed_colo_secondary = _feed_colo_secondary_compiled
+        _advance_tcp = _advance_tcp_compiled
 
     def _verify_tcp(self, flow: _TcpFlow, v: int, actions: list[Action]) -> int:
         """Advance the verified offset as far as both streams agree; flag a divergence."""

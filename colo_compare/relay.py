@@ -11,7 +11,6 @@ Run it with ``python -m colo_compare.relay`` and the address options of ``compar
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 
@@ -19,6 +18,7 @@ import click
 
 from colo_compare.core import Action, DropSecondary, Release
 from colo_compare.serve import CompareService, common_options, run_service
+from hybridft_common import eventloop
 from hybridft_common.endpoints import Endpoint
 from hybridft_common.vocabulary import Mode
 
@@ -89,6 +89,7 @@ def relay_command(
     secondary_in: Endpoint,
     out: Endpoint,
     control: Endpoint,
+    tls_creds: str | None,
     vnet_hdr: bool,
     max_buffer: int,
     out_high_water: int,
@@ -98,15 +99,15 @@ def relay_command(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     service = CompareService(
         ForwardRelay(),  # type: ignore[arg-type]
-        primary_in=primary_in,
-        secondary_in=secondary_in,
-        out=out,
-        control=control,
+        primary_in=primary_in.with_creds(tls_creds),
+        secondary_in=secondary_in.with_creds(tls_creds),
+        out=out.with_creds(tls_creds),
+        control=control.with_creds(tls_creds),
         vnet_hdr=vnet_hdr,
         max_buffer=max_buffer << 20,
         out_high_water=out_high_water << 20,
     )
-    asyncio.run(run_service(service, ready=lambda: print("ready", flush=True)))
+    eventloop.run(run_service(service, ready=lambda: print("ready", flush=True)), "compare")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,14 @@ Why these choices
   ``--out``), so a flooding or runaway secondary costs half the ceiling, never the primary's frames;
   the commit that re-anchors the streams drops them and resumes it.  The seal still drains a paused
   input (what QEMU wrote before ``stop`` is the epoch's), which the kernel's socket buffer bounds.
-* **Reconnects.** A new connection on a data address replaces the old one (QEMU reconnects after a
+* **Who may connect.** A unix data address is a 0600 socket and its peers must be our uid or root
+  (``SO_PEERCRED``); a ``tcp:`` one is mutual TLS with the address's ``tls-creds`` (QEMU's chardev
+  ``tls-creds``), terminated here and relayed into the same socket code as a unix connection.  ``--out``
+  carries the clients' output, so while its connection lives a second one is refused (it would take
+  that output, and QEMU's redirector would never read again): only a dead connection is replaced.
+  A TLS input reaches the seal's synchronous drain through the relay, so over TCP a frame still in
+  flight at a seal counts in the next epoch (held longer, never released early).
+* **Reconnects.** A new connection on an input address replaces the old one (QEMU reconnects after a
   restart or after we closed a connection for bad framing).  Bad framing closes only that
   connection and is logged; the core and the other connections carry on.  Released frames with no
   ``--out`` connection wait (bounded by the same ceiling) and are written when QEMU reconnects.
@@ -59,6 +66,7 @@ import dataclasses
 import logging
 import signal
 import socket
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -78,9 +86,11 @@ from colo_compare.transport import (
     listen_socket,
     tune_socket,
 )
+from hybridft_common import eventloop, fastpath
 from hybridft_common.control import ControlError, serve_control
-from hybridft_common.endpoints import Endpoint, parse_endpoint
+from hybridft_common.endpoints import HANDSHAKE_TIMEOUT, Endpoint, parse_endpoint
 from hybridft_common.fencing import Fence, GenerationFile, fenced_dispatch
+from hybridft_common.secure import ChannelError, check_peer
 from hybridft_common.vocabulary import Mode
 
 log = logging.getLogger("hybridft.compare")
@@ -116,6 +126,7 @@ class PendingRequest:
 @dataclass(slots=True)
 class ServiceCounters:
     connections: Counter[str] = field(default_factory=Counter)
+    refused: Counter[str] = field(default_factory=Counter)  # peers refused: wrong uid, no TLS, second out
     framing_errors: Counter[str] = field(default_factory=Counter)
     primary_frames: int = 0
     primary_bytes: int = 0
@@ -170,11 +181,14 @@ class CompareService:
         self._request_event = asyncio.Event()
         self._listeners: list[socket.socket] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._relays: set[asyncio.Task[None]] = set()  # per TLS connection: handshake, relay
         self._control: asyncio.Server | None = None
+        self._out_pending_tls = 0  # --out TLS handshakes under way (a second one is refused meanwhile)
         self._secondary_paused_for_out = False
         self._secondary_paused_for_memory = False
         self._primary_paused_for_memory = False
         self._closed = asyncio.Event()
+        self._loop_name = "not started"
         # the fencing generation (hybridft_common.fencing): once a failover fenced the pair, requests
         # of an older generation are refused and nothing more is released to --out
         self.fence = Fence()
@@ -185,10 +199,17 @@ class CompareService:
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        # every tcp address's credentials first: a missing one refuses the start before anything listens
+        contexts = {
+            role: self.endpoints[role].creds().server_context()
+            for role in ROLES
+            if self.endpoints[role].kind == "tcp"
+        }
+        self._loop_name = eventloop.running_loop_name()
         for role in ROLES:
             lsock = listen_socket(self.endpoints[role])
             self._listeners.append(lsock)
-            self._tasks.append(loop.create_task(self._accept_loop(role, lsock)))
+            self._tasks.append(loop.create_task(self._accept_loop(role, lsock, contexts.get(role))))
         self._control = await serve_control(self.control_endpoint, self.dispatch)
         self._tasks.append(loop.create_task(self._poll_loop()))
         log.info(
@@ -201,6 +222,8 @@ class CompareService:
         await self._closed.wait()
 
     async def close(self) -> None:
+        for relay in list(self._relays):
+            relay.cancel()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -219,7 +242,7 @@ class CompareService:
         self._closed.set()
 
     # -- connections ------------------------------------------------------------------------------
-    async def _accept_loop(self, role: str, lsock: socket.socket) -> None:
+    async def _accept_loop(self, role: str, lsock: socket.socket, tls: ssl.SSLContext | None) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -228,13 +251,89 @@ class CompareService:
                 log.warning("%s: accept failed: %s", role, exc)
                 await asyncio.sleep(0.1)
                 continue
-            tune_socket(conn)
-            self.counters.connections[role] += 1
-            log.info("%s: connected (connection #%d)", role, self.counters.connections[role])
+            try:
+                check_peer(conn)
+            except ChannelError as exc:
+                self.counters.refused[role] += 1
+                log.warning("%s: connection refused: %s", role, exc.message)
+                conn.close()
+                continue
+            if role == "out" and self._out_alive():
+                self.counters.refused[role] += 1
+                log.warning("out: a second connection refused while the first lives (it would take "
+                            "the clients' output)")  # fmt: skip
+                conn.close()
+                continue
+            if tls is not None:
+                relay = loop.create_task(self._accept_tls(role, conn, tls))
+                self._relays.add(relay)
+                relay.add_done_callback(self._relays.discard)
+                continue
+            self._attach(role, conn)
+
+    def _attach(self, role: str, conn: socket.socket) -> None:
+        tune_socket(conn)
+        self.counters.connections[role] += 1
+        log.info("%s: connected (connection #%d)", role, self.counters.connections[role])
+        if role == "out":
+            self._attach_out(conn)
+        else:
+            self._attach_input(role, conn)
+
+    def _out_alive(self) -> bool:
+        """Is the ``--out`` connection there and not closed by its peer (a dead QEMU's EOF may still
+        wait unread: peek for it, so a restarted QEMU's reconnect is not refused)."""
+        writer = self.writer
+        if writer is None or writer.closed:
+            return bool(self._out_pending_tls)
+        try:
+            peeked = writer.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            peeked = b""
+        if not peeked:
+            writer.close("peer closed")
+            return bool(self._out_pending_tls)
+        return True
+
+    async def _accept_tls(self, role: str, conn: socket.socket, tls: ssl.SSLContext) -> None:
+        """Finish the TLS handshake of a tcp connection, then relay its plaintext through a socketpair
+        whose other end goes to the same code as a unix connection."""
+        loop = asyncio.get_running_loop()
+        if role == "out":
+            self._out_pending_tls += 1
+        try:
+            try:
+                reader = asyncio.StreamReader(limit=1 << 20)
+                transport, protocol = await loop.connect_accepted_socket(
+                    lambda: asyncio.StreamReaderProtocol(reader), conn, ssl=tls,
+                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+                )  # fmt: skip
+            except (OSError, ssl.SSLError, TimeoutError) as exc:
+                self.counters.refused[role] += 1
+                log.warning("%s: TLS connection refused: %r", role, exc)
+                conn.close()
+                return
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+            inner, outer = socket.socketpair()
+            self._attach(role, inner)
+        finally:
             if role == "out":
-                self._attach_out(conn)
-            else:
-                self._attach_input(role, conn)
+                self._out_pending_tls -= 1
+        outer.setblocking(False)
+        plain_reader, plain_writer = await asyncio.open_unix_connection(sock=outer)
+        pumps = [
+            loop.create_task(_pump(reader, plain_writer)),
+            loop.create_task(_pump(plain_reader, writer)),
+        ]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            plain_writer.close()
+            writer.close()
 
     def _attach_input(self, role: str, conn: socket.socket) -> None:
         old = self.readers[role]
@@ -654,6 +753,7 @@ class CompareService:
                 "hold_us": self._hold_summary(),
                 "vnet_hdr_len": c.vnet_hdr_len,
             },
+            "runtime": {"event_loop": self._loop_name, "fastpath": fastpath.describe()},
         }
 
 
@@ -672,6 +772,16 @@ async def run_service(service: CompareService, ready: Callable[[], None] | None 
     await service.close()
 
 
+async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    """Copy ``source`` to ``sink`` until EOF or an error (the TLS relay's two directions)."""
+    try:
+        while data := await source.read(256 << 10):
+            sink.write(data)
+            await sink.drain()
+    except (ConnectionError, OSError, ssl.SSLError):
+        pass
+
+
 def _endpoint(ctx: click.Context, param: click.Parameter, value: str) -> Endpoint:
     try:
         return parse_endpoint(value)
@@ -687,6 +797,8 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--out", required=True, callback=_endpoint, help="Listen: released frames to QEMU."),
         click.option("--control", required=True, callback=_endpoint, help="Listen: control socket."),
+        click.option("--tls-creds", type=click.Path(file_okay=False), default=None,
+                     help="TLS credentials directory for tcp: addresses (see `hybridft certs`)."),
         click.option("--vnet-hdr", is_flag=True, help="QEMU filters have vnet_hdr_support=on."),
         click.option("--max-buffer", type=click.IntRange(1), default=1024, show_default=True,
                      help="MiB held (both sides' frames) + waiting before the primary's input pauses; "
@@ -718,6 +830,7 @@ def serve_command(
     secondary_in: Endpoint,
     out: Endpoint,
     control: Endpoint,
+    tls_creds: str | None,
     vnet_hdr: bool,
     max_buffer: int,
     out_high_water: int,
@@ -744,10 +857,10 @@ def serve_command(
     )
     service = CompareService(
         core,
-        primary_in=primary_in,
-        secondary_in=secondary_in,
-        out=out,
-        control=control,
+        primary_in=primary_in.with_creds(tls_creds),
+        secondary_in=secondary_in.with_creds(tls_creds),
+        out=out.with_creds(tls_creds),
+        control=control.with_creds(tls_creds),
         vnet_hdr=vnet_hdr,
         poll_interval=min(0.05, compare_timeout / 4),
         max_buffer=max_buffer << 20,
@@ -758,4 +871,7 @@ def serve_command(
             service.use_fence_file(fence_file)
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
-    asyncio.run(run_service(service, ready=lambda: print("ready", flush=True)))
+    try:
+        eventloop.run(run_service(service, ready=lambda: print("ready", flush=True)), "compare")
+    except ChannelError as exc:
+        raise click.ClickException(exc.message) from None

@@ -39,7 +39,6 @@ import errno
 import fcntl
 import itertools
 import logging
-import os
 import socket
 import struct
 import termios
@@ -47,6 +46,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from hybridft_common.endpoints import Endpoint
+from hybridft_common.fastpath import available, speedups
+from hybridft_common.secure import unix_listener
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,10 @@ MAX_VNET_HDR = 64
 
 _U32 = struct.Struct(">I")
 _U32x2 = struct.Struct(">II")
+
+if available is not None:  # bound whenever built: tests run both implementations
+    _decode_records = available.decode_records
+    _encode_records = available.encode_records
 
 
 class FramingError(Exception):
@@ -144,7 +149,25 @@ class FrameDecoder:
             self._buf[0 : end - start] = self._buf[start:end]
             self._start, self._end = 0, end - start
 
-    def _parse(self) -> list[bytes]:
+    def _parse_compiled(self) -> list[bytes]:
+        """:meth:`_parse_python` in C (``hybridft_common._speedups.decode_records``)."""
+        frames, self.vnet_headers, pos, nbytes, error = _decode_records(
+            self._buf, self._start, self._end, self.vnet_hdr, self.max_record
+        )
+        if error is not None:
+            self.error = FrameTooLarge(error)
+        end = self._end
+        if pos == end:
+            pos = end = 0
+        self._start, self._end = pos, end
+        self.frames_decoded += len(frames)
+        self.bytes_decoded += nbytes
+        if self.error is not None and not frames:
+            raise self.error
+        return frames
+
+    def _parse_python(self) -> list[bytes]:
+        """The reference decoder: every complete record between ``_start`` and ``_end``."""
         buf, view = self._buf, self._view
         pos, end = self._start, self._end
         limit = self.max_record
@@ -196,6 +219,9 @@ class FrameDecoder:
             raise self.error
         return frames
 
+    # HYBRIDFT_PURE_PYTHON=1 or no extension: the reference
+    _parse = _parse_python if speedups is None else _parse_compiled
+
 
 def encode_frame(frame: bytes | memoryview, vnet_header: bytes | None = None) -> bytes:
     """One record; pass ``vnet_header`` (possibly ``b""``) when the peer has vnet_hdr_support=on."""
@@ -204,8 +230,10 @@ def encode_frame(frame: bytes | memoryview, vnet_header: bytes | None = None) ->
     return _U32x2.pack(len(vnet_header) + len(frame), len(vnet_header)) + vnet_header + bytes(frame)
 
 
-def encode_frames(frames: Sequence[bytes | memoryview], vnet_headers: Sequence[bytes] | None = None) -> bytes:
-    """Many records in one buffer (one ``send`` for a whole batch)."""
+def encode_frames_python(
+    frames: Sequence[bytes | memoryview], vnet_headers: Sequence[bytes] | None = None
+) -> bytes:
+    """Many records in one buffer (one ``send`` for a whole batch); the reference encoder."""
     pack = _U32.pack
     parts: list[bytes | memoryview] = []
     append = parts.append
@@ -224,19 +252,31 @@ def encode_frames(frames: Sequence[bytes | memoryview], vnet_headers: Sequence[b
     return b"".join(parts)
 
 
+def encode_frames_compiled(
+    frames: Sequence[bytes | memoryview], vnet_headers: Sequence[bytes] | None = None
+) -> bytes:
+    """:func:`encode_frames_python` in C: one allocation for the whole batch, no part list."""
+    return _encode_records(frames, vnet_headers)
+
+
+encode_frames = encode_frames_python if speedups is None else encode_frames_compiled
+
+
 # ------------------------------------------------------------------------------------------------
 # asyncio shell helpers
 # ------------------------------------------------------------------------------------------------
 
 
 def listen_socket(endpoint: Endpoint, backlog: int = 16) -> socket.socket:
-    """A non-blocking listening socket for ``endpoint`` (a stale unix socket file is removed)."""
-    sock, address = endpoint.new_socket()
+    """A non-blocking listening socket for ``endpoint`` (a stale unix socket file is replaced; a tcp one
+    is plain: the caller wraps each accepted connection in TLS)."""
     if endpoint.kind == "unix":
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(address)
-    else:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        assert endpoint.path is not None
+        sock = unix_listener(endpoint.path, backlog)  # mode 0600 (the peers are checked on accept)
+        sock.setblocking(False)
+        return sock
+    sock, address = endpoint.new_socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(address)
     sock.listen(backlog)
     sock.setblocking(False)

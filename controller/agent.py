@@ -68,6 +68,7 @@ from typing import Any
 import click
 
 from controller.heartbeat import Heartbeat, HeartbeatError
+from hybridft_common import eventloop
 from hybridft_common.control import AsyncControlClient, ControlError
 from hybridft_common.endpoints import Endpoint, parse_endpoint, start_server
 from hybridft_common.fencing import GenerationFile
@@ -589,10 +590,19 @@ class Agent:
         self.wake = asyncio.Event()
         self._stop_watching = asyncio.Event()
         self._writer: asyncio.StreamWriter | None = None
+        self.refused = 0  # heartbeat connections refused (a second one while the daemon's lives)
 
     async def _on_heartbeat(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._writer is not None:  # a newer daemon connection replaces the old one
-            self._writer.close()
+        # Only the pair's daemon reaches this handler (start_server: a unix peer of our uid or root, or a
+        # tcp peer with the pair's client certificate).  While its connection lives a second one is
+        # refused: it could only be a forger (a same-uid process) ordering a failover or announcing
+        # epochs; a daemon that reconnects has closed its old connection first, which the agent already
+        # treats as a lost heartbeat once armed.
+        if self._writer is not None and not self._writer.is_closing():
+            self.refused += 1
+            log.warning("a second heartbeat connection refused while the daemon's lives")
+            writer.close()
+            return
         self._writer = writer
         self.decider.connection_opened(time.monotonic())
         try:
@@ -751,7 +761,7 @@ def agent_command(config_path: Path, silence_ms: int, log_level: str) -> None:
             os.setpriority(os.PRIO_PROCESS, 0, AGENT_NICE)
         except OSError as exc:
             log.warning("cannot renice the agent to %d: %s", AGENT_NICE, exc)
-        report = asyncio.run(Agent(config, silence_ms / 1000).run())
+        report = eventloop.run(Agent(config, silence_ms / 1000).run(), "agent")
     except (ManifestError, AgentError) as exc:
         raise click.ClickException(str(exc)) from None
     if report is not None:

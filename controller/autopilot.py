@@ -51,6 +51,7 @@ TRACE_MAX_BYTES = 64 << 20  # the trace rotates to <name>.1 past this (bounded d
 class AutopilotConfig:
     period_s: float = 0.25
     window_s: float = 5.0
+    decide_every_samples: int = 1  # a policy decision every N samples (the window still moves every one)
     guard: GuardConfig = field(default_factory=GuardConfig)
     trace_path: Path | None = None
 
@@ -145,7 +146,7 @@ class Autopilot:
         self.samples += 1
         if self._on_sample is not None:
             self._on_sample(values)
-        if self.policy is None or not self._active():
+        if self.policy is None or not self._active() or self.samples % self.config.decide_every_samples:
             return None
         return await self._decide(point)
 

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.accounting import CheckpointsByMode, EventAccounting
-from controller.autopilot import Autopilot, AutopilotConfig
+from controller.autopilot import Autopilot
 from controller.daemon_config import DaemonConfig, DaemonError
 from controller.epoch import (
     CheckpointError,
@@ -74,6 +74,7 @@ from controller.pair_state import (
 )
 from controller.requests import parse_checkpoint_request, parse_mode_request, resolve_stop_via
 from controller.signals import CheckpointFigures, SamplerLinks, SignalSampler
+from hybridft_common import eventloop, fastpath
 from hybridft_common.control import AsyncControlClient, ControlError, serve_control
 from hybridft_common.endpoints import parse_endpoint
 from hybridft_common.settings import AUTO, DEFAULT_POLICY
@@ -267,6 +268,7 @@ class Daemon:
 
     async def start(self, *, connect: bool = True) -> None:
         """Connect (unless attached), start COLO if configured, then the loops and the control socket."""
+        self.config.autopilot_config()  # a bad [controller] value fails here, before the pair is touched
         if connect:
             await self.connect()
         elif self.config.compare_control or self.config.disk_control:
@@ -325,10 +327,7 @@ class Daemon:
         )
         return Autopilot(
             SignalSampler(links),
-            AutopilotConfig(
-                period_s=cfg.sample_period_ms / 1000,
-                trace_path=Path(cfg.trace_path) if cfg.trace_path else None,
-            ),
+            cfg.autopilot_config(),
             point=lambda: self.protocol.point,
             request=self.request_point,
             active=lambda: self.state == PairState.PROTECTED and not self._closing,
@@ -833,6 +832,7 @@ class Daemon:
             "point_changes": list(self.switches),
             "seal_hook": self.seal_hook,
             "nice": os.getpriority(os.PRIO_PROCESS, 0),
+            "runtime": {"event_loop": eventloop.running_loop_name(), "fastpath": fastpath.describe()},
             "last_committed_epoch": self.protocol.last_committed,
             "checkpoints": {
                 "daemon_started": self.accounting.checkpoints_started,

@@ -7,23 +7,48 @@ the ready line ``pair up`` waits for, the exit on SIGTERM -- lives here.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from controller.daemon import Daemon, run_daemon
-from controller.daemon_config import DaemonConfig, DaemonError
+from controller.daemon_config import CONTROLLER_KEYS, DaemonConfig, DaemonError
+from hybridft_common import eventloop
 from hybridft_common.cli import parse_param_options
 from hybridft_common.control import ControlError
+from hybridft_common.settings import ControllerSettings
 from hybridft_common.vocabulary import Mode, epoch_ms_range, mode_choice
 from mc_driver.qmp import QmpError
 
 DAEMON_NICE = -10
+
+#: the [controller] settings the daemon takes as flags: (flag, DaemonConfig field, settings key)
+CONTROLLER_FLAGS = tuple((f"--{key.replace('_', '-')}", name, key) for name, key in CONTROLLER_KEYS.items())
+
+
+def _controller_type(key: str) -> click.ParamType:
+    """The flag's click type, with the range the settings schema allows (one source for both)."""
+    spec = next(f for f in dataclasses.fields(ControllerSettings) if f.name == key)
+    lo, hi = spec.metadata["lo"], spec.metadata["hi"]
+    if "int" in str(spec.type):
+        return click.IntRange(int(lo), int(hi))
+    return click.FloatRange(float(lo), float(hi))
+
+
+def controller_options(command: Callable[..., None]) -> Callable[..., None]:
+    """One option per [controller] setting (``--min-dwell-s``...), each ranged like the settings file."""
+    defaults = ControllerSettings()
+    for flag, _name, key in reversed(CONTROLLER_FLAGS):
+        spec = next(f for f in dataclasses.fields(ControllerSettings) if f.name == key)
+        help_text = f"[controller] {key}: {spec.metadata['help']} [{getattr(defaults, key)}]."
+        command = click.option(flag, key, type=_controller_type(key), default=None, help=help_text)(command)
+    return command
 
 
 @click.command("daemon")
@@ -45,9 +70,7 @@ DAEMON_NICE = -10
     "--policy", default=None, help="Start in auto: this policy picks the mode (hybridft policy list)."
 )
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="A parameter of --policy.")
-@click.option(
-    "--sample-period-ms", type=click.IntRange(100, 2000), default=None, help="Signal sampling period [250]."
-)
+@controller_options
 @click.option("--no-start", is_flag=True, help="The pair is already in COLO: do not migrate.")
 @click.option(
     "--metrics-port", type=click.IntRange(1, 65535), default=None, help="Serve /metrics on 127.0.0.1."
@@ -62,10 +85,10 @@ def daemon_command(
     passive_secondary: bool | None,
     policy: str | None,
     params: tuple[str, ...],
-    sample_period_ms: int | None,
     no_start: bool,
     metrics_port: int | None,
     log_level: str,
+    **controller: float | None,
 ) -> None:
     """Run the epoch protocol for the pair in CONFIG (foreground; SIGTERM stops it)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -83,8 +106,9 @@ def daemon_command(
         config.policy, config.policy_params = policy, dict(parse_param_options(params))
     elif params:
         raise click.UsageError("--param goes with --policy")
-    if sample_period_ms is not None:
-        config.sample_period_ms = sample_period_ms
+    for _flag, name, key in CONTROLLER_FLAGS:
+        if controller.get(key) is not None:
+            setattr(config, name, controller[key])
     config.start_colo = not no_start
     config.metrics_port = metrics_port
     with contextlib.suppress(OSError):
@@ -98,6 +122,6 @@ def daemon_command(
         )
 
     try:
-        asyncio.run(run_daemon(config, ready))
+        eventloop.run(run_daemon(config, ready), "daemon")
     except (DaemonError, QmpError, ControlError, OSError) as exc:
         raise click.ClickException(f"daemon: {exc}") from None

@@ -5,6 +5,12 @@ Why a module of its own: the settings come from the pair's manifest (``pair.json
 straight from code; none of that is the daemon's business once it runs.  The operating point it
 starts with (mode, epoch length, passive secondary, stop way) is read from here once and from then on
 belongs to the epoch protocol (:mod:`controller.operating_point`).
+
+The ``[controller]`` section of the settings file (:class:`hybridft_common.settings.ControllerSettings`:
+sampling, the policy's window and time limit, and the guard's dwell, budget and hysteresis) travels here
+as the daemon's flags; its defaults are that schema's, so the file, the flags and a config built in code
+run the same guard.  :meth:`DaemonConfig.autopilot_config` validates them against the schema (a bad value
+is named with its allowed range) and builds what the autopilot and its guard run with.
 """
 
 from __future__ import annotations
@@ -12,10 +18,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from controller.autopilot import AutopilotConfig
 from hybridft_common.endpoints import parse_endpoint
 from hybridft_common.manifest import ManifestError, PairManifest
+from hybridft_common.settings import ControllerSettings, Settings, SettingsError
 from hybridft_common.vocabulary import DEFAULT_EPOCH_MS, Mode
 from mc_driver.launch import PRIMARY_REDIRECTORS
+from policies.guard import GuardConfig
+
+_CONTROLLER = ControllerSettings()  # the schema's defaults
+#: DaemonConfig field -> [controller] key (settings.DAEMON_CONTROLLER_KEYS: what ``pair up`` passes)
+CONTROLLER_KEYS = {
+    "sample_period_ms": "sample_period_ms",
+    "window_s": "window_s",
+    "decide_every_samples": "decide_every_samples",
+    "policy_timeout_ms": "policy_timeout_ms",
+    "min_dwell_s": "min_dwell_s",
+    "switch_budget_per_min": "switch_budget_per_min",
+    "hysteresis_windows": "hysteresis_windows",
+    "checkpoint_timeout": "checkpoint_timeout_s",
+}
 
 
 class DaemonError(Exception):
@@ -42,12 +64,19 @@ class DaemonConfig:
     passive_secondary: bool = False
     start_colo: bool = True
     migrate_uri: str | None = None
-    checkpoint_timeout: float = 30.0
+    checkpoint_timeout: float = _CONTROLLER.checkpoint_timeout_s
     metrics_port: int | None = None
     stop_via: str = "auto"  # auto | qemu | qmp: who stops the VMs for a checkpoint (epoch.StopVia)
     policy: str | None = None  # start in auto with this policy (None: the mode above stays forced)
     policy_params: dict[str, object] = field(default_factory=dict)
-    sample_period_ms: int = 250  # the autopilot's signal sampling period
+    # [controller]: the autopilot's sampling and the guard every policy goes through (see the settings)
+    sample_period_ms: int = _CONTROLLER.sample_period_ms
+    window_s: float = _CONTROLLER.window_s
+    decide_every_samples: int = _CONTROLLER.decide_every_samples
+    policy_timeout_ms: int = _CONTROLLER.policy_timeout_ms
+    min_dwell_s: float = _CONTROLLER.min_dwell_s
+    switch_budget_per_min: int = _CONTROLLER.switch_budget_per_min
+    hysteresis_windows: int = _CONTROLLER.hysteresis_windows
     drive: str = "disk0"  # the guest disk's device on the primary (query-blockstats), as pair up names it
     trace_path: str | None = None  # the policy decision trace (JSON lines); None: not written
     # the agent's failover.json: once it exists the agent has begun a failover (same host only)
@@ -55,6 +84,32 @@ class DaemonConfig:
     # the primary's redirectors to and from the comparator: deleted when the secondary is lost and the
     # comparator does not answer, or the primary's output would go nowhere
     primary_redirectors: tuple[str, ...] = ()
+
+    def controller_settings(self) -> ControllerSettings:
+        """This config's ``[controller]`` values, checked against the settings schema (DaemonError
+        naming the key and its allowed range)."""
+        values = {key: getattr(self, name) for name, key in CONTROLLER_KEYS.items()}
+        try:
+            return Settings().with_overrides("controller", **values).controller
+        except SettingsError as exc:
+            raise DaemonError(str(exc)) from None
+
+    def autopilot_config(self) -> AutopilotConfig:
+        """What the autopilot and its guard run with (validated: :meth:`controller_settings`)."""
+        ctl = self.controller_settings()
+        guard = GuardConfig(
+            min_dwell_s=ctl.min_dwell_s,
+            switches_per_minute=ctl.switch_budget_per_min,
+            confirm_windows=ctl.hysteresis_windows,
+            time_limit_s=ctl.policy_timeout_ms / 1000,
+        )
+        return AutopilotConfig(
+            period_s=ctl.sample_period_ms / 1000,
+            window_s=ctl.window_s,
+            decide_every_samples=ctl.decide_every_samples,
+            guard=guard,
+            trace_path=Path(self.trace_path) if self.trace_path else None,
+        )
 
     @classmethod
     def from_manifest(cls, manifest: PairManifest) -> DaemonConfig:

@@ -165,13 +165,18 @@ class EpochProtocol:
     """The sans-I/O decisions of the epoch protocol (see the module docstring).
 
     ``point`` is the operating point of the epoch now open; ``pending`` the one requested for the next
-    epochs, applied when a checkpoint closes (:meth:`_close`), or None.
+    epochs, applied when a checkpoint closes (:meth:`_close`), or None.  A checkpoint carries the
+    pending point it began with (``opening``: the comparator is told that one's mode at the seal), so a
+    request made while it runs waits for the next checkpoint instead of landing at this one's close
+    with the comparator never told.
     """
 
     def __init__(self, point: OperatingPoint | None = None, *, first_epoch: int = 1) -> None:
         self.point = point if point is not None else OperatingPoint()
         self.pending: OperatingPoint | None = None
         self.pending_source = PointSource.OPERATOR
+        self.opening: OperatingPoint | None = None  # the pending point the running checkpoint carries
+        self._opening_source = PointSource.OPERATOR
         self.changes: deque[PointChange] = deque(maxlen=POINT_CHANGES_KEPT)
         self.next_number = first_epoch
         self.current: EpochRecord | None = None
@@ -185,14 +190,21 @@ class EpochProtocol:
     def request(self, change: PointRequest) -> None:
         """Make the current point with ``change``'s fields the pending one (replacing any other).
 
-        A request for what already runs withdraws a pending one: nothing waits for a checkpoint.
+        A request for what already runs withdraws a pending one: nothing waits for a checkpoint.  While
+        a checkpoint runs, "what already runs" is the point it opens (``opening``, else ``point``).
         Raises ValueError for a field out of range (nothing changes then).
         """
-        wanted = self.point.changed_by(change)
-        if wanted == self.point:
+        base = self.opening if self.opening is not None else self.point
+        wanted = base.changed_by(change)
+        if wanted == base:
             self.pending = None
             return
         self.pending, self.pending_source = wanted, change.source
+
+    @property
+    def opening_switches_mode(self) -> bool:
+        """The running checkpoint opens epochs of another kind (mode or length): tell the comparator."""
+        return self.opening is not None and self.opening.switches_mode_from(self.point)
 
     @property
     def mode_switch_pending(self) -> bool:
@@ -208,6 +220,7 @@ class EpochProtocol:
         if self.current is not None:
             raise RuntimeError(f"checkpoint {self.current.number} is still running")
         self.current = EpochRecord(self.next_number, self.point.mode, dict(reasons), now)
+        self.opening, self._opening_source = self.pending, self.pending_source
         return self.current
 
     def _record(self) -> EpochRecord:
@@ -273,15 +286,22 @@ class EpochProtocol:
         return record
 
     def _close(self, record: EpochRecord) -> None:
-        # The boundary: the epoch that follows runs under the pending point once the comparator got
-        # its mode at this seal (sealed or later); with nothing sealed the comparator still is in the
-        # old mode, so the change stays pending and the daemon re-sends the mode at the next seal.
-        pending = self.pending
-        if record.phase in (Phase.COMMITTED, Phase.LOADED, Phase.SEALED) and pending is not None:
-            if pending.switches_mode_from(self.point):
+        # The boundary: the epoch that follows runs under the point this checkpoint carried once the
+        # comparator got its mode at this seal (sealed or later); with nothing sealed the comparator
+        # still is in the old mode, so the change stays pending and the daemon re-sends the mode at the
+        # next seal.  A request made during the checkpoint stays pending for the next one.
+        opening, self.opening = self.opening, None
+        if record.phase in (Phase.COMMITTED, Phase.LOADED, Phase.SEALED) and opening is not None:
+            if opening.switches_mode_from(self.point):
                 self.mode_switches += 1
-            self.changes.append(PointChange(record.number, self.point, pending, self.pending_source))
-            self.point, self.pending = pending, None
+            self.changes.append(PointChange(record.number, self.point, opening, self._opening_source))
+            self.point = opening
+            if self.pending == opening:
+                self.pending = None
+        elif opening is not None and self.pending is None:  # withdrawn meanwhile as "already so"
+            self.pending, self.pending_source = opening, self._opening_source
+        if self.pending == self.point:
+            self.pending = None
         base = record.disk_epoch if record.disk_epoch is not None else record.number
         self.next_number = max(self.next_number, base + 1)
         self.current = None
@@ -447,8 +467,9 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
 
         async def seal_compare() -> int:
             assert compare is not None
-            if protocol.mode_switch_pending:
-                await timed(Step.COMPARE_MODE, compare.call("mode", mode=str(protocol.next_point().mode)))
+            opening = protocol.opening
+            if protocol.opening_switches_mode and opening is not None:
+                await timed(Step.COMPARE_MODE, compare.call("mode", mode=str(opening.mode)))
             return int((await timed(Step.COMPARE_SEAL, compare.call("seal")))["epoch"])
 
         async def seal_disk() -> int:

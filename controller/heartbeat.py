@@ -10,6 +10,12 @@ is wrong with it.  The wire format is unchanged -- one compact JSON object per l
 is left out of a message that has none).
 
 :class:`HeartbeatSender` is the daemon's side of the connection.
+
+Who may speak: only the pair's daemon.  The agent's listener accepts a unix peer of its own uid or root
+(``SO_PEERCRED``) or a tcp peer with the pair's client certificate (mutual TLS), and refuses a second
+connection while the daemon's lives.  That is also why a heartbeat may still *order* a failover
+(``failover``, ``primary_lost``): whoever can write on this connection is the daemon, and the daemon can
+force a failover anyway by falling silent; the order only makes a planned failover fast.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from hybridft_common.endpoints import parse_endpoint
+from hybridft_common.endpoints import connect_blocking, parse_endpoint
 
 log = logging.getLogger("hybridft.daemon")
 
@@ -128,12 +134,9 @@ class HeartbeatSender:
 
     def _connect(self) -> None:
         assert self.endpoint is not None
-        sock, target = parse_endpoint(self.endpoint).new_socket()
-        sock.settimeout(0.5)
-        try:
-            sock.connect(target)
+        try:  # mutual TLS on tcp (the agent accepts only the pair's certificates)
+            sock = connect_blocking(parse_endpoint(self.endpoint), 0.5)
         except OSError:
-            sock.close()
             return
         sock.settimeout(0.2)
         self._sock = sock

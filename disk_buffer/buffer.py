@@ -36,6 +36,7 @@ from typing import Any
 
 from disk_buffer.journal import FaultInjector, Journal, JournalCorrupt, libc
 from disk_buffer.store import DiskBufferError, EpochStore, Export, SealedEpoch, resolve
+from hybridft_common.secure import ChannelError, ensure_private_dir, open_nofollow
 
 __all__ = ["DiskBuffer", "DiskBufferError", "Export"]
 
@@ -178,9 +179,11 @@ class DiskBuffer:
         try:
             if not os.path.isfile(image):
                 raise DiskBufferError(f"image {image} is not a regular file", "config")
-            try:
-                state_dir.mkdir(parents=True, exist_ok=True)
-                lock_fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:  # a private directory, files never opened through a planted symlink
+                ensure_private_dir(state_dir, what="state dir")
+                lock_fd = open_nofollow(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+            except ChannelError as exc:
+                raise DiskBufferError(exc.message, "config") from None
             except OSError as exc:
                 raise DiskBufferError(f"cannot use state dir {state_dir}: {exc.strerror}", "config") from None
             try:

@@ -29,14 +29,22 @@ def _format(result: dict[str, Any]) -> str:
 
 @click.command("ctl")
 @click.option("--control", required=True, help="The server's control socket: unix:PATH or tcp:HOST:PORT.")
+@click.option(
+    "--tls-creds",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="TLS credentials directory for a tcp: address (see `hybridft certs`).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds to wait for a reply.")
 @click.argument("verb", type=click.Choice(VERBS))
 @click.argument("epoch", required=False, type=int)
-def ctl_command(control: str, as_json: bool, timeout: float, verb: str, epoch: int | None) -> None:
+def ctl_command(
+    control: str, tls_creds: str | None, as_json: bool, timeout: float, verb: str, epoch: int | None
+) -> None:
     """seal | commit N | rollback | failover | status"""
     try:
-        endpoint = parse_endpoint(control)
+        endpoint = parse_endpoint(control, tls_creds)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--control") from None
     args: dict[str, Any] = {}

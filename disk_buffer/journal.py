@@ -59,6 +59,7 @@ from disk_buffer.journal_codec import (
     scan,
 )
 from disk_buffer.store import DiskBufferError
+from hybridft_common.secure import open_nofollow
 
 FAULT_POINTS = ("journal-written", "journal-synced", "writeout-mid", "image-synced")
 
@@ -182,9 +183,10 @@ class Journal:
         self.state_dir = state_dir
         self.faults = faults
         self._mark_lock = threading.Lock()
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self._mark_fd = os.open(state_dir / "mark", os.O_RDWR | os.O_CREAT, 0o600)
-        self._fds = [os.open(state_dir / name, os.O_RDWR | os.O_CREAT, 0o600) for name in self.FILES]
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # never through a symlink planted in the state dir (DiskBuffer.open checked the dir is private)
+        self._mark_fd = open_nofollow(state_dir / "mark", os.O_RDWR | os.O_CREAT, 0o600)
+        self._fds = [open_nofollow(state_dir / name, os.O_RDWR | os.O_CREAT, 0o600) for name in self.FILES]
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hybridft-journal")
         # event-loop-thread state
         self._active = 0

@@ -9,9 +9,14 @@ What is implemented (server side only, see the NBD protocol spec, doc/proto.md):
 
 * handshake: fixed newstyle with ``NBD_FLAG_NO_ZEROES``; options ``EXPORT_NAME``, ``INFO``, ``GO``,
   ``LIST``, ``ABORT``; every other option (``STRUCTURED_REPLY`` included) is refused politely with
-  ``NBD_REP_ERR_UNSUP`` and the negotiation goes on.  ``INFO``/``GO`` always report
-  ``NBD_INFO_EXPORT`` and ``NBD_INFO_BLOCK_SIZE`` (minimum 512).  A malformed handshake raises
-  :class:`HandshakeError`: the shell closes that one connection.
+  ``NBD_REP_ERR_UNSUP`` and the negotiation goes on.  With ``tls=True`` (a ``tcp:`` listener) TLS is
+  *required*, as in the spec's "TLS-only" mode and QEMU's ``nbd/server.c``: before ``NBD_OPT_STARTTLS``
+  every option but ``ABORT`` gets ``NBD_REP_ERR_TLS_REQD`` (``EXPORT_NAME``, which has no error reply,
+  closes the connection); ``STARTTLS`` is acknowledged and :attr:`ServerHandshake.starttls` tells the
+  shell to run the TLS handshake, after which the negotiation starts over inside TLS (a second
+  ``STARTTLS`` gets ``NBD_REP_ERR_INVALID``).  Without TLS, ``STARTTLS`` gets ``NBD_REP_ERR_POLICY``.
+  ``INFO``/``GO`` always report ``NBD_INFO_EXPORT`` and ``NBD_INFO_BLOCK_SIZE`` (minimum 512).
+  A malformed handshake raises :class:`HandshakeError`: the shell closes that one connection.
 * transmission: simple replies only.  :class:`RequestParser` turns a byte stream into
   :class:`Request` objects; :func:`check_request` applies the spec's error rules (``EINVAL`` for
   unknown commands/flags, misaligned or out-of-range reads/trims, ``ENOSPC`` for writes past the
@@ -28,6 +33,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
+
+from hybridft_common.fastpath import available, speedups
 
 # --- magics -------------------------------------------------------------------------------------
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
@@ -198,8 +205,15 @@ class ServerHandshake:
         min_block: int = MIN_BLOCK,
         preferred_block: int = PREFERRED_BLOCK,
         max_payload: int = MAX_PAYLOAD,
+        tls: bool = False,
     ) -> None:
         self.exports = exports
+        #: TLS is required (see the module docstring); ``tls_active`` once the shell finished it
+        self.tls_required = tls
+        self.tls_active = False
+        #: the client asked for STARTTLS and got its ACK: the shell runs the TLS handshake now and then
+        #: calls :meth:`tls_started`; no option may be read before that
+        self.starttls = False
         self.block_sizes = (min_block, preferred_block, max_payload)
         self.export: ExportInfo | None = None
         self.aborted = False
@@ -222,9 +236,11 @@ class ServerHandshake:
         """Consume client bytes; return the reply bytes.  Raises :class:`HandshakeError`."""
         if self.finished:
             raise HandshakeError("data received after the handshake finished")
+        if self.starttls:
+            raise HandshakeError("data received in clear after STARTTLS was acknowledged")
         self._buf += data
         out = bytearray()
-        while not self.finished:
+        while not self.finished and not self.starttls:
             if self._skip:
                 take = min(self._skip, len(self._buf))
                 del self._buf[:take]
@@ -262,9 +278,35 @@ class ServerHandshake:
         if self.export is not None:
             self.leftover = bytes(self._buf)
             self._buf.clear()
+        if self.starttls and self._buf:
+            raise HandshakeError("bytes in clear after NBD_OPT_STARTTLS (before the TLS handshake)")
         return bytes(out)
 
+    def tls_started(self) -> None:
+        """The TLS handshake the ACK to STARTTLS announced is done: options go on inside TLS."""
+        if not self.starttls:
+            raise HandshakeError("TLS started without NBD_OPT_STARTTLS")
+        self.starttls = False
+        self.tls_active = True
+
     def _option(self, option: int, data: bytes) -> bytes:
+        if option == Opt.STARTTLS:
+            if data:
+                raise HandshakeError("NBD_OPT_STARTTLS with data")
+            if not self.tls_required:
+                return option_reply(option, Rep.ERR_POLICY, b"TLS not configured")
+            if self.tls_active:
+                return option_reply(option, Rep.ERR_INVALID, b"TLS already enabled")
+            self.starttls = True
+            return option_reply(option, Rep.ACK)
+        if self.tls_required and not self.tls_active:
+            if option == Opt.EXPORT_NAME:  # no error reply exists for it: the spec says disconnect
+                raise HandshakeError("NBD_OPT_EXPORT_NAME before TLS on a TLS-only server")
+            if option == Opt.ABORT:
+                self.aborted = True
+                return option_reply(option, Rep.ACK)
+            refusal = f"option {option} not permitted before TLS".encode()
+            return option_reply(option, Rep.ERR_TLS_REQD, refusal)
         if option == Opt.EXPORT_NAME:
             export = self.exports.get(_decode_name(data))
             if export is None:
@@ -352,6 +394,8 @@ class Request(NamedTuple):
 
 
 _new_tuple = tuple.__new__
+if available is not None:  # bound whenever built: tests run both implementations
+    _nbd_next_request = available.nbd_next_request
 _KEEP_BUFFER = 8 << 20  # a connection keeps a receive buffer up to this size between requests
 
 
@@ -425,7 +469,29 @@ class RequestParser:
             self.buffer_updated(n)
             view = view[n:]
 
-    def next_request(self) -> Request | None:
+    def next_request_compiled(self) -> Request | None:
+        """:meth:`next_request_python` with the header decode and payload copy in C
+        (``_speedups.nbd_next_request``)."""
+        start = self._start
+        end = self._end
+        if end - start < REQUEST_SIZE:
+            self._need = REQUEST_SIZE
+            if start == end:
+                self._start = self._end = 0
+            return None
+        try:
+            request, self._start, need, discard = _nbd_next_request(
+                self._buf, start, end, self.max_payload, Request
+            )
+        except ValueError as exc:
+            raise TransmissionError(f"bad request magic 0x{exc.args[0]:08x}") from None
+        if need >= 0:
+            self._need = need
+        if discard >= 0:
+            self._discard = discard
+        return request
+
+    def next_request_python(self) -> Request | None:
         """The next complete request, or ``None``.  Raises :class:`TransmissionError` on a bad magic."""
         start = self._start
         avail = self._end - start
@@ -456,6 +522,9 @@ class RequestParser:
         self._start = end
         self._need = REQUEST_SIZE
         return _new_tuple(Request, (flags, command, cookie, offset, length, payload, False))
+
+    # HYBRIDFT_PURE_PYTHON=1 or no extension: the reference
+    next_request = next_request_python if speedups is None else next_request_compiled
 
     def __iter__(self) -> Iterator[Request]:
         while (request := self.next_request()) is not None:

@@ -29,6 +29,11 @@ is allocated.  A peer that connects and does not finish the handshake within
 ``--handshake-timeout`` seconds is dropped, and connections beyond ``--max-connections`` are
 closed at once (before the greeting), leaving the others untouched.
 
+Who may connect: on a unix address (a 0600 socket) only peers of our uid or root (``SO_PEERCRED``); on a
+``tcp:`` address TLS is required (``NBD_OPT_STARTTLS``, as QEMU's NBD client does with ``tls-creds``) and
+the client must present a certificate of the pair's CA, so only the authenticated primary's mirror can
+write `replica`.  The control socket follows the same rules (:mod:`hybridft_common.endpoints`).
+
 Errors never take the server down: a broken handshake or an unparsable request stream closes that
 connection only; a request the buffer refuses gets an NBD error reply; anything unexpected is logged
 and answered with ``EIO``.
@@ -42,9 +47,10 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Mapping
+import ssl
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import click
 
@@ -61,9 +67,11 @@ from disk_buffer.nbd import (
     check_request,
     ok_reply,
 )
+from hybridft_common import eventloop, fastpath
 from hybridft_common.control import ControlError, Dispatch, serve_control
 from hybridft_common.endpoints import Endpoint, parse_endpoint
 from hybridft_common.errors import HybridftError
+from hybridft_common.secure import ChannelError, check_peer, unix_listener
 
 log = logging.getLogger("hybridft.disk.server")
 
@@ -111,12 +119,18 @@ class NbdConnection(asyncio.BufferedProtocol):
     A ``BufferedProtocol``: the event loop receives straight into the request parser's buffer.
     """
 
-    def __init__(self, server: NbdServer) -> None:
+    def __init__(self, server: NbdServer, tls: ssl.SSLContext | None = None) -> None:
         self.server = server
+        self.tls = tls  # the listener's server context: TLS is then required (STARTTLS)
         self.transport: asyncio.Transport | None = None
         self.handshake: nbd.ServerHandshake | None = nbd.ServerHandshake(
-            server.export_infos, min_block=server.min_block, max_payload=server.max_payload
+            server.export_infos,
+            min_block=server.min_block,
+            max_payload=server.max_payload,
+            tls=tls is not None,
         )
+        self._tls_task: asyncio.Task[None] | None = None
+        self._tls_early = bytearray()  # options that came through TLS before start_tls returned
         self._handshake_buffer = bytearray(4096)
         self.parser = nbd.RequestParser(server.max_payload)
         self.export: Any = None
@@ -132,14 +146,21 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport, but not an asyncio.Transport instance under uvloop (its classes are its own)
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.peer = str(transport.get_extra_info("peername") or "unix")
         server = self.server
+        try:
+            check_peer(sock)
+        except ChannelError as exc:
+            log.warning("NBD client refused: %s", exc.message)
+            self._closing = True
+            transport.close()
+            return
         if len(server.connections) >= server.max_connections:
             log.warning(
                 "NBD client %s refused: %d connections already (--max-connections)",
@@ -160,6 +181,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self._room_wait is not None:
             self._room_wait.cancel()
         self._end_handshake_timer()
+        if self._tls_task is not None:
+            self._tls_task.cancel()
         self._closing = True
 
     def _handshake_expired(self) -> None:
@@ -188,7 +211,13 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self._closing:
             return
         if self.handshake is not None:
-            leftover = self._negotiate(bytes(self._handshake_buffer[:nbytes]))
+            data = bytes(self._handshake_buffer[:nbytes])
+            if self._tls_task is not None and not self._tls_task.done():
+                # the TLS layer delivered options before start_tls returned its transport: they are
+                # answered (on that transport) once it has
+                self._tls_early += data
+                return
+            leftover = self._negotiate(data)
             if not leftover:
                 return
             self.parser.feed(leftover)
@@ -220,6 +249,10 @@ class NbdConnection(asyncio.BufferedProtocol):
             return b""
         if out:
             transport.write(out)
+        if handshake.starttls:
+            transport.pause_reading()  # nothing more in clear: start_tls takes the socket over
+            self._tls_task = asyncio.get_running_loop().create_task(self._start_tls())
+            return b""
         if handshake.aborted:
             self._closing = True
             transport.close()
@@ -232,6 +265,33 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.handshake = None
         log.info("NBD client %s attached to export %r", self.peer, handshake.export.name)
         return handshake.leftover
+
+    async def _start_tls(self) -> None:
+        """After the ACK to NBD_OPT_STARTTLS: the TLS handshake (the peer must present a certificate
+        of the pair's CA), then the option haggling goes on inside TLS."""
+        transport, handshake, tls = self.transport, self.handshake, self.tls
+        assert transport is not None and handshake is not None and tls is not None
+        try:
+            new = await asyncio.get_running_loop().start_tls(
+                transport, self, tls, server_side=True, ssl_handshake_timeout=self.server.handshake_timeout
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            log.warning("NBD client %s: TLS handshake failed (%s); closing that connection", self.peer, exc)
+            self._closing = True
+            transport.abort()
+            return
+        if new is None or self._closing:
+            return
+        # uvloop's TLS transport is not an asyncio.Transport subclass (it has the same methods)
+        self.transport = cast(asyncio.Transport, new)
+        handshake.tls_started()
+        log.info("NBD client %s: TLS established", self.peer)
+        early, self._tls_early = bytes(self._tls_early), bytearray()
+        if early:
+            leftover = self._negotiate(early)
+            if leftover:
+                self.parser.feed(leftover)
+                self._process()
 
     # -- transmission -------------------------------------------------------------------------
     def _process(self) -> None:
@@ -393,14 +453,16 @@ class NbdServer:
         self.connections: set[NbdConnection] = set()
 
     async def listen(self, endpoint: Endpoint | str) -> asyncio.Server:
+        """Listen on ``endpoint``: a 0600 unix socket, or tcp with TLS required (refused without
+        credentials, see :mod:`hybridft_common.tls`)."""
         ep = parse_endpoint(endpoint) if isinstance(endpoint, str) else endpoint
         loop = asyncio.get_running_loop()
         if ep.kind == "unix":
             assert ep.path is not None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(ep.path)
-            return await loop.create_unix_server(lambda: NbdConnection(self), path=ep.path)
-        return await loop.create_server(lambda: NbdConnection(self), host=ep.host, port=ep.port)
+            sock = unix_listener(ep.path)
+            return await loop.create_unix_server(lambda: NbdConnection(self), sock=sock)
+        tls = ep.creds().server_context()  # every connection of this listener goes through STARTTLS
+        return await loop.create_server(lambda: NbdConnection(self, tls), host=ep.host, port=ep.port)
 
     def close_connections(self) -> None:
         for connection in list(self.connections):
@@ -432,7 +494,8 @@ def make_control_dispatch(buffer: Any) -> Dispatch:
             await buffer.failover()
             return buffer.status()
         if verb == "status":
-            return buffer.status()
+            runtime = {"event_loop": eventloop.running_loop_name(), "fastpath": fastpath.describe()}
+            return buffer.status() | {"runtime": runtime}
         if verb == "prepare-checkpoint":
             buffer.prepare_checkpoint()
             return {"checkpoint_in_progress": True}
@@ -462,7 +525,7 @@ def make_fenced_control_dispatch(buffer: Any) -> Dispatch:
 async def run_server(
     image: str | Path,
     state_dir: str | Path,
-    nbd_endpoint: str,
+    nbd_endpoint: str | Sequence[str],
     control_endpoint: str,
     *,
     speculation_budget: int = 256 << 20,
@@ -475,7 +538,11 @@ async def run_server(
     """Recover the buffer, serve NBD and control until ``stop`` is set (or SIGTERM/SIGINT)."""
     from disk_buffer.buffer import DiskBuffer, Export
 
-    nbd_ep = parse_endpoint(nbd_endpoint)
+    # several NBD addresses: on two hosts the secondary's `view` is local (unix) while the primary's
+    # mirror reaches `replica` over tcp (TLS)
+    nbd_eps = [
+        parse_endpoint(text) for text in ([nbd_endpoint] if isinstance(nbd_endpoint, str) else nbd_endpoint)
+    ]
     control_ep = parse_endpoint(control_endpoint)
     buffer = DiskBuffer.open(
         image, state_dir, speculation_budget=speculation_budget, writeout_budget=writeout_budget
@@ -491,21 +558,26 @@ async def run_server(
         max_connections=max_connections,
     )
     try:
-        servers.append(await nbd_server.listen(nbd_ep))
-        servers.append(await serve_control(control_ep, make_fenced_control_dispatch(buffer)))
+        control_server = await serve_control(control_ep, make_fenced_control_dispatch(buffer))
+        servers.append(control_server)
+        nbd_bound = []
+        for nbd_ep in nbd_eps:
+            servers.append(await nbd_server.listen(nbd_ep))
+            nbd_bound.append(_bound(servers[-1], nbd_ep))
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         status = buffer.status()
-        nbd_bound, control_bound = _bound(servers[0], nbd_ep), _bound(servers[1], control_ep)
+        control_bound = _bound(control_server, control_ep)
         log.info(
             "serving %s (%d bytes) on %s, control on %s; committed epoch %s",
             image,
             buffer.size,
-            nbd_bound,
+            ", ".join(map(str, nbd_bound)),
             control_bound,
             status.get("committed"),
         )
-        print(f"ready nbd={nbd_bound} control={control_bound}", flush=True)
+        also = "".join(f" nbd-also={ep}" for ep in nbd_bound[1:])
+        print(f"ready nbd={nbd_bound[0]} control={control_bound}{also}", flush=True)
         await stop.wait()
         log.info("shutting down")
     finally:
@@ -518,7 +590,7 @@ async def run_server(
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 5)
         await buffer.aclose()
-        for ep in (nbd_ep, control_ep):
+        for ep in (*nbd_eps, control_ep):
             if ep.kind == "unix" and ep.path:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(ep.path)
@@ -529,12 +601,13 @@ def _bound(server: asyncio.Server, requested: Endpoint) -> Endpoint:
     if requested.kind != "tcp" or not server.sockets:
         return requested
     host, port = server.sockets[0].getsockname()[:2]
-    return Endpoint("tcp", host=host, port=port)
+    return Endpoint("tcp", host=host, port=port, tls_creds=requested.tls_creds)
 
 
-def _endpoint_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
+def _endpoint_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     try:
-        parse_endpoint(value)
+        for text in [value] if isinstance(value, str) else value:
+            parse_endpoint(text)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     return value
@@ -552,10 +625,11 @@ def _endpoint_option(ctx: click.Context, param: click.Parameter, value: str) -> 
 )
 @click.option(
     "--nbd",
-    "nbd_endpoint",
+    "nbd_endpoints",
     required=True,
+    multiple=True,
     callback=_endpoint_option,
-    help="NBD listen address: unix:PATH or tcp:HOST:PORT.",
+    help="NBD listen address: unix:PATH or tcp:HOST:PORT (repeatable: the same exports on each).",
 )
 @click.option(
     "--control",
@@ -599,12 +673,19 @@ def _endpoint_option(ctx: click.Context, param: click.Parameter, value: str) -> 
     show_default=True,
     help="NBD connections served at once; more are closed on accept.",
 )
+@click.option(
+    "--tls-creds",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="TLS credentials directory (QEMU tls-creds-x509 layout) for tcp: addresses; see `hybridft certs`.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every connection and recovery step.")
 def serve_command(
     image: Path,
     state_dir: Path,
-    nbd_endpoint: str,
+    nbd_endpoints: tuple[str, ...],
     control_endpoint: str,
+    tls_creds: str | None,
     speculation_budget: int,
     writeout_budget: int,
     reply_budget: int,
@@ -619,19 +700,22 @@ def serve_command(
     )
     if not image.is_file():
         raise click.ClickException(f"image {image} does not exist or is not a regular file")
+    nbd_endpoints = tuple(str(parse_endpoint(text, tls_creds)) for text in nbd_endpoints)
+    control_endpoint = str(parse_endpoint(control_endpoint, tls_creds))
     try:
-        asyncio.run(
+        eventloop.run(
             run_server(
                 image,
                 state_dir,
-                nbd_endpoint,
+                nbd_endpoints,
                 control_endpoint,
                 speculation_budget=speculation_budget,
                 writeout_budget=writeout_budget,
                 reply_budget=reply_budget,
                 handshake_timeout=handshake_timeout,
                 max_connections=max_connections,
-            )
+            ),
+            "disk",
         )
     except HybridftError as exc:
         raise click.ClickException(f"{exc.message} ({exc.code})") from None

@@ -7,6 +7,10 @@ or ``{"ok": false, "error": "human readable", "code": "short-code"}``.  A handle
 request raises :class:`ControlError`; the service's state must then be unchanged (the contract of
 every verb).
 
+Who may connect is decided below this module (:func:`hybridft_common.endpoints.start_server`): a unix
+socket is 0600 and its peers must be our uid or root; a ``tcp:`` address is mutual TLS, refused without
+credentials.
+
 A peer cannot break the server's parser or its memory: every line that is not a request (not JSON,
 not UTF-8, nested deeper than the parser recurses, longer than :data:`MAX_LINE`) gets one
 ``bad-request`` reply and the connection goes on with the next line.  An over-long line is dropped
@@ -22,8 +26,15 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from hybridft_common.endpoints import Endpoint, open_connection, parse_endpoint, start_server
+from hybridft_common.endpoints import (
+    Endpoint,
+    connect_blocking,
+    open_connection,
+    parse_endpoint,
+    start_server,
+)
 from hybridft_common.errors import HybridftError
+from hybridft_common.secure import ChannelError
 
 Dispatch = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -152,7 +163,10 @@ class AsyncControlClient:
         self._lock = asyncio.Lock()
 
     async def connect(self) -> None:
-        self._reader, self._writer = await open_connection(self.endpoint, limit=MAX_LINE)
+        try:
+            self._reader, self._writer = await open_connection(self.endpoint, limit=MAX_LINE)
+        except ChannelError as exc:  # a tcp: address without credentials: a refusal, like any other
+            raise ControlError(exc.message, exc.code) from None
 
     async def call(self, verb: str, **args: Any) -> dict[str, Any]:
         async with self._lock:
@@ -181,10 +195,11 @@ def call(endpoint: Endpoint | str, verb: str, io_timeout: float | None = 60.0, *
     itself take ``timeout``, as the comparator's ``next-request`` long-poll does).
     """
     ep = parse_endpoint(endpoint) if isinstance(endpoint, str) else endpoint
-    sock, target = ep.new_socket()
+    try:
+        sock = connect_blocking(ep, io_timeout)
+    except ChannelError as exc:
+        raise ControlError(exc.message, exc.code) from None
     with sock:
-        sock.settimeout(io_timeout)
-        sock.connect(target)
         sock.sendall(encode_request(verb, args))
         buf = bytearray()
         while not buf.endswith(b"\n"):

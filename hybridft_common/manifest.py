@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
+from hybridft_common.secure import open_nofollow
 from hybridft_common.vocabulary import STOP_VIA_CHOICES, Mode, check_epoch_ms
 
 PAIR_JSON = "pair.json"
@@ -155,7 +156,8 @@ class PairManifest:
         """Replace ``path`` atomically and durably with this manifest."""
         text = json.dumps(self.to_dict(), indent=1) + "\n"
         tmp = path.with_name(f"{path.name}.tmp")
-        with tmp.open("w") as out:
+        fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # not through a symlink
+        with os.fdopen(fd, "w") as out:
             out.write(text)
             out.flush()
             os.fsync(out.fileno())

@@ -17,6 +17,8 @@ Layout (every section and key optional)::
     passive_secondary = false
     stop_via = "auto"             # auto | qemu | qmp
     guest_run = [["diskwriter", "/dev/vda"]]
+    tcp_host = "127.0.0.1"        # the two-host layout: cross-host channels on tcp (needs tls_creds)
+    tls_creds = "/etc/hybridft/pair-ca/hosta"   # a directory from `hybridft certs issue`
 
     [protection]                  # how the pair is protected
     mode = "auto"                 # mc | colo | auto (a policy decides)
@@ -88,6 +90,12 @@ class PairSettings:
     guest_run: tuple[tuple[str, ...], ...] = _spec(
         (), help="workloads the guest starts at boot: [[prog, arg, ...], ...]"
     )
+    tcp_host: str | None = _spec(
+        None, optional=True, help="the two-host layout: cross-host channels on tcp at this address"
+    )
+    tls_creds: str | None = _spec(
+        None, optional=True, help="TLS credentials directory for tcp channels (hybridft certs issue)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +116,20 @@ class ControllerSettings:
     hysteresis_windows: int = _spec(2, lo=1, hi=100, help="consecutive decisions a switch needs")
     checkpoint_timeout_s: float = _spec(30.0, lo=1.0, hi=600.0, help="longest a checkpoint step may take")
     metrics_port: int | None = _spec(None, lo=1, hi=65535, optional=True, help="serve /metrics on 127.0.0.1")
+
+
+#: the [controller] keys ``pair up`` hands the daemon as flags (``--min-dwell-s``...); ``metrics_port`` is
+#: the daemon's ``--metrics-port``
+DAEMON_CONTROLLER_KEYS = (
+    "sample_period_ms",
+    "window_s",
+    "decide_every_samples",
+    "policy_timeout_ms",
+    "min_dwell_s",
+    "switch_budget_per_min",
+    "hysteresis_windows",
+    "checkpoint_timeout_s",
+)
 
 
 @dataclass(frozen=True, slots=True)

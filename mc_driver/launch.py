@@ -8,7 +8,12 @@ on the secondary.  Those pieces live here once, so that a change to, say, the se
 ids failover removes again by name) cannot reach one launcher and miss the other.
 
 The builders return argument lists to be concatenated in order; they are pure functions of their
-arguments.  Each launcher keeps its own file names (they appear in its QEMU command lines and in
+arguments.  A chardev's address is a unix socket path or a ``tcp:`` :class:`Endpoint`; a tcp one always
+carries ``tls-creds=`` naming a ``tls-creds-x509`` object (:func:`tls_creds_object`, the credentials
+layout of :mod:`hybridft_common.tls`): the pair never speaks TCP in clear, and QEMU's TLS client checks
+the server's certificate against the address it dials, as ours do.
+
+Each launcher keeps its own file names (they appear in its QEMU command lines and in
 ``pair.json``); :class:`PairFiles` says which are whose.
 """
 
@@ -18,6 +23,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from hybridft_common.endpoints import Endpoint
 from mc_driver.accel import QemuChoice
 from mc_driver.guest.image import GuestImage
 from mc_driver.guest.qemu_args import DEFAULT_MAC, qemu_args
@@ -36,6 +42,12 @@ SECONDARY_MIRROR_CHARDEV = "red0"
 SECONDARY_OUTPUT_CHARDEV = "red1"
 REWRITER = "rew0"  # maps the secondary's TCP sequence numbers to the primary's
 PRIMARY_MIRROR_CHARDEV = "mirror0"
+# the tls-creds-x509 objects of a QEMU with tcp channels: one per role it plays (it listens on one
+# chardev and dials others, and the migration stream is a client on the primary, a server on the secondary)
+TLS_SERVER = "hft-tls-server"
+TLS_CLIENT = "hft-tls-client"
+
+ChardevAddress = Path | Endpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,14 +173,39 @@ def guest_qemu_args(
     ]
 
 
-def chardev_server(chardev: str, path: Path) -> list[str]:
-    """A unix-socket chardev QEMU listens on (and does not wait for a client before starting)."""
-    return ["-chardev", f"socket,id={chardev},path={path},server=on,wait=off"]
+def tls_creds_object(object_id: str, creds_dir: Path | str, endpoint: str) -> list[str]:
+    """A ``tls-creds-x509`` object: ``endpoint`` is ``server`` (QEMU listens) or ``client`` (it dials);
+    either way the peer must present a certificate of the pair's CA (``verify-peer=on``)."""
+    if endpoint not in ("server", "client"):
+        raise ValueError(f"a tls-creds endpoint is server or client, not {endpoint!r}")
+    return ["-object", f"tls-creds-x509,id={object_id},dir={creds_dir},endpoint={endpoint},verify-peer=on"]
 
 
-def chardev_client(chardev: str, path: Path) -> list[str]:
-    """A unix-socket chardev QEMU connects to, retrying every second until the listener is there."""
-    return ["-chardev", f"socket,id={chardev},path={path},reconnect=1"]
+def _socket_address(where: ChardevAddress, tls_object: str) -> str:
+    if isinstance(where, Path):
+        return f"path={where}"
+    if where.kind == "unix":
+        return f"path={where.path}"
+    where.creds()  # a tcp chardev without credentials is refused, with how to make them
+    return f"host={where.host},port={where.port},tls-creds={tls_object}"
+
+
+def chardev_server(chardev: str, where: ChardevAddress) -> list[str]:
+    """A socket chardev QEMU listens on (and does not wait for a client before starting); over tcp it is
+    the TLS server with :data:`TLS_SERVER`."""
+    return ["-chardev", f"socket,id={chardev},{_socket_address(where, TLS_SERVER)},server=on,wait=off"]
+
+
+def chardev_client(chardev: str, where: ChardevAddress) -> list[str]:
+    """A socket chardev QEMU connects to, retrying every second until the listener is there; over tcp it
+    is the TLS client with :data:`TLS_CLIENT`."""
+    return ["-chardev", f"socket,id={chardev},{_socket_address(where, TLS_CLIENT)},reconnect=1"]
+
+
+def migration_tls_args(tls_object: str) -> list[str]:
+    """The migration stream over TLS (QEMU's ``tls-creds`` migration parameter, set at start so that
+    ``-incoming`` listens with it and ``migrate`` dials with it)."""
+    return ["-global", f"migration.tls-creds={tls_object}"]
 
 
 def monitor_args(chardev: str, path: Path) -> list[str]:
@@ -210,7 +247,7 @@ def filter_rewriter(name: str) -> list[str]:
     return ["-object", f"filter-rewriter,id={name},netdev={NETDEV},queue=all"]
 
 
-def secondary_filter_args(mirror: Path, output: Path) -> list[str]:
+def secondary_filter_args(mirror: ChardevAddress, output: ChardevAddress) -> list[str]:
     """The secondary's COLO filters: the client packets the primary mirrors (``mirror``) go into its guest,
     its guest's output goes to the comparator (``output``), and the rewriter keeps TCP sequence numbers
     consistent with the primary's.  Both sockets are the far side's listeners."""

@@ -37,6 +37,16 @@ Why these choices
   is started while the primary is still paused at ``-S`` so no guest write escapes it.
 * **QMP monitors**: each consumer gets its own ``-mon`` (daemon, ops on both sides; agent on the
   secondary), because a QEMU monitor socket serves one client at a time.
+* **Channels are private.**  The work directory is created 0700 (an existing one must be ours and not
+  group/world-writable), every socket in it is 0600 and every service checks its unix peers' uid.
+* **The two-host layout** (``tcp_host`` + ``tls_creds``, ``pair up --tcp-host --tls-creds``): every
+  channel that would cross between the primary's host (primary QEMU, comparator, daemon) and the
+  secondary's host (secondary QEMU, disk server, agent) is ``tcp:`` with mutual TLS from one credentials
+  directory (``hybridft certs``): the migration stream (QEMU ``tls-creds`` parameter), the primary's
+  mirror chardev and the secondary's output chardev (chardev ``tls-creds``), the mirror's NBD target
+  (NBD STARTTLS), the disk server's control socket and the heartbeat.  Channels local to one host stay
+  unix sockets (the secondary's `view` disk, the primary's comparator chardevs, every QMP monitor).
+  ``pair up`` runs both "hosts" on this machine, so it is how that layout is tested end to end.
 * **Failure while starting** tears everything down (the same code as ``pair down``) and raises
   :class:`PairError` naming the step and the log to read.
 """
@@ -61,6 +71,9 @@ from typing import Any
 
 from hybridft_common import manifest
 from hybridft_common.cli import hybridft_command
+from hybridft_common.endpoints import Endpoint
+from hybridft_common.secure import ChannelError, ensure_private_dir, open_nofollow
+from hybridft_common.tls import HOW_TO, TlsCreds
 from hybridft_common.vocabulary import Mode
 from mc_driver.accel import NoUsableQemu, QemuChoice, choose_qemu
 from mc_driver.guest.control import FAILED_LINE, READY_LINE
@@ -73,6 +86,9 @@ from mc_driver.launch import (
     PRIMARY_REDIRECTORS,
     PRIMARY_TAP,
     SECONDARY_TAP,
+    TLS_CLIENT,
+    TLS_SERVER,
+    ChardevAddress,
     PairFiles,
     add_pair_taps,
     chardev_client,
@@ -80,8 +96,10 @@ from mc_driver.launch import (
     filter_mirror,
     filter_redirector,
     guest_qemu_args,
+    migration_tls_args,
     monitor_args,
     secondary_filter_args,
+    tls_creds_object,
 )
 from mc_driver.netns import NetNamespace, NetnsError, list_namespaces, pid_alive
 from mc_driver.qmp import QmpError, QmpSession
@@ -133,6 +151,82 @@ class PairConfig:
     # workloads started at boot, e.g. (("diskwriter", "/dev/vda"),)
     guest_run: tuple[tuple[str, ...], ...] = ()
     daemon_args: tuple[str, ...] = ()
+    # the two-host layout (module docstring): cross-host channels on tcp at this address, with mutual TLS
+    tcp_host: str | None = None
+    tls_creds: Path | None = None
+
+
+# the channels that cross between the two hosts, in the order their ports are drawn
+TCP_CHANNELS = ("disk-ctl", "disk-nbd-replica", "compare-secondary", "mirror", "migrate", "heartbeat")
+
+
+@dataclass(frozen=True, slots=True)
+class Channels:
+    """Where each channel between the pair's processes is: unix sockets in the work directory, or, in the
+    two-host layout, ``tcp:`` endpoints carrying the credentials directory."""
+
+    disk_control: str
+    disk_nbd: tuple[str, ...]  # the disk server's NBD listeners
+    replica: Endpoint  # where the primary's mirror reaches `replica`
+    view: Path  # the secondary's disk (`view`), always on its own host
+    compare_secondary: ChardevAddress
+    mirror: ChardevAddress
+    migrate: str  # QEMU's migration URI (the secondary's -incoming, the primary's migrate)
+    heartbeat: str
+    creds: Path | None = None
+
+    @property
+    def tcp(self) -> bool:
+        return self.creds is not None
+
+
+def pair_channels(config: PairConfig, files: PairFiles, ports: dict[str, int] | None = None) -> Channels:
+    """The channels of the pair: all unix (one host), or the two-host layout when ``config.tcp_host`` is
+    set (then ``ports`` gives each of :data:`TCP_CHANNELS` its port)."""
+    view = files.sock("disk-nbd")
+    if config.tcp_host is None:
+        return Channels(
+            disk_control=files.endpoint("disk-ctl"),
+            disk_nbd=(files.endpoint("disk-nbd"),),
+            replica=Endpoint("unix", path=str(view)),
+            view=view,
+            compare_secondary=files.sock("compare-secondary"),
+            mirror=files.mirror,
+            migrate=f"unix:{files.migrate}",
+            heartbeat=files.endpoint("heartbeat"),
+        )
+    if config.tls_creds is None:
+        raise PairError(f"the two-host layout (tcp_host {config.tcp_host}) needs TLS credentials; {HOW_TO}")
+    if ports is None or set(ports) != set(TCP_CHANNELS):
+        raise PairError(f"the two-host layout needs a port for each of {', '.join(TCP_CHANNELS)}")
+    creds = str(config.tls_creds)
+
+    def tcp(name: str) -> Endpoint:
+        return Endpoint("tcp", host=config.tcp_host, port=ports[name], tls_creds=creds)
+
+    return Channels(
+        disk_control=str(tcp("disk-ctl")),
+        disk_nbd=(f"unix:{view}", str(tcp("disk-nbd-replica"))),
+        replica=tcp("disk-nbd-replica"),
+        view=view,
+        compare_secondary=tcp("compare-secondary"),
+        mirror=tcp("mirror"),
+        migrate=f"tcp:{config.tcp_host}:{ports['migrate']}",  # QEMU's URI: its TLS comes from -global
+        heartbeat=str(tcp("heartbeat")),
+        creds=config.tls_creds,
+    )
+
+
+def _tls_args(channels: Channels, side: str) -> list[str]:
+    """A QEMU's TLS objects and its migration parameter (nothing on one host)."""
+    if channels.creds is None:
+        return []
+    migration = TLS_CLIENT if side == "primary" else TLS_SERVER
+    return [
+        *tls_creds_object(TLS_SERVER, channels.creds, "server"),
+        *tls_creds_object(TLS_CLIENT, channels.creds, "client"),
+        *migration_tls_args(migration),
+    ]
 
 
 QMP_USERS = {"primary": ("daemon", "ops"), "secondary": ("daemon", "agent", "ops")}
@@ -149,7 +243,7 @@ def _guest_args(
     config: PairConfig, files: PairFiles, image: GuestImage, qemu: QemuChoice, side: str
 ) -> list[str]:
     disk: str | Path = files.image("primary")
-    if side == "secondary":
+    if side == "secondary":  # the secondary's host serves its `view` locally
         disk = f"nbd+unix:///view?socket={files.sock('disk-nbd')}"
     extra = "" if config.guest_tcp_timestamps else GUEST_TCP_TIMESTAMPS_OFF
     args = guest_qemu_args(
@@ -167,11 +261,19 @@ def _guest_args(
     return [*args, *stamp, "-name", side, *_monitor_args(files, side)]
 
 
-def primary_args(config: PairConfig, files: PairFiles, image: GuestImage, qemu: QemuChoice) -> list[str]:
+def primary_args(
+    config: PairConfig,
+    files: PairFiles,
+    image: GuestImage,
+    qemu: QemuChoice,
+    channels: Channels | None = None,
+) -> list[str]:
     """The primary QEMU (binary first): paused at ``-S`` until the mirror runs; output to the comparator."""
+    channels = channels or pair_channels(config, files)
     return [
         *_guest_args(config, files, image, qemu, "primary"), "-S",
-        *chardev_server(PRIMARY_MIRROR_CHARDEV, files.mirror),
+        *_tls_args(channels, "primary"),
+        *chardev_server(PRIMARY_MIRROR_CHARDEV, channels.mirror),
         *chardev_client("cmp_out", files.sock("compare-out")),
         *chardev_client("cmp_pri", files.sock("compare-primary")),
         *filter_mirror("m0", PRIMARY_MIRROR_CHARDEV),
@@ -181,19 +283,33 @@ def primary_args(config: PairConfig, files: PairFiles, image: GuestImage, qemu: 
     ]  # fmt: skip
 
 
-def secondary_args(config: PairConfig, files: PairFiles, image: GuestImage, qemu: QemuChoice) -> list[str]:
+def secondary_args(
+    config: PairConfig,
+    files: PairFiles,
+    image: GuestImage,
+    qemu: QemuChoice,
+    channels: Channels | None = None,
+) -> list[str]:
     """The secondary QEMU (binary first): waits on ``-incoming``; disk = the `view` export."""
+    channels = channels or pair_channels(config, files)
     return [
         *_guest_args(config, files, image, qemu, "secondary"),
-        *secondary_filter_args(files.mirror, files.sock("compare-secondary")),
-        "-incoming", f"unix:{files.migrate}",
+        *_tls_args(channels, "secondary"),
+        *secondary_filter_args(channels.mirror, channels.compare_secondary),
+        "-incoming", channels.migrate,
     ]  # fmt: skip
 
 
 def pair_json(
-    config: PairConfig, files: PairFiles, qemu: QemuChoice, pids: dict[str, int]
+    config: PairConfig,
+    files: PairFiles,
+    qemu: QemuChoice,
+    pids: dict[str, int],
+    channels: Channels | None = None,
 ) -> manifest.PairManifest:
     """The contents of ``pair.json`` (the contract with the daemon and the agent)."""
+    if channels is None:  # before the namespace exists, tcp ports are not drawn yet (0: not known)
+        channels = pair_channels(config, files, dict.fromkeys(TCP_CHANNELS, 0) if config.tcp_host else None)
 
     def monitor(side: str, user: str) -> str:
         return f"unix:{files.qmp(side, user)}"
@@ -218,11 +334,11 @@ def pair_json(
             ),
         ),
         compare_control=files.endpoint("compare-ctl"),
-        disk_control=files.endpoint("disk-ctl"),
-        disk_nbd=files.endpoint("disk-nbd"),
+        disk_control=channels.disk_control,
+        disk_nbd=str(channels.replica),
         daemon_control=files.endpoint("daemon-ctl"),
-        heartbeat=files.endpoint("heartbeat"),
-        migrate_uri=f"unix:{files.sock('migrate')}",
+        heartbeat=channels.heartbeat,
+        migrate_uri=channels.migrate,
         guest_control=manifest.Sides(
             files.endpoint("primary-guestctl"),
             files.endpoint("secondary-guestctl"),
@@ -252,6 +368,7 @@ class PairLauncher:
     pids: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     timeline: list[tuple[str, float]] = field(default_factory=list)
+    channels: Channels | None = None
     _t0: float = field(default_factory=time.monotonic)
 
     def mark(self, step: str) -> None:
@@ -259,11 +376,12 @@ class PairLauncher:
 
     def write_config(self) -> None:
         assert self.qemu is not None
-        pair_json(self.config, self.files, self.qemu, self.pids).write(self.files.config)
+        pair_json(self.config, self.files, self.qemu, self.pids, self.channels).write(self.files.config)
 
     def spawn(self, role: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
         assert self.ns is not None
-        with self.files.log(role).open("ab") as log:
+        log_fd = open_nofollow(self.files.log(role), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(log_fd, "ab") as log:
             proc = subprocess.Popen(
                 [*self.ns.exec_prefix, *args],
                 stdin=subprocess.DEVNULL,
@@ -297,6 +415,39 @@ class PairLauncher:
     def wait_for_socket(self, path: Path, timeout: float = 30.0) -> None:
         self.wait_for(f"{path.name}", lambda: _accepts(path), timeout)
 
+    def wait_for_listener(self, role: str, where: ChardevAddress | str, timeout: float = 30.0) -> None:
+        """A unix socket that accepts, or a tcp port ``role``'s process listens on (read from its
+        network namespace's /proc table: a probe connection would fail the service's TLS handshake)."""
+        if isinstance(where, str):
+            where = Endpoint("unix", path=where[5:]) if where.startswith("unix:") else _tcp(where)
+        if isinstance(where, Path) or where.kind == "unix":
+            self.wait_for_socket(Path(str(where if isinstance(where, Path) else where.path)), timeout)
+            return
+        port = where.port or 0
+        self.wait_for(
+            f"{role} listening on port {port}", lambda: _listens_tcp(self.procs[role].pid, port), timeout
+        )
+
+
+def _tcp(text: str) -> Endpoint:
+    from hybridft_common.endpoints import parse_endpoint
+
+    return parse_endpoint(text)
+
+
+def _listens_tcp(pid: int, port: int) -> bool:
+    """Does the network namespace of ``pid`` have a TCP socket listening on ``port``?"""
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
 
 def _accepts(path: Path) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -329,9 +480,21 @@ def _sparse_copy(src: Path, dst: Path) -> None:
     subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
 
 
+def _nbd_server(replica: Endpoint) -> dict[str, Any]:
+    """The blockdev ``nbd`` node's address (and TLS) for the mirror's target."""
+    if replica.kind == "unix":
+        return {"server": {"type": "unix", "path": str(replica.path)}}
+    replica.creds()
+    return {
+        "server": {"type": "inet", "host": str(replica.host), "port": str(replica.port)},
+        "tls-creds": TLS_CLIENT,
+    }
+
+
 async def _start_mirror(launcher: PairLauncher) -> None:
     """At ``-S``: an ``nbd`` node on `replica`, blockdev-mirror into it, READY, then ``cont``."""
     files = launcher.files
+    channels = launcher.channels or pair_channels(launcher.config, files)
     session = await QmpSession.connect(
         files.qmp("primary", "ops"), name="primary", timeout=30,
         alive=lambda: launcher.procs["primary"].poll() is None,
@@ -339,7 +502,7 @@ async def _start_mirror(launcher: PairLauncher) -> None:
     try:
         await session.execute("blockdev-add", {
             "driver": "nbd", "node-name": MIRROR_TARGET_NODE, "export": "replica",
-            "server": {"type": "unix", "path": str(files.sock("disk-nbd"))},
+            **_nbd_server(channels.replica),
         })  # fmt: skip
         await session.execute("blockdev-mirror", {
             "job-id": MIRROR_JOB, "device": PRIMARY_DRIVE, "target": MIRROR_TARGET_NODE,
@@ -359,6 +522,23 @@ async def _start_mirror(launcher: PairLauncher) -> None:
         await session.execute("cont")
     finally:
         await session.close()
+
+
+def _free_ports(ns: NetNamespace, host: str | None) -> dict[str, int] | None:
+    """A free port inside the pair's namespace for each of :data:`TCP_CHANNELS` (None on one host)."""
+    if host is None:
+        return None
+    probes: list[socket.socket] = []
+    try:
+        with ns.entered():
+            for _ in TCP_CHANNELS:
+                probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+                probes.append(probe)
+                probe.bind((host, 0))
+        return {name: int(probe.getsockname()[1]) for name, probe in zip(TCP_CHANNELS, probes, strict=True)}
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def _echo_through_guest(ns: NetNamespace, timeout: float) -> None:
@@ -420,7 +600,19 @@ def up(config: PairConfig) -> dict[str, Any]:
         raise PairError(f"mode must be mc or colo, not {config.mode!r}")
     if config.epoch_ms < 1:
         raise PairError(f"--epoch-ms must be at least 1, not {config.epoch_ms}")
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        ensure_private_dir(workdir)
+    except ChannelError as exc:
+        raise PairError(exc.message) from None
+    if config.tcp_host is not None:
+        if config.tls_creds is None:
+            raise PairError(f"--tcp-host {config.tcp_host} needs TLS credentials (--tls-creds DIR); {HOW_TO}")
+        config = dataclasses.replace(config, tls_creds=config.tls_creds.resolve())
+        try:
+            assert config.tls_creds is not None
+            TlsCreds(config.tls_creds).check()
+        except ChannelError as exc:
+            raise PairError(exc.message) from None
     live = _existing_pair(files)
     if live:
         raise PairError(
@@ -456,6 +648,8 @@ def _up(launcher: PairLauncher) -> dict[str, Any]:
     ns.create()
     launcher.ns = ns
     add_pair_taps(ns, PRIMARY_TAP, SECONDARY_TAP)
+    launcher.channels = channels = pair_channels(config, files, _free_ports(ns, config.tcp_host))
+    launcher.write_config()
     launcher.mark("network")
 
     primary_img = files.image("primary")
@@ -463,29 +657,32 @@ def _up(launcher: PairLauncher) -> dict[str, Any]:
         img.truncate(config.disk_mib << 20)
     _sparse_copy(primary_img, files.image("secondary"))
     shutil.rmtree(files.disk_state, ignore_errors=True)
+    nbd_args = [word for address in channels.disk_nbd for word in ("--nbd", address)]
     launcher.spawn("disk", hybridft_command(
         "disk", "serve", "--image", str(files.image("secondary")), "--state-dir", str(files.disk_state),
-        "--nbd", files.endpoint("disk-nbd"), "--control", files.endpoint("disk-ctl")))  # fmt: skip
-    launcher.wait_for_socket(files.sock("disk-ctl"))
-    launcher.wait_for_socket(files.sock("disk-nbd"))
+        *nbd_args, "--control", channels.disk_control))  # fmt: skip
+    for address in (channels.disk_control, *channels.disk_nbd):
+        launcher.wait_for_listener("disk", address)
 
+    secondary_in = channels.compare_secondary
     launcher.spawn("compare", hybridft_command(
         "compare", "serve", "--mode", config.mode,
         "--compare-timeout", str(config.compare_timeout_ms / 1000),
         "--primary-in", files.endpoint("compare-primary"),
-        "--secondary-in", files.endpoint("compare-secondary"),
+        "--secondary-in", str(secondary_in) if isinstance(secondary_in, Endpoint) else f"unix:{secondary_in}",
         "--out", files.endpoint("compare-out"), "--control", files.endpoint("compare-ctl"),
         "--fence-file", str(files.workdir / "compare-generation")))  # fmt: skip
-    for name in ("compare-ctl", "compare-primary", "compare-secondary", "compare-out"):
+    for name in ("compare-ctl", "compare-primary", "compare-out"):
         launcher.wait_for_socket(files.sock(name))
+    launcher.wait_for_listener("compare", secondary_in)
 
     assert launcher.qemu is not None and launcher.image is not None
     for side in ("primary", "secondary"):
         files.console(side).unlink(missing_ok=True)
-    launcher.spawn("secondary", secondary_args(config, files, launcher.image, launcher.qemu))
+    launcher.spawn("secondary", secondary_args(config, files, launcher.image, launcher.qemu, channels))
     for user in QMP_USERS["secondary"]:
         launcher.wait_for_socket(files.qmp("secondary", user))
-    launcher.spawn("primary", primary_args(config, files, launcher.image, launcher.qemu))
+    launcher.spawn("primary", primary_args(config, files, launcher.image, launcher.qemu, channels))
     for user in QMP_USERS["primary"]:
         launcher.wait_for_socket(files.qmp("primary", user))
     asyncio.run(_start_mirror(launcher))
@@ -494,7 +691,7 @@ def _up(launcher: PairLauncher) -> dict[str, Any]:
 
     config_arg = ("--config", str(files.config))
     launcher.spawn("agent", hybridft_command("agent", *config_arg))
-    launcher.wait_for_socket(files.sock("heartbeat"))
+    launcher.wait_for_listener("agent", channels.heartbeat)
     result: dict[str, Any] = {
         "guest_ip": GUEST_IP,
         "client_netns": files.netns,

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import click
 
-from hybridft_common.settings import AUTO, PROTECTION_MODES, Settings, SettingsError, load_settings
+from hybridft_common.settings import (
+    AUTO,
+    DAEMON_CONTROLLER_KEYS,
+    PROTECTION_MODES,
+    Settings,
+    SettingsError,
+    load_settings,
+)
 from hybridft_common.vocabulary import DEFAULT_EPOCH_MS, STOP_VIA_CHOICES, Mode, epoch_ms_range
 from mc_driver.pair import PairConfig, PairError, down, up
 
@@ -85,6 +92,17 @@ def pair() -> None:
     " patch 0005), or the daemon over QMP (any QEMU); auto (the default) picks qemu when the build has it.",
 )
 @click.option(
+    "--tcp-host",
+    default=None,
+    help="The two-host layout: every channel between the hosts on tcp at this address, mutual TLS.",
+)
+@click.option(
+    "--tls-creds",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="TLS credentials directory for the tcp channels (`hybridft certs init` / `issue`).",
+)
+@click.option(
     "--no-daemon",
     is_flag=True,
     help="Start everything but the daemon (COLO not started): for debugging the launcher.",
@@ -104,6 +122,8 @@ def up_command(
     guest_run: tuple[tuple[str, ...], ...],
     passive_secondary: bool | None,
     stop_via: str | None,
+    tcp_host: str | None,
+    tls_creds: str | None,
     no_daemon: bool,
     as_json: bool,
 ) -> None:
@@ -120,6 +140,8 @@ def up_command(
             passive_secondary=passive_secondary,
             stop_via=stop_via,
             guest_run=guest_run or None,
+            tcp_host=tcp_host,
+            tls_creds=tls_creds,
         )
         if policy is not None and mode is None:
             mode = AUTO  # naming a policy means handing it control
@@ -151,9 +173,11 @@ def up_command(
 
 def pair_config(workdir: Path, settings: Settings, *, start_daemon: bool = True) -> PairConfig:
     """What ``pair up`` starts, from validated settings.  ``auto`` starts in MC (the policy's first
-    decision moves it); the policy and the sampling period travel to the daemon as its flags."""
+    decision moves it); the policy and the ``[controller]`` settings travel to the daemon as its flags."""
     pair_settings, protection = settings.pair, settings.protection
-    daemon_args: list[str] = ["--sample-period-ms", str(settings.controller.sample_period_ms)]
+    daemon_args: list[str] = []
+    for key in DAEMON_CONTROLLER_KEYS:  # each [controller] setting the daemon takes, as its flag
+        daemon_args += [f"--{key.replace('_', '-')}", str(getattr(settings.controller, key))]
     if protection.mode == AUTO:
         daemon_args += ["--policy", protection.policy]
         for key, value in sorted(settings.policy_params.items()):
@@ -172,6 +196,8 @@ def pair_config(workdir: Path, settings: Settings, *, start_daemon: bool = True)
         passive_secondary=pair_settings.passive_secondary,
         stop_via=pair_settings.stop_via,
         daemon_args=tuple(daemon_args),
+        tcp_host=pair_settings.tcp_host,
+        tls_creds=Path(pair_settings.tls_creds) if pair_settings.tls_creds else None,
     )
 
 

@@ -41,6 +41,7 @@ BUILTINS: Mapping[str, str] = {
     "gilbert": "policies.gilbert:Gilbert",
     "threshold": "policies.threshold:Threshold",
     "cost-model": "policies.cost_model:CostModel",
+    "learned": "policies.learned:Learned",
 }
 
 BUILTIN_ORIGIN = "builtin"

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   qemu-system-x86 qemu-utils qemu-block-extra
   busybox-static python3-libnbd libnbd-bin nbdkit iproute2 tcpdump nftables
-  python3-venv gcc make libc6-dev
+  python3-venv python3-dev gcc make libc6-dev
 )
 
 missing=()
@@ -29,7 +29,8 @@ fi
 
 PYTHON=${PYTHON:-python3}
 stamp=.venv/.hybridft-setup
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+# the stamp covers what the install builds: the project metadata and the compiled fast path
+want=$(cat pyproject.toml setup.py hybridft_common/_speedups.c | sha256sum | cut -d' ' -f1)
 if [[ ! -x .venv/bin/python ]] || [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   echo "setup: creating .venv with $($PYTHON --version)"
   [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
@@ -37,6 +38,10 @@ if [[ ! -x .venv/bin/python ]] || [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]
   .venv/bin/pip install -q -e '.[dev]'
   echo "$want" >"$stamp"
 fi
+# the editable install builds hybridft_common/_speedups*.so in place; without it the data plane runs
+# the (slower) pure-Python reference, so say so loudly
+.venv/bin/python -c 'import hybridft_common._speedups' 2>/dev/null \
+  || echo "setup: warning: the compiled fast path did not build (gcc, python3-dev?)" >&2
 
 # libnbd's Python binding comes from Debian (python3-libnbd), built for the system CPython 3.11;
 # link it into the venv so tests use the real libnbd client.

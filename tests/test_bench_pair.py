@@ -43,10 +43,16 @@ def test_quick_bench_reports_every_section_with_baselines(tmp_path: Path) -> Non
     assert idle["daemon_passive_secondary"]["n"] > 0
     assert set(idle["secondary_cpu_percent"]) == {"active", "passive"}
     traffic = result["traffic"]
-    assert set(traffic) == {"mc 20 ms", "mc 100 ms", "colo", "unreplicated"}
+    # unreplicated+cpu: the unreplicated guest beside a stand-in burning the secondary's CPU share
+    assert set(traffic) == {"mc 20 ms", "mc 100 ms", "colo", "unreplicated", "unreplicated+cpu"}
     for mode, row in traffic.items():
         assert row["http"]["n"] == 1 and row["http"]["mb_s"] > 0, mode
         assert row["echo_ms"]["n"] == 20 and row["echo_ms"]["p50"] > 0, mode
+        cpu = row["http_cpu_percent"]  # what each process used during the downloads
+        assert {"primary", "compare", "disk", "daemon", "bench client"} <= set(cpu), (mode, cpu)
+        assert cpu["primary"] > 0, (mode, cpu)
+    assert traffic["colo"]["http_cpu_percent"]["secondary"] > 0
+    assert traffic["unreplicated"]["http_cpu_percent"].get("secondary", 0) == 0  # killed
     assert traffic["unreplicated"]["http_ratio"] == 1.0
     assert result["colo_divergences"]["httpd"]["minutes"] > 0  # quick: the COLO traffic above only
     assert result["daemon_status"]["checkpoints"]["failed"] == 0

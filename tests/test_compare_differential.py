@@ -1,4 +1,5 @@
-"""Differential test: the optimised comparator core against the last unoptimised one.
+"""Differential tests: the optimised comparator core against the last unoptimised one, and the
+compiled fast path (``hybridft_common._speedups``) against the Python reference it replaces.
 
 The batch-level hot path of ``colo_compare.core`` (runs of in-order segments compared and stored
 once, held frames released in bulk) must not change behaviour.  The reference is the core as of
@@ -9,14 +10,23 @@ random batch sizes, polls, seals, commits, mode switches, release_all) and must 
 action sequences, statistics and per-flow reports after every operation.  The reference predates
 the shadow comparison of MC epochs, so the same holds with the shadow on (the default) and off:
 the shadow only counts.  Its memory stays within the queue budget after every operation.
+
+The compiled fast path (issue 14) is held to the Python code in the same process, on the same
+inputs, whatever ``HYBRIDFT_PURE_PYTHON`` says: the comparator's loops (the workload above plus
+frames with fuzzed header bytes), the net-filter record decoder and encoder (random records,
+random chunking, garbage), and the NBD request decoder (random requests, oversized writes, bad
+magics, random chunking).  Results, errors and the decoders' state must be identical.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
+import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -24,6 +34,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from colo_compare import core as fast_core
+from colo_compare import transport
+from disk_buffer import nbd
+from hybridft_common import fastpath
 from tests.helpers.raw_frames import tcp4
 
 REFERENCE_COMMIT = "796c967d1528581c411645c96bd7fd2af575a57f"
@@ -221,3 +234,282 @@ def test_reference_is_the_unoptimised_core() -> None:
     assert ref_core.Comparator is not fast_core.Comparator
     assert not hasattr(ref_core.Comparator, "_flush_primary_run")
     assert hasattr(fast_core.Comparator, "_flush_primary_run")
+
+
+# ------------------------------------------------------------------------------------------------
+# the compiled fast path against the Python reference
+# ------------------------------------------------------------------------------------------------
+
+
+def _require_compiled() -> None:
+    assert fastpath.available is not None, (
+        "the compiled fast path is not built (hybridft_common._speedups): run `pip install -e .`"
+    )
+
+
+_CORE_LOOPS = ("_feed_colo_primary", "_feed_colo_secondary", "_advance_tcp")
+
+
+@contextlib.contextmanager
+def core_loops(kind: str) -> Iterator[None]:
+    """Run the comparator (and its shadow, a subclass) with the ``python`` or ``compiled`` loops."""
+    cls = fast_core.Comparator
+    saved = {name: cls.__dict__[name] for name in _CORE_LOOPS}
+    for name in _CORE_LOOPS:
+        setattr(cls, name, cls.__dict__[f"{name}_{kind}"])
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(cls, name, fn)
+
+
+# The header fields the fast scan tests, each with values near its boundaries (uniform bytes
+# would almost never hit "data offset 4" or "IHL 6"): (offset, width, values of the new field).
+def _near(width: int) -> st.SearchStrategy[int]:
+    return st.one_of(st.integers(0, (1 << 8 * width) - 1), st.sampled_from([0, 1, (1 << 8 * width) - 1]))
+
+
+_HEADER_FIELDS: list[tuple[int, int, st.SearchStrategy[int]]] = [
+    (12, 2, st.sampled_from([0x0800, 0x86DD, 0x0806, 0x0801])),  # EtherType
+    (14, 1, st.sampled_from([0x45, 0x44, 0x46, 0x4F, 0x55, 0x65])),  # version / IHL
+    (16, 2, _near(2)),  # IP total length (deltas below)
+    (20, 2, st.sampled_from([0x0000, 0x4000, 0x2000, 0x0001, 0x1FFF])),  # fragment flags / offset
+    (23, 1, st.sampled_from([6, 17, 1, 0, 58])),  # protocol
+    (26, 4, _near(4)),  # source address (the flow key)
+    (36, 2, _near(2)),  # destination port (the flow key)
+    (38, 4, _near(4)),  # sequence number (deltas below)
+    (42, 4, _near(4)),  # ACK number
+    (46, 1, st.sampled_from([0x00, 0x40, 0x4F, 0x50, 0x51, 0x60, 0xF0, 0xFF])),  # data offset (+NS bit)
+    (47, 1, st.sampled_from([0x10, 0x18, 0x08, 0x11, 0x12, 0x14, 0x00, 0xFF])),  # TCP flags
+]
+
+
+@st.composite
+def fuzzed_workload(draw: st.DrawFn) -> tuple[list[bytes], list[bytes], list[tuple]]:
+    """The workload above with some frames' header bytes overwritten (lengths, offsets, flags,
+    sequence numbers, addresses, truncation): frames the fast scan must reject exactly as the
+    Python loop does."""
+    if draw(st.booleans()):
+        p, s, ops = draw(workload())
+    else:  # long in-order runs on both sides: the frames the compiled scan consumes
+        data = draw(st.binary(min_size=200, max_size=3000))
+        p, s = [], []
+        for frames, size, isn in ((p, draw(st.integers(1, 100)), 1000), (s, draw(st.integers(1, 100)), 1000)):
+            frames.append(tcp4(isn, flags=0x12))
+            for a in range(0, len(data), size):
+                ack = draw(st.sampled_from([1, 1, 9, 1 + (1 << 31)]))  # the last: exactly half the space away
+                frames.append(tcp4(isn + 1 + a, data[a : a + size], ack=ack))
+        ops = [(side, draw(st.integers(1, 64))) for _ in range(draw(st.integers(1, 12))) for side in "ps"]
+        ops += [("p", 10_000), ("s", 10_000), ("seal",), ("commit",)]
+
+    def mutate(frames: list[bytes]) -> list[bytes]:
+        out = []
+        for frame in frames:
+            if len(frame) >= 54 and draw(st.integers(0, 3)) == 0:
+                b = bytearray(frame)
+                for _ in range(draw(st.integers(1, 3))):
+                    at, width, values = draw(st.sampled_from(_HEADER_FIELDS))
+                    old = int.from_bytes(b[at : at + width], "big")
+                    value = draw(st.one_of(values, st.integers(-64, 64).map(lambda d, o=old: o + d)))
+                    b[at : at + width] = (value % (1 << 8 * width)).to_bytes(width, "big")
+                if draw(st.integers(0, 5)) == 0:
+                    del b[draw(st.integers(0, len(b))) :]
+                frame = bytes(b)
+            out.append(frame)
+        return out
+
+    return mutate(p), mutate(s), ops
+
+
+def _core_matches(work: tuple, mode: str, budget: int) -> None:
+    p, s, ops = work
+    frames = {"p": p, "s": s}
+    with core_loops("compiled"):
+        fast = fast_core.Comparator(fast_core.Mode(mode), compare_timeout=2.0, queue_budget_bytes=budget)
+    with core_loops("python"):
+        pure = fast_core.Comparator(fast_core.Mode(mode), compare_timeout=2.0, queue_budget_bytes=budget)
+    pos_f, pos_p = {"p": 0, "s": 0}, {"p": 0, "s": 0}
+    sealed_f: list[int] = []
+    sealed_p: list[int] = []
+    for i, op in enumerate(ops):
+        with core_loops("compiled"):
+            got = _apply(fast, op, frames, pos_f, sealed_f, float(i))
+        with core_loops("python"):
+            want = _apply(pure, op, frames, pos_p, sealed_p, float(i))
+        assert got == want, f"operation {i} {op}"
+        assert fast.stats() == pure.stats(), f"stats after operation {i} {op}"
+        assert _flows(fast) == _flows(pure), f"flows after operation {i} {op}"
+        assert fast.signals().as_dict() == pure.signals().as_dict(), f"signals after operation {i} {op}"
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+@given(workload(), st.sampled_from(["colo", "mc"]), st.integers(1 << 10, 64 << 20))
+def test_compiled_core_matches_python(work: tuple, mode: str, budget: int) -> None:
+    _require_compiled()
+    _core_matches(work, mode, budget)
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                 HealthCheck.large_base_example])  # fmt: skip
+@given(fuzzed_workload(), st.sampled_from(["colo", "mc"]), st.integers(1 << 10, 64 << 20))
+def test_compiled_core_matches_python_on_fuzzed_frames(work: tuple, mode: str, budget: int) -> None:
+    _require_compiled()
+    _core_matches(work, mode, budget)
+
+
+def test_core_loops_really_differ() -> None:
+    """The swap selects two implementations (guards against comparing the compiled loop with itself)."""
+    _require_compiled()
+    cls = fast_core.Comparator
+    assert cls.__dict__["_feed_colo_primary_compiled"] is not cls.__dict__["_feed_colo_primary_python"]
+    with core_loops("python"):
+        assert cls._feed_colo_primary is cls.__dict__["_feed_colo_primary_python"]
+    with core_loops("compiled"):
+        assert cls._feed_colo_primary is cls.__dict__["_feed_colo_primary_compiled"]
+
+
+# -- net-filter framing -------------------------------------------------------------------------
+
+
+@st.composite
+def record_stream(draw: st.DrawFn, vnet: bool) -> bytes:
+    """Well-formed records, sometimes followed by garbage or a lying length."""
+    out = bytearray()
+    for _ in range(draw(st.integers(0, 12))):
+        frame = draw(st.binary(max_size=300))
+        if vnet:
+            header = draw(st.binary(max_size=20))
+            out += struct.pack(">II", len(header) + len(frame), len(header)) + header + frame
+        else:
+            out += struct.pack(">I", len(frame)) + frame
+    tail = draw(st.sampled_from(["none", "none", "garbage", "huge", "bad-vnet", "partial"]))
+    if tail == "garbage":
+        out += draw(st.binary(max_size=40))
+    elif tail == "huge":
+        out += struct.pack(">II", draw(st.integers(2000, 0xFFFFFFFF)), 0)
+    elif tail == "bad-vnet":
+        length = draw(st.integers(0, 100))
+        out += struct.pack(">II", length, draw(st.integers(length + 1, 0xFFFFFFFF))) + bytes(length)
+    elif tail == "partial":
+        out += struct.pack(">II", 50, 0)[: draw(st.integers(1, 8))]
+    return bytes(out)
+
+
+def _decode_all(dec: transport.FrameDecoder, data: bytes, cuts: list[int]) -> list[tuple]:
+    """Feed ``data`` in chunks; one entry per feed: frames, headers, error, state."""
+    seen: list[tuple] = []
+    bounds = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    for a, b in itertools.pairwise(bounds):
+        try:
+            frames = dec.feed(data[a:b])
+            result: tuple = ("ok", frames, list(dec.vnet_headers))
+        except transport.FramingError as exc:
+            result = ("error", type(exc).__name__, str(exc))
+        seen.append((result, str(dec.error), dec.pending, dec.frames_decoded, dec.bytes_decoded))
+        if dec.error is not None:
+            break
+    return seen
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.booleans(), st.data())
+def test_compiled_decoder_matches_python(vnet: bool, data: st.DataObject) -> None:
+    _require_compiled()
+    stream = data.draw(record_stream(vnet))
+    cuts = data.draw(st.lists(st.integers(0, 1 << 16), max_size=8))
+    max_record = data.draw(st.sampled_from([transport.MAX_RECORD, 1000, 64]))
+    read_size = data.draw(st.sampled_from([256 << 10, 128, 16]))
+    runs = []
+    for kind in ("python", "compiled"):
+        dec = transport.FrameDecoder(vnet, max_record=max_record, read_size=read_size)
+        dec._parse = getattr(dec, f"_parse_{kind}")  # type: ignore[method-assign]
+        runs.append(_decode_all(dec, stream, cuts))
+    assert runs[0] == runs[1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.binary(max_size=200), max_size=20),
+    st.booleans(),
+    st.sampled_from(["bytes", "bytearray", "memoryview"]),
+    st.data(),
+)
+def test_compiled_encoder_matches_python(
+    frames: list[bytes], vnet: bool, kind: str, data: st.DataObject
+) -> None:
+    _require_compiled()
+    wrap = {"bytes": bytes, "bytearray": bytearray, "memoryview": memoryview}[kind]
+    given_frames = [wrap(f) for f in frames]
+    headers = [data.draw(st.binary(max_size=12)) for _ in frames] if vnet else None
+    want = transport.encode_frames_python(given_frames, headers)
+    assert transport.encode_frames_compiled(given_frames, headers) == want
+    # and what the encoder writes, the decoder reads back
+    dec = transport.FrameDecoder(vnet)
+    assert dec.feed(want) == frames
+    if vnet:
+        assert dec.vnet_headers == headers
+        bad = [*headers, b""]  # type: ignore[misc]
+        with contextlib.suppress(ValueError):
+            transport.encode_frames_python(given_frames, bad)
+            raise AssertionError("the reference accepted one header too many")
+        with contextlib.suppress(ValueError):
+            transport.encode_frames_compiled(given_frames, bad)
+            raise AssertionError("the compiled encoder accepted one header too many")
+
+
+# -- NBD request decoder ------------------------------------------------------------------------
+
+
+@st.composite
+def nbd_stream(draw: st.DrawFn) -> bytes:
+    out = bytearray()
+    for _ in range(draw(st.integers(0, 10))):
+        command = draw(st.sampled_from([0, 1, 1, 1, 2, 3, 4, 6, 7, 99]))
+        flags = draw(st.sampled_from([0, 0, nbd.CMD_FLAG_FUA, 0xFFFF]))
+        cookie = draw(st.integers(0, (1 << 64) - 1))
+        offset = draw(st.integers(0, (1 << 64) - 1))
+        length = draw(st.integers(0, 3000)) if command == 1 else draw(st.integers(0, 0xFFFFFFFF))
+        out += nbd.encode_request(command, cookie, offset, length, flags)
+        if command == 1:
+            out += draw(st.binary(min_size=length, max_size=length)) if length <= 3000 else b""
+    if draw(st.integers(0, 4)) == 0:
+        out += struct.pack(">I", draw(st.integers(0, 0xFFFFFFFF))) + bytes(24)  # a bad magic (mostly)
+    if draw(st.integers(0, 3)) == 0:
+        out += nbd.encode_request(1, 7, 0, 100)[: draw(st.integers(1, 28))]
+    return bytes(out)
+
+
+def _parse_all(parser: nbd.RequestParser, data: bytes, cuts: list[int]) -> list[tuple]:
+    seen: list[tuple] = []
+    bounds = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    for a, b in itertools.pairwise(bounds):
+        parser.feed(data[a:b])
+        while True:
+            try:
+                request = parser.next_request()
+            except nbd.TransmissionError as exc:
+                seen.append(("error", str(exc)))
+                return seen
+            state = (parser.buffered, parser._need, parser._discard, parser._start, parser._end)
+            seen.append(("request", request, type(request).__name__, state))
+            if request is None:
+                break
+    return seen
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    nbd_stream(), st.lists(st.integers(0, 1 << 16), max_size=8), st.sampled_from([nbd.MAX_PAYLOAD, 1024, 0])
+)
+def test_compiled_nbd_parser_matches_python(data: bytes, cuts: list[int], max_payload: int) -> None:
+    _require_compiled()
+    runs = []
+    for kind in ("python", "compiled"):
+        parser = nbd.RequestParser(max_payload=max_payload, initial_size=64)
+        parser.next_request = getattr(parser, f"next_request_{kind}")  # type: ignore[method-assign]
+        runs.append(_parse_all(parser, data, cuts))
+    assert runs[0] == runs[1]
+    assert all(type(r[1]) in (nbd.Request, type(None)) for r in runs[1] if r[0] == "request")

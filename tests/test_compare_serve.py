@@ -23,6 +23,7 @@ from colo_compare.transport import FrameDecoder, encode_frame, encode_frames
 from hybridft_common.cli import hybridft_command
 from hybridft_common.control import ControlError, call, decode_reply, encode_request
 from tests.helpers.frames import stream_frames, tcp_frame
+from tests.helpers.tls import free_port, make_creds, tls_connect
 
 DATA = bytes(range(256)) * 40  # 10240 application bytes
 
@@ -406,29 +407,30 @@ def test_unsent_output_moves_to_the_next_out_connection(tmp_path: Path) -> None:
         assert got == frames[k:]  # the rest: whole records, in order, none skipped
 
 
-def test_tcp_addresses(tmp_path: Path) -> None:
-    ports = []
-    for _ in range(4):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            ports.append(probe.getsockname()[1])
+def test_tcp_addresses_speak_mutual_tls(tmp_path: Path) -> None:
+    """tcp: data and control addresses work end to end over TLS with the pair's client certificate
+    (QEMU's chardev ``tls-creds``); the relay into the unix-socket code loses no frame."""
+    creds = make_creds(tmp_path / "creds")
+    ports = [free_port() for _ in range(4)]
     names = ("primary", "secondary", "out", "control")
     addr = {r: f"tcp:127.0.0.1:{p}" for r, p in zip(names, ports, strict=True)}
-    cmd = [*hybridft_command(), "compare", "serve",
+    cmd = [*hybridft_command(), "compare", "serve", "--tls-creds", str(creds.host),
            "--mode", "mc", "--primary-in", addr["primary"], "--secondary-in", addr["secondary"],
            "--out", addr["out"], "--control", addr["control"]]  # fmt: skip
+    control = f"{addr['control']},tls-creds={creds.host}"
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
-        conns = {r: socket.create_connection(("127.0.0.1", p)) for r, p in zip(ROLES, ports, strict=False)}
+        ctx = creds.client_context()
+        conns = {r: tls_connect(p, ctx) for r, p in zip(ROLES, ports, strict=False)}
         frames = [tcp_frame(1 + 10 * i, b"t" * 10) for i in range(20)]
         conns["primary"].sendall(encode_frames(frames))
         deadline = time.monotonic() + 5
-        while call(addr["control"], "stats")["transport"]["primary_frames"] < len(frames):
+        while call(control, "stats")["transport"]["primary_frames"] < len(frames):
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        epoch = call(addr["control"], "seal")["epoch"]
-        call(addr["control"], "commit", epoch=epoch)
+        epoch = call(control, "seal")["epoch"]
+        call(control, "commit", epoch=epoch)
         decoder, got = FrameDecoder(), []
         conns["out"].settimeout(5)
         while len(got) < len(frames):
@@ -439,6 +441,15 @@ def test_tcp_addresses(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+def test_tcp_addresses_without_credentials_are_refused(tmp_path: Path) -> None:
+    cmd = [*hybridft_command(), "compare", "serve", "--mode", "mc",
+           "--primary-in", f"unix:{tmp_path / 'p.sock'}", "--secondary-in", f"tcp:127.0.0.1:{free_port()}",
+           "--out", f"unix:{tmp_path / 'o.sock'}", "--control", f"unix:{tmp_path / 'c.sock'}"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "needs TLS credentials" in proc.stderr and "hybridft certs init" in proc.stderr
 
 
 def test_seal_includes_everything_written_before_it(tmp_path: Path) -> None:

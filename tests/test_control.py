@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from hybridft_common.control import AsyncControlClient, ControlError, call, serve_control
 from hybridft_common.endpoints import Endpoint, parse_endpoint
+from tests.helpers.tls import make_creds, tls_connect
 
 
 @pytest.mark.parametrize(
@@ -62,13 +63,15 @@ def test_control_roundtrip_unix(tmp_path: Any) -> None:
     asyncio.run(main())
 
 
-def test_control_malformed_lines_tcp() -> None:
+def test_control_malformed_lines_tcp(tmp_path: Path) -> None:
+    creds = make_creds(tmp_path)
+
     async def main() -> None:
-        server = await serve_control("tcp:127.0.0.1:0", _dispatch)
+        server = await serve_control(f"tcp:127.0.0.1:0,tls-creds={creds.host}", _dispatch)
         port = server.sockets[0].getsockname()[1]
 
         def raw() -> list[dict[str, Any]]:
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            with tls_connect(port, creds.client_context()) as s:
                 s.sendall(
                     b'not json\n[1,2]\n{"verb": 3}\n{"verb":"echo","args":[]}\n'
                     b'{"verb":"echo","args":{"a":1}}\n'

@@ -99,7 +99,7 @@ def test_a_policy_switches_the_mode_and_its_trace_replays(
         assert policy["auto"] is False and policy["name"] is None and policy["last_decision"] is None
         reply = await daemon.dispatch("mode", {"mode": "auto", "policy": "static-colo"})
         assert reply["auto"] is True and reply["policy"] == "static-colo"
-        # the guard's dwell (10 s) and confirmation (3 windows, 5 s) come first, then a checkpoint boundary
+        # the guard's dwell and confirmation ([controller] defaults: 5 s, 2 windows) first, then a boundary
         await _wait(lambda: daemon.protocol.point.mode is Mode.COLO, 40, "auto never reached COLO", daemon)
         status = daemon.status()
         assert status["policy"]["auto"] is True and status["policy"]["name"] == "static-colo"

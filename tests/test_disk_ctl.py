@@ -14,6 +14,7 @@ import nbd as libnbd
 import pytest
 
 from tests.helpers.disk_server import DiskServerProcess, disk_serve_argv, start_disk_serve
+from tests.helpers.tls import make_creds
 
 HYBRIDFT = str(Path(sys.executable).with_name("hybridft"))
 IMAGE_SIZE = 16 << 20
@@ -144,17 +145,23 @@ def test_ctl_unreachable_server(tmp_path: Path) -> None:
 
 
 def test_tcp_endpoints_and_sigint(tmp_path: Path) -> None:
+    """tcp: NBD (STARTTLS) and control (TLS) with the pair's credentials; the ready line names them."""
+    creds = make_creds(tmp_path / "creds")
     image = tmp_path / "tcp.raw"
     with open(image, "wb") as f:
         f.truncate(IMAGE_SIZE)
     proc, ready = start_disk_serve(
-        image, tmp_path / "st", nbd="tcp:127.0.0.1:0", control="tcp:127.0.0.1:0", stderr=subprocess.PIPE
-    )
+        image, tmp_path / "st", nbd="tcp:127.0.0.1:0", control="tcp:127.0.0.1:0", stderr=subprocess.PIPE,
+        extra=("--tls-creds", str(creds.host)),
+    )  # fmt: skip
     try:
         nbd_addr, control = ready.nbd, ready.control
-        host, port = nbd_addr.removeprefix("tcp:").rsplit(":", 1)
-        assert int(port) > 0 and not control.endswith(":0")
+        assert control.endswith(f",tls-creds={creds.host}")
+        host, port = nbd_addr.removeprefix("tcp:").partition(",")[0].rsplit(":", 1)
+        assert int(port) > 0 and ":0," not in control
         h = libnbd.NBD()
+        h.set_tls(libnbd.TLS_REQUIRE)
+        h.set_tls_certificates(str(creds.host))
         h.set_export_name("replica")
         h.connect_tcp(host, port)
         h.pwrite(b"\x77" * 4096, 0)

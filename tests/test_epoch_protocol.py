@@ -340,6 +340,45 @@ def test_mode_switch_applies_only_at_a_checkpoint_boundary() -> None:
     assert protocol.pending is None and not protocol.mode_switch_pending
 
 
+def test_a_request_made_during_a_checkpoint_waits_for_the_next_one() -> None:
+    """Found by tests/test_phased_auto.py: ``mode colo`` arriving between a checkpoint's seal and its
+    commit used to land at that commit while the comparator, told at the seal, stayed in MC -- the pair
+    then ran "COLO" with an MC comparator (output released only at the 10 s safety checkpoints)."""
+    protocol = mc50()
+    protocol.begin({"timer": 1}, 0.0)
+    assert not protocol.opening_switches_mode  # nothing to tell the comparator at this seal
+    protocol.sealed(disk_epoch=7)
+    protocol.request(PointRequest(mode=Mode.COLO))  # after the seal
+    protocol.loaded()
+    protocol.committed_step()
+    assert protocol.point.mode is Mode.MC and protocol.pending is not None  # not at this close
+    protocol.begin({"mode-switch": 1}, 0.0)
+    assert protocol.opening_switches_mode  # this seal tells the comparator
+    protocol.sealed(disk_epoch=8)
+    protocol.loaded()
+    protocol.committed_step()
+    assert protocol.point.mode is Mode.COLO and protocol.pending is None
+
+
+def test_withdrawing_the_point_a_checkpoint_carries_switches_back_at_the_next_one() -> None:
+    protocol = mc50()
+    protocol.request(PointRequest(mode=Mode.COLO))
+    protocol.begin({"mode-switch": 1}, 0.0)  # carries COLO: the comparator is told at the seal
+    protocol.request(PointRequest(mode=Mode.MC))  # "back to MC" while it runs
+    assert protocol.pending == OperatingPoint(Mode.MC, 50)
+    protocol.sealed(disk_epoch=7)
+    protocol.loaded()
+    protocol.committed_step()
+    assert protocol.point.mode is Mode.COLO and protocol.pending == OperatingPoint(Mode.MC, 50)
+    # asked for what the running checkpoint opens: nothing more waits; a checkpoint that fails before
+    # its seal keeps the request pending
+    protocol.begin({"mode-switch": 1}, 0.0)
+    protocol.request(PointRequest(mode=Mode.MC))
+    assert protocol.pending is None
+    protocol.failed_step(protocol.recovery_for_failure())
+    assert protocol.point.mode is Mode.COLO and protocol.pending == OperatingPoint(Mode.MC, 50)
+
+
 def test_a_request_is_partial_and_replaces_the_pending_one() -> None:
     protocol = EpochProtocol(OperatingPoint(Mode.COLO, 80, True, StopVia.QEMU))
     protocol.request(PointRequest(epoch_ms=30))

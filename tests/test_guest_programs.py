@@ -427,3 +427,16 @@ def test_cpuburn_stops_after_its_time(bins: dict[str, Path]) -> None:
     assert proc.returncode == 0 and "Mrounds" in proc.stdout
     assert time.monotonic() - start >= 0.3
     assert subprocess.run([bins["cpuburn"], "0"], capture_output=True).returncode == 2
+
+
+def test_cpuburn_reports_its_rounds_while_it_runs(bins: dict[str, Path]) -> None:
+    # the experiment runner's cpu score reads these lines while cpuburn runs (SECONDS 0: until killed)
+    proc = subprocess.Popen([bins["cpuburn"], "0", "0.05"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        counts = [int(proc.stdout.readline().strip().removeprefix("cpuburn: rounds=")) for _ in range(3)]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert counts == sorted(counts) and counts[-1] > counts[0], counts
+    assert subprocess.run([bins["cpuburn"], "1", "0"], capture_output=True).returncode == 2

@@ -206,6 +206,24 @@ def test_cost_model_deterministic_rpc_runs_colo() -> None:
     assert d.mode is Mode.COLO and d.reason.startswith("net.turns_per_s=200 (cost colo")
 
 
+def test_cost_model_does_not_remember_a_hold_measured_behind_divergences() -> None:
+    """Measured in tests/test_phased_auto.py: COLO's hold while every answer diverged (892 ms) is the
+    wait for the divergences' checkpoints, not the secondary's lag; remembered, it kept the policy in MC
+    through the next deterministic phase."""
+    policy = CostModel()
+    divergent = {**ROOMY, "net.turns_per_s": 75.0, "div.per_s": 75.0, "mem.dirty_bytes_per_s": 8e6,
+                 "ckpt.per_s": 40.0, "ckpt.pause_p50_ms": 20.0, "net.hold_p50_ms": 892.0}  # fmt: skip
+    assert policy.decide(steady(divergent, Mode.COLO, t0=100.0)).mode is Mode.MC
+    rpc = {**ROOMY, "net.turns_per_s": 150.0, "div.per_s": 0.0, "mem.dirty_bytes_per_s": 8e6,
+           "ckpt.per_s": 40.0, "ckpt.pause_p50_ms": 8.0}  # fmt: skip
+    decision = policy.decide(steady(rpc, Mode.MC, t0=110.0))
+    assert decision.mode is Mode.COLO and policy.inputs(steady(rpc, Mode.MC, t0=111.0)).hold_source == "prior"
+    # a calm COLO window's hold is remembered
+    policy.decide(steady({**rpc, "ckpt.per_s": 0.1, "net.hold_p50_ms": 7.0}, Mode.COLO, t0=120.0))
+    inputs = policy.inputs(steady(rpc, Mode.MC, t0=130.0))
+    assert inputs.hold_source == "remembered" and inputs.hold_s == 0.007
+
+
 def closed_form_epoch_ms(pause_fixed_s: float, turns: float, dirty: float) -> float:
     """The cost model docstring's E* for the regime P < E/2."""
     a = dirty / COPY_BYTES_PER_S
