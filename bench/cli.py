@@ -11,6 +11,7 @@ _BENCHES: dict[str, tuple[str, str]] = {
     "disk": ("bench.disk:bench_disk", "NBD disk buffer vs qemu-nbd on the same image."),
     "qemu": ("bench.qemu:bench_pause_command", "Checkpoint pause: patched QEMU vs variants."),
     "pair": ("bench.pair:bench_pair", "Protected pair: checkpoint pause, throughput, failover."),
+    "chaos": ("bench.chaos:bench_chaos", "Failover drill: kill -9 / SIGSTOP one process per fresh pair."),
     "phased": (
         "experiments.phased_bench:bench_phased",
         "Phased workload: static-mc, static-colo, cost-model, gilbert.",

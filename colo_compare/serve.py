@@ -71,6 +71,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import click
@@ -88,6 +89,7 @@ from colo_compare.transport import (
 from hybridft_common import eventloop, fastpath
 from hybridft_common.control import ControlError, serve_control
 from hybridft_common.endpoints import HANDSHAKE_TIMEOUT, Endpoint, parse_endpoint
+from hybridft_common.fencing import Fence, GenerationFile, fenced_dispatch
 from hybridft_common.secure import ChannelError, check_peer
 from hybridft_common.vocabulary import Mode
 
@@ -187,6 +189,12 @@ class CompareService:
         self._primary_paused_for_memory = False
         self._closed = asyncio.Event()
         self._loop_name = "not started"
+        # the fencing generation (hybridft_common.fencing): once a failover fenced the pair, requests
+        # of an older generation are refused and nothing more is released to --out
+        self.fence = Fence()
+        self.fence_record: GenerationFile | None = None
+        self.fenced_frames = 0
+        self._guarded = fenced_dispatch(self._dispatch, self.fence, None, on_fence=self._on_fence)
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -456,6 +464,9 @@ class CompareService:
     def _emit(self, frames: list[bytes]) -> None:
         if not frames:
             return
+        if self.fence.generation > 0:  # a failover happened: the primary's output must not reach clients
+            self.fenced_frames += len(frames)
+            return
         c = self.counters
         c.released_frames += len(frames)
         c.released_bytes += sum(map(len, frames))
@@ -562,9 +573,19 @@ class CompareService:
             self._check_pressure()
 
     # -- control ----------------------------------------------------------------------------------
+    def use_fence_file(self, path: Path) -> None:
+        """Record the fencing generation durably in ``path`` (and start from the one it holds)."""
+        self.fence_record = GenerationFile(path)
+        self.fence.generation = self.fence_record.load()
+        record = self.fence_record
+        self._guarded = fenced_dispatch(self._dispatch, self.fence, record, on_fence=self._on_fence)
+
+    def _on_fence(self, generation: int) -> None:
+        log.warning("fenced at generation %d: the old primary's output is no longer released", generation)
+
     async def dispatch(self, verb: str, args: dict[str, Any]) -> dict[str, Any]:
         try:
-            return await self._dispatch(verb, args)
+            return await self._guarded(verb, args)
         except ControlError:
             raise
         except Exception as exc:  # a bug in the core must not kill the control connection silently
@@ -703,6 +724,11 @@ class CompareService:
         signals = self.signals()
         return {
             "signals": signals.as_dict() if signals is not None else None,
+            "fence": {
+                "generation": self.fence.generation,
+                "refused_requests": self.fence.refused,
+                "frames_not_released": self.fenced_frames,
+            },
             "core": self.core.stats(),
             "transport": {
                 "connected": connected,
@@ -797,6 +823,8 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--shadow/--no-shadow", default=True, show_default=True,
               help="In MC epochs, compare the secondary's output as COLO would, only counting "
                    "(--no-shadow for a passive secondary).")  # fmt: skip
+@click.option("--fence-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Record the fencing generation here (durably); without it, in memory only.")  # fmt: skip
 def serve_command(
     primary_in: Endpoint,
     secondary_in: Endpoint,
@@ -811,6 +839,7 @@ def serve_command(
     compare_timeout: float,
     queue_budget: int,
     shadow: bool,
+    fence_file: Path | None,
 ) -> None:
     """Listen for QEMU's filter chardevs and compare the primary's output with the secondary's.
 
@@ -837,6 +866,11 @@ def serve_command(
         max_buffer=max_buffer << 20,
         out_high_water=out_high_water << 20,
     )
+    if fence_file is not None:
+        try:
+            service.use_fence_file(fence_file)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
     try:
         eventloop.run(run_service(service, ready=lambda: print("ready", flush=True)), "compare")
     except ChannelError as exc:

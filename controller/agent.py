@@ -10,6 +10,9 @@ secondary QEMU over its own QMP monitor.  It fails over when
 * a planned ``{"failover": true}`` arrives (``hybridft failover``).
 
 Nothing arms before the first heartbeat: a daemon that has not started COLO yet is not a lost primary.
+A heartbeat that says ``unprotected`` (the daemon declared the secondary lost and runs the primary
+alone) makes the agent stand down for good: the secondary's COLO_EXIT that follows, or the daemon's
+later death, must not fence the only live copy for a stale one.
 
 Why the disk decision looks the way it does (ARCHITECTURE.md §2 step 6, §5): the daemon announces
 ``{"epoch": N, "state": "sealed", "t": T}`` *before* it fires checkpoint N, so a secondary ``RESUME``
@@ -20,13 +23,32 @@ disk server's own ``status`` says which epochs really are sealed; the heartbeats
 :class:`FailoverDecider` holds exactly this logic, fed events and messages, with no I/O, and is
 unit-tested on its own.
 
-Failover itself (:func:`fail_over`), every step timed into ``failover.json``: fence the primary
-(best effort ``stop`` on its ops monitor: after a daemon crash the primary may still run), disk
-``commit N``/``rollback``, disk ``failover``, ``x-colo-lost-heartbeat`` on the secondary, ``object-del`` of
-its two redirectors and ``chardev-remove`` of their sockets (the filter-rewriter stays: connections
-opened since the last checkpoint carry secondary-side sequence numbers only it translates), the
-primary's tap off the bridge and the secondary's on it (which also drops the bridge's learned entry
-for the guest MAC on the old port), ``cont`` if the secondary is paused (MC's passive secondary).
+Failover itself (:func:`fail_over`), every step timed into ``failover.json``, in this order:
+
+0. ``failover-started.json`` (durable) -- from then on the daemon never resumes the primary -- and a
+   new fencing generation (``generation`` in the workdir, :mod:`hybridft_common.fencing`), handed to
+   the disk server (before its first disk step) and to the comparator (after the tap swap), which
+   then refuse the old daemon's requests;
+1. fence the primary (best effort ``stop`` on its ops monitor: after a daemon crash the primary may
+   still run), beside the steps below;
+2. ``x-colo-lost-heartbeat`` on the secondary, then wait (bounded) for its ``COLO_EXIT``, reading the
+   QMP events as they come.  Why first: QEMU does not fail a secondary over in the middle of loading
+   a checkpoint (``secondary_vm_do_failover`` sees ``vmstate_loading`` and sets ``RELAUNCH``); the load
+   finishes, the VM resumes (``RESUME``) and only then does the failover run (``COLO_EXIT``).  Deciding
+   the disk before that could roll back an epoch whose memory the secondary was still loading:
+   memory at N, disk at N-1.  After ``COLO_EXIT`` no further load can happen, so the RESUMEs before it
+   say exactly which epochs the memory holds;
+3. ``stop`` the secondary if it runs, so that no write of it lands while its disk changes;
+4. disk: ``commit`` every sealed epoch up to the newest the secondary loaded, oldest first (the server
+   commits strictly in order), ``rollback`` the rest, then ``failover``; each retried within
+   :data:`DISK_RETRY_WINDOW`;
+5. ``object-del`` of the two redirectors and ``chardev-remove`` of their sockets (the filter-rewriter
+   stays: connections opened since the last checkpoint carry secondary-side sequence numbers only it
+   translates), the primary's tap off the bridge and the secondary's on it (which also drops the
+   bridge's learned entry for the guest MAC on the old port);
+6. ``cont`` -- only if the disk steps all succeeded.  A VM whose disk is in an unknown state is never
+   resumed: it stays paused, ``failover.json`` says ``"resumed": false`` with the reason, and the agent
+   logs it as an error (an operator decides; availability is not worth a corrupt disk).
 """
 
 from __future__ import annotations
@@ -49,7 +71,8 @@ from controller.heartbeat import Heartbeat, HeartbeatError
 from hybridft_common import eventloop
 from hybridft_common.control import AsyncControlClient, ControlError
 from hybridft_common.endpoints import Endpoint, parse_endpoint, start_server
-from hybridft_common.manifest import ManifestError, PairManifest
+from hybridft_common.fencing import GenerationFile
+from hybridft_common.manifest import ManifestError, PairManifest, write_durably
 
 log = logging.getLogger("hybridft.agent")
 
@@ -64,9 +87,15 @@ class AgentError(Exception):
 # ---------------------------------------------------------------------------------- sans-I/O core
 @dataclass(frozen=True, slots=True)
 class DiskDecision:
+    """What to do with the disk's sealed epochs.  ``commit``: commit ``commits`` in order (``epoch`` is
+    the newest of them), then roll back the sealed epochs above it if ``then_rollback``.  ``rollback``:
+    drop every sealed epoch (``epoch`` is the oldest).  ``none``: leave the disk as it is."""
+
     action: str  # "commit", "rollback" or "none"
     epoch: int | None = None
     why: str = ""
+    commits: tuple[int, ...] = ()
+    then_rollback: bool = False
 
 
 @dataclass
@@ -87,6 +116,7 @@ class FailoverDecider:
     colo_exit: float | None = None
     bad_messages: int = 0
     triggered_at: float | None = None  # wall clock, for the failover report
+    stood_down: bool = False  # the daemon declared the secondary lost: never fail over to it
     last_check: float | None = None  # monotonic time of the previous check()
 
     def connection_opened(self, now: float) -> None:
@@ -102,6 +132,8 @@ class FailoverDecider:
         """One heartbeat (a line that did not decode is counted in ``bad_messages`` instead)."""
         self.last_heard = now
         self.armed = True
+        if msg.unprotected and self.trigger is None:
+            self.stood_down = True
         if msg.failover:
             self._fire("planned failover")
         if msg.primary_lost:
@@ -137,7 +169,7 @@ class FailoverDecider:
         return self.trigger
 
     def _fire(self, reason: str) -> None:
-        if self.trigger is None:
+        if self.trigger is None and not self.stood_down:
             self.trigger = reason
             self.triggered_at = time.time()
 
@@ -150,17 +182,24 @@ class FailoverDecider:
         return any(sealed_at < t < end for t in self.resumes)
 
     def disk_decision(self, disk_status: dict[str, Any]) -> DiskDecision:
-        """Given the disk server's ``status``: commit the newest sealed epoch the secondary loaded,
-        roll back sealed epochs it did not, else nothing."""
+        """Given the disk server's ``status``: commit every sealed epoch up to the newest one the
+        secondary loaded -- oldest first, as the server requires -- and roll back the sealed epochs
+        above it; with none loaded, roll back; with none sealed, nothing."""
         if disk_status.get("committing") is not None:
             return DiskDecision("none", disk_status["committing"], "a commit is already in progress")
-        sealed = [e for e in disk_status.get("sealed") or [] if isinstance(e, int)]
+        sealed = sorted(e for e in disk_status.get("sealed") or [] if isinstance(e, int))
         if not sealed:
             return DiskDecision("none", disk_status.get("committed"), "no sealed, uncommitted epoch")
-        newest = max(sealed)
-        if self.loaded(newest):
-            return DiskDecision("commit", newest, f"the secondary resumed after epoch {newest} was sealed")
-        return DiskDecision("rollback", newest, f"the secondary never loaded sealed epoch {newest}")
+        loaded = [e for e in sealed if self.loaded(e)]
+        if not loaded:
+            return DiskDecision("rollback", sealed[0], f"the secondary never loaded sealed epochs {sealed}")
+        newest = max(loaded)
+        commits = tuple(e for e in sealed if e <= newest)
+        above = [e for e in sealed if e > newest]
+        why = f"the secondary resumed after epoch {newest} was sealed"
+        if above:
+            why += f"; it never loaded {above}"
+        return DiskDecision("commit", newest, why, commits, then_rollback=bool(above))
 
 
 # ------------------------------------------------------------------------------------ I/O shell
@@ -185,6 +224,13 @@ def _ip(*args: str) -> None:
 # overruns is reported by name in failover.json and the failover goes on with the QMP and tap steps.
 DISK_STEP_TIMEOUTS: dict[str, float] = {"status": 2.0, "rollback": 2.0, "commit": 10.0, "failover": 10.0}
 DISK_CONNECT_TIMEOUT = 2.0
+# A disk step that fails (the server restarting, a refused verb while the daemon's own step lands) is
+# tried again for this long before the failover gives up and keeps the secondary paused.
+DISK_RETRY_WINDOW = 20.0
+DISK_RETRY_PAUSE = 0.5
+# How long the secondary may take to leave COLO after x-colo-lost-heartbeat: a checkpoint it is
+# loading finishes first (large ones take seconds on a loaded host).
+COLO_EXIT_TIMEOUT = 15.0
 # The secondary watcher must end before failover starts; it is asked to and then waited for this long.
 WATCHER_STOP_TIMEOUT = 1.0
 AGENT_NICE = -10  # like the daemon: a starved agent would judge the heartbeat silent falsely
@@ -233,6 +279,20 @@ def _process_alive(pid: int) -> bool:
     except OSError:
         return False
     return not stat.rsplit(") ", 1)[-1].startswith(("Z", "X"))
+
+
+async def _fence_comparator(config: PairManifest, timeline: Timeline, generation: int) -> None:
+    """Best effort: the comparator refuses the old daemon and releases no more of the old primary's
+    output (a dead comparator releases nothing anyway)."""
+    client = AsyncControlClient(config.compare_control)
+    try:
+        await asyncio.wait_for(client.connect(), timeout=DISK_CONNECT_TIMEOUT)
+        await asyncio.wait_for(client.call("fence", generation=generation), timeout=2.0)
+        timeline.mark(f"comparator fenced at generation {generation}")
+    except (OSError, ControlError, TimeoutError) as exc:
+        timeline.mark(f"comparator not fenced ({exc or 'timed out'})")
+    finally:
+        await client.close()
 
 
 async def _fence_primary(config: PairManifest, timeline: Timeline) -> None:
@@ -289,7 +349,8 @@ def disk_settled(decision: DiskDecision, status: dict[str, Any]) -> bool:
     if status.get("committing") is not None:
         return False
     if decision.action == "commit":
-        return isinstance(committed, int) and decision.epoch is not None and committed >= decision.epoch
+        done = isinstance(committed, int) and decision.epoch is not None and committed >= decision.epoch
+        return done and not (decision.then_rollback and sealed)
     if decision.action == "rollback":
         return decision.epoch not in sealed and not (
             isinstance(committed, int) and committed >= (decision.epoch or 0)
@@ -316,49 +377,159 @@ async def _status_without_commit(disk: str, timeline: Timeline) -> dict[str, Any
     return status
 
 
-async def _settle_disk(
-    disk: str, decider: FailoverDecider, timeline: Timeline
-) -> tuple[DiskDecision, list[str]]:
-    """Commit or roll back the sealed epoch (§2 step 6); returns the decision and any errors."""
-    decision = DiskDecision("none", None, "disk server unreachable")
+async def _disk_step(
+    disk: str, verb: str, done: Any, timeline: Timeline, generation: int, **args: Any
+) -> None:
+    """One disk verb of generation ``generation``; a refusal is fine if the disk is in the wanted state
+    anyway (``done(status)``: the daemon did the same an instant earlier -- the state is what counts,
+    not who got there first)."""
+    if generation:
+        args["generation"] = generation
     try:
+        await _disk_call(disk, verb, **args)
+    except DiskStepError:
+        if not done(await _status_without_commit(disk, timeline)):
+            raise
+        timeline.mark(f"disk {verb} {args.get('epoch', '')} was already done".replace("  ", " "))
+
+
+async def _settle_disk_once(
+    disk: str, decider: FailoverDecider, timeline: Timeline, generation: int = 0
+) -> DiskDecision:
+    """Fence the disk server at ``generation`` (from then on the old daemon's verbs are refused), then
+    commit the loaded sealed epochs (oldest first) and roll back the rest (§2 step 6)."""
+    if generation:
+        await _disk_call(disk, "fence", generation=generation)
+        timeline.mark(f"disk fenced at generation {generation}")
+    status = await _status_without_commit(disk, timeline)
+    decision = decider.disk_decision(status)
+    for epoch in decision.commits:
+        if isinstance(status.get("committed"), int) and status["committed"] >= epoch:
+            continue  # the daemon's own commit got there first
+        await _disk_step(
+            disk, "commit", lambda st, e=epoch: isinstance(st.get("committed"), int) and st["committed"] >= e,
+            timeline, generation, epoch=epoch,
+        )  # fmt: skip
+    if decision.action == "rollback" or decision.then_rollback:
         status = await _status_without_commit(disk, timeline)
-        decision = decider.disk_decision(status)
-        if decision.action in ("commit", "rollback"):
-            args = {"epoch": decision.epoch} if decision.action == "commit" else {}
-            try:
-                await _disk_call(disk, decision.action, **args)
-            except DiskStepError:
-                # refused: perhaps because the daemon did the same an instant earlier -- the state
-                # is what counts, not who got there first
-                after = await _status_without_commit(disk, timeline)
-                if not disk_settled(decision, after):
-                    raise
-                timeline.mark(f"disk {decision.action} {decision.epoch} was already done")
-        timeline.mark(f"disk {decision.action} {decision.epoch} ({decision.why})")
-    except DiskStepError as exc:
-        timeline.mark(f"disk step failed: {exc}")
-        return decision, [str(exc)]
+        if status.get("sealed"):
+            await _disk_step(disk, "rollback", lambda st: not st.get("sealed"), timeline, generation)
+    timeline.mark(f"disk {decision.action} {decision.epoch} ({decision.why})")
+    return decision
+
+
+async def _failover_disk_once(disk: str, timeline: Timeline, generation: int = 0) -> bool:
+    await _disk_step(disk, "failover", lambda st: bool(st.get("failed_over")), timeline, generation)
+    timeline.mark("disk failover")
+    return True
+
+
+async def _with_retries(step: Any, what: str, timeline: Timeline, window: float) -> tuple[Any, list[str]]:
+    """``await step()`` until it succeeds or ``window`` seconds passed; the result and every error."""
+    errors: list[str] = []
+    deadline = time.monotonic() + window
+    while True:
+        try:
+            return await step(), errors
+        except DiskStepError as exc:
+            errors.append(str(exc))
+            timeline.mark(f"{what} failed (try {len(errors)}): {exc}")
+            if time.monotonic() + DISK_RETRY_PAUSE > deadline:
+                return None, errors
+            await asyncio.sleep(DISK_RETRY_PAUSE)
+
+
+async def _settle_disk(
+    disk: str, decider: FailoverDecider, timeline: Timeline, window: float | None = None, generation: int = 0
+) -> tuple[DiskDecision, list[str]]:
+    """The disk decision carried out (retried within ``window``); the decision and the errors of the
+    last try if it never succeeded, else ``[]``."""
+    decision, errors = await _with_retries(
+        lambda: _settle_disk_once(disk, decider, timeline, generation), "disk decision", timeline,
+        DISK_RETRY_WINDOW if window is None else window,
+    )  # fmt: skip
+    if decision is None:
+        return DiskDecision("none", None, "disk step failed"), errors[-1:]
     return decision, []
+
+
+async def _await_colo_exit(secondary: Any, decider: FailoverDecider, timeline: Timeline) -> bool:
+    """Feed the secondary's events to the decider until its COLO_EXIT (True) or the bound (False).
+
+    The QMP reader must actually run meanwhile: every wait is a real, non-zero wait."""
+    from mc_driver.qmp import QmpError, QmpTimeout
+
+    deadline = time.monotonic() + COLO_EXIT_TIMEOUT
+    while decider.colo_exit is None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            event = await asyncio.wait_for(
+                secondary.wait_event(("RESUME", "COLO_EXIT", "STOP"), timeout=min(left, WATCH_WAIT)),
+                timeout=min(left, WATCH_WAIT) + 1.0,
+            )
+        except (QmpTimeout, TimeoutError):
+            continue
+        except QmpError as exc:
+            timeline.mark(f"secondary events unreadable: {exc}")
+            break
+        decider.secondary_event(event.name, event.timestamp)
+    if decider.colo_exit is not None:
+        timeline.mark("secondary left COLO (COLO_EXIT)")
+        return True
+    # the event may have been lost with a reconnect: ask QEMU itself
+    try:
+        reply = await asyncio.wait_for(secondary.execute("query-colo-status"), timeout=2.0)
+    except (QmpError, TimeoutError) as exc:
+        timeline.mark(f"no COLO_EXIT within {COLO_EXIT_TIMEOUT} s and no colo status ({exc or 'timed out'})")
+        return False
+    if reply.get("mode") == "none":
+        decider.colo_exit = time.time()  # every event up to now was read above
+        timeline.mark("secondary out of COLO (query-colo-status; no COLO_EXIT seen)")
+        return True
+    timeline.mark(f"no COLO_EXIT within {COLO_EXIT_TIMEOUT} s (COLO mode {reply.get('mode')!r})")
+    return False
 
 
 async def fail_over(
     config: PairManifest, decider: FailoverDecider, secondary: Any, timeline: Timeline
 ) -> dict[str, Any]:
-    """Make the secondary the running, network-facing VM (steps in the module docstring)."""
-    # fencing runs beside the disk steps; it must be over before the taps are swapped
+    """Make the secondary the running, network-facing VM (steps and their order: module docstring)."""
+    # a new fencing generation, durable before anyone is told of it (hybridft_common.fencing)
+    record = GenerationFile(config.workdir / "generation")
+    generation = record.load() + 1
+    record.store(generation)
+    timeline.mark(f"generation {generation}")
+    # fencing runs beside the other steps; it must be over before the taps are swapped
     fence = asyncio.create_task(_fence_primary(config, timeline))
+    errors: list[str] = []
+    kept_paused: str | None = None
+    if decider.colo_exit is None:
+        await _qmp_step(secondary, timeline, errors, "x-colo-lost-heartbeat")
+    left_colo = await _await_colo_exit(secondary, decider, timeline)
+    status = await _qmp_step(secondary, timeline, errors, "query-status", quiet=True)
+    if (status or {}).get("running"):
+        await _qmp_step(secondary, timeline, errors, "stop")
     disk = config.disk_control
-    decision, disk_errors = await _settle_disk(disk, decider, timeline)
-    try:  # even when the decision step failed: a disk left un-failed-over is never right
-        await _disk_call(disk, "failover")
-        timeline.mark("disk failover")
-    except DiskStepError as exc:
-        disk_errors.append(str(exc))
-        timeline.mark(f"disk step failed: {exc}")
-    disk_error = "; ".join(disk_errors) or None
-    errors: list[str] = [f"disk: {e}" for e in disk_errors]
-    await _qmp_step(secondary, timeline, errors, "x-colo-lost-heartbeat")
+    decision = DiskDecision("none", None, "the secondary did not leave COLO: its memory epoch is unknown")
+    disk_errors: list[str] = []
+    if left_colo:
+        decision, disk_errors = await _settle_disk(disk, decider, timeline, generation=generation)
+        if not disk_errors:
+            done, tries = await _with_retries(
+                lambda: _failover_disk_once(disk, timeline, generation),
+                "disk failover",
+                timeline,
+                DISK_RETRY_WINDOW,
+            )
+            if done is None:  # _failover_disk_once returns True once it succeeded
+                disk_errors = tries[-1:]
+        if disk_errors:
+            kept_paused = f"disk step failed: {disk_errors[-1]}"
+    else:
+        kept_paused = "the secondary did not leave COLO"
+    errors.extend(f"disk: {e}" for e in disk_errors)
     for command, ident in (("object-del", "f1"), ("object-del", "f2"),
                            ("chardev-remove", "red0"), ("chardev-remove", "red1")):  # fmt: skip
         await _qmp_step(secondary, timeline, errors, command, id=ident)
@@ -375,18 +546,31 @@ async def fail_over(
     except AgentError as exc:
         errors.append(str(exc))
         timeline.mark(f"tap swap failed: {exc}")
-    status = await _qmp_step(secondary, timeline, errors, "query-status", quiet=True)
-    if not (status or {}).get("running"):
-        await _qmp_step(secondary, timeline, errors, "cont")
+    # the comparator last: until the taps are swapped its socket work is on the clients' path
+    await _fence_comparator(config, timeline, generation)
+    if kept_paused is None:
+        status = await _qmp_step(secondary, timeline, errors, "query-status", quiet=True)
+        if not (status or {}).get("running"):
+            before = len(errors)
+            await _qmp_step(secondary, timeline, errors, "cont")
+            if len(errors) > before:  # the report must not claim a VM runs that does not
+                kept_paused = f"cont failed: {errors[-1]}"
+    if kept_paused is not None:
+        log.error("NOT resuming the secondary: %s -- the pair is down until an operator acts", kept_paused)
+        timeline.mark(f"secondary kept paused: {kept_paused}")
     timeline.mark("done")
     return {
         "reason": decider.trigger,
         "detected_at": decider.triggered_at,
+        "generation": generation,
+        "resumed": kept_paused is None,
+        "kept_paused": kept_paused,
         "disk": {
             "action": decision.action,
             "epoch": decision.epoch,
+            "commits": list(decision.commits),
             "why": decision.why,
-            "error": disk_error,
+            "error": "; ".join(disk_errors) or None,
         },
         "last_heartbeat": {"epoch": decider.epoch, "state": decider.state},
         "colo_exit_seen": decider.colo_exit is not None,
@@ -475,23 +659,6 @@ class Agent:
             timeline.mark(f"secondary watcher had failed: {watcher.exception()!r}")
         return True
 
-    async def drain_secondary_events(self, secondary: Any) -> int:
-        """Feed the events that reached the secondary's session but not the stopped watcher (a
-        RESUME there decides commit vs rollback); returns how many."""
-        from mc_driver.qmp import QmpError
-
-        fed = 0
-        while fed < 10_000:
-            try:
-                event = await asyncio.wait_for(
-                    secondary.wait_event(("RESUME", "COLO_EXIT", "STOP"), timeout=0.0), timeout=0.1
-                )
-            except (QmpError, TimeoutError):
-                break
-            self.decider.secondary_event(event.name, event.timestamp)
-            fed += 1
-        return fed
-
     async def run(self) -> dict[str, Any] | None:
         from mc_driver.qmp import QmpDisconnected, QmpError, QmpSession
 
@@ -509,6 +676,9 @@ class Agent:
         print("ready", flush=True)
         try:
             while self.decider.check(time.monotonic()) is None:
+                if self.decider.stood_down:
+                    log.warning("the daemon declared the secondary lost: standing down (no failover)")
+                    return None
                 if watcher.done():
                     exc = watcher.exception()
                     if isinstance(exc, QmpDisconnected):
@@ -521,8 +691,12 @@ class Agent:
                     await asyncio.wait_for(self.wake.wait(), timeout=0.05)
             timeline = Timeline()
             log.warning("failing over: %s", self.decider.trigger)
-            if await self.stop_watcher(watcher, timeline):
-                await self.drain_secondary_events(secondary)
+            # before any step, durably: the daemon reads "a failover has begun" from this file and
+            # then never resumes the primary (controller.pair_state)
+            began = {"reason": self.decider.trigger, "detected_at": self.decider.triggered_at}
+            write_durably(started_marker(self.config.failover_report), json.dumps(began) + "\n")
+            # the events it did not read stay queued in the session: fail_over reads them in order
+            await self.stop_watcher(watcher, timeline)
             try:
                 report = await fail_over(self.config, self.decider, secondary, timeline)
             except Exception as exc:  # never die silently half-way: say where it stopped
@@ -545,11 +719,15 @@ class Agent:
                     os.unlink(hb.path)
 
 
+def started_marker(report: Path) -> Path:
+    """``failover-started.json`` beside ``failover.json``: written before the first failover step, so
+    the daemon knows a failover has begun even if the agent dies half-way."""
+    return report.with_name("failover-started.json")
+
+
 def _write_report(config: PairManifest, report: dict[str, Any]) -> None:
-    path = config.failover_report
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Replace ``failover.json`` atomically and durably: it is what an operator reads after a crash."""
+    write_durably(config.failover_report, json.dumps(report, indent=1) + "\n")
 
 
 def agent_command_args(config: Path) -> list[str]:

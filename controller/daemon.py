@@ -94,6 +94,8 @@ WATCH_INTERVAL = 0.02
 DISK_POLL_INTERVAL = 0.05  # how often the disk server's checkpoint_needed is read
 RECENT = 512  # checkpoint records kept for status/percentiles
 SWITCHES_SHOWN = 8  # applied operating point changes in status (point_changes)
+UNDECIDED_RETRY = 1.0  # how often "took over or lost?" is asked again while the answer is "don't know"
+STAND_DOWN_GRACE = 0.2  # time for the agent to read "unprotected" before the secondary leaves COLO
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -145,6 +147,7 @@ class Daemon:
         self.heartbeat = HeartbeatSender(config.heartbeat, self._beat)
         self.autopilot: Autopilot | None = None
         self.state = PairState.STARTING
+        self._started_at = time.time()  # wall clock, compared with the agent's marker's mtime
         self.seal_hook = False  # both QEMUs have x-colo-checkpoint / x-colo-expect-seal (patch 0005)
         self.state_reason = ""
         self.records: deque[EpochRecord] = deque(maxlen=RECENT)
@@ -377,6 +380,8 @@ class Daemon:
         message = self.protocol.heartbeat()
         if self.state == PairState.PRIMARY_LOST:  # in every beat: the agent may have missed the first
             message = dataclasses.replace(message, primary_lost=True)
+        elif self.state == PairState.UNPROTECTED:
+            message = dataclasses.replace(message, unprotected=True)
         return message
 
     def _count_events(self, session: QmpSession, events: list[Any]) -> None:
@@ -386,7 +391,10 @@ class Daemon:
         for event in events:
             if event.name in ("BLOCK_JOB_ERROR", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
                 if self.config.mirror_job and event.data.get("device") == self.config.mirror_job:
-                    self._lost_later("secondary", f"mirror job {event.name}")
+                    # the disk server failing over (the agent took over) also ends the mirror job:
+                    # decide, never assume the secondary is the one that is gone
+                    why = f"mirror job {event.name}: {dict(event.data)}"
+                    self._tasks.append(asyncio.create_task(self._replication_ended(why)))
             elif event.name == "COLO_EXIT" and self.state == PairState.PROTECTED and not self._in_checkpoint:
                 # the primary leaves COLO when its peer is gone *or* has taken over: decide which
                 why = f"COLO_EXIT on the {side}: {dict(event.data)}"
@@ -561,25 +569,79 @@ class Daemon:
             return NO_ANSWER
         return ColoStatus.from_reply(reply)
 
-    async def _replication_ended(self, why: str) -> None:
-        """COLO ended or a checkpoint failed while the primary lives: took over or lost
-        (:class:`~controller.pair_state.ReplicationEndDecider`).  Taken over (the agent failed over,
-        e.g. after a heartbeat gap): the primary must stay stopped -- resuming it would give two live
-        copies of the guest.  Lost: the primary runs on unprotected."""
-        if self.state != PairState.PROTECTED:
-            return
+    async def _disk_failed_over(self) -> bool | NoAnswer:
+        """The disk server's ``failed_over`` (a connection of its own, bounded at 2 s), or NO_ANSWER."""
+        if not self.config.disk_control:
+            return False
+        client = ServiceClient(self.config.disk_control)
+        try:
+            await asyncio.wait_for(client.connect(), 2.0)
+            status = await asyncio.wait_for(client.call("status"), 2.0)
+        except (ControlError, OSError, TimeoutError):
+            return NO_ANSWER
+        finally:
+            await client.close()
+        return bool(status.get("failed_over"))
+
+    def _agent_failing_over(self) -> bool:
+        """The agent writes failover-started.json (beside failover.json) before its first failover
+        step (same host only; the disk server's answer covers two hosts).  Only a marker written since
+        this daemon started counts: one left by an earlier failover (a re-protected pair) is history."""
+        report = self.config.failover_report
+        if report is None:
+            return False
+        try:
+            written = Path(report).with_name("failover-started.json").stat().st_mtime
+        except OSError:
+            return False
+        return written >= self._started_at
+
+    async def _decide_end(self) -> ReplicationEnd:
         alive = _pid_alive(self.config.secondary_pid)
         colo_status = await self._secondary_colo_status() if alive else NO_ANSWER
-        if self.replication_end.decide(secondary_alive=alive, colo_status=colo_status) is ReplicationEnd.LOST:
-            await self._side_lost("secondary", why)
-            return
-        self.state, self.state_reason = PairState.FAILED_OVER, f"the secondary took over ({why})"
-        self.metrics.protected.set(0)
-        log.error("the secondary took over (%s): keeping the primary stopped", why)
+        return self.replication_end.decide(
+            secondary_alive=alive,
+            colo_status=colo_status,
+            disk_failed_over=await self._disk_failed_over(),
+            agent_failing_over=self._agent_failing_over(),
+        )
+
+    async def _fence_own_primary(self, why: str) -> None:
         if self.primary is not None:
             with contextlib.suppress(QmpError, TimeoutError):
                 await asyncio.wait_for(self.primary.execute("stop"), 5.0)
-                self.timeline.append(("primary fenced (stopped): the secondary took over", 0.0))
+                self.timeline.append((f"primary fenced (stopped): {why}", 0.0))
+
+    async def _replication_ended(self, why: str) -> None:
+        """COLO ended or a checkpoint failed while the primary lives: took over, lost or don't know
+        (:class:`~controller.pair_state.ReplicationEndDecider`).  Taken over (the agent failed over,
+        e.g. after a heartbeat gap): the primary must stay stopped -- resuming it would give two live
+        copies of the guest.  Lost: the primary runs on unprotected.  Don't know: the primary stays
+        stopped and its output held until a later answer says which."""
+        if self.state != PairState.PROTECTED:
+            return
+        self.state = PairState.UNDECIDED
+        self.state_reason = f"deciding whether the secondary took over ({why})"
+        self.metrics.protected.set(0)
+        end = await self._decide_end()
+        if end is ReplicationEnd.DONT_KNOW:
+            log.error("replication ended (%s); the secondary does not answer: the primary stays stopped", why)
+            self.state_reason = (
+                f"the secondary does not answer: the primary is kept stopped, its output held, until it is "
+                f"known whether the secondary took over ({why})"
+            )
+            await self._fence_own_primary("the secondary does not answer")
+            while end is ReplicationEnd.DONT_KNOW and not self._closing:
+                await asyncio.sleep(UNDECIDED_RETRY)
+                end = await self._decide_end()
+            if self._closing:
+                return
+        if end is ReplicationEnd.LOST:
+            await self._side_lost("secondary", why)
+            return
+        self.state, self.state_reason = PairState.FAILED_OVER, f"the secondary took over ({why})"
+        log.error("the secondary took over (%s): keeping the primary stopped", why)
+        await self._fence_own_primary("the secondary took over")
 
     def _primary_ok(self) -> bool:
         return _pid_alive(self.config.primary_pid) and self._session_up(self.primary)
@@ -592,7 +654,7 @@ class Daemon:
         return session is not None and session.connected
 
     async def _side_lost(self, side: str, why: str) -> None:
-        if self.state not in (PairState.PROTECTED, PairState.STARTING):
+        if self.state not in (PairState.PROTECTED, PairState.STARTING, PairState.UNDECIDED):
             return
         started = time.monotonic()
         if side == "primary":
@@ -606,6 +668,21 @@ class Daemon:
         self.state, self.state_reason = PairState.UNPROTECTED, why
         self.metrics.protected.set(0)
         log.error("secondary lost (%s): releasing held output, continuing unprotected", why)
+        # The agent stands down first: x-colo-lost-heartbeat below ends COLO on the secondary too, and
+        # an agent that took its COLO_EXIT for a lost primary would fence the only live copy.
+        self.heartbeat.send(Heartbeat(time.time(), self.protocol.last_committed, None, unprotected=True))
+        if self.heartbeat.connected:
+            await asyncio.sleep(STAND_DOWN_GRACE)
+            self.timeline.append(("agent told to stand down", round(time.monotonic() - started, 4)))
+        if self._agent_failing_over():
+            # it fired before it read that (its marker comes before any step): it takes over, so the
+            # primary stays stopped and nothing held is released
+            self.state, self.state_reason = PairState.FAILED_OVER, f"the secondary took over ({why})"
+            log.error(
+                "the agent began a failover as the secondary was declared lost: keeping the primary stopped"
+            )
+            await self._fence_own_primary("the agent took over")
+            return
         primary = self.primary
         steps: list[tuple[str, Any]] = []
         if self.compare is not None:
@@ -619,12 +696,27 @@ class Daemon:
                         primary.execute("block-job-cancel", device=self.config.mirror_job, force=True),
                     )
                 )
+        released = False
         for name, action in steps:
             try:
                 await asyncio.wait_for(action, 5.0)
                 self.timeline.append((name, round(time.monotonic() - started, 4)))
+                released = released or name == "compare release-all"
             except (QmpError, ControlError, OSError, TimeoutError) as exc:
                 self.timeline.append((f"{name} failed: {exc}", round(time.monotonic() - started, 4)))
+        if not released and primary is not None:
+            # no comparator to pass the primary's output on: the primary talks to its tap directly
+            # (frames held in the dead comparator are lost in flight; TCP sends them again)
+            for ident in self.config.primary_redirectors:
+                try:
+                    await asyncio.wait_for(primary.execute("object-del", id=ident), 5.0)
+                    self.timeline.append(
+                        (f"primary redirector {ident} removed", round(time.monotonic() - started, 4))
+                    )
+                except (QmpError, TimeoutError) as exc:
+                    self.timeline.append(
+                        (f"object-del {ident} failed: {exc}", round(time.monotonic() - started, 4))
+                    )
         if primary is not None:
             with contextlib.suppress(QmpError, TimeoutError):
                 if not (await asyncio.wait_for(primary.execute("query-status"), 5.0)).get("running"):
@@ -643,7 +735,7 @@ class Daemon:
                 for session in self._sessions():
                     self._count_events(session, session.events())
             if not self._secondary_ok() and not self._in_checkpoint:
-                await self._side_lost("secondary", "the secondary QEMU exited or its QMP connection dropped")
+                await self._replication_ended("the secondary QEMU exited or its QMP connection dropped")
 
     async def _request_loop(self) -> None:
         assert self.config.compare_control is not None
@@ -716,10 +808,16 @@ class Daemon:
         p50, p99 = percentile(pauses, 0.5), percentile(pauses, 0.99)
         last = self.records[-1].as_dict() if self.records else None
         point, pending = self.protocol.point, self.protocol.pending
+        # checkpoints alone do not protect: without the agent nobody would fail over
+        agent_missing = self.config.heartbeat is not None and not self.heartbeat.connected
+        reason = self.state_reason
+        if self.state == PairState.PROTECTED and agent_missing:
+            reason = "the agent is not connected (heartbeat): nobody would fail over"
         return {
             "state": str(self.state),
-            "state_reason": self.state_reason,
-            "protected": self.state == PairState.PROTECTED,
+            "state_reason": reason,
+            "protected": self.state == PairState.PROTECTED and not agent_missing,
+            "agent_connected": not agent_missing,
             # the operating point in force, field by field (tools read these), then the pending one
             "mode": str(point.mode),
             "epoch_ms": point.epoch_ms,

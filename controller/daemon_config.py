@@ -23,6 +23,7 @@ from hybridft_common.endpoints import parse_endpoint
 from hybridft_common.manifest import ManifestError, PairManifest
 from hybridft_common.settings import ControllerSettings, Settings, SettingsError
 from hybridft_common.vocabulary import DEFAULT_EPOCH_MS, Mode
+from mc_driver.launch import PRIMARY_REDIRECTORS
 from policies.guard import GuardConfig
 
 _CONTROLLER = ControllerSettings()  # the schema's defaults
@@ -78,6 +79,11 @@ class DaemonConfig:
     hysteresis_windows: int = _CONTROLLER.hysteresis_windows
     drive: str = "disk0"  # the guest disk's device on the primary (query-blockstats), as pair up names it
     trace_path: str | None = None  # the policy decision trace (JSON lines); None: not written
+    # the agent's failover.json: once it exists the agent has begun a failover (same host only)
+    failover_report: str | None = None
+    # the primary's redirectors to and from the comparator: deleted when the secondary is lost and the
+    # comparator does not answer, or the primary's output would go nowhere
+    primary_redirectors: tuple[str, ...] = ()
 
     def controller_settings(self) -> ControllerSettings:
         """This config's ``[controller]`` values, checked against the settings schema (DaemonError
@@ -125,6 +131,8 @@ class DaemonConfig:
             stop_via=manifest.stop_via,
             migrate_uri=manifest.migrate_uri,
             trace_path=str(Path(manifest.workdir) / "decisions.jsonl"),
+            failover_report=str(manifest.failover_report),
+            primary_redirectors=PRIMARY_REDIRECTORS,
         )
 
     @classmethod

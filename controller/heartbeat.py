@@ -6,8 +6,8 @@ decides the disk's fate on when they said it (``{"epoch": N, "state": "sealed", 
 parsed them as one; a misspelt key would have been read as "no news".  :class:`Heartbeat` is the one
 definition: :meth:`Heartbeat.encode` writes a line, :meth:`Heartbeat.decode` reads one or says what
 is wrong with it.  The wire format is unchanged -- one compact JSON object per line, keys ``t``,
-``epoch``, ``state`` and, only when true, ``primary_lost`` / ``failover`` (``state`` is left out of a
-message that has none).
+``epoch``, ``state`` and, only when true, ``primary_lost`` / ``failover`` / ``unprotected`` (``state``
+is left out of a message that has none).
 
 :class:`HeartbeatSender` is the daemon's side of the connection.
 
@@ -52,7 +52,9 @@ class Heartbeat:
     ``t`` is the daemon's wall clock (seconds) when it was made; ``epoch`` the checkpoint it is about
     (the one running, else the last committed; None before any); ``state`` that checkpoint's phase
     (``open``, ``sealed``, ``loaded``, ``committed``), None in a message that carries none (primary
-    lost).  ``primary_lost``: the daemon saw the primary go; ``failover``: a planned failover.
+    lost).  ``primary_lost``: the daemon saw the primary go; ``failover``: a planned failover;
+    ``unprotected``: the daemon declared the secondary lost and runs the primary alone -- the agent
+    must stand down (a failover now would fence the only live copy for a stale one).
     """
 
     t: float
@@ -60,6 +62,7 @@ class Heartbeat:
     state: str | None
     primary_lost: bool = False
     failover: bool = False
+    unprotected: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         message: dict[str, Any] = {"t": self.t, "epoch": self.epoch}
@@ -69,6 +72,8 @@ class Heartbeat:
             message["primary_lost"] = True
         if self.failover:
             message["failover"] = True
+        if self.unprotected:
+            message["unprotected"] = True
         return message
 
     def encode(self) -> bytes:
@@ -95,7 +100,7 @@ class Heartbeat:
         if state is not None and not isinstance(state, str):
             raise HeartbeatError(f"'state' must be a string or null, got {state!r}")
         flags = {}
-        for key in ("primary_lost", "failover"):
+        for key in ("primary_lost", "failover", "unprotected"):
             value = message.get(key, False)
             if not isinstance(value, bool):
                 raise HeartbeatError(f"{key!r} must be true or false, got {value!r}")

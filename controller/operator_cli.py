@@ -163,6 +163,28 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_failover(report: dict[str, Any]) -> str:
+    """The agent's failover.json in one line: above all, whether the secondary was resumed."""
+    if report.get("resumed") is False:
+        head = f"failover         SECONDARY KEPT PAUSED: {report.get('kept_paused')}"
+    elif report.get("resumed"):
+        head = f"failover         done, the secondary runs (generation {report.get('generation')})"
+    else:
+        head = f"failover         incomplete: {report.get('crashed') or 'no outcome recorded'}"
+    return f"{head}; trigger: {report.get('reason')}"
+
+
+def _failover_report(workdir: Path | None, config: Path | None) -> dict[str, Any] | None:
+    path = config or (workdir / "pair.json" if workdir else None)
+    if path is None:
+        return None
+    try:
+        report = json.loads(PairManifest.load(path).failover_report.read_text())
+    except (ManifestError, OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) else None
+
+
 @click.command("status")
 @click.option("--watch", "live", is_flag=True, help="A live view (rich), refreshed every --interval seconds.")
 @click.option(
@@ -188,7 +210,8 @@ def status_command(
     control: str | None,
     as_json: bool,
 ) -> None:
-    """Show the pair's state, mode, checkpoint counts and pauses (--watch: live, until Ctrl-C)."""
+    """Show the pair's state, mode, checkpoint counts and pauses (and the agent's failover, if any;
+    --watch: live, until Ctrl-C)."""
     endpoint = resolve_control(control, workdir, config)
     if live:
         if as_json:
@@ -211,13 +234,28 @@ def status_command(
                   "state_reason": f"reprotect {summary['state']}: {why}"}  # fmt: skip
         click.echo(json.dumps(result, sort_keys=True) if as_json else format_summary(summary))
         return
-    result = request(endpoint, "status", 10.0)
+    report = _failover_report(workdir, config)
+    try:
+        result = call(endpoint, "status", io_timeout=10.0)
+    except ControlError as exc:
+        click.echo(f"error: {exc.message} ({exc.code})", err=True)
+        raise SystemExit(1) from None
+    except OSError as exc:
+        if report is not None:  # the primary's side may be gone: the agent's word is what is left
+            click.echo(json.dumps({"failover": report}) if as_json else format_failover(report))
+        click.echo(f"error: cannot reach the daemon at {endpoint}: {exc}", err=True)
+        raise SystemExit(2) from None
     if record is not None:
         result["reprotect"] = record.summary(time.time())
+    if as_json:
+        click.echo(json.dumps(result | ({"failover": report} if report else {}), sort_keys=True))
+        return
     text = format_status(result)
+    if report:
+        text += "\n" + format_failover(report)
     if record is not None:
         text += "\n" + format_summary(result["reprotect"])
-    click.echo(json.dumps(result, sort_keys=True) if as_json else text)
+    click.echo(text)
 
 
 def _reachable(endpoint: str) -> bool:

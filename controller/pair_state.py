@@ -5,7 +5,12 @@ checkpoint), either the secondary is lost -- the primary must go on, unprotected
 took over because the agent failed over (a heartbeat gap, say) -- the primary must stay stopped, as
 resuming it would give two live copies of the guest.  Getting that wrong is the worst thing the
 daemon can do, so the rule is a pure function of what the daemon could find out, unit-tested on its
-own table like :class:`controller.agent.FailoverDecider`; the daemon only asks QEMU and acts.
+own table like :class:`controller.agent.FailoverDecider`; the daemon only asks QEMU, the disk server
+and the agent's report, and acts.
+
+A third answer, "don't know", exists because a secondary that does not answer (hung, SIGSTOPped, a
+partition) may be in the middle of taking over: the only safe move then is to keep the primary
+stopped and its output held, and ask again, never to guess "lost" and resume it.
 """
 
 from __future__ import annotations
@@ -25,11 +30,14 @@ class PairState(StrEnum):
     PRIMARY_LOST = "primary-lost"  # the agent was told; it fails over to the secondary
     FAILED_OVER = "failed-over"  # planned failover, or the secondary took over: the primary stays stopped
     STOPPED = "stopped"  # the daemon was closed while the pair was not failed over
+    UNDECIDED = "undecided"  # replication ended; whether the secondary took over is not known yet:
+    # the primary stays stopped and its output held while the daemon keeps asking
 
 
 class ReplicationEnd(StrEnum):
     TOOK_OVER = "took-over"  # the secondary left COLO as the secondary: the agent failed over
     LOST = "lost"  # the secondary is gone (or still a secondary that can no longer checkpoint)
+    DONT_KNOW = "don't know"  # no answer from a live secondary: keep the primary stopped, ask again
 
 
 class NoAnswer(Enum):
@@ -55,18 +63,27 @@ class ColoStatus:
 
 
 class ReplicationEndDecider:
-    """Took over or lost?  Fed whether the secondary's process lives and its COLO status (or
-    :data:`NO_ANSWER`)."""
+    """Took over, lost, or don't know?  Fed whether the secondary's process lives, its COLO status (or
+    :data:`NO_ANSWER`), whether the disk server has failed over (or :data:`NO_ANSWER`) and whether the
+    agent has begun a failover (its report exists)."""
 
-    def decide(self, *, secondary_alive: bool, colo_status: ColoStatus | NoAnswer) -> ReplicationEnd:
+    def decide(
+        self,
+        *,
+        secondary_alive: bool,
+        colo_status: ColoStatus | NoAnswer,
+        disk_failed_over: bool | NoAnswer = False,
+        agent_failing_over: bool = False,
+    ) -> ReplicationEnd:
+        if disk_failed_over is True or agent_failing_over:
+            # a failover has begun: the secondary's disk is the pair's now, whatever QEMU says
+            return ReplicationEnd.TOOK_OVER
         if not secondary_alive:
             return ReplicationEnd.LOST  # a dead QEMU runs no guest: nothing to fence against
         if colo_status is NO_ANSWER:
-            # Today's rule: no answer within the bound is read as "not taken over".  The design says
-            # "don't know" keeps the primary stopped (docs/architecture.md, failures); a later change
-            # maps this input there, which is why "no answer" is a value of its own, not a ColoStatus.
-            return ReplicationEnd.LOST
+            return ReplicationEnd.DONT_KNOW  # it may be taking over right now
         assert isinstance(colo_status, ColoStatus)
         if colo_status.mode == "none" and colo_status.last_mode == "secondary":
             return ReplicationEnd.TOOK_OVER  # it left COLO as the secondary: a failover made it primary
+        # still the secondary (a disk server that does not answer cannot complete a failover either)
         return ReplicationEnd.LOST

@@ -168,6 +168,9 @@ class DiskBuffer:
             raise DiskBufferError("the checkpoint mark must be positive and at most the budget", "config")
         faults = FaultInjector.from_env()
         keep_freed_memory()
+        # what this open creates: the directory entries must outlive a crash like the files' contents
+        new_dir = not state_dir.exists()
+        new_files = new_dir or not all((state_dir / n).exists() for n in ("lock", "mark", *Journal.FILES))
         try:
             img_fd = os.open(image, os.O_RDWR)
         except OSError as exc:
@@ -191,6 +194,12 @@ class DiskBuffer:
                 ) from None
             size = os.fstat(img_fd).st_size
             journal = Journal(state_dir, size, faults)
+            if new_files:
+                from disk_buffer.journal import fsync_dir
+
+                if new_dir:
+                    fsync_dir(state_dir.resolve().parent)
+                fsync_dir(state_dir)
             try:
                 store = cls._recover(img_fd, size, journal)
             except BaseException:
@@ -414,7 +423,15 @@ class DiskBuffer:
         return result
 
     async def failover(self) -> None:
-        """Finish the write-out, drop uncommitted primary writes, merge the overlay into IMG, sync."""
+        """Finish the write-out, drop uncommitted primary writes, merge the overlay into IMG, sync,
+        and only then mark the state directory failed over.
+
+        Why this order: the durable mark makes every restart serve IMG alone, so IMG must hold the
+        overlay (the secondary VM's own writes) -- merged *and* fdatasynced -- before the mark says so.
+        Killed before the mark, the buffer restarts not failed over and the failover is simply asked
+        for again.  The merge, the sync, the mark and the switch run without yielding to the event
+        loop, so no view write can land in the overlay after it was merged (a failover is rare; the
+        NBD connections wait for one fdatasync)."""
         with self._cond:
             self._store.begin_failover()
         self._journal.abandon([self._store.current_seq])
@@ -422,23 +439,20 @@ class DiskBuffer:
         if self.writeout_error is not None:
             raise DiskBufferError(f"failover: write-out failed: {self.writeout_error}", "io")
         try:
-            self._journal.mark_failed_over()
-            # Synchronous on purpose: no view write can slip in between the merge and the switch.
             for start, end, data in self._store.view.overlay.items():
                 if data is None:
                     zero_range(self._fd, start, end - start)
                 else:
                     os.pwrite(self._fd, data, start)
+            os.fdatasync(self._fd)
+            self._faults.hit("failover-synced")
+            self._journal.mark_failed_over()
         except OSError as exc:
             raise _io_error("failover", exc) from None
         with self._cond:
             self._store.finish_failover()
             self._stopping = True
             self._cond.notify_all()
-        try:
-            await asyncio.to_thread(os.fdatasync, self._fd)
-        except OSError as exc:
-            raise _io_error("failover: fdatasync of the image", exc) from None
         self._notify_room()
 
     def _wait_writeout_drained(self) -> None:

@@ -82,10 +82,9 @@ class FaultInjector:
         if not spec:
             return
         point, _, count = spec.partition(":")
-        if point not in FAULT_POINTS:
-            raise DiskBufferError(
-                f"HYBRIDFT_DISK_FAULT: unknown point {point!r} (known: {FAULT_POINTS})", "config"
-            )
+        if point not in FAULT_POINTS + FAILOVER_FAULT_POINTS:
+            known = FAULT_POINTS + FAILOVER_FAULT_POINTS
+            raise DiskBufferError(f"HYBRIDFT_DISK_FAULT: unknown point {point!r} (known: {known})", "config")
         try:
             self.remaining = int(count) if count else 1
         except ValueError:
@@ -106,6 +105,18 @@ class FaultInjector:
 
 
 NO_FAULTS = FaultInjector(None)
+
+# Reached only by a failover: after the overlay merge and IMG's fdatasync, after the failed-over mark.
+FAILOVER_FAULT_POINTS = ("failover-synced", "failover-marked")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (files created or renamed in it) survive a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -245,7 +256,10 @@ class Journal:
             self._update_mark(applied=epoch)
 
     def mark_failed_over(self) -> None:
+        """Durably: IMG is the failed-over disk.  Only once the overlay is merged into IMG and IMG is
+        fdatasynced (the caller's duty): a restart serves IMG alone from then on."""
         self._update_mark(failed_over=True)
+        self.faults.hit("failover-marked")
 
     # -- recovery ------------------------------------------------------------------------------
 

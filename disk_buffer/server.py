@@ -507,6 +507,21 @@ def make_control_dispatch(buffer: Any) -> Dispatch:
     return dispatch
 
 
+def make_fenced_control_dispatch(buffer: Any) -> Dispatch:
+    """:func:`make_control_dispatch` behind the fencing generation (:mod:`hybridft_common.fencing`),
+    recorded durably in the state directory's ``generation`` file: after a failover the old
+    primary's daemon can neither seal, commit nor roll back."""
+    from disk_buffer.store import DiskBufferError
+    from hybridft_common.fencing import Fence, GenerationFile, fenced_dispatch
+
+    record = GenerationFile(Path(buffer.state_dir) / "generation")
+    try:
+        fence = Fence(record.load())
+    except ValueError as exc:
+        raise DiskBufferError(str(exc), "corrupt") from None
+    return fenced_dispatch(make_control_dispatch(buffer), fence, record)
+
+
 async def run_server(
     image: str | Path,
     state_dir: str | Path,
@@ -543,7 +558,7 @@ async def run_server(
         max_connections=max_connections,
     )
     try:
-        control_server = await serve_control(control_ep, make_control_dispatch(buffer))
+        control_server = await serve_control(control_ep, make_fenced_control_dispatch(buffer))
         servers.append(control_server)
         nbd_bound = []
         for nbd_ep in nbd_eps:

@@ -218,3 +218,25 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+# ---------------------------------------------------------------- other files of the pair, durably
+def fsync_directory(path: Path) -> None:
+    """Make the directory entries of ``path`` (a creation, a rename) survive a crash."""
+    directory = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``: temporary file, fsync, rename, fsync of the directory -- after a
+    crash the file is the old one or the new one, never empty or half written."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    with tmp.open("w") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    fsync_directory(path.parent)

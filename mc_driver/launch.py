@@ -241,6 +241,12 @@ def filter_redirector(
     return ["-object", f"filter-redirector,id={name},netdev={NETDEV},queue={queue},{end}"]
 
 
+# The primary's two redirectors in a `pair up` pair (mc_driver.pair.primary_args): its output to the
+# comparator, the comparator's released frames back in.  Without a comparator the daemon deletes them,
+# so that the primary, alone and unprotected, talks to its tap directly.
+PRIMARY_REDIRECTORS = ("rout", "rin")
+
+
 def filter_rewriter(name: str) -> list[str]:
     return ["-object", f"filter-rewriter,id={name},netdev={NETDEV},queue=all"]
 

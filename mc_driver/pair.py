@@ -83,6 +83,7 @@ from mc_driver.guest.image import GuestImage, build_guest
 from mc_driver.guest.qemu_args import DEFAULT_MAC, guest_cmdline
 from mc_driver.launch import (
     PRIMARY_MIRROR_CHARDEV,
+    PRIMARY_REDIRECTORS,
     PRIMARY_TAP,
     SECONDARY_TAP,
     TLS_CLIENT,
@@ -279,8 +280,8 @@ def primary_args(
         *chardev_client("cmp_pri", files.sock("compare-primary")),
         *filter_mirror("m0", PRIMARY_MIRROR_CHARDEV),
         # rx filters run in reverse order of declaration: the indev redirector comes first
-        *filter_redirector("rin", "rx", indev="cmp_out"),
-        *filter_redirector("rout", "rx", outdev="cmp_pri"),
+        *filter_redirector(PRIMARY_REDIRECTORS[1], "rx", indev="cmp_out"),
+        *filter_redirector(PRIMARY_REDIRECTORS[0], "rx", outdev="cmp_pri"),
     ]  # fmt: skip
 
 
@@ -628,6 +629,8 @@ def up(config: PairConfig) -> dict[str, Any]:
     for host_dir in workdir.glob("g[0-9]*"):
         if host_dir.is_dir() and host_dir.name[1:].isdigit():
             shutil.rmtree(host_dir, ignore_errors=True)
+    for fresh in ("failover-started.json", "generation", "compare-generation"):  # a new pair: generation 0
+        (workdir / fresh).unlink(missing_ok=True)
     launcher = PairLauncher(config, files)
     try:
         return _up(launcher)
@@ -675,7 +678,8 @@ def _up(launcher: PairLauncher) -> dict[str, Any]:
         "--compare-timeout", str(config.compare_timeout_ms / 1000),
         "--primary-in", files.endpoint("compare-primary"),
         "--secondary-in", str(secondary_in) if isinstance(secondary_in, Endpoint) else f"unix:{secondary_in}",
-        "--out", files.endpoint("compare-out"), "--control", files.endpoint("compare-ctl")))  # fmt: skip
+        "--out", files.endpoint("compare-out"), "--control", files.endpoint("compare-ctl"),
+        "--fence-file", str(files.workdir / "compare-generation")))  # fmt: skip
     for name in ("compare-ctl", "compare-primary", "compare-out"):
         launcher.wait_for_socket(files.sock(name))
     launcher.wait_for_listener("compare", secondary_in)

@@ -19,7 +19,7 @@ from controller.pair_state import (
 )
 from mc_driver.qmp import QmpSession
 
-TOOK_OVER, LOST = ReplicationEnd.TOOK_OVER, ReplicationEnd.LOST
+TOOK_OVER, LOST, DONT_KNOW = ReplicationEnd.TOOK_OVER, ReplicationEnd.LOST, ReplicationEnd.DONT_KNOW
 
 
 @pytest.mark.parametrize(
@@ -32,8 +32,8 @@ TOOK_OVER, LOST = ReplicationEnd.TOOK_OVER, ReplicationEnd.LOST
         (True, ColoStatus("none", "none"), LOST),
         (True, ColoStatus("none", "primary"), LOST),
         (True, ColoStatus(None, None), LOST),
-        # no answer (no connection, an error, 2 s without a reply): today read as not taken over
-        (True, NO_ANSWER, LOST),
+        # no answer (no connection, an error, 2 s without a reply) from a live secondary: don't know
+        (True, NO_ANSWER, DONT_KNOW),
         # a dead secondary took nothing over, whatever it said before
         (False, NO_ANSWER, LOST),
         (False, ColoStatus("none", "secondary"), LOST),
@@ -41,6 +41,28 @@ TOOK_OVER, LOST = ReplicationEnd.TOOK_OVER, ReplicationEnd.LOST
 )
 def test_took_over_or_lost(alive: bool, status: ColoStatus | NoAnswer, end: ReplicationEnd) -> None:
     assert ReplicationEndDecider().decide(secondary_alive=alive, colo_status=status) is end
+
+
+@pytest.mark.parametrize(
+    ("alive", "status", "disk", "agent", "end"),
+    [
+        # the disk server failed over, or the agent's report says it began: a failover happened
+        (True, ColoStatus("secondary", "none"), True, False, TOOK_OVER),
+        (True, NO_ANSWER, True, False, TOOK_OVER),
+        (False, NO_ANSWER, True, False, TOOK_OVER),
+        (True, ColoStatus("secondary", "none"), False, True, TOOK_OVER),
+        # a disk server that does not answer decides nothing by itself
+        (True, ColoStatus("secondary", "none"), NO_ANSWER, False, LOST),
+        (True, NO_ANSWER, NO_ANSWER, False, DONT_KNOW),
+    ],
+)
+def test_the_disk_server_and_the_agent_are_asked_too(
+    alive: bool, status: ColoStatus | NoAnswer, disk: bool | NoAnswer, agent: bool, end: ReplicationEnd
+) -> None:
+    decided = ReplicationEndDecider().decide(
+        secondary_alive=alive, colo_status=status, disk_failed_over=disk, agent_failing_over=agent
+    )
+    assert decided is end
 
 
 def test_colo_status_from_the_qmp_reply() -> None:
@@ -52,7 +74,7 @@ def test_colo_status_from_the_qmp_reply() -> None:
 
 def test_pair_states_keep_their_status_strings() -> None:
     assert [str(state) for state in PairState] == [
-        "starting", "protected", "unprotected", "primary-lost", "failed-over", "stopped"
+        "starting", "protected", "unprotected", "primary-lost", "failed-over", "stopped", "undecided"
     ]  # fmt: skip
     assert PairState.PRIMARY_LOST == "primary-lost"  # tools compare status["state"] with these
 
