@@ -400,9 +400,7 @@ def run_main_pair(workdir: Path, opts: dict[str, Any]) -> dict[str, Any]:
         progress(f"traffic: unreplicated + {secondary_share}% CPU burnt (the secondary's share in COLO)")
         burners = _cpu_burner(secondary_share)
         try:
-            traffic["unreplicated+cpu"] = traffic_phase(
-                pair, opts["echo_count"], opts["downloads"]
-            )
+            traffic["unreplicated+cpu"] = traffic_phase(pair, opts["echo_count"], opts["downloads"])
         finally:
             for proc in burners:
                 proc.kill()
