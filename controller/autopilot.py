@@ -235,7 +235,7 @@ class Autopilot:
             "failing": bool(verdict and verdict.policy_failing),
             "last_error": self.last_error,
             "ended": self.ended,
-            # CPU this process spent per sample (an upper bound: other tasks run while a sample awaits)
+            # CPU the sampler's own code spent per sample in the daemon's loop thread (not the replies' I/O)
             "sample_cpu_ms": round(self.sampler.cpu_cost_s / self.samples * 1000, 3)
             if self.samples
             else None,

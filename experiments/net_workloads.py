@@ -53,6 +53,7 @@ from mc_driver.guest import (
     stream_bytes,
 )
 from mc_driver.netns import NetNamespace
+from mc_driver.traffic import recv_exact
 
 __all__ = [
     "BlobChecker",
@@ -198,16 +199,6 @@ def _in_namespace(netns: str | None) -> Iterator[None]:
             yield
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            raise ConnectionError(f"connection closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
-
-
 class Conversation(Protocol):
     """One client connection's protocol: ``exchange`` does one request and returns its units of work."""
 
@@ -285,7 +276,7 @@ class _RRConversation:
         size = self.sizes[self.i % len(self.sizes)]
         self.i += 1
         sock.sendall(rr_request(size))
-        check_rr_answer(size, _recv_exact(sock, size), self.expected[size])
+        check_rr_answer(size, recv_exact(sock, size), self.expected[size])
         return 1.0
 
 
