@@ -402,7 +402,7 @@ class PairLauncher:
             if proc.poll() is not None:
                 raise PairError(
                     f"{role} exited ({proc.returncode}) while {waiting_for}; see {self.files.log(role)}:\n"
-                    f"{_tail(self.files.log(role))}"
+                    f"{log_tail(self.files.log(role))}"
                 )
 
     def wait_for(self, what: str, ready: Any, timeout: float) -> None:
@@ -415,7 +415,7 @@ class PairLauncher:
         self.mark(what)
 
     def wait_for_socket(self, path: Path, timeout: float = 30.0) -> None:
-        self.wait_for(f"{path.name}", lambda: _accepts(path), timeout)
+        self.wait_for(f"{path.name}", lambda: accepts_connections(path), timeout)
 
     def wait_for_listener(self, role: str, where: ChardevAddress | str, timeout: float = 30.0) -> None:
         """A unix socket that accepts, or a tcp port ``role``'s process listens on (read from its
@@ -451,7 +451,7 @@ def _listens_tcp(pid: int, port: int) -> bool:
     return False
 
 
-def _accepts(path: Path) -> bool:
+def accepts_connections(path: Path) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(1.0)
         try:
@@ -461,7 +461,7 @@ def _accepts(path: Path) -> bool:
     return True
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def log_tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:

@@ -91,6 +91,7 @@ from mc_driver.pair import (
     PRIMARY_DRIVE,
     QMP_USERS,
     _stop_pid,
+    accepts_connections,
     secondary_namespaces,
 )
 from mc_driver.qmp import QmpCommandError, QmpError, QmpSession
@@ -161,23 +162,6 @@ def _ip(*args: str) -> None:
     proc = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise ReprotectError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
-
-
-def _accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1.0)
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
-def _tail(path: Path, lines: int = 12) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 def _argv_value(pid: int, flag: str) -> str | None:
@@ -275,7 +259,9 @@ class Reprotector:
         record = self.record
         failed_over = m.failover_report.exists()
         primary_alive = (
-            m.pids.primary > 0 and pid_alive(m.pids.primary) and _accepts(Path(m.qmp.primary.ops[5:]))
+            m.pids.primary > 0
+            and pid_alive(m.pids.primary)
+            and accepts_connections(Path(m.qmp.primary.ops[5:]))
         )
         secondary_alive = m.pids.secondary > 0 and pid_alive(m.pids.secondary)
         if (
@@ -432,7 +418,7 @@ class Reprotector:
         )  # fmt: skip
         compare = self.spawn("compare", m.netns, compare_args, gen.log("compare"))
         for name in ("compare-ctl", "compare-primary", "compare-secondary", "compare-out"):
-            self.wait_for(name, lambda n=name: _accepts(gen.sock(n)), 30)
+            self.wait_for(name, lambda n=name: accepts_connections(gen.sock(n)), 30)
         from hybridft_common.control import call
 
         call(gen.endpoint("compare-ctl"), "release-all", io_timeout=5)  # pass-through until COLO starts
@@ -574,7 +560,7 @@ class Reprotector:
         self.spawn("disk server", netns, disk_args, gen.log("disk"))
         self.wait_for(
             "the new disk server",
-            lambda: _accepts(gen.sock("disk-ctl")) and _accepts(gen.sock("disk-nbd")),
+            lambda: accepts_connections(gen.sock("disk-ctl")) and accepts_connections(gen.sock("disk-nbd")),
             30,
         )
 
@@ -599,7 +585,9 @@ class Reprotector:
                  "-incoming", f"unix:{gen.sock('migrate')}"]  # fmt: skip
         self.spawn("secondary", netns, args, gen.log("secondary"))
         for user in QMP_USERS["secondary"]:
-            self.wait_for(f"the new secondary's {user} monitor", lambda u=user: _accepts(gen.qmp(u)), 30)
+            self.wait_for(
+                f"the new secondary's {user} monitor", lambda u=user: accepts_connections(gen.qmp(u)), 30
+            )
         return qemu
 
     # ---------------------------------------------------------------------------- disk copy
@@ -681,7 +669,7 @@ class Reprotector:
             self.manifest, pids=dataclasses.replace(self.manifest.pids, agent=agent.pid)
         )
         self.manifest.write(self.files.config)
-        self.wait_for("the agent's heartbeat socket", lambda: _accepts(gen.sock("heartbeat")), 30)
+        self.wait_for("the agent's heartbeat socket", lambda: accepts_connections(gen.sock("heartbeat")), 30)
         daemon_args: list[str] = []
         if self.mode == "auto":
             daemon_args += ["--policy", DEFAULT_POLICY]
@@ -702,7 +690,7 @@ class Reprotector:
             await asyncio.to_thread(
                 self.wait_for,
                 "the daemon (the initial COLO migration)",
-                lambda: _accepts(self.files.sock("daemon-ctl")),
+                lambda: accepts_connections(self.files.sock("daemon-ctl")),
                 180,
             )
             stops = primary.take("STOP")
