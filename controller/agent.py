@@ -37,7 +37,9 @@ Failover itself (:func:`fail_over`), every step timed into ``failover.json``, in
    finishes, the VM resumes (``RESUME``) and only then does the failover run (``COLO_EXIT``).  Deciding
    the disk before that could roll back an epoch whose memory the secondary was still loading:
    memory at N, disk at N-1.  After ``COLO_EXIT`` no further load can happen, so the RESUMEs before it
-   say exactly which epochs the memory holds;
+   say exactly which epochs the memory holds.  Sent even when a ``COLO_EXIT`` came first: a secondary
+   that left COLO with an error is parked until this request, and only then does QEMU end the
+   incoming migration, which the agent waits for (bounded) before the next step;
 3. ``stop`` the secondary if it runs, so that no write of it lands while its disk changes;
 4. disk: ``commit`` every sealed epoch up to the newest the secondary loaded, oldest first (the server
    commits strictly in order), ``rollback`` the rest, then ``failover``; each retried within
@@ -231,6 +233,8 @@ DISK_RETRY_PAUSE = 0.5
 # How long the secondary may take to leave COLO after x-colo-lost-heartbeat: a checkpoint it is
 # loading finishes first (large ones take seconds on a loaded host).
 COLO_EXIT_TIMEOUT = 15.0
+# How long QEMU may take to end the incoming migration once the secondary left COLO (a bottom half).
+INCOMING_END_TIMEOUT = 5.0
 # The secondary watcher must end before failover starts; it is asked to and then waited for this long.
 WATCHER_STOP_TIMEOUT = 1.0
 AGENT_NICE = -10  # like the daemon: a starved agent would judge the heartbeat silent falsely
@@ -492,6 +496,37 @@ async def _await_colo_exit(secondary: Any, decider: FailoverDecider, timeline: T
     return False
 
 
+async def _await_incoming_end(secondary: Any, timeline: Timeline) -> bool:
+    """Wait (bounded) until the secondary's incoming migration is over: its ``migration`` yank instance
+    is gone, which QEMU removes last, after the failover's own ``vm_start``.
+
+    Why it matters twice.  A secondary that left COLO by itself with an error (COLO_EXIT ``error``:
+    the primary died mid-checkpoint) keeps its migration in state ``colo`` and its incoming thread
+    parked until ``x-colo-lost-heartbeat`` completes a failover; left so, the VM runs but its next
+    ``migrate`` (re-protection) fails with "duplicate yank instance".  And QEMU resumes the VM in a
+    bottom half after the failover: a ``stop`` sent before that bottom half ran would be undone by it,
+    letting the VM write while its disk is decided."""
+    from mc_driver.qmp import QmpError
+
+    deadline = time.monotonic() + INCOMING_END_TIMEOUT
+    while True:
+        try:
+            instances = await asyncio.wait_for(secondary.execute("query-yank"), timeout=2.0)
+            migration = await asyncio.wait_for(secondary.execute("query-migrate"), timeout=2.0)
+        except (QmpError, TimeoutError) as exc:
+            timeline.mark(f"incoming migration state unreadable ({exc or 'timed out'})")
+            return False
+        if not any(i.get("type") == "migration" for i in instances or []):
+            timeline.mark(f"incoming migration ended ({(migration or {}).get('status', 'none')})")
+            return True
+        if time.monotonic() > deadline:
+            timeline.mark(
+                f"incoming migration still {(migration or {}).get('status')!r} after {INCOMING_END_TIMEOUT} s"
+            )
+            return False
+        await asyncio.sleep(0.01)
+
+
 async def fail_over(
     config: PairManifest, decider: FailoverDecider, secondary: Any, timeline: Timeline
 ) -> dict[str, Any]:
@@ -505,9 +540,14 @@ async def fail_over(
     fence = asyncio.create_task(_fence_primary(config, timeline))
     errors: list[str] = []
     kept_paused: str | None = None
-    if decider.colo_exit is None:
-        await _qmp_step(secondary, timeline, errors, "x-colo-lost-heartbeat")
+    # Always, even after a COLO_EXIT: a secondary that left COLO with an error (the primary died
+    # mid-stream) is still a COLO secondary waiting for this request, and only the request ends its
+    # incoming migration (see _await_incoming_end).  Refused harmlessly once it is out of COLO.
+    await _qmp_step(secondary, timeline, errors, "x-colo-lost-heartbeat")
     left_colo = await _await_colo_exit(secondary, decider, timeline)
+    incoming_ended = await _await_incoming_end(secondary, timeline) if left_colo else False
+    if left_colo and not incoming_ended:
+        errors.append("the secondary's incoming migration did not end: no re-protection until it restarts")
     status = await _qmp_step(secondary, timeline, errors, "query-status", quiet=True)
     if (status or {}).get("running"):
         await _qmp_step(secondary, timeline, errors, "stop")
@@ -574,6 +614,7 @@ async def fail_over(
         },
         "last_heartbeat": {"epoch": decider.epoch, "state": decider.state},
         "colo_exit_seen": decider.colo_exit is not None,
+        "incoming_migration_ended": incoming_ended,
         "errors": errors,
         "steps": timeline.steps,
         "seconds": timeline.steps[-1][1],

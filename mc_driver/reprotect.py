@@ -47,6 +47,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import logging
 import shutil
 import socket
 import subprocess
@@ -95,6 +96,8 @@ from mc_driver.pair import (
     secondary_namespaces,
 )
 from mc_driver.qmp import QmpCommandError, QmpError, QmpSession
+
+log = logging.getLogger("hybridft.reprotect")
 
 SECONDARY_TAP_IN_NS = "hfts0"  # the new secondary's tap, inside its own namespace
 NS_BRIDGE = "hftbr0"
@@ -393,6 +396,7 @@ class Reprotector:
             if layout.secondary_netns != layout.primary_netns and layout.secondary_netns != m.netns:
                 await asyncio.to_thread(_delete_netns, layout.secondary_netns)
             survivor = await self._connect(m.qmp.primary.ops, m.pids.primary)
+            await self._end_old_migration(survivor)
             await self._clear_mirror(survivor)
             self.manifest = dataclasses.replace(
                 m, pids=dataclasses.replace(m.pids, secondary=0, disk=0, agent=0, daemon=0)
@@ -408,6 +412,7 @@ class Reprotector:
         if layout.primary_netns != m.netns:
             await asyncio.to_thread(_delete_netns, layout.primary_netns)
         survivor = await self._connect(m.qmp.secondary.ops, m.pids.secondary)
+        await self._end_old_migration(survivor)
         gen = GenFiles(self.files, self.record.generation)
         compare_args = hybridft_command(
             "compare", "serve", "--mode", "colo" if self.mode == "colo" else "mc",
@@ -451,6 +456,34 @@ class Reprotector:
             endpoint[5:] if endpoint.startswith("unix:") else endpoint,
             name="survivor", timeout=QMP_TIMEOUT, alive=lambda: pid_alive(pid),
         )  # fmt: skip
+
+    async def _end_old_migration(self, survivor: QmpSession) -> None:
+        """The survivor must hold no migration of the old pair: QEMU registers one ``migration`` yank
+        instance at a time, so a leftover one makes the initial migration fail ("duplicate yank
+        instance").  A COLO side whose failover never completed (its COLO_EXIT was an error and no
+        ``x-colo-lost-heartbeat`` followed) is failed over now; it runs already, so this changes
+        nothing for the guest."""
+
+        async def leftover() -> str | None:
+            instances = await survivor.execute("query-yank")
+            if not any(i.get("type") == "migration" for i in instances):
+                return None
+            return str((await survivor.execute("query-migrate")).get("status", "unknown"))
+
+        status = await leftover()
+        if status is None:
+            return
+        log.warning("the survivor still holds the old pair's migration (%s): failing it over now", status)
+        with contextlib.suppress(QmpCommandError):
+            await survivor.execute("x-colo-lost-heartbeat")
+        deadline = time.monotonic() + 10
+        while (status := await leftover()) is not None:
+            if time.monotonic() > deadline:
+                raise ReprotectError(
+                    f"the survivor still holds the old pair's migration (status {status!r}) and QEMU does "
+                    "not end it: it cannot migrate again until it restarts (it keeps running meanwhile)"
+                )
+            await asyncio.sleep(0.05)
 
     async def _clear_mirror(self, session: QmpSession) -> None:
         """A previous mirror job and its target node (the lost secondary's, or a failed attempt's)."""

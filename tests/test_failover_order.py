@@ -36,6 +36,7 @@ class LoadingSecondary:
         self.load_left = load_left
         self.running = running
         self.in_colo = True
+        self.incoming = "colo"  # query-migrate (incoming side); its yank instance lives until "completed"
         self.commands: list[str] = []
         self.events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -49,6 +50,9 @@ class LoadingSecondary:
         now = time.time()
         self.in_colo = False  # ... and only then does the failover run
         self.events.put_nowait(Event("COLO_EXIT", {"mode": "secondary", "reason": "request"}, now, now))
+        await asyncio.sleep(0.01)
+        self.running = True  # process_incoming_migration_bh: vm_start, then the migration ends
+        self.incoming = "completed"
 
     async def execute(self, command: str, arguments: Any = None, **args: Any) -> Any:
         self.commands.append(command)
@@ -61,6 +65,12 @@ class LoadingSecondary:
             return {"running": self.running, "status": "running" if self.running else "paused"}
         if command == "query-colo-status":
             return {"mode": "secondary" if self.in_colo else "none", "last-mode": "secondary"}
+        if command == "query-migrate":
+            return {"status": self.incoming}
+        if command == "query-yank":
+            return [{"type": "chardev", "id": "qmp-agent"}] + (
+                [{"type": "migration"}] if self.incoming != "completed" else []
+            )
         if command == "stop":
             self.running = False
         elif command == "cont":
@@ -72,6 +82,23 @@ class LoadingSecondary:
             return await asyncio.wait_for(self.events.get(), timeout)
         except TimeoutError:
             raise QmpTimeout("no event") from None
+
+
+class ErroredSecondary(LoadingSecondary):
+    """A secondary that left COLO by itself with an error before the agent acted (the primary died in
+    the middle of a checkpoint): QEMU sent ``COLO_EXIT`` (``error``) but its incoming thread is parked
+    until a failover request, so it is still a COLO secondary (migration ``colo``, its yank instance
+    registered), and only ``x-colo-lost-heartbeat`` ends that (migration/colo.c, 7.2)."""
+
+    def __init__(self) -> None:
+        super().__init__(loading=False)
+        self.running = True
+
+    async def _finish_load_then_fail_over(self) -> None:
+        await asyncio.sleep(0.01)
+        self.in_colo = False  # no second COLO_EXIT: the thread sent its one already
+        await asyncio.sleep(0.01)
+        self.incoming = "completed"
 
 
 def _disk_buffer(tmp_path: Path) -> DiskBuffer:
@@ -122,6 +149,36 @@ def test_a_checkpoint_still_loading_at_failover_is_committed(tmp_path: Path) -> 
     assert status["committed"] == report["disk"]["epoch"] and status["failed_over"], status
     assert commands.index("x-colo-lost-heartbeat") < commands.index("stop")
     assert report["resumed"] and report["colo_exit_seen"]
+
+
+def test_a_secondary_that_left_colo_with_an_error_is_still_failed_over(tmp_path: Path) -> None:
+    """The watcher saw the secondary's COLO_EXIT (error) before the failover began.  The agent must still
+    send x-colo-lost-heartbeat and wait for the incoming migration to end: skipping it left the survivor
+    in migration state ``colo`` for good, and re-protection's ``migrate`` then failed with "duplicate
+    yank instance" (2 of 3 re-protection tests in the suite of 2026-12-05)."""
+
+    async def scenario() -> tuple[dict[str, Any], ErroredSecondary]:
+        buffer = _disk_buffer(tmp_path)
+        config = manifest_for(tmp_path)
+        server = await _serve(buffer, config.disk_control)
+        decider = FailoverDecider()
+        decider.message(Heartbeat(time.time(), 3, "committed"), 0.0)
+        decider.secondary_event("COLO_EXIT", time.time())  # read by the watcher, before the failover
+        secondary = ErroredSecondary()
+        try:
+            report = await fail_over(config, decider, secondary, Timeline())
+        finally:
+            server.close()
+            await buffer.aclose()
+        return report, secondary
+
+    report, secondary = asyncio.run(scenario())
+    assert "x-colo-lost-heartbeat" in secondary.commands, secondary.commands
+    assert secondary.incoming == "completed" and report["incoming_migration_ended"], report
+    # the VM is stopped only once QEMU's own resume after the failover is behind it
+    assert secondary.commands.index("query-yank") < secondary.commands.index("stop"), secondary.commands
+    assert report["resumed"] and secondary.running, report
+    assert not [e for e in report["errors"] if "incoming" in e or "lost-heartbeat" in e], report["errors"]
 
 
 def test_sealed_epochs_are_committed_oldest_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -292,6 +292,9 @@ def kill_primary_and_check(workdir: Path, config: dict, ns: NetNamespace, traffi
           f"{echo_back - killed:.3f} s; agent: {report['reason']}, {report['seconds']} s, "
           f"disk {report['disk']}")  # fmt: skip
     assert report["disk"]["error"] is None and report["errors"] == [], report
+    # the survivor's incoming migration is over, whichever came first (its COLO_EXIT or the request):
+    # a leftover one keeps it from ever migrating again (re-protection)
+    assert report["incoming_migration_ended"], report
 
     if traffic.diskwriter:  # every record the client was told is durable is on the secondary's disk
         reports = traffic.reports
