@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -86,6 +87,56 @@ def echo(host: str, port: int, rounds: int, size: int, timeout: float) -> None:
             }
         )
     )
+
+
+@main.command("workload")
+@click.argument("name")
+@click.option(
+    "--workdir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="The pair's --workdir (its pair.json says where the guest and its clients are).",
+)
+@click.option("--seconds", default=20.0, show_default=True, type=click.FloatRange(1, 3600))
+@click.option(
+    "--phase-seconds",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(1, 3600),
+    help="For a phased workload: how long each phase lasts.",
+)
+def workload(name: str, workdir: Path, seconds: float, phase_seconds: float) -> None:
+    """Drive one of the experiment runner's workloads (``hybridft experiment``'s names: net-rr,
+    net-divergent, phased, ...) against a running pair for SECONDS, every byte checked; run from the host
+    (the clients enter the pair's namespace themselves).  Prints one JSON line; exit 1 on any wrong byte."""
+    from experiments.catalog import CatalogError, build
+    from experiments.workload import WorkloadTarget
+    from hybridft_common.manifest import ManifestError, PairManifest
+
+    try:
+        manifest = PairManifest.load(workdir / "pair.json")
+        driven = build(name, phase_seconds=phase_seconds)
+    except (CatalogError, ManifestError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    target = WorkloadTarget(manifest.netns, manifest.guest_ip, manifest.guest_control.primary)
+    result = driven.run(target, seconds)
+    errors = list(result.errors) + [e for phase in result.phases for e in phase.errors]
+    click.echo(
+        json.dumps(
+            {
+                "probe": "workload",
+                "workload": name,
+                "ok": not errors,
+                "phases": [
+                    {"name": ph.name, "seconds": round(ph.seconds, 2), result.unit: ph.work,
+                     "per_s": round(ph.score, 1)}
+                    for ph in result.phases
+                ],
+                "errors": errors[:5],
+            }
+        )
+    )  # fmt: skip
+    sys.exit(0 if not errors else 1)
 
 
 def _http_get(host: str, port: int, path: str, timeout: float) -> bytes:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job: a protected VM pair on this machine, a byte-checking client, a live mode switch and a
-# planned failover; then the comparator's capture replay. Everything is torn down at the end.
+# The main job: a protected VM pair on this machine, a byte-checking client, a live mode switch, the
+# controller switching by itself (auto, watched live) and a planned failover; then the comparator's
+# capture replay. Everything is torn down at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HFT=.venv/bin/hybridft
@@ -33,6 +34,18 @@ sleep 1
 probe blob "$ip" --count 2
 probe echo "$ip" --rounds 50
 $HFT status --workdir "$work"
+
+step "auto: the controller picks the mode itself (cost-model), watched live"
+# net-divergent: every answer differs between the two VMs (a token service), so in COLO each request
+# forces a checkpoint; the policy sees the divergences and moves the pair to MC (a SWITCH banner below).
+$HFT mode auto --policy cost-model --workdir "$work"
+.venv/bin/python -m experiments.probe workload net-divergent --workdir "$work" --seconds 25 \
+  > "$out/net-divergent.json" &
+load=$!
+$HFT status --workdir "$work" --watch --interval 1 --count 22
+wait "$load" || { echo "net-divergent: a client saw a wrong byte: $(cat "$out/net-divergent.json")"; exit 1; }
+cat "$out/net-divergent.json"
+$HFT policy show --workdir "$work"
 
 step "Planned failover to the secondary; the client is served by it"
 $HFT failover --workdir "$work"
