@@ -545,8 +545,12 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
             loaded_told = True
             try:
                 await timed(Step.HOLD_INSPECT, links.hold())
-            finally:
-                await release()
+            except BaseException:
+                inspecting = step
+                await release()  # both resume before the failure is handled (else its failure is)
+                step = inspecting
+                raise
+            await release()
         p_resume = await timed(Step.RESUME_PRIMARY, primary_event("RESUME"))
         s_resume = await timed(
             Step.RESUME_SECONDARY, links.secondary.wait_event("RESUME", timeout=links.timeout)
