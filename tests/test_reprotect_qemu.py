@@ -9,6 +9,9 @@ clients downloading and echoing throughout (every byte checked by :class:`tests.
   copy: the survivor keeps serving, ``status`` says why, the retry (COLO) succeeds, and the new replica's
   disk equals the survivor's.
 
+After each re-protection the new secondary's RAM equals the primary's at a held checkpoint
+(``hybridft verify``, patch 0007): in MC after a lost secondary, in COLO and then MC after a failover.
+
 Longer drills (five cycles, --auto-reprotect across three failovers, timings) are ``hybridft bench
 reprotect``.
 """
@@ -121,6 +124,18 @@ def incoming_status(workdir: Path) -> str | None:
         return None
 
 
+def ram_identical(workdir: Path, mode: str) -> dict:
+    """``hybridft verify``: the daemon holds its next checkpoint on both sides and compares all RAM."""
+    proc = hybridft("verify", "--workdir", str(workdir), "--json", timeout=120)
+    assert proc.returncode in (0, 1), proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["mode"] == mode, result
+    assert result["identical"] and result["differing_pages"] == 0, result
+    assert proc.returncode == 0
+    assert result["pages"] * 4096 > 250 << 20, result  # all of the 256 MiB guest's RAM, bar ROM and holes
+    return result
+
+
 def daemon_checkpoint(workdir: Path) -> dict:
     from hybridft_common.control import call
 
@@ -157,6 +172,7 @@ def test_lost_secondary_reprotected_with_the_same_primary_then_a_failover_to_the
     new = pair_json(workdir)
     assert answer["secondary_netns"] in list_namespaces() and answer["secondary_netns"] != new["netns"]
     checkpoints_advance(workdir, "mc")
+    ram_identical(workdir, "mc")
     traffic.wait("a blob downloaded across the re-protection", lambda: len(traffic.blobs) > blobs + 1)
     print(f"\nreprotect: {summary['phases']}, pause {summary['initial_migration_pause_ms']} ms")
 
@@ -241,8 +257,14 @@ def test_failover_then_a_failed_reprotection_is_retried_in_colo(workdir: Path) -
     assert answer["primary_pid"] == first["pids"]["secondary"], "the survivor is the primary now"
     assert answer["reprotect"]["attempt"] == 3 and answer["reprotect"]["case"] == "failed-over"
     after = checkpoints_advance(workdir, "colo")
+    ram_identical(workdir, "colo")
     blobs = len(traffic.blobs)
     traffic.wait("blobs through the comparator in COLO", lambda: len(traffic.blobs) > blobs + 1)
+    # and in MC: the switch lands at the next checkpoint
+    switched = hybridft("mode", "mc", "--workdir", str(workdir))
+    assert switched.returncode == 0, switched.stderr
+    daemon_checkpoint(workdir)
+    ram_identical(workdir, "mc")
     traffic.finish()
     print(f"\nretry: {answer['reprotect']['phases']}; COLO checkpoints {after['checkpoints']}")
 
@@ -285,6 +307,7 @@ def test_auto_reprotect_heals_a_failover_and_then_a_lost_secondary(workdir: Path
     third = pair_json(workdir)
     assert third["pids"]["primary"] == second["pids"]["primary"], "the primary stays the primary"
     checkpoints_advance(workdir, "mc")
+    ram_identical(workdir, "mc")
     blobs = len(traffic.blobs)
     traffic.wait("a blob after the second automatic re-protection", lambda: len(traffic.blobs) > blobs)
     traffic.finish()
