@@ -27,6 +27,9 @@ module is the asyncio shell around it and around the other sans-I/O parts, which
   gauge) and, in ``auto``, lets a policy ask for operating points; when protection ends (a failover, a
   lost secondary) its policy stands down: with one VM there is nothing to choose.
 * **requests** -- :mod:`controller.requests` checks every control request before anything changes.
+* **verify** -- the ``verify`` verb (``hybridft verify``) makes the next checkpoint a held one
+  (``PairLinks.hold``, patch 0007): both VMs stay stopped at it while
+  :func:`mc_driver.ram_compare.compare_held_ram` compares their RAM, then resume.
 
 Watching events: the checkpoint function consumes RESUME/STOP events while it runs; between
 checkpoints a watcher task takes the events (so they are never stale for the next checkpoint) and
@@ -87,7 +90,7 @@ from hybridft_common.vocabulary import (
 )
 from mc_driver.ckpt_stats import DONE_EVENT, CheckpointStats, CheckpointStatsError
 from mc_driver.qmp import QmpError, QmpSession
-from mc_driver.ram_compare import RamCompareError, compare_held_ram
+from mc_driver.ram_compare import HeldCheckpointVerdict, RamCompareError, compare_held_ram
 from policies.base import PolicyError, params_to_json
 
 log = logging.getLogger("hybridft.daemon")
@@ -824,12 +827,9 @@ class Daemon:
             answer: dict[str, Any] | ControlError
             try:
                 found = await compare_held_ram(primary, secondary, timeout=bound)
-                answer = {
-                    "epoch": None if record is None else record.number,
-                    "mode": str(point.mode),
-                    "stop_via": str(point.stop_via),
-                    **found.as_dict(),
-                }
+                epoch = None if record is None else record.number
+                verdict = HeldCheckpointVerdict(epoch, str(point.mode), str(point.stop_via), found)
+                answer = verdict.as_dict()
             except (RamCompareError, QmpError, OSError, TimeoutError) as exc:
                 answer = ControlError(f"RAM comparison failed: {exc}", "verify-failed")
             for future in waiters:

@@ -214,6 +214,20 @@ class RamComparison:
         return data
 
 
+@dataclass(frozen=True, slots=True)
+class HeldCheckpointVerdict:
+    """The ``verify`` verb's reply: which checkpoint was held, under which operating point, and what
+    the comparison found (flattened into one JSON object by :meth:`as_dict`)."""
+
+    epoch: int | None
+    mode: str
+    stop_via: str
+    comparison: RamComparison
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "mode": self.mode, "stop_via": self.stop_via} | self.comparison.as_dict()
+
+
 class HmpQmp(Protocol):
     """What :func:`compare_held_ram` needs of a QMP session (:class:`mc_driver.qmp.QmpSession`)."""
 

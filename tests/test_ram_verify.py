@@ -362,3 +362,32 @@ def test_the_command_prints_the_verdict_and_exits_1_on_a_difference(monkeypatch:
     result = CliRunner().invoke(verify_command, ["--control", "unix:/nowhere", "--json"])
     assert result.exit_code == 0 and json.loads(result.output)["identical"] is True
     assert "IDENTICAL" in format_verify(reply)
+
+
+def test_the_held_checkpoint_answers_every_waiting_verify_with_one_comparison(memory: bytearray) -> None:
+    daemon = Daemon(DaemonConfig(primary_qmp="/nonexistent", secondary_qmp="/nonexistent", control="unix:/x"))
+    other = bytearray(memory)
+    other[0x300000] ^= 1
+    daemon.attach(FakeRamQmp(memory), FakeRamQmp(other))  # type: ignore[arg-type]
+
+    async def held() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        waiters = [loop.create_future(), loop.create_future()]
+        await daemon._held_ram_check(waiters)()
+        return [w.result() for w in waiters]
+
+    first, second = asyncio.run(held())
+    assert first == second and first["mode"] == "mc" and first["stop_via"] == "qmp"
+    assert first["identical"] is False and first["runs"] == [
+        {"block": "pc.ram", "offset": 0x300000, "pages": 1, "gpa": 0x300000}
+    ]
+
+    async def broken() -> BaseException | None:
+        daemon.attach(FakeRamQmp(memory), FakeRamQmp(memory, ""))  # type: ignore[arg-type]
+        waiter = asyncio.get_running_loop().create_future()
+        await daemon._held_ram_check([waiter])()  # the checkpoint goes on: the verify gets the error
+        return waiter.exception()
+
+    error = asyncio.run(broken())
+    assert isinstance(error, ControlError) and error.code == "verify-failed"
+    assert "memory maps" in error.message
