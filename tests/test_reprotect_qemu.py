@@ -31,6 +31,7 @@ from hybridft_common.cli import hybridft_command
 from mc_driver.guest.expected import BLOB_SIZE, DISK_RECORD_SIZE, read_disk_records
 from mc_driver.netns import NetNamespace, list_namespaces
 from mc_driver.pair import down
+from tests.helpers.ram_verify import ram_identical
 from tests.test_pair_qemu import (
     Traffic,
     assert_nothing_left,
@@ -122,18 +123,6 @@ def incoming_status(workdir: Path) -> str | None:
         return asyncio.run(query())
     except (QmpError, OSError):
         return None
-
-
-def ram_identical(workdir: Path, mode: str) -> dict:
-    """``hybridft verify``: the daemon holds its next checkpoint on both sides and compares all RAM."""
-    proc = hybridft("verify", "--workdir", str(workdir), "--json", timeout=120)
-    assert proc.returncode in (0, 1), proc.stderr
-    result = json.loads(proc.stdout)
-    assert result["mode"] == mode, result
-    assert result["identical"] and result["differing_pages"] == 0, result
-    assert proc.returncode == 0
-    assert result["pages"] * 4096 > 250 << 20, result  # all of the 256 MiB guest's RAM, bar ROM and holes
-    return result
 
 
 def daemon_checkpoint(workdir: Path) -> dict:
