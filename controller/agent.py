@@ -75,6 +75,10 @@ from hybridft_common.control import AsyncControlClient, ControlError
 from hybridft_common.endpoints import Endpoint, parse_endpoint, start_server
 from hybridft_common.fencing import GenerationFile
 from hybridft_common.manifest import ManifestError, PairManifest, write_durably
+from hybridft_common.vocabulary import HELD_EVENT
+
+# what the agent reads of the secondary: a held checkpoint (HELD_EVENT) is a load as a RESUME is
+SECONDARY_EVENTS = ("RESUME", HELD_EVENT, "COLO_EXIT", "STOP")
 
 log = logging.getLogger("hybridft.agent")
 
@@ -149,7 +153,7 @@ class FailoverDecider:
                 self.committed.add(epoch)
 
     def secondary_event(self, name: str, timestamp: float) -> None:
-        if name == "RESUME":
+        if name in ("RESUME", HELD_EVENT):  # held (daemon's `verify`, patch 0007): loaded, not resumed
             self.resumes.append(timestamp)
         elif name == "COLO_EXIT":
             if self.colo_exit is None:
@@ -470,7 +474,7 @@ async def _await_colo_exit(secondary: Any, decider: FailoverDecider, timeline: T
             break
         try:
             event = await asyncio.wait_for(
-                secondary.wait_event(("RESUME", "COLO_EXIT", "STOP"), timeout=min(left, WATCH_WAIT)),
+                secondary.wait_event(SECONDARY_EVENTS, timeout=min(left, WATCH_WAIT)),
                 timeout=min(left, WATCH_WAIT) + 1.0,
             )
         except (QmpTimeout, TimeoutError):
@@ -681,7 +685,7 @@ class Agent:
 
         while not self._stop_watching.is_set():
             try:
-                event = await secondary.wait_event(("RESUME", "COLO_EXIT", "STOP"), timeout=WATCH_WAIT)
+                event = await secondary.wait_event(SECONDARY_EVENTS, timeout=WATCH_WAIT)
             except QmpTimeout:
                 continue
             self.decider.secondary_event(event.name, event.timestamp)

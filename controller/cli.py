@@ -28,6 +28,10 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "status": ("controller.operator_cli:status_command", "Show a running pair's status."),
     "failover": ("controller.operator_cli:failover_command", "Planned failover to the secondary."),
+    "verify": (
+        "controller.verify_cli:verify_command",
+        "Compare a running pair's RAM at a held checkpoint (after re-protection, say).",
+    ),
     "policy": ("controller.policy_cli:policy", "Mode-selection policies: list, replay a decision trace."),
     "experiment": ("experiments.cli:experiment", "Run workloads x modes on real pairs; report and plots."),
     "verify-checkpoint": ("mc_driver.verify:verify_checkpoint_command", "Prove a checkpoint's RAM identity."),

@@ -27,6 +27,9 @@ module is the asyncio shell around it and around the other sans-I/O parts, which
   gauge) and, in ``auto``, lets a policy ask for operating points; when protection ends (a failover, a
   lost secondary) its policy stands down: with one VM there is nothing to choose.
 * **requests** -- :mod:`controller.requests` checks every control request before anything changes.
+* **verify** -- the ``verify`` verb (``hybridft verify``) makes the next checkpoint a held one
+  (``PairLinks.hold``, patch 0007): both VMs stay stopped at it while
+  :func:`mc_driver.ram_compare.compare_held_ram` compares their RAM, then resume.
 
 Watching events: the checkpoint function consumes RESUME/STOP events while it runs; between
 checkpoints a watcher task takes the events (so they are never stale for the next checkpoint) and
@@ -80,12 +83,14 @@ from hybridft_common.endpoints import parse_endpoint
 from hybridft_common.settings import AUTO, DEFAULT_POLICY
 from hybridft_common.stats import percentile
 from hybridft_common.vocabulary import (
+    HOLD_HOOK_COMMAND,
     HUGE_CHECKPOINT_DELAY_MS,
     SEAL_HOOK_COMMAND,
     StopVia,
 )
 from mc_driver.ckpt_stats import DONE_EVENT, CheckpointStats, CheckpointStatsError
 from mc_driver.qmp import QmpError, QmpSession
+from mc_driver.ram_compare import HeldCheckpointVerdict, RamCompareError, compare_held_ram
 from policies.base import PolicyError, params_to_json
 
 log = logging.getLogger("hybridft.daemon")
@@ -95,6 +100,7 @@ DISK_POLL_INTERVAL = 0.05  # how often the disk server's checkpoint_needed is re
 RECENT = 512  # checkpoint records kept for status/percentiles
 SWITCHES_SHOWN = 8  # applied operating point changes in status (point_changes)
 UNDECIDED_RETRY = 1.0  # how often "took over or lost?" is asked again while the answer is "don't know"
+VERIFY_TIMEOUT_DEFAULT = 60.0  # `verify`: the next checkpoint plus copying and comparing both RAMs
 STAND_DOWN_GRACE = 0.2  # time for the agent to read "unprotected" before the secondary leaves COLO
 
 
@@ -149,6 +155,8 @@ class Daemon:
         self.state = PairState.STARTING
         self._started_at = time.time()  # wall clock, compared with the agent's marker's mtime
         self.seal_hook = False  # both QEMUs have x-colo-checkpoint / x-colo-expect-seal (patch 0005)
+        self.hold_hook = False  # both QEMUs have x-colo-hold-next-checkpoint (patch 0007): `verify`
+        self._verify_waiters: list[asyncio.Future[dict[str, Any]]] = []  # for the next checkpoint
         self.state_reason = ""
         self.records: deque[EpochRecord] = deque(maxlen=RECENT)
         self.figures: deque[CheckpointFigures] = deque(maxlen=RECENT)  # what the sampler reads
@@ -180,6 +188,7 @@ class Daemon:
             "metrics": self._verb_metrics,
             "history": self._verb_history,
             "policy": self._verb_policy,
+            "verify": self._verb_verify,
         }
 
     @property
@@ -250,11 +259,13 @@ class Daemon:
 
     async def _resolve_stop_via(self) -> None:
         """``auto`` means ``qemu`` if both QEMUs have the seal hook (the patched build), else ``qmp``."""
-        found = []
+        found, holds = [], []
         for session in self._sessions():
-            commands = await session.execute("query-commands")
-            found.append(any(entry.get("name") == SEAL_HOOK_COMMAND for entry in commands))
+            commands = {entry.get("name") for entry in await session.execute("query-commands")}
+            found.append(SEAL_HOOK_COMMAND in commands)
+            holds.append(HOLD_HOOK_COMMAND in commands)
         self.seal_hook = all(found)
+        self.hold_hook = all(holds)
         try:
             stop_via = resolve_stop_via(self.config.stop_via, self.seal_hook)
         except ValueError as exc:
@@ -442,6 +453,7 @@ class Daemon:
                 self._waiters = []
                 raise error
             self._in_checkpoint = True
+            verifying, self._verify_waiters = self._verify_waiters, []
             try:
                 self.accounting.checkpoint_started()
                 self._checkpoint_began = time.monotonic()
@@ -454,11 +466,16 @@ class Daemon:
                     heartbeat=self.heartbeat.send,
                     timeout=self.config.checkpoint_timeout,
                     primary_alive=self._primary_ok,
+                    hold=self._held_ram_check(verifying) if verifying else None,
                 )
                 try:
                     record = await run_checkpoint(links, self.protocol, dict(reasons))
                 except CheckpointError as exc:
                     self._record_failure(exc)
+                    why = f"the checkpoint failed at {exc.step}: {exc.cause!r}"
+                    for future in verifying:
+                        if not future.done():
+                            future.set_exception(ControlError(why, "checkpoint-failed"))
                     raise
                 self.accounting.checkpoint_completed(record.stop_events)
             finally:
@@ -795,6 +812,62 @@ class Daemon:
             await client.close()
 
     # ------------------------------------------------------------------------------ control API
+    def _held_ram_check(self, waiters: list[asyncio.Future[dict[str, Any]]]) -> Callable[[], Awaitable[None]]:
+        """What the held checkpoint does with both VMs stopped at N: compare their RAM, answer ``verify``.
+
+        It never raises: a comparison that fails or runs long is the verify's error, not the
+        checkpoint's (a failed checkpoint would end protection).  Its own bound stays below the
+        checkpoint step's, so the VMs are always resumed by the checkpoint, never by a timeout.
+        """
+        primary, secondary = self._sessions()
+        bound = max(1.0, self.config.checkpoint_timeout * 0.8)
+
+        async def inspect() -> None:
+            record, point = self.protocol.current, self.protocol.point
+            answer: dict[str, Any] | ControlError
+            try:
+                found = await compare_held_ram(primary, secondary, timeout=bound)
+                epoch = None if record is None else record.number
+                verdict = HeldCheckpointVerdict(epoch, str(point.mode), str(point.stop_via), found)
+                answer = verdict.as_dict()
+            except (RamCompareError, QmpError, OSError, TimeoutError) as exc:
+                answer = ControlError(f"RAM comparison failed: {exc}", "verify-failed")
+            for future in waiters:
+                if future.done():
+                    continue
+                if isinstance(answer, ControlError):
+                    future.set_exception(answer)
+                else:
+                    future.set_result(answer)
+
+        return inspect
+
+    async def verify_ram(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Hold the next checkpoint on both sides, compare both VMs' RAM at it, resume them (``verify``).
+
+        Rides on the next checkpoint the epoch protocol runs (asked for at once, reason ``verify``),
+        in whatever mode and stop way it runs; requests made meanwhile share one comparison.
+        """
+        if self.state != PairState.PROTECTED:
+            raise ControlError(f"the pair is {self.state}: no checkpoint to verify", "not-protected")
+        if not self.hold_hook:
+            raise ControlError(
+                f"this pair's QEMUs lack {HOLD_HOOK_COMMAND} (patch 0007): the RAM check needs"
+                " hybridft's patched build with it (`hybridft qemu build`)",
+                "no-hold-hook",
+            )
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._verify_waiters.append(future)
+        self.scheduler.request("verify")
+        self._wake.set()
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise ControlError(f"no verified checkpoint within {timeout} s", "timeout") from None
+        finally:
+            if future in self._verify_waiters:
+                self._verify_waiters.remove(future)
+
     async def request_checkpoint(self, reason: str = "operator", timeout: float = 30.0) -> EpochRecord:
         """Ask for a checkpoint and wait for the first one that starts after this request."""
         future: asyncio.Future[EpochRecord] = asyncio.get_running_loop().create_future()
@@ -972,6 +1045,11 @@ class Daemon:
             return await self.planned_failover()
         except TimeoutError:
             raise ControlError("the final checkpoint did not complete", "timeout") from None
+
+    async def _verb_verify(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Both VMs' RAM compared at a held checkpoint: ``identical``, page counts, differing runs."""
+        request = parse_checkpoint_request({"timeout": args.get("timeout", VERIFY_TIMEOUT_DEFAULT)})
+        return await self.verify_ram(request.timeout)
 
     async def _verb_metrics(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"text": self.metrics.render()}

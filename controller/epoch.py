@@ -57,14 +57,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
 from controller.heartbeat import Heartbeat
 from controller.operating_point import OperatingPoint, PointChange, PointRequest, PointSource
-from hybridft_common.vocabulary import HUGE_CHECKPOINT_DELAY_MS, Mode, StopVia
+from hybridft_common.vocabulary import HELD_EVENT, HOLD_HOOK_COMMAND, HUGE_CHECKPOINT_DELAY_MS, Mode, StopVia
 
 POINT_CHANGES_KEPT = 64  # applied operating point changes kept for status
 
@@ -85,6 +85,12 @@ class Step(StrEnum):
     COMPARE_COMMIT = "compare-commit"
     PASSIVE_STOP = "passive-stop"
     DISK_ROLLBACK = "disk-rollback"
+    # a held checkpoint (PairLinks.hold, patch 0007): armed before step 1, inspected, then resumed
+    HOLD_ARM = "hold-arm"
+    HELD = "held"  # X_COLO_CHECKPOINT_HELD on both sides instead of RESUME: the secondary loaded N
+    HOLD_INSPECT = "hold-inspect"
+    HOLD_RELEASE = "hold-release"  # cont secondary, cont primary
+    HOLD_DISARM = "hold-disarm"  # the checkpoint failed before it held: withdraw the request
 
 
 class Phase(StrEnum):
@@ -410,6 +416,10 @@ class PairLinks:
     # False once the primary is gone: the agent then owns the disk (it sees what the secondary really
     # loaded); a recovery from here would race it, e.g. roll back an epoch the secondary resumed from
     primary_alive: Callable[[], bool] = lambda: True
+    # Set: this checkpoint holds both VMs once the secondary loaded it (patch 0007), awaits this with
+    # both stopped at N (the daemon's `verify` compares their RAM), then resumes them.  It must not
+    # raise for what it finds; an exception fails the checkpoint (after both VMs were resumed).
+    hold: Callable[[], Awaitable[None]] | None = None
 
 
 async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dict[str, int]) -> EpochRecord:
@@ -454,7 +464,28 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
             raise ColoExited(f"the primary left COLO during the checkpoint: {dict(event.data)}")
         return event
 
+    held = False  # both VMs hold after the load (links.hold): from then on they must be resumed
+
+    async def release() -> None:
+        nonlocal held
+        if not links.primary_alive():  # the agent fails over from the held secondary and resumes it
+            raise ColoExited("the primary was lost while both VMs were held")
+        # the secondary first, as after any hold: the primary's COLO thread may then start the next
+        # checkpoint at once, which the secondary must be running (or at least not held) for
+        await timed(Step.HOLD_RELEASE, links.secondary.execute("cont"))
+        await timed(Step.HOLD_RELEASE, links.primary.execute("cont"))
+        held = False
+
     try:
+        if links.hold is not None:
+            # Armed before anything of this checkpoint happens: the daemon fires every checkpoint, so
+            # none can complete between the two requests and both sides hold this same one (N).
+            await timed(
+                Step.HOLD_ARM,
+                asyncio.gather(
+                    links.primary.execute(HOLD_HOOK_COMMAND), links.secondary.execute(HOLD_HOOK_COMMAND)
+                ),
+            )
         if stop_via is StopVia.QEMU:
             await timed(Step.EXPECT_SEAL, with_disk_prepared(links.secondary.execute("x-colo-expect-seal")))
             await timed(Step.FIRE, links.primary.execute("x-colo-checkpoint"))
@@ -503,6 +534,23 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
                     "migrate-set-parameters", {"x-checkpoint-delay": HUGE_CHECKPOINT_DELAY_MS}
                 ),
             )
+        loaded_told = False
+        if links.hold is not None:
+            # The held event replaces RESUME: the secondary emits it once it loaded N (before telling
+            # the primary), the primary once the secondary told it.  Both stopped at N from here.
+            await timed(Step.HELD, primary_event(HELD_EVENT))
+            held = True
+            await timed(Step.HELD, links.secondary.wait_event(HELD_EVENT, timeout=links.timeout))
+            links.heartbeat(protocol.loaded())
+            loaded_told = True
+            try:
+                await timed(Step.HOLD_INSPECT, links.hold())
+            except BaseException:
+                inspecting = step
+                await release()  # both resume before the failure is handled (else its failure is)
+                step = inspecting
+                raise
+            await release()
         p_resume = await timed(Step.RESUME_PRIMARY, primary_event("RESUME"))
         s_resume = await timed(
             Step.RESUME_SECONDARY, links.secondary.wait_event("RESUME", timeout=links.timeout)
@@ -513,7 +561,8 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
         record.primary_stop = p_stops[-1].timestamp if p_stops else None
         record.secondary_stop = s_stops[-1].timestamp if s_stops else None
         record.stop_events = (len(p_stops), len(s_stops))
-        links.heartbeat(protocol.loaded())
+        if not loaded_told:
+            links.heartbeat(protocol.loaded())
         if links.disk is not None:
             await timed(Step.DISK_COMMIT, links.disk.call("commit", epoch=record.number))
             disk_committed = True
@@ -530,6 +579,7 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
         if protocol.current is None:  # failed after the commit (passive stop): the epoch is closed
             raise CheckpointError(step, exc, Recovery.COMMIT, record) from exc
         failed_at = step  # the recovery's own steps below move `step` on
+        await _undo_hold(links, held, record)
         recovery = protocol.recovery_for_failure()
         if recovery is not Recovery.NONE and not links.primary_alive():
             record.steps.append((f"{recovery} left to the agent (primary lost)", 0.0))
@@ -546,3 +596,30 @@ async def run_checkpoint(links: PairLinks, protocol: EpochProtocol, reasons: dic
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise CheckpointError(failed_at, exc, recovery, record) from exc
+
+
+async def _undo_hold(links: PairLinks, held: bool, record: EpochRecord) -> None:
+    """After a failed held checkpoint: no VM stays held, and no request to hold outlives it.
+
+    Best effort and bounded: the side that failed may be gone.  A side that holds (``held``, or its
+    held event arrived) is resumed, the secondary first; elsewhere the request not yet used is
+    withdrawn (``enable: false``), else some later checkpoint would hold a VM with nobody there to
+    resume it.  With the primary lost, the secondary is the agent's: it fails over from the state
+    the secondary holds and resumes it itself, and a ``cont`` from here could let the VM write while
+    the agent changes its disk.
+    """
+    if links.hold is None:
+        return
+    limit = min(links.timeout, 5.0)
+    primary_alive = links.primary_alive()
+    for side, session in (("secondary", links.secondary), ("primary", links.primary)):
+        if side == "secondary" and not primary_alive:
+            record.steps.append((f"{Step.HOLD_DISARM}:secondary left to the agent (primary lost)", 0.0))
+            continue
+        try:
+            if held or session.take(HELD_EVENT):
+                await asyncio.wait_for(session.execute("cont"), limit)
+            else:
+                await asyncio.wait_for(session.execute(HOLD_HOOK_COMMAND, {"enable": False}), limit)
+        except Exception as exc:
+            record.steps.append((f"{Step.HOLD_DISARM}:{side}:{exc!r}", 0.0))

@@ -41,6 +41,10 @@ HUGE_CHECKPOINT_DELAY_MS = 200_000
 
 #: The QMP command that tells a QEMU build with the seal hook (patch 0005) from one without.
 SEAL_HOOK_COMMAND = "x-colo-expect-seal"
+#: Patch 0007: hold the next checkpoint on this side (``verify``); its absence tells a build without it.
+HOLD_HOOK_COMMAND = "x-colo-hold-next-checkpoint"
+#: Patch 0003: a side left its VM stopped after a checkpoint (held) instead of resuming it.
+HELD_EVENT = "X_COLO_CHECKPOINT_HELD"
 
 
 def check_epoch_ms(value: object) -> int:

@@ -4,9 +4,10 @@ Why this exists: "HTTP through the primary works" proves nothing about the secon
 dirty-bitmap sync every request still passed (mismatch -> checkpoint -> release) while the secondary's
 kernel was dying on stale memory.  The only direct proof is to stop both VMs at the same checkpoint and
 compare their memory.  QMP alone cannot do that (each checkpoint's own ``vm_start`` resumes the VMs), so the
-patched QEMU has a hold hook (``X_COLO_CHECKPOINT_HELD``, see ``patches/0004-*``), and the pair keeps guest
+patched QEMU has a hold hook (``X_COLO_CHECKPOINT_HELD``, see ``patches/0003-*``), and the pair keeps guest
 RAM in ``/dev/shm`` files (``memory-backend-file,share=on``) that are compared directly with numpy: no
-``pmemsave`` copies, ~0.1 s for 256 MiB.
+``pmemsave`` copies, ~0.1 s for 256 MiB.  The comparison itself is :mod:`mc_driver.ram_compare`, shared
+with the daemon's ``verify`` verb (``hybridft verify``), which checks a running ``pair up`` pair instead.
 
 A difference is reported as page runs inside the RAM block with the guest-physical addresses they are mapped
 at (parsed from ``info mtree -f``), so a failure points at "pc.ram +0x1a3c000 (GPA 0x1a3c000), 3 pages"
@@ -22,119 +23,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import click
-import numpy as np
 
 from hybridft_common.stats import percentile
 from mc_driver.netns import NetNamespace
 from mc_driver.qemu_pair import RAM_BACKEND_ID, ColoPair, ColoPairConfig
+from mc_driver.ram_compare import (
+    DiffRun,
+    RamCompareError,
+    differing_pages,
+    page_runs,
+    parse_flat_memory,
+)
 from mc_driver.traffic import EchoTraffic
 
-PAGE_SIZE = 4096
-_CHUNK_PAGES = 8192  # 32 MiB per comparison step
-_FLAT_RANGE_RE = re.compile(
-    r"^\s*([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, ([\w-]+)\): (\S+)(?: @([0-9a-f]+))?", re.IGNORECASE
-)
 
-
-class VerifyError(Exception):
+class VerifyError(RamCompareError):
     """The verification could not run (not a difference: those are results)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Mapping:
-    """A guest-physical range that shows ``block`` from ``offset`` (one line of ``info mtree -f``)."""
-
-    gpa_start: int
-    gpa_end: int  # inclusive
-    kind: str
-    block: str
-    offset: int
-
-
-def parse_flat_memory(mtree_text: str) -> list[Mapping]:
-    """The guest-physical mappings of the system address space ("memory") in ``info mtree -f`` output."""
-    mappings: list[Mapping] = []
-    in_memory_view = False
-    for line in mtree_text.splitlines():
-        if line.startswith("FlatView"):
-            if mappings:
-                break  # the first view that contains "memory" is the one
-            in_memory_view = False
-            continue
-        if line.strip().startswith('AS "memory"'):
-            in_memory_view = True
-            continue
-        if not in_memory_view:
-            continue
-        match = _FLAT_RANGE_RE.match(line)
-        if match:
-            start, end, kind, name, offset = match.groups()
-            mappings.append(Mapping(int(start, 16), int(end, 16), kind, name, int(offset or "0", 16)))
-    return mappings
-
-
-@dataclass(frozen=True, slots=True)
-class DiffRun:
-    """Consecutive differing pages of a RAM block, with where the guest sees them."""
-
-    block: str
-    offset: int
-    pages: int
-    gpa: int | None  # None: the block range is not mapped (or shadowed) in the flat view
-
-    def describe(self) -> str:
-        where = f"GPA 0x{self.gpa:x}" if self.gpa is not None else "not mapped"
-        return f"{self.block} +0x{self.offset:x} ({where}), {self.pages} page{'s' * (self.pages != 1)}"
-
-
-def differing_pages(a: Path, b: Path) -> np.ndarray:
-    """Indices of the 4 KiB pages in which files ``a`` and ``b`` differ (they must be the same size)."""
-    size = a.stat().st_size
-    if size != b.stat().st_size:
-        raise VerifyError(f"RAM files differ in size: {a} {size} bytes, {b} {b.stat().st_size} bytes")
-    if size % PAGE_SIZE:
-        raise VerifyError(f"RAM file {a} is not a whole number of pages ({size} bytes)")
-    pages = size // PAGE_SIZE
-    if pages == 0:
-        return np.zeros(0, dtype=np.int64)
-    left = np.memmap(a, dtype=np.uint64, mode="r", shape=(pages, PAGE_SIZE // 8))
-    right = np.memmap(b, dtype=np.uint64, mode="r", shape=(pages, PAGE_SIZE // 8))
-    found: list[np.ndarray] = []
-    for first in range(0, pages, _CHUNK_PAGES):
-        last = min(first + _CHUNK_PAGES, pages)
-        if np.array_equal(left[first:last], right[first:last]):
-            continue
-        rows = np.nonzero((left[first:last] != right[first:last]).any(axis=1))[0]
-        found.append(rows + first)
-    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
-
-
-def page_runs(pages: np.ndarray, block: str, mappings: list[Mapping]) -> list[DiffRun]:
-    """Group page indices into runs and attach the guest-physical address of each run's start."""
-    runs: list[DiffRun] = []
-    if len(pages) == 0:
-        return runs
-    breaks = np.nonzero(np.diff(pages) != 1)[0] + 1
-    for chunk in np.split(pages, breaks):
-        offset = int(chunk[0]) * PAGE_SIZE
-        gpa = None
-        for m in mappings:
-            if (
-                m.block == block
-                and m.kind == "ram"
-                and m.offset <= offset <= m.offset + (m.gpa_end - m.gpa_start)
-            ):
-                gpa = m.gpa_start + (offset - m.offset)
-                break
-        runs.append(DiffRun(block, offset, len(chunk), gpa))
-    return runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,7 +246,7 @@ def verify_checkpoint_command(
                     checkpoints, interval_ms, dirty_mib_s, working_set_mib, memory_mib, traffic, workdir
                 )
             )
-        except (VerifyError, NoUsableQemu, ColoPairError, QmpError) as exc:
+        except (RamCompareError, NoUsableQemu, ColoPairError, QmpError) as exc:
             raise click.ClickException(str(exc)) from exc
     summary = report.summary()
     click.echo(json.dumps(summary) if as_json else render_table(summary))

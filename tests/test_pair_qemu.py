@@ -47,6 +47,7 @@ from mc_driver.launch import PairFiles
 from mc_driver.netns import NetNamespace, list_namespaces
 from mc_driver.pair import GUEST_IP, PairConfig, PairError, down, up
 from mc_driver.traffic import recv_exact
+from tests.helpers.ram_verify import ram_identical
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns, pytest.mark.slow]
 
@@ -402,6 +403,7 @@ def test_colo_serves_and_secondary_kill_leaves_the_primary_unprotected(workdir: 
     traffic.wait("two blobs in COLO", lambda: len(traffic.blobs) >= 2)
     status = daemon_status(workdir)
     assert status["mode"] == "colo" and status["protected"] is True
+    ram_identical(workdir, "colo")  # the initial migration and the checkpoints since left equal RAM
     print(f"\nCOLO: {status['checkpoints']}, divergences {status['divergences']}")
 
     os.kill(config["pids"]["secondary"], signal.SIGKILL)
@@ -483,6 +485,8 @@ def test_daemon_kill_fails_over_a_passive_mc_secondary(workdir: Path) -> None:
     ns = NetNamespace(config["netns"])
     traffic = Traffic(ns, diskwriter=True).start()
     traffic.wait("a blob from the MC pair", lambda: len(traffic.blobs) >= 1)
+    ram_identical(workdir, "mc")  # the held checkpoint resumes the passive secondary, which then rests
+    wait_until("the passive secondary stopped again", lambda: not secondary_status(config)["running"])
     traffic.wait("a download in flight", lambda: BLOB_SIZE // 8 < traffic.blob_progress < BLOB_SIZE // 2)
     durable_before, blobs = len(traffic.reports.durable), len(traffic.blobs)
     os.kill(config["pids"]["daemon"], signal.SIGKILL)

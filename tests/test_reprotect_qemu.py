@@ -9,6 +9,9 @@ clients downloading and echoing throughout (every byte checked by :class:`tests.
   copy: the survivor keeps serving, ``status`` says why, the retry (COLO) succeeds, and the new replica's
   disk equals the survivor's.
 
+After each re-protection the new secondary's RAM equals the primary's at a held checkpoint
+(``hybridft verify``, patch 0007): in MC after a lost secondary, in COLO and then MC after a failover.
+
 Longer drills (five cycles, --auto-reprotect across three failovers, timings) are ``hybridft bench
 reprotect``.
 """
@@ -28,6 +31,7 @@ from hybridft_common.cli import hybridft_command
 from mc_driver.guest.expected import BLOB_SIZE, DISK_RECORD_SIZE, read_disk_records
 from mc_driver.netns import NetNamespace, list_namespaces
 from mc_driver.pair import down
+from tests.helpers.ram_verify import ram_identical
 from tests.test_pair_qemu import (
     Traffic,
     assert_nothing_left,
@@ -157,6 +161,7 @@ def test_lost_secondary_reprotected_with_the_same_primary_then_a_failover_to_the
     new = pair_json(workdir)
     assert answer["secondary_netns"] in list_namespaces() and answer["secondary_netns"] != new["netns"]
     checkpoints_advance(workdir, "mc")
+    ram_identical(workdir, "mc")
     traffic.wait("a blob downloaded across the re-protection", lambda: len(traffic.blobs) > blobs + 1)
     print(f"\nreprotect: {summary['phases']}, pause {summary['initial_migration_pause_ms']} ms")
 
@@ -241,8 +246,14 @@ def test_failover_then_a_failed_reprotection_is_retried_in_colo(workdir: Path) -
     assert answer["primary_pid"] == first["pids"]["secondary"], "the survivor is the primary now"
     assert answer["reprotect"]["attempt"] == 3 and answer["reprotect"]["case"] == "failed-over"
     after = checkpoints_advance(workdir, "colo")
+    ram_identical(workdir, "colo")
     blobs = len(traffic.blobs)
     traffic.wait("blobs through the comparator in COLO", lambda: len(traffic.blobs) > blobs + 1)
+    # and in MC: the switch lands at the next checkpoint
+    switched = hybridft("mode", "mc", "--workdir", str(workdir))
+    assert switched.returncode == 0, switched.stderr
+    daemon_checkpoint(workdir)
+    ram_identical(workdir, "mc")
     traffic.finish()
     print(f"\nretry: {answer['reprotect']['phases']}; COLO checkpoints {after['checkpoints']}")
 
@@ -285,6 +296,7 @@ def test_auto_reprotect_heals_a_failover_and_then_a_lost_secondary(workdir: Path
     third = pair_json(workdir)
     assert third["pids"]["primary"] == second["pids"]["primary"], "the primary stays the primary"
     checkpoints_advance(workdir, "mc")
+    ram_identical(workdir, "mc")
     blobs = len(traffic.blobs)
     traffic.wait("a blob after the second automatic re-protection", lambda: len(traffic.blobs) > blobs)
     traffic.finish()
