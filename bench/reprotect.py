@@ -143,6 +143,15 @@ def _checkpoint_in(workdir: Path, mode: str) -> None:
     _daemon(workdir, "checkpoint", timeout=30)
 
 
+def _ram_identical(workdir: Path) -> dict[str, Any]:
+    """Both VMs' RAM at one held checkpoint (the daemon's ``verify``, patch 0007); a difference ends the
+    benchmark: its other figures would describe a pair that does not protect the guest."""
+    verdict = _daemon(workdir, "verify", timeout=60)
+    if not verdict.get("identical"):
+        raise BenchError(f"RAM differs after re-protection: {verdict}")
+    return verdict
+
+
 def _up(workdir: Path, disk_mib: int, *, auto: bool) -> dict[str, Any]:
     from mc_driver.pair import PairConfig, up
 
@@ -181,7 +190,9 @@ def run_disk(root: Path, disk_mib: int, cycles: int, baseline_s: float) -> dict[
             copy = next(p for p in summary["phases"] if p["name"] == "disk-copy")
             during = downloads.rate(copy["started_at"], copy["ended_at"])
             _checkpoint_in(workdir, "mc")
+            ram = [_ram_identical(workdir)]
             _checkpoint_in(workdir, "colo")
+            ram.append(_ram_identical(workdir))
             _checkpoint_in(workdir, mode)
             rows.append({
                 "cycle": cycle + 1, "mode": mode, "unprotected_s": summary["unprotected_seconds"],
@@ -192,6 +203,7 @@ def run_disk(root: Path, disk_mib: int, cycles: int, baseline_s: float) -> dict[
                 "throughput_during_copy_mib_s": None if during is None else round(during / (1 << 20), 2),
                 "unprotected_before_copy_mib_s": None if alone is None else round(alone / (1 << 20), 2),
                 "throughput_ratio": ratio(during, alone),
+                "ram_identical_in": [r["mode"] for r in ram], "ram_check_s": [r["seconds"] for r in ram],
             })  # fmt: skip
             progress(f"  {rows[-1]}")
         downloads.finish()
