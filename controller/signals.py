@@ -190,10 +190,12 @@ class DirtyRateProbe:
 
 @dataclass(frozen=True, slots=True)
 class Reading:
-    """What one source read: cumulative counters (named by the rate they become) and levels."""
+    """What one source read: cumulative counters (named by the rate they become), levels, and shares:
+    pairs of cumulative counters (part, whole) named by the signal their rates' ratio becomes."""
 
     counters: dict[str, float | None] = field(default_factory=dict)
     levels: dict[str, float | None] = field(default_factory=dict)
+    ratios: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -308,12 +310,17 @@ class SignalSampler:
         resumed_cpu = time.thread_time()
         counters, levels = self._cpu()
         values: dict[str, float | None] = dict(levels)
+        ratios: dict[str, tuple[float, float]] = {}
         for reading in results:
             counters.update(reading.counters)
             values.update(reading.levels)
+            ratios.update(reading.ratios)
         rates = self.rates.rates(now, counters)
         busy, total = rates.pop("cpu.host.busy", None), rates.pop("cpu.host.total", None)
         values["cpu.host"] = busy / total if busy is not None and total else None
+        for name, (part, whole) in ratios.items():
+            pair = self.rates.rates(now, {f"{name}#part": part, f"{name}#whole": whole})
+            values[name] = interval_share(pair[f"{name}#part"], pair[f"{name}#whole"])
         values.update(rates)
         since = self._last_now if self._last_now is not None else now - 1.0
         values.update(checkpoint_signals(links.checkpoints(), since, now, self.pause_window_s))
@@ -322,11 +329,22 @@ class SignalSampler:
         return values
 
 
+def interval_share(part_per_s: float | None, whole_per_s: float | None) -> float | None:
+    """A share over the interval from the rates of two cumulative counters (``Reading.ratios``), 0..1;
+    None (not measured) when the whole did not grow.  ``div.shadow_coverage``: no byte was sealed
+    shadowed -- COLO, a passive secondary, no traffic."""
+    if part_per_s is None or whole_per_s is None or whole_per_s <= 0:
+        return None
+    return min(1.0, max(0.0, part_per_s / whole_per_s))
+
+
 def compare_reading(signals: Mapping[str, Any]) -> Reading:
     """The comparator's ``stats`` signals as signal values (counters under their rate names).
 
     Divergences are live in COLO and shadow-compared in MC: the two cumulative counters only grow in
-    their own mode, so their sum differentiates to "divergences per second, live or shadow".  Client
+    their own mode, so their sum differentiates to "divergences per second, live or shadow".  The
+    shadow's coverage counters are a ratio: ``div.shadow_coverage``, the share of the primary's bytes
+    sealed over the interval that the shadow compared.  Client
     bytes come from the primary's ACK numbers (the comparator never sees the client's own frames).
     """
     stats = CompareStats.from_dict(signals)
@@ -347,4 +365,5 @@ def compare_reading(signals: Mapping[str, Any]) -> Reading:
     }
     if stats.shadow_hold.p50_us is not None:
         levels["x.colo_hold_p50_ms"] = stats.shadow_hold.p50_us / 1000
-    return Reading(counters, levels)
+    ratios = {"div.shadow_coverage": (float(stats.shadow_compared_bytes), float(stats.shadow_sealed_bytes))}
+    return Reading(counters, levels, ratios)
