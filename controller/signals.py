@@ -225,9 +225,14 @@ class SignalSampler:
         self.failures: dict[str, int] = {}
         self._last_now: float | None = None
         self.cpu_cost_s = 0.0  # this process's CPU spent sampling (for the 2 % bound)
+        self.guest_bytes: float | None = None  # mem.guest_bytes, read once by start()
 
     async def start(self) -> None:
-        """Find the vCPU threads (once: QEMU does not change them)."""
+        """Find the vCPU threads and the guest's RAM size (once: QEMU does not change them)."""
+        if self.links.primary is not None:
+            with contextlib.suppress(Exception):
+                summary = await asyncio.wait_for(self.links.primary.execute("query-memory-size-summary"), 2.0)
+                self.guest_bytes = float(summary["base-memory"]) + float(summary.get("plugged-memory", 0))
         for side, session, pid in (
             ("primary", self.links.primary, self.links.primary_pid),
             ("secondary", self.links.secondary, self.links.secondary_pid),
@@ -310,6 +315,8 @@ class SignalSampler:
         resumed_cpu = time.thread_time()
         counters, levels = self._cpu()
         values: dict[str, float | None] = dict(levels)
+        if self.guest_bytes is not None:
+            values["mem.guest_bytes"] = self.guest_bytes
         ratios: dict[str, tuple[float, float]] = {}
         for reading in results:
             counters.update(reading.counters)
@@ -354,6 +361,7 @@ def compare_reading(signals: Mapping[str, Any]) -> Reading:
         "net.bytes_per_s.to_guest": float(stats.client_bytes_acked),
         "net.turns_per_s": float(stats.turns),
         "div.per_s": float(stats.divergences.total + stats.shadow_divergences.total),
+        "div.shadow_compared_bytes_per_s": float(stats.shadow_compared_bytes),
     }
     live, shadow = stats.divergences.as_dict(), stats.shadow_divergences.as_dict()
     for reason in sorted(set(live) | set(shadow)):

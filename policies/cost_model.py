@@ -52,8 +52,8 @@ COLO (COLO, SoCC'13: a checkpoint whenever the outputs diverge)
     ``P_c = pause(r / delta)``; checkpoints come every ``1/delta + P_c``;
     guest:   ``P_c / (1/delta + P_c)`` stopped (the rate saturates: the guest always runs a little);
     clients: each turn waits the comparator's hold (the secondary's lag: ``net.hold_p50_ms`` measured
-    in COLO, remembered from the last *calm* COLO window, else a 5 ms prior -- curl through a Python
-    stand-in comparator answered in 5-40 ms, qemu-colo-notes.md).  A hold p50 speaks for COLO only
+    in COLO, remembered from the last *calm* COLO window, else a 1 ms prior: the compiled comparator's
+    calm COLO hold p50 measured here, ``COLO_HOLD_PRIOR_S``).  A hold p50 speaks for COLO only
     if its span (the comparator's last 1 s) ran in COLO: right after MC -> COLO it still holds MC's
     releases (26.7 ms measured where the phase's COLO hold was 0.05 ms), so such samples are neither
     used nor remembered (:func:`hold_spans`).  Calm: divergences at most ``hold_calm_div_share``
@@ -100,7 +100,16 @@ Shadow coverage (what the shadow's ``div.per_s`` is worth in MC)
     30 %; and it counted 4.9, 1.5 and 44 divergences/s where all 408, 313 and 148 answers/s diverged
     (tokens).  So a shadow count is a sample: the policy scales it by ``1 / coverage`` (4.9 / 0.012 =
     408/s), capped at one divergence per turn (COLO checkpoints at most once per answer) and never
-    below the count itself (a stream diverges without turns).  Taken at its word, 4.9/s made COLO look
+    below the count itself (a stream diverges without turns).  A count of 0 needs evidence as well:
+    at least ``min_compared_bytes_per_s`` (256) compared, ``div.shadow_compared_bytes_per_s``; in a
+    token phase the shadow once compared 24 bytes/s without a divergence (coverage 0.2 %), where RPC
+    phases at 10 ms gave it 1.7-3 KB/s -- remembered, that 0 would have sent the policy to COLO a
+    second before the phase ended.  The shadow counts a divergence when the secondary's answer
+    arrives but the epoch's bytes at its seal, up to an epoch later; when the two straddle a sample,
+    the bytes alone said "compared, none diverged" (measured: 1348 bytes/s in one sample, its epoch's
+    25 divergences/s in the sample before, just outside the 1 s average; the policy went to COLO
+    0.5 s before a token phase ended).  So the divergences are averaged over one sample more than
+    the coverage.  Taken at its word, 4.9/s made COLO look
     cheap in a phase static COLO served at 47 requests/s against MC's 393.  Below ``min_coverage``
     (0.2 %), or with no shadowed bytes at all (a passive secondary, whose ``div.per_s`` of 0 is no
     measurement; no traffic), the shadow is *blind*: its figure is ignored, the last measured rate is
@@ -157,8 +166,11 @@ PAGE_SIZE = 4096
 PAUSE_FIXED_S = 0.005
 #: checkpoint copy rate, bytes/s: +2.7 ms p50 for 3.36 MB per checkpoint (qemu-colo-notes.md)
 COPY_BYTES_PER_S = 1.2e9
-#: COLO hold before the secondary is seen: 5 ms, the low end of curl through a stand-in comparator
-COLO_HOLD_PRIOR_S = 0.005
+#: COLO hold before one is measured: 1 ms, above the 90th percentile (0.72-0.74 ms) of the compiled
+#: comparator's hold p50 in windows without divergences, static COLO, RPC phases, two runs of
+#: tests/test_phased_auto.py (median 0.13-0.19 ms: the secondary often answers first); 5 ms before
+#: (curl through a Python stand-in comparator) priced COLO's RPC turns 30x too dear and kept MC there
+COLO_HOLD_PRIOR_S = 0.001
 #: the daemon's COLO safety interval (controller.epoch.CheckpointScheduler's default), s
 SAFETY_INTERVAL_S = 10.0
 #: the comparator's timeout for a held frame (mc_driver.pair's default compare_timeout_ms), s
@@ -207,6 +219,12 @@ class CostModelParams:
         "in MC, the shadow's divergences count only when it compared at least this share of the bytes",
         min=0.0,
         max=1.0,
+    )
+    min_compared_bytes_per_s: float = param(
+        256.0,
+        "and its 0 only when it compared at least this many bytes/s",
+        min=0.0,
+        max=1e12,
     )
     # 1 s, measured: at 3 s the first decision for MC came 2.96 s after an RPC -> divergent phase change
     # (tests/test_phased_auto.py trace), the average still dominated by the RPC phase; the comparator's
@@ -446,6 +464,16 @@ class CostModel(Policy[CostModelParams]):
         coverage = window.mean("div.shadow_coverage", p.average_s)
         if coverage is None or coverage < p.min_coverage:
             return None  # blind: the secondary answered (almost) nothing before the seals
+        compared = window.mean("div.shadow_compared_bytes_per_s", p.average_s)
+        # the shadow counts a divergence when the secondary's answer arrives and the epoch's bytes at
+        # its seal, up to an epoch later: that can be the next sample, so the divergences that go with
+        # the span's seals reach one sample further back (module docstring)
+        if window.t.size >= 2:
+            lookback = p.average_s + float(window.t[-1] - window.t[-2])
+            div = window.mean("div.per_s", lookback) or 0.0
+            by_timeout = sum(window.mean(f"div.per_s.{r}", lookback) or 0.0 for r in TIMEOUT_REASONS)
+        if div <= 0 and compared is not None and compared < p.min_compared_bytes_per_s:
+            return None  # "no divergence" in a few bytes is no evidence (module docstring)
         # the compared bytes are a sample of the output: scale up, but COLO diverges at most once per
         # response the guest sends (per turn), and never less often than the shadow saw
         turns = window.mean("net.turns_per_s", p.average_s)

@@ -52,6 +52,8 @@ Divergences (the comparator: live in COLO, shadow-compared in MC with an active 
                                             Low coverage means the shadow's ``div.per_s`` of 0 says
                                             nothing: the secondary had not answered by the seal
                                             (``colo_compare.signals``, "Shadow coverage")
+    ``div.shadow_compared_bytes_per_s``     bytes/s of the primary's output the shadow compared: how
+                                            much evidence a coverage or a 0 rests on
 Checkpoints (the daemon's epoch records)
     ``ckpt.per_s``                          checkpoints completed per second, all reasons
     ``ckpt.per_s.<reason>``                 per trigger reason (timer, safety-interval, disk-pressure,
@@ -127,6 +129,7 @@ SIGNALS: Mapping[str, SignalSpec] = MappingProxyType(
         "net.hold_p99_ms": SignalSpec("ms", "comparator: primary frame hold before release"),
         "net.held_bytes": SignalSpec("bytes", "comparator: primary bytes held"),
         "div.per_s": SignalSpec("divergences/s", "comparator (live in COLO, shadow in MC)"),
+        "div.shadow_compared_bytes_per_s": SignalSpec("bytes/s", "comparator: shadow-compared in MC epochs"),
         "div.shadow_coverage": SignalSpec(
             "share of the primary's bytes (0..1)", "comparator: shadow-compared in MC epochs"
         ),

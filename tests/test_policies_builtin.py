@@ -519,3 +519,43 @@ def test_cost_model_changes_the_running_mc_point_only_for_the_switch_margin() ->
     assert est.mc.epoch_ms == best  # what a policy not running MC would pick
     kept = CostModel().decide(steady(TOKENS_AT_10_MS, Mode.MC, epoch_ms=near))
     assert kept.mode is Mode.MC and kept.epoch_ms == near and not kept.passive_secondary
+
+
+def test_cost_model_takes_a_shadows_zero_only_on_enough_compared_bytes() -> None:
+    """Measured: in a token phase the shadow once compared 24 bytes/s (coverage 0.2 %) without a
+    divergence; remembered, that 0 sent the policy toward COLO a second before the phase ended."""
+    policy = CostModel()
+    assert policy.decide(steady(TOKENS_AT_10_MS, Mode.MC, epoch_ms=10, t0=100.0)).mode is Mode.MC
+    stray = {**TOKENS_AT_10_MS, "div.per_s": 0.0, "div.shadow_coverage": 0.002,
+             "div.shadow_compared_bytes_per_s": 24.0}  # fmt: skip
+    inputs = policy.inputs(steady(stray, Mode.MC, epoch_ms=10, t0=101.0))
+    assert inputs.div_source == "remembered, shadow blind" and inputs.div_per_s is not None
+    assert policy.decide(steady(stray, Mode.MC, epoch_ms=10, t0=101.0)).mode is Mode.MC
+    # RPC answers at 10 ms: 1.7 KB/s compared, none diverged -- that is a measurement
+    rpc = {**RPC_AT_10_MS, "div.shadow_compared_bytes_per_s": 1740.0}
+    inputs = policy.inputs(steady(rpc, Mode.MC, epoch_ms=10, t0=102.0))
+    assert (inputs.div_per_s, inputs.div_source) == (0.0, "shadow, coverage 0.025")
+    # a divergence is evidence however few bytes it took
+    few = {**TOKENS_AT_10_MS, "div.shadow_compared_bytes_per_s": 24.0}
+    assert CostModel().inputs(steady(few, Mode.MC, epoch_ms=10)).div_source == "shadow, coverage 0.012"
+
+
+def test_cost_model_pairs_an_epochs_divergences_with_its_bytes_across_a_sample_boundary() -> None:
+    """Measured (token phase, MC 10 ms): the shadow counted an epoch's divergences (25.3/s) in one
+    sample and the epoch's compared bytes (1348 bytes/s, at its seal) in the next; the divergences'
+    sample had just left the 1 s average, and 'compared, none diverged' sent the policy to COLO."""
+    n = 8
+    series = {
+        "op.colo": [0.0] * n,
+        "net.turns_per_s": [333.0] * n,
+        "div.per_s": [0.0, 0.0, 25.3, 0.0, 0.0, 0.0, 0.0, 0.0],
+        "div.shadow_coverage": [0.0, 0.0, 0.0, 0.095, 0.0, 0.0, 0.0, 0.0],
+        "div.shadow_compared_bytes_per_s": [0.0, 0.0, 0.0, 1348.0, 0.0, 0.0, 0.0, 0.0],
+        "mem.dirty_bytes_per_s": [8.4e6] * n,
+        "ckpt.per_s": [50.0] * n,
+        "ckpt.pause_p50_ms": [14.0] * n,
+        **{k: [v] * n for k, v in ROOMY.items()},
+    }
+    inputs = CostModel().inputs(_window(Mode.MC, series))
+    assert inputs.div_per_s is not None and inputs.div_per_s > 200
+    assert inputs.div_source.startswith("shadow, coverage")

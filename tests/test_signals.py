@@ -153,3 +153,25 @@ def test_shadow_coverage_is_the_share_of_the_intervals_sealed_bytes_the_shadow_c
     assert asyncio.run(run()) == [None, 0.25, None, 1.0]
     assert interval_share(None, 5.0) is None and interval_share(1.0, 0.0) is None
     assert interval_share(6.0, 4.0) == 1.0  # counters sampled a hair apart never give more than all
+
+
+class _PrimaryQmp:
+    async def execute(self, command: str, arguments: object = None, **kwargs: object) -> object:
+        if command == "query-memory-size-summary":
+            return {"base-memory": 256 << 20}
+        if command == "query-blockstats":
+            return []
+        raise AssertionError(command)
+
+
+def test_the_guests_ram_size_is_read_once_and_sampled_as_mem_guest_bytes() -> None:
+    sampler = SignalSampler(SamplerLinks(primary=_PrimaryQmp()))
+
+    async def run() -> dict[str, float | None]:
+        await sampler.start()
+        return await sampler.sample(now=5.0)
+
+    assert asyncio.run(run())["mem.guest_bytes"] == float(256 << 20)
+    # without a primary monitor: absent, not 0
+    bare = SignalSampler(SamplerLinks())
+    assert "mem.guest_bytes" not in asyncio.run(bare.sample(now=5.0))
