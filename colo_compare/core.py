@@ -88,6 +88,11 @@ Holding, budgets, checkpoints
   re-enters with, anchored where the secondary resumes.  A shadow starts with an MC epoch
   (fresh after COLO: flows already open are anchored as when first seen) and ends at the seal
   into COLO or at ``release_all``; ``set_shadow`` turns it on or off from the next seal.
+  Coverage: at each seal the shadow counts the primary's TCP payload bytes of the epoch and those
+  it compared (verified, or in a flow found diverged); a response the secondary had not produced by
+  the seal is never compared, because the checkpoint gives it the primary's state, which has already
+  sent it.  So a short epoch can leave the shadow blind, and the figures say how blind
+  (``colo_compare.signals``, "Shadow coverage").
 * ``set_mode`` takes effect at the next ``seal`` so every epoch has exactly one mode.
 * ``release_all()`` (the secondary is lost) releases everything held and switches to pass-through
   (primary frames are released as they come) until the next ``seal()``, which starts a new,
@@ -761,6 +766,8 @@ class Comparator:
             shadow_epochs=self._shadow_epochs,
             shadow_epochs_diverged=self._shadow_epochs_diverged,
             shadow_hold=shadow.hold.summary(now) if shadow is not None else HoldSummary(),
+            shadow_sealed_bytes=totals.sealed_bytes,
+            shadow_compared_bytes=totals.compared_bytes,
         )
 
     def flows(self) -> list[FlowReport]:
@@ -1697,11 +1704,13 @@ class Comparator:
 
 @dataclass(frozen=True, slots=True)
 class _ShadowTotals:
-    """What shadows counted: would-be requests by reason (with overflows), early releases."""
+    """What shadows counted: would-be requests by reason (with overflows), early releases, coverage."""
 
     reasons: dict[str, int] = field(default_factory=dict)
     early_frames: int = 0
     early_bytes: int = 0
+    sealed_bytes: int = 0
+    compared_bytes: int = 0
 
     def plus(self, shadow: _Shadow) -> _ShadowTotals:
         reasons = dict(self.reasons)
@@ -1710,7 +1719,11 @@ class _ShadowTotals:
         if shadow.overflows:
             reasons[SHADOW_OVERFLOW] = reasons.get(SHADOW_OVERFLOW, 0) + shadow.overflows
         return _ShadowTotals(
-            reasons, self.early_frames + shadow._out_frames, self.early_bytes + shadow._out_bytes
+            reasons,
+            self.early_frames + shadow._out_frames,
+            self.early_bytes + shadow._out_bytes,
+            self.sealed_bytes + shadow.sealed_bytes,
+            self.compared_bytes + shadow.compared_bytes,
         )
 
 
@@ -1738,6 +1751,44 @@ class _Shadow(Comparator):
         # COLO's would-be hold latency: every HOLD_SAMPLE-th primary frame, id -> (frame, arrival)
         self.hold = HoldWindow()
         self._hold_pending: dict[int, tuple[bytes, float]] = {}
+        # coverage (see seal): per TCP flow the stream offset its primary bytes are accounted up to
+        self._accounted: dict[bytes, tuple[_TcpFlow, int]] = {}
+        self.sealed_bytes = 0  # primary TCP payload bytes of the shadowed epochs sealed so far
+        self.compared_bytes = 0  # ... of which the shadow learned COLO's fate (verified or diverged)
+
+    def seal(self) -> int:
+        """Seal as COLO does, first accounting the primary's bytes of the epoch for coverage.
+
+        A primary byte is *compared* when the shadow verified it against the secondary's or found the
+        flow diverged at or before it (COLO would have checkpointed: its fate is known).  The rest the
+        secondary had not produced by the seal; the checkpoint then gives the secondary the primary's
+        state, which has already sent them, so the secondary never will, and the shadow learns nothing
+        of them (the re-anchor skips them).  That is what a short MC epoch does to the shadow: see
+        ``CompareStats.shadow_sealed_bytes``.
+        """
+        accounted = self._accounted
+        kept: dict[bytes, tuple[_TcpFlow, int]] = {}
+        sealed = compared = 0
+        for key, flow in self._tcp.items():
+            p = flow.p
+            if p.base < 0:
+                continue
+            end = p.end
+            previous = accounted.get(key)
+            start = previous[1] if previous is not None and previous[0] is flow else 0
+            kept[key] = (flow, end)
+            new = end - start
+            if new <= 0:
+                continue
+            sealed += new
+            if flow.diverged is not None:
+                compared += new
+            elif flow.v is not None and flow.v > start:
+                compared += min(flow.v, end) - start
+        self._accounted = kept
+        self.sealed_bytes += sealed
+        self.compared_bytes += compared
+        return super().seal()
 
     def feed_primary(self, frames: Sequence[bytes | memoryview], now: float) -> list[Action]:
         """The shadowed core's frames (``bytes``: it converted them), hold samples taken."""

@@ -552,9 +552,10 @@ class Daemon:
                 continue
             now = time.monotonic()
             point = self.protocol.point
-            reasons = self.scheduler.take(point.mode, point.epoch_ms, now)
+            shadowed = not point.passive_secondary  # MC: the comparator shadow-compares the secondary
+            reasons = self.scheduler.take(point.mode, point.epoch_ms, now, shadowed=shadowed)
             if reasons is None:
-                due = self.scheduler.due_at(point.mode, point.epoch_ms)
+                due = self.scheduler.due_at(point.mode, point.epoch_ms, shadowed=shadowed)
                 wait = 0.05 if due is None else max(0.0, due - now)
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):

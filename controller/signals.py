@@ -190,10 +190,12 @@ class DirtyRateProbe:
 
 @dataclass(frozen=True, slots=True)
 class Reading:
-    """What one source read: cumulative counters (named by the rate they become) and levels."""
+    """What one source read: cumulative counters (named by the rate they become), levels, and shares:
+    pairs of cumulative counters (part, whole) named by the signal their rates' ratio becomes."""
 
     counters: dict[str, float | None] = field(default_factory=dict)
     levels: dict[str, float | None] = field(default_factory=dict)
+    ratios: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -223,9 +225,14 @@ class SignalSampler:
         self.failures: dict[str, int] = {}
         self._last_now: float | None = None
         self.cpu_cost_s = 0.0  # this process's CPU spent sampling (for the 2 % bound)
+        self.guest_bytes: float | None = None  # mem.guest_bytes, read once by start()
 
     async def start(self) -> None:
-        """Find the vCPU threads (once: QEMU does not change them)."""
+        """Find the vCPU threads and the guest's RAM size (once: QEMU does not change them)."""
+        if self.links.primary is not None:
+            with contextlib.suppress(Exception):
+                summary = await asyncio.wait_for(self.links.primary.execute("query-memory-size-summary"), 2.0)
+                self.guest_bytes = float(summary["base-memory"]) + float(summary.get("plugged-memory", 0))
         for side, session, pid in (
             ("primary", self.links.primary, self.links.primary_pid),
             ("secondary", self.links.secondary, self.links.secondary_pid),
@@ -308,12 +315,19 @@ class SignalSampler:
         resumed_cpu = time.thread_time()
         counters, levels = self._cpu()
         values: dict[str, float | None] = dict(levels)
+        if self.guest_bytes is not None:
+            values["mem.guest_bytes"] = self.guest_bytes
+        ratios: dict[str, tuple[float, float]] = {}
         for reading in results:
             counters.update(reading.counters)
             values.update(reading.levels)
+            ratios.update(reading.ratios)
         rates = self.rates.rates(now, counters)
         busy, total = rates.pop("cpu.host.busy", None), rates.pop("cpu.host.total", None)
         values["cpu.host"] = busy / total if busy is not None and total else None
+        for name, (part, whole) in ratios.items():
+            pair = self.rates.rates(now, {f"{name}#part": part, f"{name}#whole": whole})
+            values[name] = interval_share(pair[f"{name}#part"], pair[f"{name}#whole"])
         values.update(rates)
         since = self._last_now if self._last_now is not None else now - 1.0
         values.update(checkpoint_signals(links.checkpoints(), since, now, self.pause_window_s))
@@ -322,11 +336,22 @@ class SignalSampler:
         return values
 
 
+def interval_share(part_per_s: float | None, whole_per_s: float | None) -> float | None:
+    """A share over the interval from the rates of two cumulative counters (``Reading.ratios``), 0..1;
+    None (not measured) when the whole did not grow.  ``div.shadow_coverage``: no byte was sealed
+    shadowed -- COLO, a passive secondary, no traffic."""
+    if part_per_s is None or whole_per_s is None or whole_per_s <= 0:
+        return None
+    return min(1.0, max(0.0, part_per_s / whole_per_s))
+
+
 def compare_reading(signals: Mapping[str, Any]) -> Reading:
     """The comparator's ``stats`` signals as signal values (counters under their rate names).
 
     Divergences are live in COLO and shadow-compared in MC: the two cumulative counters only grow in
-    their own mode, so their sum differentiates to "divergences per second, live or shadow".  Client
+    their own mode, so their sum differentiates to "divergences per second, live or shadow".  The
+    shadow's coverage counters are a ratio: ``div.shadow_coverage``, the share of the primary's bytes
+    sealed over the interval that the shadow compared.  Client
     bytes come from the primary's ACK numbers (the comparator never sees the client's own frames).
     """
     stats = CompareStats.from_dict(signals)
@@ -336,6 +361,7 @@ def compare_reading(signals: Mapping[str, Any]) -> Reading:
         "net.bytes_per_s.to_guest": float(stats.client_bytes_acked),
         "net.turns_per_s": float(stats.turns),
         "div.per_s": float(stats.divergences.total + stats.shadow_divergences.total),
+        "div.shadow_compared_bytes_per_s": float(stats.shadow_compared_bytes),
     }
     live, shadow = stats.divergences.as_dict(), stats.shadow_divergences.as_dict()
     for reason in sorted(set(live) | set(shadow)):
@@ -347,4 +373,5 @@ def compare_reading(signals: Mapping[str, Any]) -> Reading:
     }
     if stats.shadow_hold.p50_us is not None:
         levels["x.colo_hold_p50_ms"] = stats.shadow_hold.p50_us / 1000
-    return Reading(counters, levels)
+    ratios = {"div.shadow_coverage": (float(stats.shadow_compared_bytes), float(stats.shadow_sealed_bytes))}
+    return Reading(counters, levels, ratios)

@@ -52,12 +52,19 @@ COLO (COLO, SoCC'13: a checkpoint whenever the outputs diverge)
     ``P_c = pause(r / delta)``; checkpoints come every ``1/delta + P_c``;
     guest:   ``P_c / (1/delta + P_c)`` stopped (the rate saturates: the guest always runs a little);
     clients: each turn waits the comparator's hold (the secondary's lag: ``net.hold_p50_ms`` measured
-    in COLO, remembered from the last *calm* COLO window, else a 5 ms prior -- curl through a Python
-    stand-in comparator answered in 5-40 ms, qemu-colo-notes.md).  Calm: divergences at most
-    ``hold_calm_div_share`` (0.1) of the turns over the hold's own span (the comparator's last 1 s;
-    a longer average would call the first second of a divergent phase calm).  While responses
-    diverge, a frame's hold includes its wait for the divergence's checkpoint, which the next term
-    already counts: such a hold is not the secondary's lag.  Measured (tests/test_phased_auto.py,
+    in COLO, remembered from the last *calm* COLO window, else a 1 ms prior: the compiled comparator's
+    calm COLO hold p50 measured here, ``COLO_HOLD_PRIOR_S``).  A hold p50 speaks for COLO only
+    if its span (the comparator's last 1 s) ran in COLO: right after MC -> COLO it still holds MC's
+    releases (26.7 ms measured where the phase's COLO hold was 0.05 ms), so such samples are neither
+    used nor remembered (:func:`hold_spans`).  Calm: divergences at most ``hold_calm_div_share``
+    (0.1) of the turns in *every* sample of that span (its mean called the first second of a token
+    phase calm while the hold rose from 0.08 to 37 ms).  While responses diverge, a frame's hold
+    includes its wait for the divergence's checkpoint -- and for the checkpoints queued before it:
+    COLO serialises them, which the per-divergence term below does not model and which is why
+    static COLO served the token phases at a quarter of MC's rate.  Such a hold is not the
+    secondary's lag, so it is remembered apart ("while diverging") and used, outside COLO, only
+    while the divergences measured (or remembered) are above that share of the turns; a calm
+    window's hold serves the rest.  Measured (tests/test_phased_auto.py,
     TCG, load 5-7): with every token answer diverging the COLO hold p50 was 358-892 ms against 2-5 ms
     for deterministic RPCs on the same pair; remembered, it priced COLO's RPC turns at that and kept
     the policy in MC through the next RPC phases, which static COLO served at 510-1110 requests/s
@@ -83,10 +90,48 @@ CPU (where CPU is short, e.g. 2-core hosts, the secondary's vCPU competes with t
     unsaturated host (within ``memory_s``) is a floor.  Without ``cpu.primary`` or a core count the
     CPU term is 0.
 
+Shadow coverage (what the shadow's ``div.per_s`` is worth in MC)
+    The shadow can only compare a response the secondary produced before the epoch's seal: the
+    checkpoint then gives the secondary the primary's state, which has already answered, so the
+    secondary never does.  ``div.shadow_coverage`` is the share of the primary's bytes it compared.
+    Measured on a real pair under TCG (8 MiB/s dirtied, 4 RPC or 8 token clients): at 10 ms epochs
+    (39-52 checkpoints/s, the guest running about 5 ms of each 20-25 ms) it compared 2.5 % of the
+    RPC answers' bytes and 1.2 % of the token answers', at 20 ms 5.3 % and 0.5 %, at 50 ms 40 % and
+    30 %; and it counted 4.9, 1.5 and 44 divergences/s where all 408, 313 and 148 answers/s diverged
+    (tokens).  So a shadow count is a sample: the policy scales it by ``1 / coverage`` (4.9 / 0.012 =
+    408/s), capped at one divergence per turn (COLO checkpoints at most once per answer) and never
+    below the count itself (a stream diverges without turns).  A count of 0 needs evidence as well:
+    at least ``min_compared_bytes_per_s`` (256) compared, ``div.shadow_compared_bytes_per_s``; in a
+    token phase the shadow once compared 24 bytes/s without a divergence (coverage 0.2 %), where RPC
+    phases at 10 ms gave it 1.7-3 KB/s -- remembered, that 0 would have sent the policy to COLO a
+    second before the phase ended.  The shadow counts a divergence when the secondary's answer
+    arrives but the epoch's bytes at its seal, up to an epoch later; when the two straddle a sample,
+    the bytes alone said "compared, none diverged" (measured: 1348 bytes/s in one sample, its epoch's
+    25 divergences/s in the sample before, just outside the 1 s average; the policy went to COLO
+    0.5 s before a token phase ended).  So the divergences are averaged over one sample more than
+    the coverage.  Taken at its word, 4.9/s made COLO look
+    cheap in a phase static COLO served at 47 requests/s against MC's 393.  Below ``min_coverage``
+    (0.2 %), or with no shadowed bytes at all (a passive secondary, whose ``div.per_s`` of 0 is no
+    measurement; no traffic), the shadow is *blind*: its figure is ignored, the last measured rate is
+    used while fresh (``memory_s``), else the rate is unknown and COLO is estimated without
+    divergences, as after passive MC.  How blind depends on the load: in one run the shadow compared
+    nothing at 10 ms through a whole RPC phase, and the policy stayed in MC on the token phase's
+    remembered divergences.  So the daemon stretches one MC epoch a second to 50 ms when the
+    secondary is active (``controller.epoch.CheckpointScheduler``, shadow probes): the coverage and
+    divergences then come from those epochs, a sample a second, and the policy itself never has to
+    lengthen its epoch (a change the guard's dwell would hold for 5 s).  A window without the
+    coverage signal at all (a comparator or a recorded trace from before it existed) takes the
+    shadow's count at its word, as this policy did then, so old traces replay to the same
+    decisions.
+
 Choosing: the cheapest MC epoch with an active secondary, the same with a passive one (when
 ``allow_passive``: worth it only if it saves more than ``min_gain``, because a passive secondary
 shadow-compares nothing), and COLO.  The other mode must be cheaper by ``switch_margin`` of the
-current cost (and by ``min_gain``) before the policy asks for it.  In passive MC the divergence rate
+current cost (and by ``min_gain``) before the policy asks for it; so must the cheapest MC point
+before a running MC point's epoch or passive setting changes, because the guard counts that as a
+switch too (dwell, budget): measured without this, the policy moved between 10, 11, 12 and 14 ms
+and went passive for 0.009 s/s, and each change held the next mode switch for the 5 s dwell.  In
+passive MC the divergence rate
 is remembered from the last window that measured it; after ``memory_s`` it is unknown and COLO is
 estimated without divergences -- optimistic, so a stale "COLO is bad" is re-tested by trying COLO,
 as Gilbert's policy retries COLO after its passive period.
@@ -98,8 +143,11 @@ signal; for ``div.per_s`` it also gives the break-even rate at which the two mod
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import TypeVar
+
+import numpy as np
 
 from hybridft_common.vocabulary import EPOCH_MS_MAX, EPOCH_MS_MIN, Mode
 from policies.base import Decision, Policy, PolicyConfigError, param
@@ -113,6 +161,7 @@ __all__ = [
     "ModeCost",
     "colo_cost",
     "epoch_grid",
+    "hold_spans",
     "mc_cost",
 ]
 
@@ -123,8 +172,11 @@ PAGE_SIZE = 4096
 PAUSE_FIXED_S = 0.005
 #: checkpoint copy rate, bytes/s: +2.7 ms p50 for 3.36 MB per checkpoint (qemu-colo-notes.md)
 COPY_BYTES_PER_S = 1.2e9
-#: COLO hold before the secondary is seen: 5 ms, the low end of curl through a stand-in comparator
-COLO_HOLD_PRIOR_S = 0.005
+#: COLO hold before one is measured: 1 ms, above the 90th percentile (0.72-0.74 ms) of the compiled
+#: comparator's hold p50 in windows without divergences, static COLO, RPC phases, two runs of
+#: tests/test_phased_auto.py (median 0.13-0.19 ms: the secondary often answers first); 5 ms before
+#: (curl through a Python stand-in comparator) priced COLO's RPC turns 30x too dear and kept MC there
+COLO_HOLD_PRIOR_S = 0.001
 #: the daemon's COLO safety interval (controller.epoch.CheckpointScheduler's default), s
 SAFETY_INTERVAL_S = 10.0
 #: the comparator's timeout for a held frame (mc_driver.pair's default compare_timeout_ms), s
@@ -168,6 +220,18 @@ class CostModelParams:
     memory_s: float = param(
         60.0, "how long a remembered divergence rate, hold or CPU figure is used", min=0.0, max=86_400.0
     )
+    min_coverage: float = param(
+        0.002,
+        "in MC, the shadow's divergences count only when it compared at least this share of the bytes",
+        min=0.0,
+        max=1.0,
+    )
+    min_compared_bytes_per_s: float = param(
+        256.0,
+        "and its 0 only when it compared at least this many bytes/s",
+        min=0.0,
+        max=1e12,
+    )
     # 1 s, measured: at 3 s the first decision for MC came 2.96 s after an RPC -> divergent phase change
     # (tests/test_phased_auto.py trace), the average still dominated by the RPC phase; the comparator's
     # hold is itself a 1 s figure, and the guard's hysteresis and the switch margin absorb the noise a
@@ -194,7 +258,7 @@ class Inputs:
     dirty_source: str
     turns_per_s: float | None
     div_per_s: float | None
-    div_source: str  # live | shadow | remembered | unknown
+    div_source: str  # live | shadow, coverage C | remembered | unknown (", shadow blind")
     div_timeout_per_s: float  # the part of div_per_s detected by timeout (reasons timeout, ack)
     disk_ckpt_per_s: float
     safety_interval_s: float
@@ -331,6 +395,38 @@ def _best_mc(inputs: Inputs, grid: tuple[int, ...], passive: bool, weight: float
     return best
 
 
+def hold_spans(window: Window, calm_div_share: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample of ``window``: whether the comparator's hold p50 at that sample speaks for COLO (its
+    span, the last ``HOLD_SPAN_S``, ran in COLO only) and for the secondary's lag (calm: in every
+    sample of the span, divergences at most ``calm_div_share`` of the turns).
+
+    Every sample of the span, not their mean: at an RPC -> token change the span's mean divergence
+    rate was 0.05 of its turns (the RPC turns of the span's first half) while the hold p50 had gone
+    from 0.05 to 37 ms on checkpoint waits; remembered, it priced the next RPC phase's COLO turns at
+    37 ms and kept the policy in MC (tests/test_phased_auto.py trace).  ``op.colo`` is the mode at
+    each sample, so a sample's interval ran in COLO if it and the sample before show COLO; a window
+    without ``op.colo`` ran in its mode throughout.  A divergence rate or turn count not measured at a
+    sample is no evidence of calm; a window without ``div.per_s`` at all has no divergences to see.
+    """
+    t = window.t
+    n = t.size
+    mode = window.series("op.colo")
+    colo = np.full(n, window.mode is Mode.COLO) if mode is None else mode >= 1.0
+    div = window.series("div.per_s")
+    turns = window.series("net.turns_per_s")
+    if div is None:
+        quiet = np.ones(n, dtype=bool)
+    else:
+        quiet = div <= calm_div_share * (turns if turns is not None else np.zeros(n))
+    pure = np.zeros(n, dtype=bool)
+    calm = np.zeros(n, dtype=bool)
+    for k in range(n):
+        first = max(0, int(np.searchsorted(t, t[k] - HOLD_SPAN_S, side="left")) - 1)
+        pure[k] = bool(colo[first : k + 1].all())
+        calm[k] = bool(quiet[first : k + 1].all())
+    return pure, calm
+
+
 def _fmt(value: float | None) -> str:
     return "absent" if value is None else f"{value:.3g}"
 
@@ -344,8 +440,10 @@ class CostModel(Policy[CostModelParams]):
     params_type = CostModelParams
 
     def reset(self) -> None:
-        self._div: tuple[float, tuple[float, float]] | None = None  # (t, (all, by timeout) per s)
-        self._hold: tuple[float, float] | None = None  # (t, s) last COLO hold measured
+        # (t, (all, by timeout) per s, their share of the turns or None)
+        self._div: tuple[float, tuple[float, float, float | None]] | None = None
+        self._hold: tuple[float, float] | None = None  # (t, s) last calm COLO hold measured
+        self._busy_hold: tuple[float, float] | None = None  # (t, s) last COLO hold while diverging
         self._alone: tuple[float, float] | None = None  # (t, cores) primary with a passive secondary
         self._grid = epoch_grid(self.params.min_epoch_ms, self.params.max_epoch_ms, self.params.grid_steps)
 
@@ -354,22 +452,61 @@ class CostModel(Policy[CostModelParams]):
             return None
         return memory[1]
 
+    def measured_div(self, window: Window) -> tuple[float, float, str] | None:
+        """(divergences/s COLO has or would have, the part by timeout, source) the window measured, or
+        None when it measured nothing (module docstring, "Shadow coverage")."""
+        p = self.params
+        div = window.mean("div.per_s", p.average_s)
+        if div is None:
+            return None
+        by_timeout = sum(window.mean(f"div.per_s.{r}", p.average_s) or 0.0 for r in TIMEOUT_REASONS)
+        if window.mode is Mode.COLO:
+            return div, by_timeout, "live"
+        if window.passive_secondary:
+            return None  # a passive secondary sends nothing: the shadow's 0 is no measurement
+        if not window.has("div.shadow_coverage"):
+            # a source (or a recorded trace) from before coverage was measured: take the shadow at its word
+            return div, by_timeout, "shadow"
+        coverage = window.mean("div.shadow_coverage", p.average_s)
+        if coverage is None or coverage < p.min_coverage:
+            return None  # blind: the secondary answered (almost) nothing before the seals
+        compared = window.mean("div.shadow_compared_bytes_per_s", p.average_s)
+        # the shadow counts a divergence when the secondary's answer arrives and the epoch's bytes at
+        # its seal, up to an epoch later: that can be the next sample, so the divergences that go with
+        # the span's seals reach one sample further back (module docstring)
+        if window.t.size >= 2:
+            lookback = p.average_s + float(window.t[-1] - window.t[-2])
+            div = window.mean("div.per_s", lookback) or 0.0
+            by_timeout = sum(window.mean(f"div.per_s.{r}", lookback) or 0.0 for r in TIMEOUT_REASONS)
+        if div <= 0 and compared is not None and compared < p.min_compared_bytes_per_s:
+            return None  # "no divergence" in a few bytes is no evidence (module docstring)
+        # the compared bytes are a sample of the output: scale up, but COLO diverges at most once per
+        # response the guest sends (per turn), and never less often than the shadow saw
+        turns = window.mean("net.turns_per_s", p.average_s)
+        ceiling = max(div, turns) if turns is not None else math.inf
+        scale = 1.0 / coverage
+        return (
+            min(div * scale, ceiling),
+            min(by_timeout * scale, ceiling),
+            f"shadow, coverage {coverage:.2g}",
+        )
+
     def observe(self, window: Window) -> None:
         """Remember what the window measured that another mode will not show (state fed by windows)."""
         p = self.params
         now = window.now
-        div = window.mean("div.per_s", p.average_s)
-        if div is not None:
-            by_timeout = sum(window.mean(f"div.per_s.{r}", p.average_s) or 0.0 for r in TIMEOUT_REASONS)
-            self._div = (now, (div, by_timeout))
+        measured = self.measured_div(window)
+        if measured is not None:
+            self._div = (now, (measured[0], measured[1], self._share(window, measured[0])))
         if window.mode is Mode.COLO:
-            # the hold p50 summarises the comparator's last HOLD_SPAN_S: judge calm over the same span
-            hold = window.latest("net.hold_p50_ms")
-            recent_div = window.mean("div.per_s", HOLD_SPAN_S) or 0.0
-            recent_turns = window.mean("net.turns_per_s", HOLD_SPAN_S) or 0.0
-            calm = recent_div <= p.hold_calm_div_share * recent_turns
-            if hold is not None and calm:  # the secondary's lag, not checkpoint waits (module docstring)
-                self._hold = (now, hold / 1000.0)
+            # the secondary's lag, not checkpoint waits nor MC's holds (module docstring)
+            holds = window.series("net.hold_p50_ms")
+            pure, calm = hold_spans(window, p.hold_calm_div_share)
+            if holds is not None and pure[-1] and not math.isnan(holds[-1]):
+                if calm[-1]:
+                    self._hold = (now, float(holds[-1]) / 1000.0)
+                else:
+                    self._busy_hold = (now, float(holds[-1]) / 1000.0)
         elif window.passive_secondary:
             primary = window.mean("cpu.primary", p.average_s)
             host = window.mean("cpu.host", p.average_s)
@@ -398,6 +535,23 @@ class CostModel(Policy[CostModelParams]):
         loss_passive = max(0.0, 1.0 - cores / (demand + rest)) if demand + rest > 0 else 0.0
         return loss_running, loss_passive, busy / cores, "cpu.host"
 
+    def _share(self, window: Window, div: float) -> float | None:
+        """``div`` as a share of the window's turns (None without turns)."""
+        turns = window.mean("net.turns_per_s", self.params.average_s)
+        return div / turns if turns else None
+
+    def _live_hold(self, window: Window) -> float | None:
+        """COLO's hold p50 (ms) averaged over the samples of the last ``average_s`` whose hold span ran
+        in COLO only: in the first second after a switch the comparator's span still holds MC's
+        releases, an epoch's wait each (26.7 ms measured right after MC -> COLO, where the RPC phase's
+        COLO hold was 0.05 ms)."""
+        holds = window.series("net.hold_p50_ms")
+        if holds is None:
+            return None
+        pure, _calm = hold_spans(window, self.params.hold_calm_div_share)
+        recent = (window.t >= window.now - self.params.average_s) & pure & ~np.isnan(holds)
+        return float(holds[recent].mean()) if recent.any() else None
+
     def inputs(self, window: Window) -> Inputs:
         """The model's inputs from ``window`` and what :meth:`observe` remembered."""
         p = self.params
@@ -424,21 +578,28 @@ class CostModel(Policy[CostModelParams]):
         if p.calibrate and measured_pause is not None and current_bytes is not None:
             pause_fixed = min(measured_pause, max(0.0, measured_pause - current_bytes / copy))
 
-        div = window.mean("div.per_s", avg)
-        div_timeout = 0.0
-        if div is not None:
-            div_source = "live" if window.mode is Mode.COLO else "shadow"
-            for reason in TIMEOUT_REASONS:
-                div_timeout += window.mean(f"div.per_s.{reason}", avg) or 0.0
+        measured = self.measured_div(window)
+        div: float | None
+        share: float | None = None
+        if measured is not None:
+            div, div_timeout, div_source = measured
+            share = self._share(window, div)
         else:
             remembered = self._fresh(self._div, window.now)
-            div, div_timeout = (None, 0.0) if remembered is None else remembered
+            div, div_timeout, share = (None, 0.0, None) if remembered is None else remembered
             div_source = "remembered" if div is not None else "unknown"
+            if window.mode is Mode.MC and not window.passive_secondary and window.has("div.per_s"):
+                div_source += ", shadow blind"
 
         hold_s, hold_source = p.colo_hold_ms / 1000.0, "prior"
         remembered_hold = self._fresh(self._hold, window.now)
-        if window.mode is Mode.COLO and window.has("net.hold_p50_ms"):
-            hold_s, hold_source = (window.mean("net.hold_p50_ms", avg) or 0.0) / 1000.0, "net.hold_p50_ms"
+        busy_hold = self._fresh(self._busy_hold, window.now)
+        live_hold = self._live_hold(window) if window.mode is Mode.COLO else None
+        if live_hold is not None:
+            hold_s, hold_source = live_hold / 1000.0, "net.hold_p50_ms"
+        elif busy_hold is not None and share is not None and share > p.hold_calm_div_share:
+            # the responses diverge as they did when COLO last held this long (module docstring)
+            hold_s, hold_source = busy_hold, "remembered while diverging"
         elif remembered_hold is not None:
             hold_s, hold_source = remembered_hold, "remembered"
 
@@ -479,6 +640,12 @@ class CostModel(Policy[CostModelParams]):
             already = window.mode is Mode.MC and window.passive_secondary
             if gain > p.min_gain or (already and gain > 0):
                 mc = passive
+        if window.mode is Mode.MC:
+            # changing the running MC point is a switch too (the guard's dwell and budget count it):
+            # only for the same margin a mode switch needs (module docstring, "Choosing")
+            running = mc_cost(inputs, window.epoch_ms, window.passive_secondary, p.latency_weight)
+            if running.total - mc.total <= max(p.switch_margin * running.total, p.min_gain):
+                mc = running
         return Estimate(inputs, replace(colo, epoch_ms=window.epoch_ms), mc, active, passive)
 
     def _break_even_div(self, inputs: Inputs, target: float) -> float | None:
@@ -520,7 +687,7 @@ class CostModel(Policy[CostModelParams]):
                 text += f" ({inputs.hold_source})"
             return "net.hold_p50_ms", text
         div_text = f"div.per_s={_fmt(inputs.div_per_s)}"
-        if inputs.div_per_s is None or inputs.div_source not in ("live", "shadow"):
+        if inputs.div_per_s is None or inputs.div_source != "live":
             div_text += f" ({inputs.div_source})"
         if inputs.div_timeout_per_s > 0:
             div_text += f" ({inputs.div_timeout_per_s:.3g}/s by timeout)"

@@ -45,6 +45,15 @@ Divergences (the comparator: live in COLO, shadow-compared in MC with an active 
     ``div.per_s``                           divergences per second, all reasons
     ``div.per_s.<reason>``                  per reason (payload, fin, rst, datagram, other, timeout,
                                             ack, queue-full: see ``colo_compare.core``)
+    ``div.shadow_coverage``                 0..1: of the primary's TCP payload bytes in the MC epochs
+                                            sealed over the interval, the share the shadow compared
+                                            (verified or found diverged); absent (NaN) when none was
+                                            sealed shadowed: COLO, a passive secondary, no traffic.
+                                            Low coverage means the shadow's ``div.per_s`` of 0 says
+                                            nothing: the secondary had not answered by the seal
+                                            (``colo_compare.signals``, "Shadow coverage")
+    ``div.shadow_compared_bytes_per_s``     bytes/s of the primary's output the shadow compared: how
+                                            much evidence a coverage or a 0 rests on
 Checkpoints (the daemon's epoch records)
     ``ckpt.per_s``                          checkpoints completed per second, all reasons
     ``ckpt.per_s.<reason>``                 per trigger reason (timer, safety-interval, disk-pressure,
@@ -120,6 +129,10 @@ SIGNALS: Mapping[str, SignalSpec] = MappingProxyType(
         "net.hold_p99_ms": SignalSpec("ms", "comparator: primary frame hold before release"),
         "net.held_bytes": SignalSpec("bytes", "comparator: primary bytes held"),
         "div.per_s": SignalSpec("divergences/s", "comparator (live in COLO, shadow in MC)"),
+        "div.shadow_compared_bytes_per_s": SignalSpec("bytes/s", "comparator: shadow-compared in MC epochs"),
+        "div.shadow_coverage": SignalSpec(
+            "share of the primary's bytes (0..1)", "comparator: shadow-compared in MC epochs"
+        ),
         "ckpt.per_s": SignalSpec("checkpoints/s", "daemon epoch records"),
         "ckpt.pause_p50_ms": SignalSpec("ms", "daemon: primary STOP -> RESUME"),
         "ckpt.pause_p99_ms": SignalSpec("ms", "daemon: primary STOP -> RESUME"),

@@ -227,6 +227,57 @@ def test_set_shadow_takes_effect_at_the_next_seal() -> None:
     assert c.signals().shadow_early_frames == 1
 
 
+def _coverage(c: Comparator) -> tuple[int, int]:
+    sig = c.signals()
+    return sig.shadow_compared_bytes, sig.shadow_sealed_bytes
+
+
+def test_shadow_coverage_counts_what_the_secondary_answered_before_the_seal() -> None:
+    """The secondary lags: what it had not sent by the seal is never compared (the checkpoint gives it
+    the primary's state, which already sent it); the shadow's next epoch starts at the sealed end."""
+    t = Twin()
+    t.primary(stream_frames(DATA[:1000], [500], isn=10, fin=False))
+    t.secondary(stream_frames(DATA[:400], [400], isn=20, fin=False))
+    assert _coverage(t.on) == (0, 0)  # counted at the seal, when the epoch's fate is known
+    n = t.seal()
+    assert _coverage(t.on) == (400, 1000)
+    t.commit(n)
+    t.primary([tcp_frame(11 + 1000, DATA[1000:1500])])
+    t.secondary([tcp_frame(11 + 1000, DATA[1000:1500])])  # re-anchored at 1000: all compared
+    t.checkpoint()
+    assert _coverage(t.on) == (900, 1500)
+    t.checkpoint()  # an epoch without new bytes adds nothing
+    assert _coverage(t.on) == (900, 1500)
+    assert _coverage(t.off) == (0, 0)
+
+
+def test_shadow_coverage_counts_a_diverged_flows_bytes_as_compared() -> None:
+    """After a divergence COLO would have checkpointed: the epoch's bytes of that flow are decided."""
+    t = Twin()
+    bad = bytearray(DATA[:3000])
+    bad[100] ^= 1
+    t.primary(stream_frames(DATA[:3000], [1000], isn=10, fin=False, dport=40001))
+    t.secondary(stream_frames(bytes(bad[:200]), [200], isn=20, fin=False, dport=40001))
+    t.primary(stream_frames(DATA[:2000], [1000], isn=10, fin=False, dport=40002))  # never answered
+    t.checkpoint()
+    assert _coverage(t.on) == (3000, 5000)
+
+
+def test_shadow_coverage_outlives_the_shadow_and_stops_with_a_passive_secondary() -> None:
+    c = Comparator(Mode.MC)
+    c.feed_primary(stream_frames(DATA[:1000], [1000], isn=10, fin=False), 0.0)
+    c.feed_secondary(stream_frames(DATA[:1000], [1000], isn=10, fin=False), 0.0)
+    c.set_mode(Mode.COLO)
+    c.commit(c.seal())  # the seal into COLO accounts the last shadowed epoch, then retires the shadow
+    assert not c.signals().shadow and _coverage(c) == (1000, 1000)
+    c.set_mode(Mode.MC)
+    c.set_shadow(False)
+    c.commit(c.seal())
+    c.feed_primary([tcp_frame(11 + 1000, b"more", ack=1000)], 0.0)
+    c.commit(c.seal())
+    assert _coverage(c) == (1000, 1000)  # a passive secondary's epochs are not shadowed: not counted
+
+
 def test_live_divergences_by_reason_in_colo() -> None:
     c = Comparator(queue_budget_bytes=10_000)
     other = bytearray(DATA[:3000])
@@ -511,6 +562,9 @@ def test_compare_stats_round_trip_and_refusals() -> None:
     wire = sig.as_dict()
     assert wire["mode"] == "mc" and wire["shadow_divergences"]["shadow-overflow"] == 0
     assert CompareStats.from_dict(wire) == sig
+    older = {k: v for k, v in wire.items() if k not in ("shadow_sealed_bytes", "shadow_compared_bytes")}
+    blank = dataclasses.replace(sig, shadow_sealed_bytes=0, shadow_compared_bytes=0)
+    assert CompareStats.from_dict(older) == blank  # a comparator from before coverage was counted
     with pytest.raises(ValueError, match="missing field 'turns'"):
         CompareStats.from_dict({k: v for k, v in wire.items() if k != "turns"})
     with pytest.raises(ValueError, match="unknown checkpoint reason"):

@@ -426,6 +426,46 @@ def test_protocol_refuses_out_of_order_steps() -> None:
         EpochProtocol(OperatingPoint(Mode.MC, -1))
 
 
+def test_scheduler_stretches_one_shadowed_mc_epoch_per_probe_period() -> None:
+    """Shadow probes: at 10 ms the shadow compared 0-2.5 % of the primary's bytes, at 50 ms 30-40 %;
+    one 50 ms epoch a second lets a policy in MC see the workload without changing the point."""
+    scheduler = CheckpointScheduler(probe_every_s=1.0, probe_epoch_ms=50)
+    scheduler.begun(0.99)
+    scheduler.ended(1.0)
+    assert scheduler.due_at(Mode.MC, 10, shadowed=True) == pytest.approx(1.04)  # 0.99 + 50 ms: a probe
+    assert scheduler.take(Mode.MC, 10, 1.02, shadowed=True) is None
+    assert scheduler.take(Mode.MC, 10, 1.04, shadowed=True) == Counter({"timer": 1})
+    t = 1.04
+    for _ in range(20):  # the probe period runs at the chosen epoch
+        scheduler.begun(t)
+        scheduler.ended(t + 0.005)
+        assert scheduler.due_at(Mode.MC, 10, shadowed=True) == pytest.approx(t + 0.010)
+        t += 0.010
+    while t < 2.0:
+        scheduler.begun(t)
+        scheduler.ended(t + 0.005)
+        t += 0.010
+    scheduler.begun(t)
+    scheduler.ended(t + 0.005)  # a second after the last probe opened: the next probe
+    assert scheduler.due_at(Mode.MC, 10, shadowed=True) == pytest.approx(t + 0.050)
+    assert scheduler.probes == 2
+    # a passive secondary (nothing to compare), an epoch already as long, COLO, or probes off: none
+    for mode, epoch_ms, shadowed, every in (
+        (Mode.MC, 10, False, 1.0), (Mode.MC, 50, True, 1.0), (Mode.MC, 10, True, 0.0)
+    ):  # fmt: skip
+        plain = CheckpointScheduler(probe_every_s=every)
+        plain.begun(0.99)
+        plain.ended(1.0)
+        period = epoch_ms / 1000
+        assert plain.due_at(mode, epoch_ms, shadowed=shadowed) == pytest.approx(
+            max(0.99 + period, 1.0 + period / 2)
+        )
+        assert plain.probes == 0
+    colo = CheckpointScheduler()
+    colo.ended(1.0)
+    assert colo.due_at(Mode.COLO, 10, shadowed=True) == pytest.approx(11.0)
+
+
 def test_scheduler_mc_timer_colo_safety_interval_and_coalescing() -> None:
     scheduler = CheckpointScheduler(safety_interval_ms=10_000)
     assert scheduler.take(Mode.MC, 50, 0.0) is None  # nothing before the first checkpoint ended

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 
 from hybridft_common.vocabulary import DEFAULT_EPOCH_MS, Mode
@@ -395,3 +396,166 @@ def test_epoch_grid() -> None:
     ratio = 200 ** (1 / 63)  # geometric, up to the rounding to whole milliseconds
     assert all(b <= a * ratio + 1 for a, b in itertools.pairwise(grid))
     assert epoch_grid(50, 50) == (50,)
+
+
+# -- cost model: the shadow's coverage (div.shadow_coverage) ---------------------------------------------
+# Measured on a real pair under TCG (8 MiB/s dirtied, MC at 10 ms, 39-52 checkpoints/s): the shadow
+# compared 1.2 % of the token answers' bytes and 2.5 % of the RPC answers' (the secondary had answered
+# almost nothing by each seal) and counted 4.9 divergences/s where every one of 408 answers/s diverges.
+TOKENS_AT_10_MS = {**ROOMY, "net.turns_per_s": 408.0, "div.per_s": 4.89, "div.shadow_coverage": 0.012,
+                   "mem.dirty_bytes_per_s": 8.4e6, "ckpt.per_s": 51.6, "ckpt.pause_p50_ms": 14.0}  # fmt: skip
+RPC_AT_10_MS = {**TOKENS_AT_10_MS, "net.turns_per_s": 156.0, "div.per_s": 0.0, "div.shadow_coverage": 0.025,
+                "ckpt.per_s": 39.3}  # fmt: skip
+
+
+def test_cost_model_scales_the_shadows_divergences_by_its_coverage() -> None:
+    est = CostModel().estimate(steady(TOKENS_AT_10_MS, Mode.MC, epoch_ms=10))
+    assert est.inputs.div_per_s is not None and 400 < est.inputs.div_per_s <= 408  # 4.89 / 0.012, capped
+    assert est.inputs.div_source == "shadow, coverage 0.012"
+    d = CostModel().decide(steady(TOKENS_AT_10_MS, Mode.MC, epoch_ms=10))
+    assert d.mode is Mode.MC and d.signal == "div.per_s" and "coverage 0.012" in d.reason
+    # taken at its word, the shadow's 4.9/s made COLO look cheap in a phase static COLO served at a
+    # tenth of MC's rate
+    raw = {k: v for k, v in TOKENS_AT_10_MS.items() if k != "div.shadow_coverage"}
+    assert CostModel().decide(steady(raw, Mode.MC, epoch_ms=10)).mode is Mode.COLO
+    # RPC answers: none of the compared bytes diverged, whatever the coverage
+    rpc = CostModel().decide(steady(RPC_AT_10_MS, Mode.MC, epoch_ms=10))
+    assert rpc.mode is Mode.COLO and "div.per_s" not in rpc.reason.split(" (cost")[0]
+
+
+def test_cost_model_caps_the_scaled_rate_at_one_divergence_per_turn() -> None:
+    few_turns = {**TOKENS_AT_10_MS, "net.turns_per_s": 50.0}
+    assert CostModel().estimate(steady(few_turns, Mode.MC, epoch_ms=10)).inputs.div_per_s == 50.0
+    # never below what the shadow itself counted (a stream diverges without turns)
+    stream = {**TOKENS_AT_10_MS, "net.turns_per_s": 0.0}
+    assert CostModel().estimate(steady(stream, Mode.MC, epoch_ms=10)).inputs.div_per_s == 4.89
+
+
+def test_cost_model_a_blind_shadows_zero_is_no_measurement() -> None:
+    policy = CostModel()
+    assert policy.decide(steady(TOKENS_AT_10_MS, Mode.MC, epoch_ms=10, t0=100.0)).mode is Mode.MC
+    blind = {**RPC_AT_10_MS, "div.shadow_coverage": 0.0}
+    inputs = policy.inputs(steady(blind, Mode.MC, epoch_ms=10, t0=110.0))
+    assert inputs.div_source == "remembered, shadow blind" and inputs.div_per_s is not None
+    assert inputs.div_per_s > 400
+    d = policy.decide(steady(blind, Mode.MC, epoch_ms=10, t0=110.0))
+    assert d.mode is Mode.MC and "shadow blind" in d.reason
+    # nothing remembered: unknown, and COLO is estimated without divergences (optimistic, as in passive MC)
+    fresh = CostModel().inputs(steady(blind, Mode.MC, epoch_ms=10))
+    assert (fresh.div_per_s, fresh.div_source) == (None, "unknown, shadow blind")
+    # a passive secondary shadow-compares nothing: its div.per_s of 0 is not a measurement either
+    passive = {k: v for k, v in blind.items() if k != "div.shadow_coverage"}
+    inputs = policy.inputs(steady(passive, Mode.MC, epoch_ms=10, passive=True, t0=111.0))
+    assert inputs.div_source == "remembered" and inputs.div_per_s is not None and inputs.div_per_s > 400
+
+
+def _window(mode: Mode, series: dict[str, list[float]], *, t0: float = 100.0, dt: float = 0.25,
+            epoch_ms: int = 10) -> Window:  # fmt: skip
+    n = len(next(iter(series.values())))
+    return Window(t0 + np.arange(n) * dt, point(mode, epoch_ms), {k: np.array(v) for k, v in series.items()})
+
+
+# The cost-model trace of tests/test_phased_auto.py at an RPC -> token change in COLO (4 RPC, 8 token
+# clients, 250 ms samples): the hold p50 went from 0.08 to 37 ms on checkpoint waits while the span's
+# mean divergence rate stayed under a tenth of its mean turns (the RPC turns of its first half).
+AT_THE_CHANGE = {
+    "op.colo": [1.0] * 6,
+    "net.turns_per_s": [554.0, 555.0, 79.7, 72.1, 93.6, 166.4],
+    "div.per_s": [0.0, 0.0, 3.99, 12.0, 12.3, 10.4],
+    "net.hold_p50_ms": [0.05, 0.08, 0.17, 0.73, 18.5, 37.4],
+}
+
+
+def test_cost_model_remembers_a_colo_hold_only_from_a_calm_all_colo_span() -> None:
+    from policies.cost_model import hold_spans
+
+    w = _window(Mode.COLO, AT_THE_CHANGE)
+    pure, calm = hold_spans(w, 0.1)
+    assert pure.all() and calm.tolist() == [True, True, True, False, False, False]
+    policy = CostModel()
+    policy.decide(_window(Mode.COLO, {k: v[:2] for k, v in AT_THE_CHANGE.items()}, t0=99.5))
+    policy.decide(w)
+    # the mean over the span called this calm and remembered 37.4 ms: it priced the next RPC phase's
+    # COLO turns at 37 ms and kept MC there
+    rpc = {**RPC_AT_10_MS, "op.colo": 0.0}
+    inputs = policy.inputs(steady(rpc, Mode.MC, epoch_ms=10, t0=102.0))
+    assert (inputs.hold_source, inputs.hold_s) == ("remembered", pytest.approx(0.00008))
+    # while the shadow sees the token answers diverge, COLO is priced at the hold it had then
+    tokens = {**TOKENS_AT_10_MS, "op.colo": 0.0}
+    inputs = policy.inputs(steady(tokens, Mode.MC, epoch_ms=10, t0=102.0))
+    assert (inputs.hold_source, inputs.hold_s) == ("remembered while diverging", pytest.approx(0.0374))
+    d = policy.decide(steady(tokens, Mode.MC, epoch_ms=10, t0=102.0))
+    assert d.mode is Mode.MC
+
+
+def test_cost_model_ignores_colo_holds_whose_span_reaches_back_into_mc() -> None:
+    """Right after MC -> COLO the comparator's 1 s span still holds MC's releases (26.7 ms measured,
+    against 0.05 ms once the span was COLO's): neither used as COLO's hold nor remembered."""
+    after_switch = {
+        "op.colo": [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+        "net.turns_per_s": [150.0] * 8,
+        "div.per_s": [0.0] * 8,
+        "net.hold_p50_ms": [26.0, 25.0, 26.7, 21.7, 14.0, 9.0, 3.0, 0.05],
+    }
+    policy = CostModel()
+    early = _window(Mode.COLO, {k: v[:6] for k, v in after_switch.items()})
+    assert policy.inputs(early).hold_source == "prior"
+    policy.decide(early)
+    assert policy.inputs(steady(RPC_AT_10_MS, Mode.MC, epoch_ms=10, t0=102.0)).hold_source == "prior"
+    late = _window(Mode.COLO, after_switch)  # the last sample's span [100.75, 101.75] is COLO's
+    inputs = policy.inputs(late)
+    assert (inputs.hold_source, inputs.hold_s) == ("net.hold_p50_ms", pytest.approx(0.00005))
+
+
+def test_cost_model_changes_the_running_mc_point_only_for_the_switch_margin() -> None:
+    """An epoch or passive change is a switch for the guard (dwell, budget): measured, cost-model
+    moved between 10, 11, 12 and 14 ms and went passive for 0.009 s/s, and each change held a mode
+    switch for the 5 s dwell."""
+    far = CostModel().decide(steady(TOKENS_AT_10_MS, Mode.MC, epoch_ms=500))
+    assert far.mode is Mode.MC and far.epoch_ms < 500  # far dearer: worth a switch
+    best = far.epoch_ms
+    near = min(e for e in epoch_grid(10, 2000, 64) if e > best)
+    est = CostModel().estimate(steady(TOKENS_AT_10_MS, Mode.COLO))
+    assert est.mc.epoch_ms == best  # what a policy not running MC would pick
+    kept = CostModel().decide(steady(TOKENS_AT_10_MS, Mode.MC, epoch_ms=near))
+    assert kept.mode is Mode.MC and kept.epoch_ms == near and not kept.passive_secondary
+
+
+def test_cost_model_takes_a_shadows_zero_only_on_enough_compared_bytes() -> None:
+    """Measured: in a token phase the shadow once compared 24 bytes/s (coverage 0.2 %) without a
+    divergence; remembered, that 0 sent the policy toward COLO a second before the phase ended."""
+    policy = CostModel()
+    assert policy.decide(steady(TOKENS_AT_10_MS, Mode.MC, epoch_ms=10, t0=100.0)).mode is Mode.MC
+    stray = {**TOKENS_AT_10_MS, "div.per_s": 0.0, "div.shadow_coverage": 0.002,
+             "div.shadow_compared_bytes_per_s": 24.0}  # fmt: skip
+    inputs = policy.inputs(steady(stray, Mode.MC, epoch_ms=10, t0=101.0))
+    assert inputs.div_source == "remembered, shadow blind" and inputs.div_per_s is not None
+    assert policy.decide(steady(stray, Mode.MC, epoch_ms=10, t0=101.0)).mode is Mode.MC
+    # RPC answers at 10 ms: 1.7 KB/s compared, none diverged -- that is a measurement
+    rpc = {**RPC_AT_10_MS, "div.shadow_compared_bytes_per_s": 1740.0}
+    inputs = policy.inputs(steady(rpc, Mode.MC, epoch_ms=10, t0=102.0))
+    assert (inputs.div_per_s, inputs.div_source) == (0.0, "shadow, coverage 0.025")
+    # a divergence is evidence however few bytes it took
+    few = {**TOKENS_AT_10_MS, "div.shadow_compared_bytes_per_s": 24.0}
+    assert CostModel().inputs(steady(few, Mode.MC, epoch_ms=10)).div_source == "shadow, coverage 0.012"
+
+
+def test_cost_model_pairs_an_epochs_divergences_with_its_bytes_across_a_sample_boundary() -> None:
+    """Measured (token phase, MC 10 ms): the shadow counted an epoch's divergences (25.3/s) in one
+    sample and the epoch's compared bytes (1348 bytes/s, at its seal) in the next; the divergences'
+    sample had just left the 1 s average, and 'compared, none diverged' sent the policy to COLO."""
+    n = 8
+    series = {
+        "op.colo": [0.0] * n,
+        "net.turns_per_s": [333.0] * n,
+        "div.per_s": [0.0, 0.0, 25.3, 0.0, 0.0, 0.0, 0.0, 0.0],
+        "div.shadow_coverage": [0.0, 0.0, 0.0, 0.095, 0.0, 0.0, 0.0, 0.0],
+        "div.shadow_compared_bytes_per_s": [0.0, 0.0, 0.0, 1348.0, 0.0, 0.0, 0.0, 0.0],
+        "mem.dirty_bytes_per_s": [8.4e6] * n,
+        "ckpt.per_s": [50.0] * n,
+        "ckpt.pause_p50_ms": [14.0] * n,
+        **{k: [v] * n for k, v in ROOMY.items()},
+    }
+    inputs = CostModel().inputs(_window(Mode.MC, series))
+    assert inputs.div_per_s is not None and inputs.div_per_s > 200
+    assert inputs.div_source.startswith("shadow, coverage")

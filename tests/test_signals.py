@@ -18,6 +18,7 @@ from controller.signals import (
     blockstats_counters,
     checkpoint_signals,
     compare_reading,
+    interval_share,
 )
 from hybridft_common.vocabulary import Mode
 from policies.window import ProtectionPoint, SignalRing, is_signal_name
@@ -75,7 +76,7 @@ def test_a_real_comparators_signals_become_catalogued_signals() -> None:
     core.feed_primary(stream_frames(data, [100], isn=1000), now=0.0)
     core.feed_secondary(stream_frames(b"HELLO, client\n" * 20, [100], isn=5000), now=0.01)
     reading = compare_reading(core.signals(now=0.02).as_dict())
-    for name in (*reading.counters, *reading.levels):
+    for name in (*reading.counters, *reading.levels, *reading.ratios):
         assert is_signal_name(name), name
     assert reading.counters["net.bytes_per_s.from_guest"] > len(data)  # headers included
     assert reading.counters["div.per_s"] == 1.0
@@ -113,3 +114,64 @@ def test_a_live_sample_of_this_process_fits_a_window_and_is_cheap() -> None:
     assert not window.has("net.turns_per_s")  # no comparator wired: absent, not zero
     # the issue's bound: 2 % of one core at 4 Hz = 5 ms of CPU per sample (generous here: psutil only)
     assert sampler.cpu_cost_s / 8 < 0.005
+
+
+class _ComparatorLink:
+    """A real comparator core behind the ``stats`` verb, as the sampler's compare link."""
+
+    def __init__(self, core: Comparator) -> None:
+        self.core = core
+
+    async def call(self, verb: str, **args: object) -> dict[str, object]:
+        assert verb == "stats" and args == {"signals_only": True}
+        return {"signals": self.core.signals(now=0.0).as_dict()}
+
+
+def test_shadow_coverage_is_the_share_of_the_intervals_sealed_bytes_the_shadow_compared() -> None:
+    """div.shadow_coverage: the ratio of the two counters' rates over each interval; absent (None) when
+    nothing was sealed shadowed, never a made-up 0 or 1."""
+    core = Comparator(Mode.MC)
+    sampler = SignalSampler(SamplerLinks(compare=_ComparatorLink(core)))
+    data = bytes(range(256)) * 16
+
+    async def sample(now: float) -> float | None:
+        return (await sampler.sample(now=now))["div.shadow_coverage"]
+
+    async def run() -> list[float | None]:
+        got = [await sample(1.0)]  # first sample: no interval yet
+        core.feed_primary(stream_frames(data[:1000], [500], isn=10, fin=False), 1.1)
+        core.feed_secondary(stream_frames(data[:250], [250], isn=10, fin=False), 1.1)
+        core.commit(core.seal())
+        got.append(await sample(1.25))  # 250 of 1000 bytes compared
+        got.append(await sample(1.5))  # nothing sealed in the interval
+        core.feed_primary([tcp_frame(11 + 1000, data[1000:1600])], 1.6)
+        core.feed_secondary([tcp_frame(11 + 1000, data[1000:1600])], 1.6)
+        core.commit(core.seal())
+        got.append(await sample(1.75))  # the secondary kept up: all 600 compared
+        return got
+
+    assert asyncio.run(run()) == [None, 0.25, None, 1.0]
+    assert interval_share(None, 5.0) is None and interval_share(1.0, 0.0) is None
+    assert interval_share(6.0, 4.0) == 1.0  # counters sampled a hair apart never give more than all
+
+
+class _PrimaryQmp:
+    async def execute(self, command: str, arguments: object = None, **kwargs: object) -> object:
+        if command == "query-memory-size-summary":
+            return {"base-memory": 256 << 20}
+        if command == "query-blockstats":
+            return []
+        raise AssertionError(command)
+
+
+def test_the_guests_ram_size_is_read_once_and_sampled_as_mem_guest_bytes() -> None:
+    sampler = SignalSampler(SamplerLinks(primary=_PrimaryQmp()))
+
+    async def run() -> dict[str, float | None]:
+        await sampler.start()
+        return await sampler.sample(now=5.0)
+
+    assert asyncio.run(run())["mem.guest_bytes"] == float(256 << 20)
+    # without a primary monitor: absent, not 0
+    bare = SignalSampler(SamplerLinks())
+    assert "mem.guest_bytes" not in asyncio.run(bare.sample(now=5.0))
