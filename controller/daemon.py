@@ -545,6 +545,13 @@ class Daemon:
                 future.set_result(record)
         self._waiters = [(n, f) for n, f in self._waiters if not f.done()]
 
+    def _policy_reads_shadow(self) -> bool:
+        """Whether a policy that reads the MC shadow comparison decides now: only then does the
+        scheduler stretch its probe epochs (a forced mode, or a policy that never reads the shadow,
+        pays nothing).  A third-party policy without the ``reads_shadow`` attribute is assumed to."""
+        policy = None if self.autopilot is None else self.autopilot.policy
+        return policy is not None and bool(getattr(policy, "reads_shadow", True))
+
     async def _epoch_loop(self) -> None:
         while not self._closing:
             if self.state != PairState.PROTECTED:
@@ -552,7 +559,7 @@ class Daemon:
                 continue
             now = time.monotonic()
             point = self.protocol.point
-            shadowed = not point.passive_secondary  # MC: the comparator shadow-compares the secondary
+            shadowed = not point.passive_secondary and self._policy_reads_shadow()
             reasons = self.scheduler.take(point.mode, point.epoch_ms, now, shadowed=shadowed)
             if reasons is None:
                 due = self.scheduler.due_at(point.mode, point.epoch_ms, shadowed=shadowed)

@@ -332,19 +332,23 @@ class CheckpointScheduler:
     checkpoint runs are answered by the next one, all together.  A comparator request
     raised in an epoch that has already been sealed is stale (the seal resolved it) and is dropped.
 
-    Shadow probes (MC with an active secondary, ``shadowed``): at most once every ``probe_every_s``
-    one epoch shorter than ``probe_epoch_ms`` is stretched to it.  The comparator's shadow compares
-    only what the secondary answered before the seal, and at short epochs it had answered almost
-    nothing (measured under TCG at 10 ms: 0-2.5 % of the primary's bytes compared, 30-40 % at 50 ms;
-    ``colo_compare.signals``, "Shadow coverage"), so a policy in MC could not see a workload turn
-    deterministic.  A probe epoch gives it a sample every ``probe_every_s``.  Its cost is bounded:
-    the answers produced in it wait up to ``probe_epoch_ms`` instead of the epoch, about 5 % of the
-    time at the defaults.  Not a change of the operating point: the guard and status see the epoch
-    the policy or operator chose.  ``probe_every_s`` 0 turns probes off.
+    Shadow probes (MC with an active secondary while a policy that reads the shadow decides,
+    ``shadowed``): at most once every ``probe_every_s`` one epoch shorter than ``probe_epoch_ms`` is
+    stretched to it.  The comparator's shadow compares only what the secondary answered before the
+    seal, and at short epochs it had answered almost nothing (measured under TCG at 10 ms: 0-2.5 % of
+    the primary's bytes compared, 30-40 % at 50 ms; ``colo_compare.signals``, "Shadow coverage"), so a
+    policy in MC could not see a workload turn deterministic.  A probe epoch gives it a sample every
+    ``probe_every_s``.  100 ms, not 50: a lone 50 ms probe after 10 ms epochs compared nothing in most
+    seconds (likely: under TCG the secondary starts each epoch with cold translations), and cost-model then
+    took 5.8 s to notice an RPC phase (tests/test_phased_auto.py); at 100 ms it took 1.1-1.8 s in three
+    runs.  Its cost is bounded: the answers produced in it wait up to ``probe_epoch_ms`` instead of the
+    epoch, about 10 % of the time at the defaults (MC's p99 latency becomes about the probe epoch).
+    Not a change of the operating point: the guard and status see the epoch the policy or operator
+    chose.  ``probe_every_s`` 0 turns probes off.
     """
 
     def __init__(
-        self, safety_interval_ms: int = 10_000, *, probe_every_s: float = 1.0, probe_epoch_ms: int = 50
+        self, safety_interval_ms: int = 10_000, *, probe_every_s: float = 1.0, probe_epoch_ms: int = 100
     ) -> None:
         self.safety_interval_ms = safety_interval_ms
         self.probe_every_s = probe_every_s

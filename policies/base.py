@@ -353,6 +353,10 @@ class Policy(ABC, Generic[P]):
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     params_type: ClassVar[type] = NoParams
+    # Whether the policy reads the MC shadow comparison (div.*): while it decides, the daemon stretches
+    # one short MC epoch a second so that the shadow sees the secondary's answers (controller.epoch,
+    # CheckpointScheduler); a policy that never reads them spares the guest that cost.
+    reads_shadow: ClassVar[bool] = True
 
     def __init__(self, params: Mapping[str, object] | None = None) -> None:
         self.params: P = parse_params(type(self).params_type, params, type(self).name)

@@ -66,6 +66,7 @@ class GilbertParams:
 
 class Gilbert(Policy[GilbertParams]):
     name = "gilbert"
+    reads_shadow = False  # checkpoint lengths only
     description = (
         "Gilbert's COLO hybrid mode (qemu-devel RFC 2015): COLO, passive MC for 100 x 250 ms checkpoints "
         "when the weighted mean checkpoint length drops under 400 ms, then COLO again."

@@ -24,6 +24,7 @@ class StaticMCParams:
 
 class StaticMC(Policy[StaticMCParams]):
     name = "static-mc"
+    reads_shadow = False
     description = "Always MC with a fixed epoch (Remus-style micro-checkpointing)."
     params_type = StaticMCParams
 
@@ -40,6 +41,7 @@ class StaticMC(Policy[StaticMCParams]):
 
 class StaticColo(Policy[NoParams]):
     name = "static-colo"
+    reads_shadow = False
     description = "Always COLO (output released when both VMs agree)."
 
     def decide(self, window: Window) -> Decision:

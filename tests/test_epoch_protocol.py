@@ -453,7 +453,7 @@ def test_scheduler_stretches_one_shadowed_mc_epoch_per_probe_period() -> None:
     for mode, epoch_ms, shadowed, every in (
         (Mode.MC, 10, False, 1.0), (Mode.MC, 50, True, 1.0), (Mode.MC, 10, True, 0.0)
     ):  # fmt: skip
-        plain = CheckpointScheduler(probe_every_s=every)
+        plain = CheckpointScheduler(probe_every_s=every, probe_epoch_ms=50)
         plain.begun(0.99)
         plain.ended(1.0)
         period = epoch_ms / 1000
@@ -529,3 +529,24 @@ def test_a_lost_primary_leaves_the_disk_to_the_agent() -> None:
         assert info.value.step is Step.RESUME_PRIMARY  # where it failed, not the rollback after it
         assert [entry for entry in log if entry.startswith("disk:")] == disk_calls
         assert protocol.current is None
+
+
+def test_probe_epochs_only_while_a_policy_that_reads_the_shadow_decides() -> None:
+    """A forced mode, static-mc/static-colo and gilbert never read div.*: no probe epoch (and its
+    latency) for them; cost-model, threshold and learned do, and so is a third-party policy assumed to."""
+    from types import SimpleNamespace
+
+    from controller.daemon import Daemon
+    from policies.cost_model import CostModel
+    from policies.gilbert import Gilbert
+    from policies.static import StaticColo, StaticMC
+
+    def reads(policy: object) -> bool:
+        stub = SimpleNamespace(autopilot=SimpleNamespace(policy=policy))
+        return Daemon._policy_reads_shadow(stub)  # type: ignore[arg-type]
+
+    assert not reads(None)  # a forced mode
+    assert not reads(StaticMC()) and not reads(StaticColo()) and not reads(Gilbert())
+    assert reads(CostModel())
+    assert reads(SimpleNamespace(name="third-party"))
+    assert not Daemon._policy_reads_shadow(SimpleNamespace(autopilot=None))  # type: ignore[arg-type]
