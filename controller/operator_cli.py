@@ -45,9 +45,10 @@ def resolve_control(control: str | None, workdir: Path | None, config: Path | No
         raise click.ClickException(f"{exc}{hint}") from None
 
 
-def request(endpoint: str, verb: str, timeout: float, **args: Any) -> dict[str, Any]:
+def request(endpoint: str, verb: str, io_timeout: float, **args: Any) -> dict[str, Any]:
+    """One verb to the daemon; its errors end the command (exit 1: refused, 2: unreachable)."""
     try:
-        return call(endpoint, verb, io_timeout=timeout, **args)
+        return call(endpoint, verb, io_timeout=io_timeout, **args)
     except ControlError as exc:
         click.echo(f"error: {exc.message} ({exc.code})", err=True)
         raise SystemExit(1) from None

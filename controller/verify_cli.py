@@ -16,8 +16,7 @@ from typing import Any
 
 import click
 
-from controller.operator_cli import pair_options, resolve_control
-from hybridft_common.control import ControlError, call
+from controller.operator_cli import pair_options, request, resolve_control
 
 VERIFY_TIMEOUT = 60.0
 
@@ -52,14 +51,7 @@ def verify_command(
 ) -> None:
     """Hold the next checkpoint, compare both VMs' RAM page by page, resume: identical or not."""
     endpoint = resolve_control(control, workdir, config)
-    try:
-        result = call(endpoint, "verify", io_timeout=timeout + 10.0, timeout=timeout)
-    except ControlError as exc:
-        click.echo(f"error: {exc.message} ({exc.code})", err=True)
-        raise SystemExit(1) from None
-    except OSError as exc:
-        click.echo(f"error: cannot reach the daemon at {endpoint}: {exc}", err=True)
-        raise SystemExit(2) from None
+    result = request(endpoint, "verify", timeout + 10.0, timeout=timeout)
     click.echo(json.dumps(result) if as_json else format_verify(result))
     if not result.get("identical"):
         raise SystemExit(1)

@@ -354,7 +354,7 @@ def test_the_command_prints_the_verdict_and_exits_1_on_a_difference(monkeypatch:
     reply = {"epoch": 12, "mode": "colo", "stop_via": "qemu", "identical": False, "pages": 65483,
              "differing_pages": 2, "ranges": 4, "seconds": 0.3, "mib": 255.8,
              "runs": [{"block": "pc.ram", "offset": 0x1A3C000, "pages": 2, "gpa": 0x1A3C000}]}  # fmt: skip
-    monkeypatch.setattr("controller.verify_cli.call", lambda *a, **k: reply)
+    monkeypatch.setattr("controller.verify_cli.request", lambda *a, **k: reply)
     result = CliRunner().invoke(verify_command, ["--control", "unix:/nowhere"])
     assert result.exit_code == 1
     assert "2 of 65483 pages differ" in result.output and "pc.ram +0x1a3c000 (GPA 0x1a3c000)" in result.output
