@@ -143,7 +143,12 @@ class Daemon:
         self.protocol = EpochProtocol(
             OperatingPoint(config.mode, config.epoch_ms, config.passive_secondary, StopVia.QMP)
         )
-        self.scheduler = CheckpointScheduler(config.safety_interval_ms)
+        probes = config.controller_settings()  # validated: a bad value is a DaemonError naming it
+        self.scheduler = CheckpointScheduler(
+            config.safety_interval_ms,
+            probe_every_s=probes.shadow_probe_every_s,
+            probe_epoch_ms=probes.shadow_probe_epoch_ms,
+        )
         self.metrics = DaemonMetrics()
         self.metrics.set_mode(str(config.mode))
         self.primary: QmpSession | None = None

@@ -37,6 +37,8 @@ CONTROLLER_KEYS = {
     "switch_budget_per_min": "switch_budget_per_min",
     "hysteresis_windows": "hysteresis_windows",
     "checkpoint_timeout": "checkpoint_timeout_s",
+    "shadow_probe_every_s": "shadow_probe_every_s",
+    "shadow_probe_epoch_ms": "shadow_probe_epoch_ms",
 }
 
 
@@ -77,6 +79,8 @@ class DaemonConfig:
     min_dwell_s: float = _CONTROLLER.min_dwell_s
     switch_budget_per_min: int = _CONTROLLER.switch_budget_per_min
     hysteresis_windows: int = _CONTROLLER.hysteresis_windows
+    shadow_probe_every_s: float = _CONTROLLER.shadow_probe_every_s
+    shadow_probe_epoch_ms: int = _CONTROLLER.shadow_probe_epoch_ms
     drive: str = "disk0"  # the guest disk's device on the primary (query-blockstats), as pair up names it
     trace_path: str | None = None  # the policy decision trace (JSON lines); None: not written
     # the agent's failover.json: once it exists the agent has begun a failover (same host only)

@@ -117,6 +117,15 @@ class ControllerSettings:
     switch_budget_per_min: int = _spec(6, lo=1, hi=600, help="most policy mode switches per minute")
     hysteresis_windows: int = _spec(2, lo=1, hi=100, help="consecutive decisions a switch needs")
     checkpoint_timeout_s: float = _spec(30.0, lo=1.0, hi=600.0, help="longest a checkpoint step may take")
+    shadow_probe_every_s: float = _spec(
+        1.0,
+        lo=0.0,
+        hi=60.0,
+        help="MC shadow probes: one stretched epoch every N s while a policy reads it (0: off)",
+    )
+    shadow_probe_epoch_ms: int = _spec(
+        100, lo=10, hi=2000, help="MC shadow probes: the stretched epoch's length"
+    )
     metrics_port: int | None = _spec(None, lo=1, hi=65535, optional=True, help="serve /metrics on 127.0.0.1")
 
 
@@ -131,6 +140,8 @@ DAEMON_CONTROLLER_KEYS = (
     "switch_budget_per_min",
     "hysteresis_windows",
     "checkpoint_timeout_s",
+    "shadow_probe_every_s",
+    "shadow_probe_epoch_ms",
 )
 
 

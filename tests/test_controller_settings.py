@@ -14,6 +14,7 @@ from click.testing import CliRunner
 import controller.daemon_cli as daemon_cli
 import mc_driver.pair_cli as pair_cli
 from controller.autopilot import Autopilot, AutopilotConfig
+from controller.daemon import Daemon
 from controller.daemon_config import CONTROLLER_KEYS, DaemonConfig, DaemonError
 from controller.operating_point import OperatingPoint
 from hybridft_common.settings import DAEMON_CONTROLLER_KEYS, ControllerSettings, SettingsError, parse_settings
@@ -30,6 +31,8 @@ OPERATOR = {
     "switch_budget_per_min": 12,
     "hysteresis_windows": 3,
     "checkpoint_timeout_s": 20.0,
+    "shadow_probe_every_s": 0.5,
+    "shadow_probe_epoch_ms": 80,
 }
 
 
@@ -65,6 +68,10 @@ def test_the_file_reaches_the_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert (guard.min_dwell_s, guard.switches_per_minute, guard.confirm_windows) == (2.5, 12, 3)
     assert guard.time_limit_s == pytest.approx(0.15)
     assert auto.trace_path == tmp_path / "decisions.jsonl"
+    assert (config.shadow_probe_every_s, config.shadow_probe_epoch_ms) == (0.5, 80)
+    config.primary_qmp = config.secondary_qmp = "/nonexistent"
+    scheduler = Daemon(config).scheduler  # the scheduler runs with the file's probes
+    assert (scheduler.probe_every_s, scheduler.probe_epoch_ms) == (0.5, 80)
 
 
 def test_without_settings_the_daemon_runs_the_schemas_defaults(tmp_path: Path) -> None:
@@ -88,6 +95,8 @@ def test_without_settings_the_daemon_runs_the_schemas_defaults(tmp_path: Path) -
         ("--policy-timeout-ms", "0", "1<=x<=10000"),
         ("--window-s", "0.1", "0.5<=x<=600"),
         ("--decide-every-samples", "101", "1<=x<=100"),
+        ("--shadow-probe-epoch-ms", "5", "10<=x<=2000"),
+        ("--shadow-probe-every-s", "-1", "0<=x<=60"),
     ],
 )
 def test_a_bad_daemon_flag_is_named_with_its_range(
