@@ -246,6 +246,10 @@ def render_status(
         f"(last {_number(pause.get('samples'))} checkpoints, all modes)",
     )
     divergence_kind = "live" if mode == "colo" else "shadow"
+    coverage = signals.get("div.shadow_coverage")
+    if mode != "colo" and isinstance(coverage, int | float) and not isinstance(coverage, bool):
+        # how much of the primary's output the shadow could compare: a 0 from a blind shadow means nothing
+        divergence_kind = f"shadow, {coverage * 100:.1f} % compared"
     summary.add_row(
         "output",
         f"held {_bytes(signals.get('net.held_bytes'))}, divergences {_number(signals.get('div.per_s'))}/s "

@@ -104,6 +104,9 @@ def test_the_view_shows_state_mode_policy_figures_and_grouped_signals() -> None:
     assert "p50 12.5 ms, p99 30.1 ms" in text
     assert "timer 9.8/s" in text  # checkpoints/s by reason, MC's row
     assert "held 2.0 KiB" in text and "divergences 1.5/s (shadow)" in text
+    covered = a_status()
+    covered["signals"]["div.shadow_coverage"] = 0.025  # the MC shadow compared 2.5 % of the primary's bytes
+    assert "divergences 1.5/s (shadow, 2.5 % compared)" in text_of(render_status(covered, None, NOW))
     assert "backlog 5.0 MiB" in text and "connected, 120 sent, largest gap 101 ms" in text
     for group, shown in (("cpu.", "primary 0.73"), ("mem.", "ram_bytes_per_ckpt 3.0 MiB"),
                          ("div.", "per_s.payload 1.5"), ("ckpt.", "per_s 9.8"), ("op.", "colo 0"),
