@@ -510,23 +510,20 @@ async def _await_incoming_end(secondary: Any, timeline: Timeline) -> bool:
     ``migrate`` (re-protection) fails with "duplicate yank instance".  And QEMU resumes the VM in a
     bottom half after the failover: a ``stop`` sent before that bottom half ran would be undone by it,
     letting the VM write while its disk is decided."""
-    from mc_driver.qmp import QmpError
+    from mc_driver.qmp import QmpError, held_migration
 
     deadline = time.monotonic() + INCOMING_END_TIMEOUT
     while True:
         try:
-            instances = await asyncio.wait_for(secondary.execute("query-yank"), timeout=2.0)
-            migration = await asyncio.wait_for(secondary.execute("query-migrate"), timeout=2.0)
+            status = await asyncio.wait_for(held_migration(secondary), timeout=4.0)
         except (QmpError, TimeoutError) as exc:
             timeline.mark(f"incoming migration state unreadable ({exc or 'timed out'})")
             return False
-        if not any(i.get("type") == "migration" for i in instances or []):
-            timeline.mark(f"incoming migration ended ({(migration or {}).get('status', 'none')})")
+        if status is None:
+            timeline.mark("incoming migration ended")
             return True
         if time.monotonic() > deadline:
-            timeline.mark(
-                f"incoming migration still {(migration or {}).get('status')!r} after {INCOMING_END_TIMEOUT} s"
-            )
+            timeline.mark(f"incoming migration still {status!r} after {INCOMING_END_TIMEOUT} s")
             return False
         await asyncio.sleep(0.01)
 

@@ -210,3 +210,16 @@ class QmpSession:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def held_migration(session: Any) -> str | None:
+    """The ``query-migrate`` status of a migration this QEMU still holds, or None once it holds none.
+
+    QEMU registers one ``migration`` yank instance while a migration (outgoing or incoming) lives and
+    removes it last, after its own end-of-migration work (an incoming side's ``vm_start`` included), so
+    its absence means the migration is really over and a new ``migrate`` can start.  ``session``: a
+    :class:`QmpSession` or anything with its ``execute``."""
+    instances = await session.execute("query-yank")
+    if not any(instance.get("type") == "migration" for instance in instances or []):
+        return None
+    return str((await session.execute("query-migrate") or {}).get("status", "unknown"))

@@ -95,7 +95,7 @@ from mc_driver.pair import (
     accepts_connections,
     secondary_namespaces,
 )
-from mc_driver.qmp import QmpCommandError, QmpError, QmpSession
+from mc_driver.qmp import QmpCommandError, QmpError, QmpSession, held_migration
 
 log = logging.getLogger("hybridft.reprotect")
 
@@ -463,21 +463,14 @@ class Reprotector:
         instance").  A COLO side whose failover never completed (its COLO_EXIT was an error and no
         ``x-colo-lost-heartbeat`` followed) is failed over now; it runs already, so this changes
         nothing for the guest."""
-
-        async def leftover() -> str | None:
-            instances = await survivor.execute("query-yank")
-            if not any(i.get("type") == "migration" for i in instances):
-                return None
-            return str((await survivor.execute("query-migrate")).get("status", "unknown"))
-
-        status = await leftover()
+        status = await held_migration(survivor)
         if status is None:
             return
         log.warning("the survivor still holds the old pair's migration (%s): failing it over now", status)
         with contextlib.suppress(QmpCommandError):
             await survivor.execute("x-colo-lost-heartbeat")
         deadline = time.monotonic() + 10
-        while (status := await leftover()) is not None:
+        while (status := await held_migration(survivor)) is not None:
             if time.monotonic() > deadline:
                 raise ReprotectError(
                     f"the survivor still holds the old pair's migration (status {status!r}) and QEMU does "
