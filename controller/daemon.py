@@ -855,7 +855,7 @@ class Daemon:
 
         return inspect
 
-    async def verify_ram(self, timeout: float = 60.0) -> dict[str, Any]:
+    async def verify_ram(self, timeout: float = VERIFY_TIMEOUT_DEFAULT) -> dict[str, Any]:
         """Hold the next checkpoint on both sides, compare both VMs' RAM at it, resume them (``verify``).
 
         Rides on the next checkpoint the epoch protocol runs (asked for at once, reason ``verify``),
