@@ -116,13 +116,14 @@ Shadow coverage (what the shadow's ``div.per_s`` is worth in MC)
     used while fresh (``memory_s``), else the rate is unknown and COLO is estimated without
     divergences, as after passive MC.  How blind depends on the load: in one run the shadow compared
     nothing at 10 ms through a whole RPC phase, and the policy stayed in MC on the token phase's
-    remembered divergences.  So the daemon stretches one MC epoch a second to 50 ms when the
-    secondary is active (``controller.epoch.CheckpointScheduler``, shadow probes): the coverage and
-    divergences then come from those epochs, a sample a second, and the policy itself never has to
-    lengthen its epoch (a change the guard's dwell would hold for 5 s).  A window without the
-    coverage signal at all (a comparator or a recorded trace from before it existed) takes the
-    shadow's count at its word, as this policy did then, so old traces replay to the same
-    decisions.
+    remembered divergences.  So the daemon stretches one MC epoch a second to 100 ms when the
+    secondary is active and a policy that reads the shadow decides
+    (``controller.epoch.CheckpointScheduler``, shadow probes; ``[controller] shadow_probe_*``): the
+    coverage and divergences then come from those epochs, a sample a second, and the policy
+    itself never has to lengthen its epoch (a change the guard's dwell would hold for 5 s).  A
+    window without the coverage signal at all (a comparator or a recorded trace from before it
+    existed) takes the shadow's count at its word, as this policy did then, so old traces replay to
+    the same decisions.
 
 Choosing: the cheapest MC epoch with an active secondary, the same with a passive one (when
 ``allow_passive``: worth it only if it saves more than ``min_gain``, because a passive secondary
