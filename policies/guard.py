@@ -16,8 +16,12 @@ The rules, in order, for a decision that asks for a different point:
 
 1. hysteresis -- the same switch must be asked for ``confirm_windows`` consecutive windows or for
    ``confirm_s`` seconds, so one noisy window cannot flip the mode;
-2. dwell -- the current point must have run ``min_dwell_s`` (since the guard applied it, or since a
-   window first showed it: an operator's forced mode, the daemon's start);
+2. dwell -- the current point must have run ``min_dwell_s`` since the guard applied it, or since a
+   window showed someone else change it (an operator's forced mode, a failover).  The point the guard
+   finds when it starts (the daemon's start, ``mode auto`` handing the pair to a policy) does not
+   dwell: dwell protects a switch until it could pay for itself and stops a policy from undoing an
+   operator's choice at once, and a hand-over is neither -- it asks the policy to choose.  The
+   first window after a reset or start anchors nothing; hysteresis and the budget still apply;
 3. budget -- at most ``switches_per_minute`` applied switches in any 60 s.
 
 A held switch stays confirmed, so it applies as soon as dwell and budget allow.  Every change of the
@@ -172,7 +176,7 @@ class PolicyGuard:
         self.failures = 0
         self.consecutive_failures = 0
         self._running: ProtectionPoint | None = None  # the point the last window showed
-        self._since = 0.0  # when the running point was first shown or applied
+        self._since = 0.0  # when the running point was applied or changed by someone else
         self._requested: tuple[ProtectionPoint, float] | None = None  # applied, not yet shown
         self._pending: _Pending | None = None  # a switch being confirmed
         self._switches: deque[float] = deque()  # times of applied switches, last 60 s
@@ -180,8 +184,8 @@ class PolicyGuard:
     # -- state fed by windows -----------------------------------------------------------------------
     def _observe(self, window: Window) -> None:
         now, shown = window.now, window.point
-        if self._running is None:
-            self._running, self._since = shown, now
+        if self._running is None:  # hand-over: the point found here has no dwell to serve
+            self._running, self._since = shown, -math.inf
         elif not same_point(shown, self._running):
             self._running = shown
             if self._requested is not None and same_point(shown, self._requested[0]):

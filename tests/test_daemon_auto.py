@@ -99,8 +99,11 @@ def test_a_policy_switches_the_mode_and_its_trace_replays(
         assert policy["auto"] is False and policy["name"] is None and policy["last_decision"] is None
         reply = await daemon.dispatch("mode", {"mode": "auto", "policy": "static-colo"})
         assert reply["auto"] is True and reply["policy"] == "static-colo"
-        # the guard's dwell and confirmation ([controller] defaults: 5 s, 2 windows) first, then a boundary
+        # the guard's confirmation ([controller] default: 2 windows; no dwell at the hand-over), then a
+        # boundary
         await _wait(lambda: daemon.protocol.point.mode is Mode.COLO, 40, "auto never reached COLO", daemon)
+        # enough decisions in COLO too for the replay below to mean something
+        await _wait(lambda: daemon.status()["policy"]["decisions"] >= 10, 20, "too few decisions", daemon)
         status = daemon.status()
         assert status["policy"]["auto"] is True and status["policy"]["name"] == "static-colo"
         assert status["policy"]["last_decision"]["mode"] == "colo"

@@ -105,17 +105,18 @@ def test_gilbert_mean_equals_per_checkpoint_updates() -> None:
 
 
 def test_gilbert_counts_passive_checkpoints_only_once_mc_runs() -> None:
-    # the guard holds the switch for 10 s: the COLO checkpoints meanwhile do not count as passive ones
+    # the guard holds the switch for 20 windows (hysteresis): the COLO checkpoints meanwhile do not
+    # count as passive ones
     run = simulate(
         Gilbert(),
         gilbert_pair(100.0),
         80,
-        guard=GuardConfig(min_dwell_s=10.0, confirm_windows=1, switches_per_minute=100),
+        guard=GuardConfig(min_dwell_s=10.0, confirm_windows=21, confirm_s=100.0, switches_per_minute=100),
     )
     modes = [o.mode for o in run.outcomes]
     first_mc = modes.index(Mode.MC)
     applied = next(k for k, v in enumerate(run.verdicts) if v.point.mode is Mode.MC)
-    assert applied > first_mc + 10  # held by dwell (10 s = 20 windows from the start)
+    assert applied > first_mc + 10  # held by hysteresis (21 consecutive asks)
     assert all(w.mode is Mode.COLO for w in run.windows[: applied + 1])
     retry = modes.index(Mode.COLO, first_mc)
     assert retry == applied + 50  # 100 passive checkpoints counted from when MC ran

@@ -136,15 +136,21 @@ def test_hysteresis_restarts_when_the_request_changes_or_fails() -> None:
     assert verdict.kind is VerdictKind.APPLY and verdict.point == point(Mode.MC, 42, True)
 
 
-def test_dwell_from_start_and_from_each_switch() -> None:
+def test_no_dwell_at_hand_over_then_dwell_from_each_switch() -> None:
     guard = PolicyGuard(GuardConfig(min_dwell_s=10.0, confirm_windows=1))
-    v = guard.filter(at(100.0), mc(), 0.0)
-    assert v.kind is VerdictKind.HOLD and v.why == "dwell: colo for 0.0 s < 10 s"
-    assert guard.filter(at(109.5), mc(), 0.0).kind is VerdictKind.HOLD
-    assert guard.filter(at(110.0), mc(), 0.0).kind is VerdictKind.APPLY
+    # the point found at the hand-over (daemon start, `mode auto`) was not the policy's switch
+    assert guard.filter(at(100.0), mc(), 0.0).kind is VerdictKind.APPLY
     # the daemon applies it; from now the MC point must dwell 10 s
-    assert guard.filter(at(111.0, MC40), colo(), 0.0).why.startswith("dwell: mc 40 ms for 1.0 s")
-    assert guard.filter(at(120.0, MC40), colo(), 0.0).kind is VerdictKind.APPLY
+    assert guard.filter(at(101.0, MC40), colo(), 0.0).why.startswith("dwell: mc 40 ms for 1.0 s")
+    assert guard.filter(at(109.5, MC40), colo(), 0.0).kind is VerdictKind.HOLD
+    assert guard.filter(at(110.0, MC40), colo(), 0.0).kind is VerdictKind.APPLY
+
+
+def test_a_reset_is_a_new_hand_over() -> None:
+    guard = PolicyGuard(GuardConfig(min_dwell_s=10.0, confirm_windows=1))
+    assert guard.filter(at(100.0), mc(), 0.0).kind is VerdictKind.APPLY
+    guard.reset()
+    assert guard.filter(at(101.0, MC40), colo(), 0.0).kind is VerdictKind.APPLY
 
 
 def test_an_operator_switch_restarts_dwell_and_drops_the_pending_switch() -> None:
