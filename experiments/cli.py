@@ -36,7 +36,7 @@ def run_command(config_path: Path, out: Path | None, no_report: bool) -> None:
     from experiments.config import Cell, ConfigError, load_config
     from experiments.results import CellRecord
     from experiments.runner import Progress as RunProgress
-    from experiments.runner import RunnerError, run_experiment
+    from experiments.runner import RunnerError, planned_cells, run_experiment
 
     try:
         config = load_config(config_path)
@@ -57,7 +57,7 @@ def run_command(config_path: Path, out: Path | None, no_report: bool) -> None:
         return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
     with bar:
-        task = bar.add_task("starting", total=len(config.cells()), left="?")
+        task = bar.add_task("starting", total=len(planned_cells(config)), left="?")
 
         def on_start(cell: Cell, done: int, total: int, eta: float) -> None:
             bar.update(task, description=f"[bold]{cell.id}", total=total, completed=done, left=left(eta))
@@ -134,4 +134,8 @@ def train_command(directories: tuple[Path, ...], out: Path, settle_s: float, ave
         for d in directories
         for item in labelled_windows(d, settle_s=settle_s, average_s=average_s)
     )
-    click.echo(f"{out}: {model.samples} windows, labels {dict(sorted(counts.items()))}")
+    click.echo(
+        f"{out}: {model.samples} windows from {', '.join(model.workloads)}, "
+        f"labels {dict(sorted(counts.items()))}"
+    )
+    click.echo("an experiment runs `learned` only on other workloads (held out)")

@@ -25,6 +25,7 @@ cells of one (repetition, mode) group in a row (see :func:`pair_groups`).
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,19 @@ class ExperimentConfig:
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same experiment (a resumed DIR must match it)."""
         return {"seconds": self.seconds, "phase_seconds": self.phase_seconds}
+
+
+def hold_out(cells: list[Cell], trained_on: Mapping[str, Collection[str]]) -> tuple[list[Cell], list[Cell]]:
+    """(cells to run, cells left out): an auto cell whose policy learned from its workload is left out.
+
+    ``trained_on`` maps a policy name to the workloads its model was trained on (``learned``: the
+    model file's record).  A policy scored on the workloads it was fitted to measures its memory, not
+    its judgement, so the runner evaluates it on the other workloads only and the report says so."""
+    kept, left_out = [], []
+    for cell in cells:
+        seen = trained_on.get(cell.spec.policy or "", ()) if cell.spec.mode == "auto" else ()
+        (left_out if cell.workload in seen else kept).append(cell)
+    return kept, left_out
 
 
 def pair_groups(cells: list[Cell], reuse_pair: bool) -> list[list[Cell]]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from experiments.config import ModeSpec
 from experiments.headline import HEADLINE_JSON, headline, write_headline
-from experiments.results import CellRecord, baselines, load_cells, normalised, write_csv
+from experiments.results import LEARNED_JSON, CellRecord, baselines, load_cells, normalised, write_csv
 
 REPORT_MD = "report.md"
 MODE_ORDER = {"unreplicated": 0, "mc": 1, "colo": 2, "auto": 3}
@@ -72,7 +72,35 @@ def summary_rows(records: list[CellRecord]) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown(records: list[CellRecord], plots: list[str], headline_rows: list[dict[str, Any]]) -> str:
+def learned_section(learned: dict[str, Any] | None, records: list[CellRecord]) -> list[str]:
+    """What the learned policy was trained on and which of its cells were held out (runner's
+    ``learned.json``); nothing when the run had no learned cells."""
+    if learned is None and not any(r.policy == "learned" for r in records):
+        return []
+    lines = ["", "## The learned policy: evaluated outside its training set", ""]
+    if learned is None:
+        lines.append("This run did not record the learned policy's model (a run from before the record).")
+        return lines
+    trained_on = ", ".join(f"`{w}`" for w in learned.get("trained_on", [])) or "(not recorded)"
+    held = learned.get("held_out_cells", [])
+    if held:
+        held_text = f"its {len(held)} cells on its training workloads were not run."
+    else:
+        held_text = "none of this run's workloads was in its training set."
+    lines.append(
+        f"`learned` ran with `{Path(learned.get('model', '?')).name}`, trained on {learned.get('samples')} "
+        f"decision windows of the workloads {trained_on} (from `{learned.get('source')}`).  It is "
+        f"evaluated only on the other workloads: {held_text}"
+    )
+    return lines
+
+
+def markdown(
+    records: list[CellRecord],
+    plots: list[str],
+    headline_rows: list[dict[str, Any]],
+    learned: dict[str, Any] | None = None,
+) -> str:
     lines = ["# Experiment results", ""]
     lines.append(
         "Scores are the workload's own units per second (higher is better), mean over successful "
@@ -104,6 +132,7 @@ def markdown(records: list[CellRecord], plots: list[str], headline_rows: list[di
             )
     else:
         lines.append("No auto run with a static run beside it: no headline.")
+    lines += learned_section(learned, records)
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 
@@ -281,14 +310,17 @@ def write_report(directory: Path) -> Path:
     if plot_latency_cdfs(directory, records, directory / "latency_cdf.png"):
         plots.append("latency_cdf.png")
     autos = [r for r in records if r.mode == "auto" and r.ok]
-    autos.sort(key=lambda r: (r.workload != "phased", r.workload, r.policy or "", r.rep))
-    for r in autos[:6]:
+    # the first repetition of every policy on the phased workload first
+    autos.sort(key=lambda r: (r.workload != "phased", r.rep, r.workload, r.policy or ""))
+    for r in autos[:8]:
         name = f"timeline-{r.id}.png"
         if plot_timeline(
             directory / "cells" / r.id, f"{r.workload}, auto {r.policy}, rep {r.rep}", directory / name
         ):
             plots.append(name)
     headline_rows = json.loads((directory / HEADLINE_JSON).read_text())
+    learned_path = directory / LEARNED_JSON
+    learned = json.loads(learned_path.read_text()) if learned_path.exists() else None
     path = directory / REPORT_MD
-    path.write_text(markdown(records, plots, headline_rows))
+    path.write_text(markdown(records, plots, headline_rows, learned))
     return path

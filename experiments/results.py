@@ -27,6 +27,7 @@ from experiments.config import ModeSpec
 
 CELLS_JSONL = "cells.jsonl"
 CELLS_CSV = "cells.csv"
+LEARNED_JSON = "learned.json"  # the learned policy's model as a run used it, and the cells it held out
 
 # the interface columns first (other tools rely on them), then the per-cell measurements
 CSV_COLUMNS = (

@@ -42,10 +42,18 @@ from pathlib import Path
 from typing import Any
 
 from experiments.catalog import CatalogError, build
-from experiments.config import Cell, ExperimentConfig, ModeSpec, pair_groups
+from experiments.config import Cell, ExperimentConfig, ModeSpec, hold_out, pair_groups
 from experiments.headline import headline, write_headline
 from experiments.meter import PairMeter
-from experiments.results import CellRecord, PhaseRecord, append_cell, finished_ids, load_cells, write_csv
+from experiments.results import (
+    LEARNED_JSON,
+    CellRecord,
+    PhaseRecord,
+    append_cell,
+    finished_ids,
+    load_cells,
+    write_csv,
+)
 from experiments.workload import Workload, WorkloadResult, WorkloadTarget
 from hybridft_common.stats import percentile
 from hybridft_common.vocabulary import DEFAULT_EPOCH_MS
@@ -418,6 +426,33 @@ def refresh_outputs(out: Path) -> list[CellRecord]:
     return records
 
 
+def planned_cells(config: ExperimentConfig, out: Path | None = None) -> list[Cell]:
+    """The matrix minus the ``learned`` cells on the workloads its model was trained on (held out, see
+    :func:`experiments.config.hold_out`); with ``out``, what was held out and why goes to
+    ``out/learned.json`` for the report.  A model that cannot be loaded holds nothing out: its cells
+    then fail with the loader's error, recorded like any failed cell."""
+    cells = config.cells()
+    if not any(c.spec.mode == "auto" and c.spec.policy == "learned" for c in cells):
+        return cells
+    from policies.learned import DEFAULT_MODEL, ModelError, load_model
+
+    try:
+        model = load_model(DEFAULT_MODEL)
+    except ModelError:
+        return cells
+    kept, left_out = hold_out(cells, {"learned": model.workloads})
+    if out is not None:
+        record = {
+            "model": str(DEFAULT_MODEL),
+            "source": model.source,
+            "samples": model.samples,
+            "trained_on": list(model.workloads),
+            "held_out_cells": [c.id for c in left_out],
+        }
+        (out / LEARNED_JSON).write_text(json.dumps(record, indent=1) + "\n")
+    return kept
+
+
 def run_experiment(
     config: ExperimentConfig, out: Path, progress: Progress | None = None, config_path: Path | None = None
 ) -> tuple[int, int]:
@@ -425,7 +460,7 @@ def run_experiment(
     ok).  KeyboardInterrupt propagates after the pair is down."""
     progress = progress or Progress()
     check_directory(out, config, config_path)
-    cells = config.cells()
+    cells = planned_cells(config, out)
     done = finished_ids(load_cells(out))
     todo = [c for c in cells if c.id not in done]
     if len(todo) < len(cells):

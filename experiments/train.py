@@ -35,6 +35,7 @@ __all__ = ["LabelledWindow", "labelled_windows", "train"]
 @dataclass(frozen=True, slots=True)
 class LabelledWindow:
     cell: str
+    workload: str
     phase: int
     label: str
     window: Window
@@ -79,7 +80,7 @@ def labelled_windows(
             oldest = window.now - average_s
             for index, (start, end) in enumerate(spans):
                 if start + settle_s <= oldest and window.now <= end:
-                    yield LabelledWindow(cell.id, index, picks[cell.workload][index], window)
+                    yield LabelledWindow(cell.id, cell.workload, index, picks[cell.workload][index], window)
                     break
 
 
@@ -87,18 +88,23 @@ def train(
     directories: list[Path], out: Path, *, settle_s: float = 1.0, average_s: float = 1.0
 ) -> LearnedModel:
     """Fit the learned policy on every labelled window of ``directories`` and write it to ``out``."""
-    rows, labels = [], []
+    rows, labels, workloads = [], [], set()
     for directory in directories:
         for item in labelled_windows(directory, settle_s=settle_s, average_s=average_s):
             rows.append(features(item.window, average_s))
             labels.append(item.label)
+            workloads.add(item.workload)
     if not rows:
         raise ModelError(
             f"no labelled windows in {', '.join(map(str, directories))}: it needs auto cells with "
             "decisions.jsonl and static cells of the same workloads"
         )
     model = fit_model(
-        np.array(rows), labels, average_s=average_s, source=", ".join(d.name for d in directories)
+        np.array(rows),
+        labels,
+        average_s=average_s,
+        source=", ".join(d.name for d in directories),
+        workloads=sorted(workloads),
     )
     save_model(model, out)
     return model

@@ -44,6 +44,7 @@ from policies.base import Decision, Policy, PolicyConfigError, PolicyError, para
 from policies.window import Window
 
 __all__ = [
+    "DEFAULT_MODEL",
     "FEATURES",
     "MODEL_FORMAT",
     "TRUSTED_TYPES",
@@ -93,7 +94,8 @@ TRUSTED_TYPES: tuple[str, ...] = (
 )
 
 _LABEL = re.compile(r"(colo|mc-(\d+))\Z")
-_DEFAULT_MODEL = Path(__file__).with_name("models") / "learned.skops"
+#: the file a ``learned`` policy with no ``model`` parameter loads
+DEFAULT_MODEL = Path(__file__).with_name("models") / "learned.skops"
 
 
 class ModelError(PolicyError):
@@ -143,6 +145,8 @@ class LearnedModel:
     average_s: float
     samples: int
     source: str  # where the training windows came from (an experiment directory, say)
+    # the workloads whose windows it learned from: an honest evaluation runs it on others only
+    workloads: tuple[str, ...] = ()
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -163,7 +167,12 @@ class LearnedModel:
 
 
 def fit_model(
-    rows: Sequence[np.ndarray] | np.ndarray, labels: Sequence[str], *, average_s: float, source: str = ""
+    rows: Sequence[np.ndarray] | np.ndarray,
+    labels: Sequence[str],
+    *,
+    average_s: float,
+    source: str = "",
+    workloads: Sequence[str] = (),
 ) -> LearnedModel:
     """Fit the pipeline to feature rows (from :func:`features`) and their best-point labels."""
     from sklearn.linear_model import LogisticRegression
@@ -182,7 +191,9 @@ def fit_model(
     pipeline = Pipeline([("scale", StandardScaler()), ("classify", LogisticRegression(max_iter=2000))])
     pipeline.fit(x, list(labels))
     names = (*FEATURES, PRESENCE)
-    return LearnedModel(pipeline, names, float(average_s), int(x.shape[0]), source)
+    return LearnedModel(
+        pipeline, names, float(average_s), int(x.shape[0]), source, tuple(sorted(set(workloads)))
+    )
 
 
 def save_model(model: LearnedModel, path: Path) -> None:
@@ -195,6 +206,7 @@ def save_model(model: LearnedModel, path: Path) -> None:
         "average_s": model.average_s,
         "samples": model.samples,
         "source": model.source,
+        "workloads": list(model.workloads),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -230,6 +242,7 @@ def load_model(path: Path) -> LearnedModel:
         float(payload["average_s"]),
         int(payload["samples"]),
         str(payload["source"]),
+        tuple(str(w) for w in payload.get("workloads", ())),  # absent from files before it was kept
     )
     for label in model.labels:
         parse_label(label)
@@ -253,7 +266,7 @@ class Learned(Policy[LearnedParams]):
 
     def __init__(self, params: Mapping[str, object] | None = None) -> None:
         super().__init__(params)
-        path = Path(self.params.model) if self.params.model else _DEFAULT_MODEL
+        path = Path(self.params.model) if self.params.model else DEFAULT_MODEL
         try:
             self.model = load_model(path)
         except ModelError as exc:

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from experiments import catalog, runner
-from experiments.config import Cell, ConfigError, ModeSpec, pair_groups, parse_config
+from experiments.config import Cell, ConfigError, ModeSpec, hold_out, pair_groups, parse_config
 from experiments.guest_workloads import (
     CPUBURN_LINE,
     MEMDIRTY_LINE,
@@ -291,6 +291,19 @@ def test_results_round_trip_resume_and_csv(tmp_path: Path) -> None:
     }  # fmt: skip
 
 
+def test_a_learned_policy_is_not_run_on_the_workloads_it_was_trained_on() -> None:
+    config = parse_config(with_(modes={"colo": True, "auto": ["gilbert", "learned"]}))
+    kept, left_out = hold_out(config.cells(), {"learned": ("disk", "memdirty-64")})
+    assert {c.id for c in left_out} == {
+        f"{w}__auto-learned__rep{r}" for w in ("disk", "memdirty-64") for r in (1, 2)
+    }
+    assert len(kept) + len(left_out) == len(config.cells())
+    # the other policies and the static modes run every workload; learned the rest
+    assert {c.workload for c in kept if c.spec.policy == "gilbert"} == set(config.workloads)
+    assert {c.workload for c in kept if c.spec.policy == "learned"} == {"cpu"}
+    assert hold_out(config.cells(), {})[0] == config.cells()
+
+
 # ---------------------------------------------------------------------------------------- report
 def test_report_renders_markdown_and_pngs_from_a_results_directory(tmp_path: Path) -> None:
     records = synthetic()
@@ -333,9 +346,16 @@ def test_report_renders_markdown_and_pngs_from_a_results_directory(tmp_path: Pat
             )
         )
     (auto_dir / "decisions.jsonl").write_text("\n".join(trace) + "\n")
+    (tmp_path / "learned.json").write_text(
+        json.dumps({"model": "/x/learned.skops", "source": "train-steady", "samples": 812,
+                    "trained_on": ["net-rr", "memdirty-64"],
+                    "held_out_cells": ["net-rr__auto-learned__rep1"]})
+    )  # fmt: skip
     report = write_report(tmp_path)
     text = report.read_text()
     assert "| phased | auto-gilbert | 2/2 |" in text and "| cpu | colo | 1/2 |" in text
+    assert "trained on 812 decision windows of the workloads `net-rr`, `memdirty-64`" in text
+    assert "its 1 cells on its training workloads were not run" in text
     for png in ("score.png", "latency_cdf.png", "timeline-phased__auto-gilbert__rep1.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"]({png})" in text

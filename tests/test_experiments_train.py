@@ -94,6 +94,8 @@ def test_train_writes_a_model_the_policy_loads_and_follows(tmp_path: Path) -> No
     model_path = tmp_path / "m.skops"
     model = train([experiment_dir(tmp_path)], model_path)
     assert model.samples >= 20 and set(load_model(model_path).labels) == {"colo", "mc-10"}
+    # the file keeps what it learned from: an experiment holds those workloads out
+    assert model.workloads == load_model(model_path).workloads == ("phased",)
     policy = load_policy("learned", {"model": str(model_path)})
     assert policy.decide(window_at(5000.0, divergent=True)).point == ProtectionPoint(Mode.MC, 10, False)
     assert policy.decide(window_at(5000.0, divergent=False)).mode is Mode.COLO
@@ -102,6 +104,7 @@ def test_train_writes_a_model_the_policy_loads_and_follows(tmp_path: Path) -> No
     )
     assert result.exit_code == 0, result.output
     assert "labels {'colo':" in result.output and (tmp_path / "cli.skops").exists()
+    assert "windows from phased," in result.output and "held out" in result.output
 
 
 def test_a_directory_without_auto_traces_is_a_clear_error(tmp_path: Path) -> None:
