@@ -3,10 +3,10 @@
 Where the labels come from.  The runner measures every workload under each static point; the oracle
 (:mod:`experiments.headline`) names, per phase, the static point that served it best.  Where the
 windows come from: every ``auto`` cell keeps the daemon's decision trace (``cells/<id>/decisions.jsonl``,
-one window per decision) and the monotonic times at which its phases began (``timeline.json``, same
-clock as the windows).  A window is labelled with the oracle's pick for the phase it falls in, once
-the window lies wholly inside that phase (``settle_s`` after the change: a window that straddles two
-phases describes neither).  The features are the workload's, not the mode's
+one window per decision; gzipped in a shipped run) and the monotonic times at which its phases began
+(``timeline.json``, same clock as the windows).  A window is labelled with the oracle's pick for the
+phase it falls in, once the window lies wholly inside that phase (``settle_s`` after the change: a
+window that straddles two phases describes neither).  The features are the workload's, not the mode's
 (:func:`policies.learned.features`), so windows recorded in MC teach what to do in COLO and the other
 way round.
 
@@ -65,8 +65,12 @@ def labelled_windows(
         if cell.mode != "auto" or not cell.ok or cell.workload not in picks:
             continue
         cell_dir = directory / "cells" / cell.id
-        trace_path, timeline_path = cell_dir / "decisions.jsonl", cell_dir / "timeline.json"
-        if not trace_path.exists() or not timeline_path.exists():
+        timeline_path = cell_dir / "timeline.json"
+        # the runner writes decisions.jsonl; a shipped training run keeps it gzipped
+        trace_path = next(
+            (p for p in (cell_dir / "decisions.jsonl", cell_dir / "decisions.jsonl.gz") if p.exists()), None
+        )
+        if trace_path is None or not timeline_path.exists():
             continue
         spans = _phase_spans(json.loads(timeline_path.read_text()), cell)
         if len(spans) != len(picks[cell.workload]):

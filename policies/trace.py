@@ -15,6 +15,7 @@ fed the recorded ``elapsed_s``.
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -135,6 +136,10 @@ def read_trace(lines: Iterable[str]) -> Iterator[TraceRecord]:
 
 
 def load_trace(path: str | Path) -> list[TraceRecord]:
+    """A trace file's records; a ``.gz`` file is read through gzip (shipped traces are kept compressed)."""
+    if str(path).endswith(".gz"):
+        with gzip.open(path, "rt", encoding="utf-8") as stream:
+            return list(read_trace(stream))
     with open(path, encoding="utf-8") as stream:
         return list(read_trace(stream))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -105,6 +106,17 @@ def test_train_writes_a_model_the_policy_loads_and_follows(tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     assert "labels {'colo':" in result.output and (tmp_path / "cli.skops").exists()
     assert "windows from phased," in result.output and "held out" in result.output
+
+
+def test_a_shipped_run_with_gzipped_traces_trains_the_same_model(tmp_path: Path) -> None:
+    out = experiment_dir(tmp_path)
+    plain = train([out], tmp_path / "plain.skops")
+    for trace in (out / "cells").glob("*/decisions.jsonl"):
+        trace.with_name(trace.name + ".gz").write_bytes(gzip.compress(trace.read_bytes()))
+        trace.unlink()
+    shipped = train([out], tmp_path / "shipped.skops")
+    assert shipped.samples == plain.samples >= 20
+    assert np.array_equal(shipped.pipeline.steps[-1][1].coef_, plain.pipeline.steps[-1][1].coef_)
 
 
 def test_a_directory_without_auto_traces_is_a_clear_error(tmp_path: Path) -> None:
