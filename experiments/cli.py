@@ -1,4 +1,5 @@
-"""``hybridft experiment run|report``: the matrix on real pairs, and its tables and plots.
+"""``hybridft experiment run|report|train|versus``: the matrix on real pairs, its tables and plots, the
+learned policy's training, and a live run beside a reference run.
 
 A thin shell: options, the rich progress bar (the cell running and the time left), exit codes.
 ``run`` exits 0 only when every cell of the matrix has run without error (now or in an earlier run on
@@ -101,6 +102,74 @@ def report_command(directory: Path) -> None:
     from experiments.report import write_report
 
     click.echo(str(write_report(directory)))
+
+
+@experiment.command("versus")
+@click.argument(
+    "probe_json", metavar="PROBE.json", type=click.Path(dir_okay=False, exists=True, path_type=Path)
+)
+@click.option(
+    "--reference",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=Path("experiments/results/full"),
+    show_default=True,
+    help="A results directory whose runs of the same workload give the static modes' phase scores.",
+)
+@click.option("--workload", default="phased", show_default=True, help="The reference runs' workload.")
+@click.option("--policy", default="auto", show_default=True, help="What the live run was (the column title).")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="The live pair's --workdir: its decision trace becomes a timeline plot (--plot).",
+)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Where the timeline PNG goes.")
+def versus_command(
+    probe_json: Path, reference: Path, workload: str, policy: str, workdir: Path | None, plot: Path | None
+) -> None:
+    """A live phased run (``probe workload``'s JSON line) beside a reference run's phase scores: one row
+    per phase, the live rate first, then each mode of the reference run, labelled as such."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from experiments.report import plot_timeline
+    from experiments.results import load_cells
+    from experiments.versus import ProbeError, live_phases, reference_columns, summary_rows, timeline_of
+
+    try:
+        probe = json.loads(probe_json.read_text().strip().splitlines()[-1])
+        live = live_phases(probe)
+    except (ValueError, IndexError, ProbeError) as exc:
+        raise click.ClickException(f"{probe_json}: {exc}") from None
+    records = load_cells(reference)
+    columns = reference_columns(records, workload, [p.name for p in live])
+    if not columns:
+        raise click.ClickException(f"{reference} has no ok runs of {workload} with these phases")
+    table = Table(title=f"{workload}: this run beside the reference run {reference} (units/s)")
+    table.add_column("run")
+    for k, phase in enumerate(live):
+        table.add_column(f"phase {k}: {phase.name}", justify="right")
+    table.add_column("score", justify="right")
+    for k, row in enumerate(summary_rows(live, columns, f"this run: {policy}")):
+        table.add_row(*row, style="bold" if k == 0 else "dim")
+    Console().print(table)
+    click.echo(
+        "The reference columns are not measured now: they are the means over the shipped run's "
+        "repetitions on the same phases; `oracle` takes the best static mode per phase, switching for free."
+    )
+    if workdir is not None and plot is not None and "t0" in probe:
+        trace = workdir / "decisions.jsonl"
+        lines = trace.read_text().splitlines() if trace.exists() else []
+        timeline, kept = timeline_of(lines, float(probe["t0"]), live)
+        cell_dir = plot.with_suffix("")
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        (cell_dir / "timeline.json").write_text(json.dumps(timeline))
+        (cell_dir / "decisions.jsonl").write_text("".join(line + "\n" for line in kept))
+        if plot_timeline(cell_dir, f"{workload}, {policy} (this run)", plot):
+            click.echo(f"plot: {plot.resolve()}")
+        else:
+            click.echo("no decisions in the run's time: no plot")
 
 
 @experiment.command("train")

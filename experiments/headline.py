@@ -42,7 +42,7 @@ class HeadlineRow:
     oracle_phases: tuple[str, ...] = ()  # the static mode the oracle picks in each phase
 
 
-def _geomean(values: list[float]) -> float:
+def geomean(values: list[float]) -> float:
     if not values or min(values) <= 0:
         return 0.0
     return math.exp(sum(math.log(v) for v in values) / len(values))
@@ -80,7 +80,7 @@ def oracle(records: list[CellRecord], workload: str) -> tuple[float, tuple[str, 
         label = max(per_mode, key=lambda k: per_mode[k][i])
         picks.append(label)
         best.append(per_mode[label][i])
-    return _geomean(best), tuple(picks)
+    return geomean(best), tuple(picks)
 
 
 def headline(records: list[CellRecord]) -> list[HeadlineRow]:

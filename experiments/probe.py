@@ -119,6 +119,7 @@ def workload(name: str, workdir: Path, seconds: float, phase_seconds: float) -> 
     except (CatalogError, ManifestError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     target = WorkloadTarget(manifest.netns, manifest.guest_ip, manifest.guest_control.primary)
+    t0 = time.monotonic()  # the daemon's trace clock: `experiment versus` places the phases on it
     result = driven.run(target, seconds)
     errors = list(result.errors) + [e for phase in result.phases for e in phase.errors]
     click.echo(
@@ -127,9 +128,10 @@ def workload(name: str, workdir: Path, seconds: float, phase_seconds: float) -> 
                 "probe": "workload",
                 "workload": name,
                 "ok": not errors,
+                "t0": t0,
                 "phases": [
-                    {"name": ph.name, "seconds": round(ph.seconds, 2), result.unit: ph.work,
-                     "per_s": round(ph.score, 1)}
+                    {"name": ph.name, "start_s": round(ph.start_s, 3), "seconds": round(ph.seconds, 2),
+                     result.unit: ph.work, "per_s": round(ph.score, 1)}
                     for ph in result.phases
                 ],
                 "errors": errors[:5],

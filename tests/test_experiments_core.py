@@ -505,3 +505,69 @@ def test_cli_reports_a_config_error_and_exits_non_zero(tmp_path: Path) -> None:
     result = CliRunner().invoke(experiment, ["run", str(bad), "--out", str(tmp_path / "out")])
     assert result.exit_code == 1
     assert "modes.mc epoch = 0: must be an integer in 1..600000" in result.output
+
+
+# ------------------------------------------------------------------------------ a live run vs reference
+PROBE = {
+    "t0": 500.0,
+    "phases": [
+        {"name": "p0", "start_s": 0.0, "seconds": 10.0, "per_s": 9.0},
+        {"name": "p1", "start_s": 10.0, "seconds": 10.0, "per_s": 4.0},
+    ],
+}
+
+
+def test_a_live_phased_run_beside_the_reference_runs_phases_by_hand(tmp_path: Path) -> None:
+    from experiments.versus import ProbeError, live_phases, reference_columns, summary_rows, timeline_of
+
+    probe = PROBE
+    live = live_phases(probe)
+    columns = reference_columns(synthetic(), "phased", ["p0", "p1"])
+    # phase means over repetitions: colo (2, 8); the oracle per phase: mc-20's 10, then colo's 8
+    assert columns["colo"] == [2.0, 8.0] and columns["mc-20"] == [10.0, 1.0]
+    assert columns["oracle"] == [10.0, 8.0] and columns["auto-gilbert"] == [8.0, 6.0]
+    rows = summary_rows(live, {"colo": columns["colo"], "oracle": columns["oracle"]})
+    assert rows == [["this run", "9.0", "4.0", "6.0"], ["reference: colo", "2.0", "8.0", "4.0"],
+                    ["reference: oracle", "10.0", "8.0", f"{math.sqrt(80):.1f}"]]  # fmt: skip
+    # a reference run with other phases lines up with nothing
+    assert reference_columns(synthetic(), "phased", ["net-rr", "net-divergent"]) == {}
+    with pytest.raises(ProbeError, match="no phases"):
+        live_phases({"probe": "workload"})
+    with pytest.raises(ProbeError, match=r"phase 1 .* malformed"):
+        live_phases({"phases": [probe["phases"][0], {"name": "p1"}]})
+    trace = [
+        json.dumps({"t": 500.0 + i, "applied": {"mode": "mc" if i < 12 else "colo"}}) for i in range(-5, 30)
+    ]
+    timeline, kept = timeline_of([*trace, "not json"], 500.0, live)
+    assert [p["t"] for p in timeline["phases"]] == [500.0, 510.0]
+    assert len(kept) == 23 and timeline["modes"][0] == {"t": 499.0, "mode": "mc"}  # 1 s either side
+
+
+def test_experiment_versus_prints_the_table_and_draws_the_live_timeline(tmp_path: Path) -> None:
+    reference = tmp_path / "ref"
+    reference.mkdir()
+    for r in synthetic():
+        append_cell(reference, r)
+    probe = PROBE
+    probe_path = tmp_path / "probe.json"
+    probe_path.write_text(json.dumps(probe) + "\n")
+    workdir = tmp_path / "pair"
+    workdir.mkdir()
+    decisions = [{"t": 500.0 + i, "applied": {"mode": "mc" if i < 12 else "colo"},
+                  "decision": {"reason": "x", "signal": "div.per_s"},
+                  "window": {"signals": {"div.per_s": [1.0]}}} for i in range(20)]  # fmt: skip
+    (workdir / "decisions.jsonl").write_text("".join(json.dumps(d) + "\n" for d in decisions))
+    plot = tmp_path / "out" / "timeline.png"
+    args = ["versus", str(probe_path), "--reference", str(reference), "--policy", "auto cost-model",
+            "--workdir", str(workdir), "--plot", str(plot)]  # fmt: skip
+    from experiments.cli import experiment
+
+    result = CliRunner().invoke(experiment, args)
+    assert result.exit_code == 0, result.output
+    assert "reference: colo" in result.output and "this run: auto" in result.output
+    assert "phase 1: p1" in result.output and "not measured now" in result.output
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot: {plot.resolve()}" in result.output
+    bad = CliRunner().invoke(experiment, ["versus", str(probe_path), "--reference", str(tmp_path)])
+    assert bad.exit_code != 0 and "has no ok runs of phased with these phases" in bad.output
+    other = CliRunner().invoke(experiment, [*args[:4], "--workload", "cpu"])  # one phase, not two
+    assert other.exit_code != 0 and "no ok runs of cpu with these phases" in other.output
