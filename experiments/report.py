@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.config import ModeSpec
-from experiments.headline import HEADLINE_JSON, headline, write_headline
+from experiments.headline import HEADLINE_JSON, geomean, headline, write_headline
 from experiments.results import LEARNED_JSON, CellRecord, baselines, load_cells, normalised, write_csv
 
 REPORT_MD = "report.md"
@@ -70,6 +70,34 @@ def summary_rows(records: list[CellRecord]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def phase_sections(records: list[CellRecord]) -> list[str]:
+    """Per workload with several phases: each mode's mean rate per phase and the oracle's pick, so a
+    policy's score can be traced to the phase where it won or lost."""
+    from experiments.versus import reference_columns
+
+    lines: list[str] = []
+    for workload in dict.fromkeys(r.workload for r in records):
+        runs = [r for r in records if r.workload == workload and r.ok and len(r.phases) > 1]
+        if not runs:
+            continue
+        names = [p.name for p in runs[0].phases]
+        columns = reference_columns(records, workload, names)
+        if not columns:
+            continue
+        lines += ["", f"## Phases of `{workload}` (mean rate per phase over repetitions)", ""]
+        lines.append("| mode | " + " | ".join(f"{k}: {n}" for k, n in enumerate(names)) + " | score |")
+        lines.append("|---" * (len(names) + 2) + "|")
+        for label, rates in columns.items():
+            cells = " | ".join(_fmt(r, 4) for r in rates)
+            lines.append(f"| {label} | {cells} | {_fmt(geomean(list(rates)), 4)} |")
+        lines.append(
+            "\nThe oracle row takes the best static mode's rate in each phase; an `auto` row above it in "
+            "a phase ran that phase faster than every static cell did (cell-to-cell spread, or an MC "
+            "epoch no static cell used)."
+        )
+    return lines
 
 
 def learned_section(learned: dict[str, Any] | None, records: list[CellRecord]) -> list[str]:
@@ -132,6 +160,7 @@ def markdown(
             )
     else:
         lines.append("No auto run with a static run beside it: no headline.")
+    lines += phase_sections(records)
     lines += learned_section(learned, records)
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
