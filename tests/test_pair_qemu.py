@@ -16,6 +16,7 @@ live in `hybridft bench pair`, so the only time bounds here are generous "it rec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -601,3 +602,47 @@ def test_a_handshake_cut_by_the_last_checkpoint_survives_failover(workdir: Path)
     pids = config["pids"]
     down(workdir)
     assert_nothing_left(workdir, pids)
+
+
+def test_checkpoints_load_while_the_guest_waits_on_a_slow_serial_reader(workdir: Path) -> None:
+    """The guest writes its control port (ttyS1) faster than the host reads it, in MC at 20 ms epochs: at
+    some checkpoints the primary's UART is retrying a byte the socket would not take (``tsr_retry`` > 0,
+    sent in the optional ``serial/tsr`` subsection), at the next it is idle again (subsection left out).
+    The secondary loads checkpoint after checkpoint into one device; without patch 0008 it kept the
+    earlier ``tsr_retry``, refused the next checkpoint ("inconsistent state in serial device") and the
+    pair failed over, as one cell of the full experiment matrix did.  Every checkpoint must load."""
+    from hybridft_common.endpoints import parse_endpoint
+    from mc_driver.guest.control import ControlReplyParser, GuestControl, encode_command
+
+    up(PairConfig(workdir, mode="mc", epoch_ms=20))
+    config = pair_json(workdir)
+    endpoint = config["guest_control"]["primary"]
+    with GuestControl(endpoint) as ctl:  # the control loop is up and in sync
+        assert ctl.sh("echo", "ready").text == "ready"
+    before = daemon_status(workdir)["checkpoints"]["committed"]
+    lines = 40_000
+    replies: list = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(parse_endpoint(endpoint).path))
+        sock.settimeout(20)  # a failed-over pair leaves the primary stopped: its port goes quiet
+        parser = ControlReplyParser()
+        with contextlib.suppress(TimeoutError):  # judged below, by the secondary's log and the state
+            for _ in range(3):
+                sock.sendall(encode_command("sh", "seq", "1", str(lines)))
+                time.sleep(1.5)  # nobody reads: the socket fills and the UART retries across checkpoints
+                done = len(replies)
+                while len(replies) == done:
+                    data = sock.recv(4096)  # then small bites: the UART flips between retrying and idle
+                    assert data, "the guest's control port closed"
+                    replies += parser.feed(data)
+                    time.sleep(0.002)
+                time.sleep(0.2)  # a few checkpoints with the UART idle again
+    status = daemon_status(workdir)
+    secondary_log = PairFiles(workdir.resolve()).log("secondary").read_text(errors="replace")
+    assert "inconsistent state in serial device" not in secondary_log, secondary_log[-2000:]
+    assert status["state"] == "protected" and status["protected"] is True, status["state_reason"]
+    assert len(replies) == 3, f"{len(replies)} of 3 replies"
+    for reply in replies:
+        assert reply.rc == 0 and list(reply.lines[-lines:]) == [str(k) for k in range(1, lines + 1)]
+    assert status["checkpoints"]["committed"] > before + 50
+    assert status["checkpoints"]["failed"] == 0 and status["checkpoints"]["rolled_back"] == 0
