@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: a protected VM pair on this machine, a byte-checking client, a live mode switch, the
-# controller switching by itself (auto, watched live) and a planned failover; then the comparator's
-# capture replay. Everything is torn down at the end.
+# controller switching by itself on a phased workload (auto, watched live, then its phases beside the
+# shipped reference run's static modes, and a timeline plot) and a planned failover; then the
+# comparator's capture replay. Everything is torn down at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HFT=.venv/bin/hybridft
@@ -35,17 +36,31 @@ probe blob "$ip" --count 2
 probe echo "$ip" --rounds 50
 $HFT status --workdir "$work"
 
-step "auto: the controller picks the mode itself (cost-model), watched live"
-# net-divergent: every answer differs between the two VMs (a token service), so in COLO each request
-# forces a checkpoint; the policy sees the divergences and moves the pair to MC (a SWITCH banner below).
-$HFT mode auto --policy cost-model --workdir "$work"
-.venv/bin/python -m experiments.probe workload net-divergent --workdir "$work" --seconds 25 \
-  > "$out/net-divergent.json" &
+step "auto: the controller picks the mode itself, watched live, on a workload that changes character"
+# The policy with the best phased score in the shipped full run (experiments/results/full), else
+# cost-model. `phased`: 15 s of deterministic RPC (COLO's case: answers leave as soon as both VMs agree),
+# then 15 s of divergent answers (a token service: every answer differs, so COLO would checkpoint on each
+# one, and MC serves it better). The SWITCH lines below show each switch as it happens, and why.
+best=$(.venv/bin/python - <<'PY'
+import json
+try:
+    rows = [r for r in json.load(open("experiments/results/full/headline.json")) if r["workload"] == "phased"]
+    print(max(rows, key=lambda r: r["score"])["policy"])
+except (OSError, ValueError, KeyError):
+    print("cost-model")
+PY
+)
+echo "policy: $best"
+$HFT mode auto --policy "$best" --workdir "$work"
+.venv/bin/python -m experiments.probe workload phased --workdir "$work" --seconds 30 --phase-seconds 15 \
+  > "$out/phased.json" &
 load=$!
-$HFT status --workdir "$work" --watch --interval 1 --count 22
-wait "$load" || { echo "net-divergent: a client saw a wrong byte: $(cat "$out/net-divergent.json")"; exit 1; }
-cat "$out/net-divergent.json"
+$HFT status --workdir "$work" --watch --interval 1 --count 34
+wait "$load" || { echo "phased: a client saw a wrong byte: $(cat "$out/phased.json")"; exit 1; }
+cat "$out/phased.json"
 $HFT policy show --workdir "$work"
+$HFT experiment versus "$out/phased.json" --reference experiments/results/full --policy "auto $best" \
+  --workdir "$work" --plot "$out/phased-timeline.png"
 
 step "Planned failover to the secondary; the client is served by it"
 $HFT failover --workdir "$work"
