@@ -37,14 +37,14 @@ probe echo "$ip" --rounds 50
 $HFT status --workdir "$work"
 
 step "auto: the controller picks the mode itself, watched live, on a workload that changes character"
-# The policy with the best phased score in the shipped full run (experiments/results/full), else
+# The policy with the best phased score in the shipped phased run (experiments/results/phased), else
 # cost-model. `phased`: 15 s of deterministic RPC (COLO's case: answers leave as soon as both VMs agree),
 # then 15 s of divergent answers (a token service: every answer differs, so COLO would checkpoint on each
 # one, and MC serves it better). The SWITCH lines below show each switch as it happens, and why.
 best=$(.venv/bin/python - <<'PY'
 import json
 try:
-    rows = [r for r in json.load(open("experiments/results/full/headline.json")) if r["workload"] == "phased"]
+    rows = [r for r in json.load(open("experiments/results/phased/headline.json")) if r["workload"] == "phased"]
     print(max(rows, key=lambda r: r["score"])["policy"])
 except (OSError, ValueError, KeyError):
     print("cost-model")
@@ -59,7 +59,7 @@ $HFT status --workdir "$work" --watch --interval 1 --count 34
 wait "$load" || { echo "phased: a client saw a wrong byte: $(cat "$out/phased.json")"; exit 1; }
 cat "$out/phased.json"
 $HFT policy show --workdir "$work"
-$HFT experiment versus "$out/phased.json" --reference experiments/results/full --policy "auto $best" \
+$HFT experiment versus "$out/phased.json" --reference experiments/results/phased --policy "auto $best" \
   --workdir "$work" --plot "$out/phased-timeline.png"
 
 step "Planned failover to the secondary; the client is served by it"
