@@ -37,7 +37,7 @@ def run_command(config_path: Path, out: Path | None, no_report: bool) -> None:
     from experiments.config import Cell, ConfigError, load_config
     from experiments.results import CellRecord
     from experiments.runner import Progress as RunProgress
-    from experiments.runner import RunnerError, planned_cells, run_experiment
+    from experiments.runner import RunnerError, run_experiment
 
     try:
         config = load_config(config_path)
@@ -58,7 +58,8 @@ def run_command(config_path: Path, out: Path | None, no_report: bool) -> None:
         return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
     with bar:
-        task = bar.add_task("starting", total=len(planned_cells(config)), left="?")
+        # the total comes with the first cell (run_experiment plans the matrix, loading a learned model once)
+        task = bar.add_task("starting", total=None, left="?")
 
         def on_start(cell: Cell, done: int, total: int, eta: float) -> None:
             bar.update(task, description=f"[bold]{cell.id}", total=total, completed=done, left=left(eta))

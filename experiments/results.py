@@ -96,6 +96,20 @@ class CellRecord:
         return cls(**values)
 
 
+def trace_lines_between(lines: Iterable[str], t0: float, t1: float) -> list[str]:
+    """The decision-trace lines whose monotonic ``t`` lies in [t0, t1] (unparsable lines are skipped):
+    a cell's or a live run's slice of the daemon's ``decisions.jsonl``."""
+    kept = []
+    for line in lines:
+        try:
+            t = float(json.loads(line)["t"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if t0 <= t <= t1:
+            kept.append(line)
+    return kept
+
+
 def append_cell(directory: Path, record: CellRecord) -> None:
     """Append one cell's line, durably (a kill right after must not lose a finished cell)."""
     line = json.dumps(record.to_json(), allow_nan=False, separators=(",", ":")) + "\n"

@@ -52,6 +52,7 @@ from experiments.results import (
     append_cell,
     finished_ids,
     load_cells,
+    trace_lines_between,
     write_csv,
 )
 from experiments.workload import Workload, WorkloadResult, WorkloadTarget
@@ -226,15 +227,9 @@ def _cpu_seconds(pid: int) -> float | None:
 def _copy_trace(live: LivePair, cell_dir: Path, t0: float, t1: float) -> list[str]:
     """The decision-trace lines of the cell (monotonic ``t`` in [t0, t1]) into the cell's directory."""
     source = live.workdir / "decisions.jsonl"
-    lines = []
+    lines: list[str] = []
     with contextlib.suppress(FileNotFoundError):
-        for line in source.read_text().splitlines():
-            try:
-                t = float(json.loads(line)["t"])
-            except (ValueError, KeyError, TypeError):
-                continue
-            if t0 <= t <= t1:
-                lines.append(line)
+        lines = trace_lines_between(source.read_text().splitlines(), t0, t1)
     if lines:
         (cell_dir / "decisions.jsonl").write_text("\n".join(lines) + "\n")
     return lines

@@ -2,23 +2,24 @@
 
 Why a reference.  The demo runs one phased workload under ``auto`` on a fresh pair.  Whether that was
 good depends on what the static modes score on the same phases, which the demo cannot measure in its few
-minutes (each static mode would need its own run).  The shipped full run (``experiments/results/full``)
-measured them on this kind of machine; this module lines them up beside the live phases, labelled as a
-reference and never mixed into the live numbers.  It also turns the live run's slice of the daemon's
-decision trace into the runner's ``timeline.json`` shape, so the report's timeline plot draws it.
+minutes (each static mode would need its own run).  A shipped run (``make demo`` uses
+``experiments/results/phased``) measured them on this kind of machine; this module lines them up
+beside the live phases, labelled as a reference and never mixed into the live numbers.  It also turns
+the live run's slice of the daemon's decision trace into the runner's ``timeline.json`` shape, so the
+report's timeline plot draws it.
 
 Pure: probe output and records in, rows and dicts out (the CLI reads and writes the files).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from experiments.headline import geomean, oracle, phase_means
-from experiments.results import CellRecord
+from experiments.report import trace_points
+from experiments.results import CellRecord, trace_lines_between
 
 __all__ = ["LivePhase", "ProbeError", "live_phases", "reference_columns", "summary_rows", "timeline_of"]
 
@@ -70,11 +71,9 @@ def reference_columns(
         if means is not None:
             columns[label] = means
     found = oracle(list(records), workload)
-    statics = [label for label in columns if label.startswith(("mc-", "colo"))]
-    if found is not None and statics:
-        picks = found[1]
-        if len(picks) == len(names) and all(p in columns for p in picks):
-            columns["oracle"] = [columns[pick][i] for i, pick in enumerate(picks)]
+    # the oracle's picks are static modes: present only when those modes had the live run's phases
+    if found is not None and len(found[1]) == len(names) and all(p in columns for p in found[1]):
+        columns["oracle"] = [columns[pick][i] for i, pick in enumerate(found[1])]
     return columns
 
 
@@ -96,18 +95,8 @@ def timeline_of(
     """(timeline.json content, the trace lines inside the run) for :func:`experiments.report.plot_timeline`:
     ``t0`` is the monotonic time the probe's workload started (the trace's clock)."""
     end = t0 + max((p.start_s + p.seconds for p in live), default=0.0)
-    lines, modes = [], []
-    for line in trace_lines:
-        try:
-            data = json.loads(line)
-            t = float(data["t"])
-        except (ValueError, KeyError, TypeError):
-            continue
-        if t0 - 1.0 <= t <= end + 1.0:
-            lines.append(line)
-            applied = (data.get("applied") or {}).get("mode")
-            if applied:
-                modes.append({"t": t, "mode": applied})
+    lines = trace_lines_between(trace_lines, t0 - 1.0, end + 1.0)
+    modes = [{"t": p["t"], "mode": p["applied"]} for p in trace_points(lines) if p["applied"]]
     timeline = {
         "t0": t0,
         "phases": [{"index": k, "name": p.name, "t": t0 + p.start_s} for k, p in enumerate(live)],
