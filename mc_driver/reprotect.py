@@ -261,11 +261,12 @@ class Reprotector:
         m = self.manifest
         record = self.record
         failed_over = m.failover_report.exists()
-        primary_alive = (
-            m.pids.primary > 0
-            and pid_alive(m.pids.primary)
-            and accepts_connections(Path(m.qmp.primary.ops[5:]))
-        )
+        primary_alive = m.pids.primary > 0 and pid_alive(m.pids.primary)
+        if primary_alive and not self._monitor_answers(Path(m.qmp.primary.ops[5:]), m.pids.primary):
+            raise CaseError(
+                f"the primary QEMU (pid {m.pids.primary}) runs but its ops monitor {m.qmp.primary.ops} "
+                "accepts no connection: see its log in the pair's directory"
+            )
         secondary_alive = m.pids.secondary > 0 and pid_alive(m.pids.secondary)
         if (
             not failed_over
@@ -450,6 +451,18 @@ class Reprotector:
         self.save()
         self.procs.pop("compare")  # it stays, serving the survivor's output
         return survivor
+
+    @staticmethod
+    def _monitor_answers(path: Path, pid: int, patience: float = 5.0) -> bool:
+        """Whether a live QEMU's monitor socket takes a connection, allowing it ``patience`` seconds:
+        a QEMU busy in a failing checkpoint accepts late, and a zombie (a pid without a process to
+        answer) or a QEMU that removed its socket never does."""
+        deadline = time.monotonic() + patience
+        while not accepts_connections(path):
+            if time.monotonic() > deadline or not pid_alive(pid):
+                return False
+            time.sleep(0.2)
+        return True
 
     async def _connect(self, endpoint: str, pid: int) -> QmpSession:
         return await QmpSession.connect(
@@ -642,7 +655,7 @@ class Reprotector:
                 if job is None or job.get("status") in ("aborting", "concluded", "null"):
                     raise ReprotectError(f"the disk mirror job ended: {job}")
                 now = time.monotonic()
-                self.progress.feed(now, int(job.get("offset", 0)), int(job.get("len", 0)))
+                self.progress.feed_job(now, job)
                 status = await disk.call("status")
                 if status.get("checkpoint_needed"):
                     # nothing reads the view yet: make the copied bytes durable, free the buffer

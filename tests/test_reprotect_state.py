@@ -60,6 +60,15 @@ def test_copy_progress_rate_and_time_left_over_the_window() -> None:
     assert shown["bytes_done"] == 1000 and shown["bytes_total"] == 1000 and shown["seconds_left"] == 0.0
 
 
+def test_a_ready_mirror_counts_as_copied_with_a_write_in_flight() -> None:
+    # seen on the real pair: READY while a guest write was counted in len but not yet in offset
+    progress = CopyProgress()
+    progress.feed_job(0.0, {"offset": 4096, "len": 67125248, "ready": False})
+    assert progress.done == 4096
+    progress.feed_job(1.0, {"offset": 67121152, "len": 67125248, "ready": True})
+    assert progress.done == progress.total == 67125248 and progress.seconds_left == 0.0
+
+
 def test_backoff_doubles_to_its_cap_and_resets_on_success() -> None:
     backoff = Backoff(first=5, cap=30)
     assert backoff.next_delay() == 0.0
