@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from disk_buffer.journal import FaultInjector, Journal, JournalCorrupt, libc
-from disk_buffer.store import DiskBufferError, EpochStore, Export, SealedEpoch, resolve
+from disk_buffer.store import DiskBufferError, EpochStore, Export, SealedEpoch, WriteBatchError, resolve
 from hybridft_common.secure import ChannelError, ensure_private_dir, open_nofollow
 
 __all__ = ["DiskBuffer", "DiskBufferError", "Export"]
@@ -283,6 +283,45 @@ class DiskBuffer:
         target.put(offset, length, payload)
         if target is store.current:
             self._journal.append(store.current_seq, store.current_epoch, offset, payload, length)
+
+    def write_many(self, export: Export, offsets: list[int], payloads: list[bytes]) -> None:
+        """:meth:`write` of each ``(offset, payload)``, in order, as one batch: the NBD fast path.
+
+        Raises :class:`WriteBatchError` at the first write refused, with the ones before it
+        applied, exactly as one :meth:`write` per item would have left things.
+        """
+        if not offsets:
+            return
+        store = self._store
+        size = store.size
+        count = len(offsets)
+        for i, (offset, data) in enumerate(zip(offsets, payloads, strict=True)):
+            if offset < 0 or offset + len(data) > size:
+                count = i  # applied up to here, then this one is refused below
+                break
+        try:
+            if count == 0:
+                store.check_range(offsets[0], len(payloads[0]))
+            target = store.target(export)
+        except DiskBufferError as exc:
+            raise WriteBatchError(0, exc) from None
+        if target is None:  # after failover: to IMG, one by one
+            for i in range(count):
+                try:
+                    self.write(export, offsets[i], payloads[i])
+                except DiskBufferError as exc:
+                    raise WriteBatchError(i, exc) from None
+        elif count:
+            done_offsets = offsets if count == len(offsets) else offsets[:count]
+            done_payloads = payloads if count == len(offsets) else payloads[:count]
+            target.put_many(done_offsets, done_payloads)
+            if target is store.current:
+                self._journal.append_many(store.current_seq, store.current_epoch, done_offsets, done_payloads)
+        if count < len(offsets):
+            try:
+                store.check_range(offsets[count], len(payloads[count]))
+            except DiskBufferError as exc:
+                raise WriteBatchError(count, exc) from None
 
     def write_zeroes(self, export: Export, offset: int, length: int) -> None:
         store = self._store

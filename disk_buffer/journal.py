@@ -319,6 +319,21 @@ class Journal:
         if self._pending_bytes >= self.FLUSH_AT:
             self._flush(f)
 
+    def append_many(self, seq: int, epoch: int, offsets: list[int], payloads: list[bytes]) -> None:
+        """:meth:`append` of a replica write per ``(offset, payload)``: the NBD fast path's batch."""
+        f = self._active
+        pos = self._pos[f]
+        pending = self._pending[f]
+        start = pos
+        for offset, data in zip(offsets, payloads, strict=True):
+            length = len(data)
+            pending.append((pos, seq, epoch, offset, data, length))
+            pos += RECORD_OVERHEAD + length
+        self._pos[f] = pos
+        self._pending_bytes += pos - start
+        if self._pending_bytes >= self.FLUSH_AT:
+            self._flush(f)
+
     def _flush(self, f: int) -> None:
         items = self._pending[f]
         if items:

@@ -396,6 +396,7 @@ class Request(NamedTuple):
 _new_tuple = tuple.__new__
 if available is not None:  # bound whenever built: tests run both implementations
     _nbd_next_request = available.nbd_next_request
+    _nbd_take_writes = available.nbd_take_writes
 _KEEP_BUFFER = 8 << 20  # a connection keeps a receive buffer up to this size between requests
 
 
@@ -525,6 +526,69 @@ class RequestParser:
 
     # HYBRIDFT_PURE_PYTHON=1 or no extension: the reference
     next_request = next_request_python if speedups is None else next_request_compiled
+
+    def take_writes_python(
+        self, size: int, min_block: int, max_count: int, max_bytes: int
+    ) -> tuple[list[int], list[bytes], bytes] | None:
+        """Consume the run of *plain* writes at the head of the buffer, for the server's fast path.
+
+        Plain: a complete ``NBD_CMD_WRITE`` with no flags, a payload of 1 byte to the maximum, in
+        range of an export of ``size`` bytes and aligned to ``min_block`` -- the requests that
+        :func:`check_request` passes and that need nothing but the write and an OK reply.  The run
+        stops at the first other request (incomplete, a bad magic, another command, any flag, an
+        error to report), which :meth:`next_request` then handles one by one; and after
+        ``max_count`` writes or ``max_bytes`` of payload, which bounds how far one batch may carry
+        the disk buffer past its budget.
+
+        Returns ``(offsets, payloads, replies)`` -- ``replies`` the OK reply of each, concatenated
+        -- or ``None`` if the head is no plain write.
+        """
+        buf = self._buf
+        start = self._start
+        end = self._end
+        mask = min_block - 1
+        max_payload = self.max_payload
+        offsets: list[int] = []
+        payloads: list[bytes] = []
+        replies = bytearray()
+        taken = 0
+        while len(offsets) < max_count and taken < max_bytes and end - start >= REQUEST_SIZE:
+            magic, flags, command, cookie, offset, length = _REQUEST.unpack_from(buf, start)
+            stop = start + REQUEST_SIZE + length
+            if (
+                magic != REQUEST_MAGIC
+                or command != CMD_WRITE
+                or flags
+                or not 0 < length <= max_payload
+                or stop > end
+                or offset > size
+                or length > size - offset
+                or (offset | length) & mask
+            ):
+                break
+            offsets.append(offset)
+            payloads.append(bytes(self._view[start + REQUEST_SIZE : stop]))
+            replies += _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+            taken += length
+            start = stop
+        if not offsets:
+            return None
+        self._start = start
+        return offsets, payloads, bytes(replies)
+
+    def take_writes_compiled(
+        self, size: int, min_block: int, max_count: int, max_bytes: int
+    ) -> tuple[list[int], list[bytes], bytes] | None:
+        """:meth:`take_writes_python` in C (``_speedups.nbd_take_writes``)."""
+        batch = _nbd_take_writes(
+            self._buf, self._start, self._end, self.max_payload, size, min_block, max_count, max_bytes
+        )
+        if batch is None:
+            return None
+        offsets, payloads, replies, self._start = batch
+        return offsets, payloads, replies
+
+    take_writes = take_writes_python if speedups is None else take_writes_compiled
 
     def __iter__(self) -> Iterator[Request]:
         while (request := self.next_request()) is not None:

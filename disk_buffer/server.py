@@ -67,6 +67,7 @@ from disk_buffer.nbd import (
     check_request,
     ok_reply,
 )
+from disk_buffer.store import WriteBatchError
 from hybridft_common import eventloop, fastpath
 from hybridft_common.control import ControlError, Dispatch, serve_control
 from hybridft_common.endpoints import Endpoint, parse_endpoint
@@ -82,6 +83,11 @@ DEFAULT_MAX_CONNECTIONS = 16  # the pair uses two (the primary's mirror, the sec
 # its list into one new bytes object: a copy small replies can afford), and smaller read replies are
 # handed over whenever this many bytes of them are queued, so the budget is checked that often
 _LARGE_REPLY = 256 << 10
+# the fast path's batch of plain writes (RequestParser.take_writes): at most this many, and it stops
+# once this much payload is taken -- which bounds how far past its budget one batch carries the
+# buffer (has_room is checked after each batch, not after each write)
+_BATCH_COUNT = 1024
+_BATCH_BYTES = 1 << 20
 
 
 class BlockBackend(Protocol):
@@ -91,6 +97,9 @@ class BlockBackend(Protocol):
 
     def read(self, export: Any, offset: int, length: int) -> bytes: ...
     def write(self, export: Any, offset: int, data: bytes | memoryview) -> None: ...
+    def write_many(self, export: Any, offsets: list[int], payloads: list[bytes]) -> None:
+        """Each write in order; raises :class:`WriteBatchError` at the first refused one."""
+
     def write_zeroes(self, export: Any, offset: int, length: int) -> None: ...
     def trim(self, export: Any, offset: int, length: int) -> None: ...
     def flush(self, export: Any) -> None: ...
@@ -314,10 +323,19 @@ class NbdConnection(asyncio.BufferedProtocol):
         append = out.append
         queued = 0  # read payload bytes in ``out``
         next_request = self.parser.next_request
+        take_writes = self.parser.take_writes
         write = backend.write
         has_room = backend.has_room
         try:
             while True:
+                # the common case first: a run of plain writes, executed and answered as one batch
+                batch = take_writes(size, min_block, _BATCH_COUNT, _BATCH_BYTES)
+                if batch is not None:
+                    self._write_batch(export, *batch, append)
+                    if not has_room():
+                        self._wait_for_room()
+                        break
+                    continue
                 request = next_request()
                 if request is None:
                     break
@@ -394,6 +412,35 @@ class NbdConnection(asyncio.BufferedProtocol):
             transport.writelines(out)
         if self._closing:
             transport.close()
+
+    def _write_batch(
+        self, export: Any, offsets: list[int], payloads: list[bytes], replies: bytes, append: Any
+    ) -> None:
+        """Apply a batch of plain writes; ``append`` each one's reply (``replies`` holds their OK
+        replies, 16 bytes each), an error reply for each refused one, as one call per write would."""
+        write_many = self.server.backend.write_many
+        done, count = 0, len(offsets)
+        while done < count:
+            try:
+                write_many(export, offsets[done:] if done else offsets, payloads[done:] if done else payloads)
+            except WriteBatchError as exc:
+                failed = done + exc.index
+                if failed > done:
+                    append(replies[16 * done : 16 * failed])
+                cookie = int.from_bytes(replies[16 * failed + 8 : 16 * failed + 16], "big")
+                if not isinstance(exc.cause, HybridftError):
+                    log.error("NBD WRITE at %d failed: %r", offsets[failed], exc.cause)
+                append(nbd.simple_reply(cookie, _error_for(exc.cause, CMD_WRITE)))
+                done = failed + 1
+                continue
+            except Exception as exc:  # not a refusal: nothing of the rest is known to be written
+                log.exception("NBD batch of %d writes failed", count - done)
+                for i in range(done, count):
+                    cookie = int.from_bytes(replies[16 * i + 8 : 16 * i + 16], "big")
+                    append(nbd.simple_reply(cookie, _error_for(exc, CMD_WRITE)))
+                return
+            append(replies[16 * done :] if done else replies)
+            return
 
     def _wait_for_room(self) -> None:
         self._waiting_for_room = True

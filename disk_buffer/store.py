@@ -52,6 +52,16 @@ class DiskBufferError(HybridftError):
     ``wrong-state``, ``range``, ``nospace``, ``io``, ``config``, ``corrupt``.  State is unchanged."""
 
 
+class WriteBatchError(Exception):
+    """A batch of writes stopped at ``index``: the writes before it are applied, the one at it failed
+    with ``cause``, the rest were not attempted -- what one call per write would have done."""
+
+    def __init__(self, index: int, cause: BaseException) -> None:
+        super().__init__(index, cause)
+        self.index = index
+        self.cause = cause
+
+
 #: Extent maps are split into regions of this many bytes (a power of two).  Within a region a sorted
 #: list keeps inserts cheap (at most a few hundred entries to shift); across regions a dict.
 REGION_SHIFT = 20
@@ -175,6 +185,33 @@ class ExtentMap:
             region.put(pos, stop, None if view is None else bytes(view[pos - start : stop - start]))
             self.data_bytes += region.data_bytes - before
             pos = stop
+
+    def put_many(self, offsets: list[int], payloads: list[bytes]) -> None:
+        """:meth:`put` of each ``(offset, payload)`` in order: the NBD fast path's batch of writes.
+
+        The same result as calling :meth:`put` once per write; the one-region case (every write
+        of a guest's 4 KiB pages) is inlined, because at 50k+ writes/s the call overhead is a
+        measurable share of the event loop's time.
+        """
+        regions = self.regions
+        grown = 0
+        for start, data in zip(offsets, payloads, strict=True):
+            length = len(data)
+            if length <= 0:
+                continue
+            index = start >> REGION_SHIFT
+            if (start + length - 1) >> REGION_SHIFT != index:
+                self.data_bytes += grown
+                grown = 0
+                self.put(start, length, data)
+                continue
+            region = regions.get(index)
+            if region is None:
+                region = regions[index] = SortedExtents()
+            before = region.data_bytes
+            region.put(start, start + length, data)
+            grown += region.data_bytes - before
+        self.data_bytes += grown
 
     def items(self) -> list[tuple[int, int, bytes | None]]:
         """All extents as ``(start, end, data|None)``, in offset order."""

@@ -575,6 +575,93 @@ static PyObject *nbd_next_request(PyObject *self, PyObject *const *args, Py_ssiz
     return Py_BuildValue("(Nnnn)", typed, new_start, need, discard);
 }
 
+/* nbd_take_writes(buf, start, end, max_payload, size, min_block, max_count, max_bytes)
+ *   -> (offsets, payloads, replies, start) | None
+ * RequestParser.take_writes_python: the run of plain writes (complete NBD_CMD_WRITE, no flags,
+ * 0 < length <= max_payload, in range of an export of `size` bytes, aligned to min_block) at
+ * buf[start:end], at most max_count of them and stopping once max_bytes of payload are taken;
+ * replies is the OK simple reply of each, concatenated.  None when the head is no plain write. */
+static PyObject *nbd_take_writes(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "nbd_take_writes takes 8 arguments");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]), end = PyLong_AsSsize_t(args[2]);
+    long long max_payload = PyLong_AsLongLong(args[3]);
+    unsigned long long size = PyLong_AsUnsignedLongLong(args[4]);
+    unsigned long long min_block = PyLong_AsUnsignedLongLong(args[5]);
+    Py_ssize_t max_count = PyLong_AsSsize_t(args[6]);
+    long long max_bytes = PyLong_AsLongLong(args[7]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (min_block == 0 || (min_block & (min_block - 1))) {
+        PyErr_SetString(PyExc_ValueError, "min_block must be a power of two");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (start < 0 || end < start || end > view.len) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "start/end outside the buffer");
+        return NULL;
+    }
+    const unsigned char *base = (const unsigned char *)view.buf;
+    const unsigned long long mask = min_block - 1;
+    /* first pass: how many, so the lists and the replies are allocated once */
+    Py_ssize_t count = 0, pos = start;
+    long long taken = 0;
+    while (count < max_count && taken < max_bytes && end - pos >= NBD_REQUEST_SIZE) {
+        const unsigned char *p = base + pos;
+        uint64_t offset = be64(p + 16);
+        uint32_t length = be32(p + 24);
+        Py_ssize_t stop = pos + NBD_REQUEST_SIZE + (Py_ssize_t)length;
+        if (be32(p) != NBD_REQUEST_MAGIC || be16(p + 6) != NBD_CMD_WRITE || be16(p + 4) != 0 ||
+            length == 0 || (long long)length > max_payload || stop > end || offset > size ||
+            length > size - offset || ((offset | length) & mask))
+            break;
+        count++;
+        taken += length;
+        pos = stop;
+    }
+    if (count == 0) {
+        PyBuffer_Release(&view);
+        Py_RETURN_NONE;
+    }
+    PyObject *offsets = PyList_New(count), *payloads = PyList_New(count);
+    PyObject *replies = PyBytes_FromStringAndSize(NULL, count * 16);
+    if (offsets == NULL || payloads == NULL || replies == NULL)
+        goto fail;
+    unsigned char *r = (unsigned char *)PyBytes_AS_STRING(replies);
+    pos = start;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const unsigned char *p = base + pos;
+        uint32_t length = be32(p + 24);
+        PyObject *off = PyLong_FromUnsignedLongLong(be64(p + 16));
+        if (off == NULL)
+            goto fail;
+        PyList_SET_ITEM(offsets, i, off);
+        PyObject *payload = PyBytes_FromStringAndSize((const char *)p + NBD_REQUEST_SIZE, length);
+        if (payload == NULL)
+            goto fail;
+        PyList_SET_ITEM(payloads, i, payload);
+        put32(r, 0x67446698u); /* simple reply magic, error 0, the request's cookie as sent */
+        put32(r + 4, 0);
+        memcpy(r + 8, p + 8, 8);
+        r += 16;
+        pos += NBD_REQUEST_SIZE + (Py_ssize_t)length;
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(NNNn)", offsets, payloads, replies, pos);
+fail:
+    PyBuffer_Release(&view);
+    Py_XDECREF(offsets);
+    Py_XDECREF(payloads);
+    Py_XDECREF(replies);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"decode_records", (PyCFunction)(void (*)(void))decode_records, METH_FASTCALL,
      "decode_records(buf, start, end, vnet_hdr, max_record) -> (frames, headers, pos, nbytes, error)"},
@@ -587,6 +674,9 @@ static PyMethodDef methods[] = {
     {"releasable", (PyCFunction)(void (*)(void))releasable, METH_FASTCALL, "releasable(held, v, sack) -> n"},
     {"nbd_next_request", (PyCFunction)(void (*)(void))nbd_next_request, METH_FASTCALL,
      "nbd_next_request(buf, start, end, max_payload, Request) -> (request|None, start, need, discard)"},
+    {"nbd_take_writes", (PyCFunction)(void (*)(void))nbd_take_writes, METH_FASTCALL,
+     "nbd_take_writes(buf, start, end, max_payload, size, min_block, max_count, max_bytes)"
+     " -> (offsets, payloads, replies, start) | None"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -513,3 +514,120 @@ def test_compiled_nbd_parser_matches_python(data: bytes, cuts: list[int], max_pa
         runs.append(_parse_all(parser, data, cuts))
     assert runs[0] == runs[1]
     assert all(type(r[1]) in (nbd.Request, type(None)) for r in runs[1] if r[0] == "request")
+
+
+# -- NBD fast path: runs of plain writes ----------------------------------------------------------
+
+
+@st.composite
+def nbd_write_stream(draw: st.DrawFn) -> bytes:
+    """Mostly writes near the start of a small export (runs of plain writes), with the requests that
+    must end a run mixed in: other commands, flags, misaligned, empty, oversized, out of range."""
+    out = bytearray()
+    for _ in range(draw(st.integers(0, 14))):
+        kind = draw(st.sampled_from(["plain"] * 6 + ["read", "fua", "misaligned", "empty", "big", "far"]))
+        cookie = draw(st.integers(0, (1 << 64) - 1))
+        offset = draw(st.integers(0, 15)) * 512
+        length = draw(st.integers(1, 4)) * 512
+        command, flags = nbd.CMD_WRITE, 0
+        if kind == "read":
+            command = nbd.CMD_READ
+        elif kind == "fua":
+            flags = nbd.CMD_FLAG_FUA
+        elif kind == "misaligned":
+            offset += 1
+        elif kind == "empty":
+            length = 0
+        elif kind == "big":
+            length = 5000
+        elif kind == "far":
+            offset = draw(st.sampled_from([8192, 8192 - 512, (1 << 64) - 512]))
+        out += nbd.encode_request(command, cookie, offset, length, flags)
+        if command == nbd.CMD_WRITE:
+            out += draw(st.binary(min_size=length, max_size=length))
+    if draw(st.integers(0, 3)) == 0:
+        out += nbd.encode_request(1, 7, 0, 512)[: draw(st.integers(1, 28))]
+    return bytes(out)
+
+
+def _serve_all(
+    parser: nbd.RequestParser, data: bytes, cuts: list[int], limits: tuple[int, ...]
+) -> list[tuple]:
+    """What the server's loop does: a batch of plain writes when the head is one, else one request."""
+    size, min_block, max_count, max_bytes = limits
+    seen: list[tuple] = []
+    bounds = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    for a, b in itertools.pairwise(bounds):
+        parser.feed(data[a:b])
+        while True:
+            batch = parser.take_writes(size, min_block, max_count, max_bytes)
+            if batch is not None:
+                seen.append(("batch", *batch, parser._start, parser._end))
+                continue
+            try:
+                request = parser.next_request()
+            except nbd.TransmissionError as exc:
+                seen.append(("error", str(exc)))
+                return seen
+            seen.append(("request", request, parser._start, parser._end, parser._need))
+            if request is None:
+                break
+    return seen
+
+
+_WRITE_LIMITS = st.tuples(
+    st.sampled_from([8192, 1 << 30]), st.sampled_from([1, 512]), st.integers(1, 5), st.integers(1, 3000)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(nbd_write_stream(), st.lists(st.integers(0, 1 << 15), max_size=6), _WRITE_LIMITS)
+def test_compiled_write_batches_match_python(data: bytes, cuts: list[int], limits: tuple[int, ...]) -> None:
+    _require_compiled()
+    runs = []
+    for kind in ("python", "compiled"):
+        parser = nbd.RequestParser(max_payload=4096, initial_size=64)
+        parser.take_writes = getattr(parser, f"take_writes_{kind}")  # type: ignore[method-assign]
+        parser.next_request = getattr(parser, f"next_request_{kind}")  # type: ignore[method-assign]
+        runs.append(_serve_all(parser, data, cuts, limits))
+    assert runs[0] == runs[1]
+
+
+def _answers(seen: list[tuple], limits: tuple[int, ...]) -> list[tuple]:
+    """Each request's outcome, batch or not: (cookie, "write", offset, payload) or (cookie, error)."""
+    size, min_block = limits[0], limits[1]
+    out: list[tuple] = []
+    for entry in seen:
+        if entry[0] == "batch":
+            offsets, payloads, replies = entry[1:4]
+            assert len(replies) == 16 * len(offsets)
+            for i, (offset, payload) in enumerate(zip(offsets, payloads, strict=True)):
+                error, cookie = nbd.decode_simple_reply(replies[16 * i : 16 * i + 16])
+                assert error == 0
+                out.append((cookie, "write", offset, payload))
+        elif entry[0] == "request" and entry[1] is not None:
+            r = entry[1]
+            error = nbd.check_request(r, size, min_block, 4096)
+            if r.command == nbd.CMD_WRITE and not error and not r.flags:
+                out.append((r.cookie, "write", r.offset, r.payload))
+            else:
+                out.append((r.cookie, r.command, r.flags, error))
+        elif entry[0] == "error":
+            out.append(entry)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["python", "compiled"])
+@settings(max_examples=300, deadline=None)
+@given(nbd_write_stream(), st.lists(st.integers(0, 1 << 15), max_size=6), _WRITE_LIMITS)
+def test_write_batches_answer_each_request_as_one_by_one_does(
+    kind: str, data: bytes, cuts: list[int], limits: tuple[int, ...]
+) -> None:
+    """The fast path only regroups: every request gets the outcome the per-request path gives it."""
+    if kind == "compiled":
+        _require_compiled()
+    parser = nbd.RequestParser(max_payload=4096, initial_size=64)
+    parser.take_writes = getattr(parser, f"take_writes_{kind}")  # type: ignore[method-assign]
+    batched = _serve_all(parser, data, cuts, limits)
+    alone = _parse_all(nbd.RequestParser(max_payload=4096, initial_size=64), data, cuts)
+    assert _answers(batched, limits) == _answers(alone, limits)

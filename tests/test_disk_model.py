@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from disk_buffer.buffer import DiskBuffer, DiskBufferError, Export
-from disk_buffer.store import REGION_SIZE
+from disk_buffer.store import REGION_SIZE, WriteBatchError
 from tests.helpers.disk_model import DiskModel, ModelError
 from tests.helpers.scratch import RAM_DIR
 
@@ -75,6 +75,34 @@ class DiskBufferMachine(RuleBasedStateMachine):
         same_outcome(
             lambda: self.buf.write(export, offset, data), lambda: self.model.write(export, offset, data)
         )
+
+    @rule(
+        export=EXPORTS,
+        writes=st.lists(
+            st.tuples(st.one_of(ranges(), st.just((SIZE - 512, 1024))), st.integers(0, 1 << 30)),
+            min_size=1,
+            max_size=5,
+        ),
+    )
+    def write_batch(self, export: Export, writes: list[tuple[tuple[int, int], int]]) -> None:
+        """The NBD fast path's write_many: the writes before a refused one applied, the refusal at its
+        index with the model's code, nothing after it (a range past the end is the refusal drawn)."""
+        offsets = [offset for (offset, _), _ in writes]
+        payloads = [random.Random(seed).randbytes(length) for (_, length), seed in writes]
+        refused: tuple[int, str] | None = None
+        for i, (offset, data) in enumerate(zip(offsets, payloads, strict=True)):
+            try:
+                self.model.write(export, offset, data)
+            except ModelError as exc:
+                refused = (i, exc.code)
+                break
+        try:
+            self.buf.write_many(export, offsets, payloads)
+        except WriteBatchError as exc:
+            assert isinstance(exc.cause, DiskBufferError)
+            assert refused == (exc.index, exc.cause.code), (refused, exc.index, exc.cause)
+        else:
+            assert refused is None, f"the model refused write {refused} but the batch went through"
 
     @rule(export=EXPORTS, rng=ranges(), trim=st.booleans())
     def zero(self, export: Export, rng: tuple[int, int], trim: bool) -> None:

@@ -22,6 +22,7 @@ import pytest
 from disk_buffer import nbd
 from disk_buffer.nbd import Cmd, Opt, Rep
 from disk_buffer.server import NbdServer
+from disk_buffer.store import WriteBatchError
 from hybridft_common.control import ControlError
 
 SIZE = 4 << 20
@@ -37,6 +38,8 @@ class MemoryBackend:
         self.used = 0
         self.flushes = 0
         self.fail_next: Exception | None = None
+        self.batches: list[int] = []  # the size of each write_many batch (the server's fast path)
+        self.refuse_offsets: set[int] = set()  # writes there are refused with ENOSPC
         self._room = asyncio.Event()
 
     def _check(self, offset: int, length: int) -> None:
@@ -52,8 +55,18 @@ class MemoryBackend:
 
     def write(self, export: str, offset: int, data: bytes | memoryview) -> None:
         self._check(offset, len(data))
+        if offset in self.refuse_offsets:
+            raise ControlError("no room", "nospace")
         self.disks[export][offset : offset + len(data)] = data
         self.used += len(data)
+
+    def write_many(self, export: str, offsets: list[int], payloads: list[bytes]) -> None:
+        self.batches.append(len(offsets))
+        for i, (offset, data) in enumerate(zip(offsets, payloads, strict=True)):
+            try:
+                self.write(export, offset, data)
+            except Exception as exc:
+                raise WriteBatchError(i, exc) from None
 
     def write_zeroes(self, export: str, offset: int, length: int) -> None:
         self._check(offset, length)
@@ -312,6 +325,30 @@ def test_unknown_command_oversized_write_and_bad_magic(served: ServerThread) -> 
     client.sock.sendall(b"\x00" * 28)
     assert client.closed()
     assert served.backend.disks["replica"] == bytes(SIZE)
+
+
+def test_pipelined_writes_are_batched_and_each_gets_its_own_answer(served: ServerThread) -> None:
+    """The fast path takes runs of plain writes as one batch; a refused write in the middle gets its
+    error, the writes around it are applied, and a FUA write still takes the one-by-one path."""
+    served.backend.refuse_offsets = {1024}
+    client = RawClient(served.path)
+    client.go()
+    burst = b""
+    for cookie, offset, flags in [
+        (1, 0, 0),
+        (2, 512, 0),
+        (3, 1024, 0),
+        (4, 1536, 0),
+        (5, 2048, 1),
+        (6, 2560, 0),
+    ]:
+        burst += nbd.encode_request(Cmd.WRITE, cookie, offset, 512, flags) + bytes([cookie]) * 512
+    client.sock.sendall(burst)
+    answers = [nbd.decode_simple_reply(client.recv(16)) for _ in range(6)]
+    assert answers == [(0, 1), (0, 2), (nbd.ENOSPC, 3), (0, 4), (0, 5), (0, 6)]
+    disk = served.backend.disks["replica"]
+    assert [disk[i * 512] for i in range(6)] == [1, 2, 0, 4, 5, 6]
+    assert max(served.backend.batches) >= 2, served.backend.batches
 
 
 def test_disc_closes_after_pending_replies(served: ServerThread) -> None:
