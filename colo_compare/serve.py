@@ -401,6 +401,14 @@ class CompareService:
 
     # -- data path --------------------------------------------------------------------------------
     def _on_primary(self, frames: list[bytes], headers: list[bytes]) -> None:
+        # The secondary's output first: what it already sent for these frames is then stored when
+        # they arrive, and a matching frame is released at once instead of being held until the
+        # event loop comes round to the secondary's socket.  Measured (bench compare, two
+        # interleaved runs each): hold p50 at 50 % load 171-187 -> 50-117 us, in bulk 2.6-4.0 ms
+        # -> 0.19-0.27 ms; one extra recv (EAGAIN) per primary read when nothing waits.
+        secondary = self.readers["secondary"]
+        if secondary is not None and self.core.mode is Mode.COLO:
+            secondary.read_if_ready()
         try:
             self._feed_primary(frames, headers)
         except Exception:

@@ -377,6 +377,11 @@ class FrameSocketReader:
             if self.closed or self.paused or not self._read_once():
                 break
 
+    def read_if_ready(self) -> None:
+        """One non-blocking read now, unless paused or closed (an empty socket costs one ``recv``)."""
+        if not self.closed and not self.paused:
+            self._read_once()
+
     def drain_now(self) -> None:
         """Read (synchronously) everything the kernel already holds for this socket.
 
