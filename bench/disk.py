@@ -134,10 +134,13 @@ def worker_main(argv: list[str]) -> None:
     socket_path, export, spec_text = argv
     spec = json.loads(spec_text)
     h = _connect(socket_path, export)
+    cpu = time.process_time()
     try:
         result = _run_io(h, **spec)
     finally:
         h.shutdown()
+    # whether the client, not the server, is what a number measures: a client near a whole core is
+    result["client_cpu_us_per_op"] = (time.process_time() - cpu) / result["ops"] * 1e6
     print(json.dumps(result))
 
 
@@ -158,8 +161,16 @@ def _wait_for_socket(path: Path, proc: subprocess.Popen[Any], timeout: float = 3
     raise click.ClickException(f"timed out waiting for {path}")
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) the process used so far."""
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
 @contextlib.contextmanager
-def _qemu_nbd(image: Path, sock: Path) -> Iterator[None]:
+def _qemu_nbd(image: Path, sock: Path) -> Iterator[int]:
     exe = shutil.which("qemu-nbd")
     if exe is None:
         raise click.ClickException("qemu-nbd is not installed (the baseline); run scripts/setup-host.sh")
@@ -185,7 +196,7 @@ def _qemu_nbd(image: Path, sock: Path) -> Iterator[None]:
     )
     try:
         _wait_for_socket(sock, proc)
-        yield
+        yield proc.pid
     finally:
         proc.terminate()
         proc.wait(30)
@@ -194,7 +205,7 @@ def _qemu_nbd(image: Path, sock: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _disk_serve(image: Path, directory: Path, budget: int) -> Iterator[tuple[Path, str]]:
+def _disk_serve(image: Path, directory: Path, budget: int) -> Iterator[tuple[Path, str, int]]:
     sock = directory / "hybridft-nbd.sock"
     control = f"unix:{directory / 'hybridft-control.sock'}"
     state = directory / "state"
@@ -225,13 +236,16 @@ def _disk_serve(image: Path, directory: Path, budget: int) -> Iterator[tuple[Pat
         line = proc.stdout.readline()
         if not line.startswith("ready"):
             raise click.ClickException(f"hybridft disk serve did not start: {line!r}")
-        yield sock, control
+        yield sock, control, proc.pid
     finally:
         proc.terminate()
         proc.wait(60)
 
 
-def _worker(sock: Path, export: str, **spec: Any) -> dict[str, Any]:
+def _worker(sock: Path, export: str, server_pid: int, **spec: Any) -> dict[str, Any]:
+    """One workload in a client process; adds the server's CPU per request over the run (a ratio
+    that a noisy 2-core machine, where client and server share the cores, disturbs less than IOPS)."""
+    cpu = _cpu_seconds(server_pid)
     result = subprocess.run(
         [sys.executable, "-m", "bench.disk", str(sock), export, json.dumps(spec)],
         capture_output=True,
@@ -240,7 +254,9 @@ def _worker(sock: Path, export: str, **spec: Any) -> dict[str, Any]:
     )
     if result.returncode != 0:
         raise click.ClickException(f"benchmark client failed: {result.stderr[-2000:]}")
-    return json.loads(result.stdout)
+    run: dict[str, Any] = json.loads(result.stdout)
+    run["server_cpu_us_per_op"] = (_cpu_seconds(server_pid) - cpu) / run["ops"] * 1e6
+    return run
 
 
 def _io_workloads(quick: bool, region: int) -> dict[str, dict[str, Any]]:
@@ -428,7 +444,7 @@ def run_bench(quick: bool, epoch_ms: int = 100, rounds: int | None = None) -> di
         }
         qemu_sock = directory / "qemu-nbd.sock"
         with (
-            _qemu_nbd(_image(directory / "q" / "image.raw", region), qemu_sock),
+            _qemu_nbd(_image(directory / "q" / "image.raw", region), qemu_sock) as qemu_pid,
             # burst: the NBD path alone; budgets so large that no checkpoint is needed mid-run
             _disk_serve(_image(directory / "b" / "image.raw", region), directory / "b", 4 << 30) as burst,
             # sustained: default budgets and a seal+commit every epoch_ms, as in MC mode
@@ -437,11 +453,11 @@ def run_bench(quick: bool, epoch_ms: int = 100, rounds: int | None = None) -> di
             for _round in range(rounds):
                 for name, spec in workloads.items():
                     export = "view" if name.startswith("randread") else "replica"
-                    runs[name]["qemu_nbd"].append(_worker(qemu_sock, "replica", **spec))
-                    runs[name]["hybridft"].append(_worker(burst[0], export, **spec))
+                    runs[name]["qemu_nbd"].append(_worker(qemu_sock, "replica", qemu_pid, **spec))
+                    runs[name]["hybridft"].append(_worker(burst[0], export, burst[2], **spec))
                     _settle(burst[1])
                     with _checkpointer(sus[1], epoch_ms) as checkpoints:
-                        run = _worker(sus[0], export, **spec)
+                        run = _worker(sus[0], export, sus[2], **spec)
                     run["checkpoints"] = checkpoints[0]
                     runs[name]["hybridft_sustained"].append(run)
                     _settle(sus[1])
@@ -484,7 +500,7 @@ def _ge(value: float | None, bound: float) -> bool:
 def render_table(results: dict[str, Any]) -> str:
     lines = [
         f"{'workload':<18} {'hybridft burst':>15} {'sustained':>15} {'qemu-nbd':>15} {'ratio':>6}"
-        f" {'ratio sust':>10}  p50/p99 us (burst)"
+        f" {'ratio sust':>10}  p50/p99 us (burst)  server CPU us/op: burst sust qemu-nbd (client)"
     ]
     for name, row in results["workloads"].items():
         ours, sus, base = row["hybridft"], row["hybridft_sustained"], row["qemu_nbd"]
@@ -494,6 +510,8 @@ def render_table(results: dict[str, Any]) -> str:
             f"{name:<18} {ours[key]:>10.0f} {unit:<4} {sus[key]:>10.0f} {unit:<4}"
             f" {base[key]:>10.0f} {unit:<4} {row['ratio']:>6.2f} {row['ratio_sustained']:>10.2f}"
             f"  {ours['lat_p50_us']:.0f}/{ours['lat_p99_us']:.0f}"
+            f"  {ours['server_cpu_us_per_op']:.1f} {sus['server_cpu_us_per_op']:.1f}"
+            f" {base['server_cpu_us_per_op']:.1f} ({ours['client_cpu_us_per_op']:.1f})"
         )
     commit = results["commit"]
     lines.append(

@@ -48,6 +48,7 @@ import os
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -87,6 +88,7 @@ _LARGE_REPLY = 256 << 10
 # once this much payload is taken -- which bounds how far past its budget one batch carries the
 # buffer (has_room is checked after each batch, not after each write)
 _BATCH_COUNT = 1024
+DEFAULT_PREFAULT = 256 << 20
 _BATCH_BYTES = 1 << 20
 
 
@@ -580,10 +582,15 @@ async def run_server(
     reply_budget: int = DEFAULT_REPLY_BUDGET,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    prefault: int | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Recover the buffer, serve NBD and control until ``stop`` is set (or SIGTERM/SIGINT)."""
-    from disk_buffer.buffer import DiskBuffer, Export
+    """Recover the buffer, serve NBD and control until ``stop`` is set (or SIGTERM/SIGINT).
+
+    ``prefault``: bytes of heap to fault in before serving (``None``: the speculation budget, at
+    most :data:`DEFAULT_PREFAULT`), so the first epochs' writes do not each take a page fault.
+    """
+    from disk_buffer.buffer import DiskBuffer, Export, prefault_heap
 
     # several NBD addresses: on two hosts the secondary's `view` is local (unix) while the primary's
     # mirror reaches `replica` over tcp (TLS)
@@ -594,6 +601,11 @@ async def run_server(
     buffer = DiskBuffer.open(
         image, state_dir, speculation_budget=speculation_budget, writeout_budget=writeout_budget
     )
+    # in this thread: it is the one that allocates the epoch data (the heap is per thread arena)
+    started = time.monotonic()
+    faulted = prefault_heap(min(speculation_budget, DEFAULT_PREFAULT) if prefault is None else prefault)
+    if faulted:
+        log.info("pre-faulted %d MiB of heap in %.2f s", faulted >> 20, time.monotonic() - started)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     servers: list[asyncio.Server] = []
@@ -700,6 +712,13 @@ def _endpoint_option(ctx: click.Context, param: click.Parameter, value: Any) -> 
     help="Bytes committed but not yet applied to IMG before reading pauses.",
 )
 @click.option(
+    "--prefault",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Bytes of memory to fault in at start for the first epochs' data "
+    "[default: the speculation budget, at most 256 MiB; 0: none].",
+)
+@click.option(
     "--reply-budget",
     type=click.IntRange(min=1),
     default=DEFAULT_REPLY_BUDGET,
@@ -735,6 +754,7 @@ def serve_command(
     tls_creds: str | None,
     speculation_budget: int,
     writeout_budget: int,
+    prefault: int | None,
     reply_budget: int,
     handshake_timeout: float,
     max_connections: int,
@@ -761,6 +781,7 @@ def serve_command(
                 reply_budget=reply_budget,
                 handshake_timeout=handshake_timeout,
                 max_connections=max_connections,
+                prefault=prefault,
             ),
             "disk",
         )

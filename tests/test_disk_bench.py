@@ -21,7 +21,8 @@ from hybridft_common.cli import hybridft_command
 
 RESULT_FIELDS = {"quick", "region_bytes", "epoch_ms", "rounds", "workloads", "commit", "writeout", "goals"}
 #: the fields every client run reports (the worker's JSON plus the rounds it is the median of)
-RUN_FIELDS = {"ops", "errors", "seconds", "iops", "mb_s", "lat_p50_us", "lat_p99_us", "rounds_iops"}
+RUN_FIELDS = {"ops", "errors", "seconds", "iops", "mb_s", "lat_p50_us", "lat_p99_us", "rounds_iops",
+              "server_cpu_us_per_op", "client_cpu_us_per_op"}  # fmt: skip
 
 pytestmark = pytest.mark.qemu
 
@@ -69,6 +70,9 @@ def test_bench_disk_quick_json_shape(short_tmp: Path) -> None:
             assert math.isclose(run["iops"], run["ops"] / run["seconds"])
             assert run["rounds_iops"] == [run["iops"]]  # one round: the median is that round
             assert 0 < run["lat_p50_us"] <= run["lat_p99_us"]
+            # both processes did work for the requests (CPU times tick in 10 ms: >= 0 is all a
+            # short run can promise per side)
+            assert run["server_cpu_us_per_op"] >= 0 and run["client_cpu_us_per_op"] > 0
         assert math.isclose(row["ratio"], row["hybridft"]["iops"] / row["qemu_nbd"]["iops"])
         sustained = row["hybridft_sustained"]
         assert math.isclose(row["ratio_sustained"], sustained["iops"] / row["qemu_nbd"]["iops"])

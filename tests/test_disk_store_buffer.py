@@ -210,3 +210,31 @@ def test_cancelled_commit_still_settles(image: Path, tmp_path: Path) -> None:
         await buf.aclose()
 
     asyncio.run(run())
+
+
+_PREFAULT_PROBE = """
+import os, resource, sys
+from disk_buffer.buffer import keep_freed_memory, prefault_heap
+keep_freed_memory()
+done = prefault_heap(int(sys.argv[1]))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+kept = [os.urandom(16) * 256 for _ in range(10000)]  # what 10k 4 KiB writes keep
+print(done, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_prefaulted_heap_takes_the_first_writes_without_page_faults() -> None:
+    import subprocess
+    import sys
+
+    def probe(nbytes: int) -> tuple[int, int]:
+        command = [sys.executable, "-c", _PREFAULT_PROBE, str(nbytes)]
+        root = Path(__file__).parent.parent
+        out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=root).stdout.split()
+        return int(out[0]), int(out[1])
+
+    done, faults = probe(64 << 20)
+    assert done >= 64 << 20
+    assert faults < 1000, faults  # 40 MiB of data in 64 MiB already faulted in
+    done, faults = probe(0)
+    assert done == 0 and faults > 9000  # without: a fault per write
