@@ -31,6 +31,20 @@ static inline void put32(unsigned char *p, uint32_t v)
     p[3] = (unsigned char)v;
 }
 
+/* The bytes buf[start:end] of a buffer argument: 0 with *view held (release it), or -1 with an
+ * exception set.  Every decoder below reads its caller's receive buffer through this. */
+static int get_span(PyObject *obj, Py_ssize_t start, Py_ssize_t end, Py_buffer *view)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (start < 0 || end < start || end > view->len) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "start/end outside the buffer");
+        return -1;
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------------- */
 /* QEMU net-filter framing (colo_compare.transport)                                            */
 /* ------------------------------------------------------------------------------------------- */
@@ -54,13 +68,8 @@ static PyObject *decode_records(PyObject *self, PyObject *const *args, Py_ssize_
     if (PyErr_Occurred())
         return NULL;
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+    if (get_span(args[0], start, end, &view) < 0)
         return NULL;
-    if (start < 0 || end < start || end > view.len) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "start/end outside the buffer");
-        return NULL;
-    }
     const unsigned char *buf = (const unsigned char *)view.buf;
     PyObject *frames = PyList_New(0), *headers = PyList_New(0), *error = NULL;
     if (frames == NULL || headers == NULL)
@@ -488,13 +497,8 @@ static PyObject *nbd_next_request(PyObject *self, PyObject *const *args, Py_ssiz
         return NULL;
     }
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+    if (get_span(args[0], start, end, &view) < 0)
         return NULL;
-    if (start < 0 || end > view.len) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "start/end outside the buffer");
-        return NULL;
-    }
     const unsigned char *p = (const unsigned char *)view.buf + start;
     uint32_t magic = be32(p);
     if (magic != NBD_REQUEST_MAGIC) {
@@ -600,13 +604,8 @@ static PyObject *nbd_take_writes(PyObject *self, PyObject *const *args, Py_ssize
         return NULL;
     }
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+    if (get_span(args[0], start, end, &view) < 0)
         return NULL;
-    if (start < 0 || end < start || end > view.len) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "start/end outside the buffer");
-        return NULL;
-    }
     const unsigned char *base = (const unsigned char *)view.buf;
     const unsigned long long mask = min_block - 1;
     /* first pass: how many, so the lists and the replies are allocated once */
