@@ -88,7 +88,6 @@ _LARGE_REPLY = 256 << 10
 # once this much payload is taken -- which bounds how far past its budget one batch carries the
 # buffer (has_room is checked after each batch, not after each write)
 _BATCH_COUNT = 1024
-DEFAULT_PREFAULT = 256 << 20
 _BATCH_BYTES = 1 << 20
 
 
@@ -582,13 +581,14 @@ async def run_server(
     reply_budget: int = DEFAULT_REPLY_BUDGET,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
-    prefault: int | None = None,
+    prefault: int = 0,
     stop: asyncio.Event | None = None,
 ) -> None:
     """Recover the buffer, serve NBD and control until ``stop`` is set (or SIGTERM/SIGINT).
 
-    ``prefault``: bytes of heap to fault in before serving (``None``: the speculation budget, at
-    most :data:`DEFAULT_PREFAULT`), so the first epochs' writes do not each take a page fault.
+    ``prefault``: bytes of heap to fault in before serving, so the first epochs' writes do not each
+    take a page fault (:func:`~disk_buffer.buffer.prefault_heap`).  Off by default: the server then
+    holds that memory from its start, and its RSS no longer shows what the buffer holds.
     """
     from disk_buffer.buffer import DiskBuffer, Export, prefault_heap
 
@@ -603,7 +603,7 @@ async def run_server(
     )
     # in this thread: it is the one that allocates the epoch data (the heap is per thread arena)
     started = time.monotonic()
-    faulted = prefault_heap(min(speculation_budget, DEFAULT_PREFAULT) if prefault is None else prefault)
+    faulted = prefault_heap(prefault)
     if faulted:
         log.info("pre-faulted %d MiB of heap in %.2f s", faulted >> 20, time.monotonic() - started)
     stop = stop or asyncio.Event()
@@ -714,9 +714,10 @@ def _endpoint_option(ctx: click.Context, param: click.Parameter, value: Any) -> 
 @click.option(
     "--prefault",
     type=click.IntRange(min=0),
-    default=None,
-    help="Bytes of memory to fault in at start for the first epochs' data "
-    "[default: the speculation budget, at most 256 MiB; 0: none].",
+    default=0,
+    show_default=True,
+    help="Bytes of memory to fault in at start, so the first epochs' writes take no page fault each "
+    "(the server holds that memory from then on).",
 )
 @click.option(
     "--reply-budget",
@@ -754,7 +755,7 @@ def serve_command(
     tls_creds: str | None,
     speculation_budget: int,
     writeout_budget: int,
-    prefault: int | None,
+    prefault: int,
     reply_budget: int,
     handshake_timeout: float,
     max_connections: int,

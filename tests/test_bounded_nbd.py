@@ -134,3 +134,18 @@ def test_libnbd_pipelined_big_reads_with_a_small_reply_budget(tmp_path: Path) ->
         h.shutdown()
     finally:
         server.stop()
+
+
+def test_prefault_is_off_by_default_and_holds_its_memory_when_asked(tmp_path: Path) -> None:
+    """``--prefault`` faults heap in at start (RSS shows it at once); without it RSS is only what the
+    buffer holds, which the memory tests above read."""
+    rss = {}
+    for name, extra in (("off", ()), ("on", ("--prefault", str(96 * MiB)))):
+        (tmp_path / name).mkdir()
+        server = DiskServerProcess(tmp_path / name, None, *extra, size=64 * MiB)
+        try:
+            assert server.proc is not None
+            rss[name] = psutil.Process(server.proc.pid).memory_info().rss
+        finally:
+            server.stop()
+    assert rss["on"] - rss["off"] >= 80 * MiB, rss
