@@ -31,6 +31,7 @@ import errno
 import fcntl
 import os
 import threading
+from operator import add
 from pathlib import Path
 from typing import Any
 
@@ -322,15 +323,17 @@ class DiskBuffer:
         Raises :class:`WriteBatchError` at the first write refused, with the ones before it
         applied, exactly as one :meth:`write` per item would have left things.
         """
-        if not offsets:
+        count = len(offsets)
+        if count != len(payloads):
+            raise ValueError("write_many: as many offsets as payloads")
+        if not count:
             return
         store = self._store
         size = store.size
-        count = len(offsets)
-        for i, (offset, data) in enumerate(zip(offsets, payloads, strict=True)):
-            if offset < 0 or offset + len(data) > size:
-                count = i  # applied up to here, then this one is refused below
-                break
+        if min(offsets) < 0 or max(map(add, offsets, map(len, payloads))) > size:
+            # applied up to the first write out of range, which is refused below
+            ranges = enumerate(zip(offsets, payloads, strict=True))
+            count = next(i for i, (o, d) in ranges if o < 0 or o + len(d) > size)
         try:
             if count == 0:
                 store.check_range(offsets[0], len(payloads[0]))

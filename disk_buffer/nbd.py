@@ -528,7 +528,7 @@ class RequestParser:
     next_request = next_request_python if speedups is None else next_request_compiled
 
     def take_writes_python(
-        self, size: int, min_block: int, max_count: int, max_bytes: int
+        self, size: int, min_block: int, max_count: int, max_bytes: int, min_count: int = 2
     ) -> tuple[list[int], list[bytes], bytes] | None:
         """Consume the run of *plain* writes at the head of the buffer, for the server's fast path.
 
@@ -541,7 +541,8 @@ class RequestParser:
         the disk buffer past its budget.
 
         Returns ``(offsets, payloads, replies)`` -- ``replies`` the OK reply of each, concatenated
-        -- or ``None`` if the head is no plain write.
+        -- or ``None`` if the head holds fewer than ``min_count`` plain writes: a lone write costs
+        less one by one (measured at QD1: 52.6k instructions per request batched, 41.8k alone).
         """
         buf = self._buf
         start = self._start
@@ -571,21 +572,40 @@ class RequestParser:
             replies += _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
             taken += length
             start = stop
-        if not offsets:
+        if len(offsets) < min_count:
             return None
-        self._start = start
+        self._set_head(start)
         return offsets, payloads, bytes(replies)
 
+    def _set_head(self, start: int) -> None:
+        """After a batch: the head is a request boundary (an empty buffer starts over at 0)."""
+        if start == self._end:
+            self._start = self._end = 0
+        else:
+            self._start = start
+        self._need = REQUEST_SIZE
+
     def take_writes_compiled(
-        self, size: int, min_block: int, max_count: int, max_bytes: int
+        self, size: int, min_block: int, max_count: int, max_bytes: int, min_count: int = 2
     ) -> tuple[list[int], list[bytes], bytes] | None:
         """:meth:`take_writes_python` in C (``_speedups.nbd_take_writes``)."""
+        if self._end - self._start < min_count * REQUEST_SIZE:  # the common "nothing left": no call
+            return None
         batch = _nbd_take_writes(
-            self._buf, self._start, self._end, self.max_payload, size, min_block, max_count, max_bytes
+            self._buf,
+            self._start,
+            self._end,
+            self.max_payload,
+            size,
+            min_block,
+            max_count,
+            max_bytes,
+            min_count,
         )
         if batch is None:
             return None
-        offsets, payloads, replies, self._start = batch
+        offsets, payloads, replies, start = batch
+        self._set_head(start)
         return offsets, payloads, replies
 
     take_writes = take_writes_python if speedups is None else take_writes_compiled

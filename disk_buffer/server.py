@@ -323,8 +323,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         out: list[bytes] = []
         append = out.append
         queued = 0  # read payload bytes in ``out``
-        next_request = self.parser.next_request
-        take_writes = self.parser.take_writes
+        parser = self.parser
+        next_request = parser.next_request
+        take_writes = parser.take_writes
         write = backend.write
         has_room = backend.has_room
         try:
@@ -335,6 +336,8 @@ class NbdConnection(asyncio.BufferedProtocol):
                     self._write_batch(export, *batch, append)
                     if not has_room():
                         self._wait_for_room()
+                        break
+                    if not parser.buffered:  # the receive held plain writes only (QD1: one)
                         break
                     continue
                 request = next_request()

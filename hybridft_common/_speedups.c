@@ -579,16 +579,17 @@ static PyObject *nbd_next_request(PyObject *self, PyObject *const *args, Py_ssiz
     return Py_BuildValue("(Nnnn)", typed, new_start, need, discard);
 }
 
-/* nbd_take_writes(buf, start, end, max_payload, size, min_block, max_count, max_bytes)
+/* nbd_take_writes(buf, start, end, max_payload, size, min_block, max_count, max_bytes, min_count)
  *   -> (offsets, payloads, replies, start) | None
  * RequestParser.take_writes_python: the run of plain writes (complete NBD_CMD_WRITE, no flags,
  * 0 < length <= max_payload, in range of an export of `size` bytes, aligned to min_block) at
  * buf[start:end], at most max_count of them and stopping once max_bytes of payload are taken;
- * replies is the OK simple reply of each, concatenated.  None when the head is no plain write. */
+ * replies is the OK simple reply of each, concatenated.  None when the head holds fewer than
+ * min_count plain writes. */
 static PyObject *nbd_take_writes(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "nbd_take_writes takes 8 arguments");
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "nbd_take_writes takes 9 arguments");
         return NULL;
     }
     Py_ssize_t start = PyLong_AsSsize_t(args[1]), end = PyLong_AsSsize_t(args[2]);
@@ -597,6 +598,7 @@ static PyObject *nbd_take_writes(PyObject *self, PyObject *const *args, Py_ssize
     unsigned long long min_block = PyLong_AsUnsignedLongLong(args[5]);
     Py_ssize_t max_count = PyLong_AsSsize_t(args[6]);
     long long max_bytes = PyLong_AsLongLong(args[7]);
+    Py_ssize_t min_count = PyLong_AsSsize_t(args[8]);
     if (PyErr_Occurred())
         return NULL;
     if (min_block == 0 || (min_block & (min_block - 1))) {
@@ -624,7 +626,7 @@ static PyObject *nbd_take_writes(PyObject *self, PyObject *const *args, Py_ssize
         taken += length;
         pos = stop;
     }
-    if (count == 0) {
+    if (count == 0 || count < min_count) {
         PyBuffer_Release(&view);
         Py_RETURN_NONE;
     }
@@ -674,7 +676,7 @@ static PyMethodDef methods[] = {
     {"nbd_next_request", (PyCFunction)(void (*)(void))nbd_next_request, METH_FASTCALL,
      "nbd_next_request(buf, start, end, max_payload, Request) -> (request|None, start, need, discard)"},
     {"nbd_take_writes", (PyCFunction)(void (*)(void))nbd_take_writes, METH_FASTCALL,
-     "nbd_take_writes(buf, start, end, max_payload, size, min_block, max_count, max_bytes)"
+     "nbd_take_writes(buf, start, end, max_payload, size, min_block, max_count, max_bytes, min_count)"
      " -> (offsets, payloads, replies, start) | None"},
     {NULL, NULL, 0, NULL},
 };

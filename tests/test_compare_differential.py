@@ -554,15 +554,15 @@ def _serve_all(
     parser: nbd.RequestParser, data: bytes, cuts: list[int], limits: tuple[int, ...]
 ) -> list[tuple]:
     """What the server's loop does: a batch of plain writes when the head is one, else one request."""
-    size, min_block, max_count, max_bytes = limits
+    size, min_block, max_count, max_bytes, min_count = limits
     seen: list[tuple] = []
     bounds = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
     for a, b in itertools.pairwise(bounds):
         parser.feed(data[a:b])
         while True:
-            batch = parser.take_writes(size, min_block, max_count, max_bytes)
+            batch = parser.take_writes(size, min_block, max_count, max_bytes, min_count)
             if batch is not None:
-                seen.append(("batch", *batch, parser._start, parser._end))
+                seen.append(("batch", *batch, parser._start, parser._end, parser._need))
                 continue
             try:
                 request = parser.next_request()
@@ -576,7 +576,11 @@ def _serve_all(
 
 
 _WRITE_LIMITS = st.tuples(
-    st.sampled_from([8192, 1 << 30]), st.sampled_from([1, 512]), st.integers(1, 5), st.integers(1, 3000)
+    st.sampled_from([8192, 1 << 30]),
+    st.sampled_from([1, 512]),
+    st.integers(1, 5),
+    st.integers(1, 3000),
+    st.integers(1, 3),
 )
 
 

@@ -90,3 +90,20 @@ def test_bench_disk_quick_json_shape(short_tmp: Path) -> None:
     table = render_table(data)
     assert "randwrite_4k_qd16" in table and "goals:" in table
     assert list(tmp_path.iterdir()) == []  # the temporary image and sockets were removed
+
+
+def test_disk_micro_feeds_the_request_path_and_answers_every_receive() -> None:
+    """``python -m bench.disk_micro``: every request of every receive executed, one reply write each."""
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.disk_micro", "--requests", "512", "--qd", "16"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    data = json.loads(result.stdout)
+    assert data["requests"] == 512 and data["reply_writes"] == 512 // 16
+    assert data["cpu_us_per_request"] > 0 and data["wall_us_per_request"] > 0
