@@ -78,13 +78,22 @@ def _kill_all_in(name: str, grace: float = 2.0) -> None:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process: a zombie (killed, not yet reaped) is not.
+
+    Zombies matter here: a QEMU started by ``pair up`` outlives that command, and where PID 1 does
+    not reap orphans (containers) a killed QEMU stays a zombie, which ``kill(pid, 0)`` still finds.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 def cleanup_stale(prefix: str = DEFAULT_PREFIX) -> list[str]:

@@ -262,7 +262,11 @@ class Reprotector:
         record = self.record
         failed_over = m.failover_report.exists()
         primary_alive = m.pids.primary > 0 and pid_alive(m.pids.primary)
-        if primary_alive and not self._monitor_answers(Path(m.qmp.primary.ops[5:]), m.pids.primary):
+        if (
+            primary_alive
+            and not failed_over  # after a failover the old primary's state decides nothing
+            and not self._monitor_answers(Path(m.qmp.primary.ops[5:]), m.pids.primary)
+        ):
             raise CaseError(
                 f"the primary QEMU (pid {m.pids.primary}) runs but its ops monitor {m.qmp.primary.ops} "
                 "accepts no connection: see its log in the pair's directory"

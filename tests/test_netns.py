@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 
@@ -114,3 +115,24 @@ def test_bad_names_and_duplicates_are_clear_errors() -> None:
         with pytest.raises(NetnsError):
             ns.add_tap("tap-x")
         assert ns.name in list_namespaces()
+
+
+def test_a_zombie_is_not_alive() -> None:
+    """A killed QEMU nobody reaped yet (PID 1 of a container may never reap it) counts as dead:
+    re-protection after a failover took the old primary's zombie for a live primary."""
+    import time
+
+    from mc_driver.netns import pid_alive
+
+    child = subprocess.Popen(["true"])  # exits at once; unwaited, it stays our zombie
+    try:
+        deadline = time.monotonic() + 10
+        while pid_alive(child.pid):
+            assert time.monotonic() < deadline, "a zombie still counts as alive"
+            time.sleep(0.05)
+        with open(f"/proc/{child.pid}/stat") as stat:
+            assert stat.read().rsplit(")", 1)[1].split()[0] == "Z"  # it was a zombie, not gone
+    finally:
+        child.wait()
+    assert pid_alive(os.getpid())
+    assert not pid_alive(child.pid)
