@@ -46,6 +46,7 @@ import click
 
 from hybridft_common.cli import hybridft_command
 from hybridft_common.control import call
+from hybridft_common.processes import cpu_seconds
 from hybridft_common.stats import percentile, ratio, summarize
 
 KIB = 1024
@@ -161,14 +162,6 @@ def _wait_for_socket(path: Path, proc: subprocess.Popen[Any], timeout: float = 3
     raise click.ClickException(f"timed out waiting for {path}")
 
 
-def _cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, every thread) the process used so far."""
-    import psutil
-
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
-
-
 @contextlib.contextmanager
 def _qemu_nbd(image: Path, sock: Path) -> Iterator[int]:
     exe = shutil.which("qemu-nbd")
@@ -245,7 +238,7 @@ def _disk_serve(image: Path, directory: Path, budget: int) -> Iterator[tuple[Pat
 def _worker(sock: Path, export: str, server_pid: int, **spec: Any) -> dict[str, Any]:
     """One workload in a client process; adds the server's CPU per request over the run (a ratio
     that a noisy 2-core machine, where client and server share the cores, disturbs less than IOPS)."""
-    cpu = _cpu_seconds(server_pid)
+    cpu = cpu_seconds(server_pid)
     result = subprocess.run(
         [sys.executable, "-m", "bench.disk", str(sock), export, json.dumps(spec)],
         capture_output=True,
@@ -255,7 +248,7 @@ def _worker(sock: Path, export: str, server_pid: int, **spec: Any) -> dict[str, 
     if result.returncode != 0:
         raise click.ClickException(f"benchmark client failed: {result.stderr[-2000:]}")
     run: dict[str, Any] = json.loads(result.stdout)
-    run["server_cpu_us_per_op"] = (_cpu_seconds(server_pid) - cpu) / run["ops"] * 1e6
+    run["server_cpu_us_per_op"] = (cpu_seconds(server_pid) - cpu) / run["ops"] * 1e6
     return run
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import click
 
 from hybridft_common.control import ControlError, call
+from hybridft_common.processes import cpu_seconds
 from hybridft_common.stats import ratio, summarize
 from mc_driver.traffic import recv_exact
 
@@ -157,13 +158,6 @@ async def _pause_phase(monitor: str, seconds: float, qemu_timer_ms: int | None) 
     return _pauses_from(events)
 
 
-def _cpu_seconds(pid: int) -> float:
-    import psutil
-
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
-
-
 def _steps_p50(steps: dict[str, list[float]]) -> dict[str, float | None]:
     return {name: summarize(values)["p50"] for name, values in steps.items()}
 
@@ -214,10 +208,10 @@ def pause_phases(
         for label, flag in (("active", False), ("passive", True)):
             pair.set_mode("mc", interval_ms, passive=flag)
             progress(f"pause: daemon-fired, {label} secondary")
-            before = _cpu_seconds(secondary_pid)
+            before = cpu_seconds(secondary_pid)
             started = time.monotonic()
             pauses = asyncio.run(_pause_phase(monitor, seconds, None))
-            cpu[label] = round(100 * (_cpu_seconds(secondary_pid) - before) / (time.monotonic() - started), 1)
+            cpu[label] = round(100 * (cpu_seconds(secondary_pid) - before) / (time.monotonic() - started), 1)
             if flag:
                 passive = pauses
         pair.set_mode("mc", MANUAL_EPOCH_MS, passive=False)
@@ -294,7 +288,7 @@ def _process_cpu(pair: PairHandle) -> dict[str, float]:
     out = {}
     for role, pid in pids.items():
         with contextlib.suppress(psutil.Error):
-            out[role] = _cpu_seconds(pid)
+            out[role] = cpu_seconds(pid)
     return out
 
 

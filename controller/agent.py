@@ -75,6 +75,7 @@ from hybridft_common.control import AsyncControlClient, ControlError
 from hybridft_common.endpoints import Endpoint, parse_endpoint, start_server
 from hybridft_common.fencing import GenerationFile
 from hybridft_common.manifest import ManifestError, PairManifest, write_durably
+from hybridft_common.processes import pid_alive
 from hybridft_common.vocabulary import HELD_EVENT
 
 # what the agent reads of the secondary: a held checkpoint (HELD_EVENT) is a load as a RESUME is
@@ -280,15 +281,6 @@ def _listening(path: str) -> bool:
     return True
 
 
-def _process_alive(pid: int) -> bool:
-    """False for a process that is gone or a zombie (killed, not yet reaped by its parent)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return not stat.rsplit(") ", 1)[-1].startswith(("Z", "X"))
-
-
 async def _fence_comparator(config: PairManifest, timeline: Timeline, generation: int) -> None:
     """Best effort: the comparator refuses the old daemon and releases no more of the old primary's
     output (a dead comparator releases nothing anyway)."""
@@ -309,7 +301,7 @@ async def _fence_primary(config: PairManifest, timeline: Timeline) -> None:
 
     path = parse_endpoint(config.qmp.primary.ops).path or ""
     pid = config.pids.primary
-    if (pid > 0 and not _process_alive(pid)) or not _listening(path):
+    if (pid > 0 and not pid_alive(pid)) or not _listening(path):
         # a dead QEMU (same host: its pid; else its refusing socket): no retry loop on the hot path
         timeline.mark("primary gone (nothing to fence)")
         return

@@ -80,6 +80,7 @@ from controller.signals import CheckpointFigures, SamplerLinks, SignalSampler
 from hybridft_common import eventloop, fastpath
 from hybridft_common.control import AsyncControlClient, ControlError, serve_control
 from hybridft_common.endpoints import parse_endpoint
+from hybridft_common.processes import pid_alive
 from hybridft_common.settings import AUTO, DEFAULT_POLICY
 from hybridft_common.stats import percentile
 from hybridft_common.vocabulary import (
@@ -105,13 +106,8 @@ STAND_DOWN_GRACE = 0.2  # time for the agent to read "unprotected" before the se
 
 
 def _pid_alive(pid: int | None) -> bool:
-    if pid is None:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
+    """A pid the daemon does not know (None) counts as alive: its QMP connection decides."""
+    return pid is None or pid_alive(pid)
 
 
 class ServiceClient(AsyncControlClient):

@@ -330,13 +330,17 @@ class DiskBuffer:
             return
         store = self._store
         size = store.size
+        refused: WriteBatchError | None = None  # the first write out of range; those before it apply
         if min(offsets) < 0 or max(map(add, offsets, map(len, payloads))) > size:
-            # applied up to the first write out of range, which is refused below
             ranges = enumerate(zip(offsets, payloads, strict=True))
             count = next(i for i, (o, d) in ranges if o < 0 or o + len(d) > size)
+            try:
+                store.check_range(offsets[count], len(payloads[count]))
+            except DiskBufferError as exc:
+                refused = WriteBatchError(count, exc)
+        if refused is not None and count == 0:
+            raise refused  # as write() does: the range before the state
         try:
-            if count == 0:
-                store.check_range(offsets[0], len(payloads[0]))
             target = store.target(export)
         except DiskBufferError as exc:
             raise WriteBatchError(0, exc) from None
@@ -346,17 +350,14 @@ class DiskBuffer:
                     self.write(export, offsets[i], payloads[i])
                 except DiskBufferError as exc:
                     raise WriteBatchError(i, exc) from None
-        elif count:
-            done_offsets = offsets if count == len(offsets) else offsets[:count]
-            done_payloads = payloads if count == len(offsets) else payloads[:count]
+        else:
+            done_offsets = offsets if refused is None else offsets[:count]
+            done_payloads = payloads if refused is None else payloads[:count]
             target.put_many(done_offsets, done_payloads)
             if target is store.current:
                 self._journal.append_many(store.current_seq, store.current_epoch, done_offsets, done_payloads)
-        if count < len(offsets):
-            try:
-                store.check_range(offsets[count], len(payloads[count]))
-            except DiskBufferError as exc:
-                raise WriteBatchError(count, exc) from None
+        if refused is not None:
+            raise refused
 
     def write_zeroes(self, export: Export, offset: int, length: int) -> None:
         store = self._store

@@ -123,6 +123,11 @@ def _error_for(exc: BaseException, command: int) -> int:
     return nbd.EIO
 
 
+def _batch_cookie(replies: bytes, index: int) -> int:
+    """The cookie of the ``index``-th write of a batch, from its OK reply (16 bytes, cookie last)."""
+    return int.from_bytes(replies[16 * index + 8 : 16 * index + 16], "big")
+
+
 class NbdConnection(asyncio.BufferedProtocol):
     """One client: handshake first, then the request loop described in the module docstring.
 
@@ -431,7 +436,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                 failed = done + exc.index
                 if failed > done:
                     append(replies[16 * done : 16 * failed])
-                cookie = int.from_bytes(replies[16 * failed + 8 : 16 * failed + 16], "big")
+                cookie = _batch_cookie(replies, failed)
                 if not isinstance(exc.cause, HybridftError):
                     log.error("NBD WRITE at %d failed: %r", offsets[failed], exc.cause)
                 append(nbd.simple_reply(cookie, _error_for(exc.cause, CMD_WRITE)))
@@ -440,8 +445,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             except Exception as exc:  # not a refusal: nothing of the rest is known to be written
                 log.exception("NBD batch of %d writes failed", count - done)
                 for i in range(done, count):
-                    cookie = int.from_bytes(replies[16 * i + 8 : 16 * i + 16], "big")
-                    append(nbd.simple_reply(cookie, _error_for(exc, CMD_WRITE)))
+                    append(nbd.simple_reply(_batch_cookie(replies, i), _error_for(exc, CMD_WRITE)))
                 return
             append(replies[16 * done :] if done else replies)
             return

@@ -56,6 +56,7 @@ from experiments.results import (
     write_csv,
 )
 from experiments.workload import Workload, WorkloadResult, WorkloadTarget
+from hybridft_common.processes import cpu_seconds
 from hybridft_common.stats import percentile
 from hybridft_common.vocabulary import DEFAULT_EPOCH_MS
 
@@ -215,13 +216,13 @@ class _Poller:
 
 
 def _cpu_seconds(pid: int) -> float | None:
+    """None for a process that is gone (its cell then reports no CPU figure)."""
     import psutil
 
     try:
-        times = psutil.Process(pid).cpu_times()
+        return cpu_seconds(pid)
     except (psutil.Error, ValueError):
         return None
-    return float(times.user + times.system)
 
 
 def _copy_trace(live: LivePair, cell_dir: Path, t0: float, t1: float) -> list[str]:

@@ -32,6 +32,8 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from hybridft_common.processes import pid_alive
+
 DEFAULT_PREFIX = "hft-"
 DEFAULT_BRIDGE = "hftbr0"
 DEFAULT_BRIDGE_IP = "10.77.0.1/24"
@@ -75,25 +77,6 @@ def _kill_all_in(name: str, grace: float = 2.0) -> None:
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and _pids_in(name):
             time.sleep(0.05)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a running process: a zombie (killed, not yet reaped) is not.
-
-    Zombies matter here: a QEMU started by ``pair up`` outlives that command, and where PID 1 does
-    not reap orphans (containers) a killed QEMU stays a zombie, which ``kill(pid, 0)`` still finds.
-    """
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 def cleanup_stale(prefix: str = DEFAULT_PREFIX) -> list[str]:

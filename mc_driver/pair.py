@@ -72,6 +72,7 @@ from typing import Any
 from hybridft_common import manifest
 from hybridft_common.cli import hybridft_command
 from hybridft_common.endpoints import Endpoint
+from hybridft_common.processes import pid_alive, pid_exists
 from hybridft_common.secure import ChannelError, ensure_private_dir, open_nofollow
 from hybridft_common.tls import HOW_TO, TlsCreds
 from hybridft_common.vocabulary import Mode
@@ -101,7 +102,7 @@ from mc_driver.launch import (
     secondary_filter_args,
     tls_creds_object,
 )
-from mc_driver.netns import NetNamespace, NetnsError, list_namespaces, pid_alive
+from mc_driver.netns import NetNamespace, NetnsError, list_namespaces
 from mc_driver.qmp import QmpError, QmpSession
 
 GUEST_IP = "10.77.0.2"
@@ -782,7 +783,7 @@ def secondary_namespaces(pair_netns: str) -> list[str]:
 
 def _stop_pid(pid: int, grace: float) -> bool:
     """SIGTERM, wait, SIGKILL the process group led by ``pid`` (every process here leads its own session)."""
-    if not pid_alive(pid):
+    if not pid_exists(pid):  # a zombie leader still gets its group signalled, and is reaped
         return False
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -791,18 +792,11 @@ def _stop_pid(pid: int, grace: float) -> bool:
             os.kill(pid, sig)
         deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 2.0)
         while time.monotonic() < deadline:
-            if not pid_alive(pid) or _is_zombie(pid):
+            if not pid_alive(pid):
                 _reap(pid)
                 return True
             time.sleep(0.02)
     return True
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
-    except (OSError, IndexError):
-        return False
 
 
 def _reap(pid: int) -> None:

@@ -60,6 +60,7 @@ from typing import Any
 from hybridft_common import manifest
 from hybridft_common.cli import hybridft_command
 from hybridft_common.manifest import PairManifest
+from hybridft_common.processes import pid_alive
 from hybridft_common.reprotect_state import (
     Case,
     CaseError,
@@ -84,7 +85,7 @@ from mc_driver.launch import (
     monitor_args,
     secondary_filter_args,
 )
-from mc_driver.netns import NetNamespace, list_namespaces, pid_alive
+from mc_driver.netns import NetNamespace, list_namespaces
 from mc_driver.pair import (
     GUEST_IP,
     MIRROR_JOB,

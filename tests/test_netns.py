@@ -122,7 +122,7 @@ def test_a_zombie_is_not_alive() -> None:
     re-protection after a failover took the old primary's zombie for a live primary."""
     import time
 
-    from mc_driver.netns import pid_alive
+    from hybridft_common.processes import pid_alive
 
     child = subprocess.Popen(["true"])  # exits at once; unwaited, it stays our zombie
     try:

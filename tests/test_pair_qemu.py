@@ -34,6 +34,7 @@ import pytest
 
 from hybridft_common.cli import hybridft_command
 from hybridft_common.control import call
+from hybridft_common.processes import pid_alive
 from mc_driver.guest.expected import (
     BLOB_SIZE,
     BLOBD_PORT,
@@ -197,16 +198,6 @@ def secondary_status(config: dict) -> dict:
             return await session.execute("query-status")
 
     return asyncio.run(query())
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    with_state = stat.read_text().split(") ", 1)[1] if stat.exists() else "Z"
-    return not with_state.startswith("Z")
 
 
 def assert_nothing_left(workdir: Path, pids: dict[str, int]) -> None:
