@@ -59,7 +59,11 @@ from disk_buffer.journal_codec import (
     scan,
 )
 from disk_buffer.store import DiskBufferError
+from hybridft_common.fastpath import speedups
 from hybridft_common.secure import open_nofollow
+
+# the loop of append_many in C (the Python loop below is its reference), unless HYBRIDFT_PURE_PYTHON=1
+_queue_writes = None if speedups is None else speedups.journal_queue_writes
 
 FAULT_POINTS = ("journal-written", "journal-synced", "writeout-mid", "image-synced")
 
@@ -325,10 +329,13 @@ class Journal:
         pos = self._pos[f]
         pending = self._pending[f]
         start = pos
-        for offset, data in zip(offsets, payloads, strict=True):
-            length = len(data)
-            pending.append((pos, seq, epoch, offset, data, length))
-            pos += RECORD_OVERHEAD + length
+        if _queue_writes is not None:
+            pos = _queue_writes(pending, pos, seq, epoch, offsets, payloads, RECORD_OVERHEAD)
+        else:
+            for offset, data in zip(offsets, payloads, strict=True):
+                length = len(data)
+                pending.append((pos, seq, epoch, offset, data, length))
+                pos += RECORD_OVERHEAD + length
         self._pos[f] = pos
         self._pending_bytes += pos - start
         if self._pending_bytes >= self.FLUSH_AT:

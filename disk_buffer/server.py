@@ -89,6 +89,10 @@ _LARGE_REPLY = 256 << 10
 # buffer (has_room is checked after each batch, not after each write)
 _BATCH_COUNT = 1024
 _BATCH_BYTES = 1 << 20
+# A lone write goes the batch way too once the extent map and the journal queue take batches in C:
+# 40.9k instructions per request at QD1 against 45.9k one by one; in pure Python a batch of one
+# costs more than the one-by-one path (52.6k against 41.8k), so there batches start at two.
+_BATCH_MIN = 1 if fastpath.speedups is not None else 2
 
 
 class BlockBackend(Protocol):
@@ -336,7 +340,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         try:
             while True:
                 # the common case first: a run of plain writes, executed and answered as one batch
-                batch = take_writes(size, min_block, _BATCH_COUNT, _BATCH_BYTES)
+                batch = take_writes(size, min_block, _BATCH_COUNT, _BATCH_BYTES, _BATCH_MIN)
                 if batch is not None:
                     self._write_batch(export, *batch, append)
                     if not has_room():
