@@ -19,7 +19,17 @@ import pytest
 from bench.disk import render_table
 from hybridft_common.cli import hybridft_command
 
-RESULT_FIELDS = {"quick", "region_bytes", "epoch_ms", "rounds", "workloads", "commit", "writeout", "goals"}
+RESULT_FIELDS = {
+    "quick",
+    "region_bytes",
+    "epoch_ms",
+    "rounds",
+    "client",
+    "workloads",
+    "commit",
+    "writeout",
+    "goals",
+}
 #: the fields every client run reports (the worker's JSON plus the rounds it is the median of)
 RUN_FIELDS = {"ops", "errors", "seconds", "iops", "mb_s", "lat_p50_us", "lat_p99_us", "rounds_iops",
               "server_cpu_us_per_op", "client_cpu_us_per_op"}  # fmt: skip
@@ -35,16 +45,20 @@ def short_tmp() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_bench_disk_quick_json_shape(short_tmp: Path) -> None:
+@pytest.mark.parametrize("client", ["fio", "libnbd"])
+def test_bench_disk_quick_json_shape(short_tmp: Path, client: str) -> None:
+    """Both clients: fio's libnbd engine (the default, installed by ``make setup``) and Python libnbd."""
     tmp_path = short_tmp
     if shutil.which("qemu-nbd") is None:
         pytest.fail("qemu-nbd (the baseline) is not installed")
+    if client == "fio" and shutil.which("fio") is None:
+        pytest.fail("fio (the default benchmark client) is not installed: run make setup")
     # a minimal environment, but the tree under test: PYTHONPATH (if any) is what selects it
     env = {"TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
     if "PYTHONPATH" in os.environ:
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     result = subprocess.run(
-        hybridft_command("bench", "disk", "--quick", "--json"),
+        hybridft_command("bench", "disk", "--quick", "--json", "--client", client),
         capture_output=True,
         text=True,
         timeout=300,
@@ -55,6 +69,7 @@ def test_bench_disk_quick_json_shape(short_tmp: Path) -> None:
     assert set(data) == RESULT_FIELDS
     assert data["quick"] is True
     assert (data["region_bytes"], data["epoch_ms"], data["rounds"]) == (64 << 20, 100, 1)
+    assert data["client"] == client
     assert set(data["workloads"]) == {
         "randwrite_4k_qd1",
         "randwrite_4k_qd16",
