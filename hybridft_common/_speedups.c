@@ -1299,6 +1299,147 @@ static PyObject *extents_put_many(PyObject *self, PyObject *const *args, Py_ssiz
     Py_RETURN_NONE;
 }
 
+/* write_extents(fd, extents, first, stop) -> index
+ * The write-out's inner loop (DiskBuffer._apply_python): extents[first:stop] are (start, end,
+ * data) tuples in offset order; each data extent is written at its start, adjacent ones in one
+ * pwritev, all without the GIL -- one 4 KiB pwrite with the GIL taken and given back per extent
+ * cost the write-out thread 5 us per guest write and made the event loop thread wait for the GIL.
+ * Stops at the first zero extent (data None: the caller zeroes the range and goes on) or at stop;
+ * returns the index it stopped at.  OSError on a failed write, as os.pwrite raises. */
+#include <sys/uio.h>
+#include <errno.h>
+#define WRITE_EXTENTS_IOV 64
+
+typedef struct {
+    long long start;
+    Py_buffer data;
+} wx_extent;
+
+static int full_pwritev(int fd, struct iovec *iov, int cnt, long long offset)
+{
+    while (cnt > 0) {
+        ssize_t n = pwritev(fd, iov, cnt, (off_t)offset);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (n == 0) {
+            errno = ENOSPC;
+            return -1;
+        }
+        offset += n;
+        while (cnt > 0 && (size_t)n >= iov->iov_len) {
+            n -= (ssize_t)iov->iov_len;
+            iov++;
+            cnt--;
+        }
+        if (cnt > 0) {
+            iov->iov_base = (char *)iov->iov_base + n;
+            iov->iov_len -= (size_t)n;
+        }
+    }
+    return 0;
+}
+
+static PyObject *write_extents(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "write_extents takes 4 arguments");
+        return NULL;
+    }
+    long fd_value = PyLong_AsLong(args[0]);
+    if (!PyErr_Occurred() && (fd_value < 0 || fd_value > INT_MAX)) {
+        PyErr_SetString(PyExc_ValueError, "bad file descriptor");
+        return NULL;
+    }
+    int fd = (int)fd_value;
+    Py_ssize_t first = PyLong_AsSsize_t(args[2]), stop = PyLong_AsSsize_t(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "extents must be a list");
+        return NULL;
+    }
+    PyObject *extents = args[1];
+    if (stop > PyList_GET_SIZE(extents))
+        stop = PyList_GET_SIZE(extents);
+    if (first < 0 || first > stop) {
+        PyErr_SetString(PyExc_ValueError, "first out of range");
+        return NULL;
+    }
+    Py_ssize_t n = 0, end_index = first;
+    wx_extent *wx = PyMem_Calloc((size_t)(stop - first) + 1, sizeof(wx_extent));
+    if (wx == NULL)
+        return PyErr_NoMemory();
+    int failed = 0;
+    for (Py_ssize_t i = first; i < stop; i++) { /* with the GIL: the buffers and offsets */
+        PyObject *item = PyList_GET_ITEM(extents, i);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3) {
+            PyErr_SetString(PyExc_TypeError, "an extent is a (start, end, data) tuple");
+            failed = 1;
+            break;
+        }
+        PyObject *data = PyTuple_GET_ITEM(item, 2);
+        if (data == Py_None)
+            break;
+        long long start = long_value(PyTuple_GET_ITEM(item, 0));
+        long long end = long_value(PyTuple_GET_ITEM(item, 1));
+        if (PyErr_Occurred()) {
+            failed = 1;
+            break;
+        }
+        if (start < 0) {
+            PyErr_SetString(PyExc_ValueError, "negative extent start");
+            failed = 1;
+            break;
+        }
+        if (PyObject_GetBuffer(data, &wx[n].data, PyBUF_SIMPLE) < 0) {
+            failed = 1;
+            break;
+        }
+        if (wx[n].data.len != end - start) {
+            PyBuffer_Release(&wx[n].data);
+            PyErr_SetString(PyExc_ValueError, "an extent's data is not end - start bytes");
+            failed = 1;
+            break;
+        }
+        wx[n].start = start;
+        n++;
+        end_index = i + 1;
+    }
+    int err = 0;
+    if (!failed && n > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        struct iovec iov[WRITE_EXTENTS_IOV];
+        Py_ssize_t k = 0;
+        while (k < n && !err) {
+            int cnt = 0;
+            long long at = wx[k].start, next = at;
+            while (k < n && cnt < WRITE_EXTENTS_IOV && wx[k].start == next) {
+                iov[cnt].iov_base = wx[k].data.buf;
+                iov[cnt].iov_len = (size_t)wx[k].data.len;
+                next += wx[k].data.len;
+                cnt++;
+                k++;
+            }
+            if (full_pwritev(fd, iov, cnt, at) < 0)
+                err = errno;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    for (Py_ssize_t k = 0; k < n; k++)
+        PyBuffer_Release(&wx[k].data);
+    PyMem_Free(wx);
+    if (failed)
+        return NULL;
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromSsize_t(end_index);
+}
+
 static PyMethodDef methods[] = {
     {"decode_records", (PyCFunction)(void (*)(void))decode_records, METH_FASTCALL,
      "decode_records(buf, start, end, vnet_hdr, max_record) -> (frames, headers, pos, nbytes, error)"},
@@ -1321,6 +1462,8 @@ static PyMethodDef methods[] = {
      "journal_queue_writes(pending, pos, seq, epoch, offsets, payloads, overhead) -> end position"},
     {"extents_put_many", (PyCFunction)(void (*)(void))extents_put_many, METH_FASTCALL,
      "extents_put_many(extent_map, offsets, payloads, region_type, overhead, region_shift) -> None"},
+    {"write_extents", (PyCFunction)(void (*)(void))write_extents, METH_FASTCALL,
+     "write_extents(fd, extents, first, stop) -> index of the first extent not written"},
     {NULL, NULL, 0, NULL},
 };
 
