@@ -17,6 +17,15 @@
 #include <stdint.h>
 #include <string.h>
 
+/* Every function below is METH_FASTCALL with a fixed argument count: refuse any other. */
+#define REQUIRE_NARGS(name, count)                                                                  \
+    do {                                                                                            \
+        if (nargs != (count)) {                                                                     \
+            PyErr_Format(PyExc_TypeError, "%s takes %d arguments (%zd given)", (name), (count), nargs); \
+            return NULL;                                                                            \
+        }                                                                                           \
+    } while (0)
+
 static inline uint32_t be32(const unsigned char *p)
 {
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
@@ -58,10 +67,7 @@ static int get_span(PyObject *obj, Py_ssize_t start, Py_ssize_t end, Py_buffer *
  * vnet_hdr; pos is the first unconsumed byte; error is None or the FrameTooLarge message. */
 static PyObject *decode_records(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "decode_records takes 5 arguments");
-        return NULL;
-    }
+    REQUIRE_NARGS("decode_records", 5);
     Py_ssize_t start = PyLong_AsSsize_t(args[1]);
     Py_ssize_t end = PyLong_AsSsize_t(args[2]);
     int vnet = PyObject_IsTrue(args[3]);
@@ -150,10 +156,7 @@ fail:
 /* encode_records(frames, vnet_headers_or_None) -> bytes: the body of transport.encode_frames. */
 static PyObject *encode_records(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "encode_records takes 2 arguments");
-        return NULL;
-    }
+    REQUIRE_NARGS("encode_records", 2);
     PyObject *frames = PySequence_Fast(args[0], "frames must be a sequence");
     if (frames == NULL)
         return NULL;
@@ -327,10 +330,7 @@ static int scan_primary_one(PyObject *frame, const unsigned char *p, const run_h
  * Comparator._feed_colo_primary does.  Returns at the first frame that does not continue it. */
 static PyObject *scan_primary_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 11) {
-        PyErr_SetString(PyExc_TypeError, "scan_primary_run takes 11 arguments");
-        return NULL;
-    }
+    REQUIRE_NARGS("scan_primary_run", 11);
     PyObject *frames = args[0], *parts = args[7], *held_append = args[8], *now = args[9], *track = args[10];
     Py_ssize_t i = PyLong_AsSsize_t(args[1]);
     long long rnxt = PyLong_AsLongLong(args[3]), rend = PyLong_AsLongLong(args[4]);
@@ -376,10 +376,7 @@ fail:
  * The same for the secondary (no held frames, no client tracker). */
 static PyObject *scan_secondary_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "scan_secondary_run takes 7 arguments");
-        return NULL;
-    }
+    REQUIRE_NARGS("scan_secondary_run", 7);
     PyObject *frames = args[0], *parts = args[6];
     Py_ssize_t i = PyLong_AsSsize_t(args[1]);
     long long rnxt = PyLong_AsLongLong(args[3]), rend = PyLong_AsLongLong(args[4]);
@@ -421,10 +418,7 @@ static PyObject *scan_secondary_run(PyObject *self, PyObject *const *args, Py_ss
  * (sack, -1 = none), in serial arithmetic.  The counting loop of Comparator._advance_tcp. */
 static PyObject *releasable(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "releasable takes 3 arguments");
-        return NULL;
-    }
+    REQUIRE_NARGS("releasable", 3);
     long long v = PyLong_AsLongLong(args[1]), sack = PyLong_AsLongLong(args[2]);
     if (PyErr_Occurred())
         return NULL;
@@ -479,10 +473,7 @@ static inline uint64_t be64(const unsigned char *p) { return ((uint64_t)be32(p) 
  * start/need/discard back (need and discard are -1 where next_request leaves them unchanged). */
 static PyObject *nbd_next_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "nbd_next_request takes 5 arguments");
-        return NULL;
-    }
+    REQUIRE_NARGS("nbd_next_request", 5);
     Py_ssize_t start = PyLong_AsSsize_t(args[1]), end = PyLong_AsSsize_t(args[2]);
     long long max_payload = PyLong_AsLongLong(args[3]);
     if (PyErr_Occurred())
@@ -589,10 +580,7 @@ static PyObject *nbd_next_request(PyObject *self, PyObject *const *args, Py_ssiz
  * min_count plain writes. */
 static PyObject *nbd_take_writes(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "nbd_take_writes takes 9 arguments");
-        return NULL;
-    }
+    REQUIRE_NARGS("nbd_take_writes", 9);
     Py_ssize_t start = PyLong_AsSsize_t(args[1]), end = PyLong_AsSsize_t(args[2]);
     long long max_payload = PyLong_AsLongLong(args[3]);
     unsigned long long size = PyLong_AsUnsignedLongLong(args[4]);
@@ -859,10 +847,7 @@ typedef struct {
  * while the journal thread encodes. */
 static PyObject *journal_encode_records(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "journal_encode_records takes 3 arguments");
-        return NULL;
-    }
+    REQUIRE_NARGS("journal_encode_records", 3);
     unsigned long generation = PyLong_AsUnsignedLong(args[0]);
     if (PyErr_Occurred())
         return NULL;
@@ -1026,10 +1011,7 @@ fail:
  * write, appended to the list `pending`, positions allocated back to back from `pos`. */
 static PyObject *journal_queue_writes(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "journal_queue_writes takes 7 arguments");
-        return NULL;
-    }
+    REQUIRE_NARGS("journal_queue_writes", 7);
     PyObject *pending = args[0], *seq = args[2], *epoch = args[3], *offsets = args[4], *payloads = args[5];
     long long pos = PyLong_AsLongLong(args[1]), overhead = PyLong_AsLongLong(args[6]);
     if (PyErr_Occurred())
@@ -1221,10 +1203,7 @@ out:
  * order, with the map's data_bytes kept exact even when a write fails part way. */
 static PyObject *extents_put_many(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "extents_put_many takes 6 arguments");
-        return NULL;
-    }
+    REQUIRE_NARGS("extents_put_many", 6);
     PyObject *map = args[0], *offsets = args[1], *payloads = args[2], *region_type = args[3];
     long long overhead = long_value(args[4]);
     long shift = PyLong_AsLong(args[5]);
@@ -1360,10 +1339,7 @@ static int full_pwritev(int fd, struct iovec *iov, int cnt, long long offset)
 
 static PyObject *write_extents(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "write_extents takes 4 arguments");
-        return NULL;
-    }
+    REQUIRE_NARGS("write_extents", 4);
     long fd_value = PyLong_AsLong(args[0]);
     if (!PyErr_Occurred() && (fd_value < 0 || fd_value > INT_MAX)) {
         PyErr_SetString(PyExc_ValueError, "bad file descriptor");
