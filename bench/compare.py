@@ -53,6 +53,7 @@ from bench.frames import (
 from colo_compare.transport import FrameDecoder, encode_frames
 from hybridft_common.cli import hybridft_command
 from hybridft_common.control import decode_reply, encode_request
+from hybridft_common.processes import cpu_seconds
 from hybridft_common.stats import percentile, ratio
 
 # ------------------------------------------------------------------------------------------------
@@ -319,10 +320,12 @@ def run_end_to_end(
         sink.start()
         sink_conn.recv()
         _wait_connected(svc)
+        cpu_start = cpu_seconds(svc.proc.pid)
         gen_conn.send("go")
         if daemon is not None:
             daemon(svc, lambda: sink_conn.poll(), meta)
         result = sink_conn.recv()
+        cpu_used = cpu_seconds(svc.proc.pid) - cpu_start
         timing = gen_conn.recv()
         stats = svc.ctl("stats")
         gen_conn.send("done")
@@ -341,6 +344,10 @@ def run_end_to_end(
         "framing_errors": sum(stats["transport"]["framing_errors"].values()),
         "service_hold_p50_us": stats["transport"]["hold_us"].get("p50"),
         "service_hold_p99_us": stats["transport"]["hold_us"].get("p99"),
+        # the service's CPU per primary frame over the run: whether it was saturated (a paced run
+        # whose service needs more than 1 s of CPU per second queues, whatever its bulk rate)
+        "service_cpu_us_per_frame": round(cpu_used / max(result["frames"], 1) * 1e6, 2),
+        "service_cpu_share": round(cpu_used / elapsed, 3),
     }
     sent_ns = timing.get("sent_ns", [])
     lat_ns = [t - sent_ns[i] for i, t in result["arrivals"] if i < len(sent_ns)]
@@ -529,7 +536,8 @@ def _fmt(v: Any) -> str:
 def render_table(res: dict[str, Any]) -> str:
     lines = [
         f"{'scenario':<11} {'service':<10} {'frames':>9} {'frames/s':>10} {'Mbit/s':>9} {'x relay':>8} "
-        f"{'p50 us':>8} {'p99 us':>8} {'hold50':>8} {'hold99':>8} {'diverg.':>7} {'ckpts':>6}",
+        f"{'p50 us':>8} {'p99 us':>8} {'hold50':>8} {'hold99':>8} {'diverg.':>7} {'ckpts':>6} "
+        f"{'cpu us/f':>8} {'cpu %':>6}",
     ]
     for name, sc in res["scenarios"].items():
         for who in ("comparator", "relay"):
@@ -541,7 +549,8 @@ def render_table(res: dict[str, Any]) -> str:
                 f"{_fmt(r.get('mbit_per_s')):>9} {_fmt(r.get('ratio_to_relay')):>8} "
                 f"{_fmt(r.get('latency_p50_us')):>8} {_fmt(r.get('latency_p99_us')):>8} "
                 f"{_fmt(r.get('service_hold_p50_us')):>8} {_fmt(r.get('service_hold_p99_us')):>8} "
-                f"{_fmt(r['divergences']):>7} {_fmt(r['checkpoints']):>6}"
+                f"{_fmt(r['divergences']):>7} {_fmt(r['checkpoints']):>6} "
+                f"{r['service_cpu_us_per_frame']:>8.2f} {r['service_cpu_share'] * 100:>6.0f}"
             )
     core = res["core"]
     det = res["detections"]
@@ -552,7 +561,9 @@ def render_table(res: dict[str, Any]) -> str:
         f"core alone, COLO bulk: {_fmt(core['colo_core']['frames_per_s'])} frames/s",
         f"latency load: {_fmt(res['scenarios']['latency']['rate_frames_per_s'])} frames/s "
         "(50% of the comparator's bulk rate); p50/p99 = generator send -> sink arrival, "
-        "hold50/hold99 = inside the service (arrival -> release, sampled, last 8192)",
+        "hold50/hold99 = inside the service (arrival -> release, sampled, last 8192); cpu us/f, cpu % = "
+        "the service's CPU per primary frame and its share of one core over the run (10 ms CPU ticks: "
+        "a run of a few ms, like divergence, reads coarse)",
         f"false miscompares: {res['false_miscompares']} over {_fmt(res['frames_compared'])} "
         "compared primary frames",
         f"injected divergences: {det['injected']}, detected {det['detected']}, "
