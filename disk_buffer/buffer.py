@@ -131,6 +131,14 @@ def _io_error(what: str, exc: OSError) -> DiskBufferError:
     return DiskBufferError(f"{what}: {exc.strerror or exc}", code)
 
 
+def _extents_of(batch: list[SealedEpoch]) -> list[tuple[int, int, bytes | None]]:
+    """The write-out's work for ``batch``: every sealed epoch's extents, oldest epoch first."""
+    extents: list[tuple[int, int, bytes | None]] = []
+    for sealed in batch:
+        extents.extend(sealed.extents.items())
+    return extents
+
+
 class DiskBuffer:
     """Both NBD exports over one raw image and one state directory.  Use :meth:`open`."""
 
@@ -582,9 +590,7 @@ class DiskBuffer:
         """Write ``batch``'s extents to IMG (not synced); False if a simulated crash stopped it.
         The reference of :meth:`_apply_compiled`."""
         fd = self._fd
-        extents: list[tuple[int, int, bytes | None]] = []
-        for sealed in batch:
-            extents.extend(sealed.extents.items())
+        extents = _extents_of(batch)
         middle = len(extents) // 2
         for i, (start, end, data) in enumerate(extents):
             if self._crashing:
@@ -607,9 +613,7 @@ class DiskBuffer:
         assert available is not None
         write_extents = available.write_extents
         fd = self._fd
-        extents: list[tuple[int, int, bytes | None]] = []
-        for sealed in batch:
-            extents.extend(sealed.extents.items())
+        extents = _extents_of(batch)
         middle = len(extents) // 2
         i, count = 0, len(extents)
         while i < count:

@@ -836,7 +836,6 @@ typedef struct {
     unsigned char *header; /* inside a glue buffer */
     unsigned char *crc;    /* inside a glue buffer */
     Py_buffer payload;     /* .obj NULL for a zero extent */
-    uint32_t value;        /* the record's CRC */
 } jr_record;
 
 /* journal_encode_records(generation, records, group_crcs) -> list of buffers
@@ -951,7 +950,6 @@ static PyObject *journal_encode_records(PyObject *self, PyObject *const *args, P
         uint32_t v = crc32_update(0, rec[i].header, JR_HEADER);
         if (rec[i].payload.obj != NULL)
             v = crc32_update(v, rec[i].payload.buf, (size_t)rec[i].payload.len);
-        rec[i].value = v;
         put_le32(rec[i].crc, v);
     }
     if (saved != NULL)
@@ -1055,26 +1053,7 @@ static inline long long long_value(PyObject *obj)
 #endif
 }
 
-static PyObject *s_regions, *s_data_bytes, *s_starts, *s_ends, *s_datas, *s_put;
-
-static int add_to_attr(PyObject *obj, PyObject *name, long long delta)
-{
-    if (delta == 0)
-        return 0;
-    PyObject *old = PyObject_GetAttr(obj, name);
-    if (old == NULL)
-        return -1;
-    long long v = long_value(old);
-    Py_DECREF(old);
-    if (v == -1 && PyErr_Occurred())
-        return -1;
-    PyObject *nv = PyLong_FromLongLong(v + delta);
-    if (nv == NULL)
-        return -1;
-    int rc = PyObject_SetAttr(obj, name, nv);
-    Py_DECREF(nv);
-    return rc;
-}
+static PyObject *s_regions, *s_data_bytes, *s_starts, *s_ends, *s_datas;
 
 static int get_long_attr(PyObject *obj, PyObject *name, long long *out)
 {
@@ -1086,10 +1065,25 @@ static int get_long_attr(PyObject *obj, PyObject *name, long long *out)
     return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
+/* obj.name += delta */
+static int add_to_attr(PyObject *obj, PyObject *name, long long delta)
+{
+    long long v;
+    if (delta == 0)
+        return 0;
+    if (get_long_attr(obj, name, &v) < 0)
+        return -1;
+    PyObject *nv = PyLong_FromLongLong(v + delta);
+    if (nv == NULL)
+        return -1;
+    int rc = PyObject_SetAttr(obj, name, nv);
+    Py_DECREF(nv);
+    return rc;
+}
+
 /* One write inside one region: the two cases a VM's writes nearly always are (an exact rewrite of
  * an extent, or a range that overlaps nothing) in C; anything else through region.put.
- * Returns the change in the region's data_bytes, or -1 with an exception (never a real delta:
- * a write adds at least nothing and removes at most what it replaces... so signal via *err). */
+ * 0 with *delta set to the change in the region's data_bytes, or -1 with an exception. */
 static int region_put(PyObject *region, long long start, long long end, PyObject *data, long long overhead,
                       long shift, long long *delta)
 {
@@ -1104,6 +1098,8 @@ static int region_put(PyObject *region, long long start, long long end, PyObject
         goto out;
     }
     Py_ssize_t n = PyList_GET_SIZE(starts);
+    if (PyList_GET_SIZE(ends) != n || PyList_GET_SIZE(datas) != n)
+        goto slow; /* not a state put() leaves: let it say what is wrong */
     Py_ssize_t lo = 0, hi = n;
     if (n > 0) {
         /* First probe where the start would be if the region's extents were evenly spread: in a
@@ -1133,7 +1129,7 @@ static int region_put(PyObject *region, long long start, long long end, PyObject
     }
     Py_ssize_t i = lo - 1;
     long long cost = overhead + (data != Py_None ? end - start : 0);
-    if (i >= 0 && PyList_GET_SIZE(ends) == n && PyList_GET_SIZE(datas) == n) {
+    if (i >= 0) {
         long long s_i = long_value(PyList_GET_ITEM(starts, i));
         long long e_i = long_value(PyList_GET_ITEM(ends, i));
         if (PyErr_Occurred())
@@ -1160,8 +1156,6 @@ static int region_put(PyObject *region, long long start, long long end, PyObject
             if (s_next < end)
                 goto slow;
         }
-        if (PyList_GET_SIZE(ends) != n || PyList_GET_SIZE(datas) != n)
-            goto slow;
         PyObject *ps = PyLong_FromLongLong(start), *pe = PyLong_FromLongLong(end);
         if (ps == NULL || pe == NULL || PyList_Insert(starts, first, ps) < 0) {
             Py_XDECREF(ps);
@@ -1472,8 +1466,7 @@ PyMODINIT_FUNC PyInit__speedups(void)
     s_starts = PyUnicode_InternFromString("starts");
     s_ends = PyUnicode_InternFromString("ends");
     s_datas = PyUnicode_InternFromString("datas");
-    s_put = PyUnicode_InternFromString("put");
-    if (!s_regions || !s_data_bytes || !s_starts || !s_ends || !s_datas || !s_put)
+    if (!s_regions || !s_data_bytes || !s_starts || !s_ends || !s_datas)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && PyModule_AddIntConstant(m, "crc32_clmul", crc_use_clmul) < 0) {
