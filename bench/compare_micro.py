@@ -32,16 +32,18 @@ from bench.frames import (
 )
 
 BATCH = 64
-WORKLOADS = ("bulk", "rpc")
+WORKLOADS = ("bulk", "rpc", "bursts")
 
 
 def build(kind: str, frames_target: int) -> tuple[list[list[bytes]], list[list[bytes]], int]:
     """Batches of primary and secondary frames, interleaved chunk by chunk as the shell sees them.
 
     bulk: 8 flows, primary 1448-byte segments, secondary 1000/1448.  rpc: 64 flows, primary
-    100-byte segments, secondary 100/200/100.  Returns (primary batches, secondary batches,
-    primary frame count).
+    100-byte segments, secondary 100/200/100.  bursts: see :func:`_build_bursts`.  Returns
+    (primary batches, secondary batches, primary frame count).
     """
+    if kind == "bursts":
+        return _build_bursts(frames_target)
     flows = 8 if kind == "bulk" else 64
     seg = 1448 if kind == "bulk" else 100
     sec_sizes = [1000, 1448] if kind == "bulk" else [seg, 2 * seg, seg]
@@ -60,6 +62,29 @@ def build(kind: str, frames_target: int) -> tuple[list[list[bytes]], list[list[b
     p_batches = [p_frames[i : i + BATCH] for i in range(0, len(p_frames), BATCH)]
     s_batches = [s_frames[i : i + BATCH] for i in range(0, len(s_frames), BATCH)]
     return p_batches, s_batches, len(p_frames)
+
+
+def _build_bursts(frames_target: int) -> tuple[list[list[bytes]], list[list[bytes]], int]:
+    """The pattern of ``bench compare``'s latency scenario: 4 flows, each burst 2 segments of 1448
+    bytes per flow on the primary and 1000/1448/448 on the secondary, one burst per batch (a paced
+    sender: each read finds one burst).  Short runs per flow: the per-run cost, not the per-byte."""
+    flows, burst, seg = 4, 2, 1448
+    nbursts = max(1, frames_target // (flows * burst))
+    data = payload_bytes(nbursts * burst * seg, 7)
+    p_batches: list[list[bytes]] = []
+    s_batches: list[list[bytes]] = []
+    size = burst * seg
+    for b in range(nbursts):
+        piece = data[b * size : (b + 1) * size]
+        p: list[bytes] = []
+        s: list[bytes] = []
+        for f in range(flows):
+            p += stream(10000 + f, piece, [seg], 1000 * f + 5, PRIMARY_LOOK, syn=b == 0, start=b * size)
+            s += stream(10000 + f, piece, [1000, 1448, 448], 7_000_000 + 3 * f, PLAIN_SECONDARY_LOOK,
+                        syn=b == 0, start=b * size)  # fmt: skip
+        p_batches.append(p)
+        s_batches.append(s)
+    return p_batches, s_batches, sum(map(len, p_batches))
 
 
 def run(kind: str, frames_target: int, setup_only: bool) -> dict[str, object]:

@@ -220,8 +220,7 @@ _FRAME_OF = itemgetter(2)  # the frame of a held (end, ack, frame, arrival) entr
 _KEY_ACK4 = struct.Struct(">26x12s4xI")  # the flow key and ACK number (at the IPv4/TCP fast offsets)
 _ACK4 = struct.Struct(">12xIH2xI22xH")  # the rest of what the client tracker checks, as in _FAST4
 if available is not None:  # bound whenever built: tests run both implementations
-    _scan_primary_run = available.scan_primary_run
-    _scan_secondary_run = available.scan_secondary_run
+    _feed_runs = available.colo_feed_runs
     _releasable = available.releasable
 _MAX_CLIENT_FLOWS = 1 << 16  # flows whose ACK baseline the client tracker keeps (then it forgets all)
 
@@ -976,93 +975,77 @@ class Comparator:
         return list(touched)
 
     def _feed_colo_primary_compiled(self, frames: Iterable[bytes], now: float) -> list[object]:
-        """:meth:`_feed_colo_primary_python` with the open run continued in C
-        (``_speedups.scan_primary_run``: the "continues the open run" branch, frame by frame,
-        until a frame does not continue it).  Everything else is the same Python."""
+        """:meth:`_feed_colo_primary_python` with its in-order runs of IPv4/TCP frames in C, whole
+        (``_speedups.colo_feed_runs``: start, continue, then :meth:`_flush_primary_run`, so a
+        burst of short runs on many flows costs no Python per run).  It stops at each frame that
+        starts no run there (another protocol, a new flow, out of order, SYN/FIN/RST); that one
+        frame goes through :meth:`_one_primary_frame`, then the C loop goes on."""
         if type(frames) is not list:
             frames = list(frames)
         touched: dict[object, None] = {}
         tcp = self._tcp
-        fast4 = _FAST4.unpack_from
         comparing = not self._pending
-        rflow: _TcpFlow | None = None
-        rkey: bytes | None = None
-        rnxt = -1
-        rbegin = rend = 0
-        parts: list[bytes] = []
-        rack = -1
-        held_append = None
         track = self._client.one
-        cack = -1
-        scan = _scan_primary_run
+        segments = self._primary_segments
         i = 0
         nframes = len(frames)
-        while i < nframes:
-            if rflow is not None and type(rkey) is bytes and len(rkey) == 12:
-                i, rnxt, rend, rack, cack = scan(
-                    frames, i, rkey, rnxt, rend, rack, cack, parts, held_append, now, track
-                )
-                if i == nframes:
-                    break
-            frame = frames[i]
+        while True:
+            i, delta = _feed_runs(frames, i, tcp, touched, True, comparing, now, track, _ensure, segments)
+            if delta:
+                self._sec_bytes += delta
+            if i >= nframes:
+                return list(touched)
+            self._one_primary_frame(frames[i], now, touched, comparing)
             i += 1
-            n = len(frame)
-            if n >= 54:
-                w1, tot, w2, key, seq, ack, offflags = fast4(frame)
-                ip_end = 14 + tot
-                pstart = 34 + ((offflags >> 10) & 0x3C)
-                fast = (
-                    w1 & 0xFFFFFF00 == 0x08004500 and w2 & 0x3FFF00FF == 6 and offflags >= 0x5000
-                    and pstart <= ip_end <= n
-                )  # fmt: skip
-            else:
-                fast = False
-            if rflow is not None:
-                self._flush_primary_run(rflow, rbegin, rend, rnxt, parts, rack, comparing)
-                rflow = rkey = None
-                rnxt = -1
-            if not fast:
-                parsed = self._classify_slow(frame, now, True)
-                if type(parsed) is not tuple:
-                    touched[parsed] = None
-                    continue
-                key, seq, ack, offflags, pstart, ip_end = parsed
-            flow = tcp.get(key)
-            if flow is None:
-                flow = tcp[key] = _TcpFlow(key)
-            side = flow.p
-            touched[flow] = None
-            plen = ip_end - pstart
-            if seq == side.nxt and not offflags & 7:
-                rflow, rkey = flow, key
-                rbegin = rend = side.end
-                rnxt = seq
-                parts = []
-                if plen:
-                    parts.append(frame[pstart:ip_end])
-                    rend += plen
-                    rnxt = (seq + plen) & 0xFFFFFFFF
-                held_append = flow.held.append
-                if offflags & 0x10:
-                    rack = ack
-                    cack = track(key, ack, offflags, plen > 0)
-                    held_append((rend, ack, frame, now))
-                else:
-                    rack = cack = -1
-                    held_append((rend, -1, frame, now))
-                continue
-            end = self._tcp_segment(flow, side, True, seq, offflags & 0x3F, frame, pstart, plen)
-            flow = tcp[key]
-            touched[flow] = None
-            if offflags & 0x10:
-                flow.p.ack = ack
-                track(key, ack, offflags, plen > 0)
-                flow.held.append((end, ack, frame, now))
-            else:
-                flow.held.append((end, -1, frame, now))
-        if rflow is not None:
-            self._flush_primary_run(rflow, rbegin, rend, rnxt, parts, rack, comparing)
-        return list(touched)
+
+    def _one_primary_frame(
+        self, frame: bytes, now: float, touched: dict[object, None], comparing: bool
+    ) -> None:
+        """The reference loop's body for one primary frame outside a C run.  A run it starts (in
+        order, so an IPv6 one: nothing else continues it in the reference either) is stored at
+        once, where the reference stores it at the next frame; nothing in between touches it."""
+        n = len(frame)
+        if n >= 54:
+            w1, tot, w2, key, seq, ack, offflags = _FAST4.unpack_from(frame)
+            ip_end = 14 + tot
+            pstart = 34 + ((offflags >> 10) & 0x3C)
+            fast = (
+                w1 & 0xFFFFFF00 == 0x08004500 and w2 & 0x3FFF00FF == 6 and offflags >= 0x5000
+                and pstart <= ip_end <= n
+            )  # fmt: skip
+        else:
+            fast = False
+        if not fast:
+            parsed = self._classify_slow(frame, now, True)
+            if type(parsed) is not tuple:
+                touched[parsed] = None
+                return
+            key, seq, ack, offflags, pstart, ip_end = parsed
+        tcp = self._tcp
+        flow = tcp.get(key)
+        if flow is None:
+            flow = tcp[key] = _TcpFlow(key)
+        side = flow.p
+        touched[flow] = None
+        plen = ip_end - pstart
+        if seq == side.nxt and not offflags & 7:
+            begin = side.end
+            held_ack = ack if offflags & 0x10 else -1
+            if held_ack >= 0:
+                self._client.one(key, ack, offflags, plen > 0)
+            flow.held.append((begin + plen, held_ack, frame, now))
+            parts = [frame[pstart:ip_end]] if plen else []
+            self._flush_primary_run(flow, begin, begin + plen, (seq + plen) & _M, parts, held_ack, comparing)
+            return
+        end = self._tcp_segment(flow, side, True, seq, offflags & 0x3F, frame, pstart, plen)
+        flow = tcp[key]
+        touched[flow] = None
+        if offflags & 0x10:
+            flow.p.ack = ack
+            self._client.one(key, ack, offflags, plen > 0)
+            flow.held.append((end, ack, frame, now))
+        else:
+            flow.held.append((end, -1, frame, now))
 
     def _flush_primary_run(
         self, flow: _TcpFlow, begin: int, end: int, nxt: int, parts: list[bytes], ack: int, comparing: bool
@@ -1194,75 +1177,62 @@ class Comparator:
         return list(touched)
 
     def _feed_colo_secondary_compiled(self, frames: Iterable[bytes], now: float) -> list[object]:
-        """:meth:`_feed_colo_secondary_python` with the open run continued in C
-        (``_speedups.scan_secondary_run``)."""
+        """:meth:`_feed_colo_secondary_python` with its in-order IPv4/TCP runs in C, whole (see
+        :meth:`_feed_colo_primary_compiled`)."""
         if type(frames) is not list:
             frames = list(frames)
         touched: dict[object, None] = {}
         tcp = self._tcp
-        fast4 = _FAST4.unpack_from
-        rflow: _TcpFlow | None = None
-        rkey: bytes | None = None
-        rnxt = -1
-        rbegin = rend = 0
-        parts: list[bytes] = []
-        rack = -1
-        scan = _scan_secondary_run
+        segments = self._secondary_segments
         i = 0
         nframes = len(frames)
-        while i < nframes:
-            if rflow is not None and type(rkey) is bytes and len(rkey) == 12:
-                i, rnxt, rend, rack = scan(frames, i, rkey, rnxt, rend, rack, parts)
-                if i == nframes:
-                    break
-            frame = frames[i]
+        while True:
+            i, delta = _feed_runs(frames, i, tcp, touched, False, True, now, None, _ensure, segments)
+            if delta:
+                self._sec_bytes += delta
+            if i >= nframes:
+                return list(touched)
+            self._one_secondary_frame(frames[i], now, touched)
             i += 1
-            n = len(frame)
-            if n >= 54:
-                w1, tot, w2, key, seq, ack, offflags = fast4(frame)
-                ip_end = 14 + tot
-                pstart = 34 + ((offflags >> 10) & 0x3C)
-                fast = (
-                    w1 & 0xFFFFFF00 == 0x08004500 and w2 & 0x3FFF00FF == 6 and offflags >= 0x5000
-                    and pstart <= ip_end <= n
-                )  # fmt: skip
-            else:
-                fast = False
-            if rflow is not None:
-                self._flush_secondary_run(rflow, rbegin, rend, rnxt, parts, rack)
-                rflow = rkey = None
-                rnxt = -1
-            if not fast:
-                parsed = self._classify_slow(frame, now, False)
-                if type(parsed) is not tuple:
-                    touched[parsed] = None
-                    continue
-                key, seq, ack, offflags, pstart, ip_end = parsed
-            flow = tcp.get(key)
-            if flow is None:
-                flow = tcp[key] = _TcpFlow(key)
-            side = flow.s
-            touched[flow] = None
-            plen = ip_end - pstart
-            if seq == side.nxt and not offflags & 7:
-                rflow, rkey = flow, key
-                rbegin = rend = side.end
-                rnxt = seq
-                parts = []
-                if plen:
-                    parts.append(frame[pstart:ip_end])
-                    rend += plen
-                    rnxt = (seq + plen) & 0xFFFFFFFF
-                rack = ack if offflags & 0x10 else -1
-                continue
-            self._tcp_segment(flow, side, False, seq, offflags & 0x3F, frame, pstart, plen)
-            flow = tcp[key]
-            touched[flow] = None
-            if offflags & 0x10:
-                flow.s.ack = ack
-        if rflow is not None:
-            self._flush_secondary_run(rflow, rbegin, rend, rnxt, parts, rack)
-        return list(touched)
+
+    def _one_secondary_frame(self, frame: bytes, now: float, touched: dict[object, None]) -> None:
+        """:meth:`_one_primary_frame` for the secondary."""
+        n = len(frame)
+        if n >= 54:
+            w1, tot, w2, key, seq, ack, offflags = _FAST4.unpack_from(frame)
+            ip_end = 14 + tot
+            pstart = 34 + ((offflags >> 10) & 0x3C)
+            fast = (
+                w1 & 0xFFFFFF00 == 0x08004500 and w2 & 0x3FFF00FF == 6 and offflags >= 0x5000
+                and pstart <= ip_end <= n
+            )  # fmt: skip
+        else:
+            fast = False
+        if not fast:
+            parsed = self._classify_slow(frame, now, False)
+            if type(parsed) is not tuple:
+                touched[parsed] = None
+                return
+            key, seq, ack, offflags, pstart, ip_end = parsed
+        tcp = self._tcp
+        flow = tcp.get(key)
+        if flow is None:
+            flow = tcp[key] = _TcpFlow(key)
+        side = flow.s
+        touched[flow] = None
+        plen = ip_end - pstart
+        if seq == side.nxt and not offflags & 7:
+            begin = side.end
+            parts = [frame[pstart:ip_end]] if plen else []
+            self._flush_secondary_run(
+                flow, begin, begin + plen, (seq + plen) & _M, parts, ack if offflags & 0x10 else -1
+            )
+            return
+        self._tcp_segment(flow, side, False, seq, offflags & 0x3F, frame, pstart, plen)
+        flow = tcp[key]
+        touched[flow] = None
+        if offflags & 0x10:
+            flow.s.ack = ack
 
     def _flush_secondary_run(
         self, flow: _TcpFlow, begin: int, end: int, nxt: int, parts: list[bytes], ack: int

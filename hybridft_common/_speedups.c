@@ -9,7 +9,9 @@
  * time (see hybridft_common/fastpath.py, the only importer of this module).
  *
  * Every function is stateless: the callers keep their state in Python objects and pass it in and
- * out explicitly, so the Python and the C versions share one class and one set of attributes.
+ * out explicitly, or (colo_feed_runs, extents_put_many) the function reads and writes the very
+ * attributes the Python code uses, so the Python and the C versions share one class and one set of
+ * attributes.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -223,16 +225,15 @@ done:
 /* The comparator's run loop (colo_compare.core)                                               */
 /* ------------------------------------------------------------------------------------------- */
 
-/* One IPv4 (IHL 5) / TCP frame continuing the open run: the exact test of the Python loop
- * (seq == rnxt, same key, data offset 5..15 without SYN/FIN/RST, IPv4 without options, TCP,
- * not a fragment, the IP total length inside the frame). */
+/* The fields of an IPv4/TCP header the run loop uses. */
 typedef struct {
     uint32_t seq, ack, offflags;
     Py_ssize_t pstart, ip_end;
 } run_hdr;
 
-static inline int continues_run(const unsigned char *p, Py_ssize_t n, const unsigned char *rkey,
-                                 long long rnxt, run_hdr *h)
+/* The IPv4 (IHL 5) / TCP fast-path test of the Python loop: IPv4 without options, TCP, not a
+ * fragment, data offset 5..15, the IP total length inside the frame. */
+static inline int fast_tcp4(const unsigned char *p, Py_ssize_t n, run_hdr *h)
 {
     if (n < 54)
         return 0;
@@ -242,9 +243,17 @@ static inline int continues_run(const unsigned char *p, Py_ssize_t n, const unsi
     h->offflags = be16(p + 46);
     h->ip_end = 14 + (Py_ssize_t)tot;
     h->pstart = 34 + (Py_ssize_t)((h->offflags >> 10) & 0x3C);
-    return (long long)h->seq == rnxt && memcmp(p + 26, rkey, 12) == 0 && (h->offflags & 0x0007) == 0 &&
-           (h->offflags >> 12) >= 5 && (w1 & 0xFFFFFF00u) == 0x08004500u && (w2 & 0x3FFF00FFu) == 6 &&
+    return (h->offflags >> 12) >= 5 && (w1 & 0xFFFFFF00u) == 0x08004500u && (w2 & 0x3FFF00FFu) == 6 &&
            h->pstart <= h->ip_end && h->ip_end <= n;
+}
+
+/* A frame continuing the open run: the fast path, the run's flow and next sequence number, no
+ * SYN/FIN/RST. */
+static inline int continues_run(const unsigned char *p, Py_ssize_t n, const unsigned char *rkey,
+                                 long long rnxt, run_hdr *h)
+{
+    return fast_tcp4(p, n, h) && (long long)h->seq == rnxt && memcmp(p + 26, rkey, 12) == 0 &&
+           (h->offflags & 0x0007) == 0;
 }
 
 static int append_payload(PyObject *parts, const unsigned char *p, const run_hdr *h)
@@ -255,16 +264,6 @@ static int append_payload(PyObject *parts, const unsigned char *p, const run_hdr
     int rc = PyList_Append(parts, part);
     Py_DECREF(part);
     return rc;
-}
-
-static int get_run_key(PyObject *rkey, const unsigned char **key)
-{
-    if (!PyBytes_CheckExact(rkey) || PyBytes_GET_SIZE(rkey) != 12) {
-        PyErr_SetString(PyExc_TypeError, "the run key must be 12 bytes");
-        return -1;
-    }
-    *key = (const unsigned char *)PyBytes_AS_STRING(rkey);
-    return 0;
 }
 
 /* One frame of the primary's run (already known to continue it): payload, tracker, held entry. */
@@ -322,32 +321,214 @@ static int scan_primary_one(PyObject *frame, const unsigned char *p, const run_h
     return 0;
 }
 
-/* scan_primary_run(frames, i, rkey, rnxt, rend, rack, cack, parts, held_append, now, track)
- *   -> (i, rnxt, rend, rack, cack)
- * Consumes frames[i:] while they continue the open run: each payload goes to parts, each frame
- * to held_append((rend, ack|-1, frame, now)), and the client tracker is called where the ACK
- * number differs from the flow's settled one -- as the "continues the open run" branch of
- * Comparator._feed_colo_primary does.  Returns at the first frame that does not continue it. */
-static PyObject *scan_primary_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* ------------------------------------------------------------------------------------------- */
+/* Whole in-order runs: start, continue, store or verify (Comparator._feed_colo_*_compiled)      */
+/* ------------------------------------------------------------------------------------------- */
+
+static PyObject *s_p, *s_s, *s_nxt, *s_end, *s_start, *s_cur, *s_off, *s_chunks, *s_ack, *s_v, *s_diverged,
+    *s_held, *s_append, *s_extend;
+
+static int get_long_attr(PyObject *obj, PyObject *name, long long *out);
+
+static int set_long_attr(PyObject *obj, PyObject *name, long long value)
 {
-    REQUIRE_NARGS("scan_primary_run", 11);
-    PyObject *frames = args[0], *parts = args[7], *held_append = args[8], *now = args[9], *track = args[10];
-    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
-    long long rnxt = PyLong_AsLongLong(args[3]), rend = PyLong_AsLongLong(args[4]);
-    long long rack = PyLong_AsLongLong(args[5]), cack = PyLong_AsLongLong(args[6]);
-    if (PyErr_Occurred())
+    PyObject *v = PyLong_FromLongLong(value);
+    if (v == NULL)
+        return -1;
+    int rc = PyObject_SetAttr(obj, name, v);
+    Py_DECREF(v);
+    return rc;
+}
+
+static int call_method_one(PyObject *obj, PyObject *name, PyObject *arg)
+{
+    PyObject *r = PyObject_CallMethodOneArg(obj, name, arg);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* The bytes of a run's parts (a list of bytes, contiguous in the stream) from stream offset
+ * `from` (relative to the run's start) to its end, as one new bytes object. */
+static PyObject *parts_tail(PyObject *parts, long long from, long long size)
+{
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(size - from));
+    if (out == NULL)
         return NULL;
-    if (!PyList_CheckExact(frames) || !PyList_CheckExact(parts)) {
-        PyErr_SetString(PyExc_TypeError, "frames and parts must be lists");
+    char *dst = PyBytes_AS_STRING(out);
+    long long pos = 0;
+    for (Py_ssize_t j = 0; j < PyList_GET_SIZE(parts); j++) {
+        PyObject *part = PyList_GET_ITEM(parts, j);
+        long long len = PyBytes_GET_SIZE(part), lo = from > pos ? from - pos : 0;
+        if (lo < len) {
+            memcpy(dst, PyBytes_AS_STRING(part) + lo, (size_t)(len - lo));
+            dst += len - lo;
+        }
+        pos += len;
+    }
+    return out;
+}
+
+/* 1 if the first k bytes of the run's parts equal cur[off:off + k] (str.startswith's answer, so
+ * False where cur is too short), 0 if not, -1 with an exception. */
+static int parts_match(PyObject *parts, PyObject *cur, long long off, long long k)
+{
+    Py_buffer cb;
+    if (PyObject_GetBuffer(cur, &cb, PyBUF_SIMPLE) < 0)
+        return -1;
+    int same = off >= 0 && off + k <= cb.len;
+    const char *at = (const char *)cb.buf + (same ? off : 0);
+    for (Py_ssize_t j = 0; same && k > 0 && j < PyList_GET_SIZE(parts); j++) {
+        PyObject *part = PyList_GET_ITEM(parts, j);
+        long long len = PyBytes_GET_SIZE(part), take = len < k ? len : k;
+        same = memcmp(at, PyBytes_AS_STRING(part), (size_t)take) == 0;
+        at += take;
+        k -= take;
+    }
+    PyBuffer_Release(&cb);
+    return same;
+}
+
+/* Comparator._flush_primary_run / _flush_secondary_run: store, or (where the other side is ahead
+ * and everything before is verified) compare in place, a run of in-order payloads covering stream
+ * offsets [begin, end).  The secondary's stored-byte count changes by *sec_delta. */
+static int flush_run(PyObject *flow, PyObject *side, int primary, int comparing, long long begin, long long end,
+                     long long nxt, PyObject *parts, long long ack, PyObject *ensure, PyObject *segments,
+                     long long *sec_delta)
+{
+    if (ack >= 0 && set_long_attr(side, s_ack, ack) < 0)
+        return -1;
+    if (end == begin)
+        return 0;
+    long long size = end - begin, oe;
+    PyObject *other = PyObject_GetAttr(flow, primary ? s_s : s_p), *cur = NULL, *num = NULL;
+    int rc = -1, verify = 0;
+    if (other == NULL || get_long_attr(other, s_end, &oe) < 0)
+        goto out;
+    if (oe > begin && comparing) {
+        PyObject *v = PyObject_GetAttr(flow, s_v);
+        if (v == NULL)
+            goto out;
+        long long vv = v == Py_None ? begin - 1 : PyLong_AsLongLong(v);
+        Py_DECREF(v);
+        if (vv == -1 && PyErr_Occurred())
+            goto out;
+        if (vv == begin) {
+            PyObject *d = PyObject_GetAttr(flow, s_diverged);
+            if (d == NULL)
+                goto out;
+            verify = d == Py_None;
+            Py_DECREF(d);
+        }
+    }
+    if (!verify) {
+        PyObject *chunks = PyObject_GetAttr(side, s_chunks);
+        if (chunks == NULL)
+            goto out;
+        int erc = call_method_one(chunks, s_extend, parts);
+        Py_DECREF(chunks);
+        if (erc < 0)
+            goto out;
+        if (!primary)
+            *sec_delta += size;
+    } else {
+        long long k = oe - begin < size ? oe - begin : size, ostart, ooff;
+        if (get_long_attr(other, s_start, &ostart) < 0 || get_long_attr(other, s_off, &ooff) < 0)
+            goto out;
+        if ((cur = PyObject_GetAttr(other, s_cur)) == NULL)
+            goto out;
+        Py_ssize_t curlen = PyObject_Length(cur);
+        if (curlen < 0)
+            goto out;
+        if (ostart + curlen - ooff < begin + k) {
+            /* join the other side's pending chunks into its cur (the Python helper, _ensure) */
+            PyObject *upto = PyLong_FromLongLong(begin + k);
+            if (upto == NULL)
+                goto out;
+            PyObject *r = PyObject_CallFunctionObjArgs(ensure, other, upto, NULL);
+            Py_DECREF(upto);
+            if (r == NULL)
+                goto out;
+            Py_DECREF(r);
+            Py_CLEAR(cur);
+            if ((cur = PyObject_GetAttr(other, s_cur)) == NULL || get_long_attr(other, s_off, &ooff) < 0)
+                goto out;
+        }
+        int same = parts_match(parts, cur, ooff, k);
+        if (same < 0)
+            goto out;
+        if (same) {
+            if (set_long_attr(other, s_off, ooff + k) < 0 || (num = PyLong_FromLongLong(begin + k)) == NULL ||
+                PyObject_SetAttr(other, s_start, num) < 0 || PyObject_SetAttr(side, s_start, num) < 0 ||
+                PyObject_SetAttr(flow, s_v, num) < 0)
+                goto out;
+            if (primary)
+                *sec_delta -= k; /* the secondary's stored bytes, now verified */
+            else
+                *sec_delta += size - k; /* what of this run stays stored */
+            if (k < size) {
+                PyObject *tail = parts_tail(parts, k, size), *chunks;
+                if (tail == NULL)
+                    goto out;
+                chunks = PyObject_GetAttr(side, s_chunks);
+                int arc = chunks == NULL ? -1 : call_method_one(chunks, s_append, tail);
+                Py_XDECREF(chunks);
+                Py_DECREF(tail);
+                if (arc < 0)
+                    goto out;
+            }
+        } else {
+            /* a difference in this run: the per-segment rule pinpoints it (Python, which also
+             * counts the secondary bytes it stores) */
+            PyObject *b = PyLong_FromLongLong(begin);
+            if (b == NULL)
+                goto out;
+            PyObject *r = PyObject_CallFunctionObjArgs(segments, flow, b, parts, NULL);
+            Py_DECREF(b);
+            if (r == NULL)
+                goto out;
+            Py_DECREF(r);
+        }
+    }
+    if (set_long_attr(side, s_end, end) < 0 || set_long_attr(side, s_nxt, nxt) < 0)
+        goto out;
+    rc = 0;
+out:
+    Py_XDECREF(num);
+    Py_XDECREF(cur);
+    Py_XDECREF(other);
+    return rc;
+}
+
+/* colo_feed_runs(frames, i, tcp, touched, primary, comparing, now, track, ensure, segments)
+ *   -> (i, sec_delta)
+ * From frames[i], every in-order run of IPv4/TCP frames of a known flow, whole: a frame whose flow
+ * is in `tcp` and whose sequence number is the side's next (no SYN/FIN/RST) starts a run, the
+ * frames that continue it join it (payloads; on the primary a held entry each and the client
+ * tracker where the ACK number moves), and the run is then stored or verified as
+ * Comparator._flush_*_run does; each run's flow goes into `touched`.  Returns at the first frame
+ * that starts no run (another protocol, a new flow, out of order, SYN/FIN/RST): the Python loop
+ * takes that one, then calls again.  sec_delta: the change to the core's secondary byte count. */
+static PyObject *colo_feed_runs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    REQUIRE_NARGS("colo_feed_runs", 10);
+    PyObject *frames = args[0], *tcp = args[2], *touched = args[3], *now = args[6], *track = args[7];
+    PyObject *ensure = args[8], *segments = args[9];
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
+    int primary = PyObject_IsTrue(args[4]), comparing = PyObject_IsTrue(args[5]);
+    if ((i == -1 || primary < 0 || comparing < 0) && PyErr_Occurred())
+        return NULL;
+    if (!PyList_CheckExact(frames) || !PyDict_CheckExact(tcp) || !PyDict_CheckExact(touched)) {
+        PyErr_SetString(PyExc_TypeError, "frames must be a list, tcp and touched dicts");
         return NULL;
     }
-    const unsigned char *rkey;
-    if (get_run_key(args[2], &rkey) < 0)
-        return NULL;
     PyObject *minus_one = PyLong_FromLong(-1);
     if (minus_one == NULL)
         return NULL;
-    for (; i < PyList_GET_SIZE(frames); i++) {
+    long long sec_delta = 0;
+    PyObject *key = NULL, *flow = NULL, *side = NULL, *parts = NULL, *held_append = NULL;
+    while (i >= 0 && i < PyList_GET_SIZE(frames)) {
         PyObject *frame = PyList_GET_ITEM(frames, i);
         if (!PyBytes_CheckExact(frame)) {
             PyErr_SetString(PyExc_TypeError, "frames must be bytes (the core converts them)");
@@ -355,62 +536,88 @@ static PyObject *scan_primary_run(PyObject *self, PyObject *const *args, Py_ssiz
         }
         const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(frame);
         run_hdr h;
-        if (!continues_run(p, PyBytes_GET_SIZE(frame), rkey, rnxt, &h))
+        if (!fast_tcp4(p, PyBytes_GET_SIZE(frame), &h) || (h.offflags & 7))
             break;
-        /* a strong reference while the tracker and held_append (Python code) run */
-        Py_INCREF(frame);
-        int rc = scan_primary_one(frame, p, &h, args[2], parts, held_append, now, track, minus_one, &rnxt,
-                                  &rend, &rack, &cack);
-        Py_DECREF(frame);
-        if (rc < 0)
+        if ((key = PyBytes_FromStringAndSize((const char *)p + 26, 12)) == NULL)
             goto fail;
+        flow = PyDict_GetItemWithError(tcp, key);
+        if (flow == NULL) {
+            if (PyErr_Occurred())
+                goto fail;
+            break; /* a new flow: the Python loop creates it */
+        }
+        Py_INCREF(flow);
+        long long begin, nxt;
+        if ((side = PyObject_GetAttr(flow, primary ? s_p : s_s)) == NULL || get_long_attr(side, s_nxt, &nxt) < 0)
+            goto fail;
+        if ((long long)h.seq != nxt)
+            break;
+        if (PyDict_SetItem(touched, flow, Py_None) < 0 || get_long_attr(side, s_end, &begin) < 0 ||
+            (parts = PyList_New(0)) == NULL)
+            goto fail;
+        if (primary) {
+            PyObject *held = PyObject_GetAttr(flow, s_held);
+            if (held == NULL)
+                goto fail;
+            held_append = PyObject_GetAttr(held, s_append);
+            Py_DECREF(held);
+            if (held_append == NULL)
+                goto fail;
+        }
+        long long rnxt = nxt, rend = begin, rack = -1, cack = -1;
+        const unsigned char *rkey = (const unsigned char *)PyBytes_AS_STRING(key);
+        for (;;) {
+            if (primary) {
+                /* a strong reference while the tracker and held_append (Python code) run */
+                Py_INCREF(frame);
+                int rc = scan_primary_one(frame, p, &h, key, parts, held_append, now, track, minus_one, &rnxt,
+                                          &rend, &rack, &cack);
+                Py_DECREF(frame);
+                if (rc < 0)
+                    goto fail;
+            } else {
+                Py_ssize_t plen = h.ip_end - h.pstart;
+                if (plen) {
+                    if (append_payload(parts, p, &h) < 0)
+                        goto fail;
+                    rend += plen;
+                    rnxt = (h.seq + (uint32_t)plen) & 0xFFFFFFFFu;
+                }
+                if (h.offflags & 0x10)
+                    rack = h.ack;
+            }
+            i++;
+            if (i >= PyList_GET_SIZE(frames))
+                break;
+            frame = PyList_GET_ITEM(frames, i);
+            if (!PyBytes_CheckExact(frame))
+                break; /* refused at the top of the loop, after this run is stored */
+            p = (const unsigned char *)PyBytes_AS_STRING(frame);
+            if (!continues_run(p, PyBytes_GET_SIZE(frame), rkey, rnxt, &h))
+                break;
+        }
+        if (flush_run(flow, side, primary, comparing, begin, rend, rnxt, parts, rack, ensure, segments,
+                      &sec_delta) < 0)
+            goto fail;
+        Py_CLEAR(key);
+        Py_CLEAR(flow);
+        Py_CLEAR(side);
+        Py_CLEAR(parts);
+        Py_CLEAR(held_append);
     }
+    Py_XDECREF(key);
+    Py_XDECREF(flow);
+    Py_XDECREF(side);
     Py_DECREF(minus_one);
-    return Py_BuildValue("(nLLLL)", i, rnxt, rend, rack, cack);
+    return Py_BuildValue("(nL)", i, sec_delta);
 fail:
+    Py_XDECREF(key);
+    Py_XDECREF(flow);
+    Py_XDECREF(side);
+    Py_XDECREF(parts);
+    Py_XDECREF(held_append);
     Py_DECREF(minus_one);
     return NULL;
-}
-
-/* scan_secondary_run(frames, i, rkey, rnxt, rend, rack, parts) -> (i, rnxt, rend, rack)
- * The same for the secondary (no held frames, no client tracker). */
-static PyObject *scan_secondary_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    REQUIRE_NARGS("scan_secondary_run", 7);
-    PyObject *frames = args[0], *parts = args[6];
-    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
-    long long rnxt = PyLong_AsLongLong(args[3]), rend = PyLong_AsLongLong(args[4]);
-    long long rack = PyLong_AsLongLong(args[5]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (!PyList_CheckExact(frames) || !PyList_CheckExact(parts)) {
-        PyErr_SetString(PyExc_TypeError, "frames and parts must be lists");
-        return NULL;
-    }
-    const unsigned char *rkey;
-    if (get_run_key(args[2], &rkey) < 0)
-        return NULL;
-    for (; i < PyList_GET_SIZE(frames); i++) {
-        PyObject *frame = PyList_GET_ITEM(frames, i);
-        if (!PyBytes_CheckExact(frame)) {
-            PyErr_SetString(PyExc_TypeError, "frames must be bytes (the core converts them)");
-            return NULL;
-        }
-        const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(frame);
-        run_hdr h;
-        if (!continues_run(p, PyBytes_GET_SIZE(frame), rkey, rnxt, &h))
-            break;
-        Py_ssize_t plen = h.ip_end - h.pstart;
-        if (plen) {
-            if (append_payload(parts, p, &h) < 0)
-                return NULL;
-            rend += plen;
-            rnxt = (h.seq + (uint32_t)plen) & 0xFFFFFFFFu;
-        }
-        if (h.offflags & 0x10)
-            rack = h.ack;
-    }
-    return Py_BuildValue("(nLLL)", i, rnxt, rend, rack);
 }
 
 /* releasable(held, v, sack) -> n: how many of the held (end, ack|-1, frame, arrival) entries, from
@@ -1431,10 +1638,8 @@ static PyMethodDef methods[] = {
      "decode_records(buf, start, end, vnet_hdr, max_record) -> (frames, headers, pos, nbytes, error)"},
     {"encode_records", (PyCFunction)(void (*)(void))encode_records, METH_FASTCALL,
      "encode_records(frames, vnet_headers_or_None) -> bytes"},
-    {"scan_primary_run", (PyCFunction)(void (*)(void))scan_primary_run, METH_FASTCALL,
-     "scan_primary_run(frames, i, rkey, rnxt, rend, rack, cack, parts, held_append, now, track)"},
-    {"scan_secondary_run", (PyCFunction)(void (*)(void))scan_secondary_run, METH_FASTCALL,
-     "scan_secondary_run(frames, i, rkey, rnxt, rend, rack, parts)"},
+    {"colo_feed_runs", (PyCFunction)(void (*)(void))colo_feed_runs, METH_FASTCALL,
+     "colo_feed_runs(frames, i, tcp, touched, primary, comparing, now, track, ensure, segments) -> (i, sec_delta)"},
     {"releasable", (PyCFunction)(void (*)(void))releasable, METH_FASTCALL, "releasable(held, v, sack) -> n"},
     {"nbd_next_request", (PyCFunction)(void (*)(void))nbd_next_request, METH_FASTCALL,
      "nbd_next_request(buf, start, end, max_payload, Request) -> (request|None, start, need, discard)"},
@@ -1461,6 +1666,15 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__speedups(void)
 {
     crc_init();
+    struct {
+        PyObject **slot;
+        const char *name;
+    } names[] = {{&s_p, "p"}, {&s_s, "s"}, {&s_nxt, "nxt"}, {&s_end, "end"}, {&s_start, "start"},
+                 {&s_cur, "cur"}, {&s_off, "off"}, {&s_chunks, "chunks"}, {&s_ack, "ack"}, {&s_v, "v"},
+                 {&s_diverged, "diverged"}, {&s_held, "held"}, {&s_append, "append"}, {&s_extend, "extend"}};
+    for (size_t j = 0; j < sizeof names / sizeof names[0]; j++)
+        if ((*names[j].slot = PyUnicode_InternFromString(names[j].name)) == NULL)
+            return NULL;
     s_regions = PyUnicode_InternFromString("regions");
     s_data_bytes = PyUnicode_InternFromString("data_bytes");
     s_starts = PyUnicode_InternFromString("starts");

@@ -26,7 +26,7 @@ import itertools
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -38,7 +38,7 @@ from colo_compare import core as fast_core
 from colo_compare import transport
 from disk_buffer import nbd
 from hybridft_common import fastpath
-from tests.helpers.raw_frames import tcp4
+from tests.helpers.raw_frames import tcp4, tcp6
 
 REFERENCE_COMMIT = "796c967d1528581c411645c96bd7fd2af575a57f"
 _REPO = Path(__file__).resolve().parent.parent
@@ -74,9 +74,11 @@ def udp4(dport: int, payload: bytes) -> bytes:
 
 
 @st.composite
-def tcp_side(draw: st.DrawFn, data: bytes, dport: int, isn: int, ip_id: int) -> list[bytes]:
+def tcp_side(
+    draw: st.DrawFn, data: bytes, dport: int, isn: int, ip_id: int, tcp4: Callable[..., bytes] = tcp4
+) -> list[bytes]:
     """One side's frames of one flow: SYN (usually), segments in a drawn order with duplicates,
-    pure ACKs, and FIN or RST (sometimes)."""
+    pure ACKs, and FIN or RST (sometimes).  ``tcp4`` builds the frames (``tcp6``: over IPv6)."""
     cuts = draw(st.lists(st.integers(0, max(len(data), 1)), max_size=10))
     bounds = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
     segs = [(a, data[a:b]) for a, b in itertools.pairwise(bounds) if b > a]
@@ -114,8 +116,9 @@ def workload(draw: st.DrawFn) -> tuple[list[bytes], list[bytes], list[tuple]]:
             sdata[k] ^= draw(st.integers(1, 255))
         isn_p = draw(st.integers(0, 0xFFFFFFFF))
         isn_s = isn_p if draw(st.booleans()) else draw(st.integers(0, 0xFFFFFFFF))
-        p_flows.append(draw(tcp_side(data, 40001 + f, isn_p, 1)))
-        s_flows.append(draw(tcp_side(bytes(sdata), 40001 + f, isn_s, 7000)))
+        build = tcp6 if draw(st.integers(0, 3)) == 0 else tcp4  # IPv6 takes the Python path
+        p_flows.append(draw(tcp_side(data, 40001 + f, isn_p, 1, build)))
+        s_flows.append(draw(tcp_side(bytes(sdata), 40001 + f, isn_s, 7000, build)))
     # datagrams and malformed frames
     for flows in (p_flows, s_flows):
         extra = []
@@ -370,6 +373,46 @@ def test_core_loops_really_differ() -> None:
         assert cls._feed_colo_primary is cls.__dict__["_feed_colo_primary_python"]
     with core_loops("compiled"):
         assert cls._feed_colo_primary is cls.__dict__["_feed_colo_primary_compiled"]
+
+
+@pytest.mark.parametrize("loops", ["python", "compiled"])
+@pytest.mark.parametrize("ahead", ["secondary", "primary"])
+def test_a_run_verified_in_place_up_to_every_byte_offset(loops: str, ahead: str) -> None:
+    """One side is ahead by k bytes (every k across a three-segment run, so k falls on, just before
+    and just after each segment boundary); the other side's run is compared in place up to k and
+    the rest stored.  Everything must verify and be released; a byte changed right after k must be
+    found there.  (What is stored past k is joined from the run's segments: an off-by-one there
+    corrupts exactly these bytes.)"""
+    if loops == "compiled":
+        _require_compiled()
+    data = bytes(range(1, 17))  # 16 bytes: a run of 5 + 7 + 4
+    cuts = [(0, 5), (5, 12), (12, 16)]
+    for k in range(1, len(data)):
+        for flip in (False, True):
+            behind = bytearray(data)
+            if flip and k < len(data):
+                behind[k] ^= 0xFF
+            with core_loops(loops):
+                core = fast_core.Comparator(fast_core.Mode.COLO)
+                lead_feed = core.feed_secondary if ahead == "secondary" else core.feed_primary
+                lag_feed = core.feed_primary if ahead == "secondary" else core.feed_secondary
+                lead_syn, lag_syn = tcp4(999, flags=0x12), tcp4(999, flags=0x12)
+                lead_feed([lead_syn], 0.0)
+                lag_feed([lag_syn], 0.0)
+                lead_feed([tcp4(1000, data[:k])], 0.0)
+                lag_feed([tcp4(1000 + a, bytes(behind[a:b])) for a, b in cuts], 0.0)
+                actions = lead_feed([tcp4(1000 + k, data[k:])], 0.0)
+                stats = core.stats()
+            released = sum(len(a.frames) for a in actions if type(a).__name__ == "Release")
+            if flip:
+                assert stats["divergences"] == 1, (k, ahead)
+                assert [r.divergence for r in core.flows()] == [("payload", k)], (k, ahead)
+            else:
+                assert stats["divergences"] == 0, (k, ahead)
+                primary_frames = 4 if ahead == "secondary" else 3  # the SYN and the data segments
+                assert stats["released_frames"] == stats["primary_frames"] == primary_frames
+                assert stats["secondary_buffered_bytes"] == 0, (k, ahead, stats)
+                assert released >= 1 or ahead == "secondary", (k, ahead)
 
 
 # -- net-filter framing -------------------------------------------------------------------------
