@@ -36,11 +36,20 @@ def test_bench_compare_quick_json() -> None:
             assert r["service_cpu_us_per_frame"] >= 0
             window = r["service_cpu_window_s"]
             assert 0 <= r["service_cpu_share"] * window <= window + 0.02 + 1e-3
+            assert 0 < r["harness_cpu_share"] * window <= 2 * (window + 0.02) + 1e-3  # two processes
         if name != "latency":
             assert sc["comparator"]["mbit_per_s"] > 0
             assert sc["comparator"]["ratio_to_relay"] > 0
     lat = res["scenarios"]["latency"]["comparator"]
     assert 0 < lat["latency_p50_us"] <= lat["latency_p99_us"]
+    for who in ("comparator", "relay"):
+        r = res["scenarios"]["latency"][who]
+        assert r["machine_stalls"] >= 0 and 0 <= r["latency_samples_in_stalls"] <= r["latency_samples"]
+        if r["latency_samples_in_stalls"] < r["latency_samples"]:
+            assert r["latency_p99_outside_stalls_us"] > 0
+    assert lat["p50_over_relay_us"] == round(
+        lat["latency_p50_us"] - res["scenarios"]["latency"]["relay"]["latency_p50_us"], 1
+    )
     assert res["scenarios"]["mc"]["comparator"]["checkpoints"] >= 1
     assert res["false_miscompares"] == 0
     assert res["frames_compared"] > 10_000
@@ -49,3 +58,15 @@ def test_bench_compare_quick_json() -> None:
     assert det["delivered"] == det["expected"]
     assert res["core"]["mc_core"]["frames_per_s"] > 0
     assert res["core"]["colo_core"]["released"] == res["core"]["colo_core"]["frames"]
+
+
+def test_samples_in_flight_during_a_stall_are_the_ones_left_out() -> None:
+    from bench.compare import split_by_stalls
+
+    samples = [(0, 10), (10, 25), (20, 30), (31, 40), (45, 60), (100, 101)]
+    stalls = [(25, 31), (59, 70)]
+    outside, hit = split_by_stalls(samples, stalls)
+    # (20, 30) overlaps the first stall, (45, 60) the second; (10, 25) and (31, 40) only touch it
+    assert hit == 2
+    assert outside == [10, 15, 9, 1]
+    assert split_by_stalls(samples, []) == ([10, 15, 10, 9, 15, 1], 0)
