@@ -326,9 +326,10 @@ static int scan_primary_one(PyObject *frame, const unsigned char *p, const run_h
 /* ------------------------------------------------------------------------------------------- */
 
 static PyObject *s_p, *s_s, *s_nxt, *s_end, *s_start, *s_cur, *s_off, *s_chunks, *s_ack, *s_v, *s_diverged,
-    *s_held, *s_append, *s_extend;
+    *s_held, *s_append, *s_extend, *s_fin, *s_rst, *s_released, *s_popleft, *s_clear;
 
 static int get_long_attr(PyObject *obj, PyObject *name, long long *out);
+static int add_to_attr(PyObject *obj, PyObject *name, long long delta);
 
 static int set_long_attr(PyObject *obj, PyObject *name, long long value)
 {
@@ -390,6 +391,85 @@ static int parts_match(PyObject *parts, PyObject *cur, long long off, long long 
     return same;
 }
 
+/* core._ensure(side, upto) where cur does not reach upto: cur becomes cur[off:] and all pending
+ * chunks joined, off 0, chunks empty.  Chunks that are not all bytes go to the Python helper
+ * (`ensure`).  0, or -1 with an exception. */
+static int join_chunks(PyObject *side, PyObject *ensure, long long upto)
+{
+    PyObject *chunks = PyObject_GetAttr(side, s_chunks), *cur = NULL, *joined = NULL, *it = NULL, *c;
+    long long off;
+    int rc = -1;
+    if (chunks == NULL || (cur = PyObject_GetAttr(side, s_cur)) == NULL || get_long_attr(side, s_off, &off) < 0)
+        goto out;
+    Py_ssize_t nchunks = PyObject_Length(chunks), total;
+    if (nchunks < 0)
+        goto out;
+    if (!PyBytes_CheckExact(cur) || off < 0 || off > PyBytes_GET_SIZE(cur))
+        goto python;
+    total = PyBytes_GET_SIZE(cur) - (Py_ssize_t)off;
+    if ((it = PyObject_GetIter(chunks)) == NULL)
+        goto out;
+    while ((c = PyIter_Next(it)) != NULL) {
+        int ok = PyBytes_CheckExact(c);
+        if (ok) {
+            total += PyBytes_GET_SIZE(c);
+            if (total == PyBytes_GET_SIZE(c) && nchunks == 1)
+                joined = Py_NewRef(c); /* cur used up and one chunk: it becomes cur, uncopied */
+        }
+        Py_DECREF(c);
+        if (!ok) {
+            Py_CLEAR(joined);
+            goto python;
+        }
+    }
+    if (PyErr_Occurred())
+        goto out;
+    Py_CLEAR(it);
+    if (joined == NULL) {
+        if ((joined = PyBytes_FromStringAndSize(NULL, total)) == NULL)
+            goto out;
+        char *dst = PyBytes_AS_STRING(joined);
+        Py_ssize_t head = PyBytes_GET_SIZE(cur) - (Py_ssize_t)off;
+        memcpy(dst, PyBytes_AS_STRING(cur) + off, (size_t)head);
+        dst += head;
+        if ((it = PyObject_GetIter(chunks)) == NULL)
+            goto out;
+        while ((c = PyIter_Next(it)) != NULL) {
+            memcpy(dst, PyBytes_AS_STRING(c), (size_t)PyBytes_GET_SIZE(c));
+            dst += PyBytes_GET_SIZE(c);
+            Py_DECREF(c);
+        }
+        if (PyErr_Occurred())
+            goto out;
+    }
+    if (PyObject_SetAttr(side, s_cur, joined) < 0 || set_long_attr(side, s_off, 0) < 0)
+        goto out;
+    PyObject *r = PyObject_CallMethodNoArgs(chunks, s_clear);
+    if (r == NULL)
+        goto out;
+    Py_DECREF(r);
+    rc = 0;
+    goto out;
+python:
+    {
+        PyObject *u = PyLong_FromLongLong(upto), *r;
+        if (u == NULL)
+            goto out;
+        r = PyObject_CallFunctionObjArgs(ensure, side, u, NULL);
+        Py_DECREF(u);
+        if (r != NULL) {
+            Py_DECREF(r);
+            rc = 0;
+        }
+    }
+out:
+    Py_XDECREF(it);
+    Py_XDECREF(joined);
+    Py_XDECREF(cur);
+    Py_XDECREF(chunks);
+    return rc;
+}
+
 /* Comparator._flush_primary_run / _flush_secondary_run: store, or (where the other side is ahead
  * and everything before is verified) compare in place, a run of in-order payloads covering stream
  * offsets [begin, end).  The secondary's stored-byte count changes by *sec_delta. */
@@ -442,17 +522,9 @@ static int flush_run(PyObject *flow, PyObject *side, int primary, int comparing,
         if (curlen < 0)
             goto out;
         if (ostart + curlen - ooff < begin + k) {
-            /* join the other side's pending chunks into its cur (the Python helper, _ensure) */
-            PyObject *upto = PyLong_FromLongLong(begin + k);
-            if (upto == NULL)
-                goto out;
-            PyObject *r = PyObject_CallFunctionObjArgs(ensure, other, upto, NULL);
-            Py_DECREF(upto);
-            if (r == NULL)
-                goto out;
-            Py_DECREF(r);
             Py_CLEAR(cur);
-            if ((cur = PyObject_GetAttr(other, s_cur)) == NULL || get_long_attr(other, s_off, &ooff) < 0)
+            if (join_chunks(other, ensure, begin + k) < 0 || (cur = PyObject_GetAttr(other, s_cur)) == NULL ||
+                get_long_attr(other, s_off, &ooff) < 0)
                 goto out;
         }
         int same = parts_match(parts, cur, ooff, k);
@@ -620,34 +692,30 @@ fail:
     return NULL;
 }
 
-/* releasable(held, v, sack) -> n: how many of the held (end, ack|-1, frame, arrival) entries, from
- * the front, may leave: end <= v and the ACK number does not run ahead of the secondary's latest
- * (sack, -1 = none), in serial arithmetic.  The counting loop of Comparator._advance_tcp. */
-static PyObject *releasable(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* How many of the held (end, ack|-1, frame, arrival) entries, from the front, may leave: end <= v
+ * and the ACK number does not run ahead of the secondary's latest (sack, -1 = none), in serial
+ * arithmetic.  The counting loop of Comparator._advance_tcp.  0 with *count set, or -1. */
+static int count_releasable(PyObject *held, long long v, long long sack, Py_ssize_t *count)
 {
-    REQUIRE_NARGS("releasable", 3);
-    long long v = PyLong_AsLongLong(args[1]), sack = PyLong_AsLongLong(args[2]);
-    if (PyErr_Occurred())
-        return NULL;
-    PyObject *it = PyObject_GetIter(args[0]);
+    PyObject *it = PyObject_GetIter(held);
     if (it == NULL)
-        return NULL;
+        return -1;
     Py_ssize_t n = 0;
     long long okack = -2;
     PyObject *item;
     while ((item = PyIter_Next(it)) != NULL) {
-        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) < 2) {
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) < 3) {
             Py_DECREF(item);
             Py_DECREF(it);
-            PyErr_SetString(PyExc_TypeError, "held entries are tuples");
-            return NULL;
+            PyErr_SetString(PyExc_TypeError, "held entries are (end, ack, frame, arrival) tuples");
+            return -1;
         }
         long long end = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 0));
         long long ack = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 1));
         Py_DECREF(item);
         if (PyErr_Occurred()) {
             Py_DECREF(it);
-            return NULL;
+            return -1;
         }
         if (end > v)
             break;
@@ -660,8 +728,176 @@ static PyObject *releasable(PyObject *self, PyObject *const *args, Py_ssize_t na
     }
     Py_DECREF(it);
     if (PyErr_Occurred())
+        return -1;
+    *count = n;
+    return 0;
+}
+
+/* releasable(held, v, sack) -> n: count_releasable for the Python loop. */
+static PyObject *releasable(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    REQUIRE_NARGS("releasable", 3);
+    long long v = PyLong_AsLongLong(args[1]), sack = PyLong_AsLongLong(args[2]);
+    Py_ssize_t n;
+    if (PyErr_Occurred() || count_releasable(args[0], v, sack, &n) < 0)
         return NULL;
     return PyLong_FromSsize_t(n);
+}
+
+
+/* What a side has at sequence-space offset v once data is verified up to v (core._event):
+ * 1 data, 2 its FIN, 3 its RST, 0 nothing yet; -1 with an exception. */
+static int side_event(PyObject *side, long long v)
+{
+    long long end, fin, rst;
+    if (get_long_attr(side, s_end, &end) < 0)
+        return -1;
+    if (end > v)
+        return 1;
+    if (get_long_attr(side, s_fin, &fin) < 0 || get_long_attr(side, s_rst, &rst) < 0)
+        return -1;
+    if (fin == v && end == v)
+        return 2;
+    if (rst == v && end <= v)
+        return 3;
+    return 0;
+}
+
+/* One TCP flow's settle (Comparator._advance_tcp) where nothing is left to compare: 1 done (its
+ * releasable held frames moved to out), 0 if the flow needs the Python path (bytes to compare, an
+ * event on both sides, SYNs not both seen), -1 with an exception. */
+static int settle_tcp_flow(PyObject *flow, PyObject *out)
+{
+    PyObject *vobj = PyObject_GetAttr(flow, s_v), *p = NULL, *s = NULL, *held = NULL;
+    if (vobj == NULL)
+        return -1;
+    if (vobj == Py_None) {
+        Py_DECREF(vobj);
+        return 1;
+    }
+    long long v = PyLong_AsLongLong(vobj);
+    Py_DECREF(vobj);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    int rc = -1;
+    PyObject *diverged = PyObject_GetAttr(flow, s_diverged);
+    if (diverged == NULL)
+        return -1;
+    int comparing = diverged == Py_None;
+    Py_DECREF(diverged);
+    if ((s = PyObject_GetAttr(flow, s_s)) == NULL)
+        goto out;
+    if (comparing) {
+        long long pe, se;
+        if (v < 0) {
+            rc = 0;
+            goto out;
+        }
+        if ((p = PyObject_GetAttr(flow, s_p)) == NULL || get_long_attr(p, s_end, &pe) < 0 ||
+            get_long_attr(s, s_end, &se) < 0)
+            goto out;
+        if ((pe < se ? pe : se) > v) {
+            rc = 0;
+            goto out;
+        }
+        int pk = side_event(p, v), sk = pk > 0 ? side_event(s, v) : 0;
+        if (pk < 0 || sk < 0)
+            goto out;
+        if (pk && sk) {
+            rc = 0;
+            goto out;
+        }
+    }
+    if ((held = PyObject_GetAttr(flow, s_held)) == NULL)
+        goto out;
+    Py_ssize_t nheld = PyObject_Length(held), n;
+    long long sack;
+    if (nheld < 0)
+        goto out;
+    if (nheld == 0) {
+        rc = 1;
+        goto out;
+    }
+    if (get_long_attr(s, s_ack, &sack) < 0 || count_releasable(held, v, sack, &n) < 0)
+        goto out;
+    if (n == 0) {
+        rc = 1;
+        goto out;
+    }
+    if (n == nheld) {
+        PyObject *it = PyObject_GetIter(held), *item;
+        if (it == NULL)
+            goto out;
+        while ((item = PyIter_Next(it)) != NULL) {
+            int arc = PyList_Append(out, PyTuple_GET_ITEM(item, 2));
+            Py_DECREF(item);
+            if (arc < 0) {
+                Py_DECREF(it);
+                goto out;
+            }
+        }
+        Py_DECREF(it);
+        if (PyErr_Occurred())
+            goto out;
+        PyObject *r = PyObject_CallMethodNoArgs(held, s_clear);
+        if (r == NULL)
+            goto out;
+        Py_DECREF(r);
+    } else {
+        for (Py_ssize_t j = 0; j < n; j++) {
+            PyObject *item = PyObject_CallMethodNoArgs(held, s_popleft);
+            if (item == NULL)
+                goto out;
+            int arc = PyList_Append(out, PyTuple_GET_ITEM(item, 2));
+            Py_DECREF(item);
+            if (arc < 0)
+                goto out;
+        }
+    }
+    rc = add_to_attr(flow, s_released, n) < 0 ? -1 : 1;
+out:
+    Py_XDECREF(p);
+    Py_XDECREF(s);
+    Py_XDECREF(held);
+    return rc;
+}
+
+/* colo_settle(flows, out, actions, tcp_flow_type, advance_tcp, advance_other) -> None
+ * The loop of Comparator._settle: each flow of exactly tcp_flow_type whose streams hold nothing
+ * left to compare is settled here (settle_tcp_flow); the others go to advance_tcp(flow, out,
+ * actions) (the Python _advance_tcp) and every other flow to advance_other(flow, out, actions). */
+static PyObject *colo_settle(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    REQUIRE_NARGS("colo_settle", 6);
+    PyObject *flows = args[0], *out = args[1], *actions = args[2], *tcp_type = args[3];
+    if (!PyList_CheckExact(flows) || !PyList_CheckExact(out) || !PyType_Check(tcp_type)) {
+        PyErr_SetString(PyExc_TypeError, "colo_settle(list, list, actions, type, callable, callable)");
+        return NULL;
+    }
+    for (Py_ssize_t j = 0; j < PyList_GET_SIZE(flows); j++) {
+        PyObject *flow = PyList_GET_ITEM(flows, j), *fallback;
+        Py_INCREF(flow);
+        if (Py_IS_TYPE(flow, (PyTypeObject *)tcp_type)) {
+            int rc = settle_tcp_flow(flow, out);
+            if (rc < 0) {
+                Py_DECREF(flow);
+                return NULL;
+            }
+            fallback = rc ? NULL : args[4];
+        } else {
+            fallback = args[5];
+        }
+        if (fallback != NULL) {
+            PyObject *r = PyObject_CallFunctionObjArgs(fallback, flow, out, actions, NULL);
+            if (r == NULL) {
+                Py_DECREF(flow);
+                return NULL;
+            }
+            Py_DECREF(r);
+        }
+        Py_DECREF(flow);
+    }
+    Py_RETURN_NONE;
 }
 
 /* ------------------------------------------------------------------------------------------- */
@@ -1641,6 +1877,8 @@ static PyMethodDef methods[] = {
     {"colo_feed_runs", (PyCFunction)(void (*)(void))colo_feed_runs, METH_FASTCALL,
      "colo_feed_runs(frames, i, tcp, touched, primary, comparing, now, track, ensure, segments) -> (i, sec_delta)"},
     {"releasable", (PyCFunction)(void (*)(void))releasable, METH_FASTCALL, "releasable(held, v, sack) -> n"},
+    {"colo_settle", (PyCFunction)(void (*)(void))colo_settle, METH_FASTCALL,
+     "colo_settle(flows, out, actions, tcp_flow_type, advance_tcp, advance_other) -> None"},
     {"nbd_next_request", (PyCFunction)(void (*)(void))nbd_next_request, METH_FASTCALL,
      "nbd_next_request(buf, start, end, max_payload, Request) -> (request|None, start, need, discard)"},
     {"nbd_take_writes", (PyCFunction)(void (*)(void))nbd_take_writes, METH_FASTCALL,
@@ -1671,7 +1909,9 @@ PyMODINIT_FUNC PyInit__speedups(void)
         const char *name;
     } names[] = {{&s_p, "p"}, {&s_s, "s"}, {&s_nxt, "nxt"}, {&s_end, "end"}, {&s_start, "start"},
                  {&s_cur, "cur"}, {&s_off, "off"}, {&s_chunks, "chunks"}, {&s_ack, "ack"}, {&s_v, "v"},
-                 {&s_diverged, "diverged"}, {&s_held, "held"}, {&s_append, "append"}, {&s_extend, "extend"}};
+                 {&s_diverged, "diverged"}, {&s_held, "held"}, {&s_append, "append"}, {&s_extend, "extend"},
+                 {&s_fin, "fin"}, {&s_rst, "rst"}, {&s_released, "released"}, {&s_popleft, "popleft"},
+                 {&s_clear, "clear"}};
     for (size_t j = 0; j < sizeof names / sizeof names[0]; j++)
         if ((*names[j].slot = PyUnicode_InternFromString(names[j].name)) == NULL)
             return NULL;

@@ -251,7 +251,7 @@ def _require_compiled() -> None:
     )
 
 
-_CORE_LOOPS = ("_feed_colo_primary", "_feed_colo_secondary", "_advance_tcp")
+_CORE_LOOPS = ("_feed_colo_primary", "_feed_colo_secondary", "_advance_tcp", "_settle")
 
 
 @contextlib.contextmanager
@@ -413,6 +413,54 @@ def test_a_run_verified_in_place_up_to_every_byte_offset(loops: str, ahead: str)
                 assert stats["released_frames"] == stats["primary_frames"] == primary_frames
                 assert stats["secondary_buffered_bytes"] == 0, (k, ahead, stats)
                 assert released >= 1 or ahead == "secondary", (k, ahead)
+
+
+@pytest.mark.parametrize("loops", ["python", "compiled"])
+def test_a_run_verified_against_a_partly_consumed_side(loops: str) -> None:
+    """The side ahead has a joined, partly verified buffer plus one more pending segment when the
+    other side's next run needs bytes past both: the two must be joined in order (leftover first)."""
+    if loops == "compiled":
+        _require_compiled()
+    data = bytes(range(1, 25))
+    for a in range(2, 24):
+        for b in range(1, a):
+            with core_loops(loops):
+                core = fast_core.Comparator(fast_core.Mode.COLO)
+                core.feed_secondary([tcp4(999, flags=0x12)], 0.0)
+                core.feed_primary([tcp4(999, flags=0x12)], 0.0)
+                core.feed_secondary([tcp4(1000, data[:a])], 0.0)
+                core.feed_primary([tcp4(1000, data[:b])], 0.0)  # verifies [0, b) of the joined [0, a)
+                core.feed_secondary([tcp4(1000 + a, data[a:])], 0.0)  # one more pending segment
+                mid = (b + len(data)) // 2
+                core.feed_primary([tcp4(1000 + b, data[b:mid]), tcp4(1000 + mid, data[mid:])], 0.0)
+                stats = core.stats()
+            assert stats["divergences"] == 0, (a, b)
+            assert stats["released_frames"] == stats["primary_frames"] == 4, (a, b, stats)
+            assert stats["secondary_buffered_bytes"] == 0, (a, b)
+
+
+@pytest.mark.parametrize("loops", ["python", "compiled"])
+def test_a_commit_releases_exactly_the_frames_a_settle_left_held(loops: str) -> None:
+    """A settle releases several verified frames of a flow at once and keeps the unverified rest;
+    a checkpoint then releases the rest.  The per-flow count of released frames decides how many
+    the commit lets go, so it must be exact."""
+    if loops == "compiled":
+        _require_compiled()
+    data = bytes(range(1, 101))
+    for verified in range(1, 10):
+        with core_loops(loops):
+            core = fast_core.Comparator(fast_core.Mode.COLO)
+            core.feed_primary([tcp4(999, flags=0x12)], 0.0)
+            core.feed_secondary([tcp4(999, flags=0x12)], 0.0)
+            core.feed_primary([tcp4(1000 + 10 * i, data[10 * i : 10 * i + 10]) for i in range(10)], 0.0)
+            core.feed_secondary([tcp4(1000, data[: 10 * verified])], 0.0)
+            assert core.stats()["released_frames"] == 1 + verified
+            epoch = core.seal()
+            actions = core.commit(epoch)
+            stats = core.stats()
+        released = sum(len(a.frames) for a in actions if type(a).__name__ == "Release")
+        assert released == 10 - verified, verified
+        assert stats["released_frames"] == stats["primary_frames"] == 11, (verified, stats)
 
 
 # -- net-filter framing -------------------------------------------------------------------------
