@@ -40,6 +40,7 @@ import fcntl
 import itertools
 import logging
 import socket
+import ssl
 import struct
 import termios
 from collections import deque
@@ -326,6 +327,9 @@ class FrameSocketReader:
         self.closed = False
         self.paused = False
         self.bytes_read = 0
+        self.drained = False
+        # a TLS socket returns one record per read, however much more is waiting: no short-read rule
+        self._record_reads = isinstance(sock, ssl.SSLSocket)
         self._fd = sock.fileno()
 
     def start(self) -> None:
@@ -343,9 +347,12 @@ class FrameSocketReader:
             self.loop.add_reader(self._fd, self._on_readable)
 
     def _read_once(self) -> bool:
-        """One recv; returns False when the socket had nothing (or we closed)."""
+        """One recv; returns False when the socket had nothing (or we closed).  Sets
+        :attr:`drained` when the read did not fill the buffer: the kernel handed over all it
+        held, so another recv now would most likely only say EAGAIN."""
         try:
-            n = self.sock.recv_into(self.decoder.get_buffer())
+            buf = self.decoder.get_buffer()
+            n = self.sock.recv_into(buf)
         except (BlockingIOError, InterruptedError):
             return False
         except FramingError as exc:
@@ -360,6 +367,7 @@ class FrameSocketReader:
             self.close("peer closed" + tail)
             return False
         self.bytes_read += n
+        self.drained = n < len(buf) and not self._record_reads
         try:
             frames = self.decoder.buffer_updated(n)
         except FramingError as exc:
@@ -373,8 +381,11 @@ class FrameSocketReader:
         return True
 
     def _on_readable(self) -> None:
+        # Stop at a short read: the socket is (as good as) empty, and the event loop reports it
+        # again if more came meanwhile.  Trying once more cost a recv that said EAGAIN on most
+        # wakeups of a paced stream (one per input per wakeup, for no frame).
         for _ in range(self.max_reads):
-            if self.closed or self.paused or not self._read_once():
+            if self.closed or self.paused or not self._read_once() or self.drained:
                 break
 
     def read_if_ready(self) -> None:

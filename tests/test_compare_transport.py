@@ -178,6 +178,45 @@ async def test_socket_reader_closes_only_on_bad_framing() -> None:
     a.close()
 
 
+class _CountingSocket(socket.socket):
+    """A real socket that counts its reads (the reader under test is not replaced)."""
+
+    reads = 0
+
+    def recv_into(self, *args: Any, **kwargs: Any) -> int:
+        self.reads += 1
+        return super().recv_into(*args, **kwargs)
+
+
+@run_async
+async def test_a_short_read_ends_the_wakeup_without_a_second_recv() -> None:
+    a, b = await _pair()
+    counted = _CountingSocket(fileno=b.detach())
+    counted.setblocking(False)
+    got: list[bytes] = []
+    reader = FrameSocketReader(counted, FrameDecoder(), lambda f, h: got.extend(f), lambda r: None)
+    reader.start()
+    for burst in range(1, 21):  # a paced stream: each burst is read on its own wakeup
+        a.sendall(encode_frames([b"y" * 200] * 8))
+        for _ in range(200):
+            if len(got) == 8 * burst:
+                break
+            await asyncio.sleep(0.001)
+        assert len(got) == 8 * burst
+    # one recv per burst (each one short); before, every wakeup also paid a recv that said EAGAIN
+    assert counted.reads <= 24, counted.reads
+    # a read that fills the buffer is followed by another in the same wakeup
+    before = counted.reads
+    a.sendall(encode_frames([b"z" * 1000] * 600))  # 602 KB: more than one read's buffer
+    for _ in range(500):
+        if len(got) == 160 + 600:
+            break
+        await asyncio.sleep(0.001)
+    assert len(got) == 760 and counted.reads - before >= 2
+    reader.close()
+    a.close()
+
+
 @run_async
 async def test_drain_now_reads_what_the_kernel_holds() -> None:
     a, b = await _pair()
