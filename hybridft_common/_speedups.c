@@ -256,25 +256,88 @@ static inline int continues_run(const unsigned char *p, Py_ssize_t n, const unsi
            (h->offflags & 0x0007) == 0;
 }
 
-static int append_payload(PyObject *parts, const unsigned char *p, const run_hdr *h)
+/* A run's payloads, as (frame, offset, length) spans into the frames themselves: a payload that
+ * is verified in place is never copied, and one that is stored is copied once, with the rest of
+ * its run, into one chunk. */
+typedef struct {
+    PyObject *frame; /* a strong reference */
+    Py_ssize_t start, len;
+} span;
+
+typedef struct {
+    span *v;
+    Py_ssize_t n, cap;
+} span_list;
+
+static int spans_add(span_list *l, PyObject *frame, Py_ssize_t start, Py_ssize_t len)
 {
-    PyObject *part = PyBytes_FromStringAndSize((const char *)p + h->pstart, h->ip_end - h->pstart);
-    if (part == NULL)
-        return -1;
-    int rc = PyList_Append(parts, part);
-    Py_DECREF(part);
-    return rc;
+    if (l->n == l->cap) {
+        Py_ssize_t cap = l->cap ? 2 * l->cap : 16;
+        span *v = PyMem_Realloc(l->v, (size_t)cap * sizeof(span));
+        if (v == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        l->v = v;
+        l->cap = cap;
+    }
+    l->v[l->n++] = (span){Py_NewRef(frame), start, len};
+    return 0;
+}
+
+static void spans_clear(span_list *l)
+{
+    for (Py_ssize_t j = 0; j < l->n; j++)
+        Py_DECREF(l->v[j].frame);
+    l->n = 0;
+}
+
+static inline const char *span_data(const span *sp) { return PyBytes_AS_STRING(sp->frame) + sp->start; }
+
+/* The run's bytes from offset `from` (relative to its start) to `size`, as one new bytes. */
+static PyObject *spans_bytes(const span_list *l, long long from, long long size)
+{
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(size - from));
+    if (out == NULL)
+        return NULL;
+    char *dst = PyBytes_AS_STRING(out);
+    long long pos = 0;
+    for (Py_ssize_t j = 0; j < l->n; j++) {
+        long long len = l->v[j].len, lo = from > pos ? from - pos : 0;
+        if (lo < len) {
+            memcpy(dst, span_data(&l->v[j]) + lo, (size_t)(len - lo));
+            dst += len - lo;
+        }
+        pos += len;
+    }
+    return out;
+}
+
+/* The run's payloads as a list of bytes, one per segment (the per-segment rule's input). */
+static PyObject *spans_parts(const span_list *l)
+{
+    PyObject *parts = PyList_New(l->n);
+    if (parts == NULL)
+        return NULL;
+    for (Py_ssize_t j = 0; j < l->n; j++) {
+        PyObject *part = PyBytes_FromStringAndSize(span_data(&l->v[j]), l->v[j].len);
+        if (part == NULL) {
+            Py_DECREF(parts);
+            return NULL;
+        }
+        PyList_SET_ITEM(parts, j, part);
+    }
+    return parts;
 }
 
 /* One frame of the primary's run (already known to continue it): payload, tracker, held entry. */
-static int scan_primary_one(PyObject *frame, const unsigned char *p, const run_hdr *h, PyObject *key,
-                            PyObject *parts, PyObject *held_append, PyObject *now, PyObject *track,
-                            PyObject *minus_one, long long *rnxt, long long *rend, long long *rack,
-                            long long *cack)
+static int scan_primary_one(PyObject *frame, const run_hdr *h, PyObject *key, span_list *spans,
+                            PyObject *held_append, PyObject *now, PyObject *track, PyObject *minus_one,
+                            long long *rnxt, long long *rend, long long *rack, long long *cack)
 {
     Py_ssize_t plen = h->ip_end - h->pstart;
     if (plen) {
-        if (append_payload(parts, p, h) < 0)
+        if (spans_add(spans, frame, h->pstart, plen) < 0)
             return -1;
         *rend += plen;
         *rnxt = (h->seq + (uint32_t)plen) & 0xFFFFFFFFu;
@@ -350,40 +413,18 @@ static int call_method_one(PyObject *obj, PyObject *name, PyObject *arg)
     return 0;
 }
 
-/* The bytes of a run's parts (a list of bytes, contiguous in the stream) from stream offset
- * `from` (relative to the run's start) to its end, as one new bytes object. */
-static PyObject *parts_tail(PyObject *parts, long long from, long long size)
-{
-    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(size - from));
-    if (out == NULL)
-        return NULL;
-    char *dst = PyBytes_AS_STRING(out);
-    long long pos = 0;
-    for (Py_ssize_t j = 0; j < PyList_GET_SIZE(parts); j++) {
-        PyObject *part = PyList_GET_ITEM(parts, j);
-        long long len = PyBytes_GET_SIZE(part), lo = from > pos ? from - pos : 0;
-        if (lo < len) {
-            memcpy(dst, PyBytes_AS_STRING(part) + lo, (size_t)(len - lo));
-            dst += len - lo;
-        }
-        pos += len;
-    }
-    return out;
-}
-
-/* 1 if the first k bytes of the run's parts equal cur[off:off + k] (str.startswith's answer, so
- * False where cur is too short), 0 if not, -1 with an exception. */
-static int parts_match(PyObject *parts, PyObject *cur, long long off, long long k)
+/* 1 if the first k bytes of the run equal cur[off:off + k] (str.startswith's answer, so False
+ * where cur is too short), 0 if not, -1 with an exception. */
+static int spans_match(const span_list *l, PyObject *cur, long long off, long long k)
 {
     Py_buffer cb;
     if (PyObject_GetBuffer(cur, &cb, PyBUF_SIMPLE) < 0)
         return -1;
     int same = off >= 0 && off + k <= cb.len;
     const char *at = (const char *)cb.buf + (same ? off : 0);
-    for (Py_ssize_t j = 0; same && k > 0 && j < PyList_GET_SIZE(parts); j++) {
-        PyObject *part = PyList_GET_ITEM(parts, j);
-        long long len = PyBytes_GET_SIZE(part), take = len < k ? len : k;
-        same = memcmp(at, PyBytes_AS_STRING(part), (size_t)take) == 0;
+    for (Py_ssize_t j = 0; same && k > 0 && j < l->n; j++) {
+        long long take = l->v[j].len < k ? l->v[j].len : k;
+        same = memcmp(at, span_data(&l->v[j]), (size_t)take) == 0;
         at += take;
         k -= take;
     }
@@ -474,7 +515,7 @@ out:
  * and everything before is verified) compare in place, a run of in-order payloads covering stream
  * offsets [begin, end).  The secondary's stored-byte count changes by *sec_delta. */
 static int flush_run(PyObject *flow, PyObject *side, int primary, int comparing, long long begin, long long end,
-                     long long nxt, PyObject *parts, long long ack, PyObject *ensure, PyObject *segments,
+                     long long nxt, const span_list *spans, long long ack, PyObject *ensure, PyObject *segments,
                      long long *sec_delta)
 {
     if (ack >= 0 && set_long_attr(side, s_ack, ack) < 0)
@@ -506,9 +547,12 @@ static int flush_run(PyObject *flow, PyObject *side, int primary, int comparing,
         PyObject *chunks = PyObject_GetAttr(side, s_chunks);
         if (chunks == NULL)
             goto out;
-        int erc = call_method_one(chunks, s_extend, parts);
+        /* the run's payloads, copied once, as one chunk */
+        PyObject *joined = spans_bytes(spans, 0, size);
+        int arc = joined == NULL ? -1 : call_method_one(chunks, s_append, joined);
+        Py_XDECREF(joined);
         Py_DECREF(chunks);
-        if (erc < 0)
+        if (arc < 0)
             goto out;
         if (!primary)
             *sec_delta += size;
@@ -527,7 +571,7 @@ static int flush_run(PyObject *flow, PyObject *side, int primary, int comparing,
                 get_long_attr(other, s_off, &ooff) < 0)
                 goto out;
         }
-        int same = parts_match(parts, cur, ooff, k);
+        int same = spans_match(spans, cur, ooff, k);
         if (same < 0)
             goto out;
         if (same) {
@@ -540,7 +584,7 @@ static int flush_run(PyObject *flow, PyObject *side, int primary, int comparing,
             else
                 *sec_delta += size - k; /* what of this run stays stored */
             if (k < size) {
-                PyObject *tail = parts_tail(parts, k, size), *chunks;
+                PyObject *tail = spans_bytes(spans, k, size), *chunks;
                 if (tail == NULL)
                     goto out;
                 chunks = PyObject_GetAttr(side, s_chunks);
@@ -553,11 +597,11 @@ static int flush_run(PyObject *flow, PyObject *side, int primary, int comparing,
         } else {
             /* a difference in this run: the per-segment rule pinpoints it (Python, which also
              * counts the secondary bytes it stores) */
-            PyObject *b = PyLong_FromLongLong(begin);
-            if (b == NULL)
-                goto out;
-            PyObject *r = PyObject_CallFunctionObjArgs(segments, flow, b, parts, NULL);
-            Py_DECREF(b);
+            PyObject *b = PyLong_FromLongLong(begin), *parts = spans_parts(spans), *r = NULL;
+            if (b != NULL && parts != NULL)
+                r = PyObject_CallFunctionObjArgs(segments, flow, b, parts, NULL);
+            Py_XDECREF(b);
+            Py_XDECREF(parts);
             if (r == NULL)
                 goto out;
             Py_DECREF(r);
@@ -599,7 +643,8 @@ static PyObject *colo_feed_runs(PyObject *self, PyObject *const *args, Py_ssize_
     if (minus_one == NULL)
         return NULL;
     long long sec_delta = 0;
-    PyObject *key = NULL, *flow = NULL, *side = NULL, *parts = NULL, *held_append = NULL;
+    PyObject *key = NULL, *flow = NULL, *side = NULL, *held_append = NULL;
+    span_list spans = {NULL, 0, 0};
     while (i >= 0 && i < PyList_GET_SIZE(frames)) {
         PyObject *frame = PyList_GET_ITEM(frames, i);
         if (!PyBytes_CheckExact(frame)) {
@@ -624,8 +669,7 @@ static PyObject *colo_feed_runs(PyObject *self, PyObject *const *args, Py_ssize_
             goto fail;
         if ((long long)h.seq != nxt)
             break;
-        if (PyDict_SetItem(touched, flow, Py_None) < 0 || get_long_attr(side, s_end, &begin) < 0 ||
-            (parts = PyList_New(0)) == NULL)
+        if (PyDict_SetItem(touched, flow, Py_None) < 0 || get_long_attr(side, s_end, &begin) < 0)
             goto fail;
         if (primary) {
             PyObject *held = PyObject_GetAttr(flow, s_held);
@@ -642,15 +686,15 @@ static PyObject *colo_feed_runs(PyObject *self, PyObject *const *args, Py_ssize_
             if (primary) {
                 /* a strong reference while the tracker and held_append (Python code) run */
                 Py_INCREF(frame);
-                int rc = scan_primary_one(frame, p, &h, key, parts, held_append, now, track, minus_one, &rnxt,
-                                          &rend, &rack, &cack);
+                int rc = scan_primary_one(frame, &h, key, &spans, held_append, now, track, minus_one, &rnxt, &rend,
+                                          &rack, &cack);
                 Py_DECREF(frame);
                 if (rc < 0)
                     goto fail;
             } else {
                 Py_ssize_t plen = h.ip_end - h.pstart;
                 if (plen) {
-                    if (append_payload(parts, p, &h) < 0)
+                    if (spans_add(&spans, frame, h.pstart, plen) < 0)
                         goto fail;
                     rend += plen;
                     rnxt = (h.seq + (uint32_t)plen) & 0xFFFFFFFFu;
@@ -668,27 +712,29 @@ static PyObject *colo_feed_runs(PyObject *self, PyObject *const *args, Py_ssize_
             if (!continues_run(p, PyBytes_GET_SIZE(frame), rkey, rnxt, &h))
                 break;
         }
-        if (flush_run(flow, side, primary, comparing, begin, rend, rnxt, parts, rack, ensure, segments,
+        if (flush_run(flow, side, primary, comparing, begin, rend, rnxt, &spans, rack, ensure, segments,
                       &sec_delta) < 0)
             goto fail;
+        spans_clear(&spans);
         Py_CLEAR(key);
         Py_CLEAR(flow);
         Py_CLEAR(side);
-        Py_CLEAR(parts);
         Py_CLEAR(held_append);
     }
     Py_XDECREF(key);
     Py_XDECREF(flow);
     Py_XDECREF(side);
     Py_DECREF(minus_one);
+    PyMem_Free(spans.v);
     return Py_BuildValue("(nL)", i, sec_delta);
 fail:
     Py_XDECREF(key);
     Py_XDECREF(flow);
     Py_XDECREF(side);
-    Py_XDECREF(parts);
     Py_XDECREF(held_append);
     Py_DECREF(minus_one);
+    spans_clear(&spans);
+    PyMem_Free(spans.v);
     return NULL;
 }
 
