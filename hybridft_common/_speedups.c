@@ -389,7 +389,7 @@ static int scan_primary_one(PyObject *frame, const run_hdr *h, PyObject *key, sp
 /* ------------------------------------------------------------------------------------------- */
 
 static PyObject *s_p, *s_s, *s_nxt, *s_end, *s_start, *s_cur, *s_off, *s_chunks, *s_ack, *s_v, *s_diverged,
-    *s_held, *s_append, *s_extend, *s_fin, *s_rst, *s_released, *s_popleft, *s_clear;
+    *s_held, *s_append, *s_fin, *s_rst, *s_released, *s_popleft, *s_clear;
 
 static int get_long_attr(PyObject *obj, PyObject *name, long long *out);
 static int add_to_attr(PyObject *obj, PyObject *name, long long delta);
@@ -1955,19 +1955,13 @@ PyMODINIT_FUNC PyInit__speedups(void)
         const char *name;
     } names[] = {{&s_p, "p"}, {&s_s, "s"}, {&s_nxt, "nxt"}, {&s_end, "end"}, {&s_start, "start"},
                  {&s_cur, "cur"}, {&s_off, "off"}, {&s_chunks, "chunks"}, {&s_ack, "ack"}, {&s_v, "v"},
-                 {&s_diverged, "diverged"}, {&s_held, "held"}, {&s_append, "append"}, {&s_extend, "extend"},
+                 {&s_diverged, "diverged"}, {&s_held, "held"}, {&s_append, "append"},
                  {&s_fin, "fin"}, {&s_rst, "rst"}, {&s_released, "released"}, {&s_popleft, "popleft"},
-                 {&s_clear, "clear"}};
+                 {&s_clear, "clear"}, {&s_regions, "regions"}, {&s_data_bytes, "data_bytes"},
+                 {&s_starts, "starts"}, {&s_ends, "ends"}, {&s_datas, "datas"}};
     for (size_t j = 0; j < sizeof names / sizeof names[0]; j++)
         if ((*names[j].slot = PyUnicode_InternFromString(names[j].name)) == NULL)
             return NULL;
-    s_regions = PyUnicode_InternFromString("regions");
-    s_data_bytes = PyUnicode_InternFromString("data_bytes");
-    s_starts = PyUnicode_InternFromString("starts");
-    s_ends = PyUnicode_InternFromString("ends");
-    s_datas = PyUnicode_InternFromString("datas");
-    if (!s_regions || !s_data_bytes || !s_starts || !s_ends || !s_datas)
-        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && PyModule_AddIntConstant(m, "crc32_clmul", crc_use_clmul) < 0) {
         Py_DECREF(m);
