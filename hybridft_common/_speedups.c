@@ -13,6 +13,11 @@
  * attributes the Python code uses, so the Python and the C versions share one class and one set of
  * attributes.
  */
+/* What hybridft_common/fastpath.py's INTERFACE checks: bump both whenever a function is added,
+ * removed or changes its arguments or results (an extension built from older sources is then
+ * refused, and the Python reference runs, instead of failing on a missing function). */
+#define SPEEDUPS_INTERFACE 2
+
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <limits.h>
@@ -1963,7 +1968,8 @@ PyMODINIT_FUNC PyInit__speedups(void)
         if ((*names[j].slot = PyUnicode_InternFromString(names[j].name)) == NULL)
             return NULL;
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddIntConstant(m, "crc32_clmul", crc_use_clmul) < 0) {
+    if (m != NULL && (PyModule_AddIntConstant(m, "crc32_clmul", crc_use_clmul) < 0 ||
+                      PyModule_AddIntConstant(m, "interface", SPEEDUPS_INTERFACE) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -25,12 +25,35 @@ def _pure_requested() -> bool:
     return os.environ.get(PURE_PYTHON_ENV, "").strip().lower() not in ("", "0", "no", "false")
 
 
+#: the set of functions (and their contracts) the Python code expects of ``_speedups``; the C
+#: file's SPEEDUPS_INTERFACE must equal it.  Bumped whenever a function is added, removed or
+#: changes what it takes or returns.
+INTERFACE = 2
+
+
 def _load() -> tuple[ModuleType | None, ModuleType | None, str]:
     try:
         from hybridft_common import _speedups  # type: ignore[attr-defined]
     except ImportError as exc:
         return None, None, f"pure-python (extension not built: {exc})"
-    if _pure_requested():
+    return select(_speedups, _pure_requested())
+
+
+def select(_speedups: ModuleType, pure: bool) -> tuple[ModuleType | None, ModuleType | None, str]:
+    """(available, speedups, description) for a loaded extension module."""
+    built = getattr(_speedups, "interface", 1)
+    if built != INTERFACE:
+        # an extension built from other sources (a pull without a rebuild): using it would fail
+        # on a missing function, or worse, misread one whose arguments changed
+        return (
+            None,
+            None,
+            (
+                f"pure-python (extension out of date: interface {built}, this code needs {INTERFACE}; "
+                "rebuild it with `pip install -e .` or `make setup`)"
+            ),
+        )
+    if pure:
         return _speedups, None, f"pure-python ({PURE_PYTHON_ENV}=1)"
     return _speedups, _speedups, "compiled"
 

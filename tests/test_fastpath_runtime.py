@@ -97,3 +97,21 @@ def test_version_names_the_data_plane_and_the_loops() -> None:
     )
     assert "data plane: compiled" in done.stdout
     assert "event loops: compare asyncio, disk asyncio, daemon asyncio, agent asyncio" in done.stdout
+
+
+def test_the_built_extension_has_the_interface_the_code_expects() -> None:
+    assert fastpath.available is not None, "the compiled fast path is not built: run `pip install -e .`"
+    assert fastpath.available.interface == fastpath.INTERFACE
+
+
+def test_an_extension_built_from_other_sources_is_refused() -> None:
+    """A pull without a rebuild leaves an older _speedups: the reference runs, and says why."""
+    import types
+
+    old = types.ModuleType("hybridft_common._speedups")  # an older build had no interface number
+    available, speedups, why = fastpath.select(old, pure=False)
+    assert available is None and speedups is None
+    assert "out of date" in why and "pip install -e ." in why
+    old.interface = fastpath.INTERFACE  # type: ignore[attr-defined]
+    assert fastpath.select(old, pure=False) == (old, old, "compiled")
+    assert fastpath.select(old, pure=True)[:2] == (old, None)
