@@ -468,7 +468,8 @@ class Comparator:
     @property
     def secondary_buffered_bytes(self) -> int:
         """Secondary bytes kept for comparison, including those set aside behind a pending seal."""
-        return self._sec_bytes + sum(sealed.aside_bytes for sealed in self._pending)
+        pending = self._pending  # empty but for the moments a seal waits: skip the generator then
+        return self._sec_bytes + sum(sealed.aside_bytes for sealed in pending) if pending else self._sec_bytes
 
     def set_mode(self, mode: Mode) -> None:
         self._next_mode = Mode(mode)
