@@ -1000,12 +1000,10 @@ class Comparator:
             self._one_primary_frame(frames[i], now, touched, comparing)
             i += 1
 
-    def _one_primary_frame(
-        self, frame: bytes, now: float, touched: dict[object, None], comparing: bool
-    ) -> None:
-        """The reference loop's body for one primary frame outside a C run.  A run it starts (in
-        order, so an IPv6 one: nothing else continues it in the reference either) is stored at
-        once, where the reference stores it at the next frame; nothing in between touches it."""
+    def _file_one(self, frame: bytes, now: float, primary: bool, touched: dict[object, None]) -> tuple | None:
+        """Parse a frame outside a C run and file its flow in ``touched`` (creating a TCP flow if
+        new): ``(flow, key, seq, ack, offflags, pstart, plen)`` of a TCP frame, ``None`` for
+        anything else (queued in its datagram flow by :meth:`_classify_slow`)."""
         n = len(frame)
         if n >= 54:
             w1, tot, w2, key, seq, ack, offflags = _FAST4.unpack_from(frame)
@@ -1018,18 +1016,31 @@ class Comparator:
         else:
             fast = False
         if not fast:
-            parsed = self._classify_slow(frame, now, True)
+            parsed = self._classify_slow(frame, now, primary)
             if type(parsed) is not tuple:
                 touched[parsed] = None
-                return
+                return None
             key, seq, ack, offflags, pstart, ip_end = parsed
         tcp = self._tcp
         flow = tcp.get(key)
         if flow is None:
             flow = tcp[key] = _TcpFlow(key)
-        side = flow.p
         touched[flow] = None
-        plen = ip_end - pstart
+        return flow, key, seq, ack, offflags, pstart, ip_end - pstart
+
+    def _one_primary_frame(
+        self, frame: bytes, now: float, touched: dict[object, None], comparing: bool
+    ) -> None:
+        """The reference loop's body for one primary frame outside a C run.  A run it starts (in
+        order, so an IPv6 one: nothing else continues it in the reference either) is stored at
+        once, where the reference stores it at the next frame; nothing in between touches it."""
+        filed = self._file_one(frame, now, True, touched)
+        if filed is None:
+            return
+        flow, key, seq, ack, offflags, pstart, plen = filed
+        ip_end = pstart + plen
+        tcp = self._tcp
+        side = flow.p
         if seq == side.nxt and not offflags & 7:
             begin = side.end
             held_ack = ack if offflags & 0x10 else -1
@@ -1199,30 +1210,13 @@ class Comparator:
 
     def _one_secondary_frame(self, frame: bytes, now: float, touched: dict[object, None]) -> None:
         """:meth:`_one_primary_frame` for the secondary."""
-        n = len(frame)
-        if n >= 54:
-            w1, tot, w2, key, seq, ack, offflags = _FAST4.unpack_from(frame)
-            ip_end = 14 + tot
-            pstart = 34 + ((offflags >> 10) & 0x3C)
-            fast = (
-                w1 & 0xFFFFFF00 == 0x08004500 and w2 & 0x3FFF00FF == 6 and offflags >= 0x5000
-                and pstart <= ip_end <= n
-            )  # fmt: skip
-        else:
-            fast = False
-        if not fast:
-            parsed = self._classify_slow(frame, now, False)
-            if type(parsed) is not tuple:
-                touched[parsed] = None
-                return
-            key, seq, ack, offflags, pstart, ip_end = parsed
+        filed = self._file_one(frame, now, False, touched)
+        if filed is None:
+            return
+        flow, key, seq, ack, offflags, pstart, plen = filed
+        ip_end = pstart + plen
         tcp = self._tcp
-        flow = tcp.get(key)
-        if flow is None:
-            flow = tcp[key] = _TcpFlow(key)
         side = flow.s
-        touched[flow] = None
-        plen = ip_end - pstart
         if seq == side.nxt and not offflags & 7:
             begin = side.end
             parts = [frame[pstart:ip_end]] if plen else []
