@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   qemu-system-x86 qemu-utils qemu-block-extra
-  busybox-static python3-libnbd libnbd-bin nbdkit iproute2 tcpdump nftables fio
+  busybox-static python3-libnbd libnbd-bin nbdkit iproute2 tcpdump nftables fio valgrind
   python3-venv python3-dev gcc make libc6-dev
 )
 
