@@ -25,6 +25,7 @@ Frames are prebuilt with ``bench.frames`` (``struct``; scapy is far too slow), b
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -117,8 +118,17 @@ def _connect(path: str) -> socket.socket:
     return s
 
 
+def _harness_process() -> None:
+    """The generator and the sink are measuring tools: no garbage collector in them.  The sink keeps
+    one tuple per latency sample; with the collector on, its full collections over hundreds of
+    thousands of them paused it for milliseconds, and every frame it had not yet read counted that
+    as latency (p99 at 220k frames/s: 4.9-20 ms with it, 0.95-2.3 ms without, the service unchanged)."""
+    gc.disable()
+
+
 def _generator(paths: dict[str, str], spec: dict[str, Any], conn: Any) -> None:
     """Child process: build the frames, connect, wait for go, send; report the start time."""
+    _harness_process()
     if spec["kind"] == "latency":
         _latency_generator(paths, spec, conn)
         return
@@ -252,6 +262,7 @@ def build_divergence(flows: int) -> tuple[list[bytes], list[bytes], int]:
 
 def _sink(path: str, expect_frames: int, decode: bool, conn: Any) -> None:
     """Child process: read released frames; count them (and stamp latencies when ``decode``)."""
+    _harness_process()
     s = _connect(path)
     cpu0 = time.process_time()  # waiting for frames costs none
     conn.send("connected")
