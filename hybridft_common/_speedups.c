@@ -396,8 +396,30 @@ static int scan_primary_one(PyObject *frame, const run_hdr *h, PyObject *key, sp
 static PyObject *s_p, *s_s, *s_nxt, *s_end, *s_start, *s_cur, *s_off, *s_chunks, *s_ack, *s_v, *s_diverged,
     *s_held, *s_append, *s_fin, *s_rst, *s_released, *s_popleft, *s_clear;
 
-static int get_long_attr(PyObject *obj, PyObject *name, long long *out);
-static int add_to_attr(PyObject *obj, PyObject *name, long long delta);
+/* Integer attributes of the Python objects the comparator and disk paths work on. */
+
+/* PyLong_AsLongLong, fast: CPython 3.11 converts an int of more than one 30-bit digit (any disk
+ * offset past 1 GiB) through _PyLong_AsByteArray there, PyLong_AsLong by a loop over the digits;
+ * with a 64-bit long they mean the same.  Inside the extent-map bisection this was 7 % of the disk
+ * server's CPU. */
+static inline long long long_value(PyObject *obj)
+{
+#if LONG_MAX == LLONG_MAX
+    return PyLong_AsLong(obj);
+#else
+    return PyLong_AsLongLong(obj);
+#endif
+}
+
+static int get_long_attr(PyObject *obj, PyObject *name, long long *out)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    *out = long_value(v);
+    Py_DECREF(v);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
 
 static int set_long_attr(PyObject *obj, PyObject *name, long long value)
 {
@@ -407,6 +429,17 @@ static int set_long_attr(PyObject *obj, PyObject *name, long long value)
     int rc = PyObject_SetAttr(obj, name, v);
     Py_DECREF(v);
     return rc;
+}
+
+/* obj.name += delta */
+static int add_to_attr(PyObject *obj, PyObject *name, long long delta)
+{
+    long long v;
+    if (delta == 0)
+        return 0;
+    if (get_long_attr(obj, name, &v) < 0)
+        return -1;
+    return set_long_attr(obj, name, v + delta);
 }
 
 static int call_method_one(PyObject *obj, PyObject *name, PyObject *arg)
@@ -1534,46 +1567,7 @@ static PyObject *journal_queue_writes(PyObject *self, PyObject *const *args, Py_
     return PyLong_FromLongLong(pos);
 }
 
-/* PyLong_AsLongLong, fast: CPython 3.11 converts an int of more than one 30-bit digit (any disk
- * offset past 1 GiB) through _PyLong_AsByteArray there, PyLong_AsLong by a loop over the digits;
- * with a 64-bit long they mean the same.  Inside the extent-map bisection this was 7 % of the disk
- * server's CPU. */
-static inline long long long_value(PyObject *obj)
-{
-#if LONG_MAX == LLONG_MAX
-    return PyLong_AsLong(obj);
-#else
-    return PyLong_AsLongLong(obj);
-#endif
-}
-
 static PyObject *s_regions, *s_data_bytes, *s_starts, *s_ends, *s_datas;
-
-static int get_long_attr(PyObject *obj, PyObject *name, long long *out)
-{
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL)
-        return -1;
-    *out = long_value(v);
-    Py_DECREF(v);
-    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
-}
-
-/* obj.name += delta */
-static int add_to_attr(PyObject *obj, PyObject *name, long long delta)
-{
-    long long v;
-    if (delta == 0)
-        return 0;
-    if (get_long_attr(obj, name, &v) < 0)
-        return -1;
-    PyObject *nv = PyLong_FromLongLong(v + delta);
-    if (nv == NULL)
-        return -1;
-    int rc = PyObject_SetAttr(obj, name, nv);
-    Py_DECREF(nv);
-    return rc;
-}
 
 /* One write inside one region: the two cases a VM's writes nearly always are (an exact rewrite of
  * an extent, or a range that overlaps nothing) in C; anything else through region.put.
