@@ -384,10 +384,10 @@ def run_end_to_end(
             daemon(svc, lambda: sink_conn.poll(), meta)
         result = sink_conn.recv()
         cpu_used = cpu_seconds(svc.proc.pid) - cpu_start
+        cpu_window = max(time.monotonic() - cpu_wall_start, 1e-9)
         timing = gen_conn.recv()
         # the generator's and the sink's CPU over the run, as each measured its own
         harness_used = timing["cpu"] + result["cpu"]
-        cpu_window = max(time.monotonic() - cpu_wall_start, 1e-9)
         stalls: list[tuple[int, int]] = []
         if meter is not None:
             stop.set()
