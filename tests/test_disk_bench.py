@@ -32,7 +32,7 @@ RESULT_FIELDS = {
 }
 #: the fields every client run reports (the worker's JSON plus the rounds it is the median of)
 RUN_FIELDS = {"ops", "errors", "seconds", "iops", "mb_s", "lat_p50_us", "lat_p99_us", "rounds_iops",
-              "server_cpu_us_per_op", "client_cpu_us_per_op"}  # fmt: skip
+              "server_cpu_us_per_op", "client_cpu_us_per_op", "flushes"}  # fmt: skip
 
 pytestmark = pytest.mark.qemu
 
@@ -88,6 +88,19 @@ def test_bench_disk_quick_json_shape(short_tmp: Path, client: str) -> None:
             # both processes did work for the requests (CPU times tick in 10 ms: >= 0 is all a
             # short run can promise per side)
             assert run["server_cpu_us_per_op"] >= 0 and run["client_cpu_us_per_op"] > 0
+        assert row["qemu_nbd"]["flushes"] == row["hybridft"]["flushes"] == 0
+        if name.startswith("randread"):
+            assert "qemu_nbd_durable" not in row  # nothing to make durable
+        else:
+            # the durable baseline: the same writes with a FLUSH after every one epoch's worth of them
+            durable = row["qemu_nbd_durable"]
+            assert set(durable) == RUN_FIELDS | {"flush_every"}
+            assert durable["errors"] == 0 and durable["ops"] == row["qemu_nbd"]["ops"]
+            # (a quick run may be shorter than one epoch: then there is nothing to flush)
+            assert durable["flush_every"] >= 1
+            assert (durable["flushes"] > 0) == (durable["ops"] > durable["flush_every"]), durable
+            ratio_to_durable = row["hybridft_sustained"]["iops"] / durable["iops"]
+            assert math.isclose(row["ratio_sustained_to_durable"], ratio_to_durable)
         assert math.isclose(row["ratio"], row["hybridft"]["iops"] / row["qemu_nbd"]["iops"])
         sustained = row["hybridft_sustained"]
         assert math.isclose(row["ratio_sustained"], sustained["iops"] / row["qemu_nbd"]["iops"])
