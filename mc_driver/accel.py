@@ -25,6 +25,18 @@ KVM_DEVICE = Path("/dev/kvm")
 KVM_PVM_MODULE = Path("/sys/module/kvm_pvm")
 
 
+#: What stock QEMU 7.2 lacks of the project's patches that is not TCG-specific.  The default on a KVM
+#: host stays stock QEMU (a distribution binary, no build on the host), so ``hybridft qemu which``, the
+#: pair's manifest and ``pair up`` say this every time that choice is made.
+STOCK_KVM_WARNING = (
+    "stock QEMU 7.2 lacks two fixes of the patched build that are not TCG-specific: 0009 (when the "
+    "daemon force-cancels the primary's disk mirror after losing the secondary, a guest write in flight "
+    "can corrupt the primary QEMU's heap and abort it: 3 of 40 lost-secondary runs here) and 0004 "
+    "(failover of a TCP handshake that a checkpoint cut); to run the patched build with KVM, "
+    "`hybridft qemu build` and set HYBRIDFT_QEMU_BINARY to the binary it prints"
+)
+
+
 class NoUsableQemu(RuntimeError):
     """No QEMU/accelerator combination can run the protected VM here; the message says what is missing."""
 
@@ -98,7 +110,14 @@ def _kvm_choice(reason: str) -> QemuChoice:
             cpu="host",
             patched=True,
         )
-    return QemuChoice(_stock_binary(), "kvm", (), f"{reason}: using stock QEMU with KVM", cpu="host")
+    return QemuChoice(
+        _stock_binary(),
+        "kvm",
+        (),
+        f"{reason}: using stock QEMU with KVM",
+        cpu="host",
+        notes=(STOCK_KVM_WARNING,),
+    )
 
 
 def _patched_choice(reason: str, build: bool) -> QemuChoice:
@@ -178,3 +197,5 @@ def which_command(as_json: bool, build: bool) -> None:
     click.echo(f"accel:    {choice.accel} (-cpu {choice.cpu})")
     click.echo(f"firmware: {' '.join(choice.firmware_args) or '(built in)'}")
     click.echo(f"reason:   {choice.reason}")
+    for note in choice.notes:
+        click.echo(f"warning:  {note}")

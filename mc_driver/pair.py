@@ -327,7 +327,7 @@ def pair_json(
         taps=manifest.Sides(PRIMARY_TAP, SECONDARY_TAP),
         accel=qemu.accel,
         qemu_binary=qemu.binary,
-        accel_reason=qemu.reason,
+        accel_reason="; ".join((qemu.reason, *(f"warning: {note}" for note in qemu.notes))),
         qmp=manifest.QmpMonitors(  # one monitor per user: QMP_USERS
             manifest.PrimaryMonitors(daemon=monitor("primary", "daemon"), ops=monitor("primary", "ops")),
             manifest.SecondaryMonitors(

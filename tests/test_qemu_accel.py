@@ -69,6 +69,9 @@ def test_the_patched_binary_can_run_with_kvm(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.delenv("HYBRIDFT_QEMU_BINARY")
     stock = choose_qemu(build=False)
     assert (stock.accel, stock.patched, stock.firmware_args) == ("kvm", False, ())
+    # the stock choice says what it lacks, and how to run the patched build with KVM instead
+    assert stock.notes == (accel.STOCK_KVM_WARNING,) and choice.notes == ()
+    assert "0009" in stock.notes[0] and "HYBRIDFT_QEMU_BINARY" in stock.notes[0]
 
 
 def test_kvm_missing_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -91,3 +94,21 @@ def test_which_command_json_and_table() -> None:
     assert Path(data["binary"]).is_file() and data["reason"]
     table = subprocess.run([HYBRIDFT, "qemu", "which"], capture_output=True, text=True, env=env, check=False)
     assert table.returncode == 0 and "reason:" in table.stdout and data["binary"] in table.stdout
+
+
+def test_which_warns_about_stock_qemu_with_kvm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The table says what stock QEMU lacks whenever it is the choice (here a KVM host is faked)."""
+    from click.testing import CliRunner
+
+    device = tmp_path / "kvm"
+    device.touch()
+    monkeypatch.setattr(accel, "KVM_DEVICE", device)
+    monkeypatch.setenv("HYBRIDFT_ACCEL", "kvm")
+    monkeypatch.delenv("HYBRIDFT_QEMU_BINARY", raising=False)
+    result = CliRunner().invoke(accel.which_command, [])
+    assert result.exit_code == 0, result.output
+    assert "using stock QEMU with KVM" in result.output
+    assert f"warning:  {accel.STOCK_KVM_WARNING}" in result.output
+    monkeypatch.setenv("HYBRIDFT_QEMU_BINARY", sys.executable)
+    patched = CliRunner().invoke(accel.which_command, [])
+    assert patched.exit_code == 0 and accel.STOCK_KVM_WARNING not in patched.output
