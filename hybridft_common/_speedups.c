@@ -20,6 +20,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <limits.h>
 #include <stdint.h>
 #include <string.h>
@@ -396,7 +397,84 @@ static int scan_primary_one(PyObject *frame, const run_hdr *h, PyObject *key, sp
 static PyObject *s_p, *s_s, *s_nxt, *s_end, *s_start, *s_cur, *s_off, *s_chunks, *s_ack, *s_v, *s_diverged,
     *s_held, *s_append, *s_fin, *s_rst, *s_released, *s_popleft, *s_clear;
 
-/* Integer attributes of the Python objects the comparator and disk paths work on. */
+/* Attributes of the Python objects the comparator and disk paths work on.
+ *
+ * Those objects are instances of classes with __slots__ (_Side, _TcpFlow, the extent map's
+ * regions), and C read and wrote them through PyObject_GetAttr/SetAttr: a generic lookup of the
+ * name through the type (dict probes, the descriptor call, argument checks) of about 150
+ * instructions, several dozen times per frame -- a quarter of the comparator's instructions per
+ * frame on short runs (bench.compare_micro bursts, callgrind).  attr_get/attr_set read and write
+ * such a slot directly at its offset in the object, as the slot's own descriptor does.
+ *
+ * What makes the shortcut exact: a (type, name) is cached only when the type looks attributes up
+ * the generic way (no __getattribute__/__getattr__/__setattr__ of its own) and the name resolves
+ * on the type to a writable object slot (a member descriptor of T_OBJECT_EX, which a data
+ * descriptor is and so takes precedence over any instance dict).  The entry holds the type's
+ * version tag, which CPython changes whenever the type or a base is modified (an attribute set or
+ * deleted on the class) and never gives to another type, so a stale entry or a new type at a
+ * reused address never matches.  Anything else -- another type, an unset slot (AttributeError),
+ * a method, a property -- goes the generic way. */
+typedef struct {
+    PyTypeObject *type; /* borrowed: compared, never dereferenced unless it is Py_TYPE(obj) */
+    PyObject *name;     /* borrowed: the interned names below live as long as the module */
+    unsigned int version;
+    Py_ssize_t offset; /* of the slot in the object, or 0: not a plain slot, go the generic way */
+} slot_entry;
+
+#define SLOT_CACHE_SIZE 256 /* a few classes times a few dozen names: collisions are rare */
+_Static_assert(SLOT_CACHE_SIZE == 256, "slot_of indexes with the top 8 bits of a 64-bit hash");
+static slot_entry slot_cache[SLOT_CACHE_SIZE];
+
+/* The slot of obj.name, or NULL when the generic lookup must be used. */
+static inline PyObject **slot_of(PyObject *obj, PyObject *name)
+{
+    PyTypeObject *tp = Py_TYPE(obj);
+    /* both pointers are aligned and close to others of their kind: mix them before taking bits */
+    uint64_t h = ((uint64_t)(uintptr_t)tp * 0x9E3779B97F4A7C15u) ^ ((uint64_t)(uintptr_t)name * 0xC2B2AE3D27D4EB4Fu);
+    slot_entry *e = &slot_cache[h >> 56]; /* SLOT_CACHE_SIZE == 256 */
+    if (e->type != tp || e->name != name || e->version != tp->tp_version_tag || e->version == 0) {
+        e->type = NULL; /* (re)filled below, or left empty */
+        e->offset = 0;
+        if (tp->tp_getattro != PyObject_GenericGetAttr || tp->tp_setattro != PyObject_GenericSetAttr)
+            return NULL;
+        PyObject *d = _PyType_Lookup(tp, name); /* borrowed; assigns tp a version tag if it can */
+        if (tp->tp_version_tag == 0)
+            return NULL;
+        e->type = tp;
+        e->name = name;
+        e->version = tp->tp_version_tag;
+        if (d != NULL && Py_IS_TYPE(d, &PyMemberDescr_Type)) {
+            PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+            if (m->type == T_OBJECT_EX && !(m->flags & READONLY) && m->offset > 0)
+                e->offset = m->offset;
+        }
+    }
+    return e->offset ? (PyObject **)((char *)obj + e->offset) : NULL;
+}
+
+/* PyObject_GetAttr(obj, name), directly from the slot when it is one (see above). */
+static PyObject *attr_get(PyObject *obj, PyObject *name)
+{
+    PyObject **slot = slot_of(obj, name);
+    if (slot != NULL && *slot != NULL)
+        return Py_NewRef(*slot);
+    return PyObject_GetAttr(obj, name); /* not a slot, or an unset one (its AttributeError) */
+}
+
+/* PyObject_SetAttr(obj, name, value) for a value that is not NULL: what the slot's descriptor
+ * does (PyMember_SetOne, T_OBJECT_EX), without the lookup. */
+static int attr_set(PyObject *obj, PyObject *name, PyObject *value)
+{
+    PyObject **slot = slot_of(obj, name);
+    if (slot == NULL)
+        return PyObject_SetAttr(obj, name, value);
+    PyObject *old = *slot;
+    *slot = Py_NewRef(value);
+    Py_XDECREF(old);
+    return 0;
+}
+
+/* Integer attributes. */
 
 /* PyLong_AsLongLong, fast: CPython 3.11 converts an int of more than one 30-bit digit (any disk
  * offset past 1 GiB) through _PyLong_AsByteArray there, PyLong_AsLong by a loop over the digits;
@@ -413,7 +491,7 @@ static inline long long long_value(PyObject *obj)
 
 static int get_long_attr(PyObject *obj, PyObject *name, long long *out)
 {
-    PyObject *v = PyObject_GetAttr(obj, name);
+    PyObject *v = attr_get(obj, name);
     if (v == NULL)
         return -1;
     *out = long_value(v);
@@ -426,7 +504,7 @@ static int set_long_attr(PyObject *obj, PyObject *name, long long value)
     PyObject *v = PyLong_FromLongLong(value);
     if (v == NULL)
         return -1;
-    int rc = PyObject_SetAttr(obj, name, v);
+    int rc = attr_set(obj, name, v);
     Py_DECREF(v);
     return rc;
 }
@@ -475,10 +553,10 @@ static int spans_match(const span_list *l, PyObject *cur, long long off, long lo
  * (`ensure`).  0, or -1 with an exception. */
 static int join_chunks(PyObject *side, PyObject *ensure, long long upto)
 {
-    PyObject *chunks = PyObject_GetAttr(side, s_chunks), *cur = NULL, *joined = NULL, *it = NULL, *c;
+    PyObject *chunks = attr_get(side, s_chunks), *cur = NULL, *joined = NULL, *it = NULL, *c;
     long long off;
     int rc = -1;
-    if (chunks == NULL || (cur = PyObject_GetAttr(side, s_cur)) == NULL || get_long_attr(side, s_off, &off) < 0)
+    if (chunks == NULL || (cur = attr_get(side, s_cur)) == NULL || get_long_attr(side, s_off, &off) < 0)
         goto out;
     Py_ssize_t nchunks = PyObject_Length(chunks), total;
     if (nchunks < 0)
@@ -521,7 +599,7 @@ static int join_chunks(PyObject *side, PyObject *ensure, long long upto)
         if (PyErr_Occurred())
             goto out;
     }
-    if (PyObject_SetAttr(side, s_cur, joined) < 0 || set_long_attr(side, s_off, 0) < 0)
+    if (attr_set(side, s_cur, joined) < 0 || set_long_attr(side, s_off, 0) < 0)
         goto out;
     PyObject *r = PyObject_CallMethodNoArgs(chunks, s_clear);
     if (r == NULL)
@@ -561,12 +639,12 @@ static int flush_run(PyObject *flow, PyObject *side, int primary, int comparing,
     if (end == begin)
         return 0;
     long long size = end - begin, oe;
-    PyObject *other = PyObject_GetAttr(flow, primary ? s_s : s_p), *cur = NULL, *num = NULL;
+    PyObject *other = attr_get(flow, primary ? s_s : s_p), *cur = NULL, *num = NULL;
     int rc = -1, verify = 0;
     if (other == NULL || get_long_attr(other, s_end, &oe) < 0)
         goto out;
     if (oe > begin && comparing) {
-        PyObject *v = PyObject_GetAttr(flow, s_v);
+        PyObject *v = attr_get(flow, s_v);
         if (v == NULL)
             goto out;
         long long vv = v == Py_None ? begin - 1 : PyLong_AsLongLong(v);
@@ -574,7 +652,7 @@ static int flush_run(PyObject *flow, PyObject *side, int primary, int comparing,
         if (vv == -1 && PyErr_Occurred())
             goto out;
         if (vv == begin) {
-            PyObject *d = PyObject_GetAttr(flow, s_diverged);
+            PyObject *d = attr_get(flow, s_diverged);
             if (d == NULL)
                 goto out;
             verify = d == Py_None;
@@ -582,7 +660,7 @@ static int flush_run(PyObject *flow, PyObject *side, int primary, int comparing,
         }
     }
     if (!verify) {
-        PyObject *chunks = PyObject_GetAttr(side, s_chunks);
+        PyObject *chunks = attr_get(side, s_chunks);
         if (chunks == NULL)
             goto out;
         /* the run's payloads, copied once, as one chunk */
@@ -598,14 +676,14 @@ static int flush_run(PyObject *flow, PyObject *side, int primary, int comparing,
         long long k = oe - begin < size ? oe - begin : size, ostart, ooff;
         if (get_long_attr(other, s_start, &ostart) < 0 || get_long_attr(other, s_off, &ooff) < 0)
             goto out;
-        if ((cur = PyObject_GetAttr(other, s_cur)) == NULL)
+        if ((cur = attr_get(other, s_cur)) == NULL)
             goto out;
         Py_ssize_t curlen = PyObject_Length(cur);
         if (curlen < 0)
             goto out;
         if (ostart + curlen - ooff < begin + k) {
             Py_CLEAR(cur);
-            if (join_chunks(other, ensure, begin + k) < 0 || (cur = PyObject_GetAttr(other, s_cur)) == NULL ||
+            if (join_chunks(other, ensure, begin + k) < 0 || (cur = attr_get(other, s_cur)) == NULL ||
                 get_long_attr(other, s_off, &ooff) < 0)
                 goto out;
         }
@@ -614,8 +692,8 @@ static int flush_run(PyObject *flow, PyObject *side, int primary, int comparing,
             goto out;
         if (same) {
             if (set_long_attr(other, s_off, ooff + k) < 0 || (num = PyLong_FromLongLong(begin + k)) == NULL ||
-                PyObject_SetAttr(other, s_start, num) < 0 || PyObject_SetAttr(side, s_start, num) < 0 ||
-                PyObject_SetAttr(flow, s_v, num) < 0)
+                attr_set(other, s_start, num) < 0 || attr_set(side, s_start, num) < 0 ||
+                attr_set(flow, s_v, num) < 0)
                 goto out;
             if (primary)
                 *sec_delta -= k; /* the secondary's stored bytes, now verified */
@@ -625,7 +703,7 @@ static int flush_run(PyObject *flow, PyObject *side, int primary, int comparing,
                 PyObject *tail = spans_bytes(spans, k, size), *chunks;
                 if (tail == NULL)
                     goto out;
-                chunks = PyObject_GetAttr(side, s_chunks);
+                chunks = attr_get(side, s_chunks);
                 int arc = chunks == NULL ? -1 : call_method_one(chunks, s_append, tail);
                 Py_XDECREF(chunks);
                 Py_DECREF(tail);
@@ -703,14 +781,14 @@ static PyObject *colo_feed_runs(PyObject *self, PyObject *const *args, Py_ssize_
         }
         Py_INCREF(flow);
         long long begin, nxt;
-        if ((side = PyObject_GetAttr(flow, primary ? s_p : s_s)) == NULL || get_long_attr(side, s_nxt, &nxt) < 0)
+        if ((side = attr_get(flow, primary ? s_p : s_s)) == NULL || get_long_attr(side, s_nxt, &nxt) < 0)
             goto fail;
         if ((long long)h.seq != nxt)
             break;
         if (PyDict_SetItem(touched, flow, Py_None) < 0 || get_long_attr(side, s_end, &begin) < 0)
             goto fail;
         if (primary) {
-            PyObject *held = PyObject_GetAttr(flow, s_held);
+            PyObject *held = attr_get(flow, s_held);
             if (held == NULL)
                 goto fail;
             held_append = PyObject_GetAttr(held, s_append);
@@ -852,7 +930,7 @@ static int side_event(PyObject *side, long long v)
  * event on both sides, SYNs not both seen), -1 with an exception. */
 static int settle_tcp_flow(PyObject *flow, PyObject *out)
 {
-    PyObject *vobj = PyObject_GetAttr(flow, s_v), *p = NULL, *s = NULL, *held = NULL;
+    PyObject *vobj = attr_get(flow, s_v), *p = NULL, *s = NULL, *held = NULL;
     if (vobj == NULL)
         return -1;
     if (vobj == Py_None) {
@@ -864,12 +942,12 @@ static int settle_tcp_flow(PyObject *flow, PyObject *out)
     if (v == -1 && PyErr_Occurred())
         return -1;
     int rc = -1;
-    PyObject *diverged = PyObject_GetAttr(flow, s_diverged);
+    PyObject *diverged = attr_get(flow, s_diverged);
     if (diverged == NULL)
         return -1;
     int comparing = diverged == Py_None;
     Py_DECREF(diverged);
-    if ((s = PyObject_GetAttr(flow, s_s)) == NULL)
+    if ((s = attr_get(flow, s_s)) == NULL)
         goto out;
     if (comparing) {
         long long pe, se;
@@ -877,7 +955,7 @@ static int settle_tcp_flow(PyObject *flow, PyObject *out)
             rc = 0;
             goto out;
         }
-        if ((p = PyObject_GetAttr(flow, s_p)) == NULL || get_long_attr(p, s_end, &pe) < 0 ||
+        if ((p = attr_get(flow, s_p)) == NULL || get_long_attr(p, s_end, &pe) < 0 ||
             get_long_attr(s, s_end, &se) < 0)
             goto out;
         if ((pe < se ? pe : se) > v) {
@@ -892,7 +970,7 @@ static int settle_tcp_flow(PyObject *flow, PyObject *out)
             goto out;
         }
     }
-    if ((held = PyObject_GetAttr(flow, s_held)) == NULL)
+    if ((held = attr_get(flow, s_held)) == NULL)
         goto out;
     Py_ssize_t nheld = PyObject_Length(held), n;
     long long sack;
@@ -1575,9 +1653,9 @@ static PyObject *s_regions, *s_data_bytes, *s_starts, *s_ends, *s_datas;
 static int region_put(PyObject *region, long long start, long long end, PyObject *data, long long overhead,
                       long shift, long long *delta)
 {
-    PyObject *starts = PyObject_GetAttr(region, s_starts);
-    PyObject *ends = PyObject_GetAttr(region, s_ends);
-    PyObject *datas = PyObject_GetAttr(region, s_datas);
+    PyObject *starts = attr_get(region, s_starts);
+    PyObject *ends = attr_get(region, s_ends);
+    PyObject *datas = attr_get(region, s_datas);
     int rc = -1;
     if (starts == NULL || ends == NULL || datas == NULL)
         goto out;
@@ -1699,7 +1777,7 @@ static PyObject *extents_put_many(PyObject *self, PyObject *const *args, Py_ssiz
         PyErr_SetString(PyExc_ValueError, "region_shift out of range");
         return NULL;
     }
-    PyObject *regions = PyObject_GetAttr(map, s_regions);
+    PyObject *regions = attr_get(map, s_regions);
     if (regions == NULL)
         return NULL;
     if (!PyDict_Check(regions)) {

@@ -308,3 +308,84 @@ def test_write_extents_reports_a_failed_write_as_oserror() -> None:
         os.close(r)
     with pytest.raises(ValueError):
         speedups.write_extents(0, [(0, 5, b"abcd")], 0, 1)
+
+
+# -- attributes read and written at their slot's offset -------------------------------------------
+
+
+class _MapA:
+    __slots__ = ("data_bytes", "regions")
+
+
+class _MapB:  # the same names at other offsets: a cache keyed by name alone would mix them up
+    __slots__ = ("a_pad", "b_pad", "c_pad", "data_bytes", "regions")
+
+
+class _MapDict:  # no slots: the attributes live in the instance dict
+    pass
+
+
+def _new_map(cls: type) -> object:
+    m = cls()
+    m.regions = {}  # type: ignore[attr-defined]
+    m.data_bytes = 0  # type: ignore[attr-defined]
+    return m
+
+
+def _reference(offsets: list[int], payloads: list[bytes]) -> ExtentMap:
+    ref = ExtentMap()
+    ref.put_many_python(offsets, payloads)
+    return ref
+
+
+def test_compiled_attributes_follow_each_type_and_class_changes() -> None:
+    """``_speedups`` reads and writes slotted attributes directly at their offsets, cached per type
+    and name; that must stay exact for types whose slots sit at other offsets, for dict-based
+    objects, and for a class changed after the cache was filled (here a slot replaced by a
+    property, whose setter must then see every write)."""
+    compiled = _compiled()
+    rng = random.Random(5)
+    maps = {cls: _new_map(cls) for cls in (_MapA, _MapB, _MapDict)}
+    written: dict[type, tuple[list[int], list[bytes]]] = {cls: ([], []) for cls in maps}
+    for _ in range(30):  # interleaved: each call meets the other types' cache entries
+        for cls, m in maps.items():
+            # 4 KiB-aligned, at most 4 KiB: each write within one region
+            offsets = [rng.randrange(0, 8 * REGION_SIZE, 4096) for _ in range(rng.randrange(1, 6))]
+            payloads = [rng.randbytes(rng.choice((512, 4096))) for _ in offsets]
+            compiled.extents_put_many(m, offsets, payloads, SortedExtents, EXTENT_OVERHEAD, 20)
+            written[cls][0].extend(offsets)
+            written[cls][1].extend(payloads)
+    for cls, m in maps.items():
+        ref = _reference(*written[cls])
+        assert m.data_bytes == ref.data_bytes, cls  # type: ignore[attr-defined]
+        assert sorted(m.regions) == sorted(ref.regions), cls  # type: ignore[attr-defined]
+        if cls is _MapB:
+            assert not any(hasattr(m, pad) for pad in ("a_pad", "b_pad", "c_pad"))  # no stray writes
+
+    class _MapC:
+        __slots__ = ("data_bytes", "regions")
+
+    m = _new_map(_MapC)
+    compiled.extents_put_many(m, [0], [b"x" * 4096], SortedExtents, EXTENT_OVERHEAD, 20)  # fills the cache
+    first = m.data_bytes
+    assert first == _reference([0], [b"x" * 4096]).data_bytes
+    seen: list[int] = []
+    _MapC.data_bytes = property(  # type: ignore[assignment]
+        lambda self: seen[-1] if seen else first, lambda self, value: seen.append(value)
+    )
+    compiled.extents_put_many(m, [8192], [b"y" * 4096], SortedExtents, EXTENT_OVERHEAD, 20)
+    assert seen == [_reference([0, 8192], [b"x" * 4096, b"y" * 4096]).data_bytes]
+
+    class _MapWatched:  # slots, but its own __setattr__: every write must go through it
+        __slots__ = ("data_bytes", "regions")
+
+        def __setattr__(self, name: str, value: object) -> None:
+            sets.append(name)
+            object.__setattr__(self, name, value)
+
+    sets: list[str] = []
+    w = _new_map(_MapWatched)
+    sets.clear()
+    compiled.extents_put_many(w, [0], [b"z" * 4096], SortedExtents, EXTENT_OVERHEAD, 20)
+    compiled.extents_put_many(w, [4096], [b"z" * 4096], SortedExtents, EXTENT_OVERHEAD, 20)
+    assert sets == ["data_bytes", "data_bytes"]
