@@ -981,13 +981,14 @@ class Comparator:
         (``_speedups.colo_feed_runs``: start, continue, then :meth:`_flush_primary_run`, so a
         burst of short runs on many flows costs no Python per run).  It stops at each frame that
         starts no run there (another protocol, a new flow, out of order, SYN/FIN/RST); that one
-        frame goes through :meth:`_one_primary_frame`, then the C loop goes on."""
+        frame goes through :meth:`_one_primary_frame`, then the C loop goes on.  The client
+        tracker's :meth:`_ClientTracker.one` runs in C too (``client_track_one``), on the tracker."""
         if type(frames) is not list:
             frames = list(frames)
         touched: dict[object, None] = {}
         tcp = self._tcp
         comparing = not self._pending
-        track = self._client.one
+        track = self._client
         segments = self._primary_segments
         i = 0
         nframes = len(frames)

@@ -16,7 +16,7 @@
 /* What hybridft_common/fastpath.py's INTERFACE checks: bump both whenever a function is added,
  * removed or changes its arguments or results (an extension built from older sources is then
  * refused, and the Python reference runs, instead of failing on a missing function). */
-#define SPEEDUPS_INTERFACE 2
+#define SPEEDUPS_INTERFACE 3
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -336,62 +336,8 @@ static PyObject *spans_parts(const span_list *l)
     return parts;
 }
 
-/* One frame of the primary's run (already known to continue it): payload, tracker, held entry. */
-static int scan_primary_one(PyObject *frame, const run_hdr *h, PyObject *key, span_list *spans,
-                            PyObject *held_append, PyObject *now, PyObject *track, PyObject *minus_one,
-                            long long *rnxt, long long *rend, long long *rack, long long *cack)
-{
-    Py_ssize_t plen = h->ip_end - h->pstart;
-    if (plen) {
-        if (spans_add(spans, frame, h->pstart, plen) < 0)
-            return -1;
-        *rend += plen;
-        *rnxt = (h->seq + (uint32_t)plen) & 0xFFFFFFFFu;
-    }
-    PyObject *ackobj;
-    if (h->offflags & 0x10) {
-        *rack = h->ack;
-        if ((long long)h->ack != *cack) {
-            PyObject *r = PyObject_CallFunction(track, "OkkO", key, (unsigned long)h->ack,
-                                                (unsigned long)h->offflags, plen > 0 ? Py_True : Py_False);
-            if (r == NULL)
-                return -1;
-            *cack = PyLong_AsLongLong(r);
-            Py_DECREF(r);
-            if (*cack == -1 && PyErr_Occurred())
-                return -1;
-        }
-        ackobj = PyLong_FromUnsignedLong(h->ack);
-        if (ackobj == NULL)
-            return -1;
-    } else {
-        ackobj = Py_NewRef(minus_one);
-    }
-    PyObject *endobj = PyLong_FromLongLong(*rend);
-    if (endobj == NULL) {
-        Py_DECREF(ackobj);
-        return -1;
-    }
-    PyObject *entry = PyTuple_New(4);
-    if (entry == NULL) {
-        Py_DECREF(ackobj);
-        Py_DECREF(endobj);
-        return -1;
-    }
-    PyTuple_SET_ITEM(entry, 0, endobj);
-    PyTuple_SET_ITEM(entry, 1, ackobj);
-    PyTuple_SET_ITEM(entry, 2, Py_NewRef(frame));
-    PyTuple_SET_ITEM(entry, 3, Py_NewRef(now));
-    PyObject *r = PyObject_CallOneArg(held_append, entry);
-    Py_DECREF(entry);
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
-    return 0;
-}
-
 /* ------------------------------------------------------------------------------------------- */
-/* Whole in-order runs: start, continue, store or verify (Comparator._feed_colo_*_compiled)      */
+/* Attributes of the comparator's and the disk buffer's objects; the client tracker              */
 /* ------------------------------------------------------------------------------------------- */
 
 static PyObject *s_p, *s_s, *s_nxt, *s_end, *s_start, *s_cur, *s_off, *s_chunks, *s_ack, *s_v, *s_diverged,
@@ -519,6 +465,155 @@ static int add_to_attr(PyObject *obj, PyObject *name, long long delta)
         return -1;
     return set_long_attr(obj, name, v + delta);
 }
+
+/* The client tracker: colo_compare.core._ClientTracker.one, on the tracker's own attributes (its
+ * `flows` dict of key -> [highest ACK, ACK at the last turn], and the counters acked_bytes,
+ * advances, turns).  The primary's runs called the Python method at the first frame of every run
+ * (where the settled ACK number is not yet known): a Python call per run, about a tenth of the
+ * core's time on short runs.  Returns the flow's settled ACK number after the frame, -1 for none,
+ * -2 with an exception set. */
+#define CLIENT_MAX_FLOWS (1 << 16) /* core._MAX_CLIENT_FLOWS (a test checks they agree) */
+static PyObject *s_flows, *s_acked_bytes, *s_advances, *s_turns;
+
+static long long client_one(PyObject *tracker, PyObject *key, unsigned long ack, unsigned long flags, int payload)
+{
+    if (!(flags & 0x10)) /* no ACK */
+        return -1;
+    PyObject *flows = attr_get(tracker, s_flows);
+    if (flows == NULL)
+        return -2;
+    if (!PyDict_CheckExact(flows)) {
+        PyErr_SetString(PyExc_TypeError, "the client tracker's flows must be a dict");
+        goto fail;
+    }
+    PyObject *st = PyDict_GetItemWithError(flows, key); /* borrowed */
+    if (st == NULL && PyErr_Occurred())
+        goto fail;
+    if (st == NULL || (flags & 0x02)) { /* a new flow, or a SYN: a fresh baseline */
+        if (PyDict_GET_SIZE(flows) >= CLIENT_MAX_FLOWS)
+            PyDict_Clear(flows); /* bounded memory: at most one turn per flow is missed */
+        PyObject *a = PyLong_FromUnsignedLong(ack), *fresh = a == NULL ? NULL : PyList_New(2);
+        if (fresh == NULL) {
+            Py_XDECREF(a);
+            goto fail;
+        }
+        PyList_SET_ITEM(fresh, 0, Py_NewRef(a));
+        PyList_SET_ITEM(fresh, 1, a);
+        int rc = PyDict_SetItem(flows, key, fresh);
+        Py_DECREF(fresh);
+        Py_DECREF(flows);
+        return rc < 0 ? -2 : (long long)ack;
+    }
+    if (!PyList_CheckExact(st) || PyList_GET_SIZE(st) != 2) {
+        PyErr_SetString(PyExc_TypeError, "a client tracker entry must be a list of two ACK numbers");
+        goto fail;
+    }
+    Py_INCREF(st); /* the dict may drop it below */
+    long long hi = long_value(PyList_GET_ITEM(st, 0)), turn = long_value(PyList_GET_ITEM(st, 1));
+    if ((hi == -1 || turn == -1) && PyErr_Occurred())
+        goto fail_st;
+    if ((long long)ack != hi) {
+        unsigned long long d = ((unsigned long long)ack - (unsigned long long)hi) & 0xFFFFFFFFull;
+        if (d < 0x80000000ull) {
+            PyObject *a = PyLong_FromUnsignedLong(ack);
+            if (a == NULL || add_to_attr(tracker, s_acked_bytes, (long long)d) < 0 ||
+                add_to_attr(tracker, s_advances, 1) < 0) {
+                Py_XDECREF(a);
+                goto fail_st;
+            }
+            PyList_SetItem(st, 0, a); /* steals a */
+            hi = (long long)ack;
+        }
+    }
+    if (payload && turn != hi) {
+        PyObject *a = PyLong_FromLongLong(hi);
+        if (a == NULL || add_to_attr(tracker, s_turns, 1) < 0) {
+            Py_XDECREF(a);
+            goto fail_st;
+        }
+        PyList_SetItem(st, 1, a);
+        turn = hi;
+    }
+    Py_DECREF(st);
+    if (flags & (0x01 | 0x04)) { /* FIN or RST: the flow is over */
+        int rc = PyDict_DelItem(flows, key);
+        Py_DECREF(flows);
+        return rc < 0 ? -2 : -1;
+    }
+    Py_DECREF(flows);
+    return ((long long)ack == hi && hi == turn) ? (long long)ack : -1;
+fail_st:
+    Py_DECREF(st);
+fail:
+    Py_DECREF(flows);
+    return -2;
+}
+
+/* client_track_one(tracker, key, ack, flags, payload) -> int: client_one for the tests, which run it
+ * against _ClientTracker.one on the same frames. */
+static PyObject *client_track_one(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    REQUIRE_NARGS("client_track_one", 5);
+    unsigned long ack = PyLong_AsUnsignedLong(args[2]), flags = PyLong_AsUnsignedLong(args[3]);
+    int payload = PyObject_IsTrue(args[4]);
+    if (((ack == (unsigned long)-1 || flags == (unsigned long)-1) && PyErr_Occurred()) || payload < 0)
+        return NULL;
+    long long r = client_one(args[0], args[1], ack, flags, payload);
+    return r == -2 ? NULL : PyLong_FromLongLong(r);
+}
+
+/* One frame of the primary's run (already known to continue it): payload, tracker, held entry. */
+static int scan_primary_one(PyObject *frame, const run_hdr *h, PyObject *key, span_list *spans,
+                            PyObject *held_append, PyObject *now, PyObject *track, PyObject *minus_one,
+                            long long *rnxt, long long *rend, long long *rack, long long *cack)
+{
+    Py_ssize_t plen = h->ip_end - h->pstart;
+    if (plen) {
+        if (spans_add(spans, frame, h->pstart, plen) < 0)
+            return -1;
+        *rend += plen;
+        *rnxt = (h->seq + (uint32_t)plen) & 0xFFFFFFFFu;
+    }
+    PyObject *ackobj;
+    if (h->offflags & 0x10) {
+        *rack = h->ack;
+        if ((long long)h->ack != *cack) {
+            *cack = client_one(track, key, (unsigned long)h->ack, (unsigned long)h->offflags, plen > 0);
+            if (*cack == -2)
+                return -1;
+        }
+        ackobj = PyLong_FromUnsignedLong(h->ack);
+        if (ackobj == NULL)
+            return -1;
+    } else {
+        ackobj = Py_NewRef(minus_one);
+    }
+    PyObject *endobj = PyLong_FromLongLong(*rend);
+    if (endobj == NULL) {
+        Py_DECREF(ackobj);
+        return -1;
+    }
+    PyObject *entry = PyTuple_New(4);
+    if (entry == NULL) {
+        Py_DECREF(ackobj);
+        Py_DECREF(endobj);
+        return -1;
+    }
+    PyTuple_SET_ITEM(entry, 0, endobj);
+    PyTuple_SET_ITEM(entry, 1, ackobj);
+    PyTuple_SET_ITEM(entry, 2, Py_NewRef(frame));
+    PyTuple_SET_ITEM(entry, 3, Py_NewRef(now));
+    PyObject *r = PyObject_CallOneArg(held_append, entry);
+    Py_DECREF(entry);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------- */
+/* Whole in-order runs: start, continue, store or verify (Comparator._feed_colo_*_compiled)      */
+/* ------------------------------------------------------------------------------------------- */
 
 static int call_method_one(PyObject *obj, PyObject *name, PyObject *arg)
 {
@@ -741,7 +836,8 @@ out:
  * tracker where the ACK number moves), and the run is then stored or verified as
  * Comparator._flush_*_run does; each run's flow goes into `touched`.  Returns at the first frame
  * that starts no run (another protocol, a new flow, out of order, SYN/FIN/RST): the Python loop
- * takes that one, then calls again.  sec_delta: the change to the core's secondary byte count. */
+ * takes that one, then calls again.  sec_delta: the change to the core's secondary byte count.
+ * track: on the primary the core's _ClientTracker (client_one runs its `one` on it), else None. */
 static PyObject *colo_feed_runs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     REQUIRE_NARGS("colo_feed_runs", 10);
@@ -1997,6 +2093,8 @@ static PyMethodDef methods[] = {
      "decode_records(buf, start, end, vnet_hdr, max_record) -> (frames, headers, pos, nbytes, error)"},
     {"encode_records", (PyCFunction)(void (*)(void))encode_records, METH_FASTCALL,
      "encode_records(frames, vnet_headers_or_None) -> bytes"},
+    {"client_track_one", (PyCFunction)(void (*)(void))client_track_one, METH_FASTCALL,
+     "client_track_one(tracker, key, ack, flags, payload) -> settled ACK number or -1 (_ClientTracker.one)"},
     {"colo_feed_runs", (PyCFunction)(void (*)(void))colo_feed_runs, METH_FASTCALL,
      "colo_feed_runs(frames, i, tcp, touched, primary, comparing, now, track, ensure, segments) -> (i, sec_delta)"},
     {"releasable", (PyCFunction)(void (*)(void))releasable, METH_FASTCALL, "releasable(held, v, sack) -> n"},
@@ -2035,13 +2133,15 @@ PyMODINIT_FUNC PyInit__speedups(void)
                  {&s_diverged, "diverged"}, {&s_held, "held"}, {&s_append, "append"},
                  {&s_fin, "fin"}, {&s_rst, "rst"}, {&s_released, "released"}, {&s_popleft, "popleft"},
                  {&s_clear, "clear"}, {&s_regions, "regions"}, {&s_data_bytes, "data_bytes"},
-                 {&s_starts, "starts"}, {&s_ends, "ends"}, {&s_datas, "datas"}};
+                 {&s_starts, "starts"}, {&s_ends, "ends"}, {&s_datas, "datas"}, {&s_flows, "flows"},
+                 {&s_acked_bytes, "acked_bytes"}, {&s_advances, "advances"}, {&s_turns, "turns"}};
     for (size_t j = 0; j < sizeof names / sizeof names[0]; j++)
         if ((*names[j].slot = PyUnicode_InternFromString(names[j].name)) == NULL)
             return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && (PyModule_AddIntConstant(m, "crc32_clmul", crc_use_clmul) < 0 ||
-                      PyModule_AddIntConstant(m, "interface", SPEEDUPS_INTERFACE) < 0)) {
+                      PyModule_AddIntConstant(m, "interface", SPEEDUPS_INTERFACE) < 0 ||
+                      PyModule_AddIntConstant(m, "client_max_flows", CLIENT_MAX_FLOWS) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

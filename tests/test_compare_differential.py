@@ -375,6 +375,67 @@ def test_core_loops_really_differ() -> None:
         assert cls._feed_colo_primary is cls.__dict__["_feed_colo_primary_compiled"]
 
 
+_TRACKER_FRAME = st.tuples(
+    st.sampled_from([b"flow-a", b"flow-b", b"flow-c"]),
+    st.one_of(st.sampled_from([0, 1, 1000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF]), st.integers(0, 0xFFFFFFFF)),
+    st.sets(st.sampled_from([0x01, 0x02, 0x04, 0x10, 0x50])).map(sum),  # FIN SYN RST ACK, data offset
+    st.booleans(),
+)
+
+
+def _tracker_state(t: fast_core._ClientTracker) -> tuple:
+    return ({k: list(v) for k, v in t.flows.items()}, t.acked_bytes, t.advances, t.turns)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_TRACKER_FRAME, max_size=60), st.lists(st.integers(0, 2000), max_size=60))
+def test_compiled_client_tracker_matches_python(frames: list[tuple], deltas: list[int]) -> None:
+    """``client_track_one`` (what the compiled runs call) against ``_ClientTracker.one``: the same
+    settled ACK number after every frame and the same flows and counters.  ``deltas`` turn some
+    frames into small forward steps of the previous ACK number, the common case."""
+    _require_compiled()
+    compiled = fastpath.available
+    assert compiled is not None
+    pure, fast = fast_core._ClientTracker(), fast_core._ClientTracker()
+    last: dict[bytes, int] = {}
+    for n, (key, ack, flags, payload) in enumerate(frames):
+        if n < len(deltas) and key in last and deltas[n] % 3:
+            ack = (last[key] + deltas[n]) & 0xFFFFFFFF
+        last[key] = ack
+        want = pure.one(key, ack, flags, payload)
+        assert compiled.client_track_one(fast, key, ack, flags, payload) == want, (n, key, ack, flags)
+        assert _tracker_state(fast) == _tracker_state(pure), n
+
+
+def test_compiled_client_tracker_forgets_every_flow_at_the_cap() -> None:
+    """Both bound the tracker the same way: at the cap, a new flow clears the others first."""
+    _require_compiled()
+    compiled = fastpath.available
+    assert compiled is not None
+    assert compiled.client_max_flows == fast_core._MAX_CLIENT_FLOWS
+    for run in ("python", "compiled"):
+        t = fast_core._ClientTracker()
+        t.flows = {i.to_bytes(4, "big"): [5, 5] for i in range(fast_core._MAX_CLIENT_FLOWS)}
+        if run == "python":
+            assert t.one(b"new", 7, 0x10, True) == 7
+        else:
+            assert compiled.client_track_one(t, b"new", 7, 0x10, True) == 7
+        assert t.flows == {b"new": [7, 7]}, run
+
+
+def test_compiled_client_tracker_refuses_a_malformed_entry() -> None:
+    _require_compiled()
+    compiled = fastpath.available
+    assert compiled is not None
+    t = fast_core._ClientTracker()
+    t.flows[b"k"] = (1, 1)  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="list of two ACK numbers"):
+        compiled.client_track_one(t, b"k", 2, 0x10, True)
+    t.flows = []  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="flows must be a dict"):
+        compiled.client_track_one(t, b"k", 2, 0x10, True)
+
+
 @pytest.mark.parametrize("loops", ["python", "compiled"])
 @pytest.mark.parametrize("ahead", ["secondary", "primary"])
 def test_a_run_verified_in_place_up_to_every_byte_offset(loops: str, ahead: str) -> None:
