@@ -16,7 +16,7 @@
 /* What hybridft_common/fastpath.py's INTERFACE checks: bump both whenever a function is added,
  * removed or changes its arguments or results (an extension built from older sources is then
  * refused, and the Python reference runs, instead of failing on a missing function). */
-#define SPEEDUPS_INTERFACE 3
+#define SPEEDUPS_INTERFACE 4
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -359,7 +359,8 @@ static PyObject *s_p, *s_s, *s_nxt, *s_end, *s_start, *s_cur, *s_off, *s_chunks,
  * version tag, which CPython changes whenever the type or a base is modified (an attribute set or
  * deleted on the class) and never gives to another type, so a stale entry or a new type at a
  * reused address never matches.  Anything else -- another type, an unset slot (AttributeError),
- * a method, a property -- goes the generic way. */
+ * a method, a property -- goes the generic way.  The cache is only touched with the GIL held (the
+ * functions that release it, write_extents and the journal's, use no Python object meanwhile). */
 typedef struct {
     PyTypeObject *type; /* borrowed: compared, never dereferenced unless it is Py_TYPE(obj) */
     PyObject *name;     /* borrowed: the interned names below live as long as the module */
@@ -547,6 +548,24 @@ fail_st:
 fail:
     Py_DECREF(flows);
     return -2;
+}
+
+/* bytes_total(frames) -> the bytes in a list of bytes objects, or -1 when frames is not a list or
+ * holds anything else (colo_compare.core._bytes_total_python: the caller then converts). */
+static PyObject *bytes_total(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    REQUIRE_NARGS("bytes_total", 1);
+    PyObject *frames = args[0];
+    if (!PyList_CheckExact(frames))
+        return PyLong_FromLong(-1);
+    Py_ssize_t total = 0;
+    for (Py_ssize_t j = 0; j < PyList_GET_SIZE(frames); j++) {
+        PyObject *f = PyList_GET_ITEM(frames, j);
+        if (!PyBytes_CheckExact(f))
+            return PyLong_FromLong(-1);
+        total += PyBytes_GET_SIZE(f);
+    }
+    return PyLong_FromSsize_t(total);
 }
 
 /* client_track_one(tracker, key, ack, flags, payload) -> int: client_one for the tests, which run it
@@ -2093,6 +2112,8 @@ static PyMethodDef methods[] = {
      "decode_records(buf, start, end, vnet_hdr, max_record) -> (frames, headers, pos, nbytes, error)"},
     {"encode_records", (PyCFunction)(void (*)(void))encode_records, METH_FASTCALL,
      "encode_records(frames, vnet_headers_or_None) -> bytes"},
+    {"bytes_total", (PyCFunction)(void (*)(void))bytes_total, METH_FASTCALL,
+     "bytes_total(frames) -> bytes in a list of bytes objects, or -1 (anything else)"},
     {"client_track_one", (PyCFunction)(void (*)(void))client_track_one, METH_FASTCALL,
      "client_track_one(tracker, key, ack, flags, payload) -> settled ACK number or -1 (_ClientTracker.one)"},
     {"colo_feed_runs", (PyCFunction)(void (*)(void))colo_feed_runs, METH_FASTCALL,

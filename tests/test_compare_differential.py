@@ -375,6 +375,32 @@ def test_core_loops_really_differ() -> None:
         assert cls._feed_colo_primary is cls.__dict__["_feed_colo_primary_compiled"]
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.binary(max_size=64),
+            st.binary(max_size=64).map(bytearray),
+            st.binary(max_size=64).map(memoryview),
+            st.just("not a frame"),
+        ),
+        max_size=12,
+    ),
+    st.sampled_from([list, tuple]),
+)
+def test_compiled_bytes_total_matches_python(frames: list, container: type) -> None:
+    """``bytes_total`` (the core's per-batch byte count) against ``_bytes_total_python``: the total
+    for a list of bytes, -1 for a tuple or anything that is not exactly bytes."""
+    _require_compiled()
+    compiled = fastpath.available
+    assert compiled is not None
+    batch = container(frames)
+    want = fast_core._bytes_total_python(batch)
+    assert compiled.bytes_total(batch) == want
+    exact = container is list and all(type(f) is bytes for f in frames)
+    assert want == (sum(map(len, frames)) if exact else -1)
+
+
 _TRACKER_FRAME = st.tuples(
     st.sampled_from([b"flow-a", b"flow-b", b"flow-c"]),
     st.one_of(st.sampled_from([0, 1, 1000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF]), st.integers(0, 0xFFFFFFFF)),
