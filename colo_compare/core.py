@@ -238,6 +238,12 @@ def _bytes_total_python(frames: object) -> int:
 _bytes_total = _bytes_total_python if speedups is None else speedups.bytes_total
 
 
+def frames_bytes(frames: list[bytes]) -> int:
+    """The bytes in a batch of frames (the shell's counters): one C loop for a list of bytes."""
+    n = _bytes_total(frames)
+    return n if n >= 0 else sum(map(len, frames))
+
+
 class _ClientTracker:
     """What the primary guest's ACK numbers say about the client -> guest direction.
 

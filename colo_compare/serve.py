@@ -76,7 +76,7 @@ from typing import Any, Protocol
 
 import click
 
-from colo_compare.core import CheckpointRequest, Comparator, DropSecondary, Release
+from colo_compare.core import CheckpointRequest, Comparator, DropSecondary, Release, frames_bytes
 from colo_compare.signals import HOLD_SAMPLE, CompareStats, HoldWindow
 from colo_compare.transport import (
     FrameDecoder,
@@ -433,7 +433,7 @@ class CompareService:
     def _feed_primary(self, frames: list[bytes], headers: list[bytes]) -> None:
         c = self.counters
         c.primary_frames += len(frames)
-        c.primary_bytes += sum(map(len, frames))
+        c.primary_bytes += frames_bytes(frames)
         now = self.clock()
         pending = self._hold_pending
         if len(pending) > 1 << 16:  # frames the core copied would never be popped: bound it
@@ -477,7 +477,7 @@ class CompareService:
             return
         c = self.counters
         c.released_frames += len(frames)
-        c.released_bytes += sum(map(len, frames))
+        c.released_bytes += frames_bytes(frames)
         pending = self._hold_pending
         if pending:
             # only every HOLD_SAMPLE-th frame is sampled: find the sampled ones with one C-level
