@@ -556,6 +556,10 @@ def run_bench(
                     runs[name]["hybridft_sustained"].append(run)
                     _settle(sus[1])
             epochs = 10 if quick else 100
+            # the I/O workloads left hundreds of MB dirty in the page cache (flush-free qemu-nbd's image
+            # above all); the kernel writing them back meanwhile put 35-171 ms spikes into the commits'
+            # fdatasync (p99) in 3 of 4 runs, while the baseline below, measured later, met a quiet device
+            os.sync()
             commit = _commit_latency(sus[0], sus[1], epochs)
             _settle(sus[1])
             writeout = _writeout(sus[0], sus[1], 1.0 if quick else 5.0, 50e6, region)
@@ -565,6 +569,7 @@ def run_bench(
         durable = {
             name: _median_run(r["qemu_nbd_durable"]) for name, r in runs.items() if r["qemu_nbd_durable"]
         }
+        os.sync()  # as before the commits
         commit_baseline = _fdatasync_baseline(directory, epochs)
         for name in workloads:
             base_iops = baseline[name]["iops"]
