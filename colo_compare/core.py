@@ -228,8 +228,9 @@ _MAX_CLIENT_FLOWS = 1 << 16  # flows whose ACK baseline the client tracker keeps
 
 def _bytes_total_python(frames: object) -> int:
     """The bytes in ``frames`` if it is a list of ``bytes`` objects (what the shell passes), else -1:
-    the caller then converts.  ``_speedups.bytes_total`` is the same in one C loop (it was two
-    ``map`` passes and a set per batch, 4 % of the core's instructions on short bursts)."""
+    the caller then converts.  ``_speedups.bytes_total`` is the same in one C loop: the two ``map``
+    passes and the set, three times per batch, were a fifth of the core's instructions per frame on
+    short bursts (callgrind, ``bench.compare_micro bursts``: 14,650 -> 11,664)."""
     if type(frames) is list and set(map(type, frames)) <= _ONLY_BYTES:
         return sum(map(len, frames))
     return -1
@@ -1491,9 +1492,7 @@ class Comparator:
     def _release(self, out: list[bytes], actions: list[Action]) -> None:
         if out:
             # held bytes are accounted here once per batch, not per flow or frame
-            nbytes = _bytes_total(out)  # a list of the held frames, bytes each
-            if nbytes < 0:  # (never so far: the core keeps primary frames as bytes)
-                nbytes = sum(map(len, out))
+            nbytes = frames_bytes(out)
             self._held_bytes -= nbytes
             self._out_frames += len(out)
             self._out_bytes += nbytes
