@@ -360,10 +360,11 @@ static PyObject *s_p, *s_s, *s_nxt, *s_end, *s_start, *s_cur, *s_off, *s_chunks,
  * deleted on the class) and never gives to another type, so a stale entry or a new type at a
  * reused address never matches.  Anything else -- another type, an unset slot (AttributeError),
  * a method, a property -- goes the generic way.  The cache is only touched with the GIL held (the
- * functions that release it, write_extents and the journal's, use no Python object meanwhile). */
+ * code that releases it -- write_extents and the CRC loops -- touches no Python
+ * object meanwhile). */
 typedef struct {
     PyTypeObject *type; /* borrowed: compared, never dereferenced unless it is Py_TYPE(obj) */
-    PyObject *name;     /* borrowed: the interned names below live as long as the module */
+    PyObject *name;     /* borrowed: the interned s_* names above live as long as the module */
     unsigned int version;
     Py_ssize_t offset; /* of the slot in the object, or 0: not a plain slot, go the generic way */
 } slot_entry;
