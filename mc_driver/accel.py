@@ -26,8 +26,8 @@ KVM_PVM_MODULE = Path("/sys/module/kvm_pvm")
 
 
 #: What stock QEMU 7.2 lacks of the project's patches that is not TCG-specific.  The default on a KVM
-#: host stays stock QEMU (a distribution binary, no build on the host), so ``hybridft qemu which``, the
-#: pair's manifest and ``pair up`` say this every time that choice is made.
+#: host stays stock QEMU (a distribution binary, no build on the host), so ``hybridft qemu which``,
+#: ``pair up`` and the pair's manifest say this every time that choice is made.
 STOCK_KVM_WARNING = (
     "stock QEMU 7.2 lacks two fixes of the patched build that are not TCG-specific: 0009 (when the "
     "daemon force-cancels the primary's disk mirror after losing the secondary, a guest write in flight "
@@ -54,6 +54,10 @@ class QemuChoice:
     def accel_args(self) -> list[str]:
         """``-accel``/``-cpu`` arguments for this choice."""
         return ["-accel", self.accel, "-cpu", self.cpu]
+
+    def reason_with_warnings(self) -> str:
+        """The reason, then each note as a warning: one line for the pair's manifest and ``pair up``."""
+        return "; ".join((self.reason, *(f"warning: {note}" for note in self.notes)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -327,7 +327,7 @@ def pair_json(
         taps=manifest.Sides(PRIMARY_TAP, SECONDARY_TAP),
         accel=qemu.accel,
         qemu_binary=qemu.binary,
-        accel_reason="; ".join((qemu.reason, *(f"warning: {note}" for note in qemu.notes))),
+        accel_reason=qemu.reason_with_warnings(),
         qmp=manifest.QmpMonitors(  # one monitor per user: QMP_USERS
             manifest.PrimaryMonitors(daemon=monitor("primary", "daemon"), ops=monitor("primary", "ops")),
             manifest.SecondaryMonitors(
@@ -711,6 +711,12 @@ def _up(launcher: PairLauncher) -> dict[str, Any]:
         "disk_pid": launcher.pids["disk"],
         "control": str(files.sock("daemon-ctl")),
         "config": str(files.config),
+        # which QEMU and accelerator, and why (with what stock QEMU lacks): `pair up` prints it
+        "qemu": {
+            "binary": str(launcher.qemu.binary),
+            "accel": launcher.qemu.accel,
+            "reason": launcher.qemu.reason_with_warnings(),
+        },
     }
     if not config.start_daemon:
         result["colo"] = False

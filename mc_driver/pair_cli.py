@@ -165,6 +165,8 @@ def up_command(
         click.echo(json.dumps(result))
         return
     click.echo(f"pair up in {result['config']}")
+    qemu = result["qemu"]
+    click.echo(f"  {'qemu':<14} {qemu['binary']} ({qemu['accel']}): {qemu['reason']}")
     for key in (
         "guest_ip",
         "client_netns",

@@ -390,6 +390,9 @@ def test_colo_serves_and_secondary_kill_leaves_the_primary_unprotected(workdir: 
                 "disk_pid", "control"):  # fmt: skip
         assert answer[key], key
     assert answer["daemon_pid"] == config["pids"]["daemon"] and answer["client_netns"] == config["netns"]
+    # the QEMU choice, as the manifest records it
+    assert answer["qemu"] == {"binary": config["qemu_binary"], "accel": config["accel"],
+                              "reason": config["accel_reason"]}  # fmt: skip
     ns = NetNamespace(answer["client_netns"])
     traffic = Traffic(ns).start()
     traffic.wait("two blobs in COLO", lambda: len(traffic.blobs) >= 2)

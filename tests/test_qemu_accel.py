@@ -72,6 +72,8 @@ def test_the_patched_binary_can_run_with_kvm(monkeypatch: pytest.MonkeyPatch, tm
     # the stock choice says what it lacks, and how to run the patched build with KVM instead
     assert stock.notes == (accel.STOCK_KVM_WARNING,) and choice.notes == ()
     assert "0009" in stock.notes[0] and "HYBRIDFT_QEMU_BINARY" in stock.notes[0]
+    assert stock.reason_with_warnings() == f"{stock.reason}; warning: {accel.STOCK_KVM_WARNING}"
+    assert choice.reason_with_warnings() == choice.reason
 
 
 def test_kvm_missing_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
