@@ -335,12 +335,16 @@ class DiskBuffer:
         count = len(offsets)
         if count != len(payloads):
             raise ValueError("write_many: as many offsets as payloads")
-        if not count:
-            return
         store = self._store
         size = store.size
         refused: WriteBatchError | None = None  # the first write out of range; those before it apply
-        if min(offsets) < 0 or max(map(add, offsets, map(len, payloads))) > size:
+        if count == 1:  # a client at queue depth 1: spare it min, max and three maps
+            out_of_range = offsets[0] < 0 or offsets[0] + len(payloads[0]) > size
+        elif count:
+            out_of_range = min(offsets) < 0 or max(map(add, offsets, map(len, payloads))) > size
+        else:
+            return
+        if out_of_range:
             ranges = enumerate(zip(offsets, payloads, strict=True))
             count = next(i for i, (o, d) in ranges if o < 0 or o + len(d) > size)
             try:

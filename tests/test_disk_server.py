@@ -351,6 +351,23 @@ def test_pipelined_writes_are_batched_and_each_gets_its_own_answer(served: Serve
     assert max(served.backend.batches) >= 2, served.backend.batches
 
 
+def test_a_batch_with_two_refused_writes_answers_each_in_place(served: ServerThread) -> None:
+    """Two refusals in one batch: after each the rest of the batch is tried again, and every write
+    gets its own answer, as one call per write would have given."""
+    served.backend.refuse_offsets = {512, 1536}
+    client = RawClient(served.path)
+    client.go()
+    burst = b"".join(
+        nbd.encode_request(Cmd.WRITE, cookie, (cookie - 1) * 512, 512) + bytes([cookie]) * 512
+        for cookie in range(1, 6)
+    )
+    client.sock.sendall(burst)
+    answers = sorted(nbd.decode_simple_reply(client.recv(16)) for _ in range(5))
+    assert answers == sorted([(0, 1), (nbd.ENOSPC, 2), (0, 3), (nbd.ENOSPC, 4), (0, 5)])
+    disk = served.backend.disks["replica"]
+    assert [disk[i * 512] for i in range(5)] == [1, 0, 3, 0, 5]
+
+
 def test_disc_closes_after_pending_replies(served: ServerThread) -> None:
     client = RawClient(served.path)
     client.go("view")
