@@ -16,7 +16,7 @@
 /* What hybridft_common/fastpath.py's INTERFACE checks: bump both whenever a function is added,
  * removed or changes its arguments or results (an extension built from older sources is then
  * refused, and the Python reference runs, instead of failing on a missing function). */
-#define SPEEDUPS_INTERFACE 4
+#define SPEEDUPS_INTERFACE 5
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -2145,6 +2145,65 @@ static PyObject *write_extents(PyObject *self, PyObject *const *args, Py_ssize_t
     return PyLong_FromSsize_t(end_index);
 }
 
+/* ------------------------------------------------------------------------------------------- */
+/* Busy-polling a socket (hybridft_common/busypoll.py)                                          */
+/* ------------------------------------------------------------------------------------------- */
+
+#include <poll.h>
+#include <time.h>
+
+static long long monotonic_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+/* wait_readable(fd, max_ns) -> ns waited until fd was readable (or had an error or hang-up to
+ * report), or -1 once max_ns passed.  busypoll.wait_readable_python is the reference.  The GIL is
+ * released while spinning: the service's other threads (the disk buffer's journal writer) run. */
+static PyObject *wait_readable(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    REQUIRE_NARGS("wait_readable", 2);
+    long fd_value = PyLong_AsLong(args[0]);
+    if (!PyErr_Occurred() && (fd_value < 0 || fd_value > INT_MAX)) {
+        PyErr_SetString(PyExc_ValueError, "bad file descriptor");
+        return NULL;
+    }
+    long long max_ns = PyLong_AsLongLong(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (max_ns < 0) {
+        PyErr_SetString(PyExc_ValueError, "max_ns cannot be negative");
+        return NULL;
+    }
+    struct pollfd p = {.fd = (int)fd_value, .events = POLLIN, .revents = 0};
+    long long waited = -1;
+    int error = 0;
+    Py_BEGIN_ALLOW_THREADS
+    long long start = monotonic_ns(), now = start;
+    for (;;) {
+        int rc = poll(&p, 1, 0);
+        now = monotonic_ns();
+        if (rc > 0) {
+            waited = now - start;
+            break;
+        }
+        if (rc < 0 && errno != EINTR) {
+            error = errno;
+            break;
+        }
+        if (now - start >= max_ns)
+            break;
+    }
+    Py_END_ALLOW_THREADS
+    if (error) {
+        errno = error;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLongLong(waited);
+}
+
 static PyMethodDef methods[] = {
     {"decode_records", (PyCFunction)(void (*)(void))decode_records, METH_FASTCALL,
      "decode_records(buf, start, end, vnet_hdr, max_record) -> (frames, headers, pos, nbytes, error)"},
@@ -2173,6 +2232,8 @@ static PyMethodDef methods[] = {
      "extents_put_many(extent_map, offsets, payloads, region_type, overhead, region_shift) -> None"},
     {"write_extents", (PyCFunction)(void (*)(void))write_extents, METH_FASTCALL,
      "write_extents(fd, extents, first, stop) -> index of the first extent not written"},
+    {"wait_readable", (PyCFunction)(void (*)(void))wait_readable, METH_FASTCALL,
+     "wait_readable(fd, max_ns) -> ns waited until readable, or -1 once max_ns passed"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -49,6 +49,20 @@ def test_seal_commit_views_through_the_cli(server: DiskServerProcess) -> None:
     assert "committed" in text and not text.startswith("{")
 
 
+def test_status_reports_how_the_nbd_side_polls(server: DiskServerProcess) -> None:
+    """``hybridft disk serve`` spins for a client's next request by default (--poll-us), and
+    status says how that went: spins started, spins that caught a request, time spent."""
+    polls = server.ctl_json("status")["runtime"]["busy_poll"]
+    assert polls["window_us"] == 50 and polls["polls"] == 0
+    replica = server.connect("replica")
+    for i in range(50):
+        replica.pwrite(b"\x5a" * 4096, i * 4096)
+    polls = server.ctl_json("status")["runtime"]["busy_poll"]
+    assert polls["polls"] >= 1 and polls["spun_ns"] > 0, polls
+    assert 0 <= polls["hits"] <= polls["polls"]
+    assert replica.pread(4096, 49 * 4096) == b"\x5a" * 4096
+
+
 def test_errors_are_clear_and_change_nothing(server: DiskServerProcess) -> None:
     replica = server.connect("replica")
     replica.pwrite(b"\x42" * 4096, 0)

@@ -93,7 +93,7 @@ class MemoryBackend:
 class ServerThread:
     """An NbdServer on its own event loop thread, so blocking clients can run in the test."""
 
-    def __init__(self, backend: MemoryBackend, path: Path) -> None:
+    def __init__(self, backend: MemoryBackend, path: Path, poll_ns: int = 0) -> None:
         self.backend = backend
         self.path = path
         self.loop = asyncio.new_event_loop()
@@ -104,7 +104,7 @@ class ServerThread:
             asyncio.set_event_loop(self.loop)
 
             async def start() -> None:
-                self.server = NbdServer(backend, {"replica": "replica", "view": "view"})
+                self.server = NbdServer(backend, {"replica": "replica", "view": "view"}, poll_ns=poll_ns)
                 self.listener = await self.server.listen(f"unix:{path}")
                 ready.set()
 
@@ -366,6 +366,48 @@ def test_a_batch_with_two_refused_writes_answers_each_in_place(served: ServerThr
     assert answers == sorted([(0, 1), (nbd.ENOSPC, 2), (0, 3), (nbd.ENOSPC, 4), (0, 5)])
     disk = served.backend.disks["replica"]
     assert [disk[i * 512] for i in range(5)] == [1, 0, 3, 0, 5]
+
+
+def test_a_polling_connection_catches_the_next_request_and_backs_off_when_it_does_not_come(
+    tmp_path: Path,
+) -> None:
+    """With a window far above the client's gap, the spin after each answer sees the next request:
+    nearly every poll hits, and every write lands.  A client slower than the window gets a few
+    missed spins, then none for a back-off period, so a quiet client costs almost nothing."""
+    served = ServerThread(MemoryBackend(SIZE), tmp_path / "nbd.sock", poll_ns=20_000_000)
+    try:
+        assert served.server is not None
+        counters = served.server.poll_counters
+        h = connect(served.path, "replica")
+        for i in range(200):
+            h.pwrite(bytes([i % 251 + 1]) * 512, i * 512)
+        disk = served.backend.disks["replica"]
+        assert [disk[i * 512] for i in range(200)] == [i % 251 + 1 for i in range(200)]
+        hits = served.call(lambda: counters.hits)
+        assert hits >= 190, counters
+        assert served.call(lambda: counters.back_offs) == 0
+
+        served.server.poll_ns = 1_000_000  # new connections: a 1 ms window
+        slow = connect(served.path, "view")
+        polls_before = served.call(lambda: counters.polls)
+        for i in range(40):  # one write every 5 ms: every spin would miss
+            slow.pwrite(b"\x07" * 512, i * 512)
+            time.sleep(0.005)
+        slow_polls = served.call(lambda: counters.polls) - polls_before
+        assert served.call(lambda: counters.back_offs) >= 2, counters
+        assert slow_polls <= 20, (slow_polls, counters)
+        h.shutdown()
+        slow.shutdown()
+    finally:
+        served.stop()
+
+
+def test_no_spinning_without_a_window(served: ServerThread) -> None:
+    h = connect(served.path, "replica")
+    for i in range(20):
+        h.pwrite(b"\x01" * 512, i * 512)
+    assert served.server is not None
+    assert served.server.poll_counters.polls == 0
 
 
 def test_disc_closes_after_pending_replies(served: ServerThread) -> None:
