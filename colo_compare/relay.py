@@ -93,6 +93,7 @@ def relay_command(
     vnet_hdr: bool,
     max_buffer: int,
     out_high_water: int,
+    poll_us: int,
     log_level: str,
 ) -> None:
     """Forward the primary's frames to --out unchanged; discard the secondary's."""
@@ -106,6 +107,7 @@ def relay_command(
         vnet_hdr=vnet_hdr,
         max_buffer=max_buffer << 20,
         out_high_water=out_high_water << 20,
+        poll_us=poll_us,
     )
     eventloop.run(run_service(service, ready=lambda: print("ready", flush=True)), "compare")
 

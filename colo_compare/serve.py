@@ -87,6 +87,7 @@ from colo_compare.transport import (
     tune_socket,
 )
 from hybridft_common import eventloop, fastpath
+from hybridft_common.busypoll import PollCounters, PollWindow, wait_readable
 from hybridft_common.control import ControlError, serve_control
 from hybridft_common.endpoints import HANDSHAKE_TIMEOUT, Endpoint, parse_endpoint
 from hybridft_common.fencing import Fence, GenerationFile, fenced_dispatch
@@ -157,8 +158,11 @@ class CompareService:
         poll_interval: float = 0.05,
         out_high_water: int = 16 << 20,
         max_buffer: int = 1 << 30,
+        poll_us: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if poll_us < 0:
+            raise ValueError("poll_us cannot be negative")
         self.core = core
         self.endpoints = {"primary": primary_in, "secondary": secondary_in, "out": out}
         self.control_endpoint = control
@@ -195,10 +199,16 @@ class CompareService:
         self.fence_record: GenerationFile | None = None
         self.fenced_frames = 0
         self._guarded = fenced_dispatch(self._dispatch, self.fence, None, on_fence=self._on_fence)
+        # spinning for the next input once a batch is handled (hybridft_common.busypoll)
+        self.poll_us = poll_us
+        self.poll_counters = PollCounters()
+        self._poll = PollWindow(poll_us * 1000, self.poll_counters) if poll_us else None
+        self._poll_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         # every tcp address's credentials first: a missing one refuses the start before anything listens
         contexts = {
             role: self.endpoints[role].creds().server_context()
@@ -414,6 +424,8 @@ class CompareService:
         except Exception:
             self.counters.core_errors += 1
             log.exception("the core failed on a batch of %d primary frames", len(frames))
+        if self._poll is not None and not self._poll_scheduled:
+            self._schedule_poll()
 
     def _on_secondary(self, frames: list[bytes], headers: list[bytes]) -> None:
         self.counters.secondary_frames += len(frames)
@@ -424,6 +436,47 @@ class CompareService:
             log.exception("the core failed on a batch of %d secondary frames", len(frames))
         if self.core.secondary_buffered_bytes > self.secondary_ceiling:
             self._check_pressure()
+        if self._poll is not None and not self._poll_scheduled:
+            self._schedule_poll()
+
+    def _schedule_poll(self) -> None:
+        # after this wakeup's other callbacks: the other input may be readable already, and the
+        # event loop reads it before anything spins
+        self._poll_scheduled = True
+        assert self._loop is not None
+        self._loop.call_soon(self._poll_for_next)
+
+    def _poll_for_next(self) -> None:
+        """A batch is handled: spin for the next input on either side instead of letting the event
+        loop sleep, while :class:`PollWindow` says it pays.  In COLO a held frame waits for the
+        secondary's copy, which typically comes right after the primary's: a sleep and a wakeup
+        between the two are then on the frame's path.
+
+        Not while released output waits in the writer (the loop must send it first).  The spin
+        holds up this event loop for at most the window: the control socket, timers and an input
+        relayed from TLS (its relay runs in this loop, so a spin cannot see its data) wait that
+        long at worst, and missed spins back off.
+        """
+        self._poll_scheduled = False
+        poll, writer = self._poll, self.writer
+        if poll is None or (writer is not None and writer.backlog):
+            return
+        fds = tuple(
+            reader.fileno
+            for reader in self.readers.values()
+            if reader is not None and not reader.closed and not reader.paused
+        )
+        if not fds:
+            return
+        window = poll.window(time.monotonic_ns())
+        if not window:
+            return
+        try:
+            waited = wait_readable(fds, window)
+        except OSError as exc:
+            log.debug("polling skipped: %s", exc)
+            return
+        poll.record(time.monotonic_ns(), waited)
 
     @property
     def secondary_ceiling(self) -> int:
@@ -761,7 +814,11 @@ class CompareService:
                 "hold_us": self._hold_summary(),
                 "vnet_hdr_len": c.vnet_hdr_len,
             },
-            "runtime": {"event_loop": self._loop_name, "fastpath": fastpath.describe()},
+            "runtime": {
+                "event_loop": self._loop_name,
+                "fastpath": fastpath.describe(),
+                "busy_poll": {"window_us": self.poll_us, **self.poll_counters.as_dict()},
+            },
         }
 
 
@@ -813,6 +870,10 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                           "the secondary's input pauses when its kept bytes pass half of it."),
         click.option("--out-high-water", type=click.IntRange(1), default=16, show_default=True,
                      help="MiB of unsent output before the secondary's input pauses."),
+        click.option("--poll-us", type=click.IntRange(0, 10_000), default=0, show_default=True,
+                     help="Microseconds to spin for the next input once a batch is handled, instead of "
+                          "sleeping: a wakeup saved per burst, paid in CPU (spinning backs off while it "
+                          "does not pay); 0 turns it off."),
         click.option("--log-level", default="info", show_default=True,
                      type=click.Choice(["debug", "info", "warning", "error"])),
     ]  # fmt: skip
@@ -842,6 +903,7 @@ def serve_command(
     vnet_hdr: bool,
     max_buffer: int,
     out_high_water: int,
+    poll_us: int,
     log_level: str,
     mode: str,
     compare_timeout: float,
@@ -873,6 +935,7 @@ def serve_command(
         poll_interval=min(0.05, compare_timeout / 4),
         max_buffer=max_buffer << 20,
         out_high_water=out_high_water << 20,
+        poll_us=poll_us,
     )
     if fence_file is not None:
         try:

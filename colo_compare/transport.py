@@ -332,6 +332,11 @@ class FrameSocketReader:
         self._record_reads = isinstance(sock, ssl.SSLSocket)
         self._fd = sock.fileno()
 
+    @property
+    def fileno(self) -> int:
+        """The socket's descriptor (what a busy-poll watches; see :mod:`hybridft_common.busypoll`)."""
+        return self._fd
+
     def start(self) -> None:
         if not self.closed and not self.paused:
             self.loop.add_reader(self._fd, self._on_readable)

@@ -165,7 +165,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.peer = "?"
         # spinning for the next request once answered (hybridft_common.busypoll): the socket's
         # descriptor, the window, and whether a spin is already scheduled
-        self._fd = -1
+        self._fds: tuple[int, ...] = ()
         self._poll = PollWindow(server.poll_ns, server.poll_counters) if server.poll_ns else None
         self._poll_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -177,7 +177,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            self._fd = sock.fileno()
+            self._fds = (sock.fileno(),)
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -276,7 +276,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             or self._closing
             or self._waiting_for_room
             or self._write_paused
-            or self._fd < 0
+            or not self._fds
             or transport.get_write_buffer_size()
         ):
             return
@@ -284,7 +284,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         if not window:
             return
         try:
-            waited = wait_readable(self._fd, window)
+            waited = wait_readable(self._fds, window)
         except OSError as exc:  # the descriptor went away under us: stop polling this connection
             log.debug("NBD client %s: polling stopped (%s)", self.peer, exc)
             self._poll = None

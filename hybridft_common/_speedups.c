@@ -16,7 +16,7 @@
 /* What hybridft_common/fastpath.py's INTERFACE checks: bump both whenever a function is added,
  * removed or changes its arguments or results (an extension built from older sources is then
  * refused, and the Python reference runs, instead of failing on a missing function). */
-#define SPEEDUPS_INTERFACE 5
+#define SPEEDUPS_INTERFACE 6
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -2159,16 +2159,36 @@ static long long monotonic_ns(void)
     return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
 }
 
-/* wait_readable(fd, max_ns) -> ns waited until fd was readable (or had an error or hang-up to
- * report), or -1 once max_ns passed.  busypoll.wait_readable_python is the reference.  The GIL is
- * released while spinning: the service's other threads (the disk buffer's journal writer) run. */
+/* wait_readable(fds, max_ns) -> ns waited until one of the descriptors in the tuple fds was
+ * readable (or had an error or hang-up to report), or -1 once max_ns passed.
+ * busypoll.wait_readable_python is the reference.  The GIL is released while spinning: the
+ * service's other threads (the disk buffer's journal writer) run meanwhile. */
+#define WAIT_READABLE_MAX_FDS 16
 static PyObject *wait_readable(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     REQUIRE_NARGS("wait_readable", 2);
-    long fd_value = PyLong_AsLong(args[0]);
-    if (!PyErr_Occurred() && (fd_value < 0 || fd_value > INT_MAX)) {
-        PyErr_SetString(PyExc_ValueError, "bad file descriptor");
+    PyObject *fds = args[0];
+    if (!PyTuple_Check(fds)) {
+        PyErr_SetString(PyExc_TypeError, "fds must be a tuple of file descriptors");
         return NULL;
+    }
+    Py_ssize_t count = PyTuple_GET_SIZE(fds);
+    if (count < 1 || count > WAIT_READABLE_MAX_FDS) {
+        PyErr_Format(PyExc_ValueError, "between 1 and %d file descriptors", WAIT_READABLE_MAX_FDS);
+        return NULL;
+    }
+    struct pollfd p[WAIT_READABLE_MAX_FDS];
+    for (Py_ssize_t i = 0; i < count; i++) {
+        long fd_value = PyLong_AsLong(PyTuple_GET_ITEM(fds, i));
+        if (PyErr_Occurred())
+            return NULL;
+        if (fd_value < 0 || fd_value > INT_MAX) {
+            PyErr_SetString(PyExc_ValueError, "bad file descriptor");
+            return NULL;
+        }
+        p[i].fd = (int)fd_value;
+        p[i].events = POLLIN;
+        p[i].revents = 0;
     }
     long long max_ns = PyLong_AsLongLong(args[1]);
     if (PyErr_Occurred())
@@ -2177,13 +2197,12 @@ static PyObject *wait_readable(PyObject *self, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_ValueError, "max_ns cannot be negative");
         return NULL;
     }
-    struct pollfd p = {.fd = (int)fd_value, .events = POLLIN, .revents = 0};
     long long waited = -1;
     int error = 0;
     Py_BEGIN_ALLOW_THREADS
     long long start = monotonic_ns(), now = start;
     for (;;) {
-        int rc = poll(&p, 1, 0);
+        int rc = poll(p, (nfds_t)count, 0);
         now = monotonic_ns();
         if (rc > 0) {
             waited = now - start;
@@ -2233,7 +2252,7 @@ static PyMethodDef methods[] = {
     {"write_extents", (PyCFunction)(void (*)(void))write_extents, METH_FASTCALL,
      "write_extents(fd, extents, first, stop) -> index of the first extent not written"},
     {"wait_readable", (PyCFunction)(void (*)(void))wait_readable, METH_FASTCALL,
-     "wait_readable(fd, max_ns) -> ns waited until readable, or -1 once max_ns passed"},
+     "wait_readable(fds, max_ns) -> ns waited until one is readable, or -1 once max_ns passed"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -97,15 +97,24 @@ class PollWindow:
             self._back_off_ns = min(2 * self._back_off_ns, self.BACK_OFF_MAX_NS)
 
 
-def wait_readable_python(fd: int, max_ns: int) -> int:
-    """Spin until ``fd`` is readable (or has an error or hang-up to report, which a read would
-    return at once) or ``max_ns`` passed: nanoseconds waited, or -1 if the time ran out."""
-    if fd < 0:
+#: the most descriptors one spin watches (the C code's array)
+MAX_FDS = 16
+
+
+def wait_readable_python(fds: tuple[int, ...], max_ns: int) -> int:
+    """Spin until one of ``fds`` is readable (or has an error or hang-up to report, which a read
+    would return at once) or ``max_ns`` passed: nanoseconds waited, or -1 if the time ran out."""
+    if type(fds) is not tuple:
+        raise TypeError("fds must be a tuple of file descriptors")
+    if not 1 <= len(fds) <= MAX_FDS:
+        raise ValueError(f"between 1 and {MAX_FDS} file descriptors")
+    if any(fd < 0 for fd in fds):
         raise ValueError("bad file descriptor")
     if max_ns < 0:
         raise ValueError("max_ns cannot be negative")
     poller = select.poll()
-    poller.register(fd, select.POLLIN)
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
     start = time.monotonic_ns()
     deadline = start + max_ns
     while True:
@@ -115,6 +124,6 @@ def wait_readable_python(fd: int, max_ns: int) -> int:
             return -1
 
 
-wait_readable: Callable[[int, int], int] = (
+wait_readable: Callable[[tuple[int, ...], int], int] = (
     wait_readable_python if speedups is None else speedups.wait_readable
 )

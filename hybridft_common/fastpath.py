@@ -28,7 +28,7 @@ def _pure_requested() -> bool:
 #: the set of functions (and their contracts) the Python code expects of ``_speedups``; the C
 #: file's SPEEDUPS_INTERFACE must equal it.  Bumped whenever a function is added, removed or
 #: changes what it takes or returns.
-INTERFACE = 5
+INTERFACE = 6
 
 
 def _load() -> tuple[ModuleType | None, ModuleType | None, str]:

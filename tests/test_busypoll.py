@@ -78,7 +78,7 @@ def test_a_hit_resets_the_back_off() -> None:
     assert window.window(now + PollWindow.BACK_OFF_FIRST_NS) == 50 * US
 
 
-SPINS: list[tuple[str, Callable[[int, int], int]]] = [("python", wait_readable_python)]
+SPINS: list[tuple[str, Callable[[tuple[int, ...], int], int]]] = [("python", wait_readable_python)]
 if fastpath.available is not None:
     SPINS.append(("compiled", fastpath.available.wait_readable))
 
@@ -101,43 +101,65 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
 
 @pytest.mark.parametrize(("name", "spin"), SPINS)
 def test_spin_times_out_on_a_quiet_socket(
-    name: str, spin: Callable[[int, int], int], pair: tuple[socket.socket, socket.socket]
+    name: str, spin: Callable[[tuple[int, ...], int], int], pair: tuple[socket.socket, socket.socket]
 ) -> None:
     start = time.monotonic_ns()
-    assert spin(pair[0].fileno(), 2 * MS) == -1
+    assert spin((pair[0].fileno(),), 2 * MS) == -1
     assert time.monotonic_ns() - start >= 2 * MS
 
 
 @pytest.mark.parametrize(("name", "spin"), SPINS)
 def test_spin_returns_at_once_when_data_waits(
-    name: str, spin: Callable[[int, int], int], pair: tuple[socket.socket, socket.socket]
+    name: str, spin: Callable[[tuple[int, ...], int], int], pair: tuple[socket.socket, socket.socket]
 ) -> None:
     pair[1].send(b"x")
-    waited = spin(pair[0].fileno(), 10**9)
+    waited = spin((pair[0].fileno(),), 10**9)
     assert 0 <= waited < 10**9
-    assert spin(pair[0].fileno(), 0) >= 0  # a window of 0 still looks once
+    assert spin((pair[0].fileno(),), 0) >= 0  # a window of 0 still looks once
 
 
 @pytest.mark.parametrize(("name", "spin"), SPINS)
 def test_spin_sees_data_sent_while_it_spins_and_a_hang_up(
-    name: str, spin: Callable[[int, int], int], pair: tuple[socket.socket, socket.socket]
+    name: str, spin: Callable[[tuple[int, ...], int], int], pair: tuple[socket.socket, socket.socket]
 ) -> None:
     timer = threading.Timer(0.02, pair[1].send, args=(b"x",))
     timer.start()
-    waited = spin(pair[0].fileno(), 5 * 10**9)
+    waited = spin((pair[0].fileno(),), 5 * 10**9)
     timer.join()
     assert 15 * MS <= waited < 5 * 10**9
     pair[0].recv(1)
     pair[1].close()  # a read would return b"" at once: the spin must say so, not wait
-    assert spin(pair[0].fileno(), 5 * 10**9) < 10**9
+    assert spin((pair[0].fileno(),), 5 * 10**9) < 10**9
 
 
 @pytest.mark.parametrize(("name", "spin"), SPINS)
-def test_spin_refuses_bad_arguments(name: str, spin: Callable[[int, int], int]) -> None:
+def test_spin_refuses_bad_arguments(name: str, spin: Callable[[tuple[int, ...], int], int]) -> None:
     with pytest.raises(ValueError):
-        spin(-1, 1000)
+        spin((-1,), 1000)
     with pytest.raises(ValueError):
-        spin(0, -1)
+        spin((0,), -1)
+    with pytest.raises(ValueError):
+        spin((), 1000)
+    with pytest.raises(ValueError):
+        spin(tuple(range(busypoll.MAX_FDS + 1)), 1000)
+    with pytest.raises(TypeError):
+        spin([0], 1000)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("name", "spin"), SPINS)
+def test_spin_watches_every_descriptor_it_is_given(
+    name: str, spin: Callable[[tuple[int, ...], int], int]
+) -> None:
+    pairs = [socket.socketpair() for _ in range(3)]
+    try:
+        fds = tuple(a.fileno() for a, _ in pairs)
+        assert spin(fds, MS) == -1
+        pairs[2][1].send(b"x")  # the last one
+        assert spin(fds, 10**9) >= 0
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
 
 
 def test_the_compiled_spin_lets_other_threads_run(pair: tuple[socket.socket, socket.socket]) -> None:
@@ -156,7 +178,7 @@ def test_the_compiled_spin_lets_other_threads_run(pair: tuple[socket.socket, soc
     thread.start()
     time.sleep(0.01)
     before = counted[0]
-    assert fastpath.available.wait_readable(pair[0].fileno(), 200 * MS) == -1
+    assert fastpath.available.wait_readable((pair[0].fileno(),), 200 * MS) == -1
     during = counted[0] - before
     stop.set()
     thread.join()

@@ -321,6 +321,31 @@ def test_control_errors_change_nothing(tmp_path: Path) -> None:
         assert s.ctl("stats", signals_only=True)["signals"]["shadow"] is False
 
 
+def test_a_spin_catches_the_secondary_copy_and_status_counts_it(tmp_path: Path) -> None:
+    """--poll-us: after the primary's batch the service spins on both inputs instead of sleeping;
+    the secondary's copy, sent within the window, ends the spin (a hit) and releases the frames.
+    Without the option nothing spins."""
+    with served(tmp_path, "--mode", "colo") as s:
+        assert s.ctl("stats")["runtime"]["busy_poll"] == {
+            "window_us": 0, "polls": 0, "hits": 0, "spun_ns": 0, "back_offs": 0}  # fmt: skip
+    with served(tmp_path, "--mode", "colo", "--poll-us", "10000") as s:
+        for flow in range(5):
+            primary = stream_frames(DATA, [1448], isn=1000, sport=7000 + flow, fin=False)
+            s.send("primary", primary)
+            time.sleep(0.002)
+            s.send("secondary", stream_frames(DATA, [1000], isn=5000, sport=7000 + flow, fin=False))
+            assert s.released(len(primary)) == primary
+            time.sleep(0.05)  # the rest of this spin (at most 10 ms) runs out: a miss at most
+        polls = s.ctl("stats")["runtime"]["busy_poll"]
+        assert polls["window_us"] == 10000
+        assert polls["hits"] >= 4 and polls["polls"] >= polls["hits"], polls
+        assert polls["spun_ns"] >= polls["hits"] * 1_000_000, polls  # each hit waited for the 2 ms gap
+    with served(tmp_path, "--poll-us", "50", relay=True) as s:
+        frames = [os.urandom(60 + i) for i in range(10)]
+        s.send("primary", frames)
+        assert s.released(10) == frames
+
+
 def test_relay_forwards_everything_at_once(tmp_path: Path) -> None:
     with served(tmp_path, relay=True) as s:
         frames = [os.urandom(60 + i) for i in range(100)]
