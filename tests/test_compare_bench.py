@@ -70,3 +70,32 @@ def test_samples_in_flight_during_a_stall_are_the_ones_left_out() -> None:
     assert hit == 2
     assert outside == [10, 15, 9, 1]
     assert split_by_stalls(samples, []) == ([10, 15, 10, 9, 15, 1], 0)
+
+
+def test_the_mc_workload_is_a_stream_the_shadow_compares_whole() -> None:
+    """``mc-bulk`` models the secondary of MC mode: after its SYN/ACK its segments are in the
+    primary's sequence space, as after any checkpoint.  The shadowed MC core then compares every
+    byte sealed; ``bulk``'s secondary, which keeps its own ISN across checkpoints, leaves the shadow
+    blind after the first epoch (what the MC figures measured until the workload was fixed)."""
+    from bench.compare import build_workload
+    from colo_compare.core import Comparator
+    from colo_compare.transport import FrameDecoder
+    from hybridft_common.vocabulary import Mode
+
+    coverage = {}
+    for kind in ("bulk", "mc-bulk"):
+        p_chunks, s_chunks, _ = build_workload(kind, 20_000, 4)
+        primary = [FrameDecoder().feed(c) for c in p_chunks]
+        secondary = [FrameDecoder().feed(c) for c in s_chunks]
+        core = Comparator(Mode.MC)
+        for i, (p, s) in enumerate(zip(primary, secondary, strict=True)):
+            core.feed_primary(p, 0.0)
+            core.feed_secondary(s, 0.0)
+            if i % 8 == 7:
+                core.commit(core.seal())
+        core.commit(core.seal())
+        signals = core.signals()
+        assert signals.shadow_divergences.total == 0, (kind, signals.shadow_divergences)
+        coverage[kind] = signals.shadow_compared_bytes / signals.shadow_sealed_bytes
+    assert coverage["mc-bulk"] == 1.0
+    assert coverage["bulk"] < 0.5
