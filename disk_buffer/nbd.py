@@ -550,8 +550,9 @@ class RequestParser:
         mask = min_block - 1
         max_payload = self.max_payload
         offsets: list[int] = []
-        payloads: list[bytes] = []
-        replies = bytearray()
+        spans: list[
+            tuple[int, int, int]
+        ] = []  # (payload start, stop, cookie): copied once the run is long enough
         taken = 0
         while len(offsets) < max_count and taken < max_bytes and end - start >= REQUEST_SIZE:
             magic, flags, command, cookie, offset, length = _REQUEST.unpack_from(buf, start)
@@ -568,14 +569,16 @@ class RequestParser:
             ):
                 break
             offsets.append(offset)
-            payloads.append(bytes(self._view[start + REQUEST_SIZE : stop]))
-            replies += _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+            spans.append((start + REQUEST_SIZE, stop, cookie))
             taken += length
             start = stop
         if len(offsets) < min_count:
             return None
+        view = self._view
+        payloads = [bytes(view[a:b]) for a, b, _ in spans]
+        replies = b"".join([_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie) for _, _, cookie in spans])
         self._set_head(start)
-        return offsets, payloads, bytes(replies)
+        return offsets, payloads, replies
 
     def _set_head(self, start: int) -> None:
         """After a batch: the head is a request boundary (an empty buffer starts over at 0)."""
