@@ -56,6 +56,7 @@ from typing import Any
 
 import click
 
+from hybridft_common.busypoll import DEFAULT_POLL_US
 from hybridft_common.cli import hybridft_command
 from hybridft_common.control import call
 from hybridft_common.processes import cpu_seconds
@@ -221,7 +222,9 @@ def _qemu_nbd(image: Path, sock: Path) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def _disk_serve(image: Path, directory: Path, budget: int) -> Iterator[tuple[Path, str, int]]:
+def _disk_serve(
+    image: Path, directory: Path, budget: int, poll_us: int = DEFAULT_POLL_US
+) -> Iterator[tuple[Path, str, int]]:
     sock = directory / "hybridft-nbd.sock"
     control = f"unix:{directory / 'hybridft-control.sock'}"
     state = directory / "state"
@@ -243,6 +246,8 @@ def _disk_serve(image: Path, directory: Path, budget: int) -> Iterator[tuple[Pat
             str(budget),
             "--writeout-budget",
             str(budget),
+            "--poll-us",
+            str(poll_us),
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -505,7 +510,11 @@ def _image(path: Path, size: int) -> Path:
 
 
 def run_bench(
-    quick: bool, epoch_ms: int = 100, rounds: int | None = None, client: str = "libnbd"
+    quick: bool,
+    epoch_ms: int = 100,
+    rounds: int | None = None,
+    client: str = "libnbd",
+    poll_us: int = DEFAULT_POLL_US,
 ) -> dict[str, Any]:
     """Three servers on three identical fresh images; per workload and round the three clients run
     back to back (qemu-nbd, hybridft burst, hybridft sustained), so load drift on a shared machine
@@ -520,6 +529,7 @@ def run_bench(
             "epoch_ms": epoch_ms,
             "rounds": rounds,
             "client": client,
+            "poll_us": poll_us,
             "workloads": {},
         }
         workloads = _io_workloads(quick, region)
@@ -531,9 +541,13 @@ def run_bench(
         with (
             _qemu_nbd(_image(directory / "q" / "image.raw", region), qemu_sock) as qemu_pid,
             # burst: the NBD path alone; budgets so large that no checkpoint is needed mid-run
-            _disk_serve(_image(directory / "b" / "image.raw", region), directory / "b", 4 << 30) as burst,
+            _disk_serve(
+                _image(directory / "b" / "image.raw", region), directory / "b", 4 << 30, poll_us
+            ) as burst,
             # sustained: default budgets and a seal+commit every epoch_ms, as in MC mode
-            _disk_serve(_image(directory / "s" / "image.raw", region), directory / "s", 256 << 20) as sus,
+            _disk_serve(
+                _image(directory / "s" / "image.raw", region), directory / "s", 256 << 20, poll_us
+            ) as sus,
         ):
             for _round in range(rounds):
                 for name, spec in workloads.items():
@@ -563,6 +577,12 @@ def run_bench(
             commit = _commit_latency(sus[0], sus[1], epochs)
             _settle(sus[1])
             writeout = _writeout(sus[0], sus[1], 1.0 if quick else 5.0, 50e6, region)
+            # what spinning for the next request did over the whole run (its CPU is in the servers'
+            # CPU per request above)
+            results["busy_poll"] = {
+                "burst": call(burst[1], "status")["runtime"]["busy_poll"],
+                "sustained": call(sus[1], "status")["runtime"]["busy_poll"],
+            }
         baseline = {name: _median_run(r["qemu_nbd"]) for name, r in runs.items()}
         ours = {name: _median_run(r["hybridft"]) for name, r in runs.items()}
         sustained = {name: _median_run(r["hybridft_sustained"]) for name, r in runs.items()}
@@ -653,6 +673,12 @@ def render_table(results: dict[str, Any]) -> str:
         f"{'write-out @50 MB/s':<20} achieved {w['achieved_mb_s']:.1f} MB/s, {w['commits']} commits,"
         f" max backlog {w['max_writeout_backlog_bytes'] / MIB:.1f} MiB, drained in {drain}"
     )
+    for name, polls in results.get("busy_poll", {}).items():
+        lines.append(
+            f"{'busy-poll ' + name:<20} --poll-us {polls['window_us']}: {polls['polls']} spins,"
+            f" {polls['hits']} caught the next request, {polls['spun_ns'] / 1e9:.2f} s spun,"
+            f" {polls['back_offs']} back-offs"
+        )
     lines.append(
         "qemu-nbd+flush: qemu-nbd (--cache writeback) sent an NBD FLUSH after as many writes as one epoch"
         " took at its flush-free rate in the same round: at most one flush per epoch, so no more durable"
@@ -680,7 +706,14 @@ def render_table(results: dict[str, Any]) -> str:
     show_default=True,
     help="The I/O workloads' NBD client: fio's libnbd engine (C) or Python libnbd; auto: fio if installed.",
 )
-def bench_disk(as_json: bool, quick: bool, epoch_ms: int, client: str) -> None:
+@click.option(
+    "--poll-us",
+    type=click.IntRange(min=0, max=10_000),
+    default=DEFAULT_POLL_US,
+    show_default=True,
+    help="The disk servers' --poll-us (0: no spinning for the next request), to compare on your host.",
+)
+def bench_disk(as_json: bool, quick: bool, epoch_ms: int, client: str, poll_us: int) -> None:
     """NBD disk buffer vs qemu-nbd on the same image (same run): IOPS, MB/s, commit latency, write-out."""
     if client == "auto":
         client = "fio" if fio_has_nbd() else "libnbd"
@@ -688,7 +721,7 @@ def bench_disk(as_json: bool, quick: bool, epoch_ms: int, client: str) -> None:
         raise click.ClickException(
             "--client fio: fio with its nbd engine is not installed (make setup installs it)"
         )
-    results = run_bench(quick, epoch_ms, client=client)
+    results = run_bench(quick, epoch_ms, client=client, poll_us=poll_us)
     click.echo(json.dumps(results, indent=2, sort_keys=True) if as_json else render_table(results))
 
 

@@ -25,6 +25,8 @@ RESULT_FIELDS = {
     "epoch_ms",
     "rounds",
     "client",
+    "poll_us",
+    "busy_poll",
     "workloads",
     "commit",
     "writeout",
@@ -70,6 +72,12 @@ def test_bench_disk_quick_json_shape(short_tmp: Path, client: str) -> None:
     assert data["quick"] is True
     assert (data["region_bytes"], data["epoch_ms"], data["rounds"]) == (64 << 20, 100, 1)
     assert data["client"] == client
+    # the servers spun for the next request by default, and said so (a quick run's QD1 workload
+    # alone answers hundreds of requests one at a time)
+    assert data["poll_us"] == 50
+    for side in ("burst", "sustained"):
+        polls = data["busy_poll"][side]
+        assert polls["window_us"] == 50 and polls["polls"] > 0 and 0 <= polls["hits"] <= polls["polls"], polls
     assert set(data["workloads"]) == {
         "randwrite_4k_qd1",
         "randwrite_4k_qd16",
@@ -116,7 +124,7 @@ def test_bench_disk_quick_json_shape(short_tmp: Path, client: str) -> None:
     assert writeout["drain_after_s"] is not None  # the write-out caught up with IMG within 60 s
     assert set(data["goals"]) and all(isinstance(v, bool) for v in data["goals"].values())
     table = render_table(data)
-    assert "randwrite_4k_qd16" in table and "goals:" in table
+    assert "randwrite_4k_qd16" in table and "goals:" in table and "busy-poll burst" in table
     assert list(tmp_path.iterdir()) == []  # the temporary image and sockets were removed
 
 
