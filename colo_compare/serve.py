@@ -87,7 +87,7 @@ from colo_compare.transport import (
     tune_socket,
 )
 from hybridft_common import eventloop, fastpath
-from hybridft_common.busypoll import PollCounters, PollWindow, wait_readable
+from hybridft_common.busypoll import PollCounters, PollWindow, spin
 from hybridft_common.control import ControlError, serve_control
 from hybridft_common.endpoints import HANDSHAKE_TIMEOUT, Endpoint, parse_endpoint
 from hybridft_common.fencing import Fence, GenerationFile, fenced_dispatch
@@ -468,15 +468,10 @@ class CompareService:
         )
         if not fds:
             return
-        window = poll.window(time.monotonic_ns())
-        if not window:
-            return
         try:
-            waited = wait_readable(fds, window)
+            spin(poll, fds)
         except OSError as exc:
             log.debug("polling skipped: %s", exc)
-            return
-        poll.record(time.monotonic_ns(), waited)
 
     @property
     def secondary_ceiling(self) -> int:

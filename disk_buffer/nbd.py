@@ -550,9 +550,8 @@ class RequestParser:
         mask = min_block - 1
         max_payload = self.max_payload
         offsets: list[int] = []
-        spans: list[
-            tuple[int, int, int]
-        ] = []  # (payload start, stop, cookie): copied once the run is long enough
+        # (payload start, stop, cookie) of each write: copied once the run is long enough
+        spans: list[tuple[int, int, int]] = []
         taken = 0
         while len(offsets) < max_count and taken < max_bytes and end - start >= REQUEST_SIZE:
             magic, flags, command, cookie, offset, length = _REQUEST.unpack_from(buf, start)

@@ -70,7 +70,7 @@ from disk_buffer.nbd import (
 )
 from disk_buffer.store import WriteBatchError
 from hybridft_common import eventloop, fastpath
-from hybridft_common.busypoll import DEFAULT_POLL_US, PollCounters, PollWindow, wait_readable
+from hybridft_common.busypoll import DEFAULT_POLL_US, PollCounters, PollWindow, spin
 from hybridft_common.control import ControlError, Dispatch, serve_control
 from hybridft_common.endpoints import Endpoint, parse_endpoint
 from hybridft_common.errors import HybridftError
@@ -280,16 +280,11 @@ class NbdConnection(asyncio.BufferedProtocol):
             or transport.get_write_buffer_size()
         ):
             return
-        window = poll.window(time.monotonic_ns())
-        if not window:
-            return
         try:
-            waited = wait_readable(self._fds, window)
+            spin(poll, self._fds)
         except OSError as exc:  # the descriptor went away under us: stop polling this connection
             log.debug("NBD client %s: polling stopped (%s)", self.peer, exc)
             self._poll = None
-            return
-        poll.record(time.monotonic_ns(), waited)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -503,6 +498,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                 done = not parser.buffered
                 break
             offsets, payloads, ok_replies = batch
+            # _write_batch, inline: the call cost 1.2k instructions per request at QD1 (4 %)
             try:
                 backend.write_many(self.export, offsets, payloads)
             except Exception as exc:

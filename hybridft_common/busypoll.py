@@ -127,3 +127,13 @@ def wait_readable_python(fds: tuple[int, ...], max_ns: int) -> int:
 wait_readable: Callable[[tuple[int, ...], int], int] = (
     wait_readable_python if speedups is None else speedups.wait_readable
 )
+
+
+def spin(window: PollWindow, fds: tuple[int, ...]) -> None:
+    """One spin on ``fds`` as long as ``window`` allows now (none during a back-off), recorded in
+    it.  The services' shells call this once their batch is handled; ``OSError`` (a descriptor
+    closed under them) is theirs to handle."""
+    max_ns = window.window(time.monotonic_ns())
+    if max_ns:
+        waited = wait_readable(fds, max_ns)
+        window.record(time.monotonic_ns(), waited)

@@ -183,3 +183,19 @@ def test_the_compiled_spin_lets_other_threads_run(pair: tuple[socket.socket, soc
     stop.set()
     thread.join()
     assert during > 1000, during
+
+
+def test_spin_records_what_it_saw_and_does_nothing_during_a_back_off(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    window = PollWindow(MS)
+    busypoll.spin(window, (pair[0].fileno(),))  # nothing to read: a miss
+    pair[1].send(b"x")
+    busypoll.spin(window, (pair[0].fileno(),))  # a hit
+    assert (window.counters.polls, window.counters.hits) == (2, 1)
+    pair[0].recv(1)
+    for _ in range(PollWindow.MISSES_TO_BACK_OFF):
+        busypoll.spin(window, (pair[0].fileno(),))
+    assert window.counters.back_offs == 1
+    busypoll.spin(window, (pair[0].fileno(),))  # backing off: no spin at all
+    assert window.counters.polls == 2 + PollWindow.MISSES_TO_BACK_OFF
