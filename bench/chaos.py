@@ -154,6 +154,12 @@ class Clients:
         self.blobs = 0
         self.reports = DiskWriterReports()
         self.threads: list[threading.Thread] = []
+        # when each client last made progress, and its longest wait for progress since :meth:`mark`:
+        # how long the fault stalled it (a stall, unlike a cut, leaves no exception behind)
+        self.last_progress: dict[str, float] = {}
+        self.longest_stall: dict[str, float] = {}
+        self.marked_at: float | None = None
+        self._stall_lock = threading.Lock()  # the client threads and the drill's thread
 
     def connect(self, port: int, timeout: float) -> socket.socket:
         with self.netns.entered():
@@ -169,6 +175,36 @@ class Clients:
             self.threads.append(thread)
         return self
 
+    def mark(self) -> None:
+        """Start measuring stalls: just before the fault is injected, so that a SIGSTOP's whole
+        length counts."""
+        with self._stall_lock:
+            now = time.monotonic()
+            self.marked_at = now
+            self.longest_stall = {name: 0.0 for name in ("echo", "blob", "disk")}
+            for name in self.longest_stall:
+                self.last_progress[name] = now
+
+    def _progressed(self, name: str) -> None:
+        with self._stall_lock:
+            now = time.monotonic()
+            if self.marked_at is not None:
+                gap = now - self.last_progress.get(name, self.marked_at)
+                self.longest_stall[name] = max(self.longest_stall.get(name, 0.0), gap)
+            self.last_progress[name] = now
+
+    def stalls(self) -> dict[str, float]:
+        """Per client, the longest time without progress since :meth:`mark`, the wait still open
+        included (seconds, rounded)."""
+        with self._stall_lock:
+            if self.marked_at is None:
+                return {}
+            now = time.monotonic()
+            return {
+                name: round(max(longest, now - self.last_progress.get(name, self.marked_at)), 2)
+                for name, longest in self.longest_stall.items()
+            }
+
     def _forever(self, loop: Callable[[], None]) -> None:
         while not self.stop.is_set():
             try:
@@ -176,10 +212,16 @@ class Clients:
             except (OSError, ConnectionError) as exc:
                 if self.stop.is_set():
                     return
-                self.cut.append(f"{loop.__name__}: {type(exc).__name__}: {exc}")
+                after = ""
+                if self.marked_at is not None:
+                    after = f" ({time.monotonic() - self.marked_at:.1f} s after the fault was armed)"
+                self.cut.append(f"{loop.__name__}: {type(exc).__name__}: {exc}{after}")
                 self.stop.wait(0.5)
             except AssertionError as exc:
                 self.corrupt.append(f"{loop.__name__}: {exc}")
+                self.stop.wait(0.5)
+            except Exception as exc:  # a parser's error (a report out of sequence): wrong bytes, named
+                self.corrupt.append(f"{loop.__name__}: {type(exc).__name__}: {exc}")
                 self.stop.wait(0.5)
             if loop is self._disk:
                 return  # the diskwriter serves one connection: its reports are what they are
@@ -196,6 +238,7 @@ class Clients:
                 if recv_exact(sock, len(chunk)) != chunk:
                     raise AssertionError(f"echo: a {len(chunk)}-byte chunk came back different")
                 self.echo_rounds += 1
+                self._progressed("echo")
 
     def _blob(self) -> None:
         from mc_driver.guest.expected import BLOB_SIZE, BLOBD_PORT
@@ -221,6 +264,7 @@ class Clients:
                 if self.blob[len(received) : len(received) + len(chunk)] != chunk:
                     raise AssertionError(f"blob: bytes differ at offset {len(received)}")
                 received += chunk
+                self._progressed("blob")
             self.blobs += 1
 
     def _disk(self) -> None:
@@ -234,8 +278,11 @@ class Clients:
                 except TimeoutError:
                     continue
                 if not data:
+                    if self.reports.finished == "ERROR":
+                        raise ConnectionError("diskwriter: a write or fdatasync failed in the guest (ERROR)")
                     raise ConnectionError("diskwriter closed its connection")
-                self.reports.feed(data)
+                if self.reports.feed(data):
+                    self._progressed("disk")
 
     def progress(self) -> tuple[int, int, int]:
         return self.echo_rounds, self.blobs, len(self.reports.durable)
@@ -378,6 +425,7 @@ def run_iteration(workdir: Path, plan: FaultPlan, boot_timeout: float = 180.0) -
             if time.monotonic() > deadline or clients.corrupt or clients.cut:
                 raise ChaosError(f"no traffic before the fault: {clients.corrupt or clients.cut}")
             time.sleep(0.05)
+        clients.mark()
         result["fault"] = inject(config, plan)
         fault_at = time.monotonic()
         # settle: the daemon's or the agent's verdict
@@ -402,6 +450,8 @@ def run_iteration(workdir: Path, plan: FaultPlan, boot_timeout: float = 180.0) -
                 obs.served_again = True
                 break
             time.sleep(0.1)
+        result["settled_after"] = round(serve_deadline - SERVE_SECONDS - fault_at, 2)
+        result["served_after"] = round(time.monotonic() - fault_at, 2) if obs.served_again else None
         report = _read_json(Path(config["failover_report"]))
         status = _daemon_status(config)
         obs.outcome, obs.reason = outcome_of(status, report)
@@ -415,7 +465,7 @@ def run_iteration(workdir: Path, plan: FaultPlan, boot_timeout: float = 180.0) -
             if report is None
             else {
                 k: report.get(k)
-                for k in ("reason", "resumed", "kept_paused", "disk", "generation", "seconds")
+                for k in ("reason", "resumed", "kept_paused", "disk", "generation", "seconds", "errors")
             }
         )
         serving = "secondary" if report is not None and report.get("resumed") else "primary"
@@ -424,6 +474,7 @@ def run_iteration(workdir: Path, plan: FaultPlan, boot_timeout: float = 180.0) -
         result["error"] = str(exc)
     finally:
         if clients is not None:
+            result["stalls"] = clients.stalls()
             clients.finish()
             obs.corrupt, obs.cut = list(clients.corrupt), list(clients.cut)
         pids = {}

@@ -6,13 +6,16 @@ The short drill is three iterations, each a fresh pair with checked clients and 
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import pytest
 
+import bench.chaos as chaos
 from bench.chaos import (
     COMPONENTS,
+    Clients,
     FaultPlan,
     Observation,
     judge,
@@ -75,6 +78,40 @@ def test_summary_counts_per_component() -> None:
     assert summary["agent"]["violations"] == {"error": 1}
 
 
+def test_stalls_are_the_longest_wait_for_progress_since_the_fault_was_armed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(chaos.time, "monotonic", lambda: clock[0])
+    clients = Clients(netns=None, guest_ip="10.0.0.2")
+    assert clients.stalls() == {}  # not armed yet
+    clients._progressed("echo")
+    clients.mark()
+    clock[0] = 101.0
+    clients._progressed("echo")
+    clock[0] = 104.0
+    clients._progressed("echo")
+    clients._progressed("blob")
+    clock[0] = 104.5
+    clients._progressed("disk")
+    assert clients.stalls() == {"echo": 3.0, "blob": 4.0, "disk": 4.5}
+    clock[0] = 110.0  # nothing since: the open waits count
+    assert clients.stalls() == {"echo": 6.0, "blob": 6.0, "disk": 5.5}
+
+
+def test_a_client_whose_parser_fails_is_counted_corrupt_not_lost_silently() -> None:
+    from mc_driver.guest.errors import GuestError
+
+    clients = Clients(netns=None, guest_ip="10.0.0.2")
+
+    def disk() -> None:
+        clients.stop.set()  # one round only
+        raise GuestError("diskwriter reported 7 after 5")
+
+    clients._forever(disk)
+    assert clients.corrupt == ["disk: GuestError: diskwriter reported 7 after 5"] and clients.cut == []
+
+
 @pytest.mark.qemu
 @pytest.mark.netns
 @pytest.mark.slow
@@ -89,5 +126,8 @@ def test_summary_counts_per_component() -> None:
 )
 def test_short_drill(tmp_path: Path, plan: FaultPlan) -> None:
     result = run_iteration(tmp_path / "pair", plan)
-    assert "error" not in result, result
-    assert result["violations"] == [], result
+    # the whole result, untruncated (pytest shortens a dict's repr): the observation, the stalls, the
+    # failover's report -- a CI run that fails here once must say why
+    whole = json.dumps(result, indent=1, default=str)
+    assert "error" not in result, whole
+    assert result["violations"] == [], whole
