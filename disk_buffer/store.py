@@ -14,7 +14,8 @@ Layers, newest first (each one an :class:`ExtentMap` of byte ranges -> data or z
 * The *current* epoch collects the primary's writes (``replica``).  ``seal`` freezes it as epoch N
   and starts N+1.
 * ``view`` is a base epoch plus an *overlay* of the secondary VM's own writes.  ``seal`` moves the
-  base to N with an empty overlay and keeps the previous view (base + overlay) for ``rollback``.
+  base to N with an empty overlay and keeps the previous view (base + overlay) for ``rollback``,
+  which brings it back with the VM's writes made since put on top (:meth:`EpochStore.rollback`).
 * ``commit N`` (after the shell made N durable) moves N to the write-out queue; the shell applies
   it to IMG in the background and calls :meth:`EpochStore.applied`.
 * Every live view's base is >= the last committed epoch, so IMG (applied epochs only) is always
@@ -487,7 +488,20 @@ class EpochStore:
             raise DiskBufferError("nothing to roll back: no sealed, uncommitted epoch", "wrong-state")
         dropped = [s.epoch for s in self.sealed]
         discarded = sum(s.extents.payload_bytes() for s in self.sealed) + self.current.payload_bytes()
-        self.view = self.rollback_views[dropped[0]]
+        restored = self.rollback_views[dropped[0]]
+        # The secondary VM's writes since that seal are kept, on top of the view they roll back to:
+        # a VM does not run between a seal and its load, so whatever wrote them runs a memory that
+        # never held the dropped epochs -- QEMU resumes a secondary by itself when it leaves COLO
+        # (before the agent can stop it), and the daemon resumes both VMs after a failed checkpoint
+        # before rolling back.  Dropped with the view of the epoch they were not part of, they were
+        # writes the guest saw complete and the disk then lost.
+        kept = [self.rollback_views[epoch].overlay for epoch in dropped[1:]] + [self.view.overlay]
+        kept_bytes = 0
+        for overlay in kept:
+            for start, end, data in overlay.items():
+                restored.overlay.put(start, end - start, data)
+                kept_bytes += end - start
+        self.view = restored
         self.rollback_views.clear()
         self.sealed.clear()
         self.current = ExtentMap()
@@ -499,6 +513,7 @@ class EpochStore:
             "discarded_bytes": discarded,
             "epoch": self.current_epoch,
             "view_base": self.view.base,
+            "view_bytes_kept": kept_bytes,
         }
 
     def check_failover(self) -> None:

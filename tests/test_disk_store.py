@@ -143,17 +143,26 @@ def test_no_second_commit_or_rollback_while_committing() -> None:
     assert s.committed == 1 and [e.epoch for e in s.sealed] == [2]
 
 
-def test_rollback_restores_the_view_from_before_the_oldest_seal() -> None:
+def test_rollback_restores_the_view_from_before_the_oldest_seal_with_the_vms_writes_since() -> None:
     s = EpochStore(1 << 20)
     s.target(Export.VIEW).put(0, 2, b"o1")
+    s.target(Export.VIEW).put(10, 2, b"k1")
     s.target(Export.REPLICA).put(100, 1, b"p")
+    s.target(Export.REPLICA).put(200, 2, b"pp")
     s.seal()  # epoch 1, view keeps overlay o1 for rollback
+    assert resolve(s.layers(Export.VIEW), 200, 2) == b"pp"  # the view is at epoch 1 now
     s.target(Export.VIEW).put(0, 2, b"o2")
     s.seal()  # epoch 2
+    s.target(Export.VIEW).put(1, 1, b"3")
     s.target(Export.REPLICA).put(100, 1, b"q")  # epoch 3, open
     result = s.rollback()
     assert result["dropped_epochs"] == [1, 2] and result["epoch"] == 1
-    assert resolve(s.layers(Export.VIEW), 0, 2) == b"o1"
+    # the primary's epochs are gone from the view; the VM's own writes made since (it never loaded
+    # them, or it would not be rolled back) are kept, newest last, over what it wrote before
+    assert isinstance(resolve(s.layers(Export.VIEW), 200, 2), ReadPlan)
+    assert resolve(s.layers(Export.VIEW), 0, 2) == b"o3"
+    assert resolve(s.layers(Export.VIEW), 10, 2) == b"k1"
+    assert result["view_bytes_kept"] == 3
     assert isinstance(resolve(s.layers(Export.REPLICA), 100, 1), ReadPlan)  # every uncommitted write gone
     with pytest.raises(DiskBufferError) as info:
         s.rollback()

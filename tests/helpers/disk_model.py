@@ -29,6 +29,8 @@ class DiskModel:
     sealed: list[tuple[int, bytes]] = field(default_factory=list)
     #: epoch -> the view image from before that epoch was sealed
     rollback_views: dict[int, bytes] = field(default_factory=dict)
+    #: epoch -> the view writes made since that epoch was sealed, in order (a rollback keeps them)
+    view_writes_since: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)
     failed_over: bool = False
 
     @classmethod
@@ -61,10 +63,13 @@ class DiskModel:
     def write(self, export: str, offset: int, data: bytes) -> None:
         self._check(offset, len(data))
         self._disk(export)[offset : offset + len(data)] = data
+        if export == "view":
+            for writes in self.view_writes_since.values():
+                writes.append((offset, bytes(data)))
 
     def write_zeroes(self, export: str, offset: int, length: int) -> None:
         self._check(offset, length)
-        self._disk(export)[offset : offset + length] = bytes(length)
+        self.write(export, offset, bytes(length))
 
     trim = write_zeroes
 
@@ -74,6 +79,7 @@ class DiskModel:
         epoch = self.current_epoch
         self.sealed.append((epoch, bytes(self.replica)))
         self.rollback_views[epoch] = bytes(self.view)
+        self.view_writes_since[epoch] = []
         self.view = bytearray(self.replica)
         self.current_epoch += 1
         return epoch
@@ -94,15 +100,19 @@ class DiskModel:
         self.committed_image = bytearray(image)
         self.committed_epoch = epoch
         del self.rollback_views[epoch]
+        del self.view_writes_since[epoch]
 
     def rollback(self) -> list[int]:
         if self.failed_over or not self.sealed:
             raise ModelError("wrong-state")
         dropped = [e for e, _ in self.sealed]
         self.view = bytearray(self.rollback_views[dropped[0]])
+        for offset, data in self.view_writes_since[dropped[0]]:  # the VM's writes since: kept
+            self.view[offset : offset + len(data)] = data
         self.replica = bytearray(self.committed_image)
         self.sealed.clear()
         self.rollback_views.clear()
+        self.view_writes_since.clear()
         self.current_epoch = self.committed_epoch + 1
         return dropped
 
@@ -121,4 +131,5 @@ class DiskModel:
         self.view = bytearray(self.committed_image)
         self.sealed.clear()
         self.rollback_views.clear()
+        self.view_writes_since.clear()
         self.current_epoch = self.committed_epoch + 1
