@@ -242,6 +242,8 @@ COLO_EXIT_TIMEOUT = 15.0
 INCOMING_END_TIMEOUT = 5.0
 # The secondary watcher must end before failover starts; it is asked to and then waited for this long.
 WATCHER_STOP_TIMEOUT = 1.0
+# How long one QMP command of the failover may take before it is recorded as failed and skipped.
+QMP_STEP_TIMEOUT = 5.0
 AGENT_NICE = -10  # like the daemon: a starved agent would judge the heartbeat silent falsely
 
 
@@ -271,6 +273,12 @@ async def _disk_call(endpoint: str, verb: str, **args: Any) -> dict[str, Any]:
         await client.close()
 
 
+def _reason(exc: BaseException) -> str:
+    """An exception as a reason for the report: its message, else what it is (``asyncio.wait_for``'s
+    TimeoutError has no message, and the report said ``stop: `` for a stop that hung)."""
+    return str(exc) or ("timed out" if isinstance(exc, TimeoutError) else type(exc).__name__)
+
+
 def _listening(path: str) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.05)  # a dying QEMU's full backlog must not block the event loop
@@ -290,7 +298,7 @@ async def _fence_comparator(config: PairManifest, timeline: Timeline, generation
         await asyncio.wait_for(client.call("fence", generation=generation), timeout=2.0)
         timeline.mark(f"comparator fenced at generation {generation}")
     except (OSError, ControlError, TimeoutError) as exc:
-        timeline.mark(f"comparator not fenced ({exc or 'timed out'})")
+        timeline.mark(f"comparator not fenced ({_reason(exc)})")
     finally:
         await client.close()
 
@@ -328,13 +336,13 @@ async def _qmp_step(
 
     label = f"{command} {args.get('id', '')}".strip()
     try:
-        result = await asyncio.wait_for(secondary.execute(command, **args), timeout=5)
+        result = await asyncio.wait_for(secondary.execute(command, **args), timeout=QMP_STEP_TIMEOUT)
     except QmpCommandError as exc:  # e.g. x-colo-lost-heartbeat after the secondary left COLO by itself
         timeline.mark(f"{label} refused ({exc.description})")
         return None
     except (QmpError, TimeoutError) as exc:
-        errors.append(f"{label}: {exc or 'timed out'}")
-        timeline.mark(f"{label} failed ({exc or 'timed out'})")
+        errors.append(f"{label}: {_reason(exc)}")
+        timeline.mark(f"{label} failed ({_reason(exc)})")
         return None
     if not quiet:
         timeline.mark(label)
@@ -482,7 +490,7 @@ async def _await_colo_exit(secondary: Any, decider: FailoverDecider, timeline: T
     try:
         reply = await asyncio.wait_for(secondary.execute("query-colo-status"), timeout=2.0)
     except (QmpError, TimeoutError) as exc:
-        timeline.mark(f"no COLO_EXIT within {COLO_EXIT_TIMEOUT} s and no colo status ({exc or 'timed out'})")
+        timeline.mark(f"no COLO_EXIT within {COLO_EXIT_TIMEOUT} s and no colo status ({_reason(exc)})")
         return False
     if reply.get("mode") == "none":
         decider.colo_exit = time.time()  # every event up to now was read above
@@ -509,7 +517,7 @@ async def _await_incoming_end(secondary: Any, timeline: Timeline) -> bool:
         try:
             status = await asyncio.wait_for(held_migration(secondary), timeout=4.0)
         except (QmpError, TimeoutError) as exc:
-            timeline.mark(f"incoming migration state unreadable ({exc or 'timed out'})")
+            timeline.mark(f"incoming migration state unreadable ({_reason(exc)})")
             return False
         if status is None:
             timeline.mark("incoming migration ended")

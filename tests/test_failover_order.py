@@ -308,3 +308,18 @@ def test_failover_json_is_replaced_durably(tmp_path: Path, monkeypatch: pytest.M
         str(tmp_path),
     ]
     assert (tmp_path / "failover.json").read_text().startswith("{")
+
+
+def test_a_qmp_step_that_hangs_is_reported_as_timed_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``str(TimeoutError())`` is empty: the report said ``stop: `` for a stop that hung."""
+    monkeypatch.setattr(agent_module, "QMP_STEP_TIMEOUT", 0.05)
+
+    class Hanging:
+        async def execute(self, command: str, arguments: Any = None, **args: Any) -> Any:
+            await asyncio.sleep(10)
+
+    errors: list[str] = []
+    timeline = Timeline()
+    assert asyncio.run(agent_module._qmp_step(Hanging(), timeline, errors, "stop")) is None
+    assert errors == ["stop: timed out"]
+    assert timeline.steps[-1][0] == "stop failed (timed out)"
