@@ -39,7 +39,11 @@ Failover itself (:func:`fail_over`), every step timed into ``failover.json``, in
    memory at N, disk at N-1.  After ``COLO_EXIT`` no further load can happen, so the RESUMEs before it
    say exactly which epochs the memory holds.  Sent even when a ``COLO_EXIT`` came first: a secondary
    that left COLO with an error is parked until this request, and only then does QEMU end the
-   incoming migration, which the agent waits for (bounded) before the next step;
+   incoming migration, which the agent waits for (bounded) before the next step.  The request asks
+   QEMU to keep the VM paused afterwards (``keep-paused``, patch 0010): QEMU 7.2 resumes a secondary
+   by itself as it leaves COLO, and one that never loaded the sealed epoch N would then run on a
+   disk that already shows N until step 3.  Stock QEMU refuses the argument and gets the plain
+   command (the disk buffer's rollback keeps the writes of that gap; its reads are the exposure);
 3. ``stop`` the secondary if it runs, so that no write of it lands while its disk changes;
 4. disk: ``commit`` every sealed epoch up to the newest the secondary loaded, oldest first (the server
    commits strictly in order), ``rollback`` the rest, then ``failover``; each retried within
@@ -349,6 +353,36 @@ async def _qmp_step(
     return result
 
 
+async def _request_failover(secondary: Any, timeline: Timeline, errors: list[str]) -> bool:
+    """``x-colo-lost-heartbeat``, asking QEMU to keep the VM paused once it left COLO (patch 0010), so
+    that it runs only after its disk was decided; True if QEMU took that.
+
+    Without it QEMU resumes the secondary by itself at the end of the failover, before the agent's
+    ``stop`` can reach it: with epoch N sealed but never loaded, the VM then reads N's blocks with a
+    memory that never had them, and writes into the view the rollback replaces (the rollback keeps
+    those writes: :meth:`disk_buffer.store.EpochStore.rollback`).  A QEMU without the patch (stock
+    7.2 on a KVM host) refuses the argument and is asked again without it.
+    """
+    from mc_driver.qmp import QmpCommandError, QmpError
+
+    command = "x-colo-lost-heartbeat"
+    try:
+        await asyncio.wait_for(secondary.execute(command, {"keep-paused": True}), timeout=QMP_STEP_TIMEOUT)
+    except QmpCommandError as exc:
+        if "keep-paused" not in exc.description:  # e.g. the secondary left COLO already
+            timeline.mark(f"{command} refused ({exc.description})")
+            return False
+        timeline.mark(f"{command}: QEMU cannot keep the VM paused (no patch 0010)")
+        await _qmp_step(secondary, timeline, errors, command)
+        return False
+    except (QmpError, TimeoutError) as exc:
+        errors.append(f"{command}: {_reason(exc)}")
+        timeline.mark(f"{command} failed ({_reason(exc)})")
+        return False
+    timeline.mark(f"{command} (keep paused)")
+    return True
+
+
 def disk_settled(decision: DiskDecision, status: dict[str, Any]) -> bool:
     """Is the disk already where ``decision`` wants it (the daemon's own checkpoint step may have
     committed or rolled back the same epoch an instant before the agent asked)?"""
@@ -544,7 +578,7 @@ async def fail_over(
     # Always, even after a COLO_EXIT: a secondary that left COLO with an error (the primary died
     # mid-stream) is still a COLO secondary waiting for this request, and only the request ends its
     # incoming migration (see _await_incoming_end).  Refused harmlessly once it is out of COLO.
-    await _qmp_step(secondary, timeline, errors, "x-colo-lost-heartbeat")
+    await _request_failover(secondary, timeline, errors)
     left_colo = await _await_colo_exit(secondary, decider, timeline)
     incoming_ended = await _await_incoming_end(secondary, timeline) if left_colo else False
     if left_colo and not incoming_ended:

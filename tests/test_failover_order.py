@@ -323,3 +323,41 @@ def test_a_qmp_step_that_hangs_is_reported_as_timed_out(monkeypatch: pytest.Monk
     assert asyncio.run(agent_module._qmp_step(Hanging(), timeline, errors, "stop")) is None
     assert errors == ["stop: timed out"]
     assert timeline.steps[-1][0] == "stop failed (timed out)"
+
+
+class StockSecondary(LoadingSecondary):
+    """QEMU without patch 0010: ``x-colo-lost-heartbeat`` takes no arguments."""
+
+    def __init__(self) -> None:
+        super().__init__(loading=False)
+        self.asked: list[Any] = []
+
+    async def execute(self, command: str, arguments: Any = None, **args: Any) -> Any:
+        if command == "x-colo-lost-heartbeat":
+            self.asked.append(arguments)
+            if arguments:
+                raise QmpCommandError(command, "GenericError", "Parameter 'keep-paused' is unexpected")
+        return await super().execute(command, arguments, **args)
+
+
+def test_the_agent_asks_qemu_to_keep_the_vm_paused_and_falls_back_on_a_stock_qemu(tmp_path: Path) -> None:
+    async def scenario() -> tuple[dict[str, Any], list[Any], list[str]]:
+        buffer = _disk_buffer(tmp_path)
+        config = manifest_for(tmp_path)
+        server = await _serve(buffer, config.disk_control)
+        decider = FailoverDecider()
+        decider.message(Heartbeat(time.time(), 3, "committed"), 0.0)
+        secondary = StockSecondary()
+        try:
+            report = await fail_over(config, decider, secondary, Timeline())
+        finally:
+            server.close()
+            await buffer.aclose()
+        return report, secondary.asked, secondary.commands
+
+    report, asked, commands = asyncio.run(scenario())
+    assert asked == [{"keep-paused": True}, None]  # asked to keep it paused, then as stock QEMU takes it
+    steps = [step for step, _ in report["steps"]]
+    assert "x-colo-lost-heartbeat: QEMU cannot keep the VM paused (no patch 0010)" in steps, steps
+    assert report["colo_exit_seen"] and report["resumed"], report
+    assert commands.index("query-yank") < commands.index("stop")  # QEMU resumed it: the agent stops it

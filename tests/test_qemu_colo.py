@@ -456,3 +456,44 @@ def test_precopy_migration_under_tcg_leaves_identical_ram(
     differing, status = asyncio.run(run())
     assert status == "completed"
     assert differing == 0, f"{differing} pages differ after a completed migration"
+
+
+def test_a_failover_can_keep_the_secondary_paused_until_cont(
+    tmp_path: Path, image: GuestImage, tcg_qemu: QemuChoice
+) -> None:
+    """Patch 0010: ``x-colo-lost-heartbeat`` with ``keep-paused`` leaves the secondary paused once it
+    left COLO (without it QEMU resumes it by itself: the test above), so that the agent decides its
+    disk before it runs; ``cont`` resumes it.  Here the failover comes while the secondary's load
+    waits for its seal -- the case in which its disk is rolled back."""
+
+    async def run() -> tuple[dict[str, object], dict[str, object], list[str], dict[str, object]]:
+        config = ColoPairConfig(workdir=tmp_path, image=image, qemu=tcg_qemu, compare="none",
+                                primary_tap="v6p0", secondary_tap="v6s0")  # fmt: skip
+        with NetNamespace() as netns:
+            async with await ColoPair.start(config, netns) as pair:
+                p, s = pair.primary, pair.secondary
+                assert p is not None and s is not None
+                s.discard_events()
+                await s.execute("x-colo-expect-seal")
+                await p.execute("x-colo-checkpoint")
+                await p.wait_event("X_COLO_CHECKPOINT_STOPPED", timeout=10)
+                await asyncio.sleep(0.5)  # the state is received; the load waits
+                await s.execute("x-colo-lost-heartbeat", {"keep-paused": True})
+                await s.wait_event("COLO_EXIT", timeout=5)
+                deadline = time.monotonic() + 10
+                while (migrate := await s.execute("query-migrate")).get("status") not in ("completed", None):
+                    assert time.monotonic() < deadline, migrate
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(1.0)  # QEMU's own resume would have come by now
+                paused = await s.execute("query-status")
+                colo = await s.execute("query-colo-status")
+                events = [e.name for e in s.events()]
+                await s.execute("cont")
+                await s.wait_event("RESUME", timeout=5)
+                return paused, colo, events, await s.execute("query-status")
+
+    paused, colo, events, resumed = asyncio.run(run())
+    assert paused["running"] is False and paused["status"] == "paused", paused
+    assert colo["mode"] == "none", colo
+    assert "RESUME" not in events, events
+    assert resumed["running"] is True, resumed
