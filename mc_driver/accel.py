@@ -29,10 +29,12 @@ KVM_PVM_MODULE = Path("/sys/module/kvm_pvm")
 #: host stays stock QEMU (a distribution binary, no build on the host), so ``hybridft qemu which``,
 #: ``pair up`` and the pair's manifest say this every time that choice is made.
 STOCK_KVM_WARNING = (
-    "stock QEMU 7.2 lacks two fixes of the patched build that are not TCG-specific: 0009 (when the "
+    "stock QEMU 7.2 lacks three fixes of the patched build that are not TCG-specific: 0009 (when the "
     "daemon force-cancels the primary's disk mirror after losing the secondary, a guest write in flight "
-    "can corrupt the primary QEMU's heap and abort it: 3 of 40 lost-secondary runs here) and 0004 "
-    "(failover of a TCP handshake that a checkpoint cut); to run the patched build with KVM, "
+    "can corrupt the primary QEMU's heap and abort it: 3 of 40 lost-secondary runs here), 0004 "
+    "(failover of a TCP handshake that a checkpoint cut) and 0010 (at a failover QEMU resumes the "
+    "secondary before its disk is decided: for a few milliseconds it can read blocks of an epoch it "
+    "never loaded); to run the patched build with KVM, "
     "`hybridft qemu build` and set HYBRIDFT_QEMU_BINARY to the binary it prints"
 )
 
