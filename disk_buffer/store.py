@@ -490,11 +490,11 @@ class EpochStore:
         discarded = sum(s.extents.payload_bytes() for s in self.sealed) + self.current.payload_bytes()
         restored = self.rollback_views[dropped[0]]
         # The secondary VM's writes since that seal are kept, on top of the view they roll back to:
-        # a VM does not run between a seal and its load, so whatever wrote them runs a memory that
-        # never held the dropped epochs -- QEMU resumes a secondary by itself when it leaves COLO
-        # (before the agent can stop it), and the daemon resumes both VMs after a failed checkpoint
-        # before rolling back.  Dropped with the view of the epoch they were not part of, they were
-        # writes the guest saw complete and the disk then lost.
+        # the epoch protocol never runs a VM between a seal and its load, so whatever wrote them runs
+        # a memory that never held the dropped epochs -- QEMU 7.2 resumes a secondary by itself when
+        # it leaves COLO, before the agent can stop it (unless asked to keep it paused, patch 0010).
+        # Dropped with the view of the epoch they were not part of, they were writes the guest saw
+        # complete and the disk then lost.
         kept = [self.rollback_views[epoch].overlay for epoch in dropped[1:]] + [self.view.overlay]
         kept_bytes = 0
         for overlay in kept:
