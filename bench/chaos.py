@@ -188,9 +188,8 @@ class Clients:
     def _progressed(self, name: str) -> None:
         with self._stall_lock:
             now = time.monotonic()
-            if self.marked_at is not None:
-                gap = now - self.last_progress.get(name, self.marked_at)
-                self.longest_stall[name] = max(self.longest_stall.get(name, 0.0), gap)
+            if self.marked_at is not None:  # mark() gave every client both entries
+                self.longest_stall[name] = max(self.longest_stall[name], now - self.last_progress[name])
             self.last_progress[name] = now
 
     def stalls(self) -> dict[str, float]:
@@ -201,7 +200,7 @@ class Clients:
                 return {}
             now = time.monotonic()
             return {
-                name: round(max(longest, now - self.last_progress.get(name, self.marked_at)), 2)
+                name: round(max(longest, now - self.last_progress[name]), 2)
                 for name, longest in self.longest_stall.items()
             }
 
@@ -443,14 +442,15 @@ def run_iteration(workdir: Path, plan: FaultPlan, boot_timeout: float = 180.0) -
             time.sleep(0.25)
         # service: every client makes progress again (unless the pair is down on purpose)
         base = clients.progress()
-        serve_deadline = time.monotonic() + SERVE_SECONDS
+        settled_at = time.monotonic()
+        serve_deadline = settled_at + SERVE_SECONDS
         while time.monotonic() < serve_deadline:
             now = clients.progress()
             if now[0] > base[0] and now[1] > base[1] and now[2] > base[2] + 2:
                 obs.served_again = True
                 break
             time.sleep(0.1)
-        result["settled_after"] = round(serve_deadline - SERVE_SECONDS - fault_at, 2)
+        result["settled_after"] = round(settled_at - fault_at, 2)
         result["served_after"] = round(time.monotonic() - fault_at, 2) if obs.served_again else None
         report = _read_json(Path(config["failover_report"]))
         status = _daemon_status(config)

@@ -283,6 +283,12 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or ("timed out" if isinstance(exc, TimeoutError) else type(exc).__name__)
 
 
+def _step_failed(timeline: Timeline, errors: list[str], label: str, exc: BaseException) -> None:
+    """A failover step that failed or hung: into ``errors`` (the report) and the timeline."""
+    errors.append(f"{label}: {_reason(exc)}")
+    timeline.mark(f"{label} failed ({_reason(exc)})")
+
+
 def _listening(path: str) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.05)  # a dying QEMU's full backlog must not block the event loop
@@ -345,17 +351,16 @@ async def _qmp_step(
         timeline.mark(f"{label} refused ({exc.description})")
         return None
     except (QmpError, TimeoutError) as exc:
-        errors.append(f"{label}: {_reason(exc)}")
-        timeline.mark(f"{label} failed ({_reason(exc)})")
+        _step_failed(timeline, errors, label, exc)
         return None
     if not quiet:
         timeline.mark(label)
     return result
 
 
-async def _request_failover(secondary: Any, timeline: Timeline, errors: list[str]) -> bool:
+async def _request_failover(secondary: Any, timeline: Timeline, errors: list[str]) -> None:
     """``x-colo-lost-heartbeat``, asking QEMU to keep the VM paused once it left COLO (patch 0010), so
-    that it runs only after its disk was decided; True if QEMU took that.
+    that it runs only after its disk was decided (the steps after it ask QEMU whether the VM runs).
 
     Without it QEMU resumes the secondary by itself at the end of the failover, before the agent's
     ``stop`` can reach it: with epoch N sealed but never loaded, the VM then reads N's blocks with a
@@ -371,16 +376,14 @@ async def _request_failover(secondary: Any, timeline: Timeline, errors: list[str
     except QmpCommandError as exc:
         if "keep-paused" not in exc.description:  # e.g. the secondary left COLO already
             timeline.mark(f"{command} refused ({exc.description})")
-            return False
+            return
         timeline.mark(f"{command}: QEMU cannot keep the VM paused (no patch 0010)")
         await _qmp_step(secondary, timeline, errors, command)
-        return False
+        return
     except (QmpError, TimeoutError) as exc:
-        errors.append(f"{command}: {_reason(exc)}")
-        timeline.mark(f"{command} failed ({_reason(exc)})")
-        return False
+        _step_failed(timeline, errors, command, exc)
+        return
     timeline.mark(f"{command} (keep paused)")
-    return True
 
 
 def disk_settled(decision: DiskDecision, status: dict[str, Any]) -> bool:
