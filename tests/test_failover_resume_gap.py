@@ -21,14 +21,12 @@ import nbd as libnbd
 
 from controller.agent import FailoverDecider, Timeline, fail_over
 from controller.heartbeat import Heartbeat
-from disk_buffer.buffer import DiskBuffer, Export
-from disk_buffer.server import NbdServer, make_fenced_control_dispatch
-from hybridft_common.control import serve_control
+from disk_buffer.buffer import Export
+from disk_buffer.server import NbdServer
 from mc_driver.qmp import Event
-from tests.test_failover_order import LoadingSecondary
+from tests.test_failover_order import LoadingSecondary, _disk_buffer, _serve
 from tests.test_manifest import manifest_for
 
-SIZE = 1 << 20
 GUEST_OFFSET = 64 << 10
 GUEST_DATA = b"G" * 4096
 PRIMARY_DATA = b"P" * 4096  # the primary's write of epoch N, which the secondary never loaded
@@ -38,9 +36,8 @@ class Disk:
     """A disk server in this event loop: DiskBuffer + NBD (unix) + fenced control, as ``disk serve``."""
 
     def __init__(self, tmp_path: Path, control: str) -> None:
-        self.image = tmp_path / "replica.img"
-        self.image.write_bytes(bytes(SIZE))
-        self.buffer = DiskBuffer.open(self.image, tmp_path / "state")
+        self.buffer = _disk_buffer(tmp_path)
+        self.image = tmp_path / "replica.img"  # _disk_buffer's image
         self.nbd = NbdServer(self.buffer, {"replica": Export.REPLICA, "view": Export.VIEW})
         self.socket = tmp_path / "nbd.sock"
         self.control = control
@@ -48,13 +45,13 @@ class Disk:
 
     async def start(self) -> Disk:
         self.servers.append(await self.nbd.listen(f"unix:{self.socket}"))
-        dispatch = make_fenced_control_dispatch(self.buffer)
-        self.servers.append(await serve_control(self.control, dispatch))
+        self.servers.append(await _serve(self.buffer, self.control))
         return self
 
-    async def client(self, export: str = "view") -> Any:
+    async def view_client(self) -> Any:
+        """A real NBD client on `view`, as the secondary QEMU's disk."""
         handle = libnbd.NBD()
-        await asyncio.to_thread(handle.connect_uri, f"nbd+unix:///{export}?socket={self.socket}")
+        await asyncio.to_thread(handle.connect_uri, f"nbd+unix:///view?socket={self.socket}")
         return handle
 
     async def close(self) -> None:
@@ -110,7 +107,7 @@ def test_a_write_of_the_resumed_secondary_survives_the_rollback_of_an_epoch_it_n
         config = manifest_for(tmp_path)
         disk = await Disk(tmp_path, config.disk_control).start()
         try:
-            handle = await disk.client()
+            handle = await disk.view_client()
             disk.buffer.write(Export.REPLICA, 0, PRIMARY_DATA)
             epoch = disk.buffer.seal()
             decider = FailoverDecider()

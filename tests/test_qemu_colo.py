@@ -24,6 +24,7 @@ skip -- when QEMU, the build or the guest is missing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -31,6 +32,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,6 +337,19 @@ def test_checkpoints_fire_only_on_request_and_resume_both(
     assert len(pauses) == 10 and all(0 < p < 5 for p in pauses)
 
 
+@contextlib.asynccontextmanager
+async def _bare_pair(
+    tmp_path: Path, image: GuestImage, qemu: QemuChoice, taps: str
+) -> AsyncIterator[tuple[QmpSession, QmpSession]]:
+    """A COLO pair with no comparator, whose checkpoints are the test's own: (primary, secondary)."""
+    config = ColoPairConfig(workdir=tmp_path, image=image, qemu=qemu, compare="none",
+                            primary_tap=f"{taps}p0", secondary_tap=f"{taps}s0")  # fmt: skip
+    with NetNamespace() as netns:
+        async with await ColoPair.start(config, netns) as pair:
+            assert pair.primary is not None and pair.secondary is not None
+            yield pair.primary, pair.secondary
+
+
 def test_seal_hook_keeps_both_vms_stopped_until_sealed_and_yields_to_failover(
     tmp_path: Path, image: GuestImage, tcg_qemu: QemuChoice
 ) -> None:
@@ -344,55 +359,50 @@ def test_seal_hook_keeps_both_vms_stopped_until_sealed_and_yields_to_failover(
     ends COLO at once, the secondary resuming only after its COLO_EXIT (so the agent rolls back)."""
 
     async def run() -> float:
-        config = ColoPairConfig(workdir=tmp_path, image=image, qemu=tcg_qemu, compare="none",
-                                primary_tap="v4p0", secondary_tap="v4s0")  # fmt: skip
-        with NetNamespace() as netns:
-            async with await ColoPair.start(config, netns) as pair:
-                p, s = pair.primary, pair.secondary
-                assert p is not None and s is not None
-                with pytest.raises(QmpCommandError, match="no COLO checkpoint expects a seal"):
-                    await s.execute("x-colo-sealed")
-                with pytest.raises(QmpCommandError, match="not a COLO Primary"):
-                    await s.execute("x-colo-checkpoint")
-                with pytest.raises(QmpCommandError, match="not a COLO Secondary"):
-                    await p.execute("x-colo-expect-seal")
-                for hold in (0.5, 0.5, 0.0):  # 0.0: sealed at once, usually before the state arrives
-                    p.discard_events()
-                    s.discard_events()
-                    await s.execute("x-colo-expect-seal")
-                    await s.execute("x-colo-expect-seal")  # idempotent
-                    await p.execute("x-colo-checkpoint")
-                    stopped = await p.wait_event("X_COLO_CHECKPOINT_STOPPED", timeout=10)
-                    p_stops, s_stops = p.take("STOP"), s.take("STOP")
-                    assert len(p_stops) == 1 and len(s_stops) == 1
-                    assert s_stops[0].timestamp <= p_stops[0].timestamp <= stopped.timestamp
-                    if hold:
-                        await asyncio.sleep(hold)  # nothing runs on, however long the seal takes
-                        for side in (p, s):
-                            assert (await side.execute("query-status"))["running"] is False
-                            assert not side.pending("RESUME")
-                        with pytest.raises(QmpCommandError, match="not finished loading"):
-                            await s.execute("x-colo-expect-seal")
-                    await s.execute("x-colo-sealed")
-                    s_resume = await s.wait_event("RESUME", timeout=10)
-                    p_resume = await p.wait_event("RESUME", timeout=10)
-                    assert s_resume.timestamp <= p_resume.timestamp  # the primary waits for the load
-                # a failover (the primary is lost) while the secondary's load waits for its seal
+        async with _bare_pair(tmp_path, image, tcg_qemu, "v4") as (p, s):
+            with pytest.raises(QmpCommandError, match="no COLO checkpoint expects a seal"):
+                await s.execute("x-colo-sealed")
+            with pytest.raises(QmpCommandError, match="not a COLO Primary"):
+                await s.execute("x-colo-checkpoint")
+            with pytest.raises(QmpCommandError, match="not a COLO Secondary"):
+                await p.execute("x-colo-expect-seal")
+            for hold in (0.5, 0.5, 0.0):  # 0.0: sealed at once, usually before the state arrives
+                p.discard_events()
+                s.discard_events()
                 await s.execute("x-colo-expect-seal")
+                await s.execute("x-colo-expect-seal")  # idempotent
                 await p.execute("x-colo-checkpoint")
-                await p.wait_event("X_COLO_CHECKPOINT_STOPPED", timeout=10)
-                await asyncio.sleep(0.5)  # the state is received; the load waits
-                assert not s.pending("RESUME")
-                started = time.monotonic()
-                await s.execute("x-colo-lost-heartbeat")
-                colo_exit = await s.wait_event("COLO_EXIT", timeout=5)
-                resume = await s.wait_event("RESUME", timeout=5)
-                took = time.monotonic() - started
-                assert resume.timestamp >= colo_exit.timestamp  # not loaded: the agent rolls back
-                assert (await s.execute("query-status"))["running"] is True
-                with pytest.raises(QmpCommandError, match="no COLO checkpoint expects a seal"):
-                    await s.execute("x-colo-sealed")
-                return took
+                stopped = await p.wait_event("X_COLO_CHECKPOINT_STOPPED", timeout=10)
+                p_stops, s_stops = p.take("STOP"), s.take("STOP")
+                assert len(p_stops) == 1 and len(s_stops) == 1
+                assert s_stops[0].timestamp <= p_stops[0].timestamp <= stopped.timestamp
+                if hold:
+                    await asyncio.sleep(hold)  # nothing runs on, however long the seal takes
+                    for side in (p, s):
+                        assert (await side.execute("query-status"))["running"] is False
+                        assert not side.pending("RESUME")
+                    with pytest.raises(QmpCommandError, match="not finished loading"):
+                        await s.execute("x-colo-expect-seal")
+                await s.execute("x-colo-sealed")
+                s_resume = await s.wait_event("RESUME", timeout=10)
+                p_resume = await p.wait_event("RESUME", timeout=10)
+                assert s_resume.timestamp <= p_resume.timestamp  # the primary waits for the load
+            # a failover (the primary is lost) while the secondary's load waits for its seal
+            await s.execute("x-colo-expect-seal")
+            await p.execute("x-colo-checkpoint")
+            await p.wait_event("X_COLO_CHECKPOINT_STOPPED", timeout=10)
+            await asyncio.sleep(0.5)  # the state is received; the load waits
+            assert not s.pending("RESUME")
+            started = time.monotonic()
+            await s.execute("x-colo-lost-heartbeat")
+            colo_exit = await s.wait_event("COLO_EXIT", timeout=5)
+            resume = await s.wait_event("RESUME", timeout=5)
+            took = time.monotonic() - started
+            assert resume.timestamp >= colo_exit.timestamp  # not loaded: the agent rolls back
+            assert (await s.execute("query-status"))["running"] is True
+            with pytest.raises(QmpCommandError, match="no COLO checkpoint expects a seal"):
+                await s.execute("x-colo-sealed")
+            return took
 
     took = asyncio.run(run())
     assert took < 1.0, took  # the failover wakes the waiting load at once
@@ -467,30 +477,25 @@ def test_a_failover_can_keep_the_secondary_paused_until_cont(
     waits for its seal -- the case in which its disk is rolled back."""
 
     async def run() -> tuple[dict[str, object], dict[str, object], list[str], dict[str, object]]:
-        config = ColoPairConfig(workdir=tmp_path, image=image, qemu=tcg_qemu, compare="none",
-                                primary_tap="v6p0", secondary_tap="v6s0")  # fmt: skip
-        with NetNamespace() as netns:
-            async with await ColoPair.start(config, netns) as pair:
-                p, s = pair.primary, pair.secondary
-                assert p is not None and s is not None
-                s.discard_events()
-                await s.execute("x-colo-expect-seal")
-                await p.execute("x-colo-checkpoint")
-                await p.wait_event("X_COLO_CHECKPOINT_STOPPED", timeout=10)
-                await asyncio.sleep(0.5)  # the state is received; the load waits
-                await s.execute("x-colo-lost-heartbeat", {"keep-paused": True})
-                await s.wait_event("COLO_EXIT", timeout=5)
-                deadline = time.monotonic() + 10
-                while (migrate := await s.execute("query-migrate")).get("status") not in ("completed", None):
-                    assert time.monotonic() < deadline, migrate
-                    await asyncio.sleep(0.05)
-                await asyncio.sleep(1.0)  # QEMU's own resume would have come by now
-                paused = await s.execute("query-status")
-                colo = await s.execute("query-colo-status")
-                events = [e.name for e in s.events()]
-                await s.execute("cont")
-                await s.wait_event("RESUME", timeout=5)
-                return paused, colo, events, await s.execute("query-status")
+        async with _bare_pair(tmp_path, image, tcg_qemu, "v6") as (p, s):
+            s.discard_events()
+            await s.execute("x-colo-expect-seal")
+            await p.execute("x-colo-checkpoint")
+            await p.wait_event("X_COLO_CHECKPOINT_STOPPED", timeout=10)
+            await asyncio.sleep(0.5)  # the state is received; the load waits
+            await s.execute("x-colo-lost-heartbeat", {"keep-paused": True})
+            await s.wait_event("COLO_EXIT", timeout=5)
+            deadline = time.monotonic() + 10
+            while (migrate := await s.execute("query-migrate")).get("status") not in ("completed", None):
+                assert time.monotonic() < deadline, migrate
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)  # QEMU's own resume would have come by now
+            paused = await s.execute("query-status")
+            colo = await s.execute("query-colo-status")
+            events = [e.name for e in s.events()]
+            await s.execute("cont")
+            await s.wait_event("RESUME", timeout=5)
+            return paused, colo, events, await s.execute("query-status")
 
     paused, colo, events, resumed = asyncio.run(run())
     assert paused["running"] is False and paused["status"] == "paused", paused
